@@ -1,0 +1,167 @@
+"""Where every file goes. Other modules ask here instead of joining paths themselves.
+
+Layout::
+
+    outputs/runs/<name>-<hash>/          one training run, named by its semantic config (not time, not job id)
+        checkpoints/step-00000020/       complete checkpoints only (see checkpoint.py)
+        model/                           the exported diffusers pipeline
+        generated/<hash>/                images + manifest.jsonl of one generation setting
+        tensorboard/, metrics.jsonl, config.yaml
+    outputs/generate/<hash>/             generation from a model that is not a run of ours
+    jobs/<job_id>/                       one folder per scheduler job: logs, sbatch script, config, job.json
+    .cache/sdcluster/                    built tiny model, latent caches
+
+Because the run folder is a hash of the settings that change what is learned, resubmitting the same command
+finds the same folder and resumes; changing a hyperparameter starts a new run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdcluster.config import Config
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+# Keys that do not change what a run learns: changing them must keep the same run folder (and so resume).
+_NON_SEMANTIC_TRAIN_KEYS = ("log_every", "checkpoint_every", "checkpoints_keep", "resume", "allow_resume_change")
+_NON_SEMANTIC_DATA_KEYS = ("num_workers", "cache", "max_pixels")
+# With these schedules the LR does not depend on the total, so raising max_steps continues the same run.
+_STEPS_FREE_SCHEDULES = ("constant", "constant_with_warmup")
+
+
+def stable_hash(obj: object, length: int = 8) -> str:
+    """A short hash of a JSON-able object, stable across processes and machines."""
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def semantic_train_config(cfg: Config) -> dict:
+    """The part of the config that defines a training run (its identity)."""
+    train = dataclasses.asdict(cfg.train)
+    for key in _NON_SEMANTIC_TRAIN_KEYS:
+        train.pop(key)
+    if cfg.optim.lr_schedule in _STEPS_FREE_SCHEDULES:
+        train.pop("max_steps")
+    data = dataclasses.asdict(cfg.data)
+    for key in _NON_SEMANTIC_DATA_KEYS:
+        data.pop(key)
+    return {
+        "model": dataclasses.asdict(cfg.model),
+        "data": data,
+        "optim": dataclasses.asdict(cfg.optim),
+        "train": train,
+    }
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "run"
+
+
+def run_dir(cfg: Config) -> Path:
+    """``outputs/runs/<name>-<hash>``: the same command always maps to the same folder."""
+    name = _slug(cfg.run_name or cfg.model.name)
+    return Path(cfg.output_root) / "runs" / f"{name}-{stable_hash(semantic_train_config(cfg))}"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The files of one training run."""
+
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def validation(self) -> Path:
+        return self.root / "validation"
+
+
+def run_paths(cfg: Config) -> RunPaths:
+    return RunPaths(run_dir(cfg))
+
+
+def generation_model(cfg: Config) -> Path:
+    """The model a generation job uses: ``generate.model`` or the run's exported pipeline."""
+    if cfg.generate.model:
+        return Path(cfg.generate.model)
+    return run_paths(cfg).model
+
+
+def generation_dir(cfg: Config) -> Path:
+    """Images of one generation setting. Settings that change pixels change the folder; batch size does not."""
+    gen = dataclasses.asdict(cfg.generate)
+    for key in ("batch_size", "shards"):
+        gen.pop(key)
+    key = stable_hash({"generate": gen, "model": str(generation_model(cfg))})
+    if cfg.generate.model:
+        return Path(cfg.output_root) / "generate" / key
+    return run_paths(cfg).root / "generated" / key
+
+
+def job_dir(cfg: Config, job_id: str) -> Path:
+    """``jobs/<job_id>``; array tasks (``123_4``) get their own folder."""
+    return Path(cfg.jobs_root) / str(job_id)
+
+
+def submitit_folder(cfg: Config) -> Path:
+    """submitit expands ``%j`` to the job id (``%A_%a`` for array tasks), giving ``jobs/<job_id>/``."""
+    return Path(cfg.jobs_root) / "%j"
+
+
+def cache_dir(cfg: Config) -> Path:
+    return Path(cfg.cache_root)
+
+
+def tiny_model_dir(cache_root: Path | str) -> Path:
+    return Path(cache_root) / "models" / "tiny"
+
+
+def sample_data_dir() -> Path:
+    return ASSETS / "sample_data"
+
+
+def absolutize(cfg: Config, base: Path | None = None) -> Config:
+    """Make every path in the config absolute, so a job runs the same from any working directory."""
+    base = base or Path.cwd()
+
+    def absolute(value: str | None) -> str | None:
+        if value is None:
+            return None
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else (base / path).resolve())
+
+    cfg.output_root = absolute(cfg.output_root)
+    cfg.jobs_root = absolute(cfg.jobs_root)
+    cfg.cache_root = absolute(cfg.cache_root)
+    cfg.data.path = absolute(cfg.data.path)
+    if cfg.generate.prompts_file:
+        cfg.generate.prompts_file = absolute(cfg.generate.prompts_file)
+    if cfg.generate.model:
+        cfg.generate.model = absolute(cfg.generate.model)
+    if cfg.model.path != "tiny" and Path(cfg.model.path).expanduser().exists():
+        cfg.model.path = absolute(cfg.model.path)
+    return cfg
