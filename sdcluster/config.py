@@ -231,7 +231,7 @@ class ClusterConfig:
     tasks_per_node: int = 1
     cpus_per_task: int | None = None
     mem_gb: float | None = None
-    timeout_min: int = 60
+    timeout_min: int = 600
     constraint: str | None = None
     exclude: str | None = None
     signal_delay_s: int = 120

@@ -1,0 +1,52 @@
+"""Entry point: ``python -m sdcluster.launch [+cluster=slurm] [overrides]`` (``-m`` for a sweep).
+
+Hydra composes ``conf/``, the schema in :mod:`sdcluster.config` validates it, and :mod:`sdcluster.runner`
+checks what it can on this node and submits. The job functions never see Hydra.
+
+    python -m sdcluster.launch                                  # tiny model, sample data, local executor
+    python -m sdcluster.launch +cluster=slurm cluster.partition=gpu cluster.gpus_per_node=4
+    python -m sdcluster.launch -m +cluster=slurm optim.lr=1e-5,5e-6
+    python -m sdcluster.launch experiment=jeans_sd14 data=imagefolder data.path=DIR +cluster=slurm
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from sdcluster.conf_store import register
+from sdcluster.config import Config, ConfigError
+from sdcluster.paths import absolutize
+
+register()
+
+
+def to_config(dcfg: DictConfig) -> Config:
+    """Resolve interpolations, build the dataclasses (running their checks), make paths absolute."""
+    try:
+        cfg = OmegaConf.to_object(dcfg)
+    except OmegaConfBaseException as err:
+        cause = err.__cause__ if isinstance(err.__cause__, ConfigError) else None
+        raise cause or ConfigError(str(err)) from None
+    assert isinstance(cfg, Config)
+    return absolutize(cfg)
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="config")
+def main(dcfg: DictConfig) -> None:
+    from sdcluster.runner import launch
+
+    try:
+        code = launch(to_config(dcfg))
+    except ConfigError as err:
+        print(f"sdcluster: configuration error: {err}", file=sys.stderr)
+        sys.exit(2)
+    if code:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

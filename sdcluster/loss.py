@@ -1,0 +1,83 @@
+"""The denoising loss of one micro-batch, as in Stable Diffusion's training recipe.
+
+All randomness of a step (VAE posterior sample, noise, offset noise, timesteps) comes from one generator
+seeded from (seed, micro-step, rank). A resumed job therefore draws exactly what the uninterrupted job would
+have drawn, whether or not global RNG states were restored, and ranks draw different noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
+    """A CPU generator private to one micro-step of one rank (CPU so results do not depend on the device)."""
+    digest = hashlib.sha256(f"{seed}:{micro_step}:{rank}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def _randn(shape: tuple[int, ...], gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    return torch.randn(shape, generator=gen).to(device=like.device, dtype=like.dtype)
+
+
+def encode_latents(vae: Any, pixel_values: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Sample the VAE posterior and scale it the way the UNet was trained to expect."""
+    with torch.no_grad():
+        dist = vae.encode(pixel_values.to(vae.dtype)).latent_dist
+        noise = _randn(tuple(dist.mean.shape), gen, dist.mean)
+        latents = dist.mean + dist.std * noise
+    return latents * vae.config.scaling_factor
+
+
+def encode_text(text_encoder: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return text_encoder(input_ids, return_dict=False)[0]
+
+
+def min_snr_weights(
+    noise_scheduler: Any, timesteps: torch.Tensor, gamma: float, prediction_type: str
+) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023), using diffusers' ``compute_snr``."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.clamp(snr, max=gamma)
+    if prediction_type == "epsilon":
+        return weights / snr
+    return weights / (snr + 1)  # v_prediction
+
+
+def diffusion_loss(
+    unet: Any,
+    noise_scheduler: Any,
+    latents: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    gen: torch.Generator,
+    noise_offset: float = 0.0,
+    snr_gamma: float | None = None,
+) -> torch.Tensor:
+    """MSE between the UNet's prediction and the scheduler's target for randomly noised latents."""
+    batch = latents.shape[0]
+    noise = _randn(tuple(latents.shape), gen, latents)
+    if noise_offset:
+        noise = noise + noise_offset * _randn((batch, latents.shape[1], 1, 1), gen, latents)
+    steps = noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, steps, (batch,), generator=gen).to(latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+    pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
+    if snr_gamma is None:
+        return F.mse_loss(pred.float(), target.float(), reduction="mean")
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    weights = min_snr_weights(noise_scheduler, timesteps, snr_gamma, prediction_type)
+    return (per_sample * weights).mean()
