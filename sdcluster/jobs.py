@@ -44,7 +44,7 @@ def setup_logging(rank: int) -> None:
     root.setLevel(logging.INFO)
     root.propagate = False
     for noisy in ("diffusers", "transformers", "accelerate", "datasets"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 

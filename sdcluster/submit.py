@@ -87,6 +87,9 @@ def record_submission(cfg: Config, job: submitit.Job, task: str, extra: dict[str
     }
     ledger.update(folder, {"state": "SUBMITTED"}, keep_existing=True)
     ledger.update(folder, fields)
+    from sdcluster.logs import index_job
+
+    index_job(job.job_id, folder)
     return folder
 
 

@@ -95,7 +95,8 @@ def _prepare_models(cfg: Config, comps: Components, accelerator: Any) -> None:
     for frozen in (comps.vae, comps.text_encoder):
         frozen.requires_grad_(False)
         frozen.eval()
-        frozen.to(accelerator.device, dtype=weight_dtype or torch.float32)
+        # Only cast when mixed precision asks for it: a no-op cast still trips diffusers' fp32-module warning.
+        frozen.to(accelerator.device, dtype=weight_dtype) if weight_dtype else frozen.to(accelerator.device)
     comps.unet.train()
     if cfg.train.gradient_checkpointing:
         comps.unet.enable_gradient_checkpointing()

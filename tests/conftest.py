@@ -1,0 +1,57 @@
+"""Shared fixtures: config composition through Hydra (as the entry point does), the tiny model, the cluster."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["tests.slurm_cluster"]
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def compose(overrides: list[str] | None = None):
+    """Compose ``conf/`` exactly as ``python -m sdcluster.launch`` does and build the typed Config."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from sdcluster.launch import to_config
+
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return to_config(hydra_compose(config_name="config", overrides=overrides or []))
+
+
+@pytest.fixture(scope="session")
+def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One model cache for the whole session: the tiny model is built once (~10 s)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(cache_root: Path) -> Path:
+    from sdcluster.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model(cache_root)
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path, cache_root: Path, tiny_model: Path):
+    """``make_cfg(["train.max_steps=4"])``: a composed config writing under this test's tmp folder."""
+
+    def make(overrides: list[str] | None = None):
+        base = [
+            f"output_root={tmp_path / 'outputs'}",
+            f"jobs_root={tmp_path / 'jobs'}",
+            f"cache_root={cache_root}",
+        ]
+        return compose(base + (overrides or []))
+
+    return make
