@@ -150,13 +150,16 @@ def _candidates(cfg: Config, paths: RunPaths) -> list[Path]:
 def _resume(t: Trainer) -> None:
     """Continue from the newest checkpoint that loads; a broken one is named and skipped."""
     world = t.accelerator.num_processes
-    for folder in _candidates(t.cfg, t.paths):
+    candidates = _candidates(t.cfg, t.paths)
+    for folder in candidates:
         meta = checkpoint.read_meta(folder)
         train_state.check_compatible(meta, t.cfg, world, folder)
         try:
             t.accelerator.load_state(str(folder))
             train_state.load_extra(folder, meta, t.unet_names, t.ema, t.lr_scheduler)
-        except (OSError, RuntimeError, KeyError, ValueError) as err:
+        except ConfigError:
+            raise
+        except Exception as err:  # any decoding error of any file: the next older checkpoint may be fine
             log.warning("could not load checkpoint %s (%s); trying an older one", folder, err)
             continue
         t.step = meta.step
@@ -165,6 +168,11 @@ def _resume(t: Trainer) -> None:
             t.micro_step = train_state.remapped_micro_step(meta, t.cfg.train.batch_size, world)
         log.info("resumed from %s at step %d (micro-step %d)", folder, t.step, t.micro_step)
         return
+    if candidates:  # never silently start over when there was state to continue from
+        raise RuntimeError(
+            f"none of the checkpoints in {t.paths.checkpoints} could be loaded (see warnings above). "
+            "Fix: inspect them, move the bad ones away, or set train.resume=never to start over"
+        )
     log.info("no checkpoint to resume from in %s: starting at step 0", t.paths.checkpoints)
 
 
