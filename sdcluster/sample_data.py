@@ -74,7 +74,9 @@ def make_specs(seed: int = SEED, count: int = NUM_IMAGES) -> list[JeansSpec]:
 def caption(spec: JeansSpec) -> str:
     """A long caption in the seed's style, built only from what ``draw`` puts in the picture."""
     side = "back" if spec.view == "back" else "front"
-    parts = [f"A single pair of {spec.wash} denim jeans laid flat on a white background, viewed from the {side}."]
+    parts = [
+        f"A single pair of {spec.wash} denim jeans laid flat on a white background, viewed from the {side}."
+    ]
     if spec.fade >= 0.5:
         where = "seat" if spec.view == "back" else "thighs"
         parts.append(f"The jeans have a strongly faded, worn appearance on the {where}.")
@@ -92,7 +94,9 @@ def caption(spec: JeansSpec) -> str:
     parts.append(legs + ", with natural creases.")
     if abs(spec.rotation_deg) > 4:
         parts.append("The jeans are placed at a slight angle.")
-    parts.append(f"A small black square reference marker is placed near the {spec.marker} corner of the image.")
+    parts.append(
+        f"A small black square reference marker is placed near the {spec.marker} corner of the image."
+    )
     return " ".join(parts)
 
 
@@ -148,7 +152,13 @@ def _body(spec: JeansSpec, w: int, h: int) -> tuple[Image.Image, list[Point], tu
     cx, top = w / 2, (h - length) / 2
     waist_half = 0.21 * length
     legs = _legs(cx, top, length, spread_deg=spec.spread_deg)
-    hips = [(cx - waist_half, top), (cx + waist_half, top), legs[1].top_outer, legs[1].top_inner, legs[0].top_outer]
+    hips = [
+        (cx - waist_half, top),
+        (cx + waist_half, top),
+        legs[1].top_outer,
+        legs[1].top_inner,
+        legs[0].top_outer,
+    ]
     mask = Image.new("L", (w, h), 0)
     draw = ImageDraw.Draw(mask)
     draw.polygon(hips, fill=255)
@@ -182,8 +192,12 @@ def _details(draw: ImageDraw.ImageDraw, spec: JeansSpec, hips: list[Point], legs
         draw.rectangle((x - lw, y0 - lw, x + lw, y0 + 1.4 * band), fill=_shade(base, -0.2))
     cx, crotch = (x0 + x1) / 2, hips[3]
     if spec.view == "front":
-        draw.ellipse((cx - 2 * lw, y0 + band / 2 - 2 * lw, cx + 2 * lw, y0 + band / 2 + 2 * lw), fill=(150, 110, 60))
-        draw.line([(cx + 3 * lw, y0 + band), (cx + 3 * lw, crotch[1] - 4 * band), crotch], fill=STITCH, width=lw)
+        draw.ellipse(
+            (cx - 2 * lw, y0 + band / 2 - 2 * lw, cx + 2 * lw, y0 + band / 2 + 2 * lw), fill=(150, 110, 60)
+        )
+        draw.line(
+            [(cx + 3 * lw, y0 + band), (cx + 3 * lw, crotch[1] - 4 * band), crotch], fill=STITCH, width=lw
+        )
         r = 0.3 * (x1 - x0)  # front pockets: quarter circles from the waistband down to the side seam
         draw.arc((x0 - r, y0 - r, x0 + r, y0 + r), 0, 90, fill=STITCH, width=lw)
         draw.arc((x1 - r, y0 - r, x1 + r, y0 + r), 90, 180, fill=STITCH, width=lw)
@@ -194,7 +208,13 @@ def _details(draw: ImageDraw.ImageDraw, spec: JeansSpec, hips: list[Point], legs
         pw = 0.36 * (x1 - x0)
         for px in (cx - 0.55 * (x1 - x0) + 0.07 * pw, cx + 0.08 * (x1 - x0)):
             py = yoke + 2.2 * band
-            pocket = [(px, py), (px + pw, py), (px + pw, py + pw), (px + pw / 2, py + 1.2 * pw), (px, py + pw)]
+            pocket = [
+                (px, py),
+                (px + pw, py),
+                (px + pw, py + pw),
+                (px + pw / 2, py + 1.2 * pw),
+                (px, py + pw),
+            ]
             draw.polygon(pocket, fill=_shade(base, -0.08), outline=STITCH, width=lw)
     for leg, side in zip(legs, ("left", "right"), strict=True):
         end = 0.68 if spec.folded == side else 1.0

@@ -1,0 +1,68 @@
+"""Prepare and check a captioned image folder before a job is submitted.
+
+Run it on the login node before submitting: a bad line or a corrupt image then costs seconds, not a
+queue wait and a failed job.
+
+    python -m sdcluster.data prepare DIR                     # list every image in DIR/metadata.jsonl
+    python -m sdcluster.data validate DIR [--max-pixels N]   # every problem, one per line; exit 1 if any
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sdcluster.data.metadata import METADATA_FILE, MetadataError, prepare, validate
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    try:
+        report = prepare(args.dir, caption_column=args.caption_column)
+    except (MetadataError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    action = "wrote" if report.written else "unchanged"
+    print(f"{report.path}: {report.entries} entries ({len(report.added)} added, {action})")
+    for name in report.missing_file:
+        print(f"image missing (caption kept): {name}")
+    for name in report.missing_caption:
+        print(f"needs a caption: {name}")
+    if report.missing_caption:
+        count, key = len(report.missing_caption), args.caption_column
+        print(f'write the {count} missing "{key}" values in {METADATA_FILE}, then run validate')
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    problems = validate(args.dir, max_pixels=args.max_pixels, caption_column=args.caption_column)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} problem(s) in {args.dir}", file=sys.stderr)
+        return 1
+    from sdcluster.data.metadata import read_metadata
+
+    print(f"OK: {len(read_metadata(args.dir))} images")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sdcluster.data", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func, help_text in (
+        ("prepare", _prepare, "write or update metadata.jsonl, keeping captions already written"),
+        ("validate", _validate, "report every problem of the folder; exit 1 if there is any"),
+    ):
+        cmd = sub.add_parser(name, help=help_text)
+        cmd.add_argument("dir", help="the image folder (images + metadata.jsonl)")
+        cmd.add_argument("--caption-column", default="text", help="the caption key (data.caption_column)")
+        cmd.set_defaults(func=func)
+    sub.choices["validate"].add_argument(
+        "--max-pixels", type=int, default=40_000_000, help="largest width*height accepted (data.max_pixels)"
+    )
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

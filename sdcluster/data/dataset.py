@@ -1,0 +1,163 @@
+"""Load a captioned image folder and turn rows into training tensors.
+
+Augmentation is a pure function of ``(index, aug_seed)``: no global RNG, no per-worker state. The sampler
+hands out those keys, so a resumed job (or a different ``num_workers``) sees exactly the same batches.
+The transforms follow the seed's ``train_text_to_image.py`` (resize the shorter side, center or random
+crop, random horizontal flip, scale to [-1, 1]) but are written with PIL + numpy, not torchvision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from sdcluster.data.metadata import METADATA_FILE, natural_key
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No progress bars or info lines from ``datasets``: they turn into noise in a SLURM log file."""
+    verbosity = datasets.logging.get_verbosity()
+    bars_were_on = not datasets.utils.are_progress_bars_disabled()
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+def _file_names(dataset: datasets.Dataset, folder: Path) -> list[str]:
+    """Each row's image path relative to the folder, read from Arrow without decoding any image.
+
+    imagefolder turns ``file_name`` into the ``image`` column and keeps no name column, but for local
+    folders it stores the absolute path (no bytes) in the image struct, so the name is recoverable.
+    """
+    paths = dataset.data.column("image").combine_chunks().field("path").to_pylist()
+    root = folder.resolve()
+    return [Path(p).resolve().relative_to(root).as_posix() for p in paths]
+
+
+def load_captioned_images(
+    path: Path | str, caption_column: str = "text", cache_dir: Path | str | None = None
+) -> datasets.Dataset:
+    """An imagefolder dataset with ``image``, the caption column and ``file_name``, rows sorted by file name.
+
+    Rows come back in ``metadata.jsonl`` line order from ``datasets``; sorting by name here makes the row
+    index (which the sampler and checkpoints refer to) independent of how the file was edited. Note that
+    imagefolder silently drops images the metadata does not list: run ``validate`` first.
+    """
+    folder = Path(path)
+    if not (folder / METADATA_FILE).is_file():
+        raise FileNotFoundError(
+            f"{folder / METADATA_FILE} not found; run `python -m sdcluster.data prepare {folder}` and caption"
+        )
+    with _quiet_datasets():
+        dataset = datasets.load_dataset(
+            "imagefolder",
+            data_dir=str(folder),
+            split="train",
+            cache_dir=str(cache_dir) if cache_dir else None,
+        )
+        if caption_column not in dataset.column_names:
+            raise ValueError(
+                f"data.caption_column={caption_column!r} is not a key of {folder / METADATA_FILE}; "
+                f"it has {dataset.column_names}"
+            )
+        names = _file_names(dataset, folder)
+        order = sorted(range(len(names)), key=lambda i: natural_key(names[i]))
+        if order != list(range(len(names))):
+            dataset = dataset.select(order)
+        return dataset.add_column("file_name", [names[i] for i in order])
+
+
+def augment(
+    image: Image.Image, resolution: int, center_crop: bool, random_flip: bool, aug_seed: int
+) -> torch.Tensor:
+    """A float32 ``(3, R, R)`` tensor in [-1, 1]; the same arguments always give the same tensor."""
+    rng = random.Random(aug_seed)
+    image = ImageOps.exif_transpose(image).convert("RGB")
+    width, height = image.size
+    scale = resolution / min(width, height)
+    # Same rounding as torchvision's Resize(int) in the seed: the long side is truncated, never below R.
+    size = (max(resolution, int(width * scale)), max(resolution, int(height * scale)))
+    image = image.resize(size, Image.Resampling.BILINEAR)
+    if center_crop:
+        left = round((size[0] - resolution) / 2.0)
+        top = round((size[1] - resolution) / 2.0)
+    else:
+        left = rng.randint(0, size[0] - resolution)
+        top = rng.randint(0, size[1] - resolution)
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if random_flip and rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class TrainImages(torch.utils.data.Dataset):
+    """Training examples addressed by ``(index, aug_seed)`` keys from :class:`StepSampler`.
+
+    Captions are tokenized once here (they never change), so workers only decode and augment images,
+    and the tokenizer does not have to be pickled into DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        dataset: datasets.Dataset,
+        tokenizer: Any,
+        resolution: int,
+        center_crop: bool,
+        random_flip: bool,
+        caption_column: str = "text",
+    ) -> None:
+        if caption_column not in dataset.column_names:
+            raise ValueError(
+                f"caption column {caption_column!r} not in dataset columns {dataset.column_names}"
+            )
+        captions = list(dataset[caption_column])
+        bad = [i for i, c in enumerate(captions) if not isinstance(c, str)]
+        if bad:
+            raise ValueError(f"rows {bad} have no caption string; run `python -m sdcluster.data validate`")
+        self.dataset = dataset
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.input_ids = tokenizer(
+            captions,
+            padding="max_length",
+            truncation=True,
+            max_length=tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids.long()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        if not isinstance(key, tuple):
+            raise TypeError(
+                f"TrainImages takes (index, aug_seed) keys, got {key!r}; use sampler=StepSampler(...)"
+            )
+        index, aug_seed = key
+        image = self.dataset[int(index)]["image"]
+        pixels = augment(image, self.resolution, self.center_crop, self.random_flip, aug_seed)
+        return {"pixel_values": pixels, "input_ids": self.input_ids[index].clone()}
+
+
+def collate(examples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack examples into a batch: ``pixel_values`` (B, 3, R, R) float32, ``input_ids`` (B, L) long."""
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]).float(),
+        "input_ids": torch.stack([e["input_ids"] for e in examples]),
+    }
