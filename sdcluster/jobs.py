@@ -45,8 +45,14 @@ def setup_logging(rank: int) -> None:
     root.propagate = False
     for noisy in ("diffusers", "transformers", "accelerate", "datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # Library progress bars are carriage-return spam in a log file; our own progress lines replace them.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
 
 
 def _requeue_or_stop(cfg: Config, folder: Path | None, flag: PreemptionFlag, step: Any, started: float):

@@ -1,0 +1,43 @@
+# make help: what each target does. Targets install what they need, so they work on a fresh machine.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+# The CPU build of torch; on a GPU cluster install the CUDA build that fits your driver first (see README).
+TORCH ?= torch==2.13.0
+SLURM_PACKAGES = slurm-wlm slurmdbd munge mariadb-server
+
+.PHONY: help install install-test slurm-packages run test test-fast lint format cluster
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+install:  ## install sdcluster (editable) with the CPU build of torch
+	$(PIP) install -q "$(TORCH)" -e .
+
+install-test:  ## install sdcluster plus test tools
+	$(PIP) install -q "$(TORCH)" -e ".[test]"
+
+slurm-packages:  ## install Debian's SLURM, munge and MariaDB (root) for the real-cluster tests
+	@if ! command -v slurmctld >/dev/null || ! command -v slurmdbd >/dev/null || ! command -v mysqld_safe >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SLURM_PACKAGES) >/dev/null; \
+	fi
+
+run: install  ## fine-tune the tiny model on the sample data and generate images (local executor)
+	$(PYTHON) -m sdcluster.launch
+
+test: install-test slurm-packages  ## install everything and run the whole suite (starts a real single-node SLURM)
+	$(PYTHON) -m pytest
+
+test-fast: install-test  ## the suite without the SLURM tests
+	$(PYTHON) -m pytest -m "not slurm"
+
+lint:  ## ruff check + format check
+	$(PYTHON) -m ruff check sdcluster tests benchmarks
+	$(PYTHON) -m ruff format --check sdcluster tests benchmarks
+
+format:  ## ruff fix + format
+	$(PYTHON) -m ruff check --fix sdcluster tests benchmarks
+	$(PYTHON) -m ruff format sdcluster tests benchmarks
+
+cluster: slurm-packages  ## start a single-node SLURM on this machine to try sdcluster (prints SLURM_CONF)
+	$(PYTHON) -m sdcluster.slurm_sandbox start
+	@$(PYTHON) -m sdcluster.slurm_sandbox env
