@@ -24,7 +24,7 @@ class DistInfo:
     threads: int
 
 
-def _submitit_env():  # noqa: ANN202 - submitit's type, imported lazily
+def _submitit_env():
     try:
         import submitit
 

@@ -35,7 +35,7 @@ class Outcome:
 
 
 def setup_logging(rank: int) -> None:
-    """Plain timestamped lines with the rank, to stdout (submitit puts them in jobs/<id>/<id>_<rank>_log.out)."""
+    """Timestamped lines with the rank, to stdout (submitit files it as jobs/<id>/<id>_<rank>_log.out)."""
     fmt = f"%(asctime)s [rank {rank}] %(levelname)s %(message)s"
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter(fmt, datefmt="%Y-%m-%d %H:%M:%S"))

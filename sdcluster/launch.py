@@ -15,7 +15,7 @@ import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from sdcluster.conf_store import register
 from sdcluster.config import Config, ConfigError
@@ -28,6 +28,10 @@ def to_config(dcfg: DictConfig) -> Config:
     """Resolve interpolations, build the dataclasses (running their checks), make paths absolute."""
     try:
         cfg = OmegaConf.to_object(dcfg)
+    except MissingMandatoryValue as err:
+        raise ConfigError(
+            f"{err.full_key}: has no value. Fix: set {err.full_key}=... on the command line"
+        ) from None
     except OmegaConfBaseException as err:
         cause = err.__cause__ if isinstance(err.__cause__, ConfigError) else None
         raise cause or ConfigError(str(err)) from None

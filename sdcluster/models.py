@@ -20,7 +20,7 @@ def is_local(path: str) -> bool:
 
 
 def check_model_source(model: ModelConfig) -> None:
-    """Login-node check: a local folder must be a diffusers pipeline; anything else must look like a hub id."""
+    """Login-node check: a local folder must be a diffusers pipeline; anything else must be a hub id."""
     if model.path == "tiny":
         return
     if is_local(model.path):

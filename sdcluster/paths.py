@@ -29,7 +29,13 @@ from sdcluster.config import Config
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 # Keys that do not change what a run learns: changing them must keep the same run folder (and so resume).
-_NON_SEMANTIC_TRAIN_KEYS = ("log_every", "checkpoint_every", "checkpoints_keep", "resume", "allow_resume_change")
+_NON_SEMANTIC_TRAIN_KEYS = (
+    "log_every",
+    "checkpoint_every",
+    "checkpoints_keep",
+    "resume",
+    "allow_resume_change",
+)
 _NON_SEMANTIC_DATA_KEYS = ("num_workers", "cache", "max_pixels")
 # With these schedules the LR does not depend on the total, so raising max_steps continues the same run.
 _STEPS_FREE_SCHEDULES = ("constant", "constant_with_warmup")
@@ -112,7 +118,7 @@ def generation_model(cfg: Config) -> Path:
 
 
 def generation_dir(cfg: Config) -> Path:
-    """Images of one generation setting. Settings that change pixels change the folder; batch size does not."""
+    """Images of one generation setting: settings that change pixels change the folder, batch size not."""
     gen = dataclasses.asdict(cfg.generate)
     for key in ("batch_size", "shards"):
         gen.pop(key)

@@ -17,7 +17,7 @@ def format_duration(seconds: float) -> str:
     """``1h02m03s`` / ``2m03s`` / ``3s``: short, sortable by eye, no locale."""
     if seconds != seconds or seconds == float("inf"):  # NaN or inf: nothing measured yet
         return "?"
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     if hours:

@@ -11,6 +11,7 @@ The tokenizer is a real CLIP BPE tokenizer whose merges are learned here from th
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 import shutil
@@ -50,12 +51,12 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def _learn_bpe(words: list[str], num_merges: int) -> list[tuple[str, str]]:
     """Plain BPE over a word list, in CLIP's convention (the last symbol of a word carries ``</w>``)."""
-    vocab = collections.Counter(tuple(w[:-1]) + (w[-1] + "</w>",) for w in words if w)
+    vocab = collections.Counter((*w[:-1], w[-1] + "</w>") for w in words if w)
     merges: list[tuple[str, str]] = []
     for _ in range(num_merges):
         pairs: collections.Counter[tuple[str, str]] = collections.Counter()
         for word, freq in vocab.items():
-            for pair in zip(word, word[1:]):
+            for pair in itertools.pairwise(word):
                 pairs[pair] += freq
         if not pairs:
             break

@@ -182,7 +182,9 @@ def _loader(t: Trainer) -> Any:
 
     cfg, acc = t.cfg, t.accelerator
     images = TrainImages(
-        load_captioned_images(cfg.data.path, cfg.data.caption_column, cache_dir=Path(cfg.cache_root) / "datasets"),
+        load_captioned_images(
+            cfg.data.path, cfg.data.caption_column, cache_dir=Path(cfg.cache_root) / "datasets"
+        ),
         t.comps.tokenizer,
         cfg.train.resolution,
         cfg.train.center_crop,

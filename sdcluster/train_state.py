@@ -25,7 +25,8 @@ def write_extra(folder: Path, unet_names: list[str], ema: Any, lr_scheduler: Any
     """Write EMA weights and scheduler state into a checkpoint folder being built; return meta extras."""
     extra: dict[str, Any] = {"lr": lr_scheduler.get_last_lr()[0]}
     if ema is not None:
-        tensors = {name: p.detach().cpu().contiguous() for name, p in zip(unet_names, ema.shadow_params)}
+        pairs = zip(unet_names, ema.shadow_params, strict=True)
+        tensors = {name: p.detach().cpu().contiguous() for name, p in pairs}
         save_file(tensors, str(folder / EMA_FILE))
         extra["ema_optimization_step"] = ema.optimization_step
     state = {"lr_scheduler": lr_scheduler.state_dict()}
@@ -49,7 +50,7 @@ def load_extra(folder: Path, meta: checkpoint.CheckpointMeta, unet_names: list[s
                 "or start a new run"
             )
         tensors = load_file(str(folder / EMA_FILE))
-        for name, shadow in zip(unet_names, ema.shadow_params):
+        for name, shadow in zip(unet_names, ema.shadow_params, strict=True):
             shadow.data.copy_(tensors[name].to(shadow.device, shadow.dtype))
         ema.optimization_step = meta.extra["ema_optimization_step"]
 

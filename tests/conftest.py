@@ -1,4 +1,4 @@
-"""Shared fixtures: config composition through Hydra (as the entry point does), the tiny model, the cluster."""
+"""Shared fixtures: config composed through Hydra as the entry point does, the tiny model, the cluster."""
 
 from __future__ import annotations
 

@@ -125,7 +125,7 @@ def test_resume_refuses_changed_batch_unless_allowed(make_cfg, tmp_path):
     first = train(cfg)
     ckpt = checkpoint.complete_checkpoints(first.run_dir / "checkpoints")[0]
     changed = [*FAST, "train.max_steps=4", "train.batch_size=1", f"train.resume={ckpt}"]
-    with pytest.raises(ConfigError, match="train.batch_size 2 -> 1"):
+    with pytest.raises(ConfigError, match=r"train\.batch_size 2 -> 1"):
         train(make_cfg([*changed, f"output_root={tmp_path / 'c'}"]))
     allowed = train(make_cfg([*changed, f"output_root={tmp_path / 'd'}", "train.allow_resume_change=true"]))
     assert allowed.step == 4
