@@ -53,6 +53,13 @@ class Trainer:
     micro_step: int = 0
 
 
+def weights_checksum(model: torch.nn.Module) -> str:
+    """A cheap fingerprint logged by every rank, so a log shows that replicas stayed identical."""
+    with torch.no_grad():
+        total = sum(p.detach().double().abs().sum().item() for p in model.parameters())
+    return f"{total:.10e}"
+
+
 def config_hash(cfg: Config) -> str:
     return stable_hash(semantic_train_config(cfg), length=16)
 
@@ -194,6 +201,13 @@ def _loader(t: Trainer) -> Any:
     sampler = StepSampler(
         len(images), cfg.train.batch_size, acc.num_processes, acc.process_index, cfg.train.seed, t.micro_step
     )
+    first = [sampler.key(p)[0] for p in sampler.positions(t.micro_step)]
+    log.info(
+        "data: %d images, epoch %d, this rank's next samples %s",
+        len(images),
+        sampler.epoch_of(t.micro_step),
+        first,
+    )
     return torch.utils.data.DataLoader(
         images,
         batch_size=cfg.train.batch_size,
@@ -317,6 +331,7 @@ def train(
         acc.num_processes,
     )
     losses, interrupted = _loop(t, flag, stop_at, job_id)
+    log.info("unet weights checksum at step %d: %s", t.step, weights_checksum(t.unet))
     result = TrainResult(t.paths.root, t.step, interrupted, losses=losses)
     if interrupted:
         return result

@@ -1,0 +1,86 @@
+"""Helpers for tests that submit real jobs: launch from a "login node" subprocess, wait on sacct."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import REPO
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL"}
+_SUBMITTED = re.compile(r"^submitted (\w+) job (\S+):", re.MULTILINE)
+
+
+def launch(tmp: Path, cache_root: Path, *overrides: str, env: dict | None = None, timeout: int = 120):
+    """Run ``python -m sdcluster.launch +cluster=slurm`` the way a user does; return (process, {task: ids})."""
+    args = [
+        sys.executable,
+        "-m",
+        "sdcluster.launch",
+        "+cluster=slurm",
+        f"output_root={tmp / 'outputs'}",
+        f"jobs_root={tmp / 'jobs'}",
+        f"cache_root={cache_root}",
+        "cluster.timeout_min=20",
+        *overrides,
+    ]
+    full_env = {**os.environ, "SDCLUSTER_HOME": str(tmp / "home"), **(env or {})}
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=timeout, env=full_env)
+    ids: dict[str, list[str]] = {}
+    for task, job_id in _SUBMITTED.findall(proc.stdout):
+        ids.setdefault(task, []).append(job_id)
+    return proc, ids
+
+
+def sacct_state(job_id: str) -> tuple[str, str]:
+    out = subprocess.run(
+        ["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State,ExitCode"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
+    if not lines:
+        return "", ""
+    state, _, code = lines[-1].partition("|")
+    return state.split()[0], code
+
+
+def wait_for(job_id: str, timeout_s: float = 600, states: set[str] = TERMINAL) -> tuple[str, str]:
+    """Poll the scheduler (a real condition, with a deadline) until the job reaches one of ``states``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state, code = sacct_state(job_id)
+        if state in states:
+            return state, code
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} did not reach {sorted(states)} in {timeout_s}s (last: {state})")
+
+
+def wait_for_line(path: Path, pattern: str, timeout_s: float = 300) -> str:
+    """Poll a log file until a line matches ``pattern`` (the job has reached that point)."""
+    regex = re.compile(pattern)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.is_file():
+            for line in path.read_text(errors="replace").splitlines():
+                if regex.search(line):
+                    return line
+        time.sleep(0.5)
+    raise AssertionError(f"{path} never printed /{pattern}/ in {timeout_s}s")
+
+
+def job_record(tmp: Path, job_id: str) -> dict:
+    return json.loads((tmp / "jobs" / job_id / "job.json").read_text())
+
+
+def logs_cli(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "SDCLUSTER_HOME": str(tmp / "home")}
+    cmd = [sys.executable, "-m", "sdcluster.logs", "--jobs-root", str(tmp / "jobs"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60, env=env)

@@ -1,0 +1,120 @@
+"""Real jobs on the single-node SLURM the suite starts: submit, multi-process, chains, failures, logs."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from tests.slurm_helpers import job_record, launch, logs_cli, wait_for, wait_for_line
+
+pytestmark = pytest.mark.slurm
+
+TRAIN = ["task=train", "train.max_steps=4", "train.log_every=1", "train.checkpoint_every=2"]
+SECRET = "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123"
+
+
+def test_single_process_train_job_and_its_logs(slurm_cluster, tmp_path, cache_root, tiny_model):
+    proc, ids = launch(tmp_path, cache_root, *TRAIN, env={"HF_TOKEN": SECRET})
+    assert proc.returncode == 0, proc.stderr
+    (job_id,) = ids["train"]
+    assert f"python -m sdcluster.logs {job_id} --follow" in proc.stdout
+    assert wait_for(job_id)[0] == "COMPLETED"
+
+    folder = tmp_path / "jobs" / job_id
+    names = {p.name for p in folder.iterdir()}
+    assert {f"{job_id}_submission.sh", f"{job_id}_0_log.out", "config.yaml", "job.json"} <= names
+    record = job_record(tmp_path, job_id)
+    assert record["state"] == "COMPLETED" and record["step"] == 4 and record["cluster"] == "slurm"
+    log = (folder / f"{job_id}_0_log.out").read_text()
+    assert "\r" not in log and re.search(r"step 4/4 \| loss [\d.]+ \| lr [\d.e-]+ \| [\d.]+ it/s \| eta", log)
+
+    shown = logs_cli(tmp_path, job_id)
+    assert shown.returncode == 0
+    assert "scheduler state: COMPLETED (exit code 0:0)" in shown.stdout
+    assert "last progress:   step 4/4" in shown.stdout and record["run_dir"] in shown.stdout
+    listing = logs_cli(tmp_path)
+    assert job_id in listing.stdout and "COMPLETED" in listing.stdout
+
+    for path in [*folder.rglob("*"), *(tmp_path / "outputs").rglob("*")]:
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), f"token leaked into {path}"
+
+
+def test_two_process_training_is_a_real_distributed_run(slurm_cluster, tmp_path, cache_root, tiny_model):
+    proc, ids = launch(tmp_path, cache_root, *TRAIN, "cluster.tasks_per_node=2", "cluster.cpus_per_task=1")
+    assert proc.returncode == 0, proc.stderr
+    (job_id,) = ids["train"]
+    assert wait_for(job_id)[0] == "COMPLETED"
+    folder = tmp_path / "jobs" / job_id
+    logs = [(folder / f"{job_id}_{rank}_log.out").read_text() for rank in (0, 1)]
+    assert "effective batch 4 (per device 2 x accumulation 1 x 2 processes)" in logs[0]
+    samples = [re.search(r"this rank's next samples (\[.*\])", log).group(1) for log in logs]
+    assert samples[0] != samples[1], "ranks must read different samples"
+    sums = [re.search(r"unet weights checksum at step 4: (\S+)", log).group(1) for log in logs]
+    assert sums[0] == sums[1], "replicas drifted apart"
+    run_dir = job_record(tmp_path, job_id)["run_dir"]
+    steps = [json.loads(ln)["step"] for ln in open(f"{run_dir}/metrics.jsonl")]
+    assert steps == [1, 2, 3, 4], "only rank 0 writes run-level files"
+
+
+def test_train_then_generate_chain(slurm_cluster, tmp_path, cache_root, tiny_model):
+    prompts = "generate.prompts=['$(touch /tmp/sdcluster-injected)', 'jeans with \"quotes\" and ; semicolons']"
+    overrides = [*TRAIN, "task=train_generate", prompts, "generate.num_images=1", "generate.steps=2"]
+    proc, ids = launch(tmp_path, cache_root, *overrides)
+    assert proc.returncode == 0, proc.stderr
+    (train_id,), (gen_id,) = ids["train"], ids["generate"]
+    script = (tmp_path / "jobs" / gen_id / f"{gen_id}_submission.sh").read_text()
+    assert f"--dependency=afterok:{train_id}" in script
+    assert wait_for(gen_id)[0] == "COMPLETED"
+    assert wait_for(train_id)[0] == "COMPLETED"
+    out = job_record(tmp_path, gen_id)["outputs"]["images"]
+    manifest = [json.loads(ln) for ln in open(f"{out}/manifest.jsonl")]
+    assert [m["prompt"] for m in manifest] == [
+        "$(touch /tmp/sdcluster-injected)",
+        'jeans with "quotes" and ; semicolons',
+    ]
+    import os
+
+    assert not os.path.exists("/tmp/sdcluster-injected"), "a prompt was run as shell"
+
+
+def test_job_failing_on_the_node_is_reported_with_its_log(slurm_cluster, tmp_path, cache_root):
+    proc, ids = launch(tmp_path, cache_root, *TRAIN, "cluster.setup=['echo broken module load >&2','exit 3']")
+    assert proc.returncode == 0, proc.stderr
+    (job_id,) = ids["train"]
+    state, code = wait_for(job_id)
+    assert (state, code) == ("FAILED", "3:0")
+    shown = logs_cli(tmp_path, job_id, "--err")
+    assert "scheduler state: FAILED (exit code 3:0)" in shown.stdout
+    assert "broken module load" in shown.stdout
+
+
+def test_wait_streams_and_returns_the_jobs_outcome(slurm_cluster, tmp_path, cache_root):
+    proc, ids = launch(tmp_path, cache_root, *TRAIN, "launch.wait=true", "cluster.setup=['exit 5']")
+    assert proc.returncode == 1
+    assert f"train job {ids['train'][0]} FAILED" in proc.stdout
+    assert f"python -m sdcluster.logs {ids['train'][0]}" in proc.stdout
+
+
+def test_submission_errors_before_queueing(slurm_cluster, tmp_path, cache_root):
+    proc, ids = launch(tmp_path, cache_root, *TRAIN, "cluster.partition=nosuch")
+    assert proc.returncode == 2 and not ids
+    assert "cluster.partition: 'nosuch' is not a partition" in proc.stderr and "debug" in proc.stderr
+    proc, _ = launch(tmp_path, cache_root, *TRAIN, env={"PATH": "/nonexistent"})
+    assert proc.returncode == 2 and "`sbatch` is not on PATH" in proc.stderr
+    assert not (tmp_path / "jobs").exists()
+
+
+def test_dry_run_prints_script_and_submits_nothing(slurm_cluster, tmp_path, cache_root):
+    proc, ids = launch(tmp_path, cache_root, *TRAIN, "launch.dry_run=true", "cluster.partition=short")
+    assert proc.returncode == 0 and not ids
+    assert "#SBATCH --partition=short" in proc.stdout and "#SBATCH --signal=USR2@120" in proc.stdout
+    assert "max_steps: 4" in proc.stdout
+    assert not (tmp_path / "jobs").exists()
+
+
+def test_unknown_job_id_is_a_clear_message(tmp_path):
+    shown = logs_cli(tmp_path, "999999999")
+    assert shown.returncode == 2 and "no job 999999999" in shown.stderr
