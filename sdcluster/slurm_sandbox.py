@@ -12,7 +12,7 @@ Needs the Debian/Ubuntu packages listed in ``APT_PACKAGES`` (tested with SLURM 2
 Everything lives under one state dir (``/tmp/sdcluster-slurm``, or ``--dir`` / ``$SDCLUSTER_SLURM_DIR``):
 config, a private munged, a private MariaDB, slurmdbd, slurmctld, slurmd, their pid files, logs and
 state. Nothing under /etc is touched and no system daemon is reused, so the sandbox can sit next to a real
-SLURM or MariaDB install, ``stop`` leaves nothing behind, and deleting the dir is a full reset.
+SLURM or MariaDB install, ``stop`` leaves no process behind, and deleting the dir is a full reset.
 
 Accounting (slurmdbd + MariaDB) is not optional here: without it ``sacct`` fails and submitit silently
 falls back to guessing job states, which is exactly the behaviour the tests must not depend on.
@@ -26,6 +26,7 @@ import fcntl
 import logging
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -41,8 +42,9 @@ log = logging.getLogger(__name__)
 DEFAULT_DIR = Path("/tmp/sdcluster-slurm")
 APT_PACKAGES = ("slurm-wlm", "slurmdbd", "munge", "mariadb-server")
 PARTITIONS = ["debug", "short"]
-_BINARIES = ("munged", "mungekey", "mariadb-install-db", "mysqld_safe", "mariadb", "slurmdbd", "slurmctld",
-             "slurmd", "sinfo", "sacctmgr", "scontrol")  # fmt: skip
+_BINARIES = ("setsid", "munged", "munge", "mungekey", "mariadb-install-db", "mariadbd", "mariadb", "slurmdbd")
+_BINARIES += ("slurmctld", "slurmd", "sinfo", "sacctmgr", "scontrol")
+_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 _HEALTHY_NODE_STATES = {"idle", "mix", "mixed", "alloc", "allocated", "comp", "completing"}
 
 
@@ -52,6 +54,8 @@ class SandboxError(RuntimeError):
 
 @dataclass(frozen=True)
 class SandboxInfo:
+    """How to reach a running sandbox: point ``SLURM_CONF`` at ``slurm_conf``; ``debug`` is the default."""
+
     state_dir: Path
     slurm_conf: Path
     node: str
@@ -71,8 +75,7 @@ class _Daemon:
     log_file: str
 
 
-# Start order; stop goes in reverse. mysqld's pid file holds mariadbd's pid, not mysqld_safe's: a clean
-# SIGTERM to mariadbd makes mysqld_safe exit too instead of restarting it. MariaDB's log sits in its own
+# Start order; stop goes in reverse. MariaDB's log sits in its own
 # folder because mariadbd may run as user mysql, which cannot write to root's log/ folder.
 _DAEMONS = (
     _Daemon("munged", "munged", "run/munged.pid", "log/munged.log"),
@@ -118,16 +121,18 @@ def _free_ports() -> list[int]:
 
 
 def _mysql_user(d: Path) -> str:
-    """Run MariaDB as `mysql` when that user can reach the state dir, else as root (e.g. --dir under /root)."""
+    """Run MariaDB as `mysql` when that user can reach the state dir, else as root (--dir under /root)."""
     reachable = all(p.stat().st_mode & 0o001 for p in [d, *d.parents])
     return "mysql" if reachable else "root"
 
 
 def _render_slurm_conf(d: Path, ctld: int, slurmd: int, dbd: int) -> str:
-    node = node_name()
+    node, cpus = node_name(), len(os.sched_getaffinity(0))  # `nproc`: the CPUs this process may use
     # linuxproc + task/none: a container without systemd gives slurmd no cgroup tree to manage.
     # SlurmctldHost/NodeAddr on 127.0.0.1 keep all traffic on loopback whatever the hostname resolves to.
     # JobRequeue=1 lets submitit's Checkpointable requeue itself; short MinJobAge/KillWait keep tests fast.
+    # cred_expire=10 (default 120): a requeued job may only start again after it, so a preempted test job
+    # would idle two minutes; 10 s is still ample for a step launch on one machine.
     return f"""\
 ClusterName={CLUSTER}
 SlurmctldHost={node}(127.0.0.1)
@@ -137,7 +142,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={d}/munge/munge.socket
+AuthInfo=socket={d}/munge/munge.socket,cred_expire=10
 StateSaveLocation={d}/state
 SlurmdSpoolDir={d}/spool
 SlurmctldPidFile={d}/run/slurmctld.pid
@@ -149,20 +154,21 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=2
+SchedulerParameters=bf_interval=2,sched_interval=2
 ReturnToService=2
 MpiDefault=none
 JobRequeue=1
 MinJobAge=30
 KillWait=5
 InactiveLimit=0
+MailProg=/bin/true
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=30
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort={dbd}
 AccountingStoragePass={d}/munge/munge.socket
-NodeName={node} NodeAddr=127.0.0.1 CPUs={len(os.sched_getaffinity(0))} RealMemory={_real_memory_mb()} State=UNKNOWN
+NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={_real_memory_mb()} State=UNKNOWN
 PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
 PartitionName=short Nodes={node} MaxTime=60 State=UP
 """
@@ -210,8 +216,10 @@ socket={m}/mysqld.sock
 
 def _grant_sql(password: str) -> str:
     user = f"'{DB_USER}'@'127.0.0.1'"
-    return (f"CREATE DATABASE IF NOT EXISTS {DB_NAME}; CREATE USER IF NOT EXISTS {user}; "
-            f"ALTER USER {user} IDENTIFIED BY '{password}'; GRANT ALL ON {DB_NAME}.* TO {user};")  # fmt: skip
+    return (
+        f"CREATE DATABASE IF NOT EXISTS {DB_NAME}; CREATE USER IF NOT EXISTS {user}; "
+        f"ALTER USER {user} IDENTIFIED BY '{password}'; GRANT ALL ON {DB_NAME}.* TO {user};"
+    )
 
 
 def _write_configs(d: Path, password: str) -> list[int]:
@@ -229,6 +237,7 @@ def _write_configs(d: Path, password: str) -> list[int]:
 
 
 def resolve_dir(state_dir: Path | str | None = None) -> Path:
+    """The state dir: the argument, else ``$SDCLUSTER_SLURM_DIR``, else /tmp/sdcluster-slurm."""
     return Path(state_dir or os.environ.get("SDCLUSTER_SLURM_DIR") or DEFAULT_DIR).resolve()
 
 
@@ -236,21 +245,34 @@ def _info(d: Path) -> SandboxInfo:
     return SandboxInfo(state_dir=d, slurm_conf=d / "slurm.conf", node=node_name())
 
 
+def _alive(pid: int, daemon: _Daemon) -> bool:
+    """True if pid is a live process that really is this daemon (pids get recycled across sessions)."""
+    try:
+        return daemon.exe.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def _pid(d: Path, daemon: _Daemon) -> int | None:
-    """The daemon's pid if its pid file names a live process that really is that daemon."""
+    """The daemon's pid if its pid file names a live process that is that daemon."""
     try:
         pid = int((d / daemon.pid_file).read_text().split()[0])
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError, IndexError):
         return None
-    return pid if daemon.exe.encode() in cmdline else None
+    return pid if _alive(pid, daemon) else None
 
 
-def _run(d: Path, *argv: str, check: bool = True, timeout: float = 30, stdin: str | None = None
-         ) -> subprocess.CompletedProcess[str]:  # fmt: skip
-    env = {**os.environ, "SLURM_CONF": str(d / "slurm.conf")}
-    return subprocess.run(argv, env=env, input=stdin, capture_output=True, text=True, timeout=timeout,
-                          check=check)  # fmt: skip
+def _env(d: Path) -> dict[str, str]:
+    # The daemons live in /usr/sbin, which a non-login shell or CI runner may leave off PATH.
+    return {**os.environ, "SLURM_CONF": str(d / "slurm.conf"), "PATH": _PATH}
+
+
+def _run(
+    d: Path, *argv: str, check: bool = True, timeout: float = 30, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv, env=_env(d), input=stdin, capture_output=True, text=True, timeout=timeout, check=check
+    )
 
 
 def _ok(d: Path, *argv: str, timeout: float = 10) -> bool:
@@ -286,7 +308,7 @@ def _node_state(d: Path) -> str:
         out = _run(d, "sinfo", "-h", "-N", "-n", node_name(), "-o", "%t", check=False, timeout=5)
     except subprocess.TimeoutExpired:
         return ""
-    return out.stdout.strip().split("\n")[0].rstrip("*~#!%$@^-+") if out.returncode == 0 else ""
+    return out.stdout.strip().split("\n")[0] if out.returncode == 0 else ""
 
 
 def is_running(state_dir: Path | str | None = None) -> bool:
@@ -297,14 +319,27 @@ def is_running(state_dir: Path | str | None = None) -> bool:
     return _node_state(d) in _HEALTHY_NODE_STATES
 
 
-def _spawn(d: Path, daemon: _Daemon, *argv: str, detach: bool = False) -> None:
-    """Start a daemon. Those that fork themselves are waited on; mysqld_safe stays in the foreground."""
+def _spawn(d: Path, daemon: _Daemon, *argv: str, foreground: bool = False) -> None:
+    """Run a command that daemonises itself and check its exit status.
+
+    A foreground server (mariadbd) goes through `setsid -f`, which forks it off and returns at once: it must
+    not stay a child of this process, or pytest would warn about a still-running subprocess and a crash
+    would leave a zombie under the test session instead of being reaped by init.
+    """
+    argv = ("setsid", "-f", *argv) if foreground else argv
     log.info("starting %s: %s (log: %s)", daemon.name, " ".join(argv), d / daemon.log_file)
-    env = {**os.environ, "SLURM_CONF": str(d / "slurm.conf")}
     with open(d / daemon.log_file, "ab") as out:
-        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                start_new_session=True)  # fmt: skip
-    if not detach and proc.wait(timeout=60) != 0:
+        proc = subprocess.run(
+            argv,
+            env=_env(d),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+            timeout=120,
+            check=False,
+        )
+    if proc.returncode != 0:
         raise _fail(d, daemon, f"{argv[0]} exited with status {proc.returncode}")
 
 
@@ -318,9 +353,17 @@ def _start_munge(d: Path) -> None:
     key.chmod(0o600)
     sock = d / "munge" / "munge.socket"
     sock.unlink(missing_ok=True)
-    _spawn(d, daemon, "munged", "--force", f"--socket={sock}", f"--key-file={key}",
-           f"--pid-file={d / daemon.pid_file}", f"--log-file={d / daemon.log_file}",
-           f"--seed-file={d / 'munge' / 'munged.seed'}")  # fmt: skip
+    _spawn(
+        d,
+        daemon,
+        "munged",
+        "--force",
+        f"--socket={sock}",
+        f"--key-file={key}",
+        f"--pid-file={d / daemon.pid_file}",
+        f"--log-file={d / daemon.log_file}",
+        f"--seed-file={d / 'munge' / 'munged.seed'}",
+    )
     _wait(d, daemon, lambda: _ok(d, "munge", "-n", f"--socket={sock}"), "answering on its socket")
 
 
@@ -330,16 +373,23 @@ def _start_mariadb(d: Path, db_password: str) -> None:
     datadir = d / "mysql" / "data"
     shutil.chown(d / "mysql", user, user)
     (d / daemon.log_file).touch()
-    shutil.chown(d / daemon.log_file, user, user)  # shared by mysqld_safe's stdout and mariadbd's log-error
-    Path("/run/mysqld").mkdir(parents=True, exist_ok=True)  # mysqld_safe probes it even with our socket
-    shutil.chown("/run/mysqld", "mysql", "mysql")
+    shutil.chown(d / daemon.log_file, user, user)  # shared by mariadbd's stderr and its log-error
     if not (datadir / "mysql").is_dir():
         log.info("initialising MariaDB data dir %s (as user %s)", datadir, user)
         shutil.rmtree(datadir, ignore_errors=True)  # a half-initialised dir from an interrupted run
-        _spawn(d, daemon, "mariadb-install-db", f"--defaults-file={cnf}", f"--user={user}",
-               "--skip-test-db", "--auth-root-authentication-method=socket")  # fmt: skip
+        _spawn(
+            d,
+            daemon,
+            "mariadb-install-db",
+            f"--defaults-file={cnf}",
+            f"--user={user}",
+            "--skip-test-db",
+            "--auth-root-authentication-method=socket",
+        )
     (d / "mysql" / "mysqld.sock").unlink(missing_ok=True)
-    _spawn(d, daemon, "mysqld_safe", f"--defaults-file={cnf}", f"--user={user}", detach=True)
+    # mariadbd itself rather than mysqld_safe: that wrapper ignores SIGTERM and restarts a server we had
+    # to SIGKILL, and it chowns the socket's folder; one process with one pid file is simpler to manage.
+    _spawn(d, daemon, "mariadbd", f"--defaults-file={cnf}", f"--user={user}", foreground=True)
     sql = ["mariadb", f"--defaults-file={cnf}", "-uroot", "-e"]
     _wait(d, daemon, lambda: _ok(d, *sql, "SELECT 1"), "accepting connections")
     log.info("creating database %s and user %s", DB_NAME, DB_USER)
@@ -389,7 +439,7 @@ def _locked(d: Path) -> Iterator[None]:
 def start(state_dir: Path | str | None = None) -> SandboxInfo:
     """Bring the sandbox up (or reuse it when healthy) and return how to reach it."""
     d = resolve_dir(state_dir)
-    missing = [b for b in _BINARIES if shutil.which(b) is None]
+    missing = [b for b in _BINARIES if shutil.which(b, path=_PATH) is None]
     if missing:
         raise SandboxError(
             f"SLURM sandbox needs {', '.join(missing)}: apt-get install {' '.join(APT_PACKAGES)}"
@@ -416,18 +466,18 @@ def start(state_dir: Path | str | None = None) -> SandboxInfo:
 def _stop_daemons(d: Path, timeout: float = 20) -> None:
     for daemon in reversed(_DAEMONS):
         pid = _pid(d, daemon)
-        if pid is None:
-            (d / daemon.pid_file).unlink(missing_ok=True)  # stale: names a dead or foreign process
-            continue
-        log.info("stopping %s (pid %d)", daemon.name, pid)
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while _pid(d, daemon) == pid and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if _pid(d, daemon) == pid:
-            log.warning("%s ignored SIGTERM for %.0f s: killing it", daemon.name, timeout)
-            os.kill(pid, signal.SIGKILL)
-        (d / daemon.pid_file).unlink(missing_ok=True)
+        if pid is not None:
+            log.info("stopping %s (pid %d)", daemon.name, pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while _alive(pid, daemon) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if _alive(pid, daemon):
+                log.warning("%s ignored SIGTERM for %.0f s: killing it", daemon.name, timeout)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        (d / daemon.pid_file).unlink(missing_ok=True)  # also clears a stale one naming a dead process
 
 
 def stop(state_dir: Path | str | None = None) -> None:
@@ -441,11 +491,19 @@ def stop(state_dir: Path | str | None = None) -> None:
 def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--dir", type=Path, default=None, help=f"state dir (default: {DEFAULT_DIR})")
-    parser = argparse.ArgumentParser(prog="python -m sdcluster.slurm_sandbox", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m sdcluster.slurm_sandbox",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for name, help_ in [("start", "start or reuse the sandbox"), ("stop", "stop its daemons"),
-                        ("status", "print sinfo"), ("env", "print the export line for SLURM_CONF")]:  # fmt: skip
+    commands = {
+        "start": "start or reuse the sandbox",
+        "stop": "stop its daemons",
+        "status": "print sinfo",
+        "env": "print the line that exports SLURM_CONF",
+    }
+    for name, help_ in commands.items():
         sub.add_parser(name, parents=[common], help=help_)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
@@ -459,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "stop":
         stop(d)
     elif args.cmd == "env":
-        print(f"export SLURM_CONF={d / 'slurm.conf'}")
+        print(f"export SLURM_CONF={shlex.quote(str(d / 'slurm.conf'))}")
     elif not is_running(d):
         print(f"SLURM sandbox in {d} is not running", file=sys.stderr)
         return 1
