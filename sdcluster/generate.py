@@ -1,11 +1,12 @@
 """The generation job: P prompts x ``num_images`` each, reproducible, shardable and restartable.
 
 Every image is an item (prompt index, image index) whose seed is a hash of (``generate.seed``, prompt index,
-image index). The seed, not the batch, decides the starting noise, so image k can be reproduced alone and the
-set of images does not depend on the batch size or on how many shards make it. A rerun skips finished images
+image index). The seed, not the batch, decides the noise, so image k can be reproduced alone and the set of
+images does not depend on the batch size or on how many shards make it (pixels agree up to the rounding of
+batched kernels, at most a level here and there; see :func:`generate_images`). A rerun skips finished images
 and fills only the missing ones; ``should_stop`` ends the job between batches for preemption.
 
-The job function is :func:`generate_images` (``launch.py`` runs it locally or as a SLURM array task, one
+The job function is :func:`generate_images` (``jobs.py`` runs it locally or as a SLURM array task, one
 task per shard). After a sharded run, merge once all shards are done::
 
     python -m sdcluster.generate merge FOLDER      # merge the manifest parts + draw the contact sheet
@@ -19,7 +20,6 @@ import hashlib
 import json
 import logging
 import sys
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +29,14 @@ from sdcluster import manifest, paths
 from sdcluster.config import Config, ConfigError, GenerateConfig
 from sdcluster.manifest import contact_sheet, merge_manifest
 from sdcluster.progress import ProgressLog
-from sdcluster.schedulers import set_scheduler
+from sdcluster.sampling import (
+    PromptEmbeddings,
+    choose_device_dtype,
+    dtype_name,
+    load_pipeline,
+    render,
+    require_model,
+)
 
 __all__ = [
     "GenerateResult",
@@ -61,6 +68,8 @@ class Item:
 
 @dataclass
 class GenerateResult:
+    """What one call did: ``generated`` new images, ``skipped`` ones already there, ``total`` in the shard."""
+
     out_dir: Path
     generated: int
     skipped: int
@@ -80,7 +89,7 @@ def read_prompts(gen: GenerateConfig) -> list[str]:
     if gen.prompts_file:
         path = Path(gen.prompts_file)
         if not path.is_file():
-            raise ConfigError(f"generate.prompts_file: {path} does not exist. Fix: give a file, one prompt a line")
+            raise ConfigError(f"generate.prompts_file: {path} does not exist. Fix: give a text file path")
         prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
     return prompts
 
@@ -95,11 +104,16 @@ def plan_items(cfg: Config) -> list[Item]:
     ]
 
 
-def shard(items: list[Item], index: int, count: int) -> list[Item]:
-    """Interleaved shares (every ``count``-th item), so each shard gets a mix of prompts and similar work."""
+def shard(items: list[Item], index: int, count: int, batch_size: int) -> list[list[Item]]:
+    """This shard's batches: the global plan is cut into fixed batches first, then batches are dealt out.
+
+    Dealing whole batches (not items) keeps every batch's composition independent of the shard count, so a
+    K-shard run writes the same bytes as a 1-shard run (batched kernels round by batch shape).
+    """
     if not 0 <= index < count:
         raise ValueError(f"shard index {index} is outside 0..{count - 1}")
-    return items[index::count]
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    return batches[index::count]
 
 
 def _record(cfg: Config, item: Item, size: tuple[int, int], dtype: str) -> dict[str, Any]:
@@ -160,16 +174,18 @@ def _run_batches(
 ) -> tuple[int, bool]:
     """Render the batches, writing only missing images; return (images written, interrupted)."""
     pipe = load_pipeline(cfg)
-    dtype = str(pipe.unet.dtype).removeprefix("torch.")
+    dtype = dtype_name(pipe.unet.dtype)
     embeddings = PromptEmbeddings(pipe, cfg.generate.negative_prompt, cfg.generate.guidance_scale)
     missing = sum(not (out_dir / item.file).exists() for batch in batches for item in batch)
     progress = ProgressLog(total=missing, unit="image")
     written = 0
     for number, batch in enumerate(batches, 1):
         if stop():
-            log.info("stop requested: %d of %d batches done, a rerun finishes the rest", number - 1, len(batches))
+            log.info("stop requested after %d of %d batches; a rerun does the rest", number - 1, len(batches))
             return written, True
-        for item, image in zip(batch, render_batch(pipe, batch, cfg.generate, embeddings), strict=True):
+        prompts, seeds = [item.prompt for item in batch], [item.seed for item in batch]
+        images = render(pipe, prompts, seeds, cfg.generate, embeddings)
+        for item, image in zip(batch, images, strict=True):
             target = out_dir / item.file
             if target.exists():  # a finished image is never overwritten
                 continue
@@ -202,13 +218,12 @@ def generate_images(
     out_dir = paths.generation_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_settings(cfg, out_dir, [item.prompt for item in items if item.image_index == 0])
-    mine = shard(items, shard_index, num_shards)
+    batches = shard(items, shard_index, num_shards, cfg.generate.batch_size)
+    mine = [item for batch in batches for item in batch]
     part = manifest.part_path(out_dir, shard_index, num_shards)
     skipped = sum((out_dir / item.file).is_file() for item in mine)
     _, dtype = choose_device_dtype(cfg.generate.mixed_precision)
-    _backfill_records(cfg, out_dir, part, mine, str(dtype).removeprefix("torch."))
-    size = cfg.generate.batch_size
-    batches = [mine[i : i + size] for i in range(0, len(mine), size)]
+    _backfill_records(cfg, out_dir, part, mine, dtype_name(dtype))
     todo = [b for b in batches if not all((out_dir / item.file).is_file() for item in b)]
     log.info(
         "shard %d/%d: %d images, %d already done, %d batches to render -> %s",
@@ -220,7 +235,9 @@ def generate_images(
         out_dir,
     )
     generated, interrupted = _run_batches(cfg, out_dir, part, todo, should_stop) if todo else (0, False)
-    if num_shards == 1 and not interrupted:
+    # Whoever finishes last merges: records are appended after their image, so once every item has a
+    # record every image is on disk. Merging is atomic and idempotent, so two finishers agreeing is fine.
+    if not interrupted and manifest.recorded_files(out_dir) >= {item.file for item in items}:
         merge_manifest(out_dir)
     return GenerateResult(out_dir, generated, skipped, len(mine), interrupted)
 
@@ -237,9 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    records = manifest.read_manifest(args.folder)
+    records = len(manifest.read_manifest(args.folder))
     on_disk = len(manifest.image_files(args.folder))
-    print(f"{len(records)} records in {path}; {on_disk} images on disk; {args.folder / manifest.CONTACT_SHEET}")
+    print(f"{records} records in {path} ({on_disk} images on disk)")
+    print(f"contact sheet: {args.folder / manifest.CONTACT_SHEET}")
     return 0
 
 

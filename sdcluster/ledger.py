@@ -62,7 +62,7 @@ def end_attempt(folder: Path, state: str, **details: Any) -> None:
     attempts = record.setdefault("attempts", [{"started": None}])
     attempts[-1].update(ended=now(), state=state, **details)
     record["state"] = state
-    record.update({k: v for k, v in details.items() if k in ("step", "exit_reason")})
+    record.update({k: v for k, v in details.items() if k in ("step", "exit_reason", "outputs")})
     _write(folder, record)
 
 

@@ -2,11 +2,11 @@
 
 Layout of one generation folder (see :func:`sdcluster.paths.generation_dir`)::
 
-    p0000-i0000.png ...                         one image per (prompt index, image index); the PNG carries its record
-    settings.json                               the generate settings and prompts that made this folder
-    manifest.parts/shard-<i>-of-<n>.jsonl       appended by each shard: one JSON record per image it wrote
-    manifest.jsonl                              merged: every image on disk exactly once, in (prompt, image) order
-    contact_sheet.png                           all images as thumbnails in one grid
+    p0000-i0000.png ...                     one image per (prompt index, image index), its record inside
+    settings.json                           the generate settings and prompts that made this folder
+    manifest.parts/shard-<i>-of-<n>.jsonl   appended by each shard: one JSON record per image it wrote
+    manifest.jsonl                          merged: every image on disk exactly once, (prompt, image) order
+    contact_sheet.png                       all images as thumbnails in one grid
 
 Shards never write the same file: each owns its part and its images, so array tasks need no locking. An image
 is renamed into place before its record is appended, so a record always points at a complete image; a crash
@@ -38,7 +38,7 @@ _IMAGE_NAME = re.compile(r"^p(\d+)-i(\d+)\.png$")
 
 
 def image_name(prompt_index: int, image_index: int) -> str:
-    """``p0003-i0007.png``: stable, sortable, and free of prompt text (prompts can be long or unsafe in paths)."""
+    """``p0003-i0007.png``: stable, sortable, free of prompt text (prompts can be long or unsafe in paths)."""
     return f"p{prompt_index:04d}-i{image_index:04d}.png"
 
 
@@ -113,7 +113,7 @@ def image_files(out_dir: Path) -> list[Path]:
 
 
 def merge_manifest(out_dir: Path) -> Path:
-    """Merge every part into ``manifest.jsonl`` (each image on disk once, sorted) and redraw the contact sheet.
+    """Merge every part into ``manifest.jsonl`` (each image on disk once, sorted); redraw the contact sheet.
 
     Records whose image was deleted are dropped and images without a record are reported, so the manifest
     always describes exactly the images that are there.
@@ -122,7 +122,7 @@ def merge_manifest(out_dir: Path) -> Path:
     parts = part_files(out_dir)
     if not parts:
         raise FileNotFoundError(
-            f"no manifest parts in {out_dir / PARTS_DIR}: not a generation folder, or no shard has written yet"
+            f"no manifest parts in {out_dir / PARTS_DIR}: not a generation folder, or no shard wrote yet"
         )
     on_disk = {p.name for p in image_files(out_dir)}
     merged: dict[str, dict[str, Any]] = {}
@@ -151,13 +151,16 @@ def read_manifest(out_dir: Path) -> list[dict[str, Any]]:
 def contact_sheet(out_dir: Path, tile: int = 128, max_side: int = 4096) -> Path:
     """A near-square grid of every image as thumbnails, in manifest order, written atomically.
 
-    Tiles shrink so the sheet stays under ``max_side`` pixels a side: a 10,000-image run still gives a
-    sheet that opens in an image viewer instead of a multi-gigabyte bitmap.
+    Tiles are at most ``tile`` pixels (never larger than the images) and shrink so the sheet stays under
+    ``max_side`` pixels a side: a 10,000-image run still gives a sheet an image viewer opens.
     """
     out_dir = Path(out_dir)
     files = image_files(out_dir)
     cols = max(1, math.ceil(math.sqrt(len(files))))
     rows = max(1, math.ceil(len(files) / cols))
+    if files:
+        with Image.open(files[0]) as first:
+            tile = min(tile, max(first.size))
     size = max(8, min(tile, max_side // cols))
     sheet = Image.new("RGB", (cols * size, rows * size), "white")
     for n, path in enumerate(files):

@@ -122,7 +122,12 @@ def generation_dir(cfg: Config) -> Path:
     gen = dataclasses.asdict(cfg.generate)
     for key in ("batch_size", "shards"):
         gen.pop(key)
-    key = stable_hash({"generate": gen, "model": str(generation_model(cfg))})
+    identity: dict = {"generate": gen, "model": str(generation_model(cfg))}
+    if not cfg.generate.model:  # the run's export changes when training continues to more steps
+        identity["train_steps"] = cfg.train.max_steps
+    if cfg.generate.prompts_file and Path(cfg.generate.prompts_file).is_file():
+        identity["prompts"] = hashlib.sha256(Path(cfg.generate.prompts_file).read_bytes()).hexdigest()
+    key = stable_hash(identity)
     if cfg.generate.model:
         return Path(cfg.output_root) / "generate" / key
     return run_paths(cfg).root / "generated" / key

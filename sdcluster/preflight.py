@@ -40,12 +40,9 @@ def check_generation_inputs(cfg: Config) -> None:
     if prompts_file and not Path(prompts_file).is_file():
         raise ConfigError(f"generate.prompts_file: {prompts_file} does not exist. Fix: give a text file path")
     if cfg.task == "generate":
-        model = paths.generation_model(cfg)
-        if not (model / "model_index.json").is_file():
-            raise ConfigError(
-                f"generate.model: no trained pipeline at {model}. Fix: train first (task=train_generate), "
-                "or set generate.model=DIR to a diffusers pipeline folder"
-            )
+        from sdcluster.sampling import require_model
+
+        require_model(paths.generation_model(cfg))
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess[str]:

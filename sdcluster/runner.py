@@ -77,10 +77,7 @@ def launch(cfg: Config, say: Say = print) -> int:
     submitted: list[tuple[str, submitit.Job]] = []
     dependency = None
     for task, fn in _jobs_of(cfg):
-        if task == "generate":
-            jobs = _submit_generation(cfg, dependency)
-        else:
-            jobs = [submit.submit(cfg, task, fn)]
+        jobs = _submit_generation(cfg, dependency) if task == "generate" else [submit.submit(cfg, task, fn)]
         for job in jobs:
             submitted.append((task, job))
             say(f"submitted {task} job {job.job_id}: jobs folder {paths.job_dir(cfg, job.job_id)}")

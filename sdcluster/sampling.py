@@ -1,7 +1,7 @@
 """The diffusers side of generation: load the pipeline for a config, encode prompts once, render one batch.
 
-Kept apart from :mod:`sdcluster.generate` (which decides *what* to make and where it goes) so that reproducing a
-single image from its manifest record needs only :func:`load_pipeline` and :func:`render`.
+Kept apart from :mod:`sdcluster.generate` (which decides *what* to make and where it goes), so reproducing
+one image from its manifest record needs only :func:`load_pipeline` and :func:`render`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ def choose_device_dtype(mixed_precision: str) -> tuple[Any, Any]:
     import torch
 
     if not torch.cuda.is_available():
-        if mixed_precision != "no":
-            log.info("generate.mixed_precision=%s ignored on CPU: generating in float32", mixed_precision)
         return torch.device("cpu"), torch.float32
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
     return torch.device("cuda"), dtype
@@ -43,6 +41,16 @@ def require_model(path: Path) -> None:
         )
 
 
+def _dtype_keyword() -> str:
+    """``dtype`` where diffusers has it (diffusers#14205 deprecated ``torch_dtype``), else ``torch_dtype``.
+
+    Older releases do not know ``dtype``; newer ones warn on every load about ``torch_dtype``.
+    """
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
 def load_pipeline(cfg: Config) -> Any:
     """The pipeline with our scheduler, no safety checker and no tqdm bars (they garble SLURM log files)."""
     from diffusers import StableDiffusionPipeline
@@ -50,8 +58,12 @@ def load_pipeline(cfg: Config) -> Any:
     model = paths.generation_model(cfg)
     require_model(model)
     device, dtype = choose_device_dtype(cfg.generate.mixed_precision)
+    if device.type == "cpu" and cfg.generate.mixed_precision != "no":
+        log.info(
+            "generate.mixed_precision=%s ignored on CPU: generating in float32", cfg.generate.mixed_precision
+        )
     pipe = StableDiffusionPipeline.from_pretrained(
-        model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+        model, **{_dtype_keyword(): dtype}, safety_checker=None, requires_safety_checker=False
     )
     set_scheduler(pipe, cfg.generate.scheduler)
     pipe.set_progress_bar_config(disable=True)

@@ -21,11 +21,11 @@ SCHEDULER_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
     "pndm": ("PNDMScheduler", {}),
     "ddpm": ("DDPMScheduler", {}),
 }
-assert tuple(SCHEDULER_CLASSES) == SCHEDULERS, "config.SCHEDULERS and SCHEDULER_CLASSES must list the same names"
+assert tuple(SCHEDULER_CLASSES) == SCHEDULERS, "config.SCHEDULERS must list the names of SCHEDULER_CLASSES"
 
 
 def make_scheduler(name: str, config: Any) -> Any:
-    """A new scheduler of the kind ``name``, configured like ``config`` (a pipeline's ``scheduler.config``)."""
+    """A new scheduler of kind ``name``, configured like ``config`` (a pipeline's ``scheduler.config``)."""
     if name not in SCHEDULER_CLASSES:
         raise ConfigError(
             f"generate.scheduler: unknown scheduler {name!r}. Fix: use one of {', '.join(SCHEDULER_CLASSES)}"

@@ -17,7 +17,7 @@ _SUBMITTED = re.compile(r"^submitted (\w+) job (\S+):", re.MULTILINE)
 
 
 def launch(tmp: Path, cache_root: Path, *overrides: str, env: dict | None = None, timeout: int = 120):
-    """Run ``python -m sdcluster.launch +cluster=slurm`` the way a user does; return (process, {task: ids})."""
+    """Run ``python -m sdcluster.launch +cluster=slurm`` as a user does; return (process, {task: ids})."""
     args = [
         sys.executable,
         "-m",

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
-from tests.slurm_helpers import job_record, launch, logs_cli, wait_for, wait_for_line
+from tests.slurm_helpers import job_record, launch, logs_cli, wait_for
 
 pytestmark = pytest.mark.slurm
 
@@ -55,12 +56,14 @@ def test_two_process_training_is_a_real_distributed_run(slurm_cluster, tmp_path,
     sums = [re.search(r"unet weights checksum at step 4: (\S+)", log).group(1) for log in logs]
     assert sums[0] == sums[1], "replicas drifted apart"
     run_dir = job_record(tmp_path, job_id)["run_dir"]
-    steps = [json.loads(ln)["step"] for ln in open(f"{run_dir}/metrics.jsonl")]
+    steps = [json.loads(ln)["step"] for ln in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4], "only rank 0 writes run-level files"
 
 
 def test_train_then_generate_chain(slurm_cluster, tmp_path, cache_root, tiny_model):
-    prompts = "generate.prompts=['$(touch /tmp/sdcluster-injected)', 'jeans with \"quotes\" and ; semicolons']"
+    prompts = (
+        "generate.prompts=['$(touch /tmp/sdcluster-injected)', 'jeans with \"quotes\" and ; semicolons']"
+    )
     overrides = [*TRAIN, "task=train_generate", prompts, "generate.num_images=1", "generate.steps=2"]
     proc, ids = launch(tmp_path, cache_root, *overrides)
     assert proc.returncode == 0, proc.stderr
@@ -70,14 +73,12 @@ def test_train_then_generate_chain(slurm_cluster, tmp_path, cache_root, tiny_mod
     assert wait_for(gen_id)[0] == "COMPLETED"
     assert wait_for(train_id)[0] == "COMPLETED"
     out = job_record(tmp_path, gen_id)["outputs"]["images"]
-    manifest = [json.loads(ln) for ln in open(f"{out}/manifest.jsonl")]
+    manifest = [json.loads(ln) for ln in Path(out, "manifest.jsonl").read_text().splitlines()]
     assert [m["prompt"] for m in manifest] == [
         "$(touch /tmp/sdcluster-injected)",
         'jeans with "quotes" and ; semicolons',
     ]
-    import os
-
-    assert not os.path.exists("/tmp/sdcluster-injected"), "a prompt was run as shell"
+    assert not Path("/tmp/sdcluster-injected").exists(), "a prompt was run as shell"
 
 
 def test_job_failing_on_the_node_is_reported_with_its_log(slurm_cluster, tmp_path, cache_root):
