@@ -69,10 +69,18 @@ class DataConfig:
     max_pixels: int = 40_000_000
     num_workers: int = 0
     cache: bool = True
+    cache_memory_mb: int = 1024
+    holdout: int = 0
 
     def __post_init__(self) -> None:
         _require(self.max_pixels > 0, "data.max_pixels", "must be > 0", "set a positive pixel limit")
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0", "use 0 for in-process loading")
+        _require(
+            self.cache_memory_mb >= 0, "data.cache_memory_mb", "must be >= 0", "0 reads the cache from disk"
+        )
+        _require(
+            self.holdout >= 0, "data.holdout", "must be >= 0", "images kept out of training for validation"
+        )
 
 
 @dataclass
@@ -132,6 +140,9 @@ class TrainConfig:
     prediction_type: str | None = None
     resume: str = "auto"
     allow_resume_change: bool = False
+    validate_every: int = 0
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_steps: int = 20
 
     def __post_init__(self) -> None:
         _require(self.max_steps > 0, "train.max_steps", f"must be > 0, got {self.max_steps}", "e.g. 1000")
@@ -169,6 +180,10 @@ class TrainConfig:
         _require(self.noise_offset >= 0, "train.noise_offset", "must be >= 0", "e.g. 0.05, or 0 for none")
         if self.prediction_type is not None:
             _choice(self.prediction_type, "train.prediction_type", PREDICTION_TYPES)
+        _require(
+            self.validate_every >= 0, "train.validate_every", "must be >= 0", "0 validates at the end only"
+        )
+        _require(self.validation_steps > 0, "train.validation_steps", "must be > 0", "e.g. 20")
         _require(
             self.resume in ("auto", "never") or bool(self.resume),
             "train.resume",

@@ -35,8 +35,11 @@ _NON_SEMANTIC_TRAIN_KEYS = (
     "checkpoints_keep",
     "resume",
     "allow_resume_change",
+    "validate_every",
+    "validation_prompts",
+    "validation_steps",
 )
-_NON_SEMANTIC_DATA_KEYS = ("num_workers", "cache", "max_pixels")
+_NON_SEMANTIC_DATA_KEYS = ("num_workers", "cache", "cache_memory_mb", "max_pixels")
 # With these schedules the LR does not depend on the total, so raising max_steps continues the same run.
 _STEPS_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 

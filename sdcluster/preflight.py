@@ -26,6 +26,14 @@ def check_data(cfg: Config) -> None:
             "metadata.jsonl; make one with python -m sdcluster.data prepare DIR)"
         )
     problems = validate(folder, max_pixels=cfg.data.max_pixels, caption_column=cfg.data.caption_column)
+    if not problems:
+        from sdcluster.data.metadata import read_metadata
+        from sdcluster.data.split import holdout_split
+
+        try:
+            holdout_split(len(read_metadata(folder)), cfg.data.holdout)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if problems:
         listing = "\n  ".join(str(p) for p in problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""

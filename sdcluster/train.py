@@ -186,12 +186,14 @@ def _resume(t: Trainer) -> None:
 def _loader(t: Trainer) -> Any:
     from sdcluster.data.dataset import TrainImages, collate, load_captioned_images
     from sdcluster.data.sampler import StepSampler
+    from sdcluster.data.split import holdout_split
 
     cfg, acc = t.cfg, t.accelerator
+    cache = Path(cfg.cache_root) / "datasets"
+    dataset = load_captioned_images(cfg.data.path, cfg.data.caption_column, cache_dir=cache)
+    train_indices, _ = holdout_split(len(dataset), cfg.data.holdout)
     images = TrainImages(
-        load_captioned_images(
-            cfg.data.path, cfg.data.caption_column, cache_dir=Path(cfg.cache_root) / "datasets"
-        ),
+        dataset.select(train_indices),
         t.comps.tokenizer,
         cfg.train.resolution,
         cfg.train.center_crop,
