@@ -59,12 +59,8 @@ def _wait(job: submitit.Job, task: str, say: Say) -> bool:
 
 def _submit_generation(cfg: Config, dependency: str | None) -> list[submitit.Job]:
     if cfg.cluster.name == "slurm" and cfg.generate.shards > 1:
-        if dependency:
-            cfg.cluster.additional_parameters = {
-                **cfg.cluster.additional_parameters,
-                "dependency": dependency,
-            }
-        return submit.submit_array(cfg, "generate", [GenerateJob(cfg) for _ in range(cfg.generate.shards)])
+        shards = cfg.generate.shards
+        return submit.submit_array([cfg] * shards, "generate", [GenerateJob(cfg)] * shards, dependency)
     return [submit.submit(cfg, "generate", GenerateJob(cfg), dependency=dependency)]
 
 

@@ -100,11 +100,16 @@ def submit(cfg: Config, task: str, job_fn: Any, dependency: str | None = None, *
     return job
 
 
-def submit_array(cfg: Config, task: str, job_fns: list[Any], **extra: Any) -> list[submitit.Job]:
-    """One SLURM job array (``<id>_0``, ``<id>_1``...): one record folder per array task."""
-    executor = make_executor(cfg, f"sdcluster-{task}")
+def submit_array(
+    cfgs: list[Config], task: str, job_fns: list[Any], dependency: str | None = None, **extra: Any
+) -> list[submitit.Job]:
+    """One SLURM job array (``<id>_0``, ``<id>_1``...), one record folder per array task with its own config.
+
+    The array's resources come from the first config: callers only group points whose ``cluster`` agrees.
+    """
+    executor = make_executor(cfgs[0], f"sdcluster-{task}", dependency)
     with executor.batch():
         jobs = [executor.submit(fn) for fn in job_fns]
-    for index, job in enumerate(jobs):
+    for index, (cfg, job) in enumerate(zip(cfgs, jobs, strict=True)):
         record_submission(cfg, job, task, {"array_index": index, **extra})
     return jobs

@@ -1,0 +1,201 @@
+"""Sweeps: Hydra multirun points submitted as one SLURM job array, and a ledger to resubmit and report.
+
+``python -m sdcluster.launch -m +cluster=slurm optim.lr=1e-5,5e-6`` composes and validates every point on
+the login node first (nothing is queued if any point is wrong), then submits them together and returns:
+unlike the Hydra submitit launcher it never waits on the jobs. ``outputs/sweeps/<id>/sweep.json`` records
+each point's overrides, config, run folder and job ids, so that
+
+    python -m sdcluster.sweep resubmit <sweep folder or job id> --failed   # only the points that failed
+    python -m sdcluster.sweep report <sweep folder or job id>              # table + CSV + loss plot
+
+Each point resumes from its own checkpoints because its run folder is named by its config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from sdcluster import ledger, paths, submit
+from sdcluster.config import Config, ConfigError
+from sdcluster.jobs import GenerateJob, TrainJob
+from sdcluster.preflight import preflight
+
+SWEEP_JSON = "sweep.json"
+FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL"}
+Say = Callable[[str], None]
+
+
+@dataclasses.dataclass
+class Point:
+    """One sweep point as collected from Hydra: its resolved config and the overrides that made it."""
+
+    cfg: Config
+    overrides: list[str]
+
+
+def _swept_values(points: list[Point]) -> list[dict[str, str]]:
+    """Per point, the overrides whose value differs between points (what the sweep varies)."""
+    parsed = [dict(o.split("=", 1) for o in p.overrides if "=" in o) for p in points]
+    keys = sorted({k for d in parsed for k in d if len({e.get(k) for e in parsed}) > 1})
+    return [{k.lstrip("+"): d.get(k, "") for k in keys} for d in parsed]
+
+
+def _submit_points(cfgs: list[Config], task: str, sweep_dir: Path) -> list[list[str]]:
+    """Train points as one array (when their cluster settings agree), each generation after its training."""
+    ids: list[list[str]] = [[] for _ in cfgs]
+    if task in ("train", "train_generate"):
+        same = all(c.cluster == cfgs[0].cluster for c in cfgs)
+        fns = [TrainJob(c) for c in cfgs]
+        if same:
+            jobs = submit.submit_array(cfgs, "train", fns, sweep=str(sweep_dir))
+        else:
+            jobs = [
+                submit.submit(c, "train", f, sweep=str(sweep_dir)) for c, f in zip(cfgs, fns, strict=True)
+            ]
+        for i, job in enumerate(jobs):
+            ids[i].append(job.job_id)
+    if task in ("generate", "train_generate"):
+        for i, c in enumerate(cfgs):
+            dependency = f"afterok:{ids[i][0]}" if ids[i] else None
+            ids[i].append(
+                submit.submit(c, "generate", GenerateJob(c), dependency, sweep=str(sweep_dir)).job_id
+            )
+    return ids
+
+
+def submit_sweep(points: list[Point], say: Say = print) -> int:
+    """Validate every point, then submit them all; write the ledger; return at once."""
+    cfgs = [p.cfg for p in points]
+    for i, cfg in enumerate(cfgs):
+        if cfg.generate.shards > 1 and cfg.task != "train":
+            raise ConfigError(f"point {i}: generate.shards>1 is not supported inside a sweep. Fix: shards=1")
+        preflight(cfg)
+    task = cfgs[0].task
+    sweep_id = time.strftime("%Y%m%d-%H%M%S") + "-" + paths.stable_hash([p.overrides for p in points], 6)
+    sweep_dir = Path(cfgs[0].output_root) / "sweeps" / sweep_id
+    sweep_dir.mkdir(parents=True)
+    ids = _submit_points(cfgs, task, sweep_dir)
+    values = _swept_values(points)
+    record = {
+        "sweep_id": sweep_id,
+        "created": ledger.now(),
+        "task": task,
+        "cluster": cfgs[0].cluster.name,
+        "swept": sorted(values[0]) if values else [],
+        "points": [
+            {
+                "index": i,
+                "overrides": p.overrides,
+                "values": values[i],
+                "run_dir": str(paths.run_dir(p.cfg)),
+                "jobs": ids[i],
+                "config": dataclasses.asdict(p.cfg),
+            }
+            for i, p in enumerate(points)
+        ],
+    }
+    write(sweep_dir, record)
+    say(f"sweep {sweep_id}: {len(points)} points submitted -> {sweep_dir}")
+    for point in record["points"]:
+        say(f"  point {point['index']} {point['values']}: jobs {' '.join(point['jobs'])}")
+    say(f"report: python -m sdcluster.sweep report {sweep_dir}")
+    return 0
+
+
+def write(sweep_dir: Path, record: dict[str, Any]) -> None:
+    tmp = sweep_dir / f".{SWEEP_JSON}.tmp"
+    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    tmp.replace(sweep_dir / SWEEP_JSON)
+
+
+def find(target: str, outputs: Path = Path("outputs")) -> Path:
+    """A sweep folder from its path, its id, or the id of any of its jobs."""
+    candidates = [Path(target), outputs / "sweeps" / target]
+    for folder in candidates:
+        if (folder / SWEEP_JSON).is_file():
+            return folder
+    from sdcluster.logs import find_job
+
+    job_folder = find_job(target, Path("jobs"))
+    sweep = ledger.read(job_folder).get("sweep") if job_folder else None
+    if sweep and (Path(sweep) / SWEEP_JSON).is_file():
+        return Path(sweep)
+    raise ConfigError(
+        f"no sweep at {target!r} (a sweep folder, a sweep id, or a job id of one of its points)"
+    )
+
+
+def load(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / SWEEP_JSON).read_text())
+
+
+def point_config(point: dict[str, Any]) -> Config:
+    """Rebuild a point's typed config from the ledger (checks run again as at launch)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), point["config"]))
+
+
+def job_state(job_id: str, jobs_root: Path) -> str:
+    """The scheduler's word when it has one, else what the job recorded."""
+    from sdcluster.logs import find_job, scheduler_state
+
+    sched = scheduler_state(job_id)
+    if sched:
+        return sched[0]
+    folder = find_job(job_id, jobs_root)
+    return ledger.read(folder).get("state", "UNKNOWN") if folder else "UNKNOWN"
+
+
+def resubmit_failed(folder: Path, say: Say = print) -> int:
+    """Resubmit only the points whose latest job failed; each resumes from its own checkpoints."""
+    record = load(folder)
+    failed = []
+    for point in record["points"]:
+        cfg = point_config(point)
+        if job_state(point["jobs"][-1], Path(cfg.jobs_root)) in FAILED:
+            failed.append((point, cfg))
+    if not failed:
+        say(f"sweep {record['sweep_id']}: no failed points")
+        return 0
+    for _, cfg in failed:
+        preflight(cfg)
+    ids = _submit_points([cfg for _, cfg in failed], record["task"], folder)
+    for (point, _), new in zip(failed, ids, strict=True):
+        point.setdefault("history", []).append(point["jobs"])
+        point["jobs"] = new
+        say(f"  point {point['index']} {point['values']}: resubmitted as {' '.join(new)}")
+    write(folder, record)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sdcluster.sweep", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    report = commands.add_parser("report", help="table, CSV and loss plot of a sweep (works while running)")
+    report.add_argument("sweep", help="sweep folder, sweep id, or a job id of one of its points")
+    again = commands.add_parser("resubmit", help="resubmit points of a sweep")
+    again.add_argument("sweep")
+    again.add_argument("--failed", action="store_true", required=True, help="only the failed points")
+    args = parser.parse_args(argv)
+    try:
+        folder = find(args.sweep)
+        if args.command == "resubmit":
+            return resubmit_failed(folder)
+        from sdcluster.sweep_report import report as make_report
+
+        return make_report(folder)
+    except ConfigError as err:
+        print(f"sdcluster.sweep: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
