@@ -12,7 +12,14 @@ log = logging.getLogger("sdcluster")
 
 
 def export_pipeline(
-    dest: Path, source: str, unet: Any, text_encoder: Any, vae: Any, tokenizer: Any, ema: Any
+    dest: Path,
+    source: str,
+    unet: Any,
+    text_encoder: Any,
+    vae: Any,
+    tokenizer: Any,
+    ema: Any,
+    prediction_type: str | None = None,
 ) -> Path:
     """Write ``StableDiffusionPipeline`` folders (safetensors) atomically; EMA weights when EMA is on.
 
@@ -36,6 +43,8 @@ def export_pipeline(
             feature_extractor=None,
             requires_safety_checker=False,
         )
+        if prediction_type:  # what the UNet was trained to predict; the source scheduler may say otherwise
+            pipe.scheduler.register_to_config(prediction_type=prediction_type)
         tmp = dest.with_name(f".tmp-{dest.name}")
         shutil.rmtree(tmp, ignore_errors=True)
         pipe.save_pretrained(tmp, safe_serialization=True)

@@ -30,7 +30,7 @@ from sdcluster.jobs import GenerateJob, TrainJob
 from sdcluster.preflight import preflight
 
 SWEEP_JSON = "sweep.json"
-FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL"}
+FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "LOST"}
 Say = Callable[[str], None]
 
 
@@ -105,8 +105,11 @@ def submit_sweep(points: list[Point], say: Say = print) -> int:
     }
     write(sweep_dir, record)
     say(f"sweep {sweep_id}: {len(points)} points submitted -> {sweep_dir}")
-    for point in record["points"]:
-        say(f"  point {point['index']} {point['values']}: jobs {' '.join(point['jobs'])}")
+    tasks = {"train": ["train"], "generate": ["generate"], "train_generate": ["train", "generate"]}[task]
+    for point, cfg in zip(record["points"], cfgs, strict=True):
+        say(f"point {point['index']} {point['values']}:")
+        for name, job_id in zip(tasks, point["jobs"], strict=True):
+            say(f"submitted {name} job {job_id}: jobs folder {paths.job_dir(cfg, job_id)}")
     say(f"report: python -m sdcluster.sweep report {sweep_dir}")
     return 0
 
@@ -151,7 +154,12 @@ def job_state(job_id: str, jobs_root: Path) -> str:
     if sched:
         return sched[0]
     folder = find_job(job_id, jobs_root)
-    return ledger.read(folder).get("state", "UNKNOWN") if folder else "UNKNOWN"
+    record = ledger.read(folder) if folder else {}
+    state = record.get("state", "UNKNOWN")
+    if record.get("cluster") == "slurm" and state in ("SUBMITTED", "RUNNING"):
+        # Neither sacct nor squeue knows it: an array task cancelled while pending leaves no record at all.
+        return "LOST"
+    return state
 
 
 def resubmit_failed(folder: Path, say: Say = print) -> int:

@@ -22,12 +22,13 @@ def launch(tmp: Path, cache_root: Path, *overrides: str, env: dict | None = None
         sys.executable,
         "-m",
         "sdcluster.launch",
+        *[o for o in overrides if o.startswith("-")],  # Hydra's flags (-m) come before the overrides
         "+cluster=slurm",
         f"output_root={tmp / 'outputs'}",
         f"jobs_root={tmp / 'jobs'}",
         f"cache_root={cache_root}",
         "cluster.timeout_min=20",
-        *overrides,
+        *[o for o in overrides if not o.startswith("-")],
     ]
     full_env = {**os.environ, "SDCLUSTER_HOME": str(tmp / "home"), **(env or {})}
     proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=timeout, env=full_env)
@@ -52,7 +53,7 @@ def sacct_state(job_id: str) -> tuple[str, str]:
     return state.split()[0], code
 
 
-def wait_for(job_id: str, timeout_s: float = 600, states: set[str] = TERMINAL) -> tuple[str, str]:
+def wait_for(job_id: str, timeout_s: float = 300, states: set[str] = TERMINAL) -> tuple[str, str]:
     """Poll the scheduler (a real condition, with a deadline) until the job reaches one of ``states``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -51,7 +51,10 @@ def test_preempted_training_requeues_and_matches_uninterrupted(slurm_cluster, tm
     resumed_log = log.read_text()
     assert f"resumed from {record['run_dir']}/checkpoints/step-{first['step']:08d}" in resumed_log
     shown = logs_cli(tmp_path / "b", job_id).stdout
-    assert "attempt 1 (restart 0): state PREEMPTED" in shown and "attempt 2 (restart 1): state COMPLETED" in shown
+    assert (
+        "attempt 1 (restart 0): state PREEMPTED" in shown
+        and "attempt 2 (restart 1): state COMPLETED" in shown
+    )
 
     straight_run = job_record(tmp_path / "a", straight_id)["run_dir"]
     a, b = _final_weights(straight_run), _final_weights(record["run_dir"])
@@ -62,7 +65,9 @@ def test_preempted_training_requeues_and_matches_uninterrupted(slurm_cluster, tm
 def test_time_limit_requeues_within_budget_then_stops(slurm_cluster, tmp_path, cache_root):
     """SLURM's own warning (USR2 60 s before a 2-minute limit): one requeue allowed, then a clear stop."""
     limits = ["cluster.timeout_min=2", "cluster.signal_delay_s=60", "cluster.max_timeouts=1"]
-    proc, ids = launch(tmp_path, cache_root, "task=train", "train.max_steps=100000", "train.log_every=5", *limits)
+    proc, ids = launch(
+        tmp_path, cache_root, "task=train", "train.max_steps=100000", "train.log_every=5", *limits
+    )
     assert proc.returncode == 0, proc.stderr
     (job_id,) = ids["train"]
     state, code = wait_for(job_id, timeout_s=420)
@@ -74,9 +79,10 @@ def test_time_limit_requeues_within_budget_then_stops(slurm_cluster, tmp_path, c
     assert second["step"] > first["step"] > 0, "the second attempt must continue, not restart"
     err = (tmp_path / "jobs" / job_id / f"{job_id}_0_log.err").read_text()
     assert "not requeued (cluster.max_timeouts=1, used 1)" in err
-    assert checkpoint.read_meta(
-        checkpoint.complete_checkpoints(Path(record["run_dir"]) / "checkpoints")[0]
-    ).step == second["step"]
+    assert (
+        checkpoint.read_meta(checkpoint.complete_checkpoints(Path(record["run_dir"]) / "checkpoints")[0]).step
+        == second["step"]
+    )
 
 
 def test_preempted_generation_finishes_only_whats_missing(slurm_cluster, tmp_path, cache_root, tiny_model):
