@@ -46,7 +46,13 @@ def dry_run(cfg: Config, say: Say) -> int:
     return 0
 
 
-def _wait(job: submitit.Job, task: str, say: Say) -> bool:
+def _wait(cfg: Config, job: submitit.Job, task: str, say: Say) -> bool:
+    """Wait for the job; on SLURM, stream its rank-0 log meanwhile (``launch.wait=true``)."""
+    if cfg.cluster.name == "slurm":
+        from sdcluster.logs import follow, log_file
+
+        folder = paths.job_dir(cfg, job.job_id)
+        follow(log_file(folder, job.job_id, 0, err=False), job.job_id, folder)
     try:
         job.result()
     except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedJobError) as err:
@@ -78,7 +84,7 @@ def launch(cfg: Config, say: Say = print) -> int:
             submitted.append((task, job))
             say(f"submitted {task} job {job.job_id}: jobs folder {paths.job_dir(cfg, job.job_id)}")
             say(f"  follow it: python -m sdcluster.logs {job.job_id} --follow")
-        if wait and not all(_wait(job, task, say) for job in jobs):
+        if wait and not all(_wait(cfg, job, task, say) for job in jobs):
             return 1
         if task == "train" and cfg.cluster.name == "slurm":
             dependency = f"afterok:{jobs[0].job_id}"

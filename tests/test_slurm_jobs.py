@@ -92,7 +92,11 @@ def test_job_failing_on_the_node_is_reported_with_its_log(slurm_cluster, tmp_pat
     assert "broken module load" in shown.stdout
 
 
-def test_wait_streams_and_returns_the_jobs_outcome(slurm_cluster, tmp_path, cache_root):
+def test_wait_streams_and_returns_the_jobs_outcome(slurm_cluster, tmp_path, cache_root, tiny_model):
+    proc, ids = launch(tmp_path / "ok", cache_root, *TRAIN, "launch.wait=true")
+    assert proc.returncode == 0, proc.stderr
+    assert "step 4/4 | loss" in proc.stdout  # the rank-0 log, streamed while waiting
+    assert f"train job {ids['train'][0]} COMPLETED" in proc.stdout
     proc, ids = launch(tmp_path, cache_root, *TRAIN, "launch.wait=true", "cluster.setup=['exit 5']")
     assert proc.returncode == 1
     assert f"train job {ids['train'][0]} FAILED" in proc.stdout
