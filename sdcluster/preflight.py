@@ -65,7 +65,10 @@ def check_slurm(cfg: Config) -> None:
                 f"cluster=slurm: `{tool}` is not on PATH. Fix: run from a login node of the cluster "
                 "(or `module load slurm`), or use the local executor (drop +cluster=slurm)"
             )
-    out = _run(["sinfo", "-h", "-o", "%P"])
+    try:
+        out = _run(["sinfo", "-h", "-o", "%P"])
+    except subprocess.TimeoutExpired:
+        out = subprocess.CompletedProcess([], 1, "", "no answer within 30 s")
     if out.returncode != 0:
         raise ConfigError(
             f"cluster=slurm: the SLURM controller did not answer (sinfo: {out.stderr.strip()}). "

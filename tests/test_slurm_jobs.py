@@ -112,6 +112,16 @@ def test_submission_errors_before_queueing(slurm_cluster, tmp_path, cache_root):
     assert not (tmp_path / "jobs").exists()
 
 
+def test_unreachable_controller_is_reported_before_queueing(slurm_cluster, tmp_path, cache_root):
+    conf = slurm_cluster.slurm_conf.read_text()
+    port = re.search(r"^SlurmctldPort=(\d+)", conf, re.M).group(1)
+    dead = tmp_path / "slurm.conf"
+    dead.write_text(conf.replace(f"SlurmctldPort={port}", "SlurmctldPort=1"))
+    proc, ids = launch(tmp_path, cache_root, *TRAIN, env={"SLURM_CONF": str(dead)})
+    assert proc.returncode == 2 and not ids
+    assert "the SLURM controller did not answer" in proc.stderr and "scontrol ping" in proc.stderr
+
+
 def test_dry_run_prints_script_and_submits_nothing(slurm_cluster, tmp_path, cache_root):
     proc, ids = launch(tmp_path, cache_root, *TRAIN, "launch.dry_run=true", "cluster.partition=short")
     assert proc.returncode == 0 and not ids
