@@ -24,18 +24,46 @@ def _randn(shape: tuple[int, ...], gen: torch.Generator, like: torch.Tensor) -> 
     return torch.randn(shape, generator=gen).to(device=like.device, dtype=like.dtype)
 
 
+def sample_posterior(parameters: torch.Tensor, gen: torch.Generator, scaling_factor: float) -> torch.Tensor:
+    """Sample the VAE posterior given its parameters (mean and log-variance stacked on dim 1).
+
+    Used on encoder output and on cached parameters alike, so a cached run draws the very same noise from
+    the step's generator as a run that encodes images: the cache changes where the parameters come from,
+    never the randomness of a step.
+    """
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    with torch.no_grad():
+        dist = DiagonalGaussianDistribution(parameters)
+        noise = _randn(tuple(dist.mean.shape), gen, dist.mean)
+        latents = dist.mean + dist.std * noise
+    return latents * scaling_factor
+
+
 def encode_latents(vae: Any, pixel_values: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Sample the VAE posterior and scale it the way the UNet was trained to expect."""
     with torch.no_grad():
-        dist = vae.encode(pixel_values.to(vae.dtype)).latent_dist
-        noise = _randn(tuple(dist.mean.shape), gen, dist.mean)
-        latents = dist.mean + dist.std * noise
-    return latents * vae.config.scaling_factor
+        parameters = vae.encode(pixel_values.to(vae.dtype)).latent_dist.parameters
+    return sample_posterior(parameters, gen, vae.config.scaling_factor)
 
 
 def encode_text(text_encoder: Any, input_ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return text_encoder(input_ids, return_dict=False)[0]
+
+
+def model_inputs(
+    vae: Any, text_encoder: Any, batch: dict[str, torch.Tensor], device: Any, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scaled latents, text hidden states) of a batch: from cached encoder outputs when the batch carries
+    them (``posterior``, ``hidden``), else by running the frozen encoders on ``pixel_values``/``input_ids``.
+    """
+    if "posterior" in batch:
+        parameters = batch["posterior"].to(device, vae.dtype, non_blocking=True)
+        latents = sample_posterior(parameters, gen, vae.config.scaling_factor)
+        return latents, batch["hidden"].to(device, text_encoder.dtype, non_blocking=True)
+    latents = encode_latents(vae, batch["pixel_values"].to(device), gen)
+    return latents, encode_text(text_encoder, batch["input_ids"].to(device))
 
 
 def min_snr_weights(

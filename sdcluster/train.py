@@ -18,7 +18,7 @@ import torch
 
 from sdcluster import checkpoint, train_state
 from sdcluster.config import Config, ConfigError
-from sdcluster.loss import diffusion_loss, encode_latents, encode_text, step_generator
+from sdcluster.loss import diffusion_loss, model_inputs, step_generator
 from sdcluster.models import Components, load_components
 from sdcluster.paths import RunPaths, run_paths, semantic_train_config, stable_hash
 from sdcluster.preemption import PreemptionFlag
@@ -184,48 +184,16 @@ def _resume(t: Trainer) -> None:
 
 
 def _loader(t: Trainer) -> Any:
-    from sdcluster.data.dataset import TrainImages, collate, load_captioned_images
-    from sdcluster.data.sampler import StepSampler
-    from sdcluster.data.split import holdout_split
+    from sdcluster.train_data import make_loader
 
-    cfg, acc = t.cfg, t.accelerator
-    cache = Path(cfg.cache_root) / "datasets"
-    dataset = load_captioned_images(cfg.data.path, cfg.data.caption_column, cache_dir=cache)
-    train_indices, _ = holdout_split(len(dataset), cfg.data.holdout)
-    images = TrainImages(
-        dataset.select(train_indices),
-        t.comps.tokenizer,
-        cfg.train.resolution,
-        cfg.train.center_crop,
-        cfg.train.random_flip,
-        cfg.data.caption_column,
-    )
-    sampler = StepSampler(
-        len(images), cfg.train.batch_size, acc.num_processes, acc.process_index, cfg.train.seed, t.micro_step
-    )
-    first = [sampler.key(p)[0] for p in sampler.positions(t.micro_step)]
-    log.info(
-        "data: %d images, epoch %d, this rank's next samples %s",
-        len(images),
-        sampler.epoch_of(t.micro_step),
-        first,
-    )
-    return torch.utils.data.DataLoader(
-        images,
-        batch_size=cfg.train.batch_size,
-        sampler=sampler,
-        collate_fn=collate,
-        num_workers=cfg.data.num_workers,
-        persistent_workers=cfg.data.num_workers > 0,
-    )
+    return make_loader(t.cfg, t.comps, t.accelerator, t.micro_step)
 
 
 def _micro_step(t: Trainer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     cfg, acc = t.cfg, t.accelerator
     gen = step_generator(cfg.train.seed, t.micro_step, acc.process_index)
     with acc.accumulate(t.unet):
-        latents = encode_latents(t.comps.vae, batch["pixel_values"].to(acc.device), gen)
-        hidden = encode_text(t.comps.text_encoder, batch["input_ids"].to(acc.device))
+        latents, hidden = model_inputs(t.comps.vae, t.comps.text_encoder, batch, acc.device, gen)
         with acc.autocast():
             loss = diffusion_loss(
                 t.unet,

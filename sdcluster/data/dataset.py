@@ -17,7 +17,7 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from sdcluster.data.metadata import METADATA_FILE, natural_key
 
@@ -81,28 +81,73 @@ def load_captioned_images(
         return dataset.add_column("file_name", [names[i] for i in order])
 
 
-def augment(
-    image: Image.Image, resolution: int, center_crop: bool, random_flip: bool, aug_seed: int
-) -> torch.Tensor:
-    """A float32 ``(3, R, R)`` tensor in [-1, 1]; the same arguments always give the same tensor."""
-    rng = random.Random(aug_seed)
-    image = ImageOps.exif_transpose(image).convert("RGB")
-    width, height = image.size
+def resized_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """The size an upright image of ``size`` has once its shorter side is ``resolution``."""
+    width, height = size
     scale = resolution / min(width, height)
     # Same rounding as torchvision's Resize(int) in the seed: the long side is truncated, never below R.
-    size = (max(resolution, int(width * scale)), max(resolution, int(height * scale)))
-    image = image.resize(size, Image.Resampling.BILINEAR)
+    return max(resolution, int(width * scale)), max(resolution, int(height * scale))
+
+
+def upright_size(path: Path | str) -> tuple[int, int]:
+    """An image file's size after EXIF rotation, read from its header (no pixels are decoded)."""
+    with Image.open(path) as image:
+        width, height = image.size
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def resize_for_crop(image: Image.Image, resolution: int) -> Image.Image:
+    """Upright RGB image whose shorter side is ``resolution`` (the first half of :func:`augment`)."""
+    image = ImageOps.exif_transpose(image).convert("RGB")
+    return image.resize(resized_size(image.size, resolution), Image.Resampling.BILINEAR)
+
+
+def crop_and_flip(
+    size: tuple[int, int], resolution: int, center_crop: bool, random_flip: bool, aug_seed: int
+) -> tuple[int, int, bool]:
+    """``(left, top, flip)`` that :func:`augment` applies to a resized image of ``size``.
+
+    A function of its own so the latent cache can tell which cached variant an ``aug_seed`` selects
+    without decoding the image: the two can never disagree.
+    """
+    rng = random.Random(aug_seed)
     if center_crop:
         left = round((size[0] - resolution) / 2.0)
         top = round((size[1] - resolution) / 2.0)
     else:
         left = rng.randint(0, size[0] - resolution)
         top = rng.randint(0, size[1] - resolution)
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if random_flip and rng.random() < 0.5:
+    return left, top, random_flip and rng.random() < 0.5
+
+
+def crop_to_tensor(resized: Image.Image, resolution: int, left: int, top: int, flip: bool) -> torch.Tensor:
+    """A float32 ``(3, R, R)`` tensor in [-1, 1] of one crop (mirrored when ``flip``) of a resized image."""
+    image = resized.crop((left, top, left + resolution, top + resolution))
+    if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def augment(
+    image: Image.Image, resolution: int, center_crop: bool, random_flip: bool, aug_seed: int
+) -> torch.Tensor:
+    """A float32 ``(3, R, R)`` tensor in [-1, 1]; the same arguments always give the same tensor."""
+    resized = resize_for_crop(image, resolution)
+    left, top, flip = crop_and_flip(resized.size, resolution, center_crop, random_flip, aug_seed)
+    return crop_to_tensor(resized, resolution, left, top, flip)
+
+
+def tokenize_captions(tokenizer: Any, captions: list[str]) -> torch.Tensor:
+    """``(N, L)`` token ids padded to the model's length: the text encoder's input, cached or not."""
+    return tokenizer(
+        captions,
+        padding="max_length",
+        truncation=True,
+        max_length=tokenizer.model_max_length,
+        return_tensors="pt",
+    ).input_ids.long()
 
 
 class TrainImages(torch.utils.data.Dataset):
@@ -133,13 +178,7 @@ class TrainImages(torch.utils.data.Dataset):
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
-        self.input_ids = tokenizer(
-            captions,
-            padding="max_length",
-            truncation=True,
-            max_length=tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids.long()
+        self.input_ids = tokenize_captions(tokenizer, captions)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -156,8 +195,6 @@ class TrainImages(torch.utils.data.Dataset):
 
 
 def collate(examples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack examples into a batch: ``pixel_values`` (B, 3, R, R) float32, ``input_ids`` (B, L) long."""
-    return {
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]).float(),
-        "input_ids": torch.stack([e["input_ids"] for e in examples]),
-    }
+    """Stack examples key by key: ``pixel_values`` (B, 3, R, R) float32 and ``input_ids`` (B, L) long from
+    :class:`TrainImages`, ``posterior`` and ``hidden`` from the latent cache's examples."""
+    return {key: torch.stack([e[key] for e in examples]) for key in examples[0]}
