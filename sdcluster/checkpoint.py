@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdcluster import atomic
+
 log = logging.getLogger("sdcluster")
 
 META_NAME = "sdcluster-checkpoint.json"
@@ -67,14 +69,6 @@ def _file_sizes(folder: Path) -> dict[str, int]:
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != META_NAME
     }
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON under a temporary name, fsync, rename: readers see the old or the new file, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    _fsync(tmp)
-    os.replace(tmp, path)
 
 
 def read_meta(folder: Path) -> CheckpointMeta:
@@ -149,14 +143,13 @@ def _commit(tmp: Path, final: Path, meta: CheckpointMeta) -> None:
     meta.files = _file_sizes(tmp)
     for name in meta.files:
         _fsync(tmp / name)
-    write_json_atomic(tmp / META_NAME, asdict(meta))
+    atomic.write_json(tmp / META_NAME, asdict(meta))
     if final.exists():  # a leftover from an earlier attempt at the same step: keep it aside, never mix
         shutil.rmtree(final.with_name(f".old-{final.name}"), ignore_errors=True)
         os.rename(final, final.with_name(f".old-{final.name}"))
     os.rename(tmp, final)
     _fsync(final.parent)
-    (final.parent / ".latest.tmp").write_text(final.name + "\n")
-    os.replace(final.parent / ".latest.tmp", final.parent / "latest")
+    atomic.write_text(final.parent / "latest", final.name + "\n")
     log.info("checkpoint saved: %s", final)
 
 

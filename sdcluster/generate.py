@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdcluster import manifest, paths
+from sdcluster import atomic, manifest, paths
 from sdcluster.config import Config, ConfigError, GenerateConfig
 from sdcluster.manifest import contact_sheet, merge_manifest
 from sdcluster.progress import ProgressLog
@@ -155,7 +155,7 @@ def _write_settings(cfg: Config, out_dir: Path, prompts: list[str]) -> None:
                 "Fix: restore the prompts, or move that folder away to start over"
             )
         return
-    manifest.atomic_write_bytes(path, json.dumps(settings, indent=2).encode())
+    atomic.write_json(path, settings)
 
 
 def _backfill_records(cfg: Config, out_dir: Path, part: Path, items: list[Item], dtype: str) -> None:

@@ -8,11 +8,12 @@ its id, so its attempts accumulate in the same record and the history of preempt
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 from pathlib import Path
 from typing import Any
+
+from sdcluster import atomic
 
 JOB_JSON = "job.json"
 
@@ -30,9 +31,7 @@ def read(folder: Path) -> dict[str, Any]:
 
 def _write(folder: Path, record: dict[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{JOB_JSON}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, folder / JOB_JSON)
+    atomic.write_json(folder / JOB_JSON, record)
 
 
 def update(folder: Path, fields: dict[str, Any], keep_existing: bool = False) -> dict[str, Any]:

@@ -21,12 +21,13 @@ import logging
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
+from sdcluster import atomic
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +47,6 @@ def part_path(out_dir: Path, index: int, count: int) -> Path:
     return Path(out_dir) / PARTS_DIR / f"shard-{index}-of-{count}.jsonl"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write under a temporary name in the same folder, fsync, then rename: readers see all or nothing."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_png_atomic(image: Image.Image, path: Path, record: dict[str, Any] | None = None) -> None:
     """Save ``image`` as PNG with ``record`` in a text chunk, so a copied image still says how it was made."""
     info = PngInfo()
@@ -68,7 +54,7 @@ def save_png_atomic(image: Image.Image, path: Path, record: dict[str, Any] | Non
         info.add_text("sdcluster", json.dumps(record, sort_keys=True))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic.write_bytes(path, buffer.getvalue())
 
 
 def append_record(part: Path, record: dict[str, Any]) -> None:
@@ -132,7 +118,7 @@ def merge_manifest(out_dir: Path) -> Path:
                 merged.setdefault(record["file"], record)
     records = sorted(merged.values(), key=lambda r: (r["prompt_index"], r["image_index"]))
     text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
-    atomic_write_bytes(out_dir / MANIFEST, text.encode())
+    atomic.write_bytes(out_dir / MANIFEST, text.encode())
     unrecorded = sorted(on_disk - merged.keys())
     if unrecorded:
         log.warning(
@@ -170,5 +156,5 @@ def contact_sheet(out_dir: Path, tile: int = 128, max_side: int = 4096) -> Path:
         sheet.paste(thumb, ((n % cols) * size, (n // cols) * size))
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG")
-    atomic_write_bytes(out_dir / CONTACT_SHEET, buffer.getvalue())
+    atomic.write_bytes(out_dir / CONTACT_SHEET, buffer.getvalue())
     return out_dir / CONTACT_SHEET

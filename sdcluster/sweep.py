@@ -24,7 +24,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from sdcluster import ledger, paths, submit
+from sdcluster import atomic, ledger, paths, submit
 from sdcluster.config import Config, ConfigError
 from sdcluster.jobs import GenerateJob, TrainJob
 from sdcluster.preflight import preflight
@@ -115,9 +115,7 @@ def submit_sweep(points: list[Point], say: Say = print) -> int:
 
 
 def write(sweep_dir: Path, record: dict[str, Any]) -> None:
-    tmp = sweep_dir / f".{SWEEP_JSON}.tmp"
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    tmp.replace(sweep_dir / SWEEP_JSON)
+    atomic.write_json(sweep_dir / SWEEP_JSON, record)
 
 
 def find(target: str, outputs: Path = Path("outputs")) -> Path:

@@ -13,13 +13,14 @@ import contextlib
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageFile
+
+from sdcluster import atomic
 
 METADATA_FILE = "metadata.jsonl"
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
@@ -122,18 +123,7 @@ def write_metadata(folder: Path | str, entries: Iterable[dict]) -> Path:
     path = Path(folder) / METADATA_FILE
     ordered = sorted(entries, key=lambda e: natural_key(e["file_name"]))
     text = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in ordered)
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644  # mkstemp would leave it owner-only
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{METADATA_FILE}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic.write_text(path, text)
     return path
 
 
