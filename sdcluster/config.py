@@ -31,6 +31,7 @@ def _choice(value: str | None, key: str, choices: tuple[str, ...]) -> None:
 TASKS = ("train", "generate", "train_generate")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+TRACKERS = ("none", "tensorboard", "wandb")
 LR_SCHEDULES = (
     "constant",
     "constant_with_warmup",
@@ -143,6 +144,8 @@ class TrainConfig:
     validate_every: int = 0
     validation_prompts: list[str] = field(default_factory=list)
     validation_steps: int = 20
+    tracker: str = "none"
+    tracker_project: str = "sdcluster"
 
     def __post_init__(self) -> None:
         _require(self.max_steps > 0, "train.max_steps", f"must be > 0, got {self.max_steps}", "e.g. 1000")
@@ -184,6 +187,7 @@ class TrainConfig:
             self.validate_every >= 0, "train.validate_every", "must be >= 0", "0 validates at the end only"
         )
         _require(self.validation_steps > 0, "train.validation_steps", "must be > 0", "e.g. 20")
+        _choice(self.tracker, "train.tracker", TRACKERS)
         _require(
             self.resume in ("auto", "never") or bool(self.resume),
             "train.resume",

@@ -59,9 +59,12 @@ def model_inputs(
     them (``posterior``, ``hidden``), else by running the frozen encoders on ``pixel_values``/``input_ids``.
     """
     if "posterior" in batch:
-        parameters = batch["posterior"].to(device, vae.dtype, non_blocking=True)
+        # The first parameter's dtype: a model's ``.dtype`` walks all its modules, at every step.
+        vae_dtype = next(vae.parameters()).dtype
+        parameters = batch["posterior"].to(device, vae_dtype, non_blocking=True)
         latents = sample_posterior(parameters, gen, vae.config.scaling_factor)
-        return latents, batch["hidden"].to(device, text_encoder.dtype, non_blocking=True)
+        text_dtype = next(text_encoder.parameters()).dtype
+        return latents, batch["hidden"].to(device, text_dtype, non_blocking=True)
     latents = encode_latents(vae, batch["pixel_values"].to(device), gen)
     return latents, encode_text(text_encoder, batch["input_ids"].to(device))
 

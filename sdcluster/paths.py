@@ -38,6 +38,8 @@ _NON_SEMANTIC_TRAIN_KEYS = (
     "validate_every",
     "validation_prompts",
     "validation_steps",
+    "tracker",
+    "tracker_project",
 )
 _NON_SEMANTIC_DATA_KEYS = ("num_workers", "cache", "cache_memory_mb", "max_pixels")
 # With these schedules the LR does not depend on the total, so raising max_steps continues the same run.

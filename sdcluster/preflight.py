@@ -14,6 +14,7 @@ from sdcluster import paths
 from sdcluster.config import Config, ConfigError, check_config
 from sdcluster.models import check_model_source
 from sdcluster.redaction import reject_secrets
+from sdcluster.tracking import check_installed
 
 
 def check_data(cfg: Config) -> None:
@@ -88,6 +89,7 @@ def preflight(cfg: Config) -> None:
     reject_secrets(dataclasses.asdict(cfg))
     check_model_source(cfg.model)
     if cfg.task in ("train", "train_generate"):
+        check_installed(cfg)
         check_data(cfg)
     check_generation_inputs(cfg)
     if cfg.cluster.name == "slurm":

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from sdcluster import checkpoint, train_state
+from sdcluster import checkpoint, tracking, train_state
 from sdcluster.config import Config, ConfigError
 from sdcluster.loss import diffusion_loss, model_inputs, step_generator
 from sdcluster.models import Components, load_components
@@ -51,6 +51,7 @@ class Trainer:
     paths: RunPaths
     step: int = 0
     micro_step: int = 0
+    params: list[torch.nn.Parameter] = field(default_factory=list)  # listed once: iterating is not free
 
 
 def weights_checksum(model: torch.nn.Module) -> str:
@@ -67,6 +68,8 @@ def config_hash(cfg: Config) -> str:
 def _make_accelerator(cfg: Config) -> Any:
     from accelerate import Accelerator
 
+    from sdcluster.tracking import accelerator_kwargs
+
     cuda = torch.cuda.is_available()
     if cfg.train.mixed_precision == "fp16" and not cuda:
         raise ConfigError("train.mixed_precision=fp16 needs a GPU. Fix: use no (or bf16) on CPU")
@@ -77,6 +80,7 @@ def _make_accelerator(cfg: Config) -> Any:
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
         cpu=not cuda,
+        **accelerator_kwargs(cfg, run_paths(cfg)),
     )
 
 
@@ -113,7 +117,8 @@ def _prepare_models(cfg: Config, comps: Components, accelerator: Any) -> None:
 
 def _build(cfg: Config) -> Trainer:
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
+
+    from sdcluster.ema import LerpEMA
 
     accelerator = _make_accelerator(cfg)
     comps = load_components(cfg.model, cfg.cache_root)
@@ -122,10 +127,10 @@ def _build(cfg: Config) -> Trainer:
     names = [name for name, _ in unet.named_parameters()]
     ema = None
     if cfg.train.use_ema:
-        ema = EMAModel(
+        ema = LerpEMA(
             unet.parameters(),
             decay=cfg.train.ema_decay,
-            foreach=True,  # one fused update instead of a Python loop over ~700 tensors
+            foreach=True,  # what store/copy_to/restore use; the update itself is LerpEMA's one fused lerp
             model_cls=type(unet),
             model_config=unet.config,
         )
@@ -139,7 +144,9 @@ def _build(cfg: Config) -> Trainer:
         num_training_steps=cfg.train.max_steps,
     )
     unet, optimizer = accelerator.prepare(unet, optimizer)
-    return Trainer(cfg, accelerator, comps, unet, optimizer, lr_scheduler, ema, names, run_paths(cfg))
+    trainer = Trainer(cfg, accelerator, comps, unet, optimizer, lr_scheduler, ema, names, run_paths(cfg))
+    trainer.params = list(unet.parameters())
+    return trainer
 
 
 def _candidates(cfg: Config, paths: RunPaths) -> list[Path]:
@@ -206,7 +213,7 @@ def _micro_step(t: Trainer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
             )
         acc.backward(loss)
         if acc.sync_gradients and cfg.optim.max_grad_norm > 0:
-            acc.clip_grad_norm_(t.unet.parameters(), cfg.optim.max_grad_norm)
+            acc.clip_grad_norm_(t.params, cfg.optim.max_grad_norm)
         t.optimizer.step()
         t.optimizer.zero_grad(set_to_none=True)
     t.micro_step += 1
@@ -236,6 +243,7 @@ def _log_step(t: Trainer, progress: ProgressLog, loss_sum: torch.Tensor, count: 
     """Reduce the window's mean loss across ranks: the only host sync, once per ``log_every`` steps."""
     mean = t.accelerator.reduce(loss_sum / max(count, 1), reduction="mean").item()
     lr = t.lr_scheduler.get_last_lr()[0]
+    tracking.log(t, {"loss": mean, "lr": lr}, t.step)
     if t.accelerator.is_main_process:
         progress.report(t.step, loss=mean, lr=lr)
         record = {"step": t.step, "loss": mean, "lr": lr, "time": time.time()}
@@ -244,11 +252,40 @@ def _log_step(t: Trainer, progress: ProgressLog, loss_sum: torch.Tensor, count: 
     return mean
 
 
+def _validation_due(t: Trainer) -> bool:
+    every = t.cfg.train.validate_every
+    return bool(every) and t.step % every == 0 and 0 < t.step < t.cfg.train.max_steps
+
+
+def _validate(t: Trainer, unless_done: bool = False) -> None:
+    """Held-out loss and validation images at ``t.step``; collective, and it leaves every RNG alone.
+
+    ``unless_done`` skips a step whose ``val_loss`` is already in metrics.jsonl: a job preempted right at a
+    validation step validates it after the resume (the save comes first, so the grace period goes to the
+    checkpoint), and a rerun of a finished run does not redo the final validation. Rank 0 reads the file
+    and tells the others, so every rank takes the same branch whatever their view of a network file system.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    from sdcluster.validation import run_validation, validated_steps
+
+    if unless_done:
+        done = [t.step in validated_steps(t.paths.metrics) if t.accelerator.is_main_process else None]
+        if t.accelerator.num_processes > 1:
+            broadcast_object_list(done)
+        if done[0]:
+            return
+    record = run_validation(t, t.step)
+    tracking.log(t, {"val_loss": record["val_loss"]}, t.step)
+
+
 def _loop(t: Trainer, flag: PreemptionFlag, stop_at: Callable[[int], bool] | None, job_id: str | None):
     cfg, acc = t.cfg, t.accelerator
     progress = ProgressLog(cfg.train.max_steps, "step", start=t.step)
     losses: list[tuple[int, float]] = []
     loss_sum, count = torch.zeros((), device=acc.device), 0
+    if _validation_due(t):  # resumed at a validation step the preempted job saved before validating
+        _validate(t, unless_done=True)
     batches = iter(_loader(t))
     while t.step < cfg.train.max_steps:
         loss_sum += _micro_step(t, next(batches))
@@ -258,7 +295,7 @@ def _loop(t: Trainer, flag: PreemptionFlag, stop_at: Callable[[int], bool] | Non
         t.step += 1
         t.lr_scheduler.step()
         if t.ema is not None:
-            t.ema.step(t.unet.parameters())
+            t.ema.step(t.params)
         if t.step % cfg.train.log_every == 0 or t.step == cfg.train.max_steps:
             losses.append((t.step, _log_step(t, progress, loss_sum, count)))
             loss_sum, count = torch.zeros((), device=acc.device), 0
@@ -269,6 +306,8 @@ def _loop(t: Trainer, flag: PreemptionFlag, stop_at: Callable[[int], bool] | Non
             return losses, True
         if t.step % cfg.train.checkpoint_every == 0 and t.step < cfg.train.max_steps:
             save_checkpoint(t, job_id)
+        if _validation_due(t):
+            _validate(t)
     return losses, False
 
 
@@ -300,6 +339,17 @@ def train(
         cfg.train.grad_accum,
         acc.num_processes,
     )
+    tracking.start(t)
+    try:
+        return _train_and_export(t, flag, stop_at, job_id)
+    finally:
+        tracking.end(t)
+
+
+def _train_and_export(
+    t: Trainer, flag: PreemptionFlag, stop_at: Callable[[int], bool] | None, job_id: str | None
+) -> TrainResult:
+    cfg, acc = t.cfg, t.accelerator
     losses, interrupted = _loop(t, flag, stop_at, job_id)
     log.info("unet weights checksum at step %d: %s", t.step, weights_checksum(t.unet))
     result = TrainResult(t.paths.root, t.step, interrupted, losses=losses)
@@ -308,6 +358,7 @@ def train(
     newest = checkpoint.complete_checkpoints(t.paths.checkpoints, warn=False)
     if not newest or checkpoint.read_meta(newest[0]).step != t.step:
         save_checkpoint(t, job_id)
+    _validate(t, unless_done=True)
     acc.wait_for_everyone()
     if acc.is_main_process:
         from sdcluster.export import export_pipeline
@@ -320,6 +371,7 @@ def train(
             t.comps.vae,
             t.comps.tokenizer,
             t.ema,
+            prediction_type=cfg.train.prediction_type,
         )
     acc.wait_for_everyone()
     return result

@@ -246,6 +246,19 @@ def validation_images(t: Trainer, step: int) -> Path | None:
     return folder
 
 
+def validated_steps(metrics: Path) -> set[int]:
+    """Steps that already have a ``val_loss`` record in ``metrics.jsonl`` (a torn last line is ignored)."""
+    steps: set[int] = set()
+    if not metrics.is_file():
+        return steps
+    for line in metrics.read_text().splitlines():
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            record = json.loads(line)
+            if "val_loss" in record:
+                steps.add(int(record["step"]))
+    return steps
+
+
 def run_validation(t: Trainer, step: int) -> dict[str, Any]:
     """Loss and images at ``step``; one log line; rank 0 appends ``{step, val_loss, time}`` to metrics.jsonl.
 

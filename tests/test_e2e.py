@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-
 pytestmark = pytest.mark.slow
 
 TOKEN = "hf_NotARealTokenJustShapedLikeOne4242"

@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from sdcluster import validation
 from sdcluster.data.dataset import load_captioned_images
@@ -148,3 +150,35 @@ def test_images_use_ema_weights_and_restore_the_unet(make_cfg):
 
     assert np.array_equal(_pixels(with_ema / "p00.png"), _pixels(by_hand / "p00.png"))
     assert not np.array_equal(_pixels(with_ema / "p00.png"), _pixels(raw / "p00.png"))
+
+
+def _val_steps(cfg) -> list[int]:
+    metrics = Path(cfg.output_root).glob("**/metrics.jsonl")
+    records = [json.loads(line) for path in metrics for line in path.read_text().splitlines()]
+    return [r["step"] for r in records if "val_loss" in r]
+
+
+def _final_unet(result) -> dict[str, torch.Tensor]:
+    return load_file(result.model_dir / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_training_validates_on_schedule_without_changing_training(tmp_path, make_cfg):
+    """Every validate_every steps and at the end, once each, across a preemption at a validation step and a
+    rerun of the finished run; and the trained weights are bitwise those of a run that never validated."""
+    quick = ["train.max_steps=4", "train.validation_steps=1", "train.use_ema=true", "train.log_every=1"]
+    cfg = make_cfg([*quick, "train.validate_every=2", "train.validation_prompts=[a pair of jeans]"])
+    stopped = train(cfg, stop_at=lambda step: step == 2)
+    assert stopped.interrupted and _val_steps(cfg) == []  # the save comes first, validation after resume
+    validated = train(cfg)
+    assert _val_steps(cfg) == [2, 4]
+    assert (validated.run_dir / "validation" / "step-00000002" / "grid.png").is_file()
+    train(cfg)  # the finished run again: resumes at step 4, nothing is validated twice
+    assert _val_steps(cfg) == [2, 4]
+
+    roots = [f"output_root={tmp_path / 'plain'}", f"jobs_root={tmp_path / 'plain-jobs'}"]
+    plain_cfg = make_cfg([*quick, *roots, "train.validate_every=0", "train.validation_prompts=[]"])
+    plain = train(plain_cfg)
+    assert _val_steps(plain_cfg) == [4]  # validate_every=0: at the end only
+    assert plain.losses[-2:] == validated.losses
+    ours, theirs = _final_unet(validated), _final_unet(plain)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

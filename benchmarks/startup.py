@@ -1,0 +1,103 @@
+"""Time from process start to the first optimizer step of a training job (tiny model, cache already built).
+
+    python -m benchmarks.startup                 # 5 fresh processes, table of median and min-max
+    python -m benchmarks.startup --importtime    # plus where one start's import time goes
+
+Each repeat starts a fresh interpreter that runs what a SLURM task runs after unpickling its job:
+:func:`sdcluster.jobs.run_job` (logging, torch threads, job record) around :func:`sdcluster.train.train`,
+stopped at step 1 by the ``stop_at`` hook. The clock starts just before the parent spawns the process, so
+interpreter start-up and every import count. The latent cache and the tiny model are built beforehand
+(a cache build is a one-off per dataset, not start-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import common
+
+
+def child(started: float, out: Path) -> None:
+    """The measured process: a training job that stops after its first optimizer step."""
+    from sdcluster import jobs
+
+    marks = {"interpreter up": time.time() - started}
+    cfg = common.seed_config("tiny", out, batch_size=2, use_ema=False, max_steps=40)
+
+    def body(cfg, flag, dist):
+        from sdcluster.train import train
+
+        def first_step(step: int) -> bool:
+            marks["first optimizer step"] = time.time() - started
+            return True
+
+        marks["job body starts"] = time.time() - started
+        result = train(cfg, flag=flag, stop_at=first_step)
+        return jobs.Outcome(False, result.step)
+
+    jobs.run_job(cfg, "train", body)
+    print(json.dumps({**marks, "peak_rss_mb": common.peak_rss_mb()}))
+
+
+def _spawn(out: Path, importtime: bool = False) -> tuple[dict[str, float], str]:
+    cmd = [sys.executable, *(["-X", "importtime"] if importtime else [])]
+    cmd += ["-m", "benchmarks.startup", "--child", str(out)]
+    started = time.time()
+    proc = subprocess.run([*cmd, "--started", repr(started)], check=True, capture_output=True, text=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+def top_imports(stderr: str, count: int = 12) -> list[list[str]]:
+    """The slowest imports of one start, as (seconds, module) of each top-level import's whole subtree."""
+    rows = []
+    for line in stderr.splitlines():
+        match = re.match(r"import time:\s+\d+ \|\s+(\d+) \|( *)(\S+)", line)
+        if match and len(match[2]) <= 2:  # top level, as the program asked for it
+            rows.append((int(match[1]) / 1e6, match[3]))
+    rows.sort(reverse=True)
+    return [[f"{seconds:.2f}", name] for seconds, name in rows[:count]]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--importtime", action="store_true")
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--started", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args.started, args.child)
+        return
+    with tempfile.TemporaryDirectory() as out:  # builds the model and the cache, outside the timing
+        from sdcluster.train import train
+
+        train(common.seed_config("tiny", Path(out), batch_size=2, use_ema=False, max_steps=1))
+    runs = []
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory() as out:
+            runs.append(_spawn(Path(out))[0])
+    keys = ["interpreter up", "job body starts", "first optimizer step"]
+    rows = [[key, *common.spread([r[key] for r in runs], "{:.2f}")] for key in keys]
+    rows.append(["peak RSS MiB at step 1", *common.spread([r["peak_rss_mb"] for r in runs], "{:.0f}")])
+    title = f"Start-up of a training job, tiny model ({common.machine()}; {args.repeats} fresh processes)"
+    common.save("startup", {"title": title, "runs": runs})
+    common.print_table(title, ["seconds since process start", "median", "min-max"], rows)
+    if args.importtime:
+        with tempfile.TemporaryDirectory() as out:
+            _, stderr = _spawn(Path(out), importtime=True)
+        common.print_table(
+            "Slowest imports of one start (-X importtime, inflates times)",
+            ["s", "module"],
+            top_imports(stderr),
+        )
+
+
+if __name__ == "__main__":
+    main()

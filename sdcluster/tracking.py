@@ -1,0 +1,107 @@
+"""Experiment trackers (``train.tracker``): one TensorBoard folder or W&B run per run folder, across requeues.
+
+accelerate's trackers do the logging (rank 0 only). What they leave to us, and what users of the reference
+script trip over:
+
+* **One run, not one per attempt.** A requeued job starts a new process; without help, TensorBoard gets a
+  second event file whose steps overlap the first, and W&B a brand-new run. Here TensorBoard's writer gets
+  ``purge_step`` = the step after the resumed one, so events that a lost attempt logged past its last
+  checkpoint are dropped and the curve goes on without a fork; W&B gets the run id kept in
+  ``<run>/tracker.json`` (written once, atomically) with ``resume="allow"``.
+* **No token in hparams.** accelerate writes the config it is given to ``hparams.yml`` (the seed's script
+  leaked the hub token that way). We give it the semantic config only, flattened, and every string passes
+  through :func:`sdcluster.redaction.redact`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from sdcluster.atomic import write_json
+from sdcluster.config import TRACKERS, Config, ConfigError
+from sdcluster.paths import RunPaths, semantic_train_config
+from sdcluster.redaction import redact
+
+if TYPE_CHECKING:
+    from sdcluster.train import Trainer
+
+__all__ = ["TRACKERS", "accelerator_kwargs", "check_installed", "end", "hparams", "log", "start"]
+_PACKAGE = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def check_installed(cfg: Config) -> None:
+    """Fail before queueing when the tracker's package is missing (the job would only fail at its start)."""
+    package = _PACKAGE.get(cfg.train.tracker)
+    if package and importlib.util.find_spec(package) is None:
+        raise ConfigError(
+            f"train.tracker={cfg.train.tracker} needs the {package} package, which is not installed. "
+            f"Fix: pip install {package}, or train.tracker=none (metrics.jsonl is always written)"
+        )
+
+
+def accelerator_kwargs(cfg: Config, paths: RunPaths) -> dict[str, Any]:
+    """``log_with``/``project_dir`` for the Accelerator: the run folder is the logging root."""
+    if cfg.train.tracker == "none":
+        return {}
+    return {"log_with": cfg.train.tracker, "project_dir": str(paths.root)}
+
+
+def hparams(cfg: Config) -> dict[str, Any]:
+    """The semantic config flattened to ``section.key`` scalars (what TensorBoard takes), strings redacted."""
+    flat: dict[str, Any] = {"task": cfg.task}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else key)
+        elif isinstance(node, (bool, int, float)) or node is None:
+            flat[prefix] = node if node is not None else "none"
+        else:
+            flat[prefix] = redact(node if isinstance(node, str) else json.dumps(node, default=str))
+
+    walk(semantic_train_config(cfg), "")
+    walk({"generate": dataclasses.asdict(cfg.generate)}, "")
+    return flat
+
+
+def wandb_run_id(paths: RunPaths) -> str:
+    """The run folder's W&B id: made on the first start, read back by every requeue and rerun."""
+    record = paths.root / "tracker.json"
+    if record.is_file():
+        return json.loads(record.read_text())["wandb_run_id"]
+    run_id = uuid.uuid4().hex[:16]
+    write_json(record, {"wandb_run_id": run_id, "run_dir": str(paths.root)})
+    return run_id
+
+
+def start(t: Trainer) -> None:
+    """Open the tracker at ``t.step`` (after the resume). Collective-safe: only rank 0 touches files."""
+    cfg, acc = t.cfg, t.accelerator
+    if cfg.train.tracker == "none":
+        return
+    if cfg.train.tracker == "tensorboard":
+        # A checkpoint at step k is saved after step k was logged: only events past k are stale.
+        init = {"tensorboard": {"purge_step": t.step + 1} if t.step else {}}
+        name = "tensorboard"
+    else:
+        run_id = wandb_run_id(t.paths) if acc.is_main_process else ""
+        init = {
+            "wandb": {"id": run_id, "resume": "allow", "dir": str(t.paths.root), "name": t.paths.root.name}
+        }
+        name = cfg.train.tracker_project
+    acc.init_trackers(name, config=hparams(cfg), init_kwargs=init)
+
+
+def log(t: Trainer, values: dict[str, float], step: int) -> None:
+    if t.cfg.train.tracker != "none":
+        t.accelerator.log(values, step=step)
+
+
+def end(t: Trainer) -> None:
+    """Flush and close (TensorBoard's writer buffers; W&B marks the run finished or resumable)."""
+    if t.cfg.train.tracker != "none":
+        t.accelerator.end_training()
