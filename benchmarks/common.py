@@ -15,8 +15,10 @@ import contextlib
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,71 +27,33 @@ RESOLUTION = {"tiny": 64, "small": 128}
 SMALL_VERSION = "1"
 
 
+SMALL_UNET: dict[str, Any] = {
+    "sample_size": 16,
+    "block_out_channels": (64, 128, 256, 256),
+    "layers_per_block": 2,
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    "cross_attention_dim": 160,
+    "attention_head_dim": 8,
+}
+SMALL_VAE: dict[str, Any] = {
+    "block_out_channels": (24, 48, 96, 96),
+    "layers_per_block": 2,
+    "sample_size": 128,
+}
+SMALL_TEXT: dict[str, Any] = {
+    "hidden_size": 160,
+    "intermediate_size": 640,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 8,
+}
+
+
 def build_small_pipeline(dest: Path) -> Path:
     """Write the ``small`` pipeline folder (fixed seeds, so every machine builds the same weights)."""
-    import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from sdcluster.tiny_model import build_pipeline
 
-    from sdcluster.tiny_model import write_tokenizer
-
-    with tempfile.TemporaryDirectory() as work:
-        vocab = write_tokenizer(Path(work))
-        tokenizer = CLIPTokenizer.from_pretrained(work)
-    torch.manual_seed(0)  # before each component: the same weights whatever else changes
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        block_out_channels=(64, 128, 256, 256),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=160,
-        attention_head_dim=8,
-    )
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(24, 48, 96, 96),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=2,
-        norm_num_groups=8,
-        sample_size=128,
-    )
-    text_config = CLIPTextConfig(
-        vocab_size=vocab,
-        hidden_size=160,
-        intermediate_size=640,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        skip_prk_steps=True,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(text_config)
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(dest, safe_serialization=True)
-    return dest
+    return build_pipeline(dest, SMALL_UNET, SMALL_VAE, SMALL_TEXT)
 
 
 def model_path(size: str) -> Path:
@@ -157,6 +121,29 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_rotating(
+    size: str, variants: Sequence[str], repeats: int, child: Callable[[str], dict[str, float]]
+) -> dict[str, list[dict[str, float]]]:
+    """``child(variant)`` for every (repeat, variant), variants in rotating order.
+
+    Each child is a fresh process run one after the other, so a peak RSS is that variant's alone, and a
+    slow moment of a shared machine spreads over all variants instead of hitting one.
+    """
+    results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    for repeat in range(repeats):
+        shift = repeat % len(variants)
+        for variant in [*variants[shift:], *variants[:shift]]:
+            results[variant].append(child(variant))
+            print(f"{size} repeat {repeat} {variant}: {results[variant][-1]}", file=sys.stderr, flush=True)
+    return results
+
+
+def child_json(args: Sequence[str]) -> dict[str, float]:
+    """Run ``python -m <args>`` and return the JSON its last stdout line prints."""
+    proc = subprocess.run([sys.executable, "-m", *args], check=True, capture_output=True, text=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def spread(values: Sequence[float], fmt: str = "{:.3f}") -> tuple[str, str]:

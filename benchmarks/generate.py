@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -103,12 +101,6 @@ def run_one(variant: str, size: str) -> dict[str, float]:
     }
 
 
-def _child(variant: str, size: str) -> dict[str, float]:
-    cmd = [sys.executable, "-m", "benchmarks.generate", "--one", variant, "--models", size]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["tiny", "small"], choices=["tiny", "small"])
@@ -123,14 +115,11 @@ def main(argv: list[str] | None = None) -> None:
     rows, raw = [], {}
     for size in args.models:
         common.model_path(size)  # build the model outside the timing
-        results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
-        for repeat in range(args.repeats):
-            shift = repeat % len(variants)
-            for variant in variants[shift:] + variants[:shift]:
-                results[variant].append(_child(variant, size))
-                print(
-                    f"{size} repeat {repeat} {variant}: {results[variant][-1]}", file=sys.stderr, flush=True
-                )
+
+        def child(variant: str, size: str = size) -> dict[str, float]:
+            return common.child_json(["benchmarks.generate", "--one", variant, "--models", size])
+
+        results = common.run_rotating(size, variants, args.repeats, child)
         loop = [r["images_per_s"] for r in results["batch-1 loop"]]
         for variant in variants:
             rates = [r["images_per_s"] for r in results[variant]]

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -159,13 +157,6 @@ def run_one(variant: str, size: str, warmup: int, steps: int) -> dict[str, float
     return {"s_per_step": seconds, "peak_rss_mb": common.peak_rss_mb(), "threads": threads}
 
 
-def _child(variant: str, size: str, warmup: int, steps: int) -> dict[str, float]:
-    cmd = [sys.executable, "-m", "benchmarks.train_step", "--one", variant, "--models", size]
-    cmd += ["--warmup", str(warmup), "--steps", str(steps)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
 def _prepare(size: str) -> None:
     """Build the model and the latent cache before anything is timed (a cache build is not a step)."""
     with tempfile.TemporaryDirectory() as out:
@@ -200,13 +191,12 @@ def main(argv: list[str] | None = None) -> None:
     rows, raw = [], {}
     for size in args.models:
         _prepare(size)
-        results: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
-        for repeat in range(args.repeats):
-            order = VARIANTS[repeat % 3 :] + VARIANTS[: repeat % 3]
-            for variant in order:
-                results[variant].append(_child(variant, size, args.warmup, args.steps))
-                done = results[variant][-1]
-                print(f"{size} repeat {repeat} {variant}: {done}", file=sys.stderr, flush=True)
+        extra = ["--models", size, "--warmup", str(args.warmup), "--steps", str(args.steps)]
+
+        def child(variant: str, extra: list[str] = extra) -> dict[str, float]:
+            return common.child_json(["benchmarks.train_step", "--one", variant, *extra])
+
+        results = common.run_rotating(size, VARIANTS, args.repeats, child)
         rows += _table(size, results)
         raw[size] = results
     header = ["model", "variant", "s/step median", "min-max", "x floor median", "x floor min-max"]

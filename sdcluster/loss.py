@@ -82,6 +82,18 @@ def min_snr_weights(
     return weights / (snr + 1)  # v_prediction
 
 
+def diffusion_target(
+    noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet should predict for ``latents`` noised with ``noise``: the noise, or the velocity."""
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+
 def diffusion_loss(
     unet: Any,
     noise_scheduler: Any,
@@ -99,13 +111,8 @@ def diffusion_loss(
     steps = noise_scheduler.config.num_train_timesteps
     timesteps = torch.randint(0, steps, (batch,), generator=gen).to(latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    target = diffusion_target(noise_scheduler, latents, noise, timesteps)
     prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
     pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
     if snr_gamma is None:
         return F.mse_loss(pred.float(), target.float(), reduction="mean")

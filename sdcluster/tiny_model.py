@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from sdcluster.paths import tiny_model_dir
 
@@ -95,8 +96,33 @@ def write_tokenizer(dest: Path) -> int:
     return len(vocab)
 
 
-def build_tiny_pipeline(dest: Path) -> Path:
-    """Build the tiny pipeline into ``dest`` (which must not exist yet) with fixed seeds."""
+# The tiny model's shapes (diffusers' unit-test sizes). Other shapes (the benchmarks' SD-1.x-shaped model)
+# go through the same :func:`build_pipeline`.
+TINY_UNET: dict[str, Any] = {
+    "sample_size": 8,
+    "layers_per_block": 2,
+    "block_out_channels": (32, 64),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "cross_attention_dim": 32,
+    "attention_head_dim": 8,
+}
+TINY_VAE: dict[str, Any] = {"block_out_channels": (8, 16, 16, 16), "layers_per_block": 1, "sample_size": 64}
+TINY_TEXT: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "projection_dim": 32,
+}
+
+
+def build_pipeline(dest: Path, unet: dict[str, Any], vae: dict[str, Any], text: dict[str, Any]) -> Path:
+    """Write a random-weight Stable Diffusion folder of the given shapes to ``dest`` (seeded: reproducible).
+
+    Real diffusers/transformers classes in the standard layout, the vocabulary of :func:`write_tokenizer`,
+    SD 1.x's 4-block VAE with 4 latent channels and its PNDM noise schedule.
+    """
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -108,43 +134,27 @@ def build_tiny_pipeline(dest: Path) -> Path:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    torch.manual_seed(0)  # before each component: its weights do not depend on the others' sizes
+    unet_model = UNet2DConditionModel(in_channels=4, out_channels=4, **unet)
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=2,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-    )
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
+    vae_model = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        block_out_channels=(8, 16, 16, 16),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         latent_channels=4,
-        layers_per_block=1,
         norm_num_groups=8,
-        sample_size=64,
+        **vae,
     )
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=vocab_size,
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
             max_position_embeddings=77,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
-            projection_dim=32,
+            **text,
         )
     )
     scheduler = PNDMScheduler(
@@ -157,16 +167,22 @@ def build_tiny_pipeline(dest: Path) -> Path:
         steps_offset=1,
     )
     pipe = StableDiffusionPipeline(
-        vae=vae,
+        vae=vae_model,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        unet=unet,
+        unet=unet_model,
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.save_pretrained(dest, safe_serialization=True)
+    return dest
+
+
+def build_tiny_pipeline(dest: Path) -> Path:
+    """Build the tiny pipeline into ``dest`` (which must not exist yet) with fixed seeds."""
+    build_pipeline(dest, TINY_UNET, TINY_VAE, TINY_TEXT)
     (dest / _MARKER).write_text(json.dumps({"version": TINY_VERSION}))
     return dest
 

@@ -19,15 +19,12 @@ import dataclasses
 import importlib.util
 import json
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sdcluster.atomic import write_json
 from sdcluster.config import TRACKERS, Config, ConfigError
 from sdcluster.paths import RunPaths, semantic_train_config
 from sdcluster.redaction import redact
-
-if TYPE_CHECKING:
-    from sdcluster.train import Trainer
 
 __all__ = ["TRACKERS", "accelerator_kwargs", "check_installed", "end", "hparams", "log", "start"]
 _PACKAGE = {"tensorboard": "tensorboard", "wandb": "wandb"}
@@ -78,30 +75,27 @@ def wandb_run_id(paths: RunPaths) -> str:
     return run_id
 
 
-def start(t: Trainer) -> None:
-    """Open the tracker at ``t.step`` (after the resume). Collective-safe: only rank 0 touches files."""
-    cfg, acc = t.cfg, t.accelerator
+def start(acc: Any, cfg: Config, paths: RunPaths, step: int) -> None:
+    """Open the tracker at ``step`` (after the resume). Every rank calls it; only rank 0 touches files."""
     if cfg.train.tracker == "none":
         return
     if cfg.train.tracker == "tensorboard":
         # A checkpoint at step k is saved after step k was logged: only events past k are stale.
-        init = {"tensorboard": {"purge_step": t.step + 1} if t.step else {}}
+        init = {"tensorboard": {"purge_step": step + 1} if step else {}}
         name = "tensorboard"
     else:
-        run_id = wandb_run_id(t.paths) if acc.is_main_process else ""
-        init = {
-            "wandb": {"id": run_id, "resume": "allow", "dir": str(t.paths.root), "name": t.paths.root.name}
-        }
+        run_id = wandb_run_id(paths) if acc.is_main_process else ""
+        init = {"wandb": {"id": run_id, "resume": "allow", "dir": str(paths.root), "name": paths.root.name}}
         name = cfg.train.tracker_project
     acc.init_trackers(name, config=hparams(cfg), init_kwargs=init)
 
 
-def log(t: Trainer, values: dict[str, float], step: int) -> None:
-    if t.cfg.train.tracker != "none":
-        t.accelerator.log(values, step=step)
+def log(acc: Any, cfg: Config, values: dict[str, float], step: int) -> None:
+    if cfg.train.tracker != "none":
+        acc.log(values, step=step)
 
 
-def end(t: Trainer) -> None:
+def end(acc: Any, cfg: Config) -> None:
     """Flush and close (TensorBoard's writer buffers; W&B marks the run finished or resumable)."""
-    if t.cfg.train.tracker != "none":
-        t.accelerator.end_training()
+    if cfg.train.tracker != "none":
+        acc.end_training()

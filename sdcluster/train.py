@@ -19,10 +19,10 @@ import torch
 from sdcluster import checkpoint, tracking, train_state
 from sdcluster.config import Config, ConfigError
 from sdcluster.loss import diffusion_loss, model_inputs, step_generator
-from sdcluster.models import Components, load_components
-from sdcluster.paths import RunPaths, run_paths, semantic_train_config, stable_hash
+from sdcluster.paths import RunPaths, semantic_train_config, stable_hash
 from sdcluster.preemption import PreemptionFlag
 from sdcluster.progress import ProgressLog
+from sdcluster.trainer import Trainer, build_trainer, weights_checksum
 
 log = logging.getLogger("sdcluster")
 
@@ -36,117 +36,8 @@ class TrainResult:
     losses: list[tuple[int, float]] = field(default_factory=list)
 
 
-@dataclass
-class Trainer:
-    """What the loop works on; built once by :func:`_build`."""
-
-    cfg: Config
-    accelerator: Any
-    comps: Components
-    unet: Any
-    optimizer: Any
-    lr_scheduler: Any
-    ema: Any
-    unet_names: list[str]
-    paths: RunPaths
-    step: int = 0
-    micro_step: int = 0
-    params: list[torch.nn.Parameter] = field(default_factory=list)  # listed once: iterating is not free
-
-
-def weights_checksum(model: torch.nn.Module) -> str:
-    """A cheap fingerprint logged by every rank, so a log shows that replicas stayed identical."""
-    with torch.no_grad():
-        total = sum(p.detach().double().abs().sum().item() for p in model.parameters())
-    return f"{total:.10e}"
-
-
 def config_hash(cfg: Config) -> str:
     return stable_hash(semantic_train_config(cfg), length=16)
-
-
-def _make_accelerator(cfg: Config) -> Any:
-    from accelerate import Accelerator
-
-    from sdcluster.tracking import accelerator_kwargs
-
-    cuda = torch.cuda.is_available()
-    if cfg.train.mixed_precision == "fp16" and not cuda:
-        raise ConfigError("train.mixed_precision=fp16 needs a GPU. Fix: use no (or bf16) on CPU")
-    if cuda and cfg.train.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
-        gradient_accumulation_steps=cfg.train.grad_accum,
-        cpu=not cuda,
-        **accelerator_kwargs(cfg, run_paths(cfg)),
-    )
-
-
-def _make_optimizer(cfg: Config, params: list[torch.nn.Parameter], world_size: int) -> Any:
-    lr = cfg.optim.lr
-    if cfg.optim.scale_lr:
-        lr *= cfg.train.batch_size * cfg.train.grad_accum * world_size
-    fused = cfg.optim.fused
-    if fused is None:  # fused AdamW is one kernel per step instead of one per parameter (3.6x on CPU)
-        fused = params[0].device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(
-        params,
-        lr=lr,
-        betas=tuple(cfg.optim.betas),
-        weight_decay=cfg.optim.weight_decay,
-        eps=cfg.optim.eps,
-        fused=fused,
-    )
-
-
-def _prepare_models(cfg: Config, comps: Components, accelerator: Any) -> None:
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
-    for frozen in (comps.vae, comps.text_encoder):
-        frozen.requires_grad_(False)
-        frozen.eval()
-        # Only cast when mixed precision asks for it: a no-op cast still trips diffusers' fp32-module warning.
-        frozen.to(accelerator.device, dtype=weight_dtype) if weight_dtype else frozen.to(accelerator.device)
-    comps.unet.train()
-    if cfg.train.gradient_checkpointing:
-        comps.unet.enable_gradient_checkpointing()
-    if cfg.train.prediction_type:
-        comps.noise_scheduler.register_to_config(prediction_type=cfg.train.prediction_type)
-
-
-def _build(cfg: Config) -> Trainer:
-    from diffusers.optimization import get_scheduler
-
-    from sdcluster.ema import LerpEMA
-
-    accelerator = _make_accelerator(cfg)
-    comps = load_components(cfg.model, cfg.cache_root)
-    _prepare_models(cfg, comps, accelerator)
-    unet = comps.unet.to(accelerator.device)
-    names = [name for name, _ in unet.named_parameters()]
-    ema = None
-    if cfg.train.use_ema:
-        ema = LerpEMA(
-            unet.parameters(),
-            decay=cfg.train.ema_decay,
-            foreach=True,  # what store/copy_to/restore use; the update itself is LerpEMA's one fused lerp
-            model_cls=type(unet),
-            model_config=unet.config,
-        )
-    optimizer = _make_optimizer(cfg, list(unet.parameters()), accelerator.num_processes)
-    # Not passed to accelerator.prepare: a prepared scheduler is stepped once per process, the multi-GPU
-    # learning-rate bug users keep hitting. We step it once per optimizer step and checkpoint it as JSON.
-    lr_scheduler = get_scheduler(
-        cfg.optim.lr_schedule,
-        optimizer=optimizer,
-        num_warmup_steps=cfg.optim.warmup_steps,
-        num_training_steps=cfg.train.max_steps,
-    )
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    trainer = Trainer(cfg, accelerator, comps, unet, optimizer, lr_scheduler, ema, names, run_paths(cfg))
-    trainer.params = list(unet.parameters())
-    return trainer
 
 
 def _candidates(cfg: Config, paths: RunPaths) -> list[Path]:
@@ -243,7 +134,7 @@ def _log_step(t: Trainer, progress: ProgressLog, loss_sum: torch.Tensor, count: 
     """Reduce the window's mean loss across ranks: the only host sync, once per ``log_every`` steps."""
     mean = t.accelerator.reduce(loss_sum / max(count, 1), reduction="mean").item()
     lr = t.lr_scheduler.get_last_lr()[0]
-    tracking.log(t, {"loss": mean, "lr": lr}, t.step)
+    tracking.log(t.accelerator, t.cfg, {"loss": mean, "lr": lr}, t.step)
     if t.accelerator.is_main_process:
         progress.report(t.step, loss=mean, lr=lr)
         record = {"step": t.step, "loss": mean, "lr": lr, "time": time.time()}
@@ -276,7 +167,7 @@ def _validate(t: Trainer, unless_done: bool = False) -> None:
         if done[0]:
             return
     record = run_validation(t, t.step)
-    tracking.log(t, {"val_loss": record["val_loss"]}, t.step)
+    tracking.log(t.accelerator, t.cfg, {"val_loss": record["val_loss"]}, t.step)
 
 
 def _loop(t: Trainer, flag: PreemptionFlag, stop_at: Callable[[int], bool] | None, job_id: str | None):
@@ -323,7 +214,7 @@ def train(
     exactly the way a preemption does (collective save, then return with ``interrupted=True``).
     """
     flag = flag or PreemptionFlag()
-    t = _build(cfg)
+    t = build_trainer(cfg)
     acc = t.accelerator
     if acc.is_main_process:
         t.paths.root.mkdir(parents=True, exist_ok=True)
@@ -339,11 +230,11 @@ def train(
         cfg.train.grad_accum,
         acc.num_processes,
     )
-    tracking.start(t)
+    tracking.start(acc, cfg, t.paths, t.step)
     try:
         return _train_and_export(t, flag, stop_at, job_id)
     finally:
-        tracking.end(t)
+        tracking.end(acc, cfg)
 
 
 def _train_and_export(

@@ -32,12 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from sdcluster.generate import item_seed
-from sdcluster.loss import encode_text, step_generator
+from sdcluster.loss import diffusion_target, encode_text, step_generator
 from sdcluster.manifest import save_png_atomic
 
 if TYPE_CHECKING:
     from sdcluster.config import Config
-    from sdcluster.train import Trainer
+    from sdcluster.trainer import Trainer
 
 log = logging.getLogger("sdcluster")
 
@@ -135,13 +135,7 @@ def _pair_loss(
     noise = torch.randn(tuple(latents.shape), generator=gen).to(latents.device, latents.dtype)
     timesteps = torch.tensor([step], device=latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+    target = diffusion_target(scheduler, latents, noise, timesteps)
     with t.accelerator.autocast():
         pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
     return F.mse_loss(pred.float(), target.float()).double()

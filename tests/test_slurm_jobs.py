@@ -56,8 +56,10 @@ def test_two_process_training_is_a_real_distributed_run(slurm_cluster, tmp_path,
     sums = [re.search(r"unet weights checksum at step 4: (\S+)", log).group(1) for log in logs]
     assert sums[0] == sums[1], "replicas drifted apart"
     run_dir = job_record(tmp_path, job_id)["run_dir"]
-    steps = [json.loads(ln)["step"] for ln in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4], "only rank 0 writes run-level files"
+    records = [json.loads(ln) for ln in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4], "only rank 0 writes run-level files"
+    assert [r["step"] for r in records if "val_loss" in r] == [4]  # the final validation, shared by 2 ranks
+    assert all(f"validation step 4 | val_loss {records[-1]['val_loss']:.4f}" in log for log in logs)
 
 
 def test_train_then_generate_chain(slurm_cluster, tmp_path, cache_root, tiny_model):

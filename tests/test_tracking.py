@@ -57,7 +57,6 @@ def test_tensorboard_curve_continues_across_a_preemption(make_cfg, monkeypatch):
 
 
 def test_wandb_run_is_resumed_not_split(make_cfg, monkeypatch):
-    pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = make_cfg([*QUICK, "train.tracker=wandb"])

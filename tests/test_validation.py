@@ -18,7 +18,8 @@ from sdcluster import validation
 from sdcluster.data.dataset import load_captioned_images
 from sdcluster.data.split import holdout_split
 from sdcluster.paths import sample_data_dir
-from sdcluster.train import Trainer, _build, _resume, train
+from sdcluster.train import _resume, train
+from sdcluster.trainer import Trainer, build_trainer
 
 PROMPTS = "train.validation_prompts=[a pair of jeans,faded blue denim,jeans with a black marker]"
 QUICK = ["train.max_steps=3", "train.validation_steps=1", "generate.guidance_scale=1.0"]
@@ -61,7 +62,7 @@ def base(tmp_path_factory: pytest.TempPathFactory, cache_root, tiny_model) -> Tr
 
     tmp = tmp_path_factory.mktemp("validation")
     roots = [f"output_root={tmp / 'outputs'}", f"jobs_root={tmp / 'jobs'}", f"cache_root={cache_root}"]
-    return _build(compose([*roots, *QUICK, PROMPTS]))
+    return build_trainer(compose([*roots, *QUICK, PROMPTS]))
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def test_loss_is_deterministic_and_ignores_train_seed(base, base_loss):
 def test_loss_changes_after_training(base_loss, make_cfg):
     cfg = make_cfg([*QUICK, "optim.lr=1e-3", "train.validation_prompts=[]"])
     train(cfg)
-    t = _build(cfg)
+    t = build_trainer(cfg)
     _resume(t)
     assert t.step == 3
     trained = validation.validation_loss(t)
@@ -133,7 +134,7 @@ def test_run_validation_writes_images_grid_and_metrics(base, base_loss, caplog):
 
 
 def test_images_use_ema_weights_and_restore_the_unet(make_cfg):
-    t = _build(make_cfg([*QUICK, "train.use_ema=true", "train.validation_prompts=[a pair of jeans]"]))
+    t = build_trainer(make_cfg([*QUICK, "train.use_ema=true", "train.validation_prompts=[a pair of jeans]"]))
     with torch.no_grad():  # make the EMA differ from the UNet, as it does after training
         for shadow in t.ema.shadow_params:
             shadow.add_(0.05 * torch.randn(shadow.shape, generator=torch.Generator().manual_seed(0)))
