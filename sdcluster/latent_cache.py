@@ -29,11 +29,13 @@ is in :mod:`sdcluster.latent_store` (in RAM within ``data.cache_memory_mb``, els
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -253,15 +255,43 @@ def _build(cfg: Config, plan: Plan, dataset: Any, comps: Any, acc: Any, entry: P
     log.info("latent cache: built in %.1f s", time.perf_counter() - started)
 
 
+@contextlib.contextmanager
+def build_lock(entry: Path, acc: Any) -> Iterator[None]:
+    """Rank 0 of each job holds ``.<key>.lock`` while it checks and builds ``entry``.
+
+    The points of a sweep start together and share one key: without the lock each would encode the whole
+    dataset. With it, the first builds and the others wait, then find the entry complete. ``flock`` works
+    on local disks and on NFS (Linux maps it to NFS byte-range locks); where locking is not supported the
+    jobs go on without it (they may then encode the same entry twice; :func:`latent_store.commit` keeps
+    one). The other ranks of a waiting job wait at the next collective, within the process group's
+    time-out (30 min by default).
+    """
+    if not acc.is_main_process:
+        yield
+        return
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.parent / f".{entry.name}.lock", "a") as handle:
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("latent cache: another job is building %s; waiting for it", entry)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as err:  # ENOLCK and friends: a file system without locks
+            log.warning("latent cache: cannot lock %s (%s); building without a lock", entry, err)
+        yield  # closing the file releases the lock
+
+
 def open_or_build(cfg: Config, dataset: Any, comps: Any, acc: Any) -> CachedExamples | None:
     """The cached training examples of ``dataset`` (built first if needed), or None if not cacheable."""
     plan = make_plan(cfg, dataset, comps)
     if plan is None:
         return None
     entry = cache_dir(cfg) / "latents" / plan.key
-    problem = _from_rank0(acc, verify(entry, plan.key, CACHE_VERSION) if acc.is_main_process else None)
-    if problem is not None:
-        _build(cfg, plan, dataset, comps, acc, entry, problem)
+    with build_lock(entry, acc):
+        problem = _from_rank0(acc, verify(entry, plan.key, CACHE_VERSION) if acc.is_main_process else None)
+        if problem is not None:
+            _build(cfg, plan, dataset, comps, acc, entry, problem)
     budget = cfg.data.cache_memory_mb * 2**20
     examples = CachedExamples(
         entry, budget, cfg.train.resolution, cfg.train.center_crop, cfg.train.random_flip

@@ -80,6 +80,11 @@ def commit(tmp: Path, entry: Path, manifest: dict[str, Any]) -> None:
         json.dump({**manifest, "files": files}, fh)
         fh.flush()
         os.fsync(fh.fileno())
+    if verify(entry, manifest["key"], manifest["version"]) is None:
+        # Another job published a good entry while we built ours (only without a working build lock, see
+        # latent_cache.build_lock): keep theirs, which its readers may already have open.
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     bad = entry.with_name(f".bad-{entry.name}-{uuid.uuid4().hex[:8]}")
     # An unusable entry (verify said so) is moved aside so that the rename below can take its place.
     with contextlib.suppress(FileNotFoundError):

@@ -15,22 +15,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from omegaconf import OmegaConf
-
-from sdcluster import atomic, ledger, paths, submit
+from sdcluster import ledger, paths, submit
 from sdcluster.config import Config, ConfigError
 from sdcluster.jobs import GenerateJob, TrainJob
 from sdcluster.preflight import preflight
+from sdcluster.sweep_ledger import FAILED, find, job_state, load, point_config, write
 
-SWEEP_JSON = "sweep.json"
-FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "LOST"}
 Say = Callable[[str], None]
 
 
@@ -112,52 +107,6 @@ def submit_sweep(points: list[Point], say: Say = print) -> int:
             say(f"submitted {name} job {job_id}: jobs folder {paths.job_dir(cfg, job_id)}")
     say(f"report: python -m sdcluster.sweep report {sweep_dir}")
     return 0
-
-
-def write(sweep_dir: Path, record: dict[str, Any]) -> None:
-    atomic.write_json(sweep_dir / SWEEP_JSON, record)
-
-
-def find(target: str, outputs: Path = Path("outputs")) -> Path:
-    """A sweep folder from its path, its id, or the id of any of its jobs."""
-    candidates = [Path(target), outputs / "sweeps" / target]
-    for folder in candidates:
-        if (folder / SWEEP_JSON).is_file():
-            return folder
-    from sdcluster.logs import find_job
-
-    job_folder = find_job(target, Path("jobs"))
-    sweep = ledger.read(job_folder).get("sweep") if job_folder else None
-    if sweep and (Path(sweep) / SWEEP_JSON).is_file():
-        return Path(sweep)
-    raise ConfigError(
-        f"no sweep at {target!r} (a sweep folder, a sweep id, or a job id of one of its points)"
-    )
-
-
-def load(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / SWEEP_JSON).read_text())
-
-
-def point_config(point: dict[str, Any]) -> Config:
-    """Rebuild a point's typed config from the ledger (checks run again as at launch)."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), point["config"]))
-
-
-def job_state(job_id: str, jobs_root: Path) -> str:
-    """The scheduler's word when it has one, else what the job recorded."""
-    from sdcluster.logs import find_job, scheduler_state
-
-    sched = scheduler_state(job_id)
-    if sched:
-        return sched[0]
-    folder = find_job(job_id, jobs_root)
-    record = ledger.read(folder) if folder else {}
-    state = record.get("state", "UNKNOWN")
-    if record.get("cluster") == "slurm" and state in ("SUBMITTED", "RUNNING"):
-        # Neither sacct nor squeue knows it: an array task cancelled while pending leaves no record at all.
-        return "LOST"
-    return state
 
 
 def resubmit_failed(folder: Path, say: Say = print) -> int:

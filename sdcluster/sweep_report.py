@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from sdcluster import ledger
+from sdcluster.logs import find_job
 from sdcluster.progress import format_duration
+from sdcluster.sweep_ledger import job_state, load
 
 REPORT_CSV = "report.csv"
 REPORT_PNG = "report.png"
@@ -68,9 +70,6 @@ def wall_time(job: dict[str, Any]) -> str:
 
 
 def rows(record: dict[str, Any]) -> list[Row]:
-    from sdcluster.logs import find_job
-    from sdcluster.sweep import job_state
-
     out = []
     for point in record["points"]:
         job_id = point["jobs"][0]
@@ -141,8 +140,6 @@ def plot(record: dict[str, Any], dest: Path) -> Path:
 
 
 def report(folder: Path, say: Any = print) -> int:
-    from sdcluster.sweep import load
-
     record = load(folder)
     table = rows(record)
     say(f"sweep {record['sweep_id']} ({record['task']} on {record['cluster']})")

@@ -98,8 +98,6 @@ def build_trainer(cfg: Config) -> Trainer:
     """Accelerator, models, EMA, optimizer and LR schedule for ``cfg``, at step 0 (resume comes next)."""
     from diffusers.optimization import get_scheduler
 
-    from sdcluster.ema import LerpEMA
-
     accelerator = _make_accelerator(cfg)
     comps = load_components(cfg.model, cfg.cache_root)
     _prepare_models(cfg, comps, accelerator)
@@ -107,6 +105,8 @@ def build_trainer(cfg: Config) -> Trainer:
     names = [name for name, _ in unet.named_parameters()]
     ema = None
     if cfg.train.use_ema:
+        from sdcluster.ema import LerpEMA
+
         ema = LerpEMA(
             unet.parameters(),
             decay=cfg.train.ema_decay,

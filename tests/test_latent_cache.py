@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdcluster import latent_cache
+from sdcluster import latent_cache, latent_store
 from sdcluster.data.dataset import TrainImages, augment, load_captioned_images
 from sdcluster.latent_store import CachedExamples, verify
 from sdcluster.paths import sample_data_dir
@@ -199,3 +199,57 @@ def test_too_many_random_crops_falls_back_to_encoding(make_cfg, comps, tmp_path,
     assert any("latent cache off" in r.getMessage() for r in caplog.records)
     cfg = make_cfg(["data=imagefolder", f"data.path={folder}", "train.center_crop=true"])
     assert isinstance(training_examples(cfg, comps, ONE_PROCESS), CachedExamples)
+
+
+_JOB = """
+import logging, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s", force=True)
+from tests.conftest import compose
+from sdcluster.train import train
+train(compose(sys.argv[1:]))
+print("job done", file=sys.stderr, flush=True)
+"""
+
+
+def test_a_job_waits_for_the_job_building_its_entry_instead_of_encoding_again(make_cfg, comps, tmp_path):
+    """Sweep points start together: the second finds the entry locked, waits, and reuses the first's entry."""
+    import fcntl
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    folder = _copy_sample(tmp_path / "data", count=2, caption_suffix=" locked")
+    overrides = [*FAST, "train.max_steps=1", "data=imagefolder", f"data.path={folder}"]
+    cfg = make_cfg(overrides)
+    dataset = load_captioned_images(cfg.data.path, cfg.data.caption_column)
+    plan = latent_cache.make_plan(cfg, dataset, comps)
+    entry = Path(cfg.cache_root) / "latents" / plan.key
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.parent / f".{entry.name}.lock", "a") as lock:  # this test is "the first job"
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        roots = [
+            f"output_root={tmp_path / 'job'}",
+            f"jobs_root={tmp_path / 'jobs'}",
+            f"cache_root={cfg.cache_root}",
+        ]
+        job = subprocess.Popen(
+            [sys.executable, "-c", _JOB, *overrides, *roots],
+            cwd=REPO,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        seen = []
+        for line in job.stderr:  # blocks until the job writes; it cannot finish while we hold the lock
+            seen.append(line)
+            if "another job is building" in line:
+                break
+        assert any("waiting for it" in line for line in seen), "".join(seen)[-3000:]
+        latent_cache._build(cfg, plan, dataset, comps, ONE_PROCESS, entry, latent_store.MISSING)
+    rest = job.stderr.read()
+    assert job.wait(timeout=300) == 0, rest[-3000:]
+    assert "job done" in rest
+    assert "encoding rows" not in rest, "the waiting job encoded the dataset again"
+    assert f"latent cache: {entry}" in rest
+    assert verify(entry, plan.key, latent_cache.CACHE_VERSION) is None
+    assert not list(entry.parent.glob(f".build-{entry.name}-*"))
