@@ -55,3 +55,12 @@ def make_cfg(tmp_path: Path, cache_root: Path, tiny_model: Path):
         return compose(base + (overrides or []))
 
     return make
+
+
+def tensorboard_scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of a scalar as TensorBoard shows it: every event file in ``folder``, purges applied."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdcluster import checkpoint
+from tests.conftest import tensorboard_scalars
 from tests.slurm_helpers import job_record, launch, logs_cli, wait_for, wait_for_line
 
 pytestmark = pytest.mark.slurm
@@ -35,7 +36,7 @@ def test_preempted_training_requeues_and_matches_uninterrupted(slurm_cluster, tm
     assert proc.returncode == 0, proc.stderr
     (straight_id,) = ids["train"]
 
-    proc, ids = launch(tmp_path / "b", cache_root, *TRAIN, *shape)
+    proc, ids = launch(tmp_path / "b", cache_root, *TRAIN, *shape, "train.tracker=tensorboard")
     (job_id,) = ids["train"]
     log = tmp_path / "b" / "jobs" / job_id / f"{job_id}_0_log.out"
     wait_for_line(log, r"step 3/10 ")
@@ -60,6 +61,12 @@ def test_preempted_training_requeues_and_matches_uninterrupted(slurm_cluster, tm
     a, b = _final_weights(straight_run), _final_weights(record["run_dir"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resume was not exact"
     assert _losses(straight_run) == _losses(record["run_dir"])
+    # One TensorBoard run across the requeue: both attempts' event files, one curve, each step once.
+    board = Path(record["run_dir"]) / "tensorboard"
+    assert len(list(board.glob("events.out.tfevents.*"))) == 2
+    curve = tensorboard_scalars(board, "loss")
+    assert [step for step, _ in curve] == list(range(1, 11))
+    assert [v for _, v in curve] == pytest.approx(list(_losses(record["run_dir"]).values()), rel=1e-6)
 
 
 def test_time_limit_requeues_within_budget_then_stops(slurm_cluster, tmp_path, cache_root):

@@ -10,16 +10,9 @@ import pytest
 from sdcluster.config import ConfigError
 from sdcluster.tracking import check_installed
 from sdcluster.train import train
+from tests.conftest import tensorboard_scalars
 
 QUICK = ["train.max_steps=5", "train.log_every=1", "train.validate_every=0", "train.validation_prompts=[]"]
-
-
-def _scalars(folder, tag: str) -> list[tuple[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
-    events.Reload()
-    return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
 def test_tensorboard_curve_continues_across_a_preemption(make_cfg, monkeypatch):
@@ -31,7 +24,7 @@ def test_tensorboard_curve_continues_across_a_preemption(make_cfg, monkeypatch):
     stopped = train(cfg, stop_at=lambda step: step == 3)
     assert stopped.interrupted
     folder = stopped.run_dir / "tensorboard"
-    first = _scalars(folder, "loss")
+    first = tensorboard_scalars(folder, "loss")
     assert [step for step, _ in first] == [1, 2, 3]
 
     # As after a node failure: the newest checkpoint is step 2, so step 3 was logged by an attempt whose
@@ -39,11 +32,11 @@ def test_tensorboard_curve_continues_across_a_preemption(make_cfg, monkeypatch):
     shutil.rmtree(stopped.run_dir / "checkpoints" / "step-00000003")
     finished = train(cfg)
     assert [step for step, _ in finished.losses] == [3, 4, 5]
-    curve = _scalars(folder, "loss")
+    curve = tensorboard_scalars(folder, "loss")
     assert [step for step, _ in curve] == [1, 2, 3, 4, 5]  # one curve: the stale step 3 purged, no fork
     assert curve[:2] == first[:2]
     assert [round(v, 5) for _, v in curve[2:]] == [round(v, 5) for _, v in finished.losses]
-    assert [step for step, _ in _scalars(folder, "val_loss")] == [5]
+    assert [step for step, _ in tensorboard_scalars(folder, "val_loss")] == [5]
 
     hparams = list(folder.rglob("hparams.yml"))
     assert hparams and all(secret not in p.read_text() for p in hparams)
