@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from sdcluster import ledger
+from sdcluster import ledger, metrics
 
 _TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED")
 _PROGRESS = re.compile(r"(step \d+/\d+ \|.*)$")
@@ -94,6 +94,14 @@ def summary(job_id: str, folder: Path, task: int = 0) -> list[str]:
     progress = last_progress(log_file(folder, job_id, task, err=False))
     if progress:
         lines.append(f"  last progress:   {progress}")
+    if record.get("run_dir"):
+        _, val = metrics.read(Path(record["run_dir"]) / "metrics.jsonl")
+        if val:
+            best = min(val, key=lambda point: point[1])
+            lines.append(
+                f"  validation:      step {val[-1][0]} val_loss {val[-1][1]:.4f} "
+                f"(best {best[1]:.4f} at step {best[0]})"
+            )
     for key, value in {**{"run_dir": record.get("run_dir")}, **record.get("outputs", {})}.items():
         if value:
             lines.append(f"  {key}: {value}")

@@ -7,14 +7,13 @@ the report can be made while jobs are still running and always agrees with the r
 from __future__ import annotations
 
 import csv
-import json
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sdcluster import ledger
+from sdcluster import ledger, metrics
 from sdcluster.logs import find_job
 from sdcluster.progress import format_duration
 from sdcluster.sweep_ledger import job_state, load
@@ -36,23 +35,9 @@ class Row:
     wall: str
 
 
-def read_metrics(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    """(training losses, validation losses) as (step, value) pairs; a torn last line is ignored."""
-    train: list[tuple[int, float]] = []
-    val: list[tuple[int, float]] = []
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return train, val
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "loss" in record:
-            train.append((record["step"], record["loss"]))
-        if "val_loss" in record:
-            val.append((record["step"], record["val_loss"]))
-    return train, val
+def read_metrics(run_dir: Path) -> tuple[metrics.Curve, metrics.Curve]:
+    """(training losses, validation losses) of a run folder."""
+    return metrics.read(run_dir / "metrics.jsonl")
 
 
 def _seconds(stamp: str | None) -> float | None:

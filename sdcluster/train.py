@@ -6,7 +6,6 @@ difference is only the environment :mod:`sdcluster.distributed` exported before 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from typing import Any
 
 import torch
 
-from sdcluster import checkpoint, tracking, train_state
+from sdcluster import checkpoint, metrics, tracking, train_state
 from sdcluster.config import Config, ConfigError
 from sdcluster.loss import diffusion_loss, model_inputs, step_generator
 from sdcluster.paths import RunPaths, semantic_train_config, stable_hash
@@ -137,9 +136,7 @@ def _log_step(t: Trainer, progress: ProgressLog, loss_sum: torch.Tensor, count: 
     tracking.log(t.accelerator, t.cfg, {"loss": mean, "lr": lr}, t.step)
     if t.accelerator.is_main_process:
         progress.report(t.step, loss=mean, lr=lr)
-        record = {"step": t.step, "loss": mean, "lr": lr, "time": time.time()}
-        with t.paths.metrics.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        metrics.append(t.paths.metrics, {"step": t.step, "loss": mean, "lr": lr, "time": time.time()})
     return mean
 
 
@@ -158,10 +155,10 @@ def _validate(t: Trainer, unless_done: bool = False) -> None:
     """
     from accelerate.utils import broadcast_object_list
 
-    from sdcluster.validation import run_validation, validated_steps
+    from sdcluster.validation import run_validation
 
     if unless_done:
-        done = [t.step in validated_steps(t.paths.metrics) if t.accelerator.is_main_process else None]
+        done = [t.step in metrics.validated_steps(t.paths.metrics) if t.accelerator.is_main_process else None]
         if t.accelerator.num_processes > 1:
             broadcast_object_list(done)
         if done[0]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from sdcluster import metrics
 from sdcluster.generate import item_seed
 from sdcluster.loss import diffusion_target, encode_text, step_generator
 from sdcluster.manifest import save_png_atomic
@@ -240,19 +240,6 @@ def validation_images(t: Trainer, step: int) -> Path | None:
     return folder
 
 
-def validated_steps(metrics: Path) -> set[int]:
-    """Steps that already have a ``val_loss`` record in ``metrics.jsonl`` (a torn last line is ignored)."""
-    steps: set[int] = set()
-    if not metrics.is_file():
-        return steps
-    for line in metrics.read_text().splitlines():
-        with contextlib.suppress(ValueError, TypeError, KeyError):
-            record = json.loads(line)
-            if "val_loss" in record:
-                steps.add(int(record["step"]))
-    return steps
-
-
 def run_validation(t: Trainer, step: int) -> dict[str, Any]:
     """Loss and images at ``step``; one log line; rank 0 appends ``{step, val_loss, time}`` to metrics.jsonl.
 
@@ -274,7 +261,5 @@ def run_validation(t: Trainer, step: int) -> dict[str, Any]:
     )
     record = {"step": step, "val_loss": val_loss, "time": time.time()}
     if t.accelerator.is_main_process:
-        t.paths.metrics.parent.mkdir(parents=True, exist_ok=True)
-        with t.paths.metrics.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        metrics.append(t.paths.metrics, record)
     return {**record, "images": folder, "seconds": seconds}

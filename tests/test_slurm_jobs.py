@@ -35,6 +35,8 @@ def test_single_process_train_job_and_its_logs(slurm_cluster, tmp_path, cache_ro
     assert shown.returncode == 0
     assert "scheduler state: COMPLETED (exit code 0:0)" in shown.stdout
     assert "last progress:   step 4/4" in shown.stdout and record["run_dir"] in shown.stdout
+    val_loss = re.search(r"validation step 4 \| val_loss ([\d.]+)", log).group(1)
+    assert f"validation:      step 4 val_loss {val_loss} (best {val_loss} at step 4)" in shown.stdout
     listing = logs_cli(tmp_path)
     assert job_id in listing.stdout and "COMPLETED" in listing.stdout
 
