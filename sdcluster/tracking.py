@@ -19,6 +19,7 @@ import dataclasses
 import importlib.util
 import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 from sdcluster.atomic import write_json
@@ -93,6 +94,22 @@ def start(acc: Any, cfg: Config, paths: RunPaths, step: int) -> None:
 def log(acc: Any, cfg: Config, values: dict[str, float], step: int) -> None:
     if cfg.train.tracker != "none":
         acc.log(values, step=step)
+
+
+def log_image(acc: Any, cfg: Config, name: str, path: Path, step: int) -> None:
+    """One image file (a validation grid) into the tracker, as accelerate's trackers each want it."""
+    if cfg.train.tracker == "none" or not acc.is_main_process:
+        return
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    tracker = acc.get_tracker(cfg.train.tracker)
+    if cfg.train.tracker == "tensorboard":
+        tracker.log_images({name: pixels[None]}, step=step, dataformats="NHWC")
+    else:
+        tracker.log_images({name: [pixels]}, step=step)
 
 
 def end(acc: Any, cfg: Config) -> None:

@@ -165,6 +165,8 @@ def _validate(t: Trainer, unless_done: bool = False) -> None:
             return
     record = run_validation(t, t.step)
     tracking.log(t.accelerator, t.cfg, {"val_loss": record["val_loss"]}, t.step)
+    if record["images"] is not None:
+        tracking.log_image(t.accelerator, t.cfg, "validation", record["images"] / "grid.png", t.step)
 
 
 def _loop(t: Trainer, flag: PreemptionFlag, stop_at: Callable[[int], bool] | None, job_id: str | None):

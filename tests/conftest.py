@@ -64,3 +64,12 @@ def tensorboard_scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
     events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
     events.Reload()
     return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def tensorboard_images(folder: Path, tag: str) -> list[tuple[int, tuple[int, int]]]:
+    """(step, (width, height)) of each image logged under ``tag``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"images": 0})
+    events.Reload()
+    return [(e.step, (e.width, e.height)) for e in events.Images(tag)]

@@ -10,9 +10,9 @@ import pytest
 from sdcluster.config import ConfigError
 from sdcluster.tracking import check_installed
 from sdcluster.train import train
-from tests.conftest import tensorboard_scalars
+from tests.conftest import tensorboard_images, tensorboard_scalars
 
-QUICK = ["train.max_steps=5", "train.log_every=1", "train.validate_every=0", "train.validation_prompts=[]"]
+QUICK = ["train.max_steps=5", "train.log_every=1", "train.validate_every=0", "train.validation_steps=1"]
 
 
 def test_tensorboard_curve_continues_across_a_preemption(make_cfg, monkeypatch):
@@ -37,6 +37,8 @@ def test_tensorboard_curve_continues_across_a_preemption(make_cfg, monkeypatch):
     assert curve[:2] == first[:2]
     assert [round(v, 5) for _, v in curve[2:]] == [round(v, 5) for _, v in finished.losses]
     assert [step for step, _ in tensorboard_scalars(folder, "val_loss")] == [5]
+    grids = tensorboard_images(folder, "validation")
+    assert [step for step, _ in grids] == [5] and grids[0][1] == (64, 64)  # one prompt: a one-tile grid
 
     hparams = list(folder.rglob("hparams.yml"))
     assert hparams and all(secret not in p.read_text() for p in hparams)
