@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger("sdcluster")
 
@@ -73,3 +74,18 @@ def setup(use_gpus: bool) -> DistInfo:
         torch.set_num_threads(info.threads)
     log.info("torch threads: %d (from the job's CPU allocation)", torch.get_num_threads())
     return info
+
+
+def rank0_decides(acc: Any, value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (what other ranks pass is ignored).
+
+    For decisions read from shared files: ranks that read a network file system separately may see
+    different things, and a collective that only some ranks then call hangs the job.
+    """
+    if acc.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]

@@ -52,6 +52,7 @@ from sdcluster.data.dataset import (
     tokenize_captions,
     upright_size,
 )
+from sdcluster.distributed import rank0_decides
 from sdcluster.latent_store import MISSING, CachedExamples, commit, file_digest, verify
 from sdcluster.loss import encode_text
 from sdcluster.paths import cache_dir, stable_hash
@@ -225,16 +226,6 @@ def _manifest(plan: Plan, world: int) -> dict[str, Any]:
     }
 
 
-def _from_rank0(acc: Any, value: Any) -> Any:
-    if acc.num_processes == 1:
-        return value
-    from accelerate.utils import broadcast_object_list
-
-    box = [value]
-    broadcast_object_list(box, from_process=0)
-    return box[0]
-
-
 def _build(cfg: Config, plan: Plan, dataset: Any, comps: Any, acc: Any, entry: Path, problem: str) -> None:
     started = time.perf_counter()
     if problem != MISSING:
@@ -243,7 +234,7 @@ def _build(cfg: Config, plan: Plan, dataset: Any, comps: Any, acc: Any, entry: P
     if acc.is_main_process:
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".build-{entry.name}-", dir=entry.parent)
-    tmp = Path(_from_rank0(acc, tmp))
+    tmp = Path(rank0_decides(acc, tmp))
     rank, world = acc.process_index, acc.num_processes
     lo, hi = _share(len(plan.variants), rank, world)
     log.info("latent cache: encoding rows %d-%d of %d into %s", lo, hi, len(plan.variants), entry)
@@ -255,31 +246,46 @@ def _build(cfg: Config, plan: Plan, dataset: Any, comps: Any, acc: Any, entry: P
     log.info("latent cache: built in %.1f s", time.perf_counter() - started)
 
 
+LOCK_POLL_S = 5.0
+
+
+def _try_lock(handle: Any, entry: Path) -> bool:
+    """Take the lock without waiting; True also where the file system has no locks (then go on without)."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as err:  # ENOLCK and friends
+        log.warning("latent cache: cannot lock %s (%s); building without a lock", entry, err)
+    return True
+
+
 @contextlib.contextmanager
 def build_lock(entry: Path, acc: Any) -> Iterator[None]:
-    """Rank 0 of each job holds ``.<key>.lock`` while it checks and builds ``entry``.
+    """Rank 0 of each job holds ``.<key>.lock`` while its job checks and builds ``entry``.
 
     The points of a sweep start together and share one key: without the lock each would encode the whole
     dataset. With it, the first builds and the others wait, then find the entry complete. ``flock`` works
     on local disks and on NFS (Linux maps it to NFS byte-range locks); where locking is not supported the
     jobs go on without it (they may then encode the same entry twice; :func:`latent_store.commit` keeps
-    one). The other ranks of a waiting job wait at the next collective, within the process group's
-    time-out (30 min by default).
+    one). Rank 0 polls rather than blocks and tells the other ranks each time, so a long wait is many
+    short collectives, never one that outlasts the process group's time-out (10 min under NCCL).
     """
-    if not acc.is_main_process:
-        yield
-        return
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    with open(entry.parent / f".{entry.name}.lock", "a") as handle:
-        try:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+    handle = None
+    if acc.is_main_process:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(entry.parent / f".{entry.name}.lock", "a")  # noqa: SIM115 (held across the yield)
+    try:
+        waited = False
+        while not rank0_decides(acc, _try_lock(handle, entry) if handle else None):
+            if not waited:
                 log.info("latent cache: another job is building %s; waiting for it", entry)
-                fcntl.flock(handle, fcntl.LOCK_EX)
-        except OSError as err:  # ENOLCK and friends: a file system without locks
-            log.warning("latent cache: cannot lock %s (%s); building without a lock", entry, err)
-        yield  # closing the file releases the lock
+                waited = True
+            time.sleep(LOCK_POLL_S)
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # releases the lock
 
 
 def open_or_build(cfg: Config, dataset: Any, comps: Any, acc: Any) -> CachedExamples | None:
@@ -288,10 +294,15 @@ def open_or_build(cfg: Config, dataset: Any, comps: Any, acc: Any) -> CachedExam
     if plan is None:
         return None
     entry = cache_dir(cfg) / "latents" / plan.key
-    with build_lock(entry, acc):
-        problem = _from_rank0(acc, verify(entry, plan.key, CACHE_VERSION) if acc.is_main_process else None)
-        if problem is not None:
-            _build(cfg, plan, dataset, comps, acc, entry, problem)
+
+    def check() -> str | None:
+        return rank0_decides(acc, verify(entry, plan.key, CACHE_VERSION) if acc.is_main_process else None)
+
+    if check() is not None:  # checked without the lock first: jobs that find it complete never queue up
+        with build_lock(entry, acc):
+            problem = check()  # again: the job we waited for may have built it
+            if problem is not None:
+                _build(cfg, plan, dataset, comps, acc, entry, problem)
     budget = cfg.data.cache_memory_mb * 2**20
     examples = CachedExamples(
         entry, budget, cfg.train.resolution, cfg.train.center_crop, cfg.train.random_flip

@@ -16,9 +16,15 @@ Curve = list[tuple[int, float]]
 
 
 def append(path: Path, record: dict[str, Any]) -> None:
+    """One line; after a line torn by a kill, a newline first, so only the torn line is lost."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fh.write(json.dumps(record) + "\n")
+    with path.open("ab+") as fh:  # appends go to the end whatever the read position
+        end = fh.seek(0, 2)
+        torn = False
+        if end:
+            fh.seek(end - 1)
+            torn = fh.read(1) != b"\n"
+        fh.write((b"\n" if torn else b"") + json.dumps(record).encode() + b"\n")
 
 
 def read(path: Path) -> tuple[Curve, Curve]:

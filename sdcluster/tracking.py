@@ -7,7 +7,8 @@ script trip over:
   second event file whose steps overlap the first, and W&B a brand-new run. Here TensorBoard's writer gets
   ``purge_step`` = the step after the resumed one, so events that a lost attempt logged past its last
   checkpoint are dropped and the curve goes on without a fork; W&B gets the run id kept in
-  ``<run>/tracker.json`` (written once, atomically) with ``resume="allow"``.
+  ``<run>/tracker.json`` (written once, atomically) with ``resume="allow"``, and the training step as a
+  value, since a resumed W&B run drops anything logged at a step below its last.
 * **No token in hparams.** accelerate writes the config it is given to ``hparams.yml`` (the seed's script
   leaked the hub token that way). We give it the semantic config only, flattened, and every string passes
   through :func:`sdcluster.redaction.redact`.
@@ -27,7 +28,8 @@ from sdcluster.config import TRACKERS, Config, ConfigError
 from sdcluster.paths import RunPaths, semantic_train_config
 from sdcluster.redaction import redact
 
-__all__ = ["TRACKERS", "accelerator_kwargs", "check_installed", "end", "hparams", "log", "start"]
+WANDB_STEP = "train/step"  # the training step, logged as a value to W&B (see start)
+__all__ = ["TRACKERS", "accelerator_kwargs", "check_installed", "end", "hparams", "log", "log_image", "start"]
 _PACKAGE = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
@@ -82,18 +84,31 @@ def start(acc: Any, cfg: Config, paths: RunPaths, step: int) -> None:
         return
     if cfg.train.tracker == "tensorboard":
         # A checkpoint at step k is saved after step k was logged: only events past k are stale.
-        init = {"tensorboard": {"purge_step": step + 1} if step else {}}
+        init = {"tensorboard": {"purge_step": step + 1}}
         name = "tensorboard"
     else:
         run_id = wandb_run_id(paths) if acc.is_main_process else ""
         init = {"wandb": {"id": run_id, "resume": "allow", "dir": str(paths.root), "name": paths.root.name}}
         name = cfg.train.tracker_project
     acc.init_trackers(name, config=hparams(cfg), init_kwargs=init)
+    if cfg.train.tracker == "wandb" and acc.is_main_process:
+        # A resumed W&B run refuses a step below its last one ("step must only increase"): after a resume
+        # the validation of step k and any step redone after a crash would be dropped. So W&B's own step
+        # only counts calls, and every chart is drawn against the training step logged as a value.
+        acc.get_tracker("wandb", unwrap=True).define_metric("*", step_metric=WANDB_STEP)
+
+
+def _values(cfg: Config, values: dict[str, Any], step: int) -> tuple[dict[str, Any], int | None]:
+    """What to log and the step to pass: W&B gets the step as a value instead (see :func:`start`)."""
+    if cfg.train.tracker == "wandb":
+        return {**values, WANDB_STEP: step}, None
+    return values, step
 
 
 def log(acc: Any, cfg: Config, values: dict[str, float], step: int) -> None:
     if cfg.train.tracker != "none":
-        acc.log(values, step=step)
+        values, at = _values(cfg, values, step)
+        acc.log(values, step=at)
 
 
 def log_image(acc: Any, cfg: Config, name: str, path: Path, step: int) -> None:
@@ -105,11 +120,13 @@ def log_image(acc: Any, cfg: Config, name: str, path: Path, step: int) -> None:
 
     with Image.open(path) as image:
         pixels = np.asarray(image.convert("RGB"))
-    tracker = acc.get_tracker(cfg.train.tracker)
     if cfg.train.tracker == "tensorboard":
-        tracker.log_images({name: pixels[None]}, step=step, dataformats="NHWC")
+        acc.get_tracker("tensorboard").log_images({name: pixels[None]}, step=step, dataformats="NHWC")
     else:
-        tracker.log_images({name: [pixels]}, step=step)
+        import wandb
+
+        values, _ = _values(cfg, {name: [wandb.Image(pixels)]}, step)
+        acc.get_tracker("wandb", unwrap=True).log(values)
 
 
 def end(acc: Any, cfg: Config) -> None:

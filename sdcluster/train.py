@@ -17,6 +17,7 @@ import torch
 
 from sdcluster import checkpoint, metrics, tracking, train_state
 from sdcluster.config import Config, ConfigError
+from sdcluster.distributed import rank0_decides
 from sdcluster.loss import diffusion_loss, model_inputs, step_generator
 from sdcluster.paths import RunPaths, semantic_train_config, stable_hash
 from sdcluster.preemption import PreemptionFlag
@@ -78,6 +79,32 @@ def _resume(t: Trainer) -> None:
             "Fix: inspect them, move the bad ones away, or set train.resume=never to start over"
         )
     log.info("no checkpoint to resume from in %s: starting at step 0", t.paths.checkpoints)
+
+
+def _set_aside_previous_run(t: Trainer) -> None:
+    """Move what an earlier run left in this run folder to ``previous/<time>/`` before starting at step 0.
+
+    A run starts over in its own folder with ``train.resume=never``, or when no checkpoint survived. Its
+    metrics, validation images, tracker run, checkpoints, export and generated images would otherwise be
+    mixed with the new run's (a stale final checkpoint would even stand in for the new one). Nothing is
+    deleted: the warning says where it went.
+    """
+    acc = t.accelerator
+    if acc.is_main_process:
+        root = t.paths.root
+        leftovers = sorted(p for p in root.iterdir() if p.name != "previous")
+        if leftovers:
+            dest = root / "previous" / time.strftime("%Y%m%dT%H%M%S")
+            dest.mkdir(parents=True, exist_ok=True)
+            for path in leftovers:
+                path.rename(dest / path.name)
+            log.warning(
+                "starting %s at step 0: moved an earlier run's %s to %s",
+                root,
+                ", ".join(p.name for p in leftovers),
+                dest,
+            )
+    acc.wait_for_everyone()
 
 
 def _loader(t: Trainer) -> Any:
@@ -145,24 +172,20 @@ def _validation_due(t: Trainer) -> bool:
     return bool(every) and t.step % every == 0 and 0 < t.step < t.cfg.train.max_steps
 
 
-def _validate(t: Trainer, unless_done: bool = False) -> None:
+def _validate(t: Trainer) -> None:
     """Held-out loss and validation images at ``t.step``; collective, and it leaves every RNG alone.
 
-    ``unless_done`` skips a step whose ``val_loss`` is already in metrics.jsonl: a job preempted right at a
-    validation step validates it after the resume (the save comes first, so the grace period goes to the
-    checkpoint), and a rerun of a finished run does not redo the final validation. Rank 0 reads the file
-    and tells the others, so every rank takes the same branch whatever their view of a network file system.
+    Skips a step whose ``val_loss`` is already in metrics.jsonl: a job preempted right at a validation step
+    validates it after the resume (the save comes first, so the grace period goes to the checkpoint), a job
+    resumed from an older checkpoint after a crash does not validate a step twice, and a rerun of a finished
+    run does not redo the final validation. Rank 0 reads the file and tells the others.
     """
-    from accelerate.utils import broadcast_object_list
-
     from sdcluster.validation import run_validation
 
-    if unless_done:
-        done = [t.step in metrics.validated_steps(t.paths.metrics) if t.accelerator.is_main_process else None]
-        if t.accelerator.num_processes > 1:
-            broadcast_object_list(done)
-        if done[0]:
-            return
+    acc = t.accelerator
+    done = t.step in metrics.validated_steps(t.paths.metrics) if acc.is_main_process else None
+    if rank0_decides(acc, done):
+        return
     record = run_validation(t, t.step)
     tracking.log(t.accelerator, t.cfg, {"val_loss": record["val_loss"]}, t.step)
     if record["images"] is not None:
@@ -175,7 +198,7 @@ def _loop(t: Trainer, flag: PreemptionFlag, stop_at: Callable[[int], bool] | Non
     losses: list[tuple[int, float]] = []
     loss_sum, count = torch.zeros((), device=acc.device), 0
     if _validation_due(t):  # resumed at a validation step the preempted job saved before validating
-        _validate(t, unless_done=True)
+        _validate(t)
     batches = iter(_loader(t))
     while t.step < cfg.train.max_steps:
         loss_sum += _micro_step(t, next(batches))
@@ -191,13 +214,16 @@ def _loop(t: Trainer, flag: PreemptionFlag, stop_at: Callable[[int], bool] | Non
             loss_sum, count = torch.zeros((), device=acc.device), 0
         if stop_at is not None and stop_at(t.step):
             flag.forced = True
-        if flag.agreed(acc):
+        if flag.agreed(acc):  # before validating: the grace period goes to the checkpoint first
             save_checkpoint(t, job_id)
             return losses, True
         if t.step % cfg.train.checkpoint_every == 0 and t.step < cfg.train.max_steps:
             save_checkpoint(t, job_id)
         if _validation_due(t):
             _validate(t)
+            if flag.agreed(acc):  # a signal that came while validating: save now, not a step later
+                save_checkpoint(t, job_id)
+                return losses, True
     return losses, False
 
 
@@ -218,6 +244,8 @@ def train(
     if acc.is_main_process:
         t.paths.root.mkdir(parents=True, exist_ok=True)
     _resume(t)
+    if t.step == 0:
+        _set_aside_previous_run(t)
     effective = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
     log.info(
         "training %s: steps %d->%d, effective batch %d (per device %d x accumulation %d x %d processes)",
@@ -245,10 +273,13 @@ def _train_and_export(
     result = TrainResult(t.paths.root, t.step, interrupted, losses=losses)
     if interrupted:
         return result
-    newest = checkpoint.complete_checkpoints(t.paths.checkpoints, warn=False)
-    if not newest or checkpoint.read_meta(newest[0]).step != t.step:
+    saved = None
+    if acc.is_main_process:  # rank 0 decides: save_checkpoint is collective
+        newest = checkpoint.complete_checkpoints(t.paths.checkpoints, warn=False)
+        saved = bool(newest) and checkpoint.read_meta(newest[0]).step == t.step
+    if not rank0_decides(acc, saved):
         save_checkpoint(t, job_id)
-    _validate(t, unless_done=True)
+    _validate(t)
     acc.wait_for_everyone()
     if acc.is_main_process:
         from sdcluster.export import export_pipeline

@@ -21,7 +21,7 @@ log = logging.getLogger("sdcluster")
 
 @dataclass
 class Trainer:
-    """What the loop works on; built once by :func:`_build`."""
+    """What the loop works on; built once by :func:`build_trainer`."""
 
     cfg: Config
     accelerator: Any

@@ -138,3 +138,22 @@ def test_missing_resume_target_is_an_error(make_cfg, tmp_path):
     cfg = make_cfg([*FAST, f"train.resume={tmp_path / 'nope' / 'step-00000005'}"])
     with pytest.raises(ConfigError, match="does not exist"):
         train(cfg)
+
+
+def test_starting_over_sets_the_earlier_run_aside(make_cfg, caplog):
+    """train.resume=never in a folder with a finished run: its files move to previous/, nothing is mixed."""
+    quick = [*FAST, "train.max_steps=2", "train.validation_steps=1", "train.tracker=tensorboard"]
+    first = train(make_cfg(quick))
+    before = sorted(p.name for p in first.run_dir.iterdir())
+    assert {"checkpoints", "metrics.jsonl", "model", "tensorboard", "validation"} <= set(before)
+
+    with caplog.at_level("WARNING", logger="sdcluster"):
+        again = train(make_cfg([*quick, "train.resume=never"]))
+    assert again.run_dir == first.run_dir and again.step == 2
+    (previous,) = (again.run_dir / "previous").iterdir()
+    assert sorted(p.name for p in previous.iterdir()) == before
+    assert f"moved an earlier run's {', '.join(before)} to {previous}" in caplog.text
+    records = [json.loads(line) for line in (again.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], "val_loss" in r) for r in records] == [(1, False), (2, False), (2, True)]
+    assert sorted(p.name for p in (again.run_dir / "checkpoints").iterdir()) == ["latest", "step-00000002"]
+    assert len(list((again.run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1

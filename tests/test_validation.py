@@ -164,22 +164,32 @@ def _final_unet(result) -> dict[str, torch.Tensor]:
 
 
 def test_training_validates_on_schedule_without_changing_training(tmp_path, make_cfg):
-    """Every validate_every steps and at the end, once each, across a preemption at a validation step and a
-    rerun of the finished run; and the trained weights are bitwise those of a run that never validated."""
-    quick = ["train.max_steps=4", "train.validation_steps=1", "train.use_ema=true", "train.log_every=1"]
-    cfg = make_cfg([*quick, "train.validate_every=2", "train.validation_prompts=[a pair of jeans]"])
+    """Every validate_every steps and at the end, once each: straight through, across a preemption at a
+    validation step and a rerun of the finished run; the weights are bitwise those of a run that never
+    validated."""
+    quick = ["train.max_steps=6", "train.validation_steps=1", "train.use_ema=true", "train.log_every=1"]
+    validating = [*quick, "train.validate_every=2", "train.validation_prompts=[a pair of jeans]"]
+
+    def roots(name: str) -> list[str]:
+        return [f"output_root={tmp_path / name}", f"jobs_root={tmp_path / name / 'jobs'}"]
+
+    straight_cfg = make_cfg([*validating, *roots("straight")])
+    straight = train(straight_cfg)
+    assert _val_steps(straight_cfg) == [2, 4, 6]  # 2 and 4 inside the loop, 6 at the end
+
+    cfg = make_cfg([*validating, *roots("preempted")])
     stopped = train(cfg, stop_at=lambda step: step == 2)
     assert stopped.interrupted and _val_steps(cfg) == []  # the save comes first, validation after resume
-    validated = train(cfg)
-    assert _val_steps(cfg) == [2, 4]
-    assert (validated.run_dir / "validation" / "step-00000002" / "grid.png").is_file()
-    train(cfg)  # the finished run again: resumes at step 4, nothing is validated twice
-    assert _val_steps(cfg) == [2, 4]
+    resumed = train(cfg)
+    assert _val_steps(cfg) == [2, 4, 6]
+    assert (resumed.run_dir / "validation" / "step-00000002" / "grid.png").is_file()
+    train(cfg)  # the finished run again: resumes at step 6, nothing is validated twice
+    assert _val_steps(cfg) == [2, 4, 6]
 
-    roots = [f"output_root={tmp_path / 'plain'}", f"jobs_root={tmp_path / 'plain-jobs'}"]
-    plain_cfg = make_cfg([*quick, *roots, "train.validate_every=0", "train.validation_prompts=[]"])
+    plain_cfg = make_cfg([*quick, *roots("plain"), "train.validate_every=0", "train.validation_prompts=[]"])
     plain = train(plain_cfg)
-    assert _val_steps(plain_cfg) == [4]  # validate_every=0: at the end only
-    assert plain.losses[-2:] == validated.losses
-    ours, theirs = _final_unet(validated), _final_unet(plain)
-    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert _val_steps(plain_cfg) == [6]  # validate_every=0: at the end only
+    assert plain.losses == straight.losses and plain.losses[2:] == resumed.losses
+    for other in (straight, resumed):
+        ours, theirs = _final_unet(other), _final_unet(plain)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
