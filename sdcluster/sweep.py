@@ -67,8 +67,29 @@ def _submit_points(cfgs: list[Config], task: str, sweep_dir: Path) -> list[list[
     return ids
 
 
+def check_distinct_outputs(points: list[Point]) -> None:
+    """Refuse points that would write one folder at once: a run folder is named by the settings that change
+    what is learned, so points that differ only in others (``train.log_every``, ``data.num_workers``, ...)
+    would train the same run concurrently; generation points likewise share an image folder."""
+    values = _swept_values(points)
+    seen: dict[Path, int] = {}
+    for i, point in enumerate(points):
+        training = point.cfg.task in ("train", "train_generate")
+        folder = paths.run_dir(point.cfg) if training else paths.generation_dir(point.cfg)
+        if folder in seen:
+            j = seen[folder]
+            what, changes = ("train", "what is learned") if training else ("generate into", "the images")
+            raise ConfigError(
+                f"sweep points {j} {values[j]} and {i} {values[i]} would {what} the same folder at once "
+                f"({folder}): they differ only in settings that do not change {changes}. Fix: sweep a key "
+                "that does, or run the values one after another"
+            )
+        seen[folder] = i
+
+
 def submit_sweep(points: list[Point], say: Say = print) -> int:
     """Validate every point, then submit them all; write the ledger; return at once."""
+    check_distinct_outputs(points)
     cfgs = [p.cfg for p in points]
     for i, cfg in enumerate(cfgs):
         if cfg.generate.shards > 1 and cfg.task != "train":
