@@ -89,12 +89,12 @@ def check_distinct_outputs(points: list[Point]) -> None:
 
 def submit_sweep(points: list[Point], say: Say = print) -> int:
     """Validate every point, then submit them all; write the ledger; return at once."""
-    check_distinct_outputs(points)
     cfgs = [p.cfg for p in points]
     for i, cfg in enumerate(cfgs):
         if cfg.generate.shards > 1 and cfg.task != "train":
             raise ConfigError(f"point {i}: generate.shards>1 is not supported inside a sweep. Fix: shards=1")
         preflight(cfg)
+    check_distinct_outputs(points)  # after each point's own checks, which name the more specific problem
     task = cfgs[0].task
     sweep_id = time.strftime("%Y%m%d-%H%M%S") + "-" + paths.stable_hash([p.overrides for p in points], 6)
     sweep_dir = Path(cfgs[0].output_root) / "sweeps" / sweep_id

@@ -66,6 +66,11 @@ def test_bad_sweep_point_stops_everything_before_queueing(slurm_cluster, tmp_pat
     assert "cluster.partition: 'nosuch'" in proc.stderr
     assert not (tmp_path / "jobs").exists()
 
+    proc, ids = launch(tmp_path, cache_root, "-m", *TRAIN, "train.log_every=5,10")
+    assert proc.returncode == 2 and not ids
+    assert "would train the same folder at once" in proc.stderr
+    assert not (tmp_path / "jobs").exists() and not (tmp_path / "outputs" / "sweeps").exists()
+
 
 def test_three_shards_equal_one_shard_byte_for_byte(slurm_cluster, tmp_path, cache_root, tiny_model):
     gen = [
