@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from sdcluster import ledger, metrics
+from sdcluster.paths import RunPaths
 
 _TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED")
 _PROGRESS = re.compile(r"(step \d+/\d+ \|.*)$")
@@ -95,7 +96,7 @@ def summary(job_id: str, folder: Path, task: int = 0) -> list[str]:
     if progress:
         lines.append(f"  last progress:   {progress}")
     if record.get("run_dir"):
-        _, val = metrics.read(Path(record["run_dir"]) / "metrics.jsonl")
+        _, val = metrics.read(RunPaths(Path(record["run_dir"])).metrics)
         if val:
             best = min(val, key=lambda point: point[1])
             lines.append(

@@ -103,6 +103,11 @@ class RunPaths:
         return self.root / "metrics.jsonl"
 
     @property
+    def tracker(self) -> Path:
+        """The W&B run id of this run folder (see :mod:`sdcluster.tracking`)."""
+        return self.root / "tracker.json"
+
+    @property
     def config(self) -> Path:
         return self.root / "config.yaml"
 

@@ -71,13 +71,12 @@ def check_distinct_outputs(points: list[Point]) -> None:
     """Refuse points that would write one folder at once: a run folder is named by the settings that change
     what is learned, so points that differ only in others (``train.log_every``, ``data.num_workers``, ...)
     would train the same run concurrently; generation points likewise share an image folder."""
-    values = _swept_values(points)
     seen: dict[Path, int] = {}
     for i, point in enumerate(points):
         training = point.cfg.task in ("train", "train_generate")
         folder = paths.run_dir(point.cfg) if training else paths.generation_dir(point.cfg)
         if folder in seen:
-            j = seen[folder]
+            j, values = seen[folder], _swept_values(points)
             what, changes = ("train", "what is learned") if training else ("generate into", "the images")
             raise ConfigError(
                 f"sweep points {j} {values[j]} and {i} {values[i]} would {what} the same folder at once "

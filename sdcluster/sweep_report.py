@@ -15,6 +15,7 @@ from typing import Any
 
 from sdcluster import ledger, metrics
 from sdcluster.logs import find_job
+from sdcluster.paths import RunPaths
 from sdcluster.progress import format_duration
 from sdcluster.sweep_ledger import job_state, load
 
@@ -33,11 +34,6 @@ class Row:
     best_val_loss: float | None
     last_val_loss: float | None
     wall: str
-
-
-def read_metrics(run_dir: Path) -> tuple[metrics.Curve, metrics.Curve]:
-    """(training losses, validation losses) of a run folder."""
-    return metrics.read(run_dir / "metrics.jsonl")
 
 
 def _seconds(stamp: str | None) -> float | None:
@@ -61,7 +57,7 @@ def rows(record: dict[str, Any]) -> list[Row]:
         jobs_root = Path(point["config"]["jobs_root"])
         folder = find_job(job_id, jobs_root)
         job = ledger.read(folder) if folder else {}
-        train, val = read_metrics(Path(point["run_dir"]))
+        train, val = metrics.read(RunPaths(Path(point["run_dir"])).metrics)
         out.append(
             Row(
                 point=point["index"],
@@ -106,7 +102,7 @@ def plot(record: dict[str, Any], dest: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for point in record["points"]:
-        train, val = read_metrics(Path(point["run_dir"]))
+        train, val = metrics.read(RunPaths(Path(point["run_dir"])).metrics)
         label = " ".join(f"{k}={v}" for k, v in point["values"].items()) or f"point {point['index']}"
         if train:
             (line,) = ax.plot(*zip(*train, strict=True), label=f"{label} train")

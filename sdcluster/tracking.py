@@ -24,19 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from sdcluster.atomic import write_json
-from sdcluster.config import TRACKERS, Config, ConfigError
+from sdcluster.config import Config, ConfigError
 from sdcluster.paths import RunPaths, semantic_train_config
 from sdcluster.redaction import redact
 
 WANDB_STEP = "train/step"  # the training step, logged as a value to W&B (see start)
-__all__ = ["TRACKERS", "accelerator_kwargs", "check_installed", "end", "hparams", "log", "log_image", "start"]
-_PACKAGE = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
 def check_installed(cfg: Config) -> None:
     """Fail before queueing when the tracker's package is missing (the job would only fail at its start)."""
-    package = _PACKAGE.get(cfg.train.tracker)
-    if package and importlib.util.find_spec(package) is None:
+    package = cfg.train.tracker  # each tracker's package has its name
+    if package != "none" and importlib.util.find_spec(package) is None:
         raise ConfigError(
             f"train.tracker={cfg.train.tracker} needs the {package} package, which is not installed. "
             f"Fix: pip install {package}, or train.tracker=none (metrics.jsonl is always written)"
@@ -70,7 +68,7 @@ def hparams(cfg: Config) -> dict[str, Any]:
 
 def wandb_run_id(paths: RunPaths) -> str:
     """The run folder's W&B id: made on the first start, read back by every requeue and rerun."""
-    record = paths.root / "tracker.json"
+    record = paths.tracker
     if record.is_file():
         return json.loads(record.read_text())["wandb_run_id"]
     run_id = uuid.uuid4().hex[:16]

@@ -44,7 +44,7 @@ def weights_checksum(model: torch.nn.Module) -> str:
     return f"{total:.10e}"
 
 
-def _make_accelerator(cfg: Config) -> Any:
+def _make_accelerator(cfg: Config, paths: RunPaths) -> Any:
     from accelerate import Accelerator
 
     from sdcluster.tracking import accelerator_kwargs
@@ -59,7 +59,7 @@ def _make_accelerator(cfg: Config) -> Any:
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
         cpu=not cuda,
-        **accelerator_kwargs(cfg, run_paths(cfg)),
+        **accelerator_kwargs(cfg, paths),
     )
 
 
@@ -98,7 +98,8 @@ def build_trainer(cfg: Config) -> Trainer:
     """Accelerator, models, EMA, optimizer and LR schedule for ``cfg``, at step 0 (resume comes next)."""
     from diffusers.optimization import get_scheduler
 
-    accelerator = _make_accelerator(cfg)
+    paths = run_paths(cfg)
+    accelerator = _make_accelerator(cfg, paths)
     comps = load_components(cfg.model, cfg.cache_root)
     _prepare_models(cfg, comps, accelerator)
     unet = comps.unet.to(accelerator.device)
@@ -124,6 +125,15 @@ def build_trainer(cfg: Config) -> Trainer:
         num_training_steps=cfg.train.max_steps,
     )
     unet, optimizer = accelerator.prepare(unet, optimizer)
-    trainer = Trainer(cfg, accelerator, comps, unet, optimizer, lr_scheduler, ema, names, run_paths(cfg))
-    trainer.params = list(unet.parameters())
-    return trainer
+    return Trainer(
+        cfg,
+        accelerator,
+        comps,
+        unet,
+        optimizer,
+        lr_scheduler,
+        ema,
+        names,
+        paths,
+        params=list(unet.parameters()),
+    )
