@@ -39,5 +39,5 @@ format:  ## ruff fix + format
 	$(PYTHON) -m ruff format sdcluster tests benchmarks
 
 cluster: slurm-packages  ## start a single-node SLURM on this machine to try sdcluster (prints SLURM_CONF)
-	$(PYTHON) -m sdcluster.slurm_sandbox start
-	@$(PYTHON) -m sdcluster.slurm_sandbox env
+	$(PYTHON) -m sdcluster.cluster.sandbox start
+	@$(PYTHON) -m sdcluster.cluster.sandbox env

@@ -1,6 +1,6 @@
 """What every benchmark shares: the two model sizes, the seed's settings, statistics, tables, peak memory.
 
-Models (random weights, built offline like :mod:`sdcluster.tiny_model`, real diffusers/transformers classes):
+Models (random weights, built offline like :mod:`sdcluster.models.tiny`, real diffusers/transformers classes):
 
 * ``tiny``: the embedded test model (1.4M-parameter UNet) at 64 px.
 * ``small``: SD-1.x-shaped at about 1/5 width: UNet (64, 128, 256, 256) with SD 1.x's block layout
@@ -51,7 +51,7 @@ SMALL_TEXT: dict[str, Any] = {
 
 def build_small_pipeline(dest: Path) -> Path:
     """Write the ``small`` pipeline folder (fixed seeds, so every machine builds the same weights)."""
-    from sdcluster.tiny_model import build_pipeline
+    from sdcluster.models.tiny import build_pipeline
 
     return build_pipeline(dest, SMALL_UNET, SMALL_VAE, SMALL_TEXT)
 
@@ -59,7 +59,7 @@ def build_small_pipeline(dest: Path) -> Path:
 def model_path(size: str) -> Path:
     """The pipeline folder of ``tiny`` or ``small``, built on first use under :data:`CACHE_ROOT`."""
     if size == "tiny":
-        from sdcluster.tiny_model import ensure_tiny_model
+        from sdcluster.models.tiny import ensure_tiny_model
 
         return ensure_tiny_model(CACHE_ROOT)
     dest = CACHE_ROOT / "models" / f"small-v{SMALL_VERSION}"
@@ -101,7 +101,7 @@ def set_threads() -> int:
     """Size torch's threads as a job does (the CPU allocation), so every variant runs on the same pool."""
     import torch
 
-    from sdcluster.distributed import cpu_threads
+    from sdcluster.cluster.distributed import cpu_threads
 
     torch.set_num_threads(cpu_threads(1))
     return torch.get_num_threads()

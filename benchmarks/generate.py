@@ -86,7 +86,7 @@ def run_one(variant: str, size: str) -> dict[str, float]:
     # Imports before the clock: they are start-up (benchmarks.startup), the same for every variant.
     from diffusers import StableDiffusionPipeline  # noqa: F401
 
-    import sdcluster.generate  # noqa: F401
+    import sdcluster.generate.job  # noqa: F401
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -95,7 +95,7 @@ def run_one(variant: str, size: str) -> dict[str, float]:
         if variant == "batch-1 loop":
             images = _batch1_loop(size, out)
         else:
-            from sdcluster.generate import generate_images
+            from sdcluster.generate.job import generate_images
 
             images = generate_images(_config(size, out, int(variant.rsplit(" ", 1)[1]))).generated
         seconds = time.perf_counter() - started

@@ -26,13 +26,13 @@ from benchmarks import common
 
 def child(started: float, out: Path) -> None:
     """The measured process: a training job that stops after its first optimizer step."""
-    from sdcluster import jobs
+    from sdcluster.cluster import callables
 
     marks = {"interpreter up": time.time() - started}
     cfg = common.seed_config("tiny", out, batch_size=2, use_ema=False, max_steps=40)
 
     def body(cfg, flag, dist):
-        from sdcluster.train import train
+        from sdcluster.train.loop import train
 
         def first_step(step: int) -> bool:
             marks["first optimizer step"] = time.time() - started
@@ -40,9 +40,9 @@ def child(started: float, out: Path) -> None:
 
         marks["job body starts"] = time.time() - started
         result = train(cfg, flag=flag, stop_at=first_step)
-        return jobs.Outcome(False, result.step)
+        return callables.Outcome(False, result.step)
 
-    jobs.run_job(cfg, "train", body)
+    callables.run_job(cfg, "train", body)
     print(json.dumps({**marks, "peak_rss_mb": common.peak_rss_mb()}))
 
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         child(args.started, args.child)
         return
     with tempfile.TemporaryDirectory() as out:  # builds the model and the cache, outside the timing
-        from sdcluster.train import train
+        from sdcluster.train.loop import train
 
         train(common.seed_config("tiny", Path(out), batch_size=2, use_ema=False, max_steps=1))
     runs = []

@@ -7,7 +7,8 @@
   precomputed latents and text embeddings: nothing a step cannot do without.
 * **sdcluster**: :func:`sdcluster.train.train` itself, timed between its optimizer steps (``stop_at`` hook),
   cache built beforehand: everything the real loop does (data loader, posterior sampling, grad clipping,
-  LR scheduler, the EMA (one fused lerp, :mod:`sdcluster.ema`), the loss reduced for logging every 10 steps).
+  LR scheduler, the EMA (one fused lerp, :mod:`sdcluster.train.ema`), the loss reduced for logging every 10
+  steps).
 * **reference**: what diffusers' ``train_text_to_image.py`` does per step: images augmented and VAE-encoded
   every step, the text encoder every step, ``AdamW`` with torch's defaults, clipping, ``EMAModel`` with its
   default per-parameter loop, and the loss read back (``.item()``) every step.
@@ -52,7 +53,7 @@ def _floor_step(cfg: Any) -> Any:
     import torch
     import torch.nn.functional as F
 
-    from sdcluster.models import load_components
+    from sdcluster.models.load import load_components
 
     comps = load_components(cfg.model, cfg.cache_root)
     with torch.no_grad():
@@ -84,7 +85,7 @@ def _reference_step(cfg: Any) -> Any:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    from sdcluster.models import load_components
+    from sdcluster.models.load import load_components
 
     comps = load_components(cfg.model, cfg.cache_root)
     vae, text_encoder, sched = comps.vae, comps.text_encoder, comps.noise_scheduler
@@ -138,7 +139,7 @@ def _time_closure(step: Any, warmup: int, steps: int) -> float:
 
 def _time_sdcluster(cfg: Any, warmup: int, steps: int) -> float:
     """Seconds per step of the real training loop, between its (warmup)-th and last optimizer step."""
-    from sdcluster.train import train
+    from sdcluster.train.loop import train
 
     marks: list[float] = []
     last = warmup + steps
@@ -169,7 +170,7 @@ def run_one(variant: str, size: str, warmup: int, steps: int) -> dict[str, float
 def _prepare(size: str) -> None:
     """Build the model and the latent cache before anything is timed (a cache build is not a step)."""
     with tempfile.TemporaryDirectory() as out:
-        from sdcluster.train import train
+        from sdcluster.train.loop import train
 
         train(common.seed_config(size, Path(out), max_steps=1))
 

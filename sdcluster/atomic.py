@@ -1,16 +1,29 @@
-"""Atomic file writes: readers (another rank, ``sdcluster.logs``, a resumed job) see the old or the new file.
+"""Crash-safe writes: a reader (another rank, ``sdcluster.logs``, a resumed job) sees the old or new state.
 
-Every run-level file goes through here: write under a temporary name in the same folder, fsync, rename.
-A job killed mid-write leaves only a ``.*.tmp`` file behind, never a truncated result.
+Every run-level file and folder goes through here:
+
+* a file is written under a temporary name in the same folder, fsynced, then renamed over the old one;
+* a folder (checkpoint, export, latent-cache entry, built model) is filled under a temporary name, its files
+  fsynced, then renamed into place by :func:`publish_dir`, so it is complete or absent;
+* a JSON-lines file (metrics, manifest parts) is appended one line at a time by :func:`append_jsonl`, which
+  first closes a line torn by a kill, and read by :func:`read_jsonl`, which skips such a line.
+
+A job killed mid-write leaves only a ``.*.tmp`` file or a temporary folder behind, never a truncated result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("sdcluster")
 
 
 def write_bytes(path: Path | str, data: bytes, mode: int | None = None) -> Path:
@@ -38,3 +51,79 @@ def write_text(path: Path | str, text: str) -> Path:
 
 def write_json(path: Path | str, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def fsync_path(path: Path) -> None:
+    """Flush one file or folder entry to disk (a rename is only durable once its folder is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def staging_dir(dest: Path) -> Path:
+    """A fresh temporary folder beside ``dest`` (same file system, so :func:`publish_dir` is one rename)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+
+
+def publish_dir(tmp: Path, dest: Path, replace: bool = True) -> bool:
+    """Make the complete folder ``tmp`` appear as ``dest`` in one rename; True when ``tmp`` was published.
+
+    Every file in ``tmp`` is fsynced first. An existing ``dest`` is moved aside and deleted only after the
+    new folder is in place (``replace=True``), so ``dest`` is always the old or the new folder, never a mix.
+    With ``replace=False`` an existing ``dest`` wins (another writer published the same content first, and
+    its readers may already have it open): ``tmp`` is discarded and False returned. Losing a rename race to
+    a concurrent publisher is the same case.
+    """
+    for path in sorted(tmp.rglob("*")):
+        if path.is_file():
+            fsync_path(path)
+    if dest.exists() and not replace:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    aside = dest.with_name(f".old-{dest.name}-{uuid.uuid4().hex[:8]}")
+    with contextlib.suppress(FileNotFoundError):
+        os.rename(dest, aside)
+    try:
+        os.rename(tmp, dest)
+    except OSError:  # a concurrent publisher put its folder there between our two renames
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+    fsync_path(dest.parent)
+    return True
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line and fsync; a line torn by a kill is closed first, so only it is lost."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab+") as fh:  # appends go to the end whatever the read position
+        end = fh.seek(0, os.SEEK_END)
+        torn = False
+        if end:
+            fh.seek(end - 1)
+            torn = fh.read(1) != b"\n"
+        fh.write((b"\n" if torn else b"") + json.dumps(record).encode() + b"\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The objects of a JSON-lines file in order; a line torn by a kill (or not an object) is skipped."""
+    records = []
+    if not path.is_file():
+        return records
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s:%d: skipping an incomplete line (interrupted write)", path, number)
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records

@@ -1,35 +1,31 @@
 """Entry point: ``python -m sdcluster.launch [+cluster=slurm] [overrides]`` (``-m`` for a sweep).
 
-Hydra composes ``conf/``, the schema in :mod:`sdcluster.config` validates it, and :mod:`sdcluster.runner`
-checks what it can on this node and submits. The job functions never see Hydra.
+Hydra composes the config tree (the package's ``conf/``, then ``conf/local/`` of the working directory for
+site settings, then the command line), the schema in :mod:`sdcluster.config` validates it, and
+:func:`sdcluster.cluster.launching.launch` checks what it can on this node and submits. A multirun goes
+through Hydra's launcher plugin (``hydra_plugins/sdcluster_launcher``) to :mod:`sdcluster.sweep`. The job
+functions never see Hydra.
 
     python -m sdcluster.launch                                  # tiny model, sample data, local executor
     python -m sdcluster.launch +cluster=slurm cluster.partition=gpu cluster.gpus_per_node=4
     python -m sdcluster.launch -m +cluster=slurm optim.lr=1e-5,5e-6
     python -m sdcluster.launch experiment=jeans_sd14 data=imagefolder data.path=DIR +cluster=slurm
-
-A sweep on SLURM is collected point by point while Hydra runs its multirun, then validated and submitted as
-one job array after Hydra returns (:mod:`sdcluster.sweep`): the login node never waits on the jobs. With the
-local executor the points simply run one after another.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from sdcluster.conf_store import register
 from sdcluster.config import Config, ConfigError
+from sdcluster.config.store import conf_dir, register
 from sdcluster.paths import absolutize
 
 register()
-
-_SWEEP_POINTS: list = []  # sweep.Point objects collected during a SLURM multirun
 
 
 def to_config(dcfg: DictConfig) -> Config:
@@ -47,41 +43,22 @@ def to_config(dcfg: DictConfig) -> Config:
     return absolutize(cfg)
 
 
-def _fail(err: ConfigError) -> None:
+def fail(err: ConfigError) -> NoReturn:
     print(f"sdcluster: configuration error: {err}", file=sys.stderr)
     sys.exit(2)
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="config")
+@hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")
 def main(dcfg: DictConfig) -> None:
+    from sdcluster.cluster.launching import launch
+
     try:
-        cfg = to_config(dcfg)
-        hydra_cfg = HydraConfig.get()
-        if hydra_cfg.mode == RunMode.MULTIRUN and cfg.cluster.name == "slurm" and not cfg.launch.dry_run:
-            from sdcluster.sweep import Point
-
-            _SWEEP_POINTS.append(Point(cfg, list(hydra_cfg.overrides.task)))
-            return
-        from sdcluster.runner import launch
-
-        code = launch(cfg)
+        code = launch(to_config(dcfg))
     except ConfigError as err:
-        _fail(err)
+        fail(err)
     if code:
         sys.exit(code)
 
 
-def run() -> None:
-    """Hydra first (composition, multirun expansion), then the collected sweep, if any."""
-    main()
-    if _SWEEP_POINTS:
-        from sdcluster.sweep import submit_sweep
-
-        try:
-            sys.exit(submit_sweep(_SWEEP_POINTS))
-        except ConfigError as err:
-            _fail(err)
-
-
 if __name__ == "__main__":
-    run()
+    main()

@@ -2,71 +2,25 @@
 
 Prints the scheduler's state and exit code (``sacct``, falling back to ``squeue``), the attempts recorded in
 ``job.json`` (requeues and their reasons), the last progress line, where the outputs are, and the log itself.
-Without an id it lists recent jobs. Works from any directory: submissions are indexed in
-``~/.sdcluster/jobs.tsv`` (override with ``SDCLUSTER_HOME``).
+A job array's id (what submission printed) lists its tasks and shows the first. Without an id it lists the
+user's recent jobs. Works from any directory: submissions are indexed in ``~/.sdcluster/jobs.tsv`` (override
+with ``SDCLUSTER_HOME``).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from sdcluster import ledger, metrics
-from sdcluster.paths import RunPaths
+from sdcluster import paths
+from sdcluster.cluster import records, scheduler
+from sdcluster.train import metrics
 
-_TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED")
 _PROGRESS = re.compile(r"(step \d+/\d+ \|.*)$")
-
-
-def index_file() -> Path:
-    return Path(os.environ.get("SDCLUSTER_HOME", Path.home() / ".sdcluster")) / "jobs.tsv"
-
-
-def index_job(job_id: str, folder: Path) -> None:
-    """Remember where a job's folder is, so ``logs <id>`` works from any directory."""
-    path = index_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fh.write(f"{job_id}\t{folder.resolve()}\n")
-
-
-def find_job(job_id: str, jobs_root: Path) -> Path | None:
-    local = jobs_root / job_id
-    if (local / ledger.JOB_JSON).is_file():
-        return local
-    if index_file().is_file():
-        for line in reversed(index_file().read_text().splitlines()):
-            jid, _, folder = line.partition("\t")
-            if jid == job_id and Path(folder).is_dir():
-                return Path(folder)
-    return None
-
-
-def log_file(folder: Path, job_id: str, task: int, err: bool) -> Path:
-    return folder / f"{job_id}_{task}_log.{'err' if err else 'out'}"
-
-
-def scheduler_state(job_id: str) -> tuple[str, str] | None:
-    """(state, exit code) from sacct, else (state, '') from squeue, else None (not a SLURM job / no SLURM)."""
-    commands = (
-        ["sacct", "-j", job_id, "-n", "-X", "-P", "-o", "State,ExitCode"],
-        ["squeue", "-h", "-j", job_id, "-o", "%T"],
-    )
-    for cmd in commands:
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=False)
-        except (FileNotFoundError, subprocess.TimeoutExpired):
-            continue
-        lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
-        if out.returncode == 0 and lines:
-            state, _, code = lines[-1].partition("|")
-            return state.split()[0], code
-    return None
+_GONE = "RUNNING, but its process is gone (killed without a word, or the machine rebooted)"
 
 
 def last_progress(path: Path) -> str | None:
@@ -80,23 +34,46 @@ def last_progress(path: Path) -> str | None:
     return found
 
 
+def recorded_state(record: dict) -> str:
+    """The recorded state, unless the record says RUNNING for a process that no longer exists."""
+    state = record.get("state", "?")
+    attempts = record.get("attempts") or []
+    if state == "RUNNING" and attempts and records.process_gone(attempts[-1]):
+        return _GONE
+    return state
+
+
+def _never_ran(record: dict, sched: tuple[str, str] | None) -> str | None:
+    """Why a dependent job never started: the job it waited on (``afterok``) did not complete."""
+    after = record.get("after")
+    if not after or record.get("attempts") or sched is None or sched[0] not in ("CANCELLED", "PENDING"):
+        return None
+    upstream = scheduler.job_state(after)
+    if upstream is None or upstream[0] in ("COMPLETED", "PENDING", "RUNNING"):
+        return None
+    return f"  never ran: it waited (afterok) on job {after}, which ended {upstream[0]}"
+
+
 def summary(job_id: str, folder: Path, task: int = 0) -> list[str]:
-    record = ledger.read(folder)
+    record = records.read(folder)
     lines = [f"job {job_id}: {record.get('task', '?')} on {record.get('cluster', '?')}"]
-    sched = scheduler_state(job_id) if record.get("cluster") == "slurm" else None
+    sched = scheduler.job_state(job_id) if record.get("cluster") == "slurm" else None
     if sched:
         lines.append(f"  scheduler state: {sched[0]}" + (f" (exit code {sched[1]})" if sched[1] else ""))
-    lines.append(f"  recorded state:  {record.get('state', '?')}")
+    lines.append(f"  recorded state:  {recorded_state(record)}")
+    never = _never_ran(record, sched)
+    if never:
+        lines.append(never)
     for i, attempt in enumerate(record.get("attempts", []), 1):
         details = ", ".join(
             f"{k} {attempt[k]}" for k in ("state", "step", "exit_reason", "requeued") if k in attempt
         )
         lines.append(f"  attempt {i} (restart {attempt.get('restart_count', 0)}): {details}")
-    progress = last_progress(log_file(folder, job_id, task, err=False))
+    progress = last_progress(paths.job_log(folder, job_id, task))
     if progress:
         lines.append(f"  last progress:   {progress}")
     if record.get("run_dir"):
-        _, val = metrics.read(RunPaths(Path(record["run_dir"])).metrics)
+        _, val = metrics.read(paths.RunPaths(Path(record["run_dir"])).metrics)
         if val:
             best = min(val, key=lambda point: point[1])
             lines.append(
@@ -121,26 +98,43 @@ def follow(path: Path, job_id: str, folder: Path, poll_s: float = 2.0) -> None:
                 offset = fh.tell()
             sys.stdout.write(chunk)
             sys.stdout.flush()
-        sched = scheduler_state(job_id)
-        state = sched[0] if sched else ledger.read(folder).get("state", "")
-        if state in _TERMINAL:
+        sched = scheduler.job_state(job_id)
+        record = records.read(folder)
+        state = sched[0] if sched else recorded_state(record)
+        if state in scheduler.TERMINAL or state == _GONE:
             return
         time.sleep(poll_s)
 
 
 def list_recent(jobs_root: Path, limit: int = 20) -> list[str]:
+    """The user's jobs, newest first: those under ``jobs_root`` and those in the index (any directory)."""
+    found = {job_id: records.read(folder) for job_id, folder in records.indexed_jobs()}
+    found.update(records.list_jobs(jobs_root))
+    newest = sorted(found.items(), key=lambda item: item[1].get("submitted", ""), reverse=True)
     rows = [f"{'job':<14} {'task':<9} {'state':<11} {'submitted':<25} run"]
-    for job_id, record in ledger.list_jobs(jobs_root)[:limit]:
+    for job_id, record in newest[:limit]:
+        state = "DIED" if recorded_state(record) == _GONE else record.get("state", "?")
         rows.append(
-            f"{job_id:<14} {record.get('task', '?'):<9} {record.get('state', '?'):<11} "
+            f"{job_id:<14} {record.get('task', '?'):<9} {state:<11} "
             f"{record.get('submitted', '?'):<25} {record.get('run_dir', '')}"
         )
     return rows
 
 
+def _array_listing(job_id: str, tasks: list[str], jobs_root: Path) -> list[str]:
+    lines = [f"job array {job_id}: {len(tasks)} tasks (show one with: python -m sdcluster.logs {job_id}_<k>)"]
+    for task_id in tasks:
+        folder = records.find_job(task_id, jobs_root)
+        record = records.read(folder) if folder else {}
+        sched = scheduler.job_state(task_id) if record.get("cluster") == "slurm" else None
+        state = sched[0] if sched else recorded_state(record)
+        lines.append(f"  {task_id:<14} {record.get('task', '?'):<9} {state}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sdcluster.logs", description=__doc__.splitlines()[0])
-    parser.add_argument("job_id", nargs="?", help="e.g. 5256095 or 5256095_3 for an array task")
+    parser.add_argument("job_id", nargs="?", help="e.g. 5256095, or 5256095_3 for one task of an array")
     parser.add_argument("--task", type=int, default=0, help="rank (SLURM task) whose log to show")
     parser.add_argument("--err", action="store_true", help="show stderr instead of stdout")
     parser.add_argument("--follow", action="store_true", help="keep printing until the job ends")
@@ -149,19 +143,25 @@ def main(argv: list[str] | None = None) -> int:
     if not args.job_id:
         print("\n".join(list_recent(args.jobs_root)))
         return 0
-    folder = find_job(args.job_id, args.jobs_root)
+    job_id = args.job_id
+    tasks = records.array_tasks(job_id, args.jobs_root)
+    if tasks:
+        print("\n".join(_array_listing(job_id, tasks, args.jobs_root)))
+        job_id = tasks[0]
+    folder = records.find_job(job_id, args.jobs_root)
     if folder is None:
         print(
-            f"sdcluster.logs: no job {args.job_id} under {args.jobs_root.resolve()} or in {index_file()}. "
+            f"sdcluster.logs: no job {args.job_id} under {args.jobs_root.resolve()} "
+            f"or in {paths.job_index()}. "
             "Run `python -m sdcluster.logs` to list known jobs.",
             file=sys.stderr,
         )
         return 2
-    print("\n".join(summary(args.job_id, folder, args.task)))
-    path = log_file(folder, args.job_id, args.task, args.err)
+    print("\n".join(summary(job_id, folder, args.task)))
+    path = paths.job_log(folder, job_id, args.task, args.err)
     print(f"---- {path}")
     if args.follow:
-        follow(path, args.job_id, folder)
+        follow(path, job_id, folder)
     elif path.is_file():
         print(path.read_text(errors="replace"), end="")
     else:

@@ -8,7 +8,9 @@ Layout::
         generated/<hash>/                images + manifest.jsonl of one generation setting
         tensorboard/, metrics.jsonl, config.yaml
     outputs/generate/<hash>/             generation from a model that is not a run of ours
+    outputs/sweeps/<id>/                 a sweep's ledger (sweep.json), report.csv, report.png
     jobs/<job_id>/                       one folder per scheduler job: logs, sbatch script, config, job.json
+    ~/.sdcluster/jobs.tsv                the user's index of job folders ($SDCLUSTER_HOME)
     .cache/sdcluster/                    built tiny model, latent caches
 
 Because the run folder is a hash of the settings that change what is learned, resubmitting the same command
@@ -20,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +73,11 @@ def semantic_train_config(cfg: Config) -> dict:
     }
 
 
+def config_hash(cfg: Config) -> str:
+    """The run's identity as recorded in every checkpoint (the run folder name uses its first 8 digits)."""
+    return stable_hash(semantic_train_config(cfg), length=16)
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "run"
 
@@ -104,7 +112,7 @@ class RunPaths:
 
     @property
     def tracker(self) -> Path:
-        """The W&B run id of this run folder (see :mod:`sdcluster.tracking`)."""
+        """The W&B run id of this run folder (see :mod:`sdcluster.train.tracking`)."""
         return self.root / "tracker.json"
 
     @property
@@ -146,6 +154,25 @@ def generation_dir(cfg: Config) -> Path:
 def job_dir(cfg: Config, job_id: str) -> Path:
     """``jobs/<job_id>``; array tasks (``123_4``) get their own folder."""
     return Path(cfg.jobs_root) / str(job_id)
+
+
+def job_log(folder: Path, job_id: str, task: int, err: bool = False) -> Path:
+    """submitit's per-task log in a job folder: ``<job_id>_<task>_log.out`` (``.err`` for stderr)."""
+    return Path(folder) / f"{job_id}_{task}_log.{'err' if err else 'out'}"
+
+
+def job_index() -> Path:
+    """Where the user's submissions are indexed (job id -> folder), so ``logs`` works from any directory."""
+    return sdcluster_home() / "jobs.tsv"
+
+
+def sdcluster_home() -> Path:
+    return Path(os.environ.get("SDCLUSTER_HOME", Path.home() / ".sdcluster"))
+
+
+def sweep_dir(output_root: Path | str, sweep_id: str) -> Path:
+    """``outputs/sweeps/<id>``: one sweep's ledger, report and plot."""
+    return Path(output_root) / "sweeps" / sweep_id
 
 
 def submitit_folder(cfg: Config) -> Path:

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from sdcluster import slurm_sandbox
+from sdcluster.cluster import sandbox
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[slurm_sandbox.SandboxInfo]:
+def slurm_cluster() -> Iterator[sandbox.SandboxInfo]:
     """Start (or reuse) the sandbox and point this process and its children at it.
 
     Missing packages make the test fail, not skip: a skipped `slurm` test would look like coverage it is
@@ -28,8 +28,8 @@ def slurm_cluster() -> Iterator[slurm_sandbox.SandboxInfo]:
     if os.geteuid() != 0:
         pytest.fail("the SLURM sandbox needs root (slurmd starts jobs as their user)", pytrace=False)
     try:
-        info, problem = slurm_sandbox.start(), ""
-    except slurm_sandbox.SandboxError as err:
+        info, problem = sandbox.start(), ""
+    except sandbox.SandboxError as err:
         info, problem = None, str(err)
     if info is None:  # failed outside the except block, so pytest does not print the message twice
         pytest.fail(f"SLURM sandbox did not come up:\n{problem}", pytrace=False)

@@ -1,0 +1,1 @@
+"""sdcluster's Hydra launcher plugin: Hydra discovers launchers in the ``hydra_plugins`` namespace."""

@@ -1,0 +1,97 @@
+"""Checks that run on the login node before anything is queued.
+
+A job that waits six hours in a queue to die on a typo wastes a day; every check here names the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from sdcluster import paths
+from sdcluster.cluster import scheduler
+from sdcluster.config import Config, ConfigError, check_config
+from sdcluster.models.load import check_model_source
+from sdcluster.redaction import reject_secrets
+from sdcluster.train.tracking import check_installed
+
+
+def check_data(cfg: Config) -> None:
+    from sdcluster.data.metadata import validate
+
+    folder = Path(cfg.data.path)
+    if not folder.is_dir():
+        raise ConfigError(
+            f"data.path: {folder} is not a folder. Fix: data=imagefolder data.path=DIR (images + "
+            "metadata.jsonl; make one with python -m sdcluster.data prepare DIR)"
+        )
+    problems = validate(folder, max_pixels=cfg.data.max_pixels, caption_column=cfg.data.caption_column)
+    if not problems:
+        from sdcluster.data.metadata import read_metadata
+        from sdcluster.data.split import holdout_split
+
+        try:
+            holdout_split(len(read_metadata(folder)), cfg.data.holdout)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    if problems:
+        listing = "\n  ".join(str(p) for p in problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise ConfigError(
+            f"data.path: {folder} has {len(problems)} problem(s):\n  {listing}{more}\n"
+            f"Fix them, then check with: python -m sdcluster.data validate {folder}"
+        )
+
+
+def check_generation_inputs(cfg: Config) -> None:
+    prompts_file = cfg.generate.prompts_file
+    if prompts_file and not Path(prompts_file).is_file():
+        raise ConfigError(f"generate.prompts_file: {prompts_file} does not exist. Fix: give a text file path")
+    if cfg.task == "generate":
+        from sdcluster.generate.render import require_model
+
+        require_model(paths.generation_model(cfg))
+
+
+def check_slurm(cfg: Config) -> None:
+    """sbatch present, controller answering, partition known: the three things users get wrong first."""
+    try:
+        partitions = scheduler.partitions()
+    except scheduler.SchedulerUnavailable as err:
+        if "not on PATH" in str(err):
+            raise ConfigError(
+                f"cluster=slurm: {err}. Fix: run from a login node of the cluster "
+                "(or `module load slurm`), or use the local executor (drop +cluster=slurm)"
+            ) from None
+        raise ConfigError(
+            f"cluster=slurm: {err}. Fix: check SLURM_CONF and that slurmctld is up (`scontrol ping`)"
+        ) from None
+    if cfg.cluster.partition and cfg.cluster.partition not in partitions:
+        raise ConfigError(
+            f"cluster.partition: {cfg.cluster.partition!r} is not a partition of this cluster. "
+            f"Fix: use one of {', '.join(partitions)}"
+        )
+
+
+def preflight(cfg: Config, dry_run: bool = False) -> list[str]:
+    """Everything that can be checked before submission, in the order a user would fix it.
+
+    Returns the checks that could not run: only a dry run goes on without a reachable SLURM controller
+    (it prints what would be submitted and says what it could not check); a real submission stops there.
+    """
+    check_config(cfg)
+    reject_secrets(dataclasses.asdict(cfg))
+    check_model_source(cfg.model)
+    if cfg.task in ("train", "train_generate"):
+        check_installed(cfg)
+        check_data(cfg)
+    check_generation_inputs(cfg)
+    if cfg.cluster.name != "slurm":
+        return []
+    try:
+        check_slurm(cfg)
+    except ConfigError as err:
+        if not dry_run or err.args[0].startswith("cluster.partition"):
+            raise
+        return [f"the cluster itself (partition, controller): {err}"]
+    return []

@@ -1,0 +1,160 @@
+"""Job records: ``jobs/<job_id>/job.json`` (what a job is, where its outputs go, every attempt it made) and
+the user's index of job folders, so ``python -m sdcluster.logs <id>`` works from any directory.
+
+Written by the login node at submission and by rank 0 of the job at each start and end, always through an
+atomic rename, so a reader (``python -m sdcluster.logs``) never sees half a file. A requeued SLURM job keeps
+its id, so its attempts accumulate in the same record and the history of preemptions stays readable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from sdcluster import atomic, paths
+
+JOB_JSON = "job.json"
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def read(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / JOB_JSON).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _write(folder: Path, record: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(folder / JOB_JSON, record)
+
+
+def update(folder: Path, fields: dict[str, Any], keep_existing: bool = False) -> dict[str, Any]:
+    """Merge ``fields`` into the record; with ``keep_existing`` only fill keys that are not set yet.
+
+    The login node writes with ``keep_existing`` because a fast job may already have recorded its state.
+    """
+    record = read(folder)
+    for key, value in fields.items():
+        if not (keep_existing and key in record):
+            record[key] = value
+    _write(folder, record)
+    return record
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start in clock ticks since boot: with the pid it names one process, not a reused pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def start_attempt(folder: Path, restart_count: int) -> None:
+    record = read(folder)
+    attempts = record.setdefault("attempts", [])
+    pid = os.getpid()
+    attempts.append(
+        {
+            "restart_count": restart_count,
+            "host": socket.gethostname(),
+            "pid": pid,
+            "boot_id": _boot_id(),
+            "process_start": _process_start(pid),
+            "started": now(),
+        }
+    )
+    record.update(state="RUNNING", restart_count=restart_count)
+    _write(folder, record)
+
+
+def end_attempt(folder: Path, state: str, **details: Any) -> None:
+    """Close the current attempt: ``state`` is COMPLETED, FAILED, PREEMPTED or TIMEOUT (+ reason, step...)."""
+    record = read(folder)
+    attempts = record.setdefault("attempts", [{"started": None}])
+    attempts[-1].update(ended=now(), state=state, **details)
+    record["state"] = state
+    record.update({k: v for k, v in details.items() if k in ("step", "exit_reason", "outputs")})
+    _write(folder, record)
+
+
+def process_gone(attempt: dict[str, Any]) -> bool:
+    """True when an open attempt's process is known to be gone (killed, or the machine rebooted).
+
+    Only decidable on the host that ran it; elsewhere (another node) nothing is claimed.
+    """
+    if attempt.get("ended") or attempt.get("host") != socket.gethostname() or "pid" not in attempt:
+        return False
+    if attempt.get("boot_id") and attempt["boot_id"] != _boot_id():
+        return True
+    return _process_start(int(attempt["pid"])) != attempt.get("process_start")
+
+
+def count_attempts(folder: Path, state: str) -> int:
+    return sum(1 for a in read(folder).get("attempts", []) if a.get("state") == state)
+
+
+def list_jobs(jobs_root: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(job_id, record) of every job folder, newest first."""
+    if not jobs_root.is_dir():
+        return []
+    folders = [p for p in jobs_root.iterdir() if p.is_dir() and (p / JOB_JSON).is_file()]
+    folders.sort(key=lambda p: (p / JOB_JSON).stat().st_mtime, reverse=True)
+    return [(p.name, read(p)) for p in folders]
+
+
+def index_job(job_id: str, folder: Path) -> None:
+    """Remember where a job's folder is (``~/.sdcluster/jobs.tsv``, or under ``$SDCLUSTER_HOME``)."""
+    path = paths.job_index()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.write(f"{job_id}\t{folder.resolve()}\n")
+
+
+def indexed_jobs() -> list[tuple[str, Path]]:
+    """(job id, folder) of every indexed job whose folder still exists, newest submission first."""
+    index = paths.job_index()
+    if not index.is_file():
+        return []
+    seen: dict[str, Path] = {}
+    for line in reversed(index.read_text().splitlines()):
+        job_id, _, folder = line.partition("\t")
+        if job_id not in seen and (Path(folder) / JOB_JSON).is_file():
+            seen[job_id] = Path(folder)
+    return list(seen.items())
+
+
+def find_job(job_id: str, jobs_root: Path) -> Path | None:
+    """The folder of ``job_id`` under ``jobs_root`` or in the index; an array job's id finds its task 0."""
+    for candidate in (job_id, f"{job_id}_0"):
+        local = jobs_root / candidate
+        if (local / JOB_JSON).is_file():
+            return local
+        for indexed, folder in indexed_jobs():
+            if indexed == candidate:
+                return folder
+    return None
+
+
+def array_tasks(job_id: str, jobs_root: Path) -> list[str]:
+    """``<id>_0``, ``<id>_1``... when ``job_id`` is a job array's id (what submission printed), else []."""
+    if "_" in job_id:
+        return []
+    prefix = f"{job_id}_"
+    found = {p.name for p in jobs_root.glob(f"{prefix}*") if (p / JOB_JSON).is_file()}
+    found |= {jid for jid, _ in indexed_jobs() if jid.startswith(prefix)}
+    return sorted(found, key=lambda jid: int(jid[len(prefix) :]) if jid[len(prefix) :].isdigit() else -1)

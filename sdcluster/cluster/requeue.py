@@ -1,0 +1,116 @@
+"""The requeue protocol: a flag in the signal handler, a collective save at the next step, requeue or stop.
+
+submitit's own USR2 handler checkpoints on global rank 0 only, *inside* the handler, and classifies any
+signal after min(0.8 x limit, limit - 10 min) as a time-out (so with a limit of 10 minutes or less every
+signal is a "time-out"). We replace it on every rank by a handler that only records the signal; the training
+loop then agrees across ranks at a step boundary, every rank saves, and rank 0 hands over to submitit's
+handler purely for the requeue (``scontrol requeue`` + pickled resubmission), after our own accounting
+(:mod:`sdcluster.cluster.records`) decided whether the budget (``cluster.max_requeues`` / ``max_timeouts``)
+allows it.
+
+With the local executor there is no scheduler, but there is a person at a terminal: Ctrl-C (SIGINT to the
+whole foreground group) or a SIGTERM sets the same flag, the job stops at the next step boundary with a
+checkpoint, records the attempt as CANCELLED and says that the same command resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from sdcluster.cluster import records
+from sdcluster.config import Config
+
+log = logging.getLogger("sdcluster")
+
+PREEMPT_SIGNAL = signal.SIGUSR2
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # a person stopping a local job
+
+
+class JobStopped(RuntimeError):
+    """The job stopped early with its state saved and is not requeued; the message says how to resume."""
+
+
+class PreemptionFlag:
+    """Records the scheduler's warning signal (or a local stop); no I/O and no lock in the handler."""
+
+    def __init__(self) -> None:
+        self.signal_time: float | None = None
+        self.stop_signal: str | None = None  # SIGINT/SIGTERM of a local job: a person asked it to stop
+        self._submitit_handler: Any = None
+        self.forced = False
+
+    def install(self, local: bool = False) -> None:
+        """Take over USR2 from submitit; a local job also SIGINT and SIGTERM (submitit ignores SIGTERM)."""
+        self._submitit_handler = signal.getsignal(PREEMPT_SIGNAL)
+        signal.signal(PREEMPT_SIGNAL, self._on_signal)
+        if local:
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, self._on_stop)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.signal_time = time.time()
+
+    def _on_stop(self, signum: int, frame: object) -> None:
+        self.stop_signal = signal.Signals(signum).name
+        self.signal_time = time.time()
+
+    @property
+    def raised(self) -> bool:
+        return self.forced or self.signal_time is not None
+
+    def agreed(self, accelerator: Any) -> bool:
+        """True on every rank as soon as any rank got the signal (one tiny all-reduce per step)."""
+        if accelerator.num_processes == 1:
+            return self.raised
+        import torch
+
+        flag = torch.tensor([1.0 if self.raised else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def requeue_through_submitit(self) -> None:
+        """Let submitit dump the resubmission and run ``scontrol requeue``; it then exits the process."""
+        handler = self._submitit_handler
+        if not callable(handler):
+            raise RuntimeError("not running under submitit: rerun the same command to resume")
+        handler(PREEMPT_SIGNAL, None)
+
+
+def classify(elapsed_s: float, timeout_min: int, signal_delay_s: int, slack_s: float = 90.0) -> str:
+    """``timeout`` when the signal came about when the time-limit warning is due, else ``preempted``.
+
+    SLURM sends the warning ``signal_delay_s`` before the limit; a signal well before that is preemption.
+    """
+    due = timeout_min * 60 - signal_delay_s
+    return "timeout" if elapsed_s >= due - slack_s else "preempted"
+
+
+def requeue_or_stop(
+    cfg: Config, folder: Path | None, flag: PreemptionFlag, step: Any, started: float
+) -> None:
+    """Rank 0 after the collective save: requeue within budget, else end the job with a clear reason."""
+    if flag.stop_signal:
+        if folder:
+            reason = f"stopped by {flag.stop_signal}"
+            records.end_attempt(folder, "CANCELLED", step=step, exit_reason=reason, requeued=False)
+        raise JobStopped(
+            f"stopped by {flag.stop_signal} at step {step}; state saved. Fix: run the same command to resume"
+        )
+    reason = classify(time.time() - started, cfg.cluster.timeout_min, cfg.cluster.signal_delay_s)
+    state = "TIMEOUT" if reason == "timeout" else "PREEMPTED"
+    budget = cfg.cluster.max_timeouts if state == "TIMEOUT" else cfg.cluster.max_requeues
+    used = records.count_attempts(folder, state) if folder else 0
+    requeue = cfg.cluster.name == "slurm" and used < budget
+    if folder:
+        records.end_attempt(folder, state, step=step, exit_reason=reason, requeued=requeue)
+    if requeue:
+        log.warning("%s at step %s: state saved, requeueing (%d/%d used)", reason, step, used + 1, budget)
+        flag.requeue_through_submitit()  # exits the process
+    hint = "rerun the same command to resume" if cfg.cluster.name == "local" else "resubmit to resume"
+    key = "cluster.max_timeouts" if state == "TIMEOUT" else "cluster.max_requeues"
+    raise JobStopped(
+        f"{reason} at step {step}; state saved; not requeued ({key}={budget}, used {used}): {hint}"
+    )

@@ -1,0 +1,55 @@
+"""``python -m sdcluster.cluster.sandbox start|stop|status|env``: see the package's docstring."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+import sdcluster.cluster.sandbox as package
+from sdcluster.cluster.sandbox.daemons import _run, is_running, resolve_dir, start, stop
+from sdcluster.cluster.sandbox.spec import DEFAULT_DIR, SandboxError
+
+
+def main(argv: list[str] | None = None) -> int:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dir", type=Path, default=None, help=f"state dir (default: {DEFAULT_DIR})")
+    parser = argparse.ArgumentParser(
+        prog="python -m sdcluster.cluster.sandbox",
+        description=package.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    commands = {
+        "start": "start or reuse the sandbox",
+        "stop": "stop its daemons",
+        "status": "print sinfo",
+        "env": "print the line that exports SLURM_CONF",
+    }
+    for name, help_ in commands.items():
+        sub.add_parser(name, parents=[common], help=help_)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    d = resolve_dir(args.dir)
+    if args.cmd == "start":
+        try:
+            start(d)
+        except SandboxError as err:
+            print(err, file=sys.stderr)
+            return 1
+    elif args.cmd == "stop":
+        stop(d)
+    elif args.cmd == "env":
+        print(f"export SLURM_CONF={shlex.quote(str(d / 'slurm.conf'))}")
+    elif not is_running(d):
+        print(f"SLURM sandbox in {d} is not running", file=sys.stderr)
+        return 1
+    else:
+        print(_run(d, "sinfo").stdout, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The sandbox's config files: slurm.conf, slurmdbd.conf and MariaDB's my.cnf, on ports free right now."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from sdcluster.cluster.sandbox.spec import SandboxError
+
+CLUSTER = "sdcluster"
+DB_NAME, DB_USER = "slurm_acct_db", "slurm"
+_FIRST_PORT = 16817  # SLURM's defaults are 6817-6819: never collide with a real cluster's daemons
+_N_PORTS = 4  # slurmctld, slurmd, slurmdbd, mariadb
+
+
+def node_name() -> str:
+    """`hostname -s`: slurmd finds its NodeName line by this name."""
+    return socket.gethostname().split(".")[0]
+
+
+def _real_memory_mb() -> int:
+    """10% under what slurmd will measure: a node configured above its real memory is drained."""
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.9)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # ignore TIME_WAIT from our last run
+        try:
+            s.bind(("", port))  # slurmctld and slurmd bind every address, so test every address
+        except OSError:
+            return False
+    return True
+
+
+def _free_ports() -> list[int]:
+    for base in range(_FIRST_PORT, _FIRST_PORT + 1000, 10):
+        ports = list(range(base, base + _N_PORTS))
+        if all(_port_free(p) for p in ports):
+            return ports
+    raise SandboxError(f"no {_N_PORTS} free consecutive TCP ports from {_FIRST_PORT}")
+
+
+def mysql_user(d: Path) -> str:
+    """Run MariaDB as `mysql` when that user can reach the state dir, else as root (--dir under /root)."""
+    reachable = all(p.stat().st_mode & 0o001 for p in [d, *d.parents])
+    return "mysql" if reachable else "root"
+
+
+def _render_slurm_conf(d: Path, ctld: int, slurmd: int, dbd: int) -> str:
+    node, cpus = node_name(), len(os.sched_getaffinity(0))  # `nproc`: the CPUs this process may use
+    # linuxproc + task/none: a container without systemd gives slurmd no cgroup tree to manage.
+    # SlurmctldHost/NodeAddr on 127.0.0.1 keep all traffic on loopback whatever the hostname resolves to.
+    # JobRequeue=1 lets submitit's Checkpointable requeue itself; short MinJobAge/KillWait keep tests fast.
+    # cred_expire=10 (default 120): a requeued job may only start again after it, so a preempted test job
+    # would idle two minutes; 10 s is still ample for a step launch on one machine.
+    return f"""\
+ClusterName={CLUSTER}
+SlurmctldHost={node}(127.0.0.1)
+SlurmctldPort={ctld}
+SlurmdPort={slurmd}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={d}/munge/munge.socket,cred_expire=10
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool
+SlurmctldPidFile={d}/run/slurmctld.pid
+SlurmdPidFile={d}/run/slurmd.pid
+SlurmctldLogFile={d}/log/slurmctld.log
+SlurmdLogFile={d}/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=2,sched_interval=2
+ReturnToService=2
+MpiDefault=none
+JobRequeue=1
+MinJobAge=30
+KillWait=5
+InactiveLimit=0
+MailProg=/bin/true
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=30
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=127.0.0.1
+AccountingStoragePort={dbd}
+AccountingStoragePass={d}/munge/munge.socket
+NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={_real_memory_mb()} State=UNKNOWN
+PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
+PartitionName=short Nodes={node} MaxTime=60 State=UP
+"""
+
+
+def _render_slurmdbd_conf(d: Path, dbd: int, mysql: int, password: str) -> str:
+    return f"""\
+AuthType=auth/munge
+AuthInfo=socket={d}/munge/munge.socket
+DbdHost={node_name()}
+DbdAddr=127.0.0.1
+DbdPort={dbd}
+SlurmUser=root
+PidFile={d}/run/slurmdbd.pid
+LogFile={d}/log/slurmdbd.log
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort={mysql}
+StorageUser={DB_USER}
+StoragePass={password}
+StorageLoc={DB_NAME}
+"""
+
+
+def _render_my_cnf(d: Path, mysql: int) -> str:
+    m = d / "mysql"
+    # native AIO off: gVisor-style sandboxes lack io_submit; small InnoDB files keep a cold start quick.
+    return f"""\
+[mysqld]
+datadir={m}/data
+socket={m}/mysqld.sock
+pid-file={m}/mysqld.pid
+log-error={m}/mariadb.log
+port={mysql}
+bind-address=127.0.0.1
+skip-name-resolve
+innodb_use_native_aio=0
+innodb_buffer_pool_size=32M
+innodb_log_file_size=16M
+innodb_lock_wait_timeout=900
+[client]
+socket={m}/mysqld.sock
+"""
+
+
+def grant_sql(password: str) -> str:
+    user = f"'{DB_USER}'@'127.0.0.1'"
+    return (
+        f"CREATE DATABASE IF NOT EXISTS {DB_NAME}; CREATE USER IF NOT EXISTS {user}; "
+        f"ALTER USER {user} IDENTIFIED BY '{password}'; GRANT ALL ON {DB_NAME}.* TO {user};"
+    )
+
+
+def write_configs(d: Path, password: str) -> list[int]:
+    """(Re)write every config with ports free right now and a fresh database password."""
+    for sub in ("run", "log", "state", "spool", "munge", "mysql"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+    ctld, slurmd, dbd, mysql = ports = _free_ports()
+    (d / "slurm.conf").write_text(_render_slurm_conf(d, ctld, slurmd, dbd))
+    dbd_conf = d / "slurmdbd.conf"
+    dbd_conf.touch(mode=0o600)
+    dbd_conf.chmod(0o600)  # slurmdbd refuses a config others can read: it holds the database password
+    dbd_conf.write_text(_render_slurmdbd_conf(d, dbd, mysql, password))
+    (d / "mysql" / "my.cnf").write_text(_render_my_cnf(d, mysql))
+    return ports

@@ -1,0 +1,270 @@
+"""The one submission path: N validated configs -> the jobs they mean -> submitit, recorded in ``jobs/<id>/``.
+
+``launch`` is N=1, a sweep is N points; both come here. Which jobs a config means is one table,
+:data:`TASK_JOBS`: training (one job array over the points whose cluster settings agree), then per point its
+generation (an array of ``generate.shards`` tasks) waiting on that point's training with ``afterok``. On
+SLURM the generation job is dropped by the scheduler if its training fails (``--kill-on-invalid-dep=yes``)
+instead of pending forever. The local executor has no scheduler to hold a dependency, so there every job is
+waited for before the next starts. Cluster facts come only from ``cfg.cluster``; nothing site-specific is
+written here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import submitit
+from omegaconf import OmegaConf
+
+from sdcluster import paths
+from sdcluster.cluster import records
+from sdcluster.cluster.callables import GenerateJob, TrainJob
+from sdcluster.config import Config, ConfigError
+from sdcluster.redaction import redact
+
+Say = Callable[[str], None]
+
+# task -> the jobs it means, in submission order; a later job waits on the earlier one of its point.
+TASK_JOBS: dict[str, tuple[str, ...]] = {
+    "train": ("train",),
+    "generate": ("generate",),
+    "train_generate": ("train", "generate"),
+}
+
+
+@dataclass
+class PlannedJob:
+    """One submission: a plain job (one element) or a job array (several), each element a point's callable."""
+
+    kind: str  # "train" or "generate"
+    cfgs: list[Config]
+    fns: list[Any]
+    points: list[int]  # the point each element belongs to
+    after: str | None = None  # the kind of the job of the same point this one waits on (afterok)
+    job_ids: list[str] = field(default_factory=list)
+
+    @property
+    def is_array(self) -> bool:
+        return self.cfgs[0].cluster.name == "slurm" and len(self.cfgs) > 1
+
+
+def plan_jobs(cfgs: list[Config]) -> list[PlannedJob]:
+    """The jobs ``cfgs`` mean, in the order they must be submitted."""
+    tasks = {cfg.task for cfg in cfgs}
+    if len(tasks) > 1:
+        raise ConfigError(f"task: the points ask for different tasks {sorted(tasks)}. Fix: sweep one task")
+    kinds = TASK_JOBS[tasks.pop()]
+    planned: list[PlannedJob] = []
+    if "train" in kinds:
+        groups: list[list[int]] = []  # one array per group of points whose cluster settings agree
+        for i, cfg in enumerate(cfgs):
+            group = next((g for g in groups if cfgs[g[0]].cluster == cfg.cluster), None)
+            if group is None:
+                groups.append([i])
+            else:
+                group.append(i)
+        for group in groups:
+            planned.append(
+                PlannedJob("train", [cfgs[i] for i in group], [TrainJob(cfgs[i]) for i in group], group)
+            )
+    if "generate" in kinds:
+        after = "train" if "train" in kinds else None
+        for i, cfg in enumerate(cfgs):
+            shards = range(cfg.generate.shards)
+            planned.append(
+                PlannedJob(
+                    "generate",
+                    [cfg] * len(shards),
+                    [GenerateJob(cfg, k) for k in shards],
+                    [i] * len(shards),
+                    after,
+                )
+            )
+    return planned
+
+
+def slurm_parameters(cfg: Config, name: str, dependency: str | None = None) -> dict[str, Any]:
+    """SlurmExecutor parameters (submitit's own names) from ``cfg.cluster``; unset values are left out."""
+    c = cfg.cluster
+    extra = dict(c.additional_parameters)
+    if dependency:  # a failed dependency drops the job instead of leaving it PENDING forever
+        extra.setdefault("kill-on-invalid-dep", "yes")
+    params: dict[str, Any] = {
+        "job_name": name,
+        "partition": c.partition,
+        "account": c.account,
+        "qos": c.qos,
+        "time": c.timeout_min,
+        "nodes": c.nodes,
+        "ntasks_per_node": c.processes_per_node,
+        "cpus_per_task": c.cpus_per_task,
+        "gpus_per_node": c.gpus_per_node or None,
+        "mem": f"{int(c.mem_gb * 1024)}MB" if c.mem_gb else None,
+        "constraint": c.constraint,
+        "exclude": c.exclude,
+        "signal_delay_s": c.signal_delay_s,
+        "setup": list(c.setup) or None,
+        "additional_parameters": extra or None,
+        "array_parallelism": c.array_parallelism,
+        "dependency": dependency,
+    }
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def make_executor(cfg: Config, name: str, dependency: str | None = None) -> submitit.Executor:
+    folder = paths.submitit_folder(cfg)
+    if cfg.cluster.name == "local":
+        executor = submitit.LocalExecutor(folder=folder)
+        executor.update_parameters(timeout_min=cfg.cluster.timeout_min, nodes=1, tasks_per_node=1)
+        return executor
+    # submitit would also count preemptions as time-outs for short limits; our own records enforce
+    # cluster.max_requeues / max_timeouts, so submitit's counter is only set high enough never to decide.
+    budget = cfg.cluster.max_timeouts + cfg.cluster.max_requeues + 1
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=budget)
+    executor.update_parameters(**slurm_parameters(cfg, name, dependency))
+    return executor
+
+
+def sbatch_preview(job: PlannedJob, dependency: str | None) -> str:
+    """The sbatch script submitit would write for ``job``, without submitting (``launch.dry_run=true``)."""
+    from submitit.slurm.slurm import _make_sbatch_string  # submitit's own renderer, so the preview is exact
+
+    cfg = job.cfgs[0]
+    if cfg.cluster.name == "local":
+        return "# local executor: no sbatch script; the job runs in a subprocess on this machine\n"
+    executor = make_executor(cfg, f"sdcluster-{job.kind}", dependency)
+    array = {"map_count": len(job.cfgs)} if job.is_array else {}
+    command = executor._submitit_command_str
+    return _make_sbatch_string(
+        command=command, folder=paths.submitit_folder(cfg), **executor.parameters, **array
+    )
+
+
+def config_yaml(cfg: Config) -> str:
+    return redact(OmegaConf.to_yaml(OmegaConf.structured(dataclasses.asdict(cfg))))
+
+
+def record_submission(cfg: Config, job: submitit.Job, kind: str, extra: dict[str, Any]) -> Path:
+    """Write ``config.yaml`` and ``job.json`` beside submitit's script and logs in ``jobs/<job_id>/``."""
+    folder = paths.job_dir(cfg, job.job_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(config_yaml(cfg))
+    fields = {
+        "job_id": job.job_id,
+        "task": kind,
+        "cluster": cfg.cluster.name,
+        "run_dir": str(paths.run_dir(cfg)),
+        "submitted": records.now(),
+        "world_size": cfg.cluster.world_size,
+        **{k: v for k, v in extra.items() if v is not None},
+    }
+    records.update(folder, {"state": "SUBMITTED"}, keep_existing=True)
+    records.update(folder, fields)
+    records.index_job(job.job_id, folder)
+    return folder
+
+
+@contextlib.contextmanager
+def _children_ignore_sigint(local: bool) -> Iterator[None]:
+    """While a local job is started, SIGINT is ignored: a disposition its processes inherit.
+
+    Ctrl-C reaches the whole foreground group; submitit's local controller would otherwise kill the job one
+    second later (SIGINT, then SIGKILL) with no time to save. The job installs its own SIGINT handler
+    (:class:`~sdcluster.cluster.requeue.PreemptionFlag`), so it still stops, at the next step boundary, with
+    a checkpoint; the launcher itself gets its SIGINT back as soon as the job is started.
+    """
+    if not local:
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _dependency(job: PlannedJob, point: int, planned: list[PlannedJob]) -> str | None:
+    if job.after is None:
+        return None
+    earlier = next(p for p in planned if p.kind == job.after and point in p.points)
+    return earlier.job_ids[earlier.points.index(point)]
+
+
+def _submit_one(job: PlannedJob, after_id: str | None, extra: dict[str, Any]) -> list[submitit.Job]:
+    cfg = job.cfgs[0]
+    dependency = f"afterok:{after_id}" if after_id and cfg.cluster.name == "slurm" else None
+    executor = make_executor(cfg, f"sdcluster-{job.kind}", dependency)
+    if job.is_array:
+        with executor.batch():
+            submitted = [executor.submit(fn) for fn in job.fns]
+    else:
+        with _children_ignore_sigint(cfg.cluster.name == "local"):
+            submitted = [executor.submit(fn) for fn in job.fns]
+    for index, (element_cfg, sjob) in enumerate(zip(job.cfgs, submitted, strict=True)):
+        array_index = index if job.is_array else None
+        record_submission(
+            element_cfg, sjob, job.kind, {**extra, "array_index": array_index, "after": after_id}
+        )
+    return submitted
+
+
+def submit_configs(
+    cfgs: list[Config],
+    say: Say = print,
+    wait: Callable[[submitit.Job, str], bool] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> list[PlannedJob] | None:
+    """Submit every job ``cfgs`` mean; returns the plan with its job ids, or None if a waited job failed.
+
+    ``wait(job, kind)`` is called for every job when given, and always on the local executor before a job
+    that depends on it is started. Locally, array elements run one after another.
+    """
+    planned = plan_jobs(cfgs)
+    local = cfgs[0].cluster.name == "local"
+    for job in planned:
+        groups = [[k] for k in range(len(job.fns))] if local else [list(range(len(job.fns)))]
+        for group in groups:
+            part = dataclasses.replace(
+                job, cfgs=[job.cfgs[k] for k in group], fns=[job.fns[k] for k in group]
+            )
+            point = job.points[group[0]]
+            submitted = _submit_one(part, _dependency(job, point, planned), extra or {})
+            for sjob in submitted:
+                job.job_ids.append(sjob.job_id)
+                say(
+                    f"submitted {job.kind} job {sjob.job_id}: "
+                    f"jobs folder {paths.job_dir(job.cfgs[0], sjob.job_id)}"
+                )
+                say(f"  follow it: python -m sdcluster.logs {sjob.job_id} --follow")
+            waiter = wait or (_local_wait if local else None)
+            if waiter is not None and not all(waiter(sjob, job.kind) for sjob in submitted):
+                return None
+    return planned
+
+
+def _local_wait(job: submitit.Job, kind: str) -> bool:
+    try:
+        job.results()
+    except Exception:
+        return False
+    return True
+
+
+def describe_dry_run(cfgs: list[Config], say: Say) -> None:
+    """What :func:`submit_configs` would submit: each job (or array) with its exact sbatch script."""
+    planned = plan_jobs(cfgs)
+    for n, job in enumerate(planned):
+        points = sorted(set(job.points))
+        after = f"train job of point {points[0]}" if job.after else None
+        shape = f"array of {len(job.cfgs)} tasks" if job.is_array else f"{len(job.cfgs)} job(s)"
+        say(
+            f"# job {n}: {job.kind}, {shape}, points {points}"
+            + (f", afterok on the {after}" if after else "")
+        )
+        say(sbatch_preview(job, f"afterok:<{after}>".replace(" ", "_") if after else None))

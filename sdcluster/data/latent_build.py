@@ -1,0 +1,198 @@
+"""Fill a latent-cache entry: encode the training set once, split over the ranks, one job at a time.
+
+What an entry holds and how it is stored is :mod:`~sdcluster.data.latent_cache`'s business; this module
+runs the frozen encoders over it in batches, each rank writing its own contiguous block of rows, and makes
+sure the points of a sweep that start together build a shared entry once (:func:`build_lock`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdcluster import atomic
+from sdcluster.cluster.distributed import rank0_decides
+from sdcluster.config import Config
+from sdcluster.data.dataset import (
+    crop_to_tensor,
+    resize_for_crop,
+    tokenize_captions,
+)
+from sdcluster.data.latent_cache import (
+    CACHE_VERSION,
+    MISSING,
+    CachedExamples,
+    Plan,
+    commit,
+    make_plan,
+    manifest_of,
+    verify,
+)
+from sdcluster.paths import cache_dir
+from sdcluster.train.loss import encode_text
+
+log = logging.getLogger("sdcluster")
+
+ENCODE_BATCH = 8  # images per VAE call while building: batched, yet small enough for 512 px on any GPU
+
+
+def _share(count: int, rank: int, world: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous block of ``count`` rows."""
+    return count * rank // world, count * (rank + 1) // world
+
+
+def _write_rows(path: Path, rows: int, shape: tuple[int, ...], batches: Iterable[torch.Tensor]) -> None:
+    """Stream encoder outputs into a float32 ``.npy`` of ``rows`` rows without holding them all in RAM."""
+    if rows == 0:  # an empty file cannot be memory-mapped
+        np.save(path, np.zeros((0, *shape), np.float32))
+        return
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, *shape))
+    done = 0
+    with torch.no_grad():
+        for batch in batches:
+            array = batch.float().cpu().numpy()
+            if array.shape[1:] != shape:
+                raise RuntimeError(f"encoder output rows {array.shape[1:]} != expected {shape}")
+            out[done : done + len(array)] = array
+            done += len(array)
+    if done != rows:
+        raise RuntimeError(f"wrote {done} rows to {path}, expected {rows}")
+    out.flush()
+    del out
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def _encode_share(
+    plan: Plan, dataset: Any, comps: Any, res: int, device: Any, rank: int, world: int, dest: Path
+):
+    """Encode this rank's block of posterior rows and of caption rows into ``dest``."""
+    vae, text_encoder = comps.vae, comps.text_encoder
+    lo, hi = _share(len(plan.variants), rank, world)
+    side = res // 2 ** (len(vae.config.block_out_channels) - 1)
+
+    def posterior_batches() -> Iterable[torch.Tensor]:
+        current, resized = -1, None
+        for start in range(lo, hi, ENCODE_BATCH):
+            pixels = []
+            for image, left, top, flip in plan.variants[start : min(start + ENCODE_BATCH, hi)]:
+                if image != current:
+                    current, resized = image, resize_for_crop(dataset[image]["image"], res)
+                    if resized.size != plan.sizes[image]:
+                        raise RuntimeError(
+                            f"image {image}: size {resized.size} != header {plan.sizes[image]}"
+                        )
+                pixels.append(crop_to_tensor(resized, res, left, top, flip))
+            yield vae.encode(torch.stack(pixels).to(device, vae.dtype)).latent_dist.parameters
+
+    shape = (2 * vae.config.latent_channels, side, side)
+    _write_rows(dest / f"posterior.{rank}.npy", hi - lo, shape, posterior_batches())
+    clo, chi = _share(len(plan.captions), rank, world)
+    ids = tokenize_captions(comps.tokenizer, plan.captions[clo:chi]) if chi > clo else torch.zeros(0, 1)
+    hidden = (
+        encode_text(text_encoder, ids[s : s + ENCODE_BATCH].to(device))
+        for s in range(0, len(ids), ENCODE_BATCH)
+    )
+    shape = (comps.tokenizer.model_max_length, text_encoder.config.hidden_size)
+    _write_rows(dest / f"text.{rank}.npy", chi - clo, shape, hidden)
+
+
+def _build(cfg: Config, plan: Plan, dataset: Any, comps: Any, acc: Any, entry: Path, problem: str) -> None:
+    started = time.perf_counter()
+    if problem != MISSING:
+        log.warning("latent cache entry %s is unusable (%s): rebuilding it", entry, problem)
+    tmp = None
+    if acc.is_main_process:
+        tmp = str(atomic.staging_dir(entry))
+    tmp = Path(rank0_decides(acc, tmp))
+    rank, world = acc.process_index, acc.num_processes
+    lo, hi = _share(len(plan.variants), rank, world)
+    log.info("latent cache: encoding rows %d-%d of %d into %s", lo, hi, len(plan.variants), entry)
+    _encode_share(plan, dataset, comps, cfg.train.resolution, acc.device, rank, world, tmp)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        commit(tmp, entry, manifest_of(plan, world))
+    acc.wait_for_everyone()
+    log.info("latent cache: built in %.1f s", time.perf_counter() - started)
+
+
+LOCK_POLL_S = 5.0
+
+
+def _try_lock(handle: Any, entry: Path) -> bool:
+    """Take the lock without waiting; True also where the file system has no locks (then go on without)."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as err:  # ENOLCK and friends
+        log.warning("latent cache: cannot lock %s (%s); building without a lock", entry, err)
+    return True
+
+
+@contextlib.contextmanager
+def build_lock(entry: Path, acc: Any) -> Iterator[None]:
+    """Rank 0 of each job holds ``.<key>.lock`` while its job checks and builds ``entry``.
+
+    The points of a sweep start together and share one key: without the lock each would encode the whole
+    dataset. With it, the first builds and the others wait, then find the entry complete. ``flock`` works
+    on local disks and on NFS (Linux maps it to NFS byte-range locks); where locking is not supported the
+    jobs go on without it (they may then encode the same entry twice; :func:`latent_store.commit` keeps
+    one). Rank 0 polls rather than blocks and tells the other ranks each time, so a long wait is many
+    short collectives, never one that outlasts the process group's time-out (10 min under NCCL).
+    """
+    handle = None
+    if acc.is_main_process:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(entry.parent / f".{entry.name}.lock", "a")  # noqa: SIM115 (held across the yield)
+    try:
+        waited = False
+        while not rank0_decides(acc, _try_lock(handle, entry) if handle else None):
+            if not waited:
+                log.info("latent cache: another job is building %s; waiting for it", entry)
+                waited = True
+            time.sleep(LOCK_POLL_S)
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # releases the lock
+
+
+def open_or_build(cfg: Config, dataset: Any, comps: Any, acc: Any) -> CachedExamples | None:
+    """The cached training examples of ``dataset`` (built first if needed), or None if not cacheable."""
+    plan = make_plan(cfg, dataset, comps)
+    if plan is None:
+        return None
+    entry = cache_dir(cfg) / "latents" / plan.key
+
+    def check() -> str | None:
+        return rank0_decides(acc, verify(entry, plan.key, CACHE_VERSION) if acc.is_main_process else None)
+
+    if check() is not None:  # checked without the lock first: jobs that find it complete never queue up
+        with build_lock(entry, acc):
+            problem = check()  # again: the job we waited for may have built it
+            if problem is not None:
+                _build(cfg, plan, dataset, comps, acc, entry, problem)
+    budget = cfg.data.cache_memory_mb * 2**20
+    examples = CachedExamples(
+        entry, budget, cfg.train.resolution, cfg.train.center_crop, cfg.train.random_flip
+    )
+    log.info(
+        "latent cache: %s (%d crop/flip variants of %d images, %.1f MB, %s; data.cache_memory_mb=%d)",
+        entry,
+        len(plan.variants),
+        len(plan.sizes),
+        examples.nbytes / 2**20,
+        "in RAM" if examples.in_memory else "memory-mapped from disk",
+        cfg.data.cache_memory_mb,
+    )
+    return examples

@@ -1,0 +1,73 @@
+"""What the training loop reads: cached encoder outputs when ``data.cache`` allows, else images.
+
+Both kinds of example are addressed by the sampler's ``(index, aug_seed)`` keys, so which one a run uses
+changes neither the data order nor resume; :func:`sdcluster.loss.model_inputs` turns either batch into the
+UNet's inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdcluster.config import Config
+
+log = logging.getLogger("sdcluster")
+
+
+def training_examples(cfg: Config, comps: Any, accelerator: Any) -> torch.utils.data.Dataset:
+    """The training split (``data.holdout`` removed), from the latent cache (built on first use) or as
+    images to encode every step when caching is off or not worth it for this crop policy."""
+    from sdcluster.data.dataset import TrainImages, load_captioned_images
+    from sdcluster.data.split import holdout_split
+
+    cache = Path(cfg.cache_root) / "datasets"
+    dataset = load_captioned_images(cfg.data.path, cfg.data.caption_column, cache_dir=cache)
+    train_indices, _ = holdout_split(len(dataset), cfg.data.holdout)
+    dataset = dataset.select(train_indices)
+    if cfg.data.cache:
+        from sdcluster.data.latent_build import open_or_build
+
+        cached = open_or_build(cfg, dataset, comps, accelerator)
+        if cached is not None:
+            return cached
+    train = cfg.train
+    return TrainImages(
+        dataset,
+        comps.tokenizer,
+        train.resolution,
+        train.center_crop,
+        train.random_flip,
+        cfg.data.caption_column,
+    )
+
+
+def make_loader(cfg: Config, comps: Any, accelerator: Any, micro_step: int) -> torch.utils.data.DataLoader:
+    """An endless loader of this rank's batches from ``micro_step`` on (one batch per micro-step)."""
+    from sdcluster.data.dataset import collate
+    from sdcluster.data.sampler import StepSampler
+
+    acc = accelerator
+    examples = training_examples(cfg, comps, acc)
+    sampler = StepSampler(
+        len(examples), cfg.train.batch_size, acc.num_processes, acc.process_index, cfg.train.seed, micro_step
+    )
+    first = [sampler.key(p)[0] for p in sampler.positions(micro_step)]
+    log.info(
+        "data: %d images, epoch %d, this rank's next samples %s",
+        len(examples),
+        sampler.epoch_of(micro_step),
+        first,
+    )
+    return torch.utils.data.DataLoader(
+        examples,
+        batch_size=cfg.train.batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=cfg.data.num_workers,
+        persistent_workers=cfg.data.num_workers > 0,
+        pin_memory=acc.device.type == "cuda",  # page-locked batches copy to the GPU asynchronously
+    )

@@ -1,0 +1,101 @@
+"""Find and load the Stable Diffusion components, whatever the source (embedded tiny model, folder, hub id).
+
+Training and generation get the same objects for the tiny model and for SD 1.4: nothing downstream knows.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdcluster.config import ConfigError, ModelConfig
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_local(path: str) -> bool:
+    return path.startswith(("/", ".", "~")) or Path(path).expanduser().exists()
+
+
+def check_model_source(model: ModelConfig) -> None:
+    """Login-node check: a local folder must be a diffusers pipeline; anything else must be a hub id."""
+    if model.path == "tiny":
+        return
+    if is_local(model.path):
+        folder = Path(model.path).expanduser()
+        if not (folder / "model_index.json").is_file():
+            raise ConfigError(
+                f"model.path: {folder} is not a diffusers pipeline folder (no model_index.json). "
+                "Fix: point model.path at a folder saved by save_pretrained, or use a hub id such as "
+                "CompVis/stable-diffusion-v1-4"
+            )
+        return
+    if not _HUB_ID.match(model.path):
+        raise ConfigError(
+            f"model.path: {model.path!r} is neither an existing folder nor a hub id (owner/name). "
+            "Fix: check the path, or use model=sd14 / model=tiny"
+        )
+
+
+def resolve_model_path(model: ModelConfig, cache_root: str | Path) -> str:
+    """The folder or hub id to load; ``tiny`` is built (once, cached) on first use."""
+    if model.path == "tiny":
+        from sdcluster.models.tiny import ensure_tiny_model
+
+        return str(ensure_tiny_model(cache_root))
+    return str(Path(model.path).expanduser()) if is_local(model.path) else model.path
+
+
+def _hub_snapshot(source: str, revision: str | None) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["vae/*", "text_encoder/*", "tokenizer/*"]
+        folder = snapshot_download(source, revision=revision, local_files_only=True, allow_patterns=patterns)
+        return Path(folder)
+    except Exception:  # not in the local hub cache: the id and revision are all we know
+        return None
+
+
+def model_identity(source: str, revision: str | None, variant: str | None) -> dict[str, Any]:
+    """Source, revision and (size, mtime) of every file the cached numbers come from."""
+    folder = Path(source) if Path(source).is_dir() else _hub_snapshot(source, revision)
+    files: dict[str, list[int]] = {}
+    for sub in ("vae", "text_encoder", "tokenizer") if folder else ():
+        for path in sorted((folder / sub).rglob("*")):
+            if path.is_file():
+                stat = path.stat()
+                files[path.relative_to(folder).as_posix()] = [stat.st_size, stat.st_mtime_ns]
+    return {"source": source, "revision": revision, "variant": variant, "files": files}
+
+
+@dataclass
+class Components:
+    """What training needs from a pipeline: the trainable UNet and the frozen rest."""
+
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    noise_scheduler: Any
+    source: str
+
+
+def load_components(model: ModelConfig, cache_root: str | Path) -> Components:
+    """Load each component the way diffusers' own training examples do (one ``from_pretrained`` each)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    source = resolve_model_path(model, cache_root)
+    common: dict[str, Any] = {"revision": model.revision}
+    weights = {**common, "variant": model.variant}
+    return Components(
+        tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
+        text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights),
+        vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **weights),
+        unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights),
+        noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common),
+        source=source,
+    )

@@ -1,0 +1,203 @@
+"""The fine-tuning job: accelerate-driven UNet training that resumes by default and stops at step boundaries.
+
+Every rank runs this same function. Run on CPU (tiny model), one GPU, or N processes under SLURM; the
+difference is only the environment :mod:`sdcluster.cluster.distributed` exported before the Accelerator
+exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdcluster.cluster.distributed import rank0_decides
+from sdcluster.cluster.requeue import PreemptionFlag
+from sdcluster.config import Config
+from sdcluster.progress import ProgressLog
+from sdcluster.train import metrics, tracking
+from sdcluster.train.checkpointer import Checkpointer
+from sdcluster.train.loss import diffusion_loss, model_inputs, step_generator
+from sdcluster.train.trainer import Trainer, build_trainer, weights_checksum
+
+log = logging.getLogger("sdcluster")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    interrupted: bool
+    model_dir: Path | None = None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+
+def _loader(t: Trainer) -> Any:
+    from sdcluster.data.loader import make_loader
+
+    return make_loader(t.cfg, t.comps, t.accelerator, t.micro_step)
+
+
+def _micro_step(t: Trainer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    cfg, acc = t.cfg, t.accelerator
+    gen = step_generator(cfg.train.seed, t.micro_step, acc.process_index)
+    with acc.accumulate(t.unet):
+        latents, hidden = model_inputs(t.comps.vae, t.comps.text_encoder, batch, acc.device, gen)
+        with acc.autocast():
+            loss = diffusion_loss(
+                t.unet,
+                t.comps.noise_scheduler,
+                latents,
+                hidden,
+                gen,
+                cfg.train.noise_offset,
+                cfg.train.snr_gamma,
+            )
+        acc.backward(loss)
+        if acc.sync_gradients and cfg.optim.max_grad_norm > 0:
+            acc.clip_grad_norm_(t.params, cfg.optim.max_grad_norm)
+        t.optimizer.step()
+        t.optimizer.zero_grad(set_to_none=True)
+    t.micro_step += 1
+    return loss.detach()
+
+
+def _log_step(t: Trainer, progress: ProgressLog, loss_sum: torch.Tensor, count: int) -> float:
+    """Reduce the window's mean loss across ranks: the only host sync, once per ``log_every`` steps."""
+    mean = t.accelerator.reduce(loss_sum / max(count, 1), reduction="mean").item()
+    lr = t.lr_scheduler.get_last_lr()[0]
+    tracking.log(t.accelerator, t.cfg, {"loss": mean, "lr": lr}, t.step)
+    if t.accelerator.is_main_process:
+        progress.report(t.step, loss=mean, lr=lr)
+        metrics.append(t.paths.metrics, {"step": t.step, "loss": mean, "lr": lr, "time": time.time()})
+    return mean
+
+
+def _validation_due(t: Trainer) -> bool:
+    every = t.cfg.train.validate_every
+    return bool(every) and t.step % every == 0 and 0 < t.step < t.cfg.train.max_steps
+
+
+def _validate(t: Trainer) -> None:
+    """Held-out loss and validation images at ``t.step``; collective, and it leaves every RNG alone.
+
+    Skips a step whose ``val_loss`` is already in metrics.jsonl: a job preempted right at a validation step
+    validates it after the resume (the save comes first, so the grace period goes to the checkpoint), a job
+    resumed from an older checkpoint after a crash does not validate a step twice, and a rerun of a finished
+    run does not redo the final validation. Rank 0 reads the file and tells the others.
+    """
+    from sdcluster.train.validation import run_validation
+
+    acc = t.accelerator
+    done = t.step in metrics.validated_steps(t.paths.metrics) if acc.is_main_process else None
+    if rank0_decides(acc, done):
+        return
+    record = run_validation(t, t.step)
+    tracking.log(t.accelerator, t.cfg, {"val_loss": record["val_loss"]}, t.step)
+    if record["images"] is not None:
+        tracking.log_image(t.accelerator, t.cfg, "validation", record["images"] / "grid.png", t.step)
+
+
+def _loop(t: Trainer, ckpt: Checkpointer, flag: PreemptionFlag, stop_at: Callable[[int], bool] | None):
+    cfg, acc = t.cfg, t.accelerator
+    progress = ProgressLog(cfg.train.max_steps, "step", start=t.step)
+    losses: list[tuple[int, float]] = []
+    loss_sum, count = torch.zeros((), device=acc.device), 0
+    if _validation_due(t):  # resumed at a validation step the preempted job saved before validating
+        _validate(t)
+    batches = iter(_loader(t))
+    while t.step < cfg.train.max_steps:
+        loss_sum += _micro_step(t, next(batches))
+        count += 1
+        if not acc.sync_gradients:
+            continue
+        t.step += 1
+        t.lr_scheduler.step()
+        if t.ema is not None:
+            t.ema.step(t.params)
+        if t.step % cfg.train.log_every == 0 or t.step == cfg.train.max_steps:
+            losses.append((t.step, _log_step(t, progress, loss_sum, count)))
+            loss_sum, count = torch.zeros((), device=acc.device), 0
+        if stop_at is not None and stop_at(t.step):
+            flag.forced = True
+        if flag.agreed(acc):  # before validating: the grace period goes to the checkpoint first
+            ckpt.save()
+            return losses, True
+        if t.step % cfg.train.checkpoint_every == 0 and t.step < cfg.train.max_steps:
+            ckpt.save()
+        if _validation_due(t):
+            _validate(t)
+            if flag.agreed(acc):  # a signal that came while validating: save now, not a step later
+                ckpt.save()
+                return losses, True
+    return losses, False
+
+
+def train(
+    cfg: Config,
+    flag: PreemptionFlag | None = None,
+    stop_at: Callable[[int], bool] | None = None,
+    job_id: str | None = None,
+) -> TrainResult:
+    """Fine-tune the UNet; resume from the run's newest complete checkpoint; export the pipeline at the end.
+
+    ``flag`` carries the scheduler's preemption signal; ``stop_at(step)`` lets tests stop at a chosen step
+    exactly the way a preemption does (collective save, then return with ``interrupted=True``).
+    """
+    flag = flag or PreemptionFlag()
+    t = build_trainer(cfg)
+    acc = t.accelerator
+    if acc.is_main_process:
+        t.paths.root.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(t, job_id)
+    ckpt.load()
+    effective = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
+    log.info(
+        "training %s: steps %d->%d, effective batch %d (per device %d x accumulation %d x %d processes)",
+        t.comps.source,
+        t.step,
+        cfg.train.max_steps,
+        effective,
+        cfg.train.batch_size,
+        cfg.train.grad_accum,
+        acc.num_processes,
+    )
+    tracking.start(acc, cfg, t.paths, t.step)
+    try:
+        return _train_and_export(t, ckpt, flag, stop_at)
+    finally:
+        tracking.end(acc, cfg)
+
+
+def _train_and_export(
+    t: Trainer, ckpt: Checkpointer, flag: PreemptionFlag, stop_at: Callable[[int], bool] | None
+) -> TrainResult:
+    cfg, acc = t.cfg, t.accelerator
+    losses, interrupted = _loop(t, ckpt, flag, stop_at)
+    log.info("unet weights checksum at step %d: %s", t.step, weights_checksum(t.unet))
+    result = TrainResult(t.paths.root, t.step, interrupted, losses=losses)
+    if interrupted:
+        return result
+    ckpt.save_unless_saved()
+    _validate(t)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        from sdcluster.train.export import export_pipeline
+
+        result.model_dir = export_pipeline(
+            t.paths.model,
+            t.comps.source,
+            acc.unwrap_model(t.unet),
+            t.comps.text_encoder,
+            t.comps.vae,
+            t.comps.tokenizer,
+            t.ema,
+            prediction_type=cfg.train.prediction_type,
+        )
+    acc.wait_for_everyone()
+    return result

@@ -1,0 +1,119 @@
+"""Real preemption and time limits: USR2 from scancel or SLURM's own warning, requeue, exact resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdcluster.train import step_folders
+from tests.conftest import tensorboard_scalars
+from tests.slurm_helpers import job_record, launch, logs_cli, wait_for, wait_for_line
+
+pytestmark = pytest.mark.slurm
+
+TRAIN = ["task=train", "train.log_every=1", "train.checkpoint_every=100", "train.max_steps=10"]
+
+
+def _final_weights(run_dir: str) -> dict[str, torch.Tensor]:
+    newest = step_folders.complete_checkpoints(Path(run_dir) / "checkpoints")[0]
+    return load_file(str(newest / "model.safetensors"))
+
+
+def _losses(run_dir: str) -> dict[int, float]:
+    lines = Path(run_dir, "metrics.jsonl").read_text().splitlines()
+    return {rec["step"]: rec["loss"] for rec in map(json.loads, lines) if "loss" in rec}
+
+
+@pytest.mark.parametrize("tasks", [1, 2], ids=["1-process", "2-process"])
+def test_preempted_training_requeues_and_matches_uninterrupted(slurm_cluster, tmp_path, cache_root, tasks):
+    shape = [f"cluster.tasks_per_node={tasks}", "cluster.cpus_per_task=1", "train.grad_accum=2"]
+    proc, ids = launch(tmp_path / "a", cache_root, *TRAIN, *shape)
+    assert proc.returncode == 0, proc.stderr
+    (straight_id,) = ids["train"]
+
+    proc, ids = launch(tmp_path / "b", cache_root, *TRAIN, *shape, "train.tracker=tensorboard")
+    (job_id,) = ids["train"]
+    log = tmp_path / "b" / "jobs" / job_id / f"{job_id}_0_log.out"
+    wait_for_line(log, r"step 3/10 ")
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
+    assert wait_for(job_id)[0] == "COMPLETED"
+    assert wait_for(straight_id)[0] == "COMPLETED"
+
+    record = job_record(tmp_path / "b", job_id)
+    first, second = record["attempts"]
+    assert (first["state"], first["exit_reason"], first["requeued"]) == ("PREEMPTED", "preempted", True)
+    assert 3 <= first["step"] < 10
+    assert (second["state"], second["restart_count"], second["step"]) == ("COMPLETED", 1, 10)
+    resumed_log = log.read_text()
+    assert f"resumed from {record['run_dir']}/checkpoints/step-{first['step']:08d}" in resumed_log
+    shown = logs_cli(tmp_path / "b", job_id).stdout
+    assert (
+        "attempt 1 (restart 0): state PREEMPTED" in shown
+        and "attempt 2 (restart 1): state COMPLETED" in shown
+    )
+
+    straight_run = job_record(tmp_path / "a", straight_id)["run_dir"]
+    a, b = _final_weights(straight_run), _final_weights(record["run_dir"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resume was not exact"
+    assert _losses(straight_run) == _losses(record["run_dir"])
+    # One TensorBoard run across the requeue: both attempts' event files, one curve, each step once.
+    board = Path(record["run_dir"]) / "tensorboard"
+    assert len(list(board.glob("events.out.tfevents.*"))) == 2
+    curve = tensorboard_scalars(board, "loss")
+    assert [step for step, _ in curve] == list(range(1, 11))
+    assert [v for _, v in curve] == pytest.approx(list(_losses(record["run_dir"]).values()), rel=1e-6)
+
+
+def test_time_limit_requeues_within_budget_then_stops(slurm_cluster, tmp_path, cache_root):
+    """SLURM's own warning (USR2 60 s before a 2-minute limit): one requeue allowed, then a clear stop."""
+    limits = ["cluster.timeout_min=2", "cluster.signal_delay_s=60", "cluster.max_timeouts=1"]
+    proc, ids = launch(
+        tmp_path, cache_root, "task=train", "train.max_steps=100000", "train.log_every=5", *limits
+    )
+    assert proc.returncode == 0, proc.stderr
+    (job_id,) = ids["train"]
+    state, code = wait_for(job_id, timeout_s=420)
+    assert state == "FAILED" and code == "1:0"
+    record = job_record(tmp_path, job_id)
+    first, second = record["attempts"]
+    assert (first["state"], first["requeued"]) == ("TIMEOUT", True)
+    assert (second["state"], second["requeued"]) == ("TIMEOUT", False)
+    assert second["step"] > first["step"] > 0, "the second attempt must continue, not restart"
+    err = (tmp_path / "jobs" / job_id / f"{job_id}_0_log.err").read_text()
+    assert "not requeued (cluster.max_timeouts=1, used 1)" in err
+    assert (
+        step_folders.read_meta(
+            step_folders.complete_checkpoints(Path(record["run_dir"]) / "checkpoints")[0]
+        ).step
+        == second["step"]
+    )
+
+
+def test_preempted_generation_finishes_only_whats_missing(slurm_cluster, tmp_path, cache_root, tiny_model):
+    gen = [
+        "task=generate",
+        f"generate.model={tiny_model}",
+        "generate.num_images=12",
+        "generate.batch_size=2",
+        "generate.steps=4",
+    ]
+    proc, ids = launch(tmp_path, cache_root, *gen)
+    assert proc.returncode == 0, proc.stderr
+    (job_id,) = ids["generate"]
+    log = tmp_path / "jobs" / job_id / f"{job_id}_0_log.out"
+    wait_for_line(log, r"image \d+/24 ")
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
+    assert wait_for(job_id)[0] == "COMPLETED"
+    record = job_record(tmp_path, job_id)
+    first, second = record["attempts"]
+    assert first["state"] == "PREEMPTED" and 0 < first["step"] < 24
+    assert second["state"] == "COMPLETED"
+    out = Path(record["outputs"]["images"])
+    files = [json.loads(ln)["file"] for ln in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(files) == 24 == len(set(files)) == len(list(out.glob("p*-i*.png")))
+    assert f"{first['step']} already done" in log.read_text()

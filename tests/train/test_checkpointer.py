@@ -1,0 +1,125 @@
+"""Checkpoints are atomic, pruned only after a save commits, and a bad newest one falls back."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from sdcluster.train import step_folders
+from sdcluster.train.loop import train
+
+FAST = ["train.log_every=1", "train.batch_size=2", "train.checkpoint_every=2", "train.max_steps=4"]
+
+
+def _fake_checkpoint(root: Path, step: int) -> Path:
+    folder = root / step_folders.step_name(step)
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"x" * (10 + step))
+    meta = step_folders.CheckpointMeta(step, step, "h", 1, 1, 1, files={"model.safetensors": 10 + step})
+    (folder / step_folders.META_NAME).write_text(json.dumps(dataclasses.asdict(meta)))
+    return folder
+
+
+def test_prune_keeps_newest_complete_and_never_fewer_than_two(tmp_path):
+    for step in (1, 2, 3, 4, 5):
+        _fake_checkpoint(tmp_path, step)
+    (tmp_path / ".tmp-step-00000003").mkdir()  # leftover of an interrupted save, older than the newest
+    (tmp_path / ".tmp-step-00000009").mkdir()  # a save that may still be running: left alone
+    step_folders.prune(tmp_path, keep=1)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [".tmp-step-00000009", "step-00000004", "step-00000005"]
+
+
+def test_incomplete_and_truncated_checkpoints_are_skipped_with_a_named_warning(tmp_path, caplog):
+    _fake_checkpoint(tmp_path, 1)
+    truncated = _fake_checkpoint(tmp_path, 2)
+    (truncated / "model.safetensors").write_bytes(b"x")
+    no_meta = tmp_path / step_folders.step_name(3)
+    no_meta.mkdir()
+    with caplog.at_level(logging.WARNING, logger="sdcluster"):
+        good = step_folders.complete_checkpoints(tmp_path)
+    assert [p.name for p in good] == ["step-00000001"]
+    assert "step-00000002" in caplog.text and "truncated" in caplog.text
+    assert "step-00000003" in caplog.text and "did not finish" in caplog.text
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, {repo!r})
+    from tests.conftest import compose
+    from sdcluster.train import checkpointer
+    from sdcluster.train.loop import train
+
+    original = checkpointer.write_extra
+
+    def write_extra_then_die(folder, *args, **kwargs):
+        if folder.name.endswith("00000004"):
+            original(folder, *args, **kwargs)
+            os.kill(os.getpid(), signal.SIGKILL)  # killed after accelerate wrote, before the commit
+        return original(folder, *args, **kwargs)
+
+    checkpointer.write_extra = write_extra_then_die
+    train(compose({overrides!r}))
+    """
+)
+
+
+def test_sigkill_during_save_leaves_previous_checkpoint_usable(make_cfg, tmp_path, caplog):
+    cfg = make_cfg(FAST)
+    overrides = [
+        *FAST,
+        f"output_root={cfg.output_root}",
+        f"jobs_root={cfg.jobs_root}",
+        f"cache_root={cfg.cache_root}",
+    ]
+    script = KILL_SCRIPT.format(repo=str(Path(__file__).resolve().parents[1]), overrides=overrides)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+
+    from sdcluster.paths import run_paths
+
+    ckpts = run_paths(cfg).checkpoints
+    assert (ckpts / ".tmp-step-00000004" / "model.safetensors").is_file()  # the half-written save
+    assert [p.name for p in step_folders.complete_checkpoints(ckpts)] == ["step-00000002"]
+    assert (ckpts / "latest").read_text().strip() == "step-00000002"
+
+    with caplog.at_level(logging.INFO, logger="sdcluster"):
+        result = train(cfg)
+    assert "resumed from" in caplog.text and "step-00000002" in caplog.text
+    assert result.step == 4
+    assert not (ckpts / ".tmp-step-00000004").exists()
+    assert [p.name for p in step_folders.complete_checkpoints(ckpts)] == ["step-00000004", "step-00000002"]
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(make_cfg, caplog):
+    cfg = make_cfg(FAST)
+    first = train(cfg)
+    newest = first.run_dir / "checkpoints" / "step-00000004"
+    weights = newest / "model.safetensors"
+    size = weights.stat().st_size
+    with weights.open("r+b") as fh:  # same size, garbage header: only loading can tell
+        fh.write(b"\xff" * 64)
+    assert weights.stat().st_size == size
+    cfg.train.max_steps = 6
+    with caplog.at_level(logging.INFO, logger="sdcluster"):
+        result = train(cfg)
+    assert "could not load checkpoint" in caplog.text and str(newest) in caplog.text
+    assert "resumed from" in caplog.text and "step-00000002" in caplog.text
+    assert result.step == 6
+
+
+def test_checkpoint_meta_is_human_readable(make_cfg):
+    cfg = make_cfg([*FAST, "train.max_steps=2"])
+    result = train(cfg, job_id="4242")
+    folder = step_folders.complete_checkpoints(result.run_dir / "checkpoints")[0]
+    meta = json.loads((folder / step_folders.META_NAME).read_text())
+    assert meta["step"] == 2 and meta["job_id"] == "4242" and meta["world_size"] == 1
+    assert set(meta["files"]) >= {"model.safetensors", "optimizer.bin", "train_state.json"}
+    assert all(os.path.getsize(folder / n) == s for n, s in meta["files"].items())
