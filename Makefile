@@ -27,16 +27,16 @@ run: install  ## fine-tune the tiny model on the sample data and generate images
 test: install-test slurm-packages  ## install everything and run the whole suite (starts a real single-node SLURM)
 	$(PYTHON) -m pytest
 
-test-fast: install-test  ## the suite without the SLURM tests
-	$(PYTHON) -m pytest -m "not slurm"
+test-fast: install-test  ## the suite without the SLURM tests and the whole-job runs (marked slow)
+	$(PYTHON) -m pytest -m "not slurm and not slow"
 
 lint:  ## ruff check + format check
-	$(PYTHON) -m ruff check sdcluster tests benchmarks
-	$(PYTHON) -m ruff format --check sdcluster tests benchmarks
+	$(PYTHON) -m ruff check sdcluster tests benchmarks hydra_plugins
+	$(PYTHON) -m ruff format --check sdcluster tests benchmarks hydra_plugins
 
 format:  ## ruff fix + format
-	$(PYTHON) -m ruff check --fix sdcluster tests benchmarks
-	$(PYTHON) -m ruff format sdcluster tests benchmarks
+	$(PYTHON) -m ruff check --fix sdcluster tests benchmarks hydra_plugins
+	$(PYTHON) -m ruff format sdcluster tests benchmarks hydra_plugins
 
 cluster: slurm-packages  ## start a single-node SLURM on this machine to try sdcluster (prints SLURM_CONF)
 	$(PYTHON) -m sdcluster.cluster.sandbox start

@@ -83,6 +83,8 @@ def seed_config(size: str, output_root: Path, **train: Any) -> Any:
         "use_ema": True,
         "log_every": 10,
         "checkpoint_every": 100_000,
+        "validate_every": 0,  # the held-out loss at the end only, no images: what was measured before
+        "validation_prompts": [],
         **train,
     }
     return Config(

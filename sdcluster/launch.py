@@ -15,6 +15,7 @@ functions never see Hydra.
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import NoReturn
 
 import hydra
@@ -26,6 +27,8 @@ from sdcluster.config.store import conf_dir, register
 from sdcluster.paths import absolutize
 
 register()
+# conf/ of the working directory is on the search path for conf/local/; most directories have none.
+warnings.filterwarnings("ignore", message="provider=hydra.searchpath in main, path=conf is not available")
 
 
 def to_config(dcfg: DictConfig) -> Config:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import time
 from pathlib import Path
 
 from sdcluster import paths
@@ -20,7 +19,6 @@ from sdcluster.cluster import records, scheduler
 from sdcluster.train import metrics
 
 _PROGRESS = re.compile(r"(step \d+/\d+ \|.*)$")
-_GONE = "RUNNING, but its process is gone (killed without a word, or the machine rebooted)"
 
 
 def last_progress(path: Path) -> str | None:
@@ -32,15 +30,6 @@ def last_progress(path: Path) -> str | None:
         if match:
             found = match.group(1)
     return found
-
-
-def recorded_state(record: dict) -> str:
-    """The recorded state, unless the record says RUNNING for a process that no longer exists."""
-    state = record.get("state", "?")
-    attempts = record.get("attempts") or []
-    if state == "RUNNING" and attempts and records.process_gone(attempts[-1]):
-        return _GONE
-    return state
 
 
 def _never_ran(record: dict, sched: tuple[str, str] | None) -> str | None:
@@ -60,7 +49,7 @@ def summary(job_id: str, folder: Path, task: int = 0) -> list[str]:
     sched = scheduler.job_state(job_id) if record.get("cluster") == "slurm" else None
     if sched:
         lines.append(f"  scheduler state: {sched[0]}" + (f" (exit code {sched[1]})" if sched[1] else ""))
-    lines.append(f"  recorded state:  {recorded_state(record)}")
+    lines.append(f"  recorded state:  {records.recorded_state(record)}")
     never = _never_ran(record, sched)
     if never:
         lines.append(never)
@@ -87,25 +76,6 @@ def summary(job_id: str, folder: Path, task: int = 0) -> list[str]:
     return lines
 
 
-def follow(path: Path, job_id: str, folder: Path, poll_s: float = 2.0) -> None:
-    """Print new log lines until the job reaches a terminal state."""
-    offset = 0
-    while True:
-        if path.is_file():
-            with path.open(errors="replace") as fh:
-                fh.seek(offset)
-                chunk = fh.read()
-                offset = fh.tell()
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
-        sched = scheduler.job_state(job_id)
-        record = records.read(folder)
-        state = sched[0] if sched else recorded_state(record)
-        if state in scheduler.TERMINAL or state == _GONE:
-            return
-        time.sleep(poll_s)
-
-
 def list_recent(jobs_root: Path, limit: int = 20) -> list[str]:
     """The user's jobs, newest first: those under ``jobs_root`` and those in the index (any directory)."""
     found = {job_id: records.read(folder) for job_id, folder in records.indexed_jobs()}
@@ -113,7 +83,7 @@ def list_recent(jobs_root: Path, limit: int = 20) -> list[str]:
     newest = sorted(found.items(), key=lambda item: item[1].get("submitted", ""), reverse=True)
     rows = [f"{'job':<14} {'task':<9} {'state':<11} {'submitted':<25} run"]
     for job_id, record in newest[:limit]:
-        state = "DIED" if recorded_state(record) == _GONE else record.get("state", "?")
+        state = "DIED" if records.recorded_state(record) == records.GONE else record.get("state", "?")
         rows.append(
             f"{job_id:<14} {record.get('task', '?'):<9} {state:<11} "
             f"{record.get('submitted', '?'):<25} {record.get('run_dir', '')}"
@@ -127,7 +97,7 @@ def _array_listing(job_id: str, tasks: list[str], jobs_root: Path) -> list[str]:
         folder = records.find_job(task_id, jobs_root)
         record = records.read(folder) if folder else {}
         sched = scheduler.job_state(task_id) if record.get("cluster") == "slurm" else None
-        state = sched[0] if sched else recorded_state(record)
+        state = sched[0] if sched else records.recorded_state(record)
         lines.append(f"  {task_id:<14} {record.get('task', '?'):<9} {state}")
     return lines
 
@@ -161,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     path = paths.job_log(folder, job_id, args.task, args.err)
     print(f"---- {path}")
     if args.follow:
-        follow(path, job_id, folder)
+        records.follow(path, job_id, folder)
     elif path.is_file():
         print(path.read_text(errors="replace"), end="")
     else:

@@ -31,23 +31,6 @@ from sdcluster.config import Config
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
-# Keys that do not change what a run learns: changing them must keep the same run folder (and so resume).
-_NON_SEMANTIC_TRAIN_KEYS = (
-    "log_every",
-    "checkpoint_every",
-    "checkpoints_keep",
-    "resume",
-    "allow_resume_change",
-    "validate_every",
-    "validation_prompts",
-    "validation_steps",
-    "tracker",
-    "tracker_project",
-)
-_NON_SEMANTIC_DATA_KEYS = ("num_workers", "cache", "cache_memory_mb", "max_pixels")
-# With these schedules the LR does not depend on the total, so raising max_steps continues the same run.
-_STEPS_FREE_SCHEDULES = ("constant", "constant_with_warmup")
-
 
 def stable_hash(obj: object, length: int = 8) -> str:
     """A short hash of a JSON-able object, stable across processes and machines."""
@@ -56,14 +39,18 @@ def stable_hash(obj: object, length: int = 8) -> str:
 
 
 def semantic_train_config(cfg: Config) -> dict:
-    """The part of the config that defines a training run (its identity)."""
+    """The part of the config that defines a training run (its identity).
+
+    Which keys are left out is part of the schema: ``TrainConfig.NOT_IDENTITY``, ``DataConfig.NOT_IDENTITY``,
+    and ``train.max_steps`` with a schedule in ``OptimConfig.STEPS_FREE_SCHEDULES``.
+    """
     train = dataclasses.asdict(cfg.train)
-    for key in _NON_SEMANTIC_TRAIN_KEYS:
+    for key in cfg.train.NOT_IDENTITY:
         train.pop(key)
-    if cfg.optim.lr_schedule in _STEPS_FREE_SCHEDULES:
+    if cfg.optim.lr_schedule in cfg.optim.STEPS_FREE_SCHEDULES:
         train.pop("max_steps")
     data = dataclasses.asdict(cfg.data)
-    for key in _NON_SEMANTIC_DATA_KEYS:
+    for key in cfg.data.NOT_IDENTITY:
         data.pop(key)
     return {
         "model": dataclasses.asdict(cfg.model),

@@ -81,7 +81,7 @@ def job_record(tmp: Path, job_id: str) -> dict:
     return json.loads((tmp / "jobs" / job_id / "job.json").read_text())
 
 
-def logs_cli(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def logs_cli(tmp: Path, *args: str, timeout: int = 60) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SDCLUSTER_HOME": str(tmp / "home")}
     cmd = [sys.executable, "-m", "sdcluster.logs", "--jobs-root", str(tmp / "jobs"), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout, env=env)

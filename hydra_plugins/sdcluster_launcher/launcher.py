@@ -15,6 +15,15 @@ from collections.abc import Sequence
 
 from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra.core.utils import JobReturn, JobStatus
+from omegaconf import DictConfig, open_dict
+
+
+def _task(config: DictConfig) -> DictConfig:
+    """The point's own config, as Hydra hands it to a task function: without the ``hydra`` node."""
+    config = config.copy()
+    with open_dict(config):
+        del config["hydra"]
+    return config
 
 
 class SdclusterLauncher(BasicLauncher):
@@ -34,7 +43,9 @@ class SdclusterLauncher(BasicLauncher):
                 raise ConfigError(
                     f"cluster: the points use different executors {sorted(executors)}. Fix: sweep one of them"
                 )
-            points = [Point(to_config(c), list(o)) for c, o in zip(composed, job_overrides, strict=True)]
+            points = [
+                Point(to_config(_task(c)), list(o)) for c, o in zip(composed, job_overrides, strict=True)
+            ]
             code = submit_sweep(points)
         except ConfigError as err:
             fail(err)

@@ -7,6 +7,7 @@ A sweep takes the same path with N configs (:mod:`sdcluster.sweep.points`).
 
 from __future__ import annotations
 
+import re
 import signal
 from collections.abc import Callable
 
@@ -48,13 +49,18 @@ def _stop_local(job: submitit.Job, say: Say) -> None:
         process.send_signal(signal.SIGTERM)  # submitit's controller forwards SIGTERM to the job's processes
 
 
+def _reason(error: str) -> str:
+    """The exception line of submitit's error text (it ends with a list of log files), else its last line."""
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    found = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Stopped|Interrupt): ", line)]
+    return (found or lines or ["(no message)"])[-1]
+
+
 def wait_for(cfg: Config, job: submitit.Job, kind: str, say: Say) -> bool:
     """Wait for the job; on SLURM, stream its rank-0 log meanwhile. True when it completed."""
     if cfg.cluster.name == "slurm":
-        from sdcluster.logs import follow
-
         folder = paths.job_dir(cfg, job.job_id)
-        follow(paths.job_log(folder, job.job_id, 0), job.job_id, folder)
+        records.follow(paths.job_log(folder, job.job_id, 0), job.job_id, folder)
     try:
         try:
             job.results()  # every task's result: result() refuses jobs with several tasks
@@ -66,7 +72,7 @@ def wait_for(cfg: Config, job: submitit.Job, kind: str, say: Say) -> bool:
     except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedJobError) as err:
         record = records.read(paths.job_dir(cfg, job.job_id))
         word = "CANCELLED" if record.get("state") == "CANCELLED" else "FAILED"
-        say(f"{kind} job {job.job_id} {word}: {str(err).strip().splitlines()[-1]}")
+        say(f"{kind} job {job.job_id} {word}: {_reason(str(err))}")
         say(f"  its log: python -m sdcluster.logs {job.job_id}   (folder {job.paths.folder})")
         return False
     say(f"{kind} job {job.job_id} COMPLETED")

@@ -11,13 +11,16 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from sdcluster import atomic, paths
+from sdcluster.cluster import scheduler
 
 JOB_JSON = "job.json"
+GONE = "RUNNING, but its process is gone (killed without a word, or the machine rebooted)"
 
 
 def now() -> str:
@@ -59,9 +62,10 @@ def _boot_id() -> str | None:
 def _process_start(pid: int) -> str | None:
     """The process's start in clock ticks since boot: with the pid it names one process, not a reused pid."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
+    return None if fields[0] in ("Z", "X") else fields[19]  # a zombie has exited: only its entry remains
 
 
 def start_attempt(folder: Path, restart_count: int) -> None:
@@ -158,3 +162,31 @@ def array_tasks(job_id: str, jobs_root: Path) -> list[str]:
     found = {p.name for p in jobs_root.glob(f"{prefix}*") if (p / JOB_JSON).is_file()}
     found |= {jid for jid, _ in indexed_jobs() if jid.startswith(prefix)}
     return sorted(found, key=lambda jid: int(jid[len(prefix) :]) if jid[len(prefix) :].isdigit() else -1)
+
+
+def recorded_state(record: dict) -> str:
+    """The recorded state, unless the record says RUNNING for a process that no longer exists."""
+    state = record.get("state", "?")
+    attempts = record.get("attempts") or []
+    if state == "RUNNING" and attempts and process_gone(attempts[-1]):
+        return GONE
+    return state
+
+
+def follow(path: Path, job_id: str, folder: Path, poll_s: float = 2.0) -> None:
+    """Print new log lines until the job reaches a terminal state."""
+    offset = 0
+    while True:
+        if path.is_file():
+            with path.open(errors="replace") as fh:
+                fh.seek(offset)
+                chunk = fh.read()
+                offset = fh.tell()
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+        sched = scheduler.job_state(job_id)
+        record = read(folder)
+        state = sched[0] if sched else recorded_state(record)
+        if state in scheduler.TERMINAL or state == GONE:
+            return
+        time.sleep(poll_s)

@@ -16,8 +16,10 @@ checkpoint, records the attempt as CANCELLED and says that the same command resu
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +57,9 @@ class PreemptionFlag:
         self.signal_time = time.time()
 
     def _on_stop(self, signum: int, frame: object) -> None:
-        self.stop_signal = signal.Signals(signum).name
-        self.signal_time = time.time()
+        if self.stop_signal is None:  # the first one names the stop (Ctrl-C, then the launcher's SIGTERM)
+            self.stop_signal = signal.Signals(signum).name
+            self.signal_time = time.time()
 
     @property
     def raised(self) -> bool:
@@ -114,3 +117,25 @@ def requeue_or_stop(
     raise JobStopped(
         f"{reason} at step {step}; state saved; not requeued ({key}={budget}, used {used}): {hint}"
     )
+
+
+TEST_PAUSE = "SDCLUSTER_TEST_PAUSE"
+
+
+def hold_for_signal(unit: str, count: int, raised: Callable[[], bool], limit_s: float = 600.0) -> None:
+    """Test hook: hold the job at a named point until a signal arrives, so a test's signal lands mid-run.
+
+    With ``SDCLUSTER_TEST_PAUSE=step:3`` (or ``batch:1``; ``step:3@1`` for array task 1 only) the first
+    attempt of a job logs ``paused at step 3`` there and waits until ``raised()`` (at most ``limit_s``). The
+    test waits for that line, then signals. The variable is for tests; nothing else sets it.
+    """
+    wanted = os.environ.get(TEST_PAUSE)
+    if not wanted or os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"):
+        return
+    target, _, task = wanted.partition("@")
+    if target != f"{unit}:{count}" or (task and os.environ.get("SLURM_ARRAY_TASK_ID") != task):
+        return
+    log.info("paused at %s %d until a signal arrives (%s)", unit, count, TEST_PAUSE)
+    deadline = time.monotonic() + limit_s
+    while not raised() and time.monotonic() < deadline:
+        time.sleep(0.05)

@@ -267,4 +267,5 @@ def describe_dry_run(cfgs: list[Config], say: Say) -> None:
             f"# job {n}: {job.kind}, {shape}, points {points}"
             + (f", afterok on the {after}" if after else "")
         )
-        say(sbatch_preview(job, f"afterok:<{after}>".replace(" ", "_") if after else None))
+        placeholder = f"afterok:TRAIN-JOB-OF-POINT-{points[0]}"  # the real id exists once training is queued
+        say(sbatch_preview(job, placeholder if after else None))

@@ -11,7 +11,6 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from sdcluster.config import Config
-from sdcluster.paths import ASSETS
 
 SCHEMA_NAME = "sdcluster_schema"
 LAUNCHER = "hydra_plugins.sdcluster_launcher.launcher.SdclusterLauncher"
@@ -30,4 +29,4 @@ def register() -> None:
     store.store(name=SCHEMA_NAME, node=Config)
     store.store(group="hydra/launcher", name="sdcluster", node={"_target_": LAUNCHER}, provider="sdcluster")
     if not OmegaConf.has_resolver("sdc_asset"):
-        OmegaConf.register_new_resolver("sdc_asset", lambda name: str(ASSETS / name))
+        OmegaConf.register_new_resolver("sdc_asset", lambda name: str(_PACKAGE / "assets" / name))

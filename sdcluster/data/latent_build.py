@@ -37,8 +37,8 @@ from sdcluster.data.latent_cache import (
     manifest_of,
     verify,
 )
+from sdcluster.models.load import encode_text
 from sdcluster.paths import cache_dir
-from sdcluster.train.loss import encode_text
 
 log = logging.getLogger("sdcluster")
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sdcluster import atomic, paths
+from sdcluster.cluster.requeue import hold_for_signal
 from sdcluster.config import Config, ConfigError
 from sdcluster.generate import records
 from sdcluster.generate.images import save_png_atomic
@@ -124,6 +125,7 @@ def _run_batches(
             records.append_record(part, record)
             written += 1
         progress.report(written, batch=f"{number}/{len(batches)}")
+        hold_for_signal("batch", number, stop)
     return written, False
 
 

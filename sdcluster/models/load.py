@@ -99,3 +99,11 @@ def load_components(model: ModelConfig, cache_root: str | Path) -> Components:
         noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common),
         source=source,
     )
+
+
+def encode_text(text_encoder: Any, input_ids: Any) -> Any:
+    """The frozen text encoder's hidden states (what the UNet is conditioned on), without autograd."""
+    import torch
+
+    with torch.no_grad():
+        return text_encoder(input_ids, return_dict=False)[0]

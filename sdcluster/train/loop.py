@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from sdcluster.cluster.distributed import rank0_decides
-from sdcluster.cluster.requeue import PreemptionFlag
+from sdcluster.cluster.requeue import PreemptionFlag, hold_for_signal
 from sdcluster.config import Config
 from sdcluster.progress import ProgressLog
 from sdcluster.train import metrics, tracking
@@ -125,6 +125,7 @@ def _loop(t: Trainer, ckpt: Checkpointer, flag: PreemptionFlag, stop_at: Callabl
             loss_sum, count = torch.zeros((), device=acc.device), 0
         if stop_at is not None and stop_at(t.step):
             flag.forced = True
+        hold_for_signal("step", t.step, lambda: flag.raised)
         if flag.agreed(acc):  # before validating: the grace period goes to the checkpoint first
             ckpt.save()
             return losses, True

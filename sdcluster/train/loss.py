@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sdcluster.models.load import encode_text
+
 
 def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
     """A CPU generator private to one micro-step of one rank (CPU so results do not depend on the device)."""
@@ -45,11 +47,6 @@ def encode_latents(vae: Any, pixel_values: torch.Tensor, gen: torch.Generator) -
     with torch.no_grad():
         parameters = vae.encode(pixel_values.to(vae.dtype)).latent_dist.parameters
     return sample_posterior(parameters, gen, vae.config.scaling_factor)
-
-
-def encode_text(text_encoder: Any, input_ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return text_encoder(input_ids, return_dict=False)[0]
 
 
 def model_inputs(

@@ -65,24 +65,24 @@ def test_two_process_training_is_a_real_distributed_run(slurm_cluster, tmp_path,
 
 
 def test_train_then_generate_chain(slurm_cluster, tmp_path, cache_root, tiny_model):
-    prompts = (
-        "generate.prompts=['$(touch /tmp/sdcluster-injected)', 'jeans with \"quotes\" and ; semicolons']"
-    )
+    canary = tmp_path / "injected"  # a path of this test only: another run cannot create or hide it
+    prompts = f"generate.prompts=['$(touch {canary})', 'jeans with \"quotes\" and ; semicolons']"
     overrides = [*TRAIN, "task=train_generate", prompts, "generate.num_images=1", "generate.steps=2"]
     proc, ids = launch(tmp_path, cache_root, *overrides)
     assert proc.returncode == 0, proc.stderr
     (train_id,), (gen_id,) = ids["train"], ids["generate"]
     script = (tmp_path / "jobs" / gen_id / f"{gen_id}_submission.sh").read_text()
     assert f"--dependency=afterok:{train_id}" in script
+    assert "--kill-on-invalid-dep=yes" in script, "a failed training must drop its generation job"
     assert wait_for(gen_id)[0] == "COMPLETED"
     assert wait_for(train_id)[0] == "COMPLETED"
     out = job_record(tmp_path, gen_id)["outputs"]["images"]
     manifest = [json.loads(ln) for ln in Path(out, "manifest.jsonl").read_text().splitlines()]
     assert [m["prompt"] for m in manifest] == [
-        "$(touch /tmp/sdcluster-injected)",
+        f"$(touch {canary})",
         'jeans with "quotes" and ; semicolons',
     ]
-    assert not Path("/tmp/sdcluster-injected").exists(), "a prompt was run as shell"
+    assert not canary.exists(), "a prompt was run as shell"
 
 
 def test_job_failing_on_the_node_is_reported_with_its_log(slurm_cluster, tmp_path, cache_root):
@@ -97,8 +97,10 @@ def test_job_failing_on_the_node_is_reported_with_its_log(slurm_cluster, tmp_pat
 
 
 def test_wait_streams_and_returns_the_jobs_outcome(slurm_cluster, tmp_path, cache_root, tiny_model):
-    proc, ids = launch(tmp_path / "ok", cache_root, *TRAIN, "launch.wait=true")
+    two = ["cluster.tasks_per_node=2", "cluster.cpus_per_task=1"]  # several tasks: results(), not result()
+    proc, ids = launch(tmp_path / "ok", cache_root, *TRAIN, *two, "launch.wait=true")
     assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
     assert "step 4/4 | loss" in proc.stdout  # the rank-0 log, streamed while waiting
     assert f"train job {ids['train'][0]} COMPLETED" in proc.stdout
     proc, ids = launch(tmp_path, cache_root, *TRAIN, "launch.wait=true", "cluster.setup=['exit 5']")
@@ -137,3 +139,28 @@ def test_dry_run_prints_script_and_submits_nothing(slurm_cluster, tmp_path, cach
 def test_unknown_job_id_is_a_clear_message(tmp_path):
     shown = logs_cli(tmp_path, "999999999")
     assert shown.returncode == 2 and "no job 999999999" in shown.stderr
+
+
+def test_generation_after_a_failed_training_is_dropped_and_explained(slurm_cluster, tmp_path, cache_root):
+    broken = ["task=train_generate", "train.max_steps=2", "cluster.setup=['exit 4']", "generate.steps=2"]
+    proc, ids = launch(tmp_path, cache_root, *broken)
+    assert proc.returncode == 0, proc.stderr
+    (train_id,), (gen_id,) = ids["train"], ids["generate"]
+    assert wait_for(train_id)[0] == "FAILED"
+    assert wait_for(gen_id)[0] == "CANCELLED", "the scheduler drops it instead of leaving it PENDING"
+    shown = logs_cli(tmp_path, gen_id)
+    assert f"never ran: it waited (afterok) on job {train_id}, which ended FAILED" in shown.stdout
+
+
+def test_logs_follow_and_task_read_any_ranks_log(slurm_cluster, tmp_path, cache_root, tiny_model):
+    two = ["cluster.tasks_per_node=2", "cluster.cpus_per_task=1"]
+    proc, ids = launch(tmp_path, cache_root, *TRAIN, *two)
+    assert proc.returncode == 0, proc.stderr
+    (job_id,) = ids["train"]
+    # --follow returns when the job ends, having printed the whole log
+    followed = logs_cli(tmp_path, job_id, "--follow", timeout=300)
+    assert followed.returncode == 0 and "step 4/4 | loss" in followed.stdout
+    assert wait_for(job_id)[0] == "COMPLETED"
+    rank1 = logs_cli(tmp_path, job_id, "--task", "1")
+    assert f"---- {tmp_path / 'jobs' / job_id / f'{job_id}_1_log.out'}" in rank1.stdout
+    assert "[rank 1]" in rank1.stdout and "[rank 0]" not in rank1.stdout.split("----")[-1]

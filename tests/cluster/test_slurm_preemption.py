@@ -36,10 +36,11 @@ def test_preempted_training_requeues_and_matches_uninterrupted(slurm_cluster, tm
     assert proc.returncode == 0, proc.stderr
     (straight_id,) = ids["train"]
 
-    proc, ids = launch(tmp_path / "b", cache_root, *TRAIN, *shape, "train.tracker=tensorboard")
+    pause = {"SDCLUSTER_TEST_PAUSE": "step:3"}  # the job holds at step 3 until the signal: always mid-run
+    proc, ids = launch(tmp_path / "b", cache_root, *TRAIN, *shape, "train.tracker=tensorboard", env=pause)
     (job_id,) = ids["train"]
     log = tmp_path / "b" / "jobs" / job_id / f"{job_id}_0_log.out"
-    wait_for_line(log, r"step 3/10 ")
+    wait_for_line(log, r"paused at step 3 ")
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
     assert wait_for(job_id)[0] == "COMPLETED"
     assert wait_for(straight_id)[0] == "COMPLETED"
@@ -47,7 +48,7 @@ def test_preempted_training_requeues_and_matches_uninterrupted(slurm_cluster, tm
     record = job_record(tmp_path / "b", job_id)
     first, second = record["attempts"]
     assert (first["state"], first["exit_reason"], first["requeued"]) == ("PREEMPTED", "preempted", True)
-    assert 3 <= first["step"] < 10
+    assert first["step"] == 3
     assert (second["state"], second["restart_count"], second["step"]) == ("COMPLETED", 1, 10)
     resumed_log = log.read_text()
     assert f"resumed from {record['run_dir']}/checkpoints/step-{first['step']:08d}" in resumed_log
@@ -102,16 +103,16 @@ def test_preempted_generation_finishes_only_whats_missing(slurm_cluster, tmp_pat
         "generate.batch_size=2",
         "generate.steps=4",
     ]
-    proc, ids = launch(tmp_path, cache_root, *gen)
+    proc, ids = launch(tmp_path, cache_root, *gen, env={"SDCLUSTER_TEST_PAUSE": "batch:2"})
     assert proc.returncode == 0, proc.stderr
     (job_id,) = ids["generate"]
     log = tmp_path / "jobs" / job_id / f"{job_id}_0_log.out"
-    wait_for_line(log, r"image \d+/24 ")
+    wait_for_line(log, r"paused at batch 2 ")
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
     assert wait_for(job_id)[0] == "COMPLETED"
     record = job_record(tmp_path, job_id)
     first, second = record["attempts"]
-    assert first["state"] == "PREEMPTED" and 0 < first["step"] < 24
+    assert first["state"] == "PREEMPTED" and first["step"] == 4  # two batches of two
     assert second["state"] == "COMPLETED"
     out = Path(record["outputs"]["images"])
     files = [json.loads(ln)["file"] for ln in (out / "manifest.jsonl").read_text().splitlines()]

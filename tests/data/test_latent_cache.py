@@ -218,6 +218,7 @@ def test_a_job_waits_for_the_job_building_its_entry_instead_of_encoding_again(ma
     import sys
 
     from tests.conftest import REPO
+    from tests.slurm_helpers import wait_for_line
 
     folder = _copy_sample(tmp_path / "data", count=2, caption_suffix=" locked")
     overrides = [*FAST, "train.max_steps=1", "data=imagefolder", f"data.path={folder}"]
@@ -233,23 +234,18 @@ def test_a_job_waits_for_the_job_building_its_entry_instead_of_encoding_again(ma
             f"jobs_root={tmp_path / 'jobs'}",
             f"cache_root={cfg.cache_root}",
         ]
-        job = subprocess.Popen(
-            [sys.executable, "-c", _JOB, *overrides, *roots],
-            cwd=REPO,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        seen = []
-        for line in job.stderr:  # blocks until the job writes; it cannot finish while we hold the lock
-            seen.append(line)
-            if "another job is building" in line:
-                break
-        assert any("waiting for it" in line for line in seen), "".join(seen)[-3000:]
+        log = tmp_path / "job.err"
+        with log.open("w") as err:
+            job = subprocess.Popen([sys.executable, "-c", _JOB, *overrides, *roots], cwd=REPO, stderr=err)
+        # The job cannot finish while we hold the lock; a deadline makes a job that never waits a failure.
+        line = wait_for_line(log, "another job is building", timeout_s=300)
+        assert "waiting for it" in line, log.read_text()[-3000:]
         latent_build._build(cfg, plan, dataset, comps, ONE_PROCESS, entry, latent_cache.MISSING)
-    rest = job.stderr.read()
-    assert job.wait(timeout=300) == 0, rest[-3000:]
+    code = job.wait(timeout=300)
+    rest = log.read_text()
+    assert code == 0, rest[-3000:]
     assert "job done" in rest
     assert "encoding rows" not in rest, "the waiting job encoded the dataset again"
     assert f"latent cache: {entry}" in rest
     assert verify(entry, plan.key, latent_cache.CACHE_VERSION) is None
-    assert not list(entry.parent.glob(f".build-{entry.name}-*"))
+    assert not list(entry.parent.glob(f".tmp-{entry.name}-*")), "a build folder was left behind"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.slurm_helpers import launch, wait_for
+from tests.slurm_helpers import launch, wait_for, wait_for_line
 
 pytestmark = pytest.mark.slurm
 
@@ -27,12 +27,13 @@ def _sweep_cli(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_lr_sweep_is_one_array_with_a_report_and_resubmit(slurm_cluster, tmp_path, cache_root, tiny_model):
-    proc, ids = launch(tmp_path, cache_root, "-m", *TRAIN, "optim.lr=1e-4,5e-5,1e-5")
+    pause = {"SDCLUSTER_TEST_PAUSE": "step:2@1"}  # point 1 holds at step 2: the cancel always lands mid-run
+    proc, ids = launch(tmp_path, cache_root, "-m", *TRAIN, "optim.lr=1e-4,5e-5,1e-5", env=pause)
     assert proc.returncode == 0, proc.stderr
     array = ids["train"]
     assert len(array) == 3 and len({j.split("_")[0] for j in array}) == 1, "one job array"
     assert [j.split("_")[1] for j in array] == ["0", "1", "2"]
-    wait_for(array[1], states={"RUNNING"})
+    wait_for_line(tmp_path / "jobs" / array[1] / f"{array[1]}_0_log.out", r"paused at step 2 ")
     subprocess.run(["scancel", array[1]], check=True, timeout=30)  # a point that dies
     folder = Path(re.search(r"-> (\S+)", proc.stdout).group(1))
     record = json.loads((folder / "sweep.json").read_text())
@@ -46,6 +47,18 @@ def test_lr_sweep_is_one_array_with_a_report_and_resubmit(slurm_cluster, tmp_pat
     assert wait_for(new_id)[0] == "COMPLETED"
     assert json.loads((folder / "sweep.json").read_text())["points"][1]["history"] == [[array[1]]]
 
+    array_id = array[0].split("_")[0]
+    listing = subprocess.run(
+        [sys.executable, "-m", "sdcluster.logs", "--jobs-root", str(tmp_path / "jobs"), array_id],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        env={**os.environ, "SDCLUSTER_HOME": str(tmp_path / "home")},
+    )
+    assert f"job array {array_id}: 3 tasks" in listing.stdout, listing.stdout + listing.stderr
+    assert re.search(rf"{array[1]}\s+train\s+CANCELLED", listing.stdout)
+    assert _sweep_cli(tmp_path, "report", array_id).returncode == 0, "the array id as submission printed it"
     shown = _sweep_cli(tmp_path, "report", array[0])  # found from any of its job ids
     assert shown.returncode == 0, shown.stderr
     rows = list(csv.DictReader((folder / "report.csv").open()))
@@ -53,10 +66,8 @@ def test_lr_sweep_is_one_array_with_a_report_and_resubmit(slurm_cluster, tmp_pat
     for row, point in zip(rows, record["points"], strict=True):
         job = point["jobs"][0] if row["point"] != "1" else new_id
         assert row["job_id"] == job and row["state"] == "COMPLETED" and row["steps"] == "4"
-        # Point 1's step 4 is in its resubmitted job's log, or, when the cancel landed after the final
-        # checkpoint (the resubmitted job then resumes at step 4 and only exports), in the cancelled one's.
-        jobs = [array[1], new_id] if row["point"] == "1" else [job]
-        logs = "".join((tmp_path / "jobs" / j / f"{j}_0_log.out").read_text() for j in jobs)
+        # Point 1 was cancelled at step 2: its step 4 is in its resubmitted job's log.
+        logs = (tmp_path / "jobs" / job / f"{job}_0_log.out").read_text()
         logged = re.findall(r"step 4/4 \| loss ([\d.]+)", logs)[-1]
         assert f"{float(row['last_loss']):.4f}" == logged, "report must match the run's own log"
     assert "best: point" in shown.stdout

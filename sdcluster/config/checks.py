@@ -1,0 +1,50 @@
+"""What every group's checks share: :class:`ConfigError`, the two helpers that raise it, the allowed values.
+
+A check runs in the group's ``__post_init__`` (so when ``OmegaConf.to_object`` builds the objects, before any
+job exists) and its message names the key, the problem and the fix, e.g.
+``train.batch_size: must be > 0, got 0. Fix: per-device batch``.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message names the key and how to fix it."""
+
+
+def _require(ok: bool, key: str, problem: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {problem}. Fix: {fix}")
+
+
+def _choice(value: str | None, key: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, key, f"got {value!r}", f"use one of {', '.join(map(str, choices))}")
+
+
+TASKS = ("train", "generate", "train_generate")
+"""``task``: train only, generate only, or train and then generate from the run's exported model."""
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+"""``train.mixed_precision`` and ``generate.mixed_precision``: float32, or a half-precision type on GPUs."""
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+"""``train.prediction_type``: what the UNet learns to predict, the noise or the velocity."""
+
+TRACKERS = ("none", "tensorboard", "wandb")
+"""``train.tracker``: where metrics go besides ``metrics.jsonl``, which is always written."""
+
+LR_SCHEDULES = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+)
+"""``optim.lr_schedule``: the names of ``diffusers.optimization.get_scheduler``."""
+
+SCHEDULERS = ("ddim", "euler", "euler_a", "dpmpp", "pndm", "ddpm")
+"""``generate.scheduler``: the samplers of :mod:`sdcluster.models.schedulers`, which asserts it lists them."""
+
+CLUSTERS = ("local", "slurm")
+"""``cluster.name``: the executors, one option each in ``conf/cluster/``."""

@@ -1,0 +1,79 @@
+"""The ``cluster`` group (``conf/cluster/``, appended with ``+cluster=...``): where jobs run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdcluster.config.checks import CLUSTERS, _choice, _require
+
+
+@dataclass
+class ClusterConfig:
+    """Where jobs run. ``local`` runs them in subprocesses here; ``slurm`` submits with sbatch.
+
+    Site facts (partition, account, setup lines) belong in ``conf/cluster/*.yaml`` or the gitignored
+    ``conf/local/``, never in Python.
+    """
+
+    name: str = "local"
+    """The executor: local (a subprocess on this machine) or slurm (sbatch); append with +cluster=slurm."""
+    partition: str | None = None
+    """SLURM partition to submit to; null: the cluster's default partition."""
+    account: str | None = None
+    """SLURM account the jobs are charged to; null: your default account."""
+    qos: str | None = None
+    """SLURM quality of service; null: the default one."""
+    nodes: int = 1
+    """Nodes per training job; each runs processes_per_node processes."""
+    gpus_per_node: int = 0
+    """GPUs per node, one process (task) each; 0 on CPU nodes."""
+    tasks_per_node: int = 1
+    """Processes per node when no GPUs are asked for (CPU nodes); with GPUs there is one per GPU."""
+    cpus_per_task: int | None = None
+    """CPUs per process (data loading, torch threads); null: the partition's default."""
+    mem_gb: float | None = None
+    """Memory per node in GB; null: the partition's default."""
+    timeout_min: int = 600
+    """Time limit of each job in minutes; a SLURM job reaching it checkpoints and requeues itself."""
+    constraint: str | None = None
+    """SLURM node features the job needs (sbatch --constraint), e.g. a GPU type; null: any node."""
+    exclude: str | None = None
+    """Nodes SLURM must not use (sbatch --exclude), e.g. a broken one; null: none."""
+    signal_delay_s: int = 120
+    """Seconds before the time limit that SLURM sends USR2, time for the job to checkpoint and requeue."""
+    max_requeues: int = 3
+    """Requeues after preemption a job may use before it stops."""
+    max_timeouts: int = 3
+    """Requeues after reaching the time limit a job may use before it stops."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines the job script runs before Python, e.g. ["module load cuda", "source env/bin/activate"]."""
+    additional_parameters: dict[str, Any] = field(default_factory=dict)
+    """Other sbatch options by their long name, e.g. {mail-type: END}."""
+    array_parallelism: int = 16
+    """At most this many tasks of a job array (sweep points, generation shards) run at once."""
+
+    def __post_init__(self) -> None:
+        _choice(self.name, "cluster.name", CLUSTERS)
+        _require(self.nodes > 0, "cluster.nodes", "must be > 0", "e.g. 1")
+        _require(self.gpus_per_node >= 0, "cluster.gpus_per_node", "must be >= 0", "0 on CPU nodes")
+        _require(self.tasks_per_node > 0, "cluster.tasks_per_node", "must be > 0", "e.g. 1")
+        _require(
+            self.cpus_per_task is None or self.cpus_per_task > 0,
+            "cluster.cpus_per_task",
+            "must be > 0",
+            "e.g. 8",
+        )
+        _require(self.timeout_min > 0, "cluster.timeout_min", "must be > 0", "minutes, e.g. 1440")
+        _require(self.signal_delay_s >= 0, "cluster.signal_delay_s", "must be >= 0", "seconds, e.g. 120")
+        _require(self.max_requeues >= 0, "cluster.max_requeues", "must be >= 0", "e.g. 3")
+        _require(self.max_timeouts >= 0, "cluster.max_timeouts", "must be >= 0", "e.g. 3")
+
+    @property
+    def processes_per_node(self) -> int:
+        """One process per GPU when GPUs are asked for, else ``tasks_per_node`` (CPU nodes)."""
+        return self.gpus_per_node if self.gpus_per_node > 0 else self.tasks_per_node
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.processes_per_node

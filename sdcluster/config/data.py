@@ -1,0 +1,51 @@
+"""The ``data`` group (``conf/data/``): the captioned images to fine-tune on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from omegaconf import MISSING
+
+from sdcluster.config.checks import _require
+
+SAMPLE_PROMPTS = (
+    "A single pair of denim jeans laid flat on a white background, viewed from the front.",
+    "A pair of faded denim jeans laid flat on a white background with a small black square marker.",
+)
+"""Captions in the style of the shipped sample data: the default validation and generation prompts."""
+
+
+@dataclass
+class DataConfig:
+    """A captioned image folder in the ``datasets`` imagefolder layout (images + ``metadata.jsonl``)."""
+
+    name: str = "sample"
+    """Short name of the dataset (the ``conf/data/`` option); part of the run's identity."""
+    path: str = MISSING
+    """The folder of images + ``metadata.jsonl``; no default (``data=sample`` ships one): data.path=DIR."""
+    caption_column: str = "text"
+    """The key of ``metadata.jsonl`` that holds each image's caption."""
+    max_pixels: int = 40_000_000
+    """Larger images are refused at launch (huge or decompression-bomb files); raise it for big photos."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank; 0 loads in-process. The batches are the same for any value."""
+    cache: bool = True
+    """Encode latents and caption embeddings once per dataset and reuse them (those encoders are frozen)."""
+    cache_memory_mb: int = 1024
+    """A latent cache up to this size is held in RAM, a larger one is memory-mapped; 0 reads it from disk."""
+    holdout: int = 0
+    """Images kept out of training for the validation loss; 0 trains on all (validates on training ones)."""
+
+    NOT_IDENTITY: ClassVar[tuple[str, ...]] = ("num_workers", "cache", "cache_memory_mb", "max_pixels")
+    """Keys that do not change what a run learns: changing one keeps the run folder (and so resumes it)."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_pixels > 0, "data.max_pixels", "must be > 0", "set a positive pixel limit")
+        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0", "use 0 for in-process loading")
+        _require(
+            self.cache_memory_mb >= 0, "data.cache_memory_mb", "must be >= 0", "0 reads the cache from disk"
+        )
+        _require(
+            self.holdout >= 0, "data.holdout", "must be >= 0", "images kept out of training for validation"
+        )

@@ -1,0 +1,127 @@
+"""The ``train`` group (``conf/train/``): the fine-tuning loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from sdcluster.config.checks import MIXED_PRECISION, PREDICTION_TYPES, TRACKERS, _choice, _require
+from sdcluster.config.data import SAMPLE_PROMPTS
+
+
+@dataclass
+class TrainConfig:
+    """The fine-tuning loop: what the seed passed as ``train_text_to_image.py`` flags."""
+
+    max_steps: int = 40
+    """Optimizer steps to train for (the seed trained 15,000)."""
+    batch_size: int = 2
+    """Images per device per micro-step; the effective batch is batch_size x grad_accum x world size."""
+    grad_accum: int = 1
+    """Micro-steps accumulated per optimizer step: a larger effective batch without more memory."""
+    resolution: int = 64
+    """Training image size in pixels (square, a multiple of 8): shorter side resized to it, then cropped."""
+    center_crop: bool = False
+    """Crop the center of each resized image; false: a random crop, an augmentation."""
+    random_flip: bool = True
+    """Mirror images horizontally at random, an augmentation; turn off for asymmetric subjects like text."""
+    use_ema: bool = False
+    """Keep an exponential moving average of the UNet weights and export it (smoother, one more UNet copy)."""
+    ema_decay: float = 0.9999
+    """EMA decay per optimizer step; closer to 1 averages over more steps."""
+    gradient_checkpointing: bool = False
+    """Recompute UNet activations in the backward pass: much less GPU memory for some more time."""
+    mixed_precision: str = "no"
+    """Train in fp16 or bf16 (GPUs only, faster and lighter); no: float32."""
+    allow_tf32: bool = True
+    """Let GPUs with TF32 use it for float32 matmuls and convolutions (faster, slightly less precise)."""
+    seed: int = 0
+    """Seed of training's random streams (data order, augmentation, noise, timesteps), not of the holdout."""
+    log_every: int = 10
+    """Optimizer steps between loss/LR reports in the log and ``metrics.jsonl``."""
+    checkpoint_every: int = 20
+    """Optimizer steps between checkpoints; a preempted or timed-out job also saves when signalled."""
+    checkpoints_keep: int = 2
+    """Complete checkpoints kept in the run folder (at least 2, so a broken newest one has a fallback)."""
+    snr_gamma: float | None = None
+    """Min-SNR loss weighting gamma (5.0 is the paper's value) for faster convergence; null: plain MSE."""
+    noise_offset: float = 0.0
+    """Offset-noise scale (e.g. 0.05) so the model learns very dark or bright images; 0: none."""
+    prediction_type: str | None = None
+    """Train the UNet to predict epsilon or v_prediction; null: what the model's noise scheduler says."""
+    resume: str = "auto"
+    """auto: the newest complete checkpoint of this run; never: start over; or a checkpoint folder."""
+    allow_resume_change: bool = False
+    """Resume with another batch size, grad_accum or world size, remapping the data position."""
+    validate_every: int = 20
+    """Optimizer steps between held-out loss + validation images; 0 validates at the end only."""
+    validation_prompts: list[str] = field(default_factory=lambda: list(SAMPLE_PROMPTS[:1]))
+    """Prompts rendered at each validation (fixed seeds, a ``grid.png``); empty: the loss only."""
+    validation_steps: int = 20
+    """Denoising steps of the validation images (with generate.scheduler, at train.resolution)."""
+    tracker: str = "none"
+    """Also log to tensorboard or wandb (one run per run folder across requeues); none: metrics.jsonl only."""
+    tracker_project: str = "sdcluster"
+    """The W&B project runs are logged to (with tracker=wandb)."""
+
+    NOT_IDENTITY: ClassVar[tuple[str, ...]] = (
+        "log_every",
+        "checkpoint_every",
+        "checkpoints_keep",
+        "resume",
+        "allow_resume_change",
+        "validate_every",
+        "validation_prompts",
+        "validation_steps",
+        "tracker",
+        "tracker_project",
+    )
+    """Keys that do not change what a run learns: changing one keeps the run folder (and so resumes it)."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_steps > 0, "train.max_steps", f"must be > 0, got {self.max_steps}", "e.g. 1000")
+        _require(
+            self.batch_size > 0, "train.batch_size", f"must be > 0, got {self.batch_size}", "per-device batch"
+        )
+        _require(
+            self.grad_accum > 0,
+            "train.grad_accum",
+            f"must be > 0, got {self.grad_accum}",
+            "use 1 for no gradient accumulation",
+        )
+        _require(
+            self.resolution > 0 and self.resolution % 8 == 0,
+            "train.resolution",
+            f"must be a positive multiple of 8 (the VAE downsamples by 8), got {self.resolution}",
+            f"use {max(8, round(self.resolution / 8) * 8)}",
+        )
+        _require(0 < self.ema_decay < 1, "train.ema_decay", f"got {self.ema_decay}", "a value in (0, 1)")
+        _choice(self.mixed_precision, "train.mixed_precision", MIXED_PRECISION)
+        _require(self.log_every > 0, "train.log_every", "must be > 0", "e.g. 10")
+        _require(self.checkpoint_every > 0, "train.checkpoint_every", "must be > 0", "e.g. 500")
+        _require(
+            self.checkpoints_keep >= 2,
+            "train.checkpoints_keep",
+            f"must be >= 2 so a bad newest checkpoint has a fallback, got {self.checkpoints_keep}",
+            "use 2 or more",
+        )
+        _require(
+            self.snr_gamma is None or self.snr_gamma > 0,
+            "train.snr_gamma",
+            "must be > 0",
+            "5.0 is the min-SNR paper's value, null turns it off",
+        )
+        _require(self.noise_offset >= 0, "train.noise_offset", "must be >= 0", "e.g. 0.05, or 0 for none")
+        if self.prediction_type is not None:
+            _choice(self.prediction_type, "train.prediction_type", PREDICTION_TYPES)
+        _require(
+            self.validate_every >= 0, "train.validate_every", "must be >= 0", "0 validates at the end only"
+        )
+        _require(self.validation_steps > 0, "train.validation_steps", "must be > 0", "e.g. 20")
+        _choice(self.tracker, "train.tracker", TRACKERS)
+        _require(
+            self.resume in ("auto", "never") or bool(self.resume),
+            "train.resume",
+            "is empty",
+            "use auto, never, or a checkpoint folder",
+        )

@@ -1,0 +1,85 @@
+"""``launch.dry_run=true`` prints exactly what would be submitted, arrays and dependencies included, and works
+without a reachable SLURM controller (it says what it could not check)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+
+def _dry_run(tmp: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    roots = [f"output_root={tmp / 'outputs'}", f"jobs_root={tmp / 'jobs'}", f"cache_root={tmp / 'cache'}"]
+    args = [sys.executable, "-m", "sdcluster.launch", *[o for o in overrides if o.startswith("-")]]
+    args += [
+        "+cluster=slurm",
+        "launch.dry_run=true",
+        *roots,
+        *[o for o in overrides if not o.startswith("-")],
+    ]
+    env = {**os.environ, "SLURM_CONF": str(tmp / "no-such-slurm.conf"), "SDCLUSTER_HOME": str(tmp / "home")}
+    return subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+
+
+def _scripts(stdout: str) -> dict[str, str]:
+    """``# job N: <kind>, ...`` header line -> the sbatch script printed under it."""
+    parts = re.split(r"^(# job \d+: .*)$", stdout, flags=re.M)
+    return {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
+
+
+def test_sweep_dry_run_shows_arrays_dependencies_and_every_cluster_key(tmp_path):
+    cluster = [
+        "cluster.account=proj42",
+        "cluster.qos=long",
+        "cluster.mem_gb=4",
+        "cluster.nodes=2",
+        "cluster.gpus_per_node=2",
+        "cluster.array_parallelism=3",
+        "cluster.constraint=a100",
+        "cluster.timeout_min=90",
+        "cluster.signal_delay_s=300",
+        "cluster.setup=['module load cuda']",
+        "+cluster.additional_parameters.mail-type=END",
+    ]
+    proc = _dry_run(
+        tmp_path, "-m", "task=train_generate", "generate.shards=4", "optim.lr=1e-4,5e-5", *cluster
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scripts = _scripts(proc.stdout)
+    heads = list(scripts)
+    assert [h.split(",")[0] for h in heads] == ["# job 0: train", "# job 1: generate", "# job 2: generate"]
+    train, gen0, gen1 = scripts.values()
+    assert "#SBATCH --array=0-1%2" in train and "--dependency" not in train, "the points train as one array"
+    for gen, point in ((gen0, 0), (gen1, 1)):
+        assert "#SBATCH --array=0-3%3" in gen, "each point's 4 generation shards are one array, 3 at a time"
+        assert f"#SBATCH --dependency=afterok:TRAIN-JOB-OF-POINT-{point}\n" in gen
+        assert "#SBATCH --kill-on-invalid-dep=yes" in gen
+    for script in scripts.values():
+        for line in (
+            "--account=proj42",
+            "--qos=long",
+            "--mem=4096MB",
+            "--nodes=2",
+            "--gpus-per-node=2",
+            "--ntasks-per-node=2",  # one process per GPU
+            "--constraint=a100",
+            "--time=90",
+            "--signal=USR2@300",
+            "--mail-type=END",
+        ):
+            assert f"#SBATCH {line}\n" in script, (line, script)
+        assert "module load cuda" in script
+    assert "# not checked: the cluster itself" in proc.stdout
+    assert not (tmp_path / "jobs").exists() and not (tmp_path / "outputs" / "sweeps").exists()
+
+
+def test_single_dry_run_without_a_controller_still_refuses_bad_input(tmp_path):
+    proc = _dry_run(tmp_path, "task=train", "train.resolution=60")
+    assert proc.returncode == 2 and "train.resolution" in proc.stderr
+    proc = _dry_run(tmp_path, "task=train")
+    assert proc.returncode == 0 and "#SBATCH --job-name=sdcluster-train" in proc.stdout
+    assert "--array" not in proc.stdout
