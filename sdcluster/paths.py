@@ -11,7 +11,7 @@ Layout::
     outputs/sweeps/<id>/                 a sweep's ledger (sweep.json), report.csv, report.png
     jobs/<job_id>/                       one folder per scheduler job: logs, sbatch script, config, job.json
     ~/.sdcluster/jobs.tsv                the user's index of job folders ($SDCLUSTER_HOME)
-    .cache/sdcluster/                    built tiny model, latent caches
+    .cache/sdcluster/                    built tiny model (models/), latent caches (latents/), datasets' cache
 
 Because the run folder is a hash of the settings that change what is learned, resubmitting the same command
 finds the same folder and resumes; changing a hyperparameter starts a new run.
@@ -167,8 +167,14 @@ def submitit_folder(cfg: Config) -> Path:
     return Path(cfg.jobs_root) / "%j"
 
 
-def cache_dir(cfg: Config) -> Path:
-    return Path(cfg.cache_root)
+def datasets_cache(cfg: Config) -> Path:
+    """Where ``datasets`` keeps its Arrow cache of the image folders (shared by every run)."""
+    return Path(cfg.cache_root) / "datasets"
+
+
+def latent_cache_dir(cfg: Config) -> Path:
+    """``<cache_root>/latents/<key>``: one folder per latent-cache entry (see ``data/latent_cache.py``)."""
+    return Path(cfg.cache_root) / "latents"
 
 
 def tiny_model_dir(cache_root: Path | str) -> Path:

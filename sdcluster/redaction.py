@@ -56,3 +56,12 @@ def reject_secrets(config: Mapping[str, Any], environ: Mapping[str, str] | None 
                 f"{key}: looks like a secret token. Fix: remove it from the config and export it in the "
                 "environment instead (e.g. HF_TOKEN=... for the hub); sdcluster never writes it to files"
             )
+
+
+def config_yaml(cfg: Any) -> str:
+    """A resolved config as YAML (``jobs/<id>/config.yaml``, the run folder's), secrets masked."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    return redact(OmegaConf.to_yaml(OmegaConf.structured(dataclasses.asdict(cfg))))

@@ -16,8 +16,9 @@ import submitit
 from sdcluster import paths
 from sdcluster.cluster import records
 from sdcluster.cluster.preflight import preflight
-from sdcluster.cluster.submit import config_yaml, describe_dry_run, submit_configs
+from sdcluster.cluster.submit import describe_dry_run, submit_configs
 from sdcluster.config import Config
+from sdcluster.redaction import config_yaml
 
 Say = Callable[[str], None]
 

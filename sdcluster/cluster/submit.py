@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import submitit
-from omegaconf import OmegaConf
 
 from sdcluster import paths
 from sdcluster.cluster import records
 from sdcluster.cluster.callables import GenerateJob, TrainJob
 from sdcluster.config import Config, ConfigError
-from sdcluster.redaction import redact
+from sdcluster.redaction import config_yaml
 
 Say = Callable[[str], None]
 
@@ -117,7 +116,18 @@ def slurm_parameters(cfg: Config, name: str, dependency: str | None = None) -> d
     return {k: v for k, v in params.items() if v is not None}
 
 
-def make_executor(cfg: Config, name: str, dependency: str | None = None) -> submitit.Executor:
+class _PreviewExecutor(submitit.SlurmExecutor):
+    """submitit's SLURM executor, minus its refusal to exist where ``srun`` is missing: a dry run on a
+    machine without SLURM still renders the exact script. It never submits."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 1
+
+
+def make_executor(
+    cfg: Config, name: str, dependency: str | None = None, preview: bool = False
+) -> submitit.Executor:
     folder = paths.submitit_folder(cfg)
     if cfg.cluster.name == "local":
         executor = submitit.LocalExecutor(folder=folder)
@@ -126,7 +136,8 @@ def make_executor(cfg: Config, name: str, dependency: str | None = None) -> subm
     # submitit would also count preemptions as time-outs for short limits; our own records enforce
     # cluster.max_requeues / max_timeouts, so submitit's counter is only set high enough never to decide.
     budget = cfg.cluster.max_timeouts + cfg.cluster.max_requeues + 1
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=budget)
+    executor_class = _PreviewExecutor if preview else submitit.SlurmExecutor
+    executor = executor_class(folder=folder, max_num_timeout=budget)
     executor.update_parameters(**slurm_parameters(cfg, name, dependency))
     return executor
 
@@ -138,16 +149,12 @@ def sbatch_preview(job: PlannedJob, dependency: str | None) -> str:
     cfg = job.cfgs[0]
     if cfg.cluster.name == "local":
         return "# local executor: no sbatch script; the job runs in a subprocess on this machine\n"
-    executor = make_executor(cfg, f"sdcluster-{job.kind}", dependency)
+    executor = make_executor(cfg, f"sdcluster-{job.kind}", dependency, preview=True)
     array = {"map_count": len(job.cfgs)} if job.is_array else {}
     command = executor._submitit_command_str
     return _make_sbatch_string(
         command=command, folder=paths.submitit_folder(cfg), **executor.parameters, **array
     )
-
-
-def config_yaml(cfg: Config) -> str:
-    return redact(OmegaConf.to_yaml(OmegaConf.structured(dataclasses.asdict(cfg))))
 
 
 def record_submission(cfg: Config, job: submitit.Job, kind: str, extra: dict[str, Any]) -> Path:

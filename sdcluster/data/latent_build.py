@@ -38,7 +38,7 @@ from sdcluster.data.latent_cache import (
     verify,
 )
 from sdcluster.models.load import encode_text
-from sdcluster.paths import cache_dir
+from sdcluster.paths import latent_cache_dir
 
 log = logging.getLogger("sdcluster")
 
@@ -172,7 +172,7 @@ def open_or_build(cfg: Config, dataset: Any, comps: Any, acc: Any) -> CachedExam
     plan = make_plan(cfg, dataset, comps)
     if plan is None:
         return None
-    entry = cache_dir(cfg) / "latents" / plan.key
+    entry = latent_cache_dir(cfg) / plan.key
 
     def check() -> str | None:
         return rank0_decides(acc, verify(entry, plan.key, CACHE_VERSION) if acc.is_main_process else None)

@@ -8,11 +8,11 @@ UNet's inputs.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from sdcluster import paths
 from sdcluster.config import Config
 
 log = logging.getLogger("sdcluster")
@@ -24,7 +24,7 @@ def training_examples(cfg: Config, comps: Any, accelerator: Any) -> torch.utils.
     from sdcluster.data.dataset import TrainImages, load_captioned_images
     from sdcluster.data.split import holdout_split
 
-    cache = Path(cfg.cache_root) / "datasets"
+    cache = paths.datasets_cache(cfg)
     dataset = load_captioned_images(cfg.data.path, cfg.data.caption_column, cache_dir=cache)
     train_indices, _ = holdout_split(len(dataset), cfg.data.holdout)
     dataset = dataset.select(train_indices)

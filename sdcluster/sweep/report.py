@@ -93,8 +93,8 @@ def format_table(table: list[Row]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells)
 
 
-def plot(record: dict[str, Any], dest: Path) -> Path:
-    """Training (solid) and validation (dashed) loss per point."""
+def figure(record: dict[str, Any]) -> Any:
+    """Training (solid) and validation (dashed) loss per point, each measured point marked."""
     import matplotlib
 
     matplotlib.use("Agg")  # a login node has no display
@@ -107,19 +107,21 @@ def plot(record: dict[str, Any], dest: Path) -> Path:
         if train:  # markers: a point that logged one loss so far is a dot, not an invisible line
             (line,) = ax.plot(*zip(*train, strict=True), marker="o", markersize=3, label=f"{label} train")
             if val:
-                ax.plot(
-                    *zip(*val, strict=True),
-                    "--",
-                    marker="s",
-                    markersize=3,
-                    color=line.get_color(),
-                    label=f"{label} val",
-                )
+                style = {"marker": "s", "markersize": 3, "color": line.get_color()}
+                ax.plot(*zip(*val, strict=True), "--", label=f"{label} val", **style)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(f"sweep {record['sweep_id']}")
     ax.legend(fontsize="small")
     fig.tight_layout()
+    return fig
+
+
+def plot(record: dict[str, Any], dest: Path) -> Path:
+    """:func:`figure` saved atomically as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(record)
     tmp = dest.with_name(f".{dest.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)

@@ -16,10 +16,12 @@ from typing import Any
 
 import torch
 
+from sdcluster import atomic
 from sdcluster.cluster.distributed import rank0_decides
 from sdcluster.cluster.requeue import PreemptionFlag, hold_for_signal
 from sdcluster.config import Config
 from sdcluster.progress import ProgressLog
+from sdcluster.redaction import config_yaml
 from sdcluster.train import metrics, tracking
 from sdcluster.train.checkpointer import Checkpointer
 from sdcluster.train.loss import diffusion_loss, model_inputs, step_generator
@@ -157,6 +159,8 @@ def train(
         t.paths.root.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(t, job_id)
     ckpt.load()
+    if acc.is_main_process:  # the run folder tells its own story: the config of its latest attempt
+        atomic.write_text(t.paths.config, config_yaml(cfg))
     effective = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
     log.info(
         "training %s: steps %d->%d, effective batch %d (per device %d x accumulation %d x %d processes)",

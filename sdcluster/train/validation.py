@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from sdcluster import paths
 from sdcluster.generate.images import full_size_grid, save_png_atomic
 from sdcluster.generate.plan import item_seed
 from sdcluster.train import metrics
@@ -72,7 +73,7 @@ def loss_images(cfg: Config, tokenizer: Any) -> LossImages:
     from sdcluster.data.dataset import TrainImages, collate, load_captioned_images
     from sdcluster.data.split import holdout_split
 
-    cache = Path(cfg.cache_root) / "datasets"
+    cache = paths.datasets_cache(cfg)
     dataset = load_captioned_images(cfg.data.path, cfg.data.caption_column, cache_dir=cache)
     _, held = holdout_split(len(dataset), cfg.data.holdout)
     indices = held or list(range(min(FALLBACK_IMAGES, len(dataset))))

@@ -21,7 +21,8 @@ def _dry_run(tmp: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
         *roots,
         *[o for o in overrides if not o.startswith("-")],
     ]
-    env = {**os.environ, "SLURM_CONF": str(tmp / "no-such-slurm.conf"), "SDCLUSTER_HOME": str(tmp / "home")}
+    # A machine without SLURM's clients (a laptop): nothing to ask, so the dry run says what it did not check.
+    env = {**os.environ, "PATH": str(tmp / "no-slurm-here"), "SDCLUSTER_HOME": str(tmp / "home")}
     return subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
 
 

@@ -59,6 +59,7 @@ def _capture(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="sdcluster")
 
 
+@pytest.mark.slow
 def test_training_from_cache_matches_encoding_every_step(make_cfg, tmp_path):
     """Same seed, same loss curve: in RAM and memory-mapped bitwise alike, vs. no cache within rounding."""
     base = [*FAST, "train.use_ema=true", "train.noise_offset=0.05"]
@@ -72,6 +73,7 @@ def test_training_from_cache_matches_encoding_every_step(make_cfg, tmp_path):
     assert np.allclose([loss for _, loss in in_ram.losses], expected, rtol=1e-5, atol=0)
 
 
+@pytest.mark.slow
 def test_disk_path_reads_what_ram_path_holds(make_cfg, comps):
     cfg = make_cfg()
     ram = _open(cfg, comps)
@@ -122,6 +124,7 @@ def test_key_follows_captions_image_bytes_and_resolution(make_cfg, comps, tmp_pa
     assert key() not in (first, captioned)
 
 
+@pytest.mark.slow
 def test_second_run_and_sweep_point_reuse_without_rebuilding(make_cfg, tmp_path, monkeypatch):
     folder = _copy_sample(tmp_path / "data", caption_suffix=f" {tmp_path.name}")
     builds = []
@@ -134,6 +137,7 @@ def test_second_run_and_sweep_point_reuse_without_rebuilding(make_cfg, tmp_path,
     assert len(builds) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flip-a-byte", "truncate", "no-manifest"])
 def test_corrupt_entry_is_rebuilt_with_a_warning(make_cfg, comps, tmp_path, caplog, damage):
     folder = _copy_sample(tmp_path / "data", count=2, caption_suffix=f" {damage}")
@@ -162,6 +166,7 @@ def test_corrupt_entry_is_rebuilt_with_a_warning(make_cfg, comps, tmp_path, capl
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
+@pytest.mark.slow
 def test_shards_of_two_ranks_hold_what_one_rank_encodes(make_cfg, comps, tmp_path):
     """Each rank encodes its block, rank 0 commits: the rows equal a single-process build."""
     folder = _copy_sample(tmp_path / "data", count=3, caption_suffix=" sharded")
@@ -211,6 +216,7 @@ print("job done", file=sys.stderr, flush=True)
 """
 
 
+@pytest.mark.slow
 def test_a_job_waits_for_the_job_building_its_entry_instead_of_encoding_again(make_cfg, comps, tmp_path):
     """Sweep points start together: the second finds the entry locked, waits, and reuses the first's entry."""
     import fcntl

@@ -96,6 +96,7 @@ def test_shards_are_disjoint_and_complete(tmp_path: Path) -> None:
 
 
 # diffusers' Euler/DPM schedulers call np.array on torch tensors, which numpy 2 warns about: not ours.
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 def test_every_scheduler_name_builds_and_samples(tiny: Path, tmp_path: Path) -> None:
     config = json.loads((tiny / "scheduler" / "scheduler_config.json").read_text())
@@ -120,6 +121,7 @@ def test_every_scheduler_name_builds_and_samples(tiny: Path, tmp_path: Path) -> 
         assert_close(np.asarray(first).astype(np.int16), np.asarray(again).astype(np.int16))
 
 
+@pytest.mark.slow
 def test_reference_run_outputs(reference: Path) -> None:
     rows = records.read_manifest(reference)
     assert [r["file"] for r in rows] == [f"p000{p}-i000{i}.png" for p in range(2) for i in range(3)]
@@ -143,6 +145,7 @@ def copy_of(reference: Path, cfg: Config) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_batch_size_changes_neither_seeds_nor_images(tiny: Path, tmp_path: Path, reference: Path) -> None:
     cfg = gen_cfg(tmp_path, tiny, batch_size=1)
     out = generate_images(cfg).out_dir
@@ -160,6 +163,7 @@ def test_batch_size_changes_neither_seeds_nor_images(tiny: Path, tmp_path: Path,
     assert_close(np.asarray(alone).astype(np.int16), threes[record["file"]])  # made in a batch of 3
 
 
+@pytest.mark.slow
 def test_prompt_embeds_give_the_pixels_of_plain_prompts(tiny: Path, tmp_path: Path) -> None:
     cfg = gen_cfg(tmp_path, tiny, negative_prompt="blurry")
     pipe = load_pipeline(cfg)
@@ -173,6 +177,7 @@ def test_prompt_embeds_give_the_pixels_of_plain_prompts(tiny: Path, tmp_path: Pa
     assert embeddings.encoded == 2  # once per unique prompt, not per image or per batch
 
 
+@pytest.mark.slow
 def test_rerun_skips_everything_and_touches_nothing(tiny: Path, tmp_path: Path, reference: Path) -> None:
     cfg = gen_cfg(tmp_path, tiny)
     out = copy_of(reference, cfg)
@@ -182,6 +187,7 @@ def test_rerun_skips_everything_and_touches_nothing(tiny: Path, tmp_path: Path, 
     assert snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_deleted_image_is_regenerated_identical(tiny: Path, tmp_path: Path, reference: Path) -> None:
     cfg = gen_cfg(tmp_path, tiny)
     out = copy_of(reference, cfg)
@@ -196,6 +202,7 @@ def test_deleted_image_is_regenerated_identical(tiny: Path, tmp_path: Path, refe
     assert [r["file"] for r in records.read_manifest(out)] == sorted(before)
 
 
+@pytest.mark.slow
 def test_two_shards_then_merge_equal_one_shard(tiny: Path, tmp_path: Path, reference: Path) -> None:
     cfg = gen_cfg(tmp_path, tiny, shards=2)
     first = generate_images(cfg, shard_index=0, num_shards=2)
@@ -216,6 +223,7 @@ def test_merge_refuses_a_folder_without_parts(tmp_path: Path, capsys: pytest.Cap
     assert "no manifest parts" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_stop_after_first_batch_then_rerun_finishes(tiny: Path, tmp_path: Path, reference: Path) -> None:
     cfg = gen_cfg(tmp_path, tiny)
     answers = iter([False, True])
@@ -229,6 +237,7 @@ def test_stop_after_first_batch_then_rerun_finishes(tiny: Path, tmp_path: Path, 
         assert data == (reference / name).read_bytes()  # resumed == uninterrupted, byte for byte
 
 
+@pytest.mark.slow
 def test_lost_and_torn_records_are_repaired(tiny: Path, tmp_path: Path, reference: Path) -> None:
     cfg = gen_cfg(tmp_path, tiny)
     out = copy_of(reference, cfg)
@@ -243,6 +252,7 @@ def test_lost_and_torn_records_are_repaired(tiny: Path, tmp_path: Path, referenc
     assert main(["merge", str(out)]) == 1
 
 
+@pytest.mark.slow
 def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
     cfg = gen_cfg(tmp_path / "out", tmp_path / "no-model")
     with pytest.raises(ConfigError, match=r"no-model.*train first"):
@@ -250,6 +260,7 @@ def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_edited_prompts_file_goes_to_a_new_folder(tiny: Path, tmp_path: Path) -> None:
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("a photo of jeans\n")

@@ -11,6 +11,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from sdcluster.train import step_folders
 from sdcluster.train.loop import train
 
@@ -71,6 +73,7 @@ KILL_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sigkill_during_save_leaves_previous_checkpoint_usable(make_cfg, tmp_path, caplog):
     cfg = make_cfg(FAST)
     overrides = [
@@ -98,6 +101,7 @@ def test_sigkill_during_save_leaves_previous_checkpoint_usable(make_cfg, tmp_pat
     assert [p.name for p in step_folders.complete_checkpoints(ckpts)] == ["step-00000004", "step-00000002"]
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_falls_back_to_previous(make_cfg, caplog):
     cfg = make_cfg(FAST)
     first = train(cfg)
@@ -115,6 +119,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(make_cfg, caplog):
     assert result.step == 6
 
 
+@pytest.mark.slow
 def test_checkpoint_meta_is_human_readable(make_cfg):
     cfg = make_cfg([*FAST, "train.max_steps=2"])
     result = train(cfg, job_id="4242")

@@ -44,6 +44,7 @@ def _one_image_folder(tmp_path: Path) -> Path:
     return dest
 
 
+@pytest.mark.slow
 def test_loss_goes_down_on_one_batch(make_cfg, tmp_path):
     """A fixed (image, noise, timestep) evaluation gets better after training on that image alone."""
     from sdcluster.models.load import load_components
@@ -75,6 +76,7 @@ def test_loss_goes_down_on_one_batch(make_cfg, tmp_path):
     assert after < 0.8 * before, (before, after)
 
 
+@pytest.mark.slow
 def test_export_loads_with_plain_diffusers(make_cfg):
     from diffusers import StableDiffusionPipeline
 
@@ -86,6 +88,7 @@ def test_export_loads_with_plain_diffusers(make_cfg):
     assert not list(result.model_dir.rglob("*.bin")), "export must be safetensors only"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("stop", "extra"),
     [
@@ -120,6 +123,7 @@ def test_same_command_same_run_folder_new_hyperparameter_new_folder(make_cfg):
     assert run_dir(a) != run_dir(make_cfg(["optim.lr=5e-6"]))
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_batch_unless_allowed(make_cfg, tmp_path):
     cfg = make_cfg([*FAST, "train.max_steps=2"])
     first = train(cfg)
@@ -134,18 +138,22 @@ def test_resume_refuses_changed_batch_unless_allowed(make_cfg, tmp_path):
     assert meta.micro_step == 4 + 2
 
 
+@pytest.mark.slow
 def test_missing_resume_target_is_an_error(make_cfg, tmp_path):
     cfg = make_cfg([*FAST, f"train.resume={tmp_path / 'nope' / 'step-00000005'}"])
     with pytest.raises(ConfigError, match="does not exist"):
         train(cfg)
 
 
+@pytest.mark.slow
 def test_starting_over_sets_the_earlier_run_aside(make_cfg, caplog):
     """train.resume=never in a folder with a finished run: its files move to previous/, nothing is mixed."""
     quick = [*FAST, "train.max_steps=2", "train.validation_steps=1", "train.tracker=tensorboard"]
     first = train(make_cfg(quick))
     before = sorted(p.name for p in first.run_dir.iterdir())
-    assert {"checkpoints", "metrics.jsonl", "model", "tensorboard", "validation"} <= set(before)
+    files = {"checkpoints", "config.yaml", "metrics.jsonl", "model", "tensorboard", "validation"}
+    assert files <= set(before)
+    assert "max_steps: 2" in (first.run_dir / "config.yaml").read_text(), "the run folder holds its config"
 
     with caplog.at_level("WARNING", logger="sdcluster"):
         again = train(make_cfg([*quick, "train.resume=never"]))

@@ -15,6 +15,7 @@ from tests.conftest import tensorboard_images, tensorboard_scalars
 QUICK = ["train.max_steps=5", "train.log_every=1", "train.validate_every=0", "train.validation_steps=1"]
 
 
+@pytest.mark.slow
 def test_tensorboard_curve_continues_across_a_preemption(make_cfg, monkeypatch):
     secret = "sdc-test-secret-0123456789"
     monkeypatch.setenv("SDC_TEST_API_TOKEN", secret)
@@ -51,6 +52,7 @@ def test_tensorboard_curve_continues_across_a_preemption(make_cfg, monkeypatch):
             assert secret.encode() not in path.read_bytes(), f"secret written to {path}"
 
 
+@pytest.mark.slow
 def test_wandb_run_is_resumed_not_split(make_cfg, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -71,6 +71,7 @@ def base_loss(base: Trainer) -> float:
     return validation.validation_loss(base)
 
 
+@pytest.mark.slow
 def test_loss_is_deterministic_and_ignores_train_seed(base, base_loss):
     assert validation.validation_loss(base) == base_loss
     assert base.unet.training
@@ -78,6 +79,7 @@ def test_loss_is_deterministic_and_ignores_train_seed(base, base_loss):
     assert validation.validation_loss(dataclasses.replace(base, cfg=reseeded)) == base_loss
 
 
+@pytest.mark.slow
 def test_loss_changes_after_training(base_loss, make_cfg):
     cfg = make_cfg([*QUICK, "optim.lr=1e-3", "train.validation_prompts=[]"])
     train(cfg)
@@ -88,6 +90,7 @@ def test_loss_changes_after_training(base_loss, make_cfg):
     assert abs(trained - base_loss) > 1e-4, (base_loss, trained)
 
 
+@pytest.mark.slow
 def test_loss_images_are_held_out(base):
     cfg, tokenizer = base.cfg, base.comps.tokenizer
     names = list(load_captioned_images(sample_data_dir())["file_name"])
@@ -105,6 +108,7 @@ def test_loss_images_are_held_out(base):
     assert "data.holdout=0" in fallback.describe()
 
 
+@pytest.mark.slow
 def test_ranks_share_the_work(base, base_loss):
     """Pair i goes to rank i % world: two ranks' shares add up to the one-rank loss; prompt 1 is rank 1's."""
     ranks = [dataclasses.replace(base, accelerator=_Rank(base.accelerator, r, 2)) for r in (0, 1)]
@@ -116,6 +120,7 @@ def test_ranks_share_the_work(base, base_loss):
     assert sorted(p.name for p in folder.iterdir()) == ["p01.png"]  # no grid: rank 1 is not the main one
 
 
+@pytest.mark.slow
 def test_run_validation_writes_images_grid_and_metrics(base, base_loss, caplog):
     with caplog.at_level(logging.INFO, logger="sdcluster"):
         result = validation.run_validation(base, step=5)
@@ -134,6 +139,7 @@ def test_run_validation_writes_images_grid_and_metrics(base, base_loss, caplog):
     assert base.unet.training
 
 
+@pytest.mark.slow
 def test_images_use_ema_weights_and_restore_the_unet(make_cfg):
     t = build_trainer(make_cfg([*QUICK, "train.use_ema=true", "train.validation_prompts=[a pair of jeans]"]))
     with torch.no_grad():  # make the EMA differ from the UNet, as it does after training
@@ -164,6 +170,7 @@ def _final_unet(result) -> dict[str, torch.Tensor]:
     return load_file(result.model_dir / "unet" / "diffusion_pytorch_model.safetensors")
 
 
+@pytest.mark.slow
 def test_training_validates_on_schedule_without_changing_training(tmp_path, make_cfg):
     """Every validate_every steps and at the end, once each: straight through, across a preemption at a
     validation step and a rerun of the finished run; the weights are bitwise those of a run that never
