@@ -19,16 +19,15 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-def _run(python: Path, cwd: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+def _run(python: Path, cwd: Path, *args: str, home: Path | None = None) -> subprocess.CompletedProcess[str]:
+    home = home or cwd
     env = {
         "PATH": "/usr/bin:/bin",
-        "HOME": str(cwd),
-        "SDCLUSTER_HOME": str(cwd / "home"),
+        "HOME": str(home),
+        "SDCLUSTER_HOME": str(home / "index"),
         "HF_HUB_OFFLINE": "1",
     }
-    return subprocess.run(
-        [str(python), *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env
-    )
+    return subprocess.run([str(python), *args], capture_output=True, text=True, cwd=cwd, timeout=600, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +60,14 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_package_list_names_every_package():
-    """pyproject lists packages by hand (conf/ is mapped into the package): a new wing must be listed."""
+    """pyproject lists packages by hand (for the hydra_plugins namespace): a new wing must be listed."""
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     on_disk = {
         ".".join(init.parent.relative_to(REPO).parts)
         for top in ("sdcluster", "hydra_plugins")
         for init in (REPO / top).rglob("__init__.py")
     }
-    assert on_disk | {"sdcluster.conf"} == listed
+    assert on_disk == listed
 
 
 def test_wheel_runs_the_default_launch_from_any_directory(installed, tmp_path, cache_root, tiny_model):
@@ -88,10 +87,12 @@ def test_wheel_runs_the_default_launch_from_any_directory(installed, tmp_path, c
     assert model.is_relative_to(tmp_path / "outputs") and (model / "model_index.json").is_file()
     assert len(list(images.glob("p*-i*.png"))) == 2 and (images / "manifest.jsonl").is_file()
 
-    listed = _run(installed, tmp_path / "outputs", "-m", "sdcluster.logs")  # another directory: the index
+    listed = _run(
+        installed, tmp_path / "outputs", "-m", "sdcluster.logs", home=tmp_path
+    )  # found by the index
     assert listed.returncode == 0 and len(re.findall(r"COMPLETED", listed.stdout)) == 2, listed.stdout
     data = _run(installed, tmp_path, "-m", "sdcluster.data", "validate", str(model.parents[3] / "missing"))
-    assert data.returncode == 1 and "metadata.jsonl" in data.stdout + data.stderr
+    assert data.returncode == 1 and "is not a folder" in data.stdout
     merged = _run(installed, tmp_path, "-m", "sdcluster.generate", "merge", str(images))
     assert merged.returncode == 0 and "2 records" in merged.stdout, merged.stderr
     sweep = _run(installed, tmp_path, "-m", "sdcluster.sweep", "report", "nosuch")

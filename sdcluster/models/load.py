@@ -83,11 +83,20 @@ class Components:
     source: str
 
 
-def load_components(model: ModelConfig, cache_root: str | Path) -> Components:
-    """Load each component the way diffusers' own training examples do (one ``from_pretrained`` each)."""
+def load_components(model: ModelConfig, cache_root: str | Path, accelerator: Any = None) -> Components:
+    """Load each component the way diffusers' own training examples do (one ``from_pretrained`` each).
+
+    With several processes the embedded tiny model is built by global rank 0 while the others wait:
+    transformers (5.x) writes weights only on rank 0 once torch.distributed is up, so a copy built on
+    another rank would have empty weight folders.
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    if model.path == "tiny" and accelerator is not None and accelerator.num_processes > 1:
+        if accelerator.is_main_process:
+            resolve_model_path(model, cache_root)
+        accelerator.wait_for_everyone()
     source = resolve_model_path(model, cache_root)
     common: dict[str, Any] = {"revision": model.revision}
     weights = {**common, "variant": model.variant}

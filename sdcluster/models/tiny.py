@@ -194,16 +194,24 @@ def ensure_tiny_model(cache_root: Path | str) -> Path:
     see a half-written model; a loser of the race keeps the winner's copy and discards its own.
     """
     dest = tiny_model_dir(cache_root) / f"v{TINY_VERSION}"
-    if (dest / _MARKER).is_file():
+    if is_complete(dest):
         return dest
     tmp = atomic.staging_dir(dest)
     try:
         build_tiny_pipeline(tmp)
+        if not is_complete(tmp):
+            raise RuntimeError(f"the tiny model built in {tmp} lacks weight files (see load_components)")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic.publish_dir(tmp, dest, replace=not (dest / _MARKER).is_file())
+    atomic.publish_dir(tmp, dest, replace=not is_complete(dest))  # a broken copy is replaced, a good one kept
     return dest
+
+
+def is_complete(folder: Path) -> bool:
+    """The marker (written last) and a weights file in every model folder: what a loader will open."""
+    weights = all(any((folder / sub).glob("*.safetensors")) for sub in ("unet", "vae", "text_encoder"))
+    return (folder / _MARKER).is_file() and weights
 
 
 if __name__ == "__main__":

@@ -16,16 +16,17 @@ def export_pipeline(
     dest: Path,
     source: str,
     unet: Any,
-    text_encoder: Any,
-    vae: Any,
-    tokenizer: Any,
     ema: Any,
     prediction_type: str | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
 ) -> Path:
     """Write ``StableDiffusionPipeline`` folders (safetensors) atomically; EMA weights when EMA is on.
 
-    The scheduler and any other component come from ``source``; the safety checker is left out (a research
-    export). Written to a temporary folder and published in one rename, so ``dest`` is either the previous
+    Only the UNet is trained; every other component (VAE, text encoder, tokenizer, scheduler) is read again
+    from ``source`` as it was published, not taken from the training process, where mixed precision cast
+    the frozen models to fp16/bf16. The safety checker is left out (a research export). Written to a
+    temporary folder and published in one rename, so ``dest`` is either the previous
     or the new export.
     """
     from diffusers import StableDiffusionPipeline
@@ -35,9 +36,8 @@ def export_pipeline(
         pipe = StableDiffusionPipeline.from_pretrained(
             source,
             unet=unet,
-            text_encoder=text_encoder,
-            vae=vae,
-            tokenizer=tokenizer,
+            revision=revision,
+            variant=variant,
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,

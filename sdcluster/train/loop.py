@@ -198,11 +198,10 @@ def _train_and_export(
             t.paths.model,
             t.comps.source,
             acc.unwrap_model(t.unet),
-            t.comps.text_encoder,
-            t.comps.vae,
-            t.comps.tokenizer,
             t.ema,
             prediction_type=cfg.train.prediction_type,
+            revision=cfg.model.revision,
+            variant=cfg.model.variant,
         )
     acc.wait_for_everyone()
     return result

@@ -100,7 +100,7 @@ def build_trainer(cfg: Config) -> Trainer:
 
     paths = run_paths(cfg)
     accelerator = _make_accelerator(cfg, paths)
-    comps = load_components(cfg.model, cfg.cache_root)
+    comps = load_components(cfg.model, cfg.cache_root, accelerator)
     _prepare_models(cfg, comps, accelerator)
     unet = comps.unet.to(accelerator.device)
     names = [name for name, _ in unet.named_parameters()]

@@ -164,3 +164,24 @@ def test_logs_follow_and_task_read_any_ranks_log(slurm_cluster, tmp_path, cache_
     rank1 = logs_cli(tmp_path, job_id, "--task", "1")
     assert f"---- {tmp_path / 'jobs' / job_id / f'{job_id}_1_log.out'}" in rank1.stdout
     assert "[rank 1]" in rank1.stdout and "[rank 0]" not in rank1.stdout.split("----")[-1]
+
+
+def test_first_job_of_a_fresh_checkout_with_two_processes(slurm_cluster, tmp_path, tiny_model):
+    """Nothing built yet: two ranks at once build the tiny model and the latent cache (no session fixture)."""
+    fresh = tmp_path / "fresh-cache"
+    two = ["cluster.tasks_per_node=2", "cluster.cpus_per_task=1"]
+    proc, ids = launch(tmp_path, fresh, *TRAIN, *two)
+    assert proc.returncode == 0, proc.stderr
+    (job_id,) = ids["train"]
+    assert wait_for(job_id)[0] == "COMPLETED", logs_cli(tmp_path, job_id, "--err").stdout[-3000:]
+    built = fresh / "models" / "tiny" / tiny_model.name
+    assert list((built / "text_encoder").glob("*.safetensors")), "the model published by rank 0 is whole"
+    (entry,) = (fresh / "latents").iterdir()
+    assert sorted(p.name for p in entry.glob("*.npy")) == [
+        "posterior.0.npy",
+        "posterior.1.npy",
+        "text.0.npy",
+        "text.1.npy",
+    ], "both ranks encoded their share of the cache"
+    again, ids = launch(tmp_path / "again", fresh, *TRAIN, *two)  # every later job on it works too
+    assert again.returncode == 0 and wait_for(ids["train"][0])[0] == "COMPLETED"
