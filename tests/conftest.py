@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -55,6 +58,20 @@ def make_cfg(tmp_path: Path, cache_root: Path, tiny_model: Path):
         return compose(base + (overrides or []))
 
     return make
+
+
+def copy_sample(dest: Path, count: int | None = None, row: Callable[[dict], dict] = lambda r: r) -> Path:
+    """The first ``count`` shipped sample images (all by default) with each metadata line passed through
+    ``row`` (e.g. a caption suffix, for a fresh latent-cache key, or captions under another column)."""
+    from sdcluster.paths import sample_data_dir
+
+    rows = [json.loads(line) for line in (sample_data_dir() / "metadata.jsonl").read_text().splitlines()]
+    dest.mkdir(parents=True)
+    with open(dest / "metadata.jsonl", "w") as fh:
+        for entry in rows[:count]:
+            shutil.copy(sample_data_dir() / entry["file_name"], dest / entry["file_name"])
+            fh.write(json.dumps(row(entry)) + "\n")
+    return dest
 
 
 def tensorboard_scalars(folder: Path, tag: str) -> list[tuple[int, float]]:

@@ -53,9 +53,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
         [sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120
     )
     python = venv / "bin" / "python"
-    subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True, timeout=300
-    )
+    # --ignore-installed: the checkout's own (editable) sdcluster is visible through the system site.
+    install = [str(python), "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", str(wheel)]
+    subprocess.run(install, check=True, timeout=300)
     return python
 
 

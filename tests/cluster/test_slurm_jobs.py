@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from sdcluster.data import latent_build
+from sdcluster.models.load import load_components
+from tests.conftest import compose
 from tests.slurm_helpers import job_record, launch, logs_cli, wait_for
 
 pytestmark = pytest.mark.slurm
@@ -176,7 +181,7 @@ def test_first_job_of_a_fresh_checkout_with_two_processes(slurm_cluster, tmp_pat
     assert wait_for(job_id)[0] == "COMPLETED", logs_cli(tmp_path, job_id, "--err").stdout[-3000:]
     built = fresh / "models" / "tiny" / tiny_model.name
     assert list((built / "text_encoder").glob("*.safetensors")), "the model published by rank 0 is whole"
-    (entry,) = (fresh / "latents").iterdir()
+    (entry,) = (p for p in (fresh / "latents").iterdir() if not p.name.startswith("."))  # not the lock
     assert sorted(p.name for p in entry.glob("*.npy")) == [
         "posterior.0.npy",
         "posterior.1.npy",
@@ -185,3 +190,29 @@ def test_first_job_of_a_fresh_checkout_with_two_processes(slurm_cluster, tmp_pat
     ], "both ranks encoded their share of the cache"
     again, ids = launch(tmp_path / "again", fresh, *TRAIN, *two)  # every later job on it works too
     assert again.returncode == 0 and wait_for(ids["train"][0])[0] == "COMPLETED"
+
+    # The two ranks' shards hold what one process encodes (up to batch rounding: ranks batch other rows).
+    from tests.data.test_latent_cache import ONE_PROCESS
+
+    one_rank = tmp_path / "one-rank-cache"
+    shutil.copytree(fresh / "models", one_rank / "models")
+    cfg = compose([*TRAIN, f"cache_root={one_rank}", f"output_root={tmp_path / 'o'}"])
+    comps = load_components(cfg.model, cfg.cache_root)
+    dataset = training_examples_dataset(cfg)
+    single = latent_build.open_or_build(cfg, dataset, comps, ONE_PROCESS)
+    for kind in ("posterior", "text"):
+        sharded = np.concatenate([np.load(entry / f"{kind}.{r}.npy") for r in (0, 1)])
+        alone = np.load(single.entry / f"{kind}.0.npy")
+        np.testing.assert_allclose(sharded, alone, rtol=0, atol=1e-4, err_msg=kind)
+
+
+def training_examples_dataset(cfg):
+    """The training split as the loader selects it (the rows the cache holds)."""
+    from sdcluster import paths
+    from sdcluster.data.dataset import load_captioned_images
+    from sdcluster.data.split import holdout_split
+
+    dataset = load_captioned_images(
+        cfg.data.path, cfg.data.caption_column, cache_dir=paths.datasets_cache(cfg)
+    )
+    return dataset.select(holdout_split(len(dataset), cfg.data.holdout)[0])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,8 +15,8 @@ from PIL import Image
 from sdcluster.data import latent_build, latent_cache
 from sdcluster.data.dataset import TrainImages, augment, load_captioned_images
 from sdcluster.data.latent_cache import CachedExamples, verify
-from sdcluster.paths import sample_data_dir
 from sdcluster.train.loop import train
+from tests.conftest import copy_sample
 
 FAST = ["train.log_every=1", "train.checkpoint_every=100", "train.batch_size=2", "train.max_steps=4"]
 ONE_PROCESS = SimpleNamespace(
@@ -31,13 +30,7 @@ ONE_PROCESS = SimpleNamespace(
 
 def _copy_sample(dest: Path, count: int = 3, caption_suffix: str = "") -> Path:
     """The first ``count`` sample images with their captions (plus a suffix, to get a fresh cache key)."""
-    rows = [json.loads(line) for line in (sample_data_dir() / "metadata.jsonl").read_text().splitlines()]
-    dest.mkdir(parents=True)
-    with open(dest / "metadata.jsonl", "w") as fh:
-        for row in rows[:count]:
-            shutil.copy(sample_data_dir() / row["file_name"], dest / row["file_name"])
-            fh.write(json.dumps({**row, "text": row["text"] + caption_suffix}) + "\n")
-    return dest
+    return copy_sample(dest, count, lambda row: {**row, "text": row["text"] + caption_suffix})
 
 
 @pytest.fixture

@@ -8,8 +8,6 @@ step and every image encoded into the latent cache is recorded by file name whil
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,24 +17,16 @@ from sdcluster.data import dataset as dataset_module
 from sdcluster.data import latent_build
 from sdcluster.data.dataset import TrainImages
 from sdcluster.data.latent_cache import CachedExamples
-from sdcluster.paths import sample_data_dir
 from sdcluster.train import validation
 from sdcluster.train.loop import train
+from tests.conftest import copy_sample
 
 HOLDOUT = 3
 
 
 def _copy_sample(dest: Path, tag: str) -> Path:
     """The shipped sample with every caption tagged, so this run builds a latent-cache entry of its own."""
-    src = sample_data_dir()
-    dest.mkdir()
-    lines = []
-    for line in (src / "metadata.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        shutil.copy(src / row["file_name"], dest / row["file_name"])
-        lines.append(json.dumps({**row, "text": f"{row['text']} ({tag})"}))
-    (dest / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return dest
+    return copy_sample(dest, row=lambda row: {**row, "text": f"{row['text']} ({tag})"})
 
 
 class Recorder:

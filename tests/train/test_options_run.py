@@ -7,7 +7,6 @@ module's ``baseline`` is that run with nothing else changed, and each test chang
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from sdcluster.config import ConfigError
-from sdcluster.paths import run_dir, sample_data_dir
+from sdcluster.paths import run_dir
 from sdcluster.train.loop import TrainResult, train
-from tests.conftest import compose
+from tests.conftest import compose, copy_sample
 
 QUICK = [
     "train.max_steps=2",
@@ -208,15 +207,7 @@ def test_max_grad_norm_clips(make_cfg, baseline, tiny_model):
 
 def _sample_with_caption_key(dest: Path, key: str) -> Path:
     """A copy of the shipped sample whose metadata.jsonl has the captions under ``key`` instead of text."""
-    src = sample_data_dir()
-    dest.mkdir()
-    lines = []
-    for line in (src / "metadata.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        shutil.copy(src / row["file_name"], dest / row["file_name"])
-        lines.append(json.dumps({"file_name": row["file_name"], key: row["text"]}))
-    (dest / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return dest
+    return copy_sample(dest, row=lambda row: {"file_name": row["file_name"], key: row["text"]})
 
 
 @pytest.mark.slow
