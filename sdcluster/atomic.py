@@ -14,23 +14,87 @@ A job killed mid-write leaves only a ``.*.tmp`` file or a temporary folder behin
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("sdcluster")
 
+# How a full disk or quota shows when it does not come as an OSError: torch's zip writer and safetensors'
+# Rust writer wrap it in their own errors.
+_DISK_FULL_WORDS = (
+    "No space left on device",
+    "Disk quota exceeded",
+    "StorageFull",
+    "QuotaExceeded",
+    "inline_container",
+)
+
+
+class DiskFull(RuntimeError):
+    """A write ran out of space (or quota); the message names the path, the free space and the fix."""
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """True if ``err`` or anything it was raised from is a full disk or an exceeded quota."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(word in str(seen) for word in _DISK_FULL_WORDS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+@contextlib.contextmanager
+def explain_disk_full(path: Path, partial: Path | None = None, resume: str = "") -> Iterator[None]:
+    """Around a write: on a full disk, remove the partial folder (so the space a failed save took is given
+    back), then raise :class:`DiskFull` naming ``path``, the free space there and the fix."""
+    try:
+        yield
+    except Exception as err:
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+        if not is_disk_full(err):
+            raise
+        where = path if path.exists() else path.parent
+        while not where.exists():
+            where = where.parent
+        usage = shutil.disk_usage(where)
+        raise DiskFull(
+            f"no space left writing {path} ({usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.0f} "
+            f"MiB there). Fix: free space or raise your quota, then run the same command again{resume}"
+        ) from err
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (setting it to read it races with other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no /proc: the only other way to read it is to set it, then put it back
+    os.umask(mask)
+    return mask
+
 
 def write_bytes(path: Path | str, data: bytes, mode: int | None = None) -> Path:
-    """Replace ``path`` with ``data``; keep the old file's permissions (mkstemp would make it owner-only)."""
+    """Replace ``path`` with ``data``; keep the old file's permissions, else follow the user's umask
+    (mkstemp alone would make every file owner-only; a fixed 0644 would ignore a private umask)."""
     path = Path(path)
     if mode is None:
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+        mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, mode)
@@ -62,10 +126,21 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def file_sha256(path: Path) -> str:
+    """The file's sha256, read in 1 MiB chunks: a size check catches a partial write, only this a bad byte."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def staging_dir(dest: Path) -> Path:
     """A fresh temporary folder beside ``dest`` (same file system, so :func:`publish_dir` is one rename)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it owner-only; the published folder follows the umask
+    return tmp
 
 
 def publish_dir(tmp: Path, dest: Path, replace: bool = True) -> bool:

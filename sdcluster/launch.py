@@ -25,6 +25,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from sdcluster.config import Config, ConfigError
 from sdcluster.config.store import conf_dir, register
 from sdcluster.paths import absolutize
+from sdcluster.redaction import reject_secrets_in_arguments
 
 register()
 # conf/ of the working directory is on the search path for conf/local/; most directories have none.
@@ -63,5 +64,14 @@ def main(dcfg: DictConfig) -> None:
         sys.exit(code)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Refuse a token on the command line before Hydra writes anything, then compose and launch."""
+    try:
+        reject_secrets_in_arguments(sys.argv[1:])
+    except ConfigError as err:
+        fail(err)
     main()
+
+
+if __name__ == "__main__":
+    run()

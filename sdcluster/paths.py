@@ -143,6 +143,15 @@ def job_dir(cfg: Config, job_id: str) -> Path:
     return Path(cfg.jobs_root) / str(job_id)
 
 
+def private_jobs_root(cfg: Config) -> Path:
+    """``jobs_root``, created if needed, readable by the owner only (0700), or the group too (0750) with
+    ``cluster.share_jobs_with_group``: job folders hold pickles that submitit loads and run as the user."""
+    root = Path(cfg.jobs_root)
+    root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o750 if cfg.cluster.share_jobs_with_group else 0o700)
+    return root
+
+
 def job_log(folder: Path, job_id: str, task: int, err: bool = False) -> Path:
     """submitit's per-task log in a job folder: ``<job_id>_<task>_log.out`` (``.err`` for stderr)."""
     return Path(folder) / f"{job_id}_{task}_log.{'err' if err else 'out'}"

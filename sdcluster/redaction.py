@@ -20,6 +20,11 @@ _TOKEN_VALUE = re.compile(
     r"\b(hf_[A-Za-z0-9]{20,}|ghp_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|xox[abp]-[A-Za-z0-9-]{10,}"
     r"|AKIA[0-9A-Z]{16})\b"
 )
+# `NAME_TOKEN=value`, `export WANDB_API_KEY=value` in a shell line (`=$NAME` passes a variable on: fine)
+_SECRET_ASSIGNMENT = re.compile(
+    r"\b[A-Za-z0-9_]*(TOKEN|SECRET|PASSWORD|PASSWD|KEY)[A-Za-z0-9_]*=(?![$])\S+", re.IGNORECASE
+)
+_WANDB_KEY = re.compile(r"\b[0-9a-f]{40}\b")  # W&B API keys: 40 hex digits
 MASK = "***"
 
 
@@ -47,14 +52,36 @@ def _walk(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
         yield path, node
 
 
+def _looks_secret(key: str, value: str, known: list[str]) -> bool:
+    if _TOKEN_VALUE.search(value) or any(s in value for s in known):
+        return True
+    # Shell lines (cluster.setup) are where keys get pasted: `export WANDB_API_KEY=...`, a bare W&B key.
+    return key.startswith("cluster.setup") and bool(
+        _SECRET_ASSIGNMENT.search(value) or _WANDB_KEY.search(value)
+    )
+
+
 def reject_secrets(config: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> None:
     """Refuse a config that carries a token: it would be written into job folders and the sbatch script."""
     known = secret_values(environ)
     for key, value in _walk(config):
-        if isinstance(value, str) and (_TOKEN_VALUE.search(value) or any(s in value for s in known)):
+        if isinstance(value, str) and _looks_secret(key, value, known):
             raise ConfigError(
                 f"{key}: looks like a secret token. Fix: remove it from the config and export it in the "
-                "environment instead (e.g. HF_TOKEN=... for the hub); sdcluster never writes it to files"
+                "environment instead (e.g. HF_TOKEN=... for the hub, WANDB_API_KEY=... for W&B: jobs inherit "
+                "the environment of the shell that submits them); sdcluster never writes it to files"
+            )
+
+
+def reject_secrets_in_arguments(arguments: list[str], environ: Mapping[str, str] | None = None) -> None:
+    """The command line, checked before Hydra composes it: Hydra writes overrides into its output folders."""
+    known = secret_values(environ)
+    for argument in arguments:
+        key = argument.split("=", 1)[0].lstrip("+~")
+        if _looks_secret(key, argument, known):
+            raise ConfigError(
+                f"{key}: looks like a secret token on the command line. Fix: remove it and export it in the "
+                "environment instead (e.g. HF_TOKEN=...); sdcluster never writes it to files"
             )
 
 

@@ -14,6 +14,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 TOKEN = "hf_NotARealTokenJustShapedLikeOne4242"
+WANDB_KEY = "feedc0de" * 5  # W&B's shape: 40 hex digits
 
 
 def _launch(tmp: Path, cache_root: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -27,14 +28,14 @@ def _launch(tmp: Path, cache_root: Path, *extra: str) -> subprocess.CompletedPro
         f"cache_root={cache_root}",
         *extra,
     ]
-    env = {**os.environ, "HF_TOKEN": TOKEN, "SDCLUSTER_HOME": str(tmp / "home")}
+    env = {**os.environ, "HF_TOKEN": TOKEN, "WANDB_API_KEY": WANDB_KEY, "SDCLUSTER_HOME": str(tmp / "home")}
     return subprocess.run(args, capture_output=True, text=True, cwd=tmp, timeout=600, env=env)
 
 
 def test_default_run_trains_generates_and_a_rerun_resumes(tmp_path, cache_root, tiny_model):
     from diffusers import StableDiffusionPipeline
 
-    proc = _launch(tmp_path, cache_root)
+    proc = _launch(tmp_path, cache_root, "train.tracker=tensorboard")  # event files get the config too
     assert proc.returncode == 0, proc.stderr[-3000:]
     model = Path(re.search(r"^model:\s+(\S+)", proc.stdout, re.M).group(1))
     images = Path(re.search(r"^images:\s+(\S+)", proc.stdout, re.M).group(1))
@@ -51,7 +52,7 @@ def test_default_run_trains_generates_and_a_rerun_resumes(tmp_path, cache_root, 
     assert len(records) == 2 and {r["file"] for r in records} == {p.name for p in images.glob("p*.png")}
     finished = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in images.glob("p*.png")}
 
-    again = _launch(tmp_path, cache_root)  # the same command: resume, skip what exists
+    again = _launch(tmp_path, cache_root, "train.tracker=tensorboard")  # the same command: resume, skip
     assert again.returncode == 0, again.stderr[-3000:]
     train2, gen2 = re.findall(r"^submitted \w+ job (\S+):", again.stdout, re.M)
     train_log = (tmp_path / "jobs" / train2 / f"{train2}_0_log.out").read_text()
@@ -60,6 +61,8 @@ def test_default_run_trains_generates_and_a_rerun_resumes(tmp_path, cache_root, 
     assert "2 already done" in gen_log
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in images.glob("p*.png")} == finished
 
-    for path in [*tmp_path.rglob("*")]:
+    assert list((model.parent / "tensorboard").glob("events.out.tfevents.*")), "event files were written"
+    for path in [*tmp_path.rglob("*"), *cache_root.rglob("*")]:  # jobs, outputs, pickles, events, caches
         if path.is_file():
-            assert TOKEN.encode() not in path.read_bytes(), f"token leaked into {path}"
+            data = path.read_bytes()
+            assert TOKEN.encode() not in data and WANDB_KEY.encode() not in data, f"secret leaked into {path}"

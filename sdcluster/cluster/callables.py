@@ -96,7 +96,9 @@ def _generate_body(cfg: Config, flag: PreemptionFlag, dist: DistInfo, array_task
     from sdcluster.generate.job import generate_images
 
     shard, shards = array_task * dist.world_size + dist.rank, cfg.generate.shards * dist.world_size
-    result = generate_images(cfg, shard_index=shard, num_shards=shards, should_stop=lambda: flag.raised)
+    result = generate_images(
+        cfg, shard_index=shard, num_shards=shards, should_stop=lambda: flag.raised, job_id=dist.job_id
+    )
     outputs = {"images": str(result.out_dir)}
     return Outcome(result.interrupted, result.generated + result.skipped, outputs)
 

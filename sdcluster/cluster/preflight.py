@@ -6,10 +6,11 @@ A job that waits six hours in a queue to die on a typo wastes a day; every check
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 from pathlib import Path
 
 from sdcluster import paths
-from sdcluster.cluster import scheduler
+from sdcluster.cluster import ownership, scheduler
 from sdcluster.config import Config, ConfigError, check_config
 from sdcluster.models.load import check_model_source
 from sdcluster.redaction import reject_secrets
@@ -53,6 +54,30 @@ def check_generation_inputs(cfg: Config) -> None:
         require_model(paths.generation_model(cfg))
 
 
+def check_scripts(cfgs: list[Config]) -> None:
+    """Render every job script of ``cfgs`` and make sure it keeps its shape before anything is queued:
+    it parses (``bash -n``) and every ``#SBATCH`` directive stands before the first command (sbatch
+    silently ignores directives after one). Only ``cluster.setup`` lines are pasted unquoted."""
+    from sdcluster.cluster.submit import plan_jobs, sbatch_preview
+
+    for job in plan_jobs(cfgs):
+        script = sbatch_preview(job, "afterok:1" if job.after else None)
+        parsed = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True, timeout=30)
+        if parsed.returncode != 0:
+            raise ConfigError(
+                f"cluster.setup: the {job.kind} job script would not parse ({parsed.stderr.strip()}). "
+                "Fix: balance the quotes and brackets of the cluster.setup lines"
+            )
+        lines = [line.strip() for line in script.splitlines() if line.strip()]
+        first_command = next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))
+        late = [line for line in lines[first_command:] if line.startswith("#SBATCH")]
+        if late:
+            raise ConfigError(
+                f"cluster: {late[0]!r} would come after a command in the {job.kind} job script, where sbatch "
+                "ignores it. Fix: remove line breaks from the cluster values"
+            )
+
+
 def check_slurm(cfg: Config) -> None:
     """sbatch present, controller answering, partition known: the three things users get wrong first."""
     try:
@@ -85,9 +110,18 @@ def preflight(cfg: Config, dry_run: bool = False) -> list[str]:
     if cfg.task in ("train", "train_generate"):
         check_installed(cfg)
         check_data(cfg)
+        if cfg.train.resume not in ("auto", "never"):
+            from sdcluster.train.step_folders import resume_folder
+
+            resume_folder(cfg.train.resume)
     check_generation_inputs(cfg)
+    if cfg.task != "generate":
+        ownership.check_free(paths.run_dir(cfg), "run")
+    if cfg.task != "train":
+        ownership.check_free(paths.generation_dir(cfg), "generate")
     if cfg.cluster.name != "slurm":
         return []
+    check_scripts([cfg])
     try:
         check_slurm(cfg)
     except ConfigError as err:

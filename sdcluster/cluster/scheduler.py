@@ -20,6 +20,20 @@ TERMINAL = (
     "BOOT_FAIL",
 )
 CLIENTS = ("sbatch", "sinfo", "squeue")
+# States in which a job may still write: queued, running, being requeued or held.
+LIVE = (
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "CONFIGURING",
+    "COMPLETING",
+    "SUSPENDED",
+    "RESIZING",
+    "STAGE_OUT",
+    "SIGNALING",
+)
 
 
 class SchedulerUnavailable(RuntimeError):
@@ -45,6 +59,24 @@ def job_state(job_id: str) -> tuple[str, str] | None:
         if out.returncode == 0 and lines:
             state, _, code = lines[-1].partition("|")
             return state.split()[0], code
+    return None
+
+
+def job_states(job_id: str) -> list[str] | None:
+    """The state of every task of a job (an array has several), from sacct, else squeue; None if neither
+    answered (no SLURM, or no accounting and the job left the queue)."""
+    commands = (
+        ["sacct", "-j", job_id, "-n", "-X", "-P", "-o", "State"],
+        ["squeue", "-h", "-j", job_id, "-o", "%T"],
+    )
+    for cmd in commands:
+        try:
+            out = _run(cmd, timeout=20)
+        except (FileNotFoundError, subprocess.TimeoutExpired):
+            continue
+        states = [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
+        if out.returncode == 0 and states:
+            return states
     return None
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import submitit
 
 from sdcluster import paths
-from sdcluster.cluster import records
+from sdcluster.cluster import ownership, records
 from sdcluster.cluster.callables import GenerateJob, TrainJob
 from sdcluster.config import Config, ConfigError
 from sdcluster.redaction import config_yaml
@@ -215,9 +215,11 @@ def _submit_one(job: PlannedJob, after_id: str | None, extra: dict[str, Any]) ->
             submitted = [executor.submit(fn) for fn in job.fns]
     for index, (element_cfg, sjob) in enumerate(zip(job.cfgs, submitted, strict=True)):
         array_index = index if job.is_array else None
-        record_submission(
+        folder = record_submission(
             element_cfg, sjob, job.kind, {**extra, "array_index": array_index, "after": after_id}
         )
+        writes = paths.run_dir(element_cfg) if job.kind == "train" else paths.generation_dir(element_cfg)
+        ownership.claim(writes, sjob.job_id, element_cfg.cluster.name, folder)
     return submitted
 
 
@@ -234,6 +236,8 @@ def submit_configs(
     """
     planned = plan_jobs(cfgs)
     local = cfgs[0].cluster.name == "local"
+    for root in {cfg.jobs_root for cfg in cfgs}:
+        paths.private_jobs_root(next(cfg for cfg in cfgs if cfg.jobs_root == root))
     for job in planned:
         groups = [[k] for k in range(len(job.fns))] if local else [list(range(len(job.fns)))]
         for group in groups:

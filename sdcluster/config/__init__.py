@@ -27,6 +27,7 @@ from sdcluster.config.checks import (
     TRACKERS,
     ConfigError,
     _choice,
+    _no_control,
 )
 from sdcluster.config.cluster import ClusterConfig
 from sdcluster.config.data import SAMPLE_PROMPTS, DataConfig
@@ -98,6 +99,8 @@ class Config:
 
     def __post_init__(self) -> None:
         _choice(self.task, "task", TASKS)
+        for key in ("run_name", "output_root", "jobs_root", "cache_root"):  # paths reach the job script
+            _no_control(getattr(self, key), key)
 
 
 def check_config(cfg: Config) -> None:

@@ -7,6 +7,8 @@ job exists) and its message names the key, the problem and the fix, e.g.
 
 from __future__ import annotations
 
+import re
+
 
 class ConfigError(ValueError):
     """A user-facing configuration problem; the message names the key and how to fix it."""
@@ -48,3 +50,16 @@ SCHEDULERS = ("ddim", "euler", "euler_a", "dpmpp", "pndm", "ddpm")
 
 CLUSTERS = ("local", "slurm")
 """``cluster.name``: the executors, one option each in ``conf/cluster/``."""
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _no_control(value: object, key: str) -> None:
+    """A value that reaches the sbatch script must stay on its line: a newline would end an ``#SBATCH``
+    line early and start a command (and sbatch silently ignores every ``#SBATCH`` line after a command)."""
+    if isinstance(value, str) and (found := _CONTROL.search(value)):
+        raise ConfigError(
+            f"{key}: contains the control character {found.group()!r} (a newline or tab ends up as a line "
+            "of the job script). Fix: remove it from the value"
+        )

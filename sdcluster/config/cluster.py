@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from sdcluster.config.checks import CLUSTERS, _choice, _require
+from sdcluster.config.checks import CLUSTERS, _choice, _no_control, _require
+
+_SBATCH_OPTION = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)*")  # sbatch's long options: mail-type, gres
 
 
 @dataclass
@@ -52,6 +55,8 @@ class ClusterConfig:
     """Other sbatch options by their long name, e.g. {mail-type: END}."""
     array_parallelism: int = 16
     """At most this many tasks of a job array (sweep points, generation shards) run at once."""
+    share_jobs_with_group: bool = False
+    """jobs/ (scripts, logs, the pickles submitit loads) readable by your group too (0750), not only you."""
 
     def __post_init__(self) -> None:
         _choice(self.name, "cluster.name", CLUSTERS)
@@ -68,6 +73,18 @@ class ClusterConfig:
         _require(self.signal_delay_s >= 0, "cluster.signal_delay_s", "must be >= 0", "seconds, e.g. 120")
         _require(self.max_requeues >= 0, "cluster.max_requeues", "must be >= 0", "e.g. 3")
         _require(self.max_timeouts >= 0, "cluster.max_timeouts", "must be >= 0", "e.g. 3")
+        for key in ("partition", "account", "qos", "constraint", "exclude"):
+            _no_control(getattr(self, key), f"cluster.{key}")
+        for i, line in enumerate(self.setup):
+            _no_control(line, f"cluster.setup[{i}]")
+        for option, value in self.additional_parameters.items():
+            _require(
+                isinstance(option, str) and bool(_SBATCH_OPTION.fullmatch(option)),
+                f"cluster.additional_parameters.{option}",
+                "is not an sbatch option name",
+                "use sbatch's long option name without the leading dashes, e.g. mail-type or gres",
+            )
+            _no_control(value, f"cluster.additional_parameters.{option}")
 
     @property
     def processes_per_node(self) -> int:

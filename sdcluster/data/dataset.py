@@ -9,6 +9,7 @@ crop, random horizontal flip, scale to [-1, 1]) but are written with PIL + numpy
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps
 
-from sdcluster.data.metadata import METADATA_FILE, natural_key
+from sdcluster.data.metadata import METADATA_FILE, file_problem, natural_key
 
 
 @contextlib.contextmanager
@@ -44,8 +45,8 @@ def _file_names(dataset: datasets.Dataset, folder: Path) -> list[str]:
     folders it stores the absolute path (no bytes) in the image struct, so the name is recoverable.
     """
     paths = dataset.data.column("image").combine_chunks().field("path").to_pylist()
-    root = folder.resolve()
-    return [Path(p).resolve().relative_to(root).as_posix() for p in paths]
+    root = os.path.abspath(folder)  # not resolve(): a symlinked image keeps its name (file_problem judges it)
+    return [Path(os.path.abspath(p)).relative_to(root).as_posix() for p in paths]
 
 
 def load_captioned_images(
@@ -75,6 +76,12 @@ def load_captioned_images(
                 f"it has {dataset.column_names}"
             )
         names = _file_names(dataset, folder)
+        for name in names:  # the same rule as validate: nothing outside the folder, nothing but JPEG/PNG/WebP
+            bad = file_problem(folder / name, folder)
+            if bad:
+                raise ValueError(
+                    f"{folder / name} {bad[1]}. Run `python -m sdcluster.data validate {folder}`"
+                )
         order = sorted(range(len(names)), key=lambda i: natural_key(names[i]))
         if order != list(range(len(names))):
             dataset = dataset.select(order)

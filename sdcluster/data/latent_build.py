@@ -117,7 +117,8 @@ def _build(cfg: Config, plan: Plan, dataset: Any, comps: Any, acc: Any, entry: P
     rank, world = acc.process_index, acc.num_processes
     lo, hi = _share(len(plan.variants), rank, world)
     log.info("latent cache: encoding rows %d-%d of %d into %s", lo, hi, len(plan.variants), entry)
-    _encode_share(plan, dataset, comps, cfg.train.resolution, acc.device, rank, world, tmp)
+    with atomic.explain_disk_full(entry, tmp if acc.is_main_process else None, ": it builds the cache again"):
+        _encode_share(plan, dataset, comps, cfg.train.resolution, acc.device, rank, world, tmp)
     acc.wait_for_everyone()
     if acc.is_main_process:
         commit(tmp, entry, manifest_of(plan, world))

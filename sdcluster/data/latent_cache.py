@@ -39,7 +39,6 @@ pickled copy of the data.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -119,7 +118,7 @@ def make_plan(cfg: Config, dataset: Any, comps: Any) -> Plan | None:
         "resolution": res,
         "center_crop": center,
         "random_flip": flip,
-        "images": [[file_digest(folder / n), c] for n, c in zip(names, captions, strict=True)],
+        "images": [[atomic.file_sha256(folder / n), c] for n, c in zip(names, captions, strict=True)],
     }
     unique = list(dict.fromkeys(captions))
     row_of = {caption: row for row, caption in enumerate(unique)}
@@ -141,14 +140,6 @@ def manifest_of(plan: Plan, world: int) -> dict[str, Any]:
 
 MANIFEST = "manifest.json"
 MISSING = "missing"
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify(entry: Path, key: str, version: int) -> str | None:
@@ -176,7 +167,7 @@ def verify(entry: Path, key: str, version: int) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != want["bytes"]:
             return f"{name} has {path.stat().st_size} bytes, the manifest says {want['bytes']}"
-        if file_digest(path) != want["sha256"]:
+        if atomic.file_sha256(path) != want["sha256"]:
             return f"{name} does not match its sha256"
     return None
 
@@ -184,7 +175,10 @@ def verify(entry: Path, key: str, version: int) -> str | None:
 def commit(tmp: Path, entry: Path, manifest: dict[str, Any]) -> None:
     """Rank 0, once every rank wrote its shard into ``tmp``: checksums and manifest last, then one rename
     publishes the entry, so readers see a complete entry or none."""
-    files = {f.name: {"bytes": f.stat().st_size, "sha256": file_digest(f)} for f in sorted(tmp.glob("*.npy"))}
+    files = {
+        f.name: {"bytes": f.stat().st_size, "sha256": atomic.file_sha256(f)}
+        for f in sorted(tmp.glob("*.npy"))
+    }
     with open(tmp / MANIFEST, "w") as fh:
         json.dump({**manifest, "files": files}, fh)
     # A good entry published by another job while we built ours (only without a working build lock, see

@@ -94,8 +94,12 @@ def normalize_name(name: str) -> str | None:
 
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """Non-blank lines with their 1-based numbers (blank lines are harmless to datasets' JSON reader)."""
-    for line, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+    """Non-blank lines with their 1-based numbers (blank lines are harmless to datasets' JSON reader).
+
+    A UTF-8 byte-order mark (what some Windows editors write) is skipped: ``datasets`` reads past it too.
+    """
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    for line, raw in enumerate(data.split(b"\n"), start=1):
         if raw.strip():
             yield line, raw
 
@@ -175,10 +179,45 @@ def _strict_decoding() -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
-def check_image(path: Path, max_pixels: int) -> tuple[str, str] | None:
-    """``(kind, message)`` if the image is too large or cannot be fully decoded, else None."""
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")  # Pillow decodes dozens more (TIFF, FITS...): not ours to parse
+
+
+def sniff_format(path: Path) -> str | None:
+    """The format the first bytes say (JPEG, PNG or WEBP), whatever the name; None for anything else."""
+    with open(path, "rb") as fh:
+        head = fh.read(12)
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def file_problem(path: Path, folder: Path) -> tuple[str, str] | None:
+    """``(kind, message)`` if the file may not be read at all: it resolves outside the dataset folder (a
+    symlink to /etc/passwd, a mount elsewhere) or is not a JPEG, PNG or WebP by content. Checked by
+    ``validate`` and again when a job loads the folder, so what validate passes the job reads."""
+    real, root = path.resolve(), folder.resolve()
+    if not real.is_relative_to(root):
+        return "outside_folder", f"resolves to {real}, outside the dataset folder; copy the image into it"
+    if sniff_format(real) is None:
+        kinds = ", ".join(ALLOWED_FORMATS)
+        return "unreadable", (
+            f"is not a {kinds} file by its content, whatever its name (a corrupt file, or another format "
+            "such as TIFF); re-export the image as PNG or delete it"
+        )
+    return None
+
+
+def check_image(path: Path, max_pixels: int, folder: Path | None = None) -> tuple[str, str] | None:
+    """``(kind, message)`` if the image may not be read, is too large or does not fully decode, else None."""
+    bad = file_problem(path, folder if folder is not None else path.parent)
+    if bad:
+        return bad
     try:
-        with _strict_decoding(), Image.open(path) as image:
+        with _strict_decoding(), Image.open(path, formats=ALLOWED_FORMATS) as image:
             width, height = image.size
             if width * height > max_pixels:
                 return "too_large", (
@@ -243,7 +282,7 @@ def _check_entry(
     if not is_image_name(norm):
         msg = f"not an image extension; use one of {', '.join(sorted(IMAGE_EXTENSIONS))}"
         return [*problems, Problem("not_image", msg, name, line)]
-    bad = check_image(path, max_pixels)
+    bad = check_image(path, max_pixels, folder)
     return problems + ([Problem(bad[0], bad[1], name, line)] if bad else [])
 
 
@@ -267,6 +306,9 @@ def validate(folder: Path | str, max_pixels: int = 40_000_000, caption_column: s
             problems.append(problem)
         if entry is not None:
             problems += _check_entry(folder, entry, line, seen, caption_column, max_pixels)
+    if not seen and not problems:
+        fix = f"list the images with `python -m sdcluster.data prepare {folder}` and write their captions"
+        problems.append(Problem("empty", f"{METADATA_FILE} lists no images; {fix}"))
     for name in list_images(folder):
         if name not in seen:
             msg = f"not listed in {METADATA_FILE}, so training ignores it; run prepare and write its caption"

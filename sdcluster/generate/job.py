@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sdcluster import atomic, paths
+from sdcluster.cluster import ownership
 from sdcluster.cluster.requeue import hold_for_signal
 from sdcluster.config import Config, ConfigError
 from sdcluster.generate import records
@@ -121,8 +122,9 @@ def _run_batches(
             if target.exists():  # a finished image is never overwritten
                 continue
             record = _record(cfg, item, image.size, dtype)
-            save_png_atomic(image, target, record)
-            records.append_record(part, record)
+            with atomic.explain_disk_full(target, resume=": finished images are kept, the rest is made"):
+                save_png_atomic(image, target, record)
+                records.append_record(part, record)
             written += 1
         progress.report(written, batch=f"{number}/{len(batches)}")
         hold_for_signal("batch", number, stop)
@@ -134,6 +136,7 @@ def generate_images(
     shard_index: int = 0,
     num_shards: int = 1,
     should_stop: Callable[[], bool] = lambda: False,
+    job_id: str | None = None,
 ) -> GenerateResult:
     """Make this shard's missing images; with one shard, also merge the manifest and draw the contact sheet.
 
@@ -148,7 +151,8 @@ def generate_images(
         raise ConfigError("generate.prompts: no prompts. Fix: set generate.prompts or generate.prompts_file")
     require_model(paths.generation_model(cfg))  # before any folder is made
     out_dir = paths.generation_dir(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs_folder = paths.job_dir(cfg, job_id) if job_id else None
+    ownership.enter(out_dir, job_id, cfg.cluster.name, jobs_folder)  # creates the folder once it is ours
     _write_settings(cfg, out_dir, [item.prompt for item in items if item.image_index == 0])
     batches = shard(items, shard_index, num_shards, cfg.generate.batch_size)
     mine = [item for batch in batches for item in batch]

@@ -13,6 +13,7 @@ from typing import Any
 
 from sdcluster import paths
 from sdcluster.config import Config, ConfigError, GenerateConfig
+from sdcluster.models.load import check_safetensors
 from sdcluster.models.schedulers import set_scheduler
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ def require_model(path: Path) -> None:
             f"generate.model: no diffusers pipeline at {path} (no model_index.json). Fix: train first "
             "(task=train_generate), or set generate.model=DIR to an exported pipeline folder"
         )
+    check_safetensors(Path(path), "generate.model")
 
 
 def _dtype_keyword() -> str:
@@ -63,7 +65,11 @@ def load_pipeline(cfg: Config) -> Any:
             "generate.mixed_precision=%s ignored on CPU: generating in float32", cfg.generate.mixed_precision
         )
     pipe = StableDiffusionPipeline.from_pretrained(
-        model, **{_dtype_keyword(): dtype}, safety_checker=None, requires_safety_checker=False
+        model,
+        **{_dtype_keyword(): dtype},
+        use_safetensors=True,
+        safety_checker=None,
+        requires_safety_checker=False,
     )
     set_scheduler(pipe, cfg.generate.scheduler)
     pipe.set_progress_bar_config(disable=True)

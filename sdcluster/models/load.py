@@ -12,11 +12,23 @@ from typing import Any
 
 from sdcluster.config import ConfigError, ModelConfig
 
+WEIGHTED_PARTS = ("unet", "vae", "text_encoder")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def is_local(path: str) -> bool:
     return path.startswith(("/", ".", "~")) or Path(path).expanduser().exists()
+
+
+def check_safetensors(folder: Path, key: str) -> None:
+    """Every weighted component of a pipeline folder has safetensors weights: pickles are never loaded."""
+    for part in WEIGHTED_PARTS:
+        if not any((folder / part).glob("*.safetensors")):
+            raise ConfigError(
+                f"{key}: {folder / part} has no .safetensors weights (pickled .bin weights are never "
+                "loaded: loading them can run code). Fix: save the pipeline again with "
+                "save_pretrained(..., safe_serialization=True)"
+            )
 
 
 def check_model_source(model: ModelConfig) -> None:
@@ -31,6 +43,7 @@ def check_model_source(model: ModelConfig) -> None:
                 "Fix: point model.path at a folder saved by save_pretrained, or use a hub id such as "
                 "CompVis/stable-diffusion-v1-4"
             )
+        check_safetensors(folder, "model.path")
         return
     if not _HUB_ID.match(model.path):
         raise ConfigError(
@@ -99,7 +112,8 @@ def load_components(model: ModelConfig, cache_root: str | Path, accelerator: Any
         accelerator.wait_for_everyone()
     source = resolve_model_path(model, cache_root)
     common: dict[str, Any] = {"revision": model.revision}
-    weights = {**common, "variant": model.variant}
+    # safetensors only: a pickled .bin can run code when loaded; nothing here enables remote code either
+    weights = {**common, "variant": model.variant, "use_safetensors": True}
     return Components(
         tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
         text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights),

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors.torch import load_file, save_file
 
+from sdcluster.cluster import ownership
 from sdcluster.cluster.distributed import rank0_decides
 from sdcluster.config import Config, ConfigError
 from sdcluster.paths import config_hash
@@ -108,13 +109,7 @@ class Checkpointer:
             return []
         if resume == "auto":
             return step_folders.complete_checkpoints(self.root)
-        folder = Path(resume).expanduser()
-        problem = step_folders.verify(folder) if folder.is_dir() else "does not exist"
-        if problem:
-            raise ConfigError(
-                f"train.resume: {folder} {problem}. Fix: use train.resume=auto or a step-* folder"
-            )
-        return [folder]
+        return [step_folders.resume_folder(resume)]
 
     def load(self) -> None:
         """Continue from the newest checkpoint that loads (a broken one is named and skipped), or start at
@@ -123,6 +118,10 @@ class Checkpointer:
         world = t.accelerator.num_processes
         candidates = self._candidates()
         for folder in candidates:
+            problem = step_folders.verify(folder, content=True)
+            if problem:
+                log.warning("could not load checkpoint %s (%s); trying an older one", folder, problem)
+                continue
             meta = step_folders.read_meta(folder)
             check_compatible(meta, t.cfg, world, folder)
             try:
@@ -156,7 +155,8 @@ class Checkpointer:
         """
         acc, root = self.t.accelerator, self.t.paths.root
         if acc.is_main_process:
-            leftovers = sorted(p for p in root.iterdir() if p.name != "previous")
+            keep = ("previous", ownership.OWNER)  # the holder of the folder stays: it is this job
+            leftovers = sorted(p for p in root.iterdir() if p.name not in keep)
             if leftovers:
                 dest = root / "previous" / time.strftime("%Y%m%dT%H%M%S")
                 dest.mkdir(parents=True, exist_ok=True)

@@ -32,12 +32,13 @@ def export_pipeline(
     from diffusers import StableDiffusionPipeline
 
     tmp = atomic.staging_dir(dest)
-    with ema_weights(ema, unet):
+    with ema_weights(ema, unet), atomic.explain_disk_full(dest, tmp, ": it exports from the last checkpoint"):
         pipe = StableDiffusionPipeline.from_pretrained(
             source,
             unet=unet,
             revision=revision,
             variant=variant,
+            use_safetensors=True,
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from sdcluster import atomic
+from sdcluster import atomic, paths
+from sdcluster.cluster import ownership
 from sdcluster.cluster.distributed import rank0_decides
 from sdcluster.cluster.requeue import PreemptionFlag, hold_for_signal
 from sdcluster.config import Config
@@ -157,6 +158,17 @@ def train(
     acc = t.accelerator
     if acc.is_main_process:
         t.paths.root.mkdir(parents=True, exist_ok=True)
+    problem = None
+    if acc.is_main_process:  # before anything is written: a second live launch of this run stops here
+        try:
+            ownership.enter(
+                t.paths.root, job_id, cfg.cluster.name, paths.job_dir(cfg, job_id) if job_id else None
+            )
+        except RuntimeError as err:
+            problem = str(err)
+    problem = rank0_decides(acc, problem)
+    if problem:
+        raise RuntimeError(problem)
     ckpt = Checkpointer(t, job_id)
     ckpt.load()
     if acc.is_main_process:  # the run folder tells its own story: the config of its latest attempt

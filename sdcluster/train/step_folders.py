@@ -6,9 +6,9 @@ naive "highest number wins" resume picks. We therefore use ``save_state`` only f
 optimizer, scaler, per-rank RNG, gathered on every rank) and wrap it:
 
 1. every rank saves into ``.tmp-step-N`` (rank 0 creates it fresh);
-2. rank 0 writes the extra state and ``sdcluster-checkpoint.json`` listing every file and its size, then
-   publishes the folder as ``step-N`` in one rename (:func:`sdcluster.atomic.publish_dir`) and updates the
-   ``latest`` pointer;
+2. rank 0 writes the extra state and ``sdcluster-checkpoint.json`` listing every file, its size and
+   sha256, then publishes the folder as ``step-N`` in one rename (:func:`sdcluster.atomic.publish_dir`)
+   and updates the ``latest`` pointer;
 3. only then does rank 0 prune, keeping at least ``keep`` (>= 2) complete checkpoints.
 
 Folders are listed newest first; one whose manifest is missing or whose files do not match it is skipped
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from sdcluster import atomic
+from sdcluster.config import ConfigError
 
 log = logging.getLogger("sdcluster")
 
@@ -52,13 +53,13 @@ class CheckpointMeta:
     grad_accum: int
     job_id: str | None = None
     time: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    files: dict[str, int] = field(default_factory=dict)
+    files: dict[str, Any] = field(default_factory=dict)  # name -> {"bytes", "sha256"} (older: bytes only)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _file_sizes(folder: Path) -> dict[str, int]:
+def _file_entries(folder: Path) -> dict[str, dict[str, Any]]:
     return {
-        str(p.relative_to(folder)): p.stat().st_size
+        str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": atomic.file_sha256(p)}
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != META_NAME
     }
@@ -68,8 +69,12 @@ def read_meta(folder: Path) -> CheckpointMeta:
     return CheckpointMeta(**json.loads((folder / META_NAME).read_text()))
 
 
-def verify(folder: Path) -> str | None:
-    """Return why ``folder`` cannot be trusted, or None when every listed file is there at its size."""
+def verify(folder: Path, content: bool = False) -> str | None:
+    """Why ``folder`` cannot be trusted, or None when every listed file is there at its size and, with
+    ``content``, its sha256 (a flipped byte of the right size, e.g. in an RNG state, shows only there).
+
+    Listing and pruning check sizes only; resume checks content before loading anything.
+    """
     try:
         meta = read_meta(folder)
     except FileNotFoundError:
@@ -78,13 +83,25 @@ def verify(folder: Path) -> str | None:
         return f"unreadable {META_NAME}: {err}"
     if not meta.files:
         return "manifest lists no files"
-    for name, size in meta.files.items():
+    for name, entry in meta.files.items():
+        size, sha256 = (entry, None) if isinstance(entry, int) else (entry["bytes"], entry["sha256"])
         path = folder / name
         if not path.is_file():
             return f"missing {name}"
         if path.stat().st_size != size:
             return f"{name} is {path.stat().st_size} bytes, manifest says {size} (truncated or corrupt)"
+        if content and sha256 and atomic.file_sha256(path) != sha256:
+            return f"{name} does not match its sha256 (corrupt)"
     return None
+
+
+def resume_folder(resume: str) -> Path:
+    """The checkpoint ``train.resume=PATH`` names, verified: on the login node and again in the job."""
+    folder = Path(resume).expanduser()
+    problem = verify(folder) if folder.is_dir() else "does not exist"
+    if problem:
+        raise ConfigError(f"train.resume: {folder} {problem}. Fix: use train.resume=auto or a step-* folder")
+    return folder
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -122,18 +139,21 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        meta.extra = write_extra(tmp)
-        _commit(tmp, final, meta)
-        prune(root, keep)
+    resume = ": it resumes from the newest complete checkpoint"
+    partial = tmp if accelerator.is_main_process else None
+    with atomic.explain_disk_full(final, partial, resume):  # the previous checkpoint stays untouched
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            meta.extra = write_extra(tmp)
+            _commit(tmp, final, meta)
+            prune(root, keep)
     accelerator.wait_for_everyone()
     return final
 
 
 def _commit(tmp: Path, final: Path, meta: CheckpointMeta) -> None:
-    meta.files = _file_sizes(tmp)
+    meta.files = _file_entries(tmp)
     atomic.write_json(tmp / META_NAME, asdict(meta))
     # An existing ``final`` is a leftover of an earlier attempt at the same step: replaced whole, never mixed.
     atomic.publish_dir(tmp, final)

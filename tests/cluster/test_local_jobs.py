@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -83,3 +84,27 @@ def test_a_local_job_killed_without_a_word_is_shown_as_died(tmp_path, cache_root
     shown = _logs(tmp_path, job_id)
     assert "RUNNING, but its process is gone" in shown, shown
     assert re.search(rf"^{job_id}\s+train\s+DIED", _logs(tmp_path), re.M)
+
+
+def test_a_second_launch_of_a_live_run_is_refused_and_a_dead_holder_is_taken_over(
+    tmp_path, cache_root, tiny_model
+):
+    first, out = _start(tmp_path, cache_root, "step:1")  # holds the run folder, paused
+    job_id, folder = _job(tmp_path, out)
+    wait_for_line(folder / f"{job_id}_0_log.out", r"paused at step 1 ")
+    second, out2 = _start(tmp_path, cache_root, "")
+    assert second.wait(timeout=120) == 2
+    said = out2.read_text()
+    assert f"is in use by job {job_id} (RUNNING)" in said and f"python -m sdcluster.logs {job_id}" in said
+    assert "submitted" not in said, "refused before anything was queued"
+
+    os.killpg(first.pid, signal.SIGKILL)  # the holder dies without a word
+    first.wait(timeout=60)
+    pid = json.loads((folder / "job.json").read_text())["attempts"][-1]["pid"]
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    third, out3 = _start(tmp_path, cache_root, "")
+    assert third.wait(timeout=300) == 0, out3.read_text()
+    new_id, _ = _job(tmp_path, out3)
+    run_dir = Path(json.loads((folder / "job.json").read_text())["run_dir"])
+    assert json.loads((run_dir / ".sdcluster-owner.json").read_text())["job_id"] == new_id, "taken over"

@@ -73,7 +73,7 @@ def test_train_then_generate_chain(slurm_cluster, tmp_path, cache_root, tiny_mod
     canary = tmp_path / "injected"  # a path of this test only: another run cannot create or hide it
     prompts = f"generate.prompts=['$(touch {canary})', 'jeans with \"quotes\" and ; semicolons']"
     overrides = [*TRAIN, "task=train_generate", prompts, "generate.num_images=1", "generate.steps=2"]
-    proc, ids = launch(tmp_path, cache_root, *overrides)
+    proc, ids = launch(tmp_path, cache_root, *overrides, env={"HF_TOKEN": SECRET})
     assert proc.returncode == 0, proc.stderr
     (train_id,), (gen_id,) = ids["train"], ids["generate"]
     script = (tmp_path / "jobs" / gen_id / f"{gen_id}_submission.sh").read_text()
@@ -88,6 +88,9 @@ def test_train_then_generate_chain(slurm_cluster, tmp_path, cache_root, tiny_mod
         'jeans with "quotes" and ; semicolons',
     ]
     assert not canary.exists(), "a prompt was run as shell"
+    for path in [*tmp_path.rglob("*"), *cache_root.rglob("*")]:  # train + generate on the cluster: no leak
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), f"token leaked into {path}"
 
 
 def test_job_failing_on_the_node_is_reported_with_its_log(slurm_cluster, tmp_path, cache_root):

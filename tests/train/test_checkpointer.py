@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from sdcluster.atomic import file_sha256
 from sdcluster.train import step_folders
 from sdcluster.train.loop import train
 
@@ -127,4 +128,24 @@ def test_checkpoint_meta_is_human_readable(make_cfg):
     meta = json.loads((folder / step_folders.META_NAME).read_text())
     assert meta["step"] == 2 and meta["job_id"] == "4242" and meta["world_size"] == 1
     assert set(meta["files"]) >= {"model.safetensors", "optimizer.bin", "train_state.json"}
-    assert all(os.path.getsize(folder / n) == s for n, s in meta["files"].items())
+    assert all(os.path.getsize(folder / n) == e["bytes"] for n, e in meta["files"].items())
+    assert all(file_sha256(folder / n) == e["sha256"] for n, e in meta["files"].items())
+
+
+@pytest.mark.slow
+def test_a_flipped_byte_in_an_rng_state_makes_the_checkpoint_bad(make_cfg, caplog):
+    """Same size, valid pickle framing untouched elsewhere: only the sha256 in the manifest can tell."""
+    cfg = make_cfg(FAST)
+    first = train(cfg)
+    newest = first.run_dir / "checkpoints" / "step-00000004"
+    (rng,) = newest.glob("random_states_*.pkl")
+    data = bytearray(rng.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    rng.write_bytes(bytes(data))
+    assert step_folders.verify(newest) is None, "sizes alone cannot see it"
+    assert "random_states_0.pkl does not match its sha256" in step_folders.verify(newest, content=True)
+    cfg.train.max_steps = 6
+    with caplog.at_level(logging.INFO, logger="sdcluster"):
+        result = train(cfg)
+    assert f"could not load checkpoint {newest}" in caplog.text and "sha256" in caplog.text
+    assert "step-00000002" in caplog.text and result.step == 6

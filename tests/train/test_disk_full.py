@@ -1,0 +1,63 @@
+"""A full file system during a checkpoint save loses nothing and explains itself; freeing space resumes.
+
+Tested on a really full file system: a small tmpfs the test mounts (the suite runs as root) and fills.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from sdcluster.atomic import DiskFull
+from sdcluster.train import step_folders
+from sdcluster.train.loop import train
+
+pytestmark = pytest.mark.slow
+
+FAST = ["task=train", "train.checkpoint_every=2", "train.max_steps=4", "train.validate_every=0"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(mount)], check=True, timeout=30)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False, timeout=30)
+
+
+def _fill(disk: Path, leave_bytes: int) -> Path:
+    filler = disk / "filler"
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    with open(filler, "wb") as fh:
+        os.posix_fallocate(fh.fileno(), 0, free - leave_bytes)
+    return filler
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint_and_resumes(make_cfg, small_disk, caplog):
+    cfg = make_cfg([*FAST, f"output_root={small_disk / 'outputs'}", "train.validation_prompts=[]"])
+    first = train(cfg, stop_at=lambda step: step == 2)  # a preemption after the step-2 checkpoint
+    checkpoints = first.run_dir / "checkpoints"
+    assert first.interrupted and step_folders.verify(checkpoints / "step-00000002", content=True) is None
+
+    filler = _fill(small_disk, leave_bytes=2 * 2**20)  # the next save (about 17 MB) cannot fit
+    with pytest.raises(DiskFull) as err:
+        train(cfg)
+    message = str(err.value)
+    assert f"no space left writing {checkpoints / 'step-00000004'}" in message
+    assert "MiB free of 96 MiB there" in message and "run the same command again" in message
+    assert not list(checkpoints.glob(".tmp-*")), "the partial save is removed, its space given back"
+    assert [p.name for p in step_folders.complete_checkpoints(checkpoints)] == ["step-00000002"]
+    assert step_folders.verify(checkpoints / "step-00000002", content=True) is None
+
+    filler.unlink()
+    with caplog.at_level(logging.INFO, logger="sdcluster"):
+        done = train(cfg)
+    assert f"resumed from {checkpoints / 'step-00000002'}" in caplog.text
+    assert done.step == 4 and not done.interrupted and (done.model_dir / "model_index.json").is_file()
