@@ -61,6 +61,8 @@ def explain_disk_full(path: Path, partial: Path | None = None, resume: str = "")
     back), then raise :class:`DiskFull` naming ``path``, the free space there and the fix."""
     try:
         yield
+    except DiskFull:
+        raise  # explained already, closer to the file that did not fit
     except Exception as err:
         if partial is not None:
             shutil.rmtree(partial, ignore_errors=True)

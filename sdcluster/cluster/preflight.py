@@ -6,6 +6,7 @@ A job that waits six hours in a queue to die on a typo wastes a day; every check
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -62,7 +63,8 @@ def check_scripts(cfgs: list[Config]) -> None:
 
     for job in plan_jobs(cfgs):
         script = sbatch_preview(job, "afterok:1" if job.after else None)
-        parsed = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True, timeout=30)
+        bash = shutil.which("bash") or "/bin/bash"  # sbatch runs the script with bash (its #! line)
+        parsed = subprocess.run([bash, "-n"], input=script, capture_output=True, text=True, timeout=30)
         if parsed.returncode != 0:
             raise ConfigError(
                 f"cluster.setup: the {job.kind} job script would not parse ({parsed.stderr.strip()}). "

@@ -44,8 +44,9 @@ def _run(args: list[str], timeout: float = 30) -> subprocess.CompletedProcess[st
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def job_state(job_id: str) -> tuple[str, str] | None:
-    """(state, exit code) from sacct, else (state, '') from squeue, else None (not a SLURM job / no SLURM)."""
+def _records(job_id: str) -> list[tuple[str, str]]:
+    """(state, exit code) of every task of a job (an array has several) from sacct, else (state, '') from
+    squeue; [] if neither answered (no SLURM, or no accounting and the job left the queue)."""
     commands = (
         ["sacct", "-j", job_id, "-n", "-X", "-P", "-o", "State,ExitCode"],
         ["squeue", "-h", "-j", job_id, "-o", "%T"],
@@ -57,27 +58,19 @@ def job_state(job_id: str) -> tuple[str, str] | None:
             continue
         lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
         if out.returncode == 0 and lines:
-            state, _, code = lines[-1].partition("|")
-            return state.split()[0], code
-    return None
+            return [(state.split()[0], code) for state, _, code in (ln.partition("|") for ln in lines)]
+    return []
+
+
+def job_state(job_id: str) -> tuple[str, str] | None:
+    """(state, exit code) of a job (its last task), or None when SLURM knows nothing of it."""
+    found = _records(job_id)
+    return found[-1] if found else None
 
 
 def job_states(job_id: str) -> list[str] | None:
-    """The state of every task of a job (an array has several), from sacct, else squeue; None if neither
-    answered (no SLURM, or no accounting and the job left the queue)."""
-    commands = (
-        ["sacct", "-j", job_id, "-n", "-X", "-P", "-o", "State"],
-        ["squeue", "-h", "-j", job_id, "-o", "%T"],
-    )
-    for cmd in commands:
-        try:
-            out = _run(cmd, timeout=20)
-        except (FileNotFoundError, subprocess.TimeoutExpired):
-            continue
-        states = [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
-        if out.returncode == 0 and states:
-            return states
-    return None
+    """The state of every task of a job, or None when SLURM knows nothing of it."""
+    return [state for state, _ in _records(job_id)] or None
 
 
 def partitions() -> list[str]:

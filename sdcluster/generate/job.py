@@ -124,7 +124,7 @@ def _run_batches(
             record = _record(cfg, item, image.size, dtype)
             with atomic.explain_disk_full(target, resume=": finished images are kept, the rest is made"):
                 save_png_atomic(image, target, record)
-                records.append_record(part, record)
+            records.append_record(part, record)
             written += 1
         progress.report(written, batch=f"{number}/{len(batches)}")
         hold_for_signal("batch", number, stop)
@@ -152,7 +152,20 @@ def generate_images(
     require_model(paths.generation_model(cfg))  # before any folder is made
     out_dir = paths.generation_dir(cfg)
     jobs_folder = paths.job_dir(cfg, job_id) if job_id else None
-    ownership.enter(out_dir, job_id, cfg.cluster.name, jobs_folder)  # creates the folder once it is ours
+    resume = ": finished images are kept, the rest is made"
+    with atomic.explain_disk_full(out_dir, resume=resume):  # settings, records, manifest: all explained
+        ownership.enter(out_dir, job_id, cfg.cluster.name, jobs_folder)  # creates the folder once it is ours
+        return _generate_into(cfg, out_dir, items, shard_index, num_shards, should_stop)
+
+
+def _generate_into(
+    cfg: Config,
+    out_dir: Path,
+    items: list[Item],
+    shard_index: int,
+    num_shards: int,
+    should_stop: Callable[[], bool],
+) -> GenerateResult:
     _write_settings(cfg, out_dir, [item.prompt for item in items if item.image_index == 0])
     batches = shard(items, shard_index, num_shards, cfg.generate.batch_size)
     mine = [item for batch in batches for item in batch]

@@ -84,3 +84,4 @@ def test_single_dry_run_without_a_controller_still_refuses_bad_input(tmp_path):
     proc = _dry_run(tmp_path, "task=train")
     assert proc.returncode == 0 and "#SBATCH --job-name=sdcluster-train" in proc.stdout
     assert "--array" not in proc.stdout
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "jobs").exists(), "dry runs write nothing"

@@ -61,3 +61,27 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint_and_resumes(make_
         done = train(cfg)
     assert f"resumed from {checkpoints / 'step-00000002'}" in caplog.text
     assert done.step == 4 and not done.interrupted and (done.model_dir / "model_index.json").is_file()
+
+
+def test_disk_full_while_generating_keeps_finished_images_and_the_rerun_fills_the_rest(
+    small_disk, tiny_model
+):
+    from sdcluster.config import Config, GenerateConfig
+    from sdcluster.generate.job import generate_images
+
+    gen = GenerateConfig(prompts=["jeans"], num_images=6, batch_size=2, steps=2, height=64, width=64)
+    cfg = Config(task="generate", output_root=str(small_disk / "out"), generate=gen)
+    cfg.generate.model = str(tiny_model)
+    first = generate_images(cfg, should_stop=iter([False, True]).__next__)  # one batch, then a stop
+    assert first.interrupted and first.generated == 2
+    kept = {p.name: p.read_bytes() for p in first.out_dir.glob("p*.png")}
+    filler = _fill(small_disk, leave_bytes=0)
+    with pytest.raises(
+        DiskFull, match=r"no space left writing .*p0000-i000[2-5]\.png .*the same command again"
+    ):
+        generate_images(cfg)
+    assert not list(first.out_dir.glob(".*.tmp")), "no partial image is left"
+    assert {p.name: p.read_bytes() for p in first.out_dir.glob("p*.png") if p.name in kept} == kept
+    filler.unlink()
+    done = generate_images(cfg)
+    assert sorted(p.name for p in done.out_dir.glob("p*.png")) == [f"p0000-i000{i}.png" for i in range(6)]
