@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -219,3 +220,20 @@ def training_examples_dataset(cfg):
         cfg.data.path, cfg.data.caption_column, cache_dir=paths.datasets_cache(cfg)
     )
     return dataset.select(holdout_split(len(dataset), cfg.data.holdout)[0])
+
+
+def test_a_second_launch_of_a_queued_run_is_refused_until_the_holder_ends(
+    slurm_cluster, tmp_path, cache_root
+):
+    hold = {"SDCLUSTER_TEST_PAUSE": "step:1"}  # the first job holds its run folder until signalled
+    proc, ids = launch(tmp_path, cache_root, *TRAIN, env=hold)
+    assert proc.returncode == 0, proc.stderr
+    (holder,) = ids["train"]
+    again, again_ids = launch(tmp_path, cache_root, *TRAIN)
+    assert again.returncode == 2 and not again_ids
+    assert f"is in use by job {holder} (" in again.stderr and f"scancel {holder}" in again.stderr
+    subprocess.run(["scancel", holder], check=True, timeout=30)
+    assert wait_for(holder)[0] == "CANCELLED"
+    taken, taken_ids = launch(tmp_path, cache_root, *TRAIN)  # a finished holder is taken over
+    assert taken.returncode == 0, taken.stderr
+    assert wait_for(taken_ids["train"][0])[0] == "COMPLETED"
