@@ -1,12 +1,13 @@
 """The data wing (``conf/data/``): captioned image folders, from ``metadata.jsonl`` to training batches.
 
 ``metadata`` prepares and validates a folder (Pillow only, so the login node checks it without torch; also
-``python -m sdcluster.data``), ``dataset`` loads it with ``datasets`` and augments, ``split`` holds images
-out for validation, ``sampler`` fixes which example each micro-step reads (so resume is exact),
-``latent_cache`` owns the cached encoder outputs and their on-disk format (``latent_build`` fills an entry),
-``loader`` gives the training loop its batches, and ``sample`` draws the shipped sample set. The models that
-encode live in :mod:`sdcluster.models`; the loss in :mod:`sdcluster.train`. ``dataset`` and ``sampler``
-are imported lazily on first use, for the same reason as above.
+``python -m sdcluster.data``), ``image_checks`` says which files may be read at all (the same rule in the
+job), ``dataset`` loads a folder with ``datasets`` and augments, ``split`` holds images out for validation,
+``sampler`` fixes which example each micro-step reads (so resume is exact), ``latent_cache`` owns the cached
+encoder outputs and their on-disk format (``latent_build`` fills an entry), ``loader`` gives the training
+loop its batches, and ``sample`` draws the shipped sample set. The models that encode live in
+:mod:`sdcluster.models`; the loss in :mod:`sdcluster.train`. ``dataset`` and ``sampler`` are imported lazily
+on first use, for the same reason as above.
 """
 
 from __future__ import annotations

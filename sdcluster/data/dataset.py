@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps
 
-from sdcluster.data.metadata import METADATA_FILE, file_problem, natural_key
+from sdcluster.data.image_checks import file_problem
+from sdcluster.data.metadata import METADATA_FILE, natural_key
 
 
 @contextlib.contextmanager

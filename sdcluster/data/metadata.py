@@ -9,18 +9,15 @@ problem at once, on the login node, each with the line and what to do about it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageFile
-
 from sdcluster import atomic
+from sdcluster.data.image_checks import check_image
 
 METADATA_FILE = "metadata.jsonl"
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
@@ -164,72 +161,6 @@ def prepare(folder: Path | str, caption_column: str = "text") -> PrepareReport:
         write_metadata(folder, entries)
         report.written = True
     return report
-
-
-@contextlib.contextmanager
-def _strict_decoding() -> Iterator[None]:
-    """Decode truncated files as errors even if some library switched Pillow to tolerate them."""
-    saved = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            yield
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = saved
-
-
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")  # Pillow decodes dozens more (TIFF, FITS...): not ours to parse
-
-
-def sniff_format(path: Path) -> str | None:
-    """The format the first bytes say (JPEG, PNG or WEBP), whatever the name; None for anything else."""
-    with open(path, "rb") as fh:
-        head = fh.read(12)
-    if head.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WEBP"
-    return None
-
-
-def file_problem(path: Path, folder: Path) -> tuple[str, str] | None:
-    """``(kind, message)`` if the file may not be read at all: it resolves outside the dataset folder (a
-    symlink to /etc/passwd, a mount elsewhere) or is not a JPEG, PNG or WebP by content. Checked by
-    ``validate`` and again when a job loads the folder, so what validate passes the job reads."""
-    real, root = path.resolve(), folder.resolve()
-    if not real.is_relative_to(root):
-        return "outside_folder", f"resolves to {real}, outside the dataset folder; copy the image into it"
-    if sniff_format(real) is None:
-        kinds = ", ".join(ALLOWED_FORMATS)
-        return "unreadable", (
-            f"is not a {kinds} file by its content, whatever its name (a corrupt file, or another format "
-            "such as TIFF); re-export the image as PNG or delete it"
-        )
-    return None
-
-
-def check_image(path: Path, max_pixels: int, folder: Path | None = None) -> tuple[str, str] | None:
-    """``(kind, message)`` if the image may not be read, is too large or does not fully decode, else None."""
-    bad = file_problem(path, folder if folder is not None else path.parent)
-    if bad:
-        return bad
-    try:
-        with _strict_decoding(), Image.open(path, formats=ALLOWED_FORMATS) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                return "too_large", (
-                    f"{width}x{height} = {width * height} pixels is over the limit of {max_pixels}; "
-                    "downscale the image or raise data.max_pixels"
-                )
-            image.load()
-    except Image.DecompressionBombError:
-        return "too_large", f"over Pillow's decompression-bomb limit (and {max_pixels}); downscale the image"
-    except Exception as err:  # Pillow raises many types for corrupt files; all mean "replace this file"
-        return "unreadable", f"cannot be decoded ({err}); re-export the image or delete it"
-    return None
 
 
 def _parse(raw: bytes, line: int) -> tuple[dict | None, Problem | None]:
