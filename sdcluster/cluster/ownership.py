@@ -5,7 +5,8 @@ export into one ``model/``. So the folder records its holder in ``.sdcluster-own
 jobs folder): the login node refuses a second live launch before anything is queued, naming the holder and
 how to look at it; the job itself checks again when it starts (two launches can race past the login check).
 A holder that is finished or dead (by the scheduler's record, or the process table for a local job) is taken
-over; a requeued attempt of the holding job, or another task of its array, is the holder and re-enters.
+over; a requeued attempt of the holding job (or, for generation shards, another task of its array) is the
+holder and re-enters.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def live_state(holder: dict[str, Any]) -> str | None:
     """The holder's state while it may still write (pending, running, requeued), else None."""
     if holder.get("cluster") == "local":
         return "RUNNING" if _local_alive(holder) else None
-    states = scheduler.job_states(_array_base(str(holder["job_id"])))
+    states = scheduler.job_states(str(holder["job_id"]))  # an array's id covers all its tasks
     if states is None:  # no answer from SLURM: the job's own record is all there is
         state = records.read(Path(holder.get("jobs_folder", ""))).get("state")
         return state if state in ("SUBMITTED", "RUNNING") else None
@@ -63,11 +64,17 @@ def live_state(holder: dict[str, Any]) -> str | None:
     return alive[0] if alive else None
 
 
-def claim(folder: Path, job_id: str, cluster: str, jobs_folder: Path) -> None:
-    """Record ``job_id`` as the folder's writer (written atomically; the folder is created if needed)."""
+def writer_id(job_id: str, whole_array: bool) -> str:
+    """Who writes the folder: the job (array task ``123_4``: a sweep point's run), or, for a folder that all
+    tasks of an array fill together (generation shards), the whole array (``123``)."""
+    return _array_base(job_id) if whole_array else job_id
+
+
+def claim(folder: Path, job_id: str, cluster: str, jobs_folder: Path, whole_array: bool = False) -> None:
+    """Record the writer of ``folder`` (written atomically; the folder is created if needed)."""
     folder.mkdir(parents=True, exist_ok=True)
     holder = {
-        "job_id": job_id,
+        "job_id": writer_id(job_id, whole_array),
         "cluster": cluster,
         "jobs_folder": str(jobs_folder),
         "host": socket.gethostname(),
@@ -81,11 +88,7 @@ def check_free(folder: Path, key: str) -> None:
     state = live_state(holder) if holder else None
     if holder and state:
         job_id = holder["job_id"]
-        stop = (
-            "scancel " + _array_base(str(job_id))
-            if holder.get("cluster") == "slurm"
-            else "Ctrl-C in its terminal"
-        )
+        stop = f"scancel {job_id}" if holder.get("cluster") == "slurm" else "Ctrl-C in its terminal"
         raise ConfigError(
             f"{key}: {folder} is in use by job {job_id} ({state}); two writers would mix their files. "
             f"Fix: follow it (python -m sdcluster.logs {job_id} --follow) and run the same command once it "
@@ -93,16 +96,18 @@ def check_free(folder: Path, key: str) -> None:
         )
 
 
-def enter(folder: Path, job_id: str | None, cluster: str, jobs_folder: Path | None) -> None:
+def enter(
+    folder: Path, job_id: str | None, cluster: str, jobs_folder: Path | None, whole_array: bool = False
+) -> None:
     """In the job: go on if the folder is free, held by a dead or finished job, or by this job (a requeued
-    attempt, another task of its array); else stop before writing anything."""
+    attempt; with ``whole_array``, another task of its array); else stop before writing anything."""
     if job_id is None:  # called outside a job (tests, a notebook): nothing to hold
         folder.mkdir(parents=True, exist_ok=True)
         return
     holder = read_holder(folder)
-    if holder and _array_base(str(holder["job_id"])) != _array_base(job_id) and live_state(holder):
+    if holder and str(holder["job_id"]) != writer_id(job_id, whole_array) and live_state(holder):
         raise RuntimeError(
             f"{folder} is in use by job {holder['job_id']}: this job stops before writing. "
             f"Fix: python -m sdcluster.logs {holder['job_id']}, then run the same command once it ended"
         )
-    claim(folder, job_id, cluster, jobs_folder or Path())
+    claim(folder, job_id, cluster, jobs_folder or Path(), whole_array)

@@ -219,7 +219,8 @@ def _submit_one(job: PlannedJob, after_id: str | None, extra: dict[str, Any]) ->
             element_cfg, sjob, job.kind, {**extra, "array_index": array_index, "after": after_id}
         )
         writes = paths.run_dir(element_cfg) if job.kind == "train" else paths.generation_dir(element_cfg)
-        ownership.claim(writes, sjob.job_id, element_cfg.cluster.name, folder)
+        shards = job.kind == "generate"  # the tasks of a generation array fill one folder together
+        ownership.claim(writes, sjob.job_id, element_cfg.cluster.name, folder, whole_array=shards)
     return submitted
 
 

@@ -154,7 +154,8 @@ def generate_images(
     jobs_folder = paths.job_dir(cfg, job_id) if job_id else None
     resume = ": finished images are kept, the rest is made"
     with atomic.explain_disk_full(out_dir, resume=resume):  # settings, records, manifest: all explained
-        ownership.enter(out_dir, job_id, cfg.cluster.name, jobs_folder)  # creates the folder once it is ours
+        # creates the folder once it is ours (the shards of one array share it)
+        ownership.enter(out_dir, job_id, cfg.cluster.name, jobs_folder, whole_array=True)
         return _generate_into(cfg, out_dir, items, shard_index, num_shards, should_stop)
 
 
