@@ -59,15 +59,17 @@ def _reason(error: str) -> str:
 
 def wait_for(cfg: Config, job: submitit.Job, kind: str, say: Say) -> bool:
     """Wait for the job; on SLURM, stream its rank-0 log meanwhile. True when it completed."""
-    if cfg.cluster.name == "slurm":
-        folder = paths.job_dir(cfg, job.job_id)
-        records.follow(paths.job_log(folder, job.job_id, 0), job.job_id, folder)
     try:
         try:
+            if cfg.cluster.name == "slurm":
+                folder = paths.job_dir(cfg, job.job_id)
+                records.follow(paths.job_log(folder, job.job_id, 0), job.job_id, folder)
             job.results()  # every task's result: result() refuses jobs with several tasks
         except KeyboardInterrupt:
-            if cfg.cluster.name != "local":
-                raise
+            if cfg.cluster.name != "local":  # the scheduler runs it: stop waiting, not the job
+                say(f"stopped waiting; {kind} job {job.job_id} goes on (scancel {job.job_id} stops it)")
+                say(f"  follow it: python -m sdcluster.logs {job.job_id} --follow")
+                return False
             _stop_local(job, say)
             job.results()
     except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedJobError) as err:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +16,8 @@ import pytest
 
 from sdcluster.data import latent_build
 from sdcluster.models.load import load_components
-from tests.conftest import compose
-from tests.slurm_helpers import job_record, launch, logs_cli, wait_for
+from tests.conftest import REPO, compose
+from tests.slurm_helpers import job_record, launch, logs_cli, wait_for, wait_for_line
 
 pytestmark = pytest.mark.slurm
 
@@ -237,3 +240,27 @@ def test_a_second_launch_of_a_queued_run_is_refused_until_the_holder_ends(
     taken, taken_ids = launch(tmp_path, cache_root, *TRAIN)  # a finished holder is taken over
     assert taken.returncode == 0, taken.stderr
     assert wait_for(taken_ids["train"][0])[0] == "COMPLETED"
+
+
+def test_ctrl_c_while_waiting_stops_the_waiting_not_the_job(slurm_cluster, tmp_path, cache_root, tiny_model):
+    hold = {"SDCLUSTER_TEST_PAUSE": "step:1"}  # the job is surely still running when Ctrl-C comes
+    args = [sys.executable, "-m", "sdcluster.launch", "+cluster=slurm", "launch.wait=true", *TRAIN]
+    args += [
+        f"output_root={tmp_path / 'outputs'}",
+        f"jobs_root={tmp_path / 'jobs'}",
+        f"cache_root={cache_root}",
+    ]
+    out = tmp_path / "launch.out"
+    env = {**os.environ, "SDCLUSTER_HOME": str(tmp_path / "home"), **hold}
+    with out.open("w") as fh:
+        proc = subprocess.Popen(
+            args, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    job_id = re.search(r"submitted train job (\S+):", wait_for_line(out, r"submitted train job")).group(1)
+    wait_for_line(tmp_path / "jobs" / job_id / f"{job_id}_0_log.out", r"paused at step 1 ")
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) == 1
+    said = out.read_text()
+    assert f"stopped waiting; train job {job_id} goes on" in said and "Traceback" not in said, said
+    assert wait_for(job_id, states={"RUNNING"})[0] == "RUNNING", "the job was not touched"
+    subprocess.run(["scancel", job_id], check=True, timeout=30)
