@@ -237,8 +237,8 @@ def submit_configs(
     """
     planned = plan_jobs(cfgs)
     local = cfgs[0].cluster.name == "local"
-    for root in {cfg.jobs_root for cfg in cfgs}:
-        paths.private_jobs_root(next(cfg for cfg in cfgs if cfg.jobs_root == root))
+    for cfg in {cfg.jobs_root: cfg for cfg in reversed(cfgs)}.values():  # each jobs_root once, first point
+        paths.private_jobs_root(cfg)
     for job in planned:
         groups = [[k] for k in range(len(job.fns))] if local else [list(range(len(job.fns)))]
         for group in groups:

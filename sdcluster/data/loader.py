@@ -18,16 +18,23 @@ from sdcluster.config import Config
 log = logging.getLogger("sdcluster")
 
 
-def training_examples(cfg: Config, comps: Any, accelerator: Any) -> torch.utils.data.Dataset:
-    """The training split (``data.holdout`` removed), from the latent cache (built on first use) or as
-    images to encode every step when caching is off or not worth it for this crop policy."""
-    from sdcluster.data.dataset import TrainImages, load_captioned_images
+def training_rows(cfg: Config) -> Any:
+    """The training split of the image folder: every row but the ``data.holdout`` ones."""
+    from sdcluster.data.dataset import load_captioned_images
     from sdcluster.data.split import holdout_split
 
     cache = paths.datasets_cache(cfg)
     dataset = load_captioned_images(cfg.data.path, cfg.data.caption_column, cache_dir=cache)
     train_indices, _ = holdout_split(len(dataset), cfg.data.holdout)
-    dataset = dataset.select(train_indices)
+    return dataset.select(train_indices)
+
+
+def training_examples(cfg: Config, comps: Any, accelerator: Any) -> torch.utils.data.Dataset:
+    """The training split, from the latent cache (built on first use) or as images to encode every step
+    when caching is off or not worth it for this crop policy."""
+    from sdcluster.data.dataset import TrainImages
+
+    dataset = training_rows(cfg)
     if cfg.data.cache:
         from sdcluster.data.latent_build import open_or_build
 

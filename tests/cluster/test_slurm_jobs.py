@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from sdcluster.data import latent_build
+from sdcluster.data.loader import training_rows
 from sdcluster.models.load import load_components
 from tests.conftest import REPO, compose
 from tests.slurm_helpers import job_record, launch, logs_cli, wait_for, wait_for_line
@@ -205,24 +206,12 @@ def test_first_job_of_a_fresh_checkout_with_two_processes(slurm_cluster, tmp_pat
     shutil.copytree(fresh / "models", one_rank / "models")
     cfg = compose([*TRAIN, f"cache_root={one_rank}", f"output_root={tmp_path / 'o'}"])
     comps = load_components(cfg.model, cfg.cache_root)
-    dataset = training_examples_dataset(cfg)
+    dataset = training_rows(cfg)  # the rows the cache holds, as the loader selects them
     single = latent_build.open_or_build(cfg, dataset, comps, ONE_PROCESS)
     for kind in ("posterior", "text"):
         sharded = np.concatenate([np.load(entry / f"{kind}.{r}.npy") for r in (0, 1)])
         alone = np.load(single.entry / f"{kind}.0.npy")
         np.testing.assert_allclose(sharded, alone, rtol=0, atol=1e-4, err_msg=kind)
-
-
-def training_examples_dataset(cfg):
-    """The training split as the loader selects it (the rows the cache holds)."""
-    from sdcluster import paths
-    from sdcluster.data.dataset import load_captioned_images
-    from sdcluster.data.split import holdout_split
-
-    dataset = load_captioned_images(
-        cfg.data.path, cfg.data.caption_column, cache_dir=paths.datasets_cache(cfg)
-    )
-    return dataset.select(holdout_split(len(dataset), cfg.data.holdout)[0])
 
 
 def test_a_second_launch_of_a_queued_run_is_refused_until_the_holder_ends(
