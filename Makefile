@@ -3,9 +3,12 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 # The CPU build of torch; on a GPU cluster install the CUDA build that fits your driver first (see README).
 TORCH ?= torch==2.13.0
-SLURM_PACKAGES = slurm-wlm slurmdbd munge mariadb-server
+# iproute2 (ip) and util-linux (nsenter, unshare): the two-node sandbox's network namespaces
+SLURM_PACKAGES = slurm-wlm slurmdbd munge mariadb-server iproute2 util-linux
+# Real headless Chromium for the generation gallery's browser tests (Playwright drives it; no playwright install)
+BROWSER_PACKAGES = chromium chromium-driver
 
-.PHONY: help install install-test slurm-packages run test test-fast lint format cluster
+.PHONY: help install install-test slurm-packages browser-packages run test test-fast lint format cluster
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -17,17 +20,22 @@ install-test:  ## install sdcluster plus test tools
 	$(PIP) install -q "$(TORCH)" -e ".[test]"
 
 slurm-packages:  ## install Debian's SLURM, munge and MariaDB (root) for the real-cluster tests
-	@if ! command -v slurmctld >/dev/null || ! command -v slurmdbd >/dev/null || ! command -v mysqld_safe >/dev/null; then \
+	@if ! command -v slurmctld >/dev/null || ! command -v slurmdbd >/dev/null || ! command -v mysqld_safe >/dev/null || ! command -v ip >/dev/null || ! command -v nsenter >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SLURM_PACKAGES) >/dev/null; \
+	fi
+
+browser-packages:  ## install Debian's Chromium (root) for the gallery's browser tests
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BROWSER_PACKAGES) >/dev/null; \
 	fi
 
 run: install  ## fine-tune the tiny model on the sample data and generate images (local executor)
 	$(PYTHON) -m sdcluster.launch
 
-test: install-test slurm-packages  ## install everything and run the whole suite (starts a real single-node SLURM)
+test: install-test slurm-packages browser-packages  ## install everything and run the whole suite (starts a real single-node SLURM)
 	$(PYTHON) -m pytest
 
-test-fast: install-test  ## the suite without the SLURM tests and the whole-job runs (marked slow)
+test-fast: install-test browser-packages  ## the suite without the SLURM tests and the whole-job runs (marked slow)
 	$(PYTHON) -m pytest -m "not slurm and not slow"
 
 lint:  ## ruff check + format check

@@ -148,6 +148,21 @@ def child_json(args: Sequence[str]) -> dict[str, float]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def child_streamed(argv: Sequence[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``argv`` passing its output on to our stderr line by line (a long job's log can be followed);
+    return the JSON its last line prints, or ``{"failed": ...}`` so that the other measurements still run."""
+    env = {**(env or os.environ), "PYTHONUNBUFFERED": "1"}
+    last = ""
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            print(line, end="", file=sys.stderr, flush=True)
+            last = line if line.strip() else last
+    if proc.returncode:
+        return {"failed": f"exit status {proc.returncode} (its log is above)"}
+    return json.loads(last)
+
+
 def spread(values: Sequence[float], fmt: str = "{:.3f}") -> tuple[str, str]:
     """(median, "min-max") as text."""
     return fmt.format(statistics.median(values)), f"{fmt.format(min(values))}-{fmt.format(max(values))}"

@@ -19,6 +19,8 @@ from sdcluster.cluster import records, scheduler
 from sdcluster.train import metrics
 
 _PROGRESS = re.compile(r"(step \d+/\d+ \|.*)$")
+# host: where rank 0 ran; cpu_threads: a CPU run repeats bit for bit only at the same thread count.
+_ATTEMPT_FIELDS = ("state", "step", "exit_reason", "requeued", "host", "cpu_threads")
 
 
 def last_progress(path: Path) -> str | None:
@@ -54,9 +56,7 @@ def summary(job_id: str, folder: Path, task: int = 0) -> list[str]:
     if never:
         lines.append(never)
     for i, attempt in enumerate(record.get("attempts", []), 1):
-        details = ", ".join(
-            f"{k} {attempt[k]}" for k in ("state", "step", "exit_reason", "requeued") if k in attempt
-        )
+        details = ", ".join(f"{k} {attempt[k]}" for k in _ATTEMPT_FIELDS if k in attempt)
         lines.append(f"  attempt {i} (restart {attempt.get('restart_count', 0)}): {details}")
     progress = last_progress(paths.job_log(folder, job_id, task))
     if progress:

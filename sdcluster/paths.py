@@ -47,13 +47,19 @@ def semantic_train_config(cfg: Config) -> dict:
     train = dataclasses.asdict(cfg.train)
     for key in cfg.train.NOT_IDENTITY:
         train.pop(key)
+    if cfg.train.method == "full":  # no adapters: full runs keep the folder names they had before LoRA
+        train.pop("method")
+        train.pop("lora")
+    else:
+        for key in cfg.train.lora.NOT_IDENTITY:
+            train["lora"].pop(key)
     if cfg.optim.lr_schedule in cfg.optim.STEPS_FREE_SCHEDULES:
         train.pop("max_steps")
     data = dataclasses.asdict(cfg.data)
     for key in cfg.data.NOT_IDENTITY:
         data.pop(key)
     return {
-        "model": dataclasses.asdict(cfg.model),
+        "model": cfg.model.identity(),  # a hub branch counts as the commit it resolved to
         "data": data,
         "optim": dataclasses.asdict(cfg.optim),
         "train": train,
@@ -90,6 +96,11 @@ class RunPaths:
         return self.root / "model"
 
     @property
+    def lora(self) -> Path:
+        """The exported adapters of a ``train.method=lora`` run (``pytorch_lora_weights.safetensors``)."""
+        return self.root / "lora"
+
+    @property
     def tensorboard(self) -> Path:
         return self.root / "tensorboard"
 
@@ -115,19 +126,37 @@ def run_paths(cfg: Config) -> RunPaths:
     return RunPaths(run_dir(cfg))
 
 
-def generation_model(cfg: Config) -> Path:
-    """The model a generation job uses: ``generate.model`` or the run's exported pipeline."""
+def generation_model(cfg: Config) -> Path | str:
+    """The model a generation job uses: ``generate.model``, the run's exported pipeline, or after a LoRA
+    run the run's base model as configured (``model.path``: a folder, hub id or ``tiny``)."""
     if cfg.generate.model:
         return Path(cfg.generate.model)
+    if cfg.train.method == "lora":  # its adapters (generation_lora) go on the model it started from
+        return cfg.model.path
     return run_paths(cfg).model
+
+
+def generation_lora(cfg: Config) -> Path | None:
+    """The LoRA put on the generation model: ``generate.lora``, else after a LoRA run its own export."""
+    if cfg.generate.lora:
+        return Path(cfg.generate.lora)
+    if cfg.train.method == "lora" and not cfg.generate.model:
+        return run_paths(cfg).lora
+    return None
 
 
 def generation_dir(cfg: Config) -> Path:
     """Images of one generation setting: settings that change pixels change the folder, batch size not."""
     gen = dataclasses.asdict(cfg.generate)
-    for key in ("batch_size", "shards"):
+    for key in cfg.generate.NOT_IDENTITY:  # batch size, shards, scores, filter: not the pixels
         gen.pop(key)
     identity: dict = {"generate": gen, "model": str(generation_model(cfg))}
+    lora = generation_lora(cfg)
+    gen.pop("lora")  # the resolved path instead; none: folders made before LoRA keep their names
+    if lora is None:
+        gen.pop("lora_scale")
+    else:
+        identity["lora"] = str(lora)
     if not cfg.generate.model:  # the run's export changes when training continues to more steps
         identity["train_steps"] = cfg.train.max_steps
     if cfg.generate.prompts_file and Path(cfg.generate.prompts_file).is_file():
@@ -212,6 +241,9 @@ def absolutize(cfg: Config, base: Path | None = None) -> Config:
         cfg.generate.prompts_file = absolute(cfg.generate.prompts_file)
     if cfg.generate.model:
         cfg.generate.model = absolute(cfg.generate.model)
+    if cfg.generate.lora:
+        cfg.generate.lora = absolute(cfg.generate.lora)
     if cfg.model.path != "tiny" and Path(cfg.model.path).expanduser().exists():
         cfg.model.path = absolute(cfg.model.path)
+    cfg.model.cache_dir = absolute(cfg.model.cache_dir)
     return cfg

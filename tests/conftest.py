@@ -12,6 +12,19 @@ import pytest
 
 pytest_plugins = ["tests.slurm_cluster"]
 
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``gpu`` tests are deselected, not skipped, without a CUDA device: a skip would read as coverage."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+
+
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import REPO
@@ -38,13 +39,19 @@ def launch(tmp: Path, cache_root: Path, *overrides: str, env: dict | None = None
     return proc, ids
 
 
-def sacct_state(job_id: str) -> tuple[str, str]:
+def _conf_env(slurm_conf: Path | None) -> dict[str, str] | None:
+    return {**os.environ, "SLURM_CONF": str(slurm_conf)} if slurm_conf else None
+
+
+def sacct_state(job_id: str, slurm_conf: Path | None = None) -> tuple[str, str]:
+    """(state, exit code) from accounting; ``slurm_conf``: ask that cluster, not ``$SLURM_CONF``'s."""
     out = subprocess.run(
         ["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State,ExitCode"],
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
+        env=_conf_env(slurm_conf),
     )
     lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
     if not lines:
@@ -53,11 +60,13 @@ def sacct_state(job_id: str) -> tuple[str, str]:
     return state.split()[0], code
 
 
-def wait_for(job_id: str, timeout_s: float = 300, states: set[str] = TERMINAL) -> tuple[str, str]:
+def wait_for(
+    job_id: str, timeout_s: float = 300, states: set[str] = TERMINAL, slurm_conf: Path | None = None
+) -> tuple[str, str]:
     """Poll the scheduler (a real condition, with a deadline) until the job reaches one of ``states``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        state, code = sacct_state(job_id)
+        state, code = sacct_state(job_id, slurm_conf)
         if state in states:
             return state, code
         time.sleep(1)
@@ -85,3 +94,13 @@ def logs_cli(tmp: Path, *args: str, timeout: int = 60) -> subprocess.CompletedPr
     env = {**os.environ, "SDCLUSTER_HOME": str(tmp / "home")}
     cmd = [sys.executable, "-m", "sdcluster.logs", "--jobs-root", str(tmp / "jobs"), *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout, env=env)
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> bool:
+    """Poll ``condition()`` until true or the deadline; return whether it became true."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True

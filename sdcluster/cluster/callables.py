@@ -20,6 +20,8 @@ from sdcluster.cluster import records
 from sdcluster.cluster.distributed import DistInfo, setup
 from sdcluster.cluster.requeue import PreemptionFlag, requeue_or_stop
 from sdcluster.config import Config
+from sdcluster.models.hub import origin
+from sdcluster.models.source import is_hub_id
 
 log = logging.getLogger("sdcluster")
 
@@ -57,6 +59,9 @@ def setup_logging(rank: int) -> None:
 def run_job(cfg: Config, task: str, body: Callable[[Config, PreemptionFlag, DistInfo], Outcome]) -> dict:
     """Wrap a job body with logging, attempt records and the preemption protocol."""
     started = time.time()
+    staged = is_hub_id(cfg.model.path) and cfg.model.commit
+    if staged:  # launch staged the weights; read before any hub import, so no rank reaches for the hub
+        os.environ["HF_HUB_OFFLINE"] = "1"
     setup_logging(int(os.environ.get("SLURM_PROCID", "0") or 0))
     dist = setup(use_gpus=cfg.cluster.gpus_per_node > 0)
     folder = paths.job_dir(cfg, dist.job_id) if dist.job_id else None
@@ -65,6 +70,8 @@ def run_job(cfg: Config, task: str, body: Callable[[Config, PreemptionFlag, Dist
     flag.install(local=cfg.cluster.name == "local")
     if is_main and folder:
         records.start_attempt(folder, dist.restart_count)
+        if staged:
+            records.update(folder, {"model": origin(cfg.model)})
     log.info("%s job %s started (attempt %d)", task, dist.job_id or "-", dist.restart_count + 1)
     try:
         outcome = body(cfg, flag, dist)

@@ -34,11 +34,15 @@ def _submitit_env():
         return None
 
 
+THREADS_ENV = "OMP_NUM_THREADS"  # where the chosen count is published: accelerate and child processes read it
+_chosen: int | None = None  # what setup() chose in this process, for the attempt record
+
+
 def cpu_threads(processes_on_node: int) -> int:
     """Threads for torch: the job's CPU allocation, not the node's cores, not 1.
 
-    ``SLURM_CPUS_PER_TASK`` is what SLURM gave this task; outside SLURM, the CPUs this process may run on
-    shared by the processes of this node.
+    ``SLURM_CPUS_PER_TASK`` (``cluster.cpus_per_task``) is what SLURM gave this task, the same whatever the
+    layout of the job; without it, the CPUs this process may run on shared by the processes of this node.
     """
     per_task = os.environ.get("SLURM_CPUS_PER_TASK")
     if per_task and per_task.isdigit():
@@ -71,9 +75,25 @@ def setup(use_gpus: bool) -> DistInfo:
             "rendezvous %s:%s rank %d/%d", dist.master_addr, dist.master_port, info.rank, info.world_size
         )
     if not use_gpus:
+        # accelerate's multi-CPU start sets torch's thread count itself whenever OMP_NUM_THREADS is unset:
+        # the machine's physical cores / the processes on this node. That overrode the count chosen here,
+        # and differed between layouts of one world size (2 nodes x 1 task: 2 threads on a 2-core machine;
+        # 1 node x 2 tasks: 1). CPU kernels split their float reductions by thread, so the two layouts
+        # ended 5e-5 apart in the weights (and built latent caches apart by 1e-6). Exported, it is kept.
+        global _chosen
+        os.environ[THREADS_ENV] = str(info.threads)
         torch.set_num_threads(info.threads)
+        _chosen = info.threads
     log.info("torch threads: %d (from the job's CPU allocation)", torch.get_num_threads())
     return info
+
+
+def threads_chosen() -> int | None:
+    """The CPU thread count :func:`setup` chose for this process (None on GPUs, or before setup).
+
+    Recorded with each attempt: on CPU, runs repeat bit for bit only at the same thread count.
+    """
+    return _chosen
 
 
 def rank0_decides(acc: Any, value: Any) -> Any:

@@ -13,6 +13,7 @@ from pathlib import Path
 from sdcluster import paths
 from sdcluster.cluster import ownership, scheduler
 from sdcluster.config import Config, ConfigError, check_config
+from sdcluster.models.hub import stage_for_launch
 from sdcluster.models.load import check_model_source
 from sdcluster.redaction import reject_secrets
 from sdcluster.train.tracking import check_installed
@@ -49,6 +50,10 @@ def check_generation_inputs(cfg: Config) -> None:
     prompts_file = cfg.generate.prompts_file
     if prompts_file and not Path(prompts_file).is_file():
         raise ConfigError(f"generate.prompts_file: {prompts_file} does not exist. Fix: give a text file path")
+    # the schema stays a plain dataclass: parsing a prompt program is the generation wing's job
+    from sdcluster.generate.prompts import check_program
+
+    check_program(cfg.generate)
     if cfg.task == "generate":
         from sdcluster.generate.render import require_model
 
@@ -117,6 +122,9 @@ def preflight(cfg: Config, dry_run: bool = False) -> list[str]:
 
             resume_folder(cfg.train.resume)
     check_generation_inputs(cfg)
+    # last of the checks (a typo in the data should not wait for a download); pins model.commit, which
+    # names the run folders below
+    stage_for_launch(cfg, dry_run=dry_run)
     if cfg.task != "generate":
         ownership.check_free(paths.run_dir(cfg), "run")
     if cfg.task != "train":

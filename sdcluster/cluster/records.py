@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sdcluster import atomic, paths
-from sdcluster.cluster import scheduler
+from sdcluster.cluster import distributed, scheduler
 
 JOB_JSON = "job.json"
 GONE = "RUNNING, but its process is gone (killed without a word, or the machine rebooted)"
@@ -82,6 +82,9 @@ def start_attempt(folder: Path, restart_count: int) -> None:
             "started": now(),
         }
     )
+    threads = distributed.threads_chosen()
+    if threads is not None:  # CPU runs repeat bit for bit only at the same thread count: keep it on record
+        attempts[-1]["cpu_threads"] = threads
     record.update(state="RUNNING", restart_count=restart_count)
     _write(folder, record)
 

@@ -110,6 +110,12 @@ def check_config(cfg: Config) -> None:
             "generate.prompts: no prompts for a generation task. Fix: set generate.prompts='[\"a photo\"]' "
             "or generate.prompts_file=FILE (one prompt a line), or use task=train"
         )
+    a_lora = cfg.generate.lora or (cfg.train.method == "lora" and not cfg.generate.model)
+    if cfg.generate.lora_scale != 1.0 and not a_lora:
+        raise ConfigError(
+            "generate.lora_scale: there is no LoRA to scale (generate.lora is null and no LoRA run is "
+            "generated from). Fix: set generate.lora=PATH, or train with train.method=lora"
+        )
     if cfg.cluster.name == "local" and cfg.cluster.world_size > 1:
         raise ConfigError(
             f"cluster.tasks_per_node/nodes: the local executor runs one process, got world size "

@@ -32,6 +32,9 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 """``train.prediction_type``: what the UNet learns to predict, the noise or the velocity."""
 
+TRAIN_METHODS = ("full", "lora")
+"""``train.method``: fine-tune every UNet weight, or train low-rank adapters on its attention layers."""
+
 TRACKERS = ("none", "tensorboard", "wandb")
 """``train.tracker``: where metrics go besides ``metrics.jsonl``, which is always written."""
 

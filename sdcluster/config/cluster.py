@@ -34,7 +34,10 @@ class ClusterConfig:
     tasks_per_node: int = 1
     """Processes per node when no GPUs are asked for (CPU nodes); with GPUs there is one per GPU."""
     cpus_per_task: int | None = None
-    """CPUs per process (data loading, torch threads); null: the partition's default."""
+    """CPUs per process (data loading, torch threads); null: the partition's default.
+
+    On CPU nodes it is also each process's torch thread count (recorded with each attempt): results repeat
+    bit for bit only at the same count, so set it when runs or layouts must compare bit for bit."""
     mem_gb: float | None = None
     """Memory per node in GB; null: the partition's default."""
     timeout_min: int = 600

@@ -2,10 +2,100 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
 
 from sdcluster.config.checks import MIXED_PRECISION, SCHEDULERS, _choice, _require
 from sdcluster.config.data import SAMPLE_PROMPTS
+
+
+@dataclass
+class ScoresConfig:
+    """Per-image scores recorded in the manifest (``generate.scores``), computed batched in the job."""
+
+    clip: bool = False
+    """Record the CLIP image-text similarity of each image with its prompt (loads a CLIP model)."""
+    clip_model: str = "openai/clip-vit-base-patch32"
+    """The CLIP model: a hub id or folder (transformers' CLIPModel); ``tiny``: the built-in test one."""
+    phash: bool = True
+    """Record a 64-bit DCT perceptual hash of each image (cheap; finds near-duplicates at merge)."""
+    duplicate_distance: int = 4
+    """Two images whose hashes differ in at most this many of 64 bits are near-duplicates."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.clip_model == "tiny"
+            or Path(self.clip_model).expanduser().is_dir()
+            or re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", self.clip_model) is not None,
+            "generate.scores.clip_model",
+            f"{self.clip_model!r} is neither a folder nor a hub id (owner/name)",
+            "e.g. openai/clip-vit-base-patch32, a folder saved by CLIPModel.save_pretrained, or tiny",
+        )
+        _require(
+            0 <= self.duplicate_distance <= 64,
+            "generate.scores.duplicate_distance",
+            f"must be within 0..64 bits, got {self.duplicate_distance}",
+            "e.g. 4 (0: identical hashes only)",
+        )
+
+
+@dataclass
+class FilterConfig:
+    """Which images are set aside in ``rejected/`` at merge (``generate.filter``); nothing is deleted."""
+
+    min_clip: float | None = None
+    """Reject images whose CLIP similarity to their prompt is below this (e.g. 0.2); null: keep all."""
+    drop_near_duplicates: bool = False
+    """Reject each near-duplicate of an earlier kept image (the lowest (prompt, image) index is kept)."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.min_clip is None or -1 <= self.min_clip <= 1,
+            "generate.filter.min_clip",
+            f"a cosine similarity lies in [-1, 1], got {self.min_clip}",
+            "e.g. 0.2, or null to keep every image",
+        )
+
+
+SPLITS = ("none", "slot", "fraction")
+"""``generate.split.by``: no split, by a slot's values, or a seeded share of the images."""
+_IMAGE_ID = re.compile(r"^p\d{4,}-i\d{4,}(\.png)?$")
+
+
+@dataclass
+class SplitConfig:
+    """How the finished folder is also written as train/ and validation/ splits (links to the images)."""
+
+    by: str = "none"
+    """none: one dataset; slot: by ``slot``'s values; fraction: a seeded ``fraction`` of the images."""
+    slot: str | None = None
+    """With by=slot: the slot of the prompts program whose values decide the split, e.g. view."""
+    validation: list[str] = field(default_factory=list)
+    """With by=slot: the slot values whose images go to validation/, e.g. [back]."""
+    fraction: float = 0.1
+    """With by=fraction: the share of images in validation/, drawn per image from ``seed``."""
+    seed: int = 0
+    """With by=fraction: which images are drawn; the same seed gives the same split for any shard count."""
+
+    def __post_init__(self) -> None:
+        _choice(self.by, "generate.split.by", SPLITS)
+        if self.by == "slot":
+            _require(bool(self.slot), "generate.split.slot", "missing with by=slot", "e.g. slot=view")
+            _require(
+                bool(self.validation),
+                "generate.split.validation",
+                "empty with by=slot",
+                "list the slot values for validation/, e.g. generate.split.validation=[back]",
+            )
+        if self.by == "fraction":
+            _require(
+                0 < self.fraction < 1,
+                "generate.split.fraction",
+                f"must be between 0 and 1, got {self.fraction}",
+                "e.g. 0.1",
+            )
 
 
 @dataclass
@@ -36,10 +126,36 @@ class GenerateConfig:
     """Base seed of every image's own seed, so an image can be reproduced alone."""
     model: str | None = None
     """A diffusers pipeline folder to generate from; null: this run's exported fine-tuned model."""
+    lora: str | None = None
+    """LoRA weights put on the model: a folder holding ``pytorch_lora_weights.safetensors``, or a
+    ``.safetensors`` file; null: none, except after a ``train.method=lora`` run (its own adapters)."""
+    lora_scale: float = 1.0
+    """How strongly the LoRA acts: 1 as trained, 0 the base model alone, in between a blend."""
     mixed_precision: str = "no"
     """Generate in fp16 or bf16 on a GPU (ignored on CPU); no: float32."""
     shards: int = 1
     """Split the images over this many jobs (a job array); the files are the same for any count."""
+    split: SplitConfig = field(default_factory=SplitConfig)
+    """Also write the finished images as train/ and validation/ dataset splits; by=none: one dataset."""
+    only: str | None = None
+    """Make just this image of the plan (e.g. p0003-i0007), into its own folder: an image's remake command."""
+    scores: ScoresConfig = field(default_factory=ScoresConfig)
+    """Per-image scores recorded in the manifest: CLIP similarity (off by default) and perceptual hash."""
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    """Set low-scoring and near-duplicate images aside in ``rejected/`` when the manifest is merged."""
+    redo_rejected: bool = False
+    """Make rejected images again (old copies move to ``rejected/previous/``); false: they count as done."""
+
+    NOT_IDENTITY: ClassVar[tuple[str, ...]] = (
+        "batch_size",
+        "shards",
+        "scores",
+        "filter",
+        "redo_rejected",
+        "split",
+    )
+    """Keys that do not change the pixels, so not part of the folder's identity: a new filter re-judges the
+    same images instead of making a new folder, a new split re-exports them."""
 
     def __post_init__(self) -> None:
         _require(self.num_images > 0, "generate.num_images", "must be > 0", "images per prompt, e.g. 8")
@@ -57,3 +173,40 @@ class GenerateConfig:
         _choice(self.scheduler, "generate.scheduler", SCHEDULERS)
         _choice(self.mixed_precision, "generate.mixed_precision", MIXED_PRECISION)
         _require(self.shards > 0, "generate.shards", "must be > 0", "use 1 for a single job")
+        _require(
+            self.only is None or bool(_IMAGE_ID.match(self.only)),
+            "generate.only",
+            f"{self.only!r} is not an image id",
+            "give an image file's name from the folder, e.g. p0003-i0007",
+        )
+        _check_lora_file(self.lora)
+        _require(
+            self.filter.min_clip is None or self.scores.clip,
+            "generate.filter.min_clip",
+            "needs CLIP scores, which are off",
+            "also set generate.scores.clip=true",
+        )
+        _require(
+            not self.filter.drop_near_duplicates or self.scores.phash,
+            "generate.filter.drop_near_duplicates",
+            "needs perceptual hashes, which are off",
+            "also set generate.scores.phash=true",
+        )
+
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+"""The file name diffusers' ``save_lora_weights`` writes and ``load_lora_weights`` looks for in a folder."""
+
+
+def _check_lora_file(lora: str | None) -> None:
+    """``generate.lora`` names safetensors weights that exist (pickled LoRA files are never loaded)."""
+    if lora is None:
+        return
+    path = Path(lora).expanduser()
+    weights = path / LORA_WEIGHTS if path.is_dir() else path
+    _require(
+        weights.is_file() and weights.suffix == ".safetensors",
+        "generate.lora",
+        f"{weights} is not a .safetensors file",
+        f"give a folder holding {LORA_WEIGHTS} (a LoRA run's lora/ folder) or a .safetensors file",
+    )

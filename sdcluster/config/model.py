@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass
+from typing import Any
 
 from sdcluster.config.checks import _require
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 @dataclass
@@ -23,6 +28,29 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) to pin the weights to, for a reproducible run; null: main."""
     variant: str | None = None
     """Weight files variant, e.g. ``fp16`` (half the download); null: the full-precision files."""
+    cache_dir: str | None = None
+    """Where launch stages a hub model and jobs read it (put it on storage every node sees); null: Hugging
+    Face's cache (``HF_HUB_CACHE``, ``~/.cache/huggingface/hub``)."""
+    commit: str | None = None
+    """The hub commit (40 hex digits) the weights are pinned to. Launch fills it in from ``revision``;
+    set it to pin a run to a commit you know. Part of the run's identity in place of ``revision``."""
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "model.path", "is empty", "give a local diffusers folder or a hub id")
+        _require(
+            self.commit is None or bool(_COMMIT.match(self.commit)),
+            "model.commit",
+            f"{self.commit!r} is not a full commit sha (40 lowercase hex digits)",
+            "copy the full sha, or drop model.commit and give model.revision",
+        )
+
+    def identity(self) -> dict[str, Any]:
+        """The part of the run's identity that comes from the model: the commit replaces a branch or tag
+        name, so ``main`` moving on the hub starts a new run instead of mixing weights; where the cache
+        lives does not change what is learned."""
+        fields = dataclasses.asdict(self)
+        fields.pop("cache_dir")
+        commit = fields.pop("commit")
+        if commit:
+            fields["revision"] = commit
+        return fields

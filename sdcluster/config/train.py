@@ -2,11 +2,70 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
-from sdcluster.config.checks import MIXED_PRECISION, PREDICTION_TYPES, TRACKERS, _choice, _require
+from sdcluster.config.checks import (
+    MIXED_PRECISION,
+    PREDICTION_TYPES,
+    TRACKERS,
+    TRAIN_METHODS,
+    _choice,
+    _require,
+)
 from sdcluster.config.data import SAMPLE_PROMPTS
+
+LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+"""The UNet's attention projections (query, key, value, output): where diffusers' LoRA examples adapt it."""
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (``peft``) trained instead of the UNet's weights, with ``train.method=lora``."""
+
+    rank: int = 4
+    """Rank of each adapter: more capacity, a bigger file (4-16 is the usual range for a style or object)."""
+    alpha: float | None = None
+    """Adapter scale numerator (the update is scaled by alpha / rank); null: equal to rank, a scale of 1."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input while training, against overfitting very small datasets; 0: none."""
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Names of the UNet modules that get adapters (peft matches the end of each module's name); mixing
+    attention and other layers makes a file diffusers 0.42 loads only partly (see README)."""
+    text_encoder_lr: float | None = None
+    """Also adapt the text encoder's attention, at this learning rate (e.g. 5e-5); null: it stays frozen."""
+    fuse_export: bool = False
+    """Also export a full pipeline with the adapters fused into the UNet (loads without LoRA support)."""
+
+    NOT_IDENTITY: ClassVar[tuple[str, ...]] = ("fuse_export",)
+    """Adapter keys that do not change what a run learns: changing one keeps the run folder."""
+
+    def __post_init__(self) -> None:
+        _require(self.rank > 0, "train.lora.rank", f"must be > 0, got {self.rank}", "e.g. 4, 8 or 16")
+        _require(
+            self.alpha is None or self.alpha > 0,
+            "train.lora.alpha",
+            f"must be > 0, got {self.alpha}",
+            "e.g. the rank, or null for alpha = rank",
+        )
+        _require(0 <= self.dropout < 1, "train.lora.dropout", f"got {self.dropout}", "a value in [0, 1)")
+        _require(
+            bool(self.target_modules),
+            "train.lora.target_modules",
+            "is empty",
+            f"use module names such as {list(LORA_TARGETS)}",
+        )
+        _require(
+            self.text_encoder_lr is None or self.text_encoder_lr > 0,
+            "train.lora.text_encoder_lr",
+            f"must be > 0, got {self.text_encoder_lr}",
+            "e.g. 5e-5, or null to keep the text encoder frozen",
+        )
+
+    def changed_keys(self) -> list[str]:
+        """The keys set to something other than their default (refused with ``train.method=full``)."""
+        default = LoraConfig()
+        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(default, f.name)]
 
 
 @dataclass
@@ -29,6 +88,9 @@ class TrainConfig:
     """Keep an exponential moving average of the UNet weights and export it (smoother, one more UNet copy)."""
     ema_decay: float = 0.9999
     """EMA decay per optimizer step; closer to 1 averages over more steps."""
+    ema_offload: bool = False
+    """Keep the EMA in CPU memory, on the GPU only for its update (diffusers' offload_ema): one UNet copy
+    less GPU memory (3.2 GiB for SD 1.x), two copies over the bus a step; on CPU-only nodes a no-op."""
     gradient_checkpointing: bool = False
     """Recompute UNet activations in the backward pass: much less GPU memory for some more time."""
     mixed_precision: str = "no"
@@ -63,6 +125,10 @@ class TrainConfig:
     """Also log to tensorboard or wandb (one run per run folder across requeues); none: metrics.jsonl only."""
     tracker_project: str = "sdcluster"
     """The W&B project runs are logged to (with tracker=wandb)."""
+    method: str = "full"
+    """full: train every UNet weight; lora: train small adapters (train.lora), a small file for any base."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """The adapters of ``train.method=lora`` (setting one with method=full is refused)."""
 
     NOT_IDENTITY: ClassVar[tuple[str, ...]] = (
         "log_every",
@@ -75,6 +141,7 @@ class TrainConfig:
         "validation_steps",
         "tracker",
         "tracker_project",
+        "ema_offload",
     )
     """Keys that do not change what a run learns: changing one keeps the run folder (and so resumes it)."""
 
@@ -96,6 +163,12 @@ class TrainConfig:
             f"use {max(8, round(self.resolution / 8) * 8)}",
         )
         _require(0 < self.ema_decay < 1, "train.ema_decay", f"got {self.ema_decay}", "a value in (0, 1)")
+        _require(
+            self.use_ema or not self.ema_offload,
+            "train.ema_offload",
+            "there is no EMA to offload (train.use_ema is false)",
+            "set train.use_ema=true, or drop train.ema_offload",
+        )
         _choice(self.mixed_precision, "train.mixed_precision", MIXED_PRECISION)
         _require(self.log_every > 0, "train.log_every", "must be > 0", "e.g. 10")
         _require(self.checkpoint_every > 0, "train.checkpoint_every", "must be > 0", "e.g. 500")
@@ -119,6 +192,14 @@ class TrainConfig:
         )
         _require(self.validation_steps > 0, "train.validation_steps", "must be > 0", "e.g. 20")
         _choice(self.tracker, "train.tracker", TRACKERS)
+        _choice(self.method, "train.method", TRAIN_METHODS)
+        changed = self.lora.changed_keys() if self.method == "full" else []
+        _require(
+            not changed,
+            f"train.lora.{changed[0] if changed else ''}",
+            "is set, but train.method=full trains no adapters",
+            "add train.method=lora to train adapters, or drop the train.lora.* settings for a full fine-tune",
+        )
         _require(
             self.resume in ("auto", "never") or bool(self.resume),
             "train.resume",

@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 
 from sdcluster import atomic
@@ -21,6 +22,10 @@ from sdcluster.data.image_checks import check_image
 
 METADATA_FILE = "metadata.jsonl"
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
+NOT_DATA_FILE = ".sdcluster-not-data"
+"""Paths of a folder that are not training data (one ``fnmatch`` pattern a line, ``dir/`` a whole folder),
+e.g. a generation folder's contact sheet and split folders: not listed, so not flagged as uncaptioned.
+Hidden, so ``datasets`` skips the file itself."""
 
 
 class MetadataError(ValueError):
@@ -67,13 +72,24 @@ def is_image_name(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
+def _not_data(folder: Path) -> list[str]:
+    path = folder / NOT_DATA_FILE
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
 def list_images(folder: Path | str) -> list[str]:
-    """Image files under ``folder`` as relative POSIX paths; hidden and ``__`` paths skipped like datasets."""
+    """Image files under ``folder`` as relative POSIX paths; hidden and ``__`` paths skipped like datasets,
+    and those the folder's :data:`NOT_DATA_FILE` names."""
     folder = Path(folder)
+    skip = _not_data(folder)
     found = []
     for path in folder.rglob("*"):
         rel = path.relative_to(folder)
         if any(part.startswith((".", "__")) for part in rel.parts):
+            continue
+        name = rel.as_posix()
+        if any(fnmatch(name, p) or (p.endswith("/") and name.startswith(p)) for p in skip):
             continue
         if path.is_file() and is_image_name(path.name):
             found.append(rel.as_posix())

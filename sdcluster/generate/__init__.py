@@ -1,8 +1,10 @@
 """The generation wing: ``P prompts x N images`` as reproducible, shardable, restartable jobs.
 
 ``plan`` decides what to make (items, seeds, shards), ``render`` turns one batch into pixels with diffusers,
-``records`` owns a generation folder's files (images, manifest parts, merged manifest), ``grid`` draws image
-grids (the contact sheet here, validation grids in training), and ``job`` composes them into the job
-function. Submission lives in :mod:`sdcluster.cluster`, the model loading in :mod:`sdcluster.models`.
-Nothing is imported here, so ``python -m sdcluster.generate`` and the login node stay light.
+``records`` owns a generation folder's files (images, manifest parts, merged manifest) and merges them by
+streaming through ``manifest_index`` (20 bytes a record), ``images`` draws image grids (the contact sheet
+here, validation grids in training), ``scores``/``duplicates``/``filter`` judge the images, and ``job``
+composes them into the job function. Submission lives in :mod:`sdcluster.cluster`, the model loading in
+:mod:`sdcluster.models`. Nothing is imported here, so ``python -m sdcluster.generate`` and the login node
+stay light.
 """

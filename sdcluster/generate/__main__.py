@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from sdcluster.generate import records
+from sdcluster.generate.manifest_index import keys_in
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    count = len(records.read_manifest(args.folder))
-    on_disk = len(records.image_files(args.folder))
+    count = sum(1 for _ in records.stream_manifest(args.folder))  # streamed: 100,000 records are ~100 MB
+    on_disk = len(keys_in(args.folder))
     print(f"{count} records in {path} ({on_disk} images on disk)")
     print(f"contact sheet: {args.folder / records.CONTACT_SHEET}")
     return 0

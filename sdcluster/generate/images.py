@@ -2,7 +2,9 @@
 
 One grid drawer serves the generation folder's contact sheet and training's validation ``grid.png``.
 diffusers' ``make_image_grid`` would hold every image in memory at once and needs ``rows x cols`` to equal
-the count, which a 10,000-image contact sheet cannot afford; this one opens one image at a time.
+the count, which a 10,000-image contact sheet cannot afford; this one opens one image at a time. Past
+:data:`SHEET_TILES` images the sheet is a sample, a few tiles from every group (:func:`sample_per_group`):
+100,000 tiles of a few pixels each would show nothing.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +55,47 @@ def full_size_grid(files: list[Path], dest: Path) -> Path:
     """The images at full size in one grid (validation: a few images of one size)."""
     save_png_atomic(draw_grid(files, first_size(files)), dest)
     return dest
+
+
+SHEET_TILES = 1024
+"""At most this many tiles on a contact sheet: 32 x 32 tiles of 128 px, a 4096-px sheet."""
+
+
+def sample_per_group(
+    keyed: list[tuple[Hashable, Path]] | Callable[[], Iterable[tuple[Hashable, Path]]],
+    max_tiles: int = SHEET_TILES,
+    sizes: dict[Hashable, int] | None = None,
+) -> list[Path]:
+    """All files if they fit, else a bounded number from each group, spread evenly over it, in order.
+
+    ``keyed`` pairs each file with its group (template and slot values, or prompt) in sheet order: a list,
+    or a function giving those pairs afresh (read twice: the group sizes, then the picks), so a sheet of a
+    100,000-image folder holds its picks only. Every group gets ``max_tiles // groups`` tiles (at least
+    one); with more groups than tiles, groups are sampled evenly too, so the sheet still spans the whole run.
+    """
+    pairs = keyed if callable(keyed) else lambda: keyed
+    if sizes is None:  # else the caller counted the groups (in first-seen order) as the pairs went by
+        sizes = {}
+        for key, _ in pairs():
+            sizes[key] = sizes.get(key, 0) + 1
+    if sum(sizes.values()) <= max_tiles:
+        return [path for _, path in pairs()]
+    groups = list(sizes)
+    if len(groups) > max_tiles:
+        groups = [groups[round(k * (len(groups) - 1) / (max_tiles - 1))] for k in range(max_tiles)]
+    per_group = max(1, max_tiles // len(groups))
+    wanted: dict[Hashable, set[int]] = {}
+    for key in groups:
+        size = sizes[key]
+        step = size / per_group
+        wanted[key] = set(range(size)) if size <= per_group else {int(k * step) for k in range(per_group)}
+    picked: dict[Hashable, list[Path]] = {key: [] for key in groups}
+    seen = dict.fromkeys(sizes, 0)
+    for key, path in pairs():
+        if seen[key] in wanted.get(key, ()):
+            picked[key].append(path)
+        seen[key] += 1
+    return [path for key in groups for path in picked[key]]
 
 
 def contact_sheet(files: list[Path], dest: Path, tile: int = 128, max_side: int = 4096) -> Path:

@@ -17,13 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from sdcluster import atomic, paths
 from sdcluster.cluster import ownership
 from sdcluster.cluster.requeue import hold_for_signal
 from sdcluster.config import Config, ConfigError
 from sdcluster.generate import records
+from sdcluster.generate.filter import is_done, set_aside_for_redo
 from sdcluster.generate.images import save_png_atomic
-from sdcluster.generate.plan import Item, plan_items, shard
+from sdcluster.generate.manifest_index import contains, file_key
+from sdcluster.generate.plan import Item, batch_of, plan_items, remake_command, shard, template_texts
 from sdcluster.generate.render import (
     PromptEmbeddings,
     choose_device_dtype,
@@ -32,6 +36,7 @@ from sdcluster.generate.render import (
     render,
     require_model,
 )
+from sdcluster.generate.scores import Scorer
 from sdcluster.progress import ProgressLog
 
 log = logging.getLogger(__name__)
@@ -48,24 +53,57 @@ class GenerateResult:
     interrupted: bool
 
 
-def _record(cfg: Config, item: Item, size: tuple[int, int], dtype: str) -> dict[str, Any]:
-    gen = cfg.generate
+@dataclass(frozen=True)
+class _Shared:
+    """What every record of one job shares: the template texts and what else can change the bytes."""
+
+    templates: list[str]
+    environment: dict[str, Any]
+
+
+def _environment(dtype: str) -> dict[str, Any]:
+    """What changes an image's bytes with the same settings: device, dtype, CPU threads (reductions split
+    by thread count round differently) and the versions of the libraries that compute it."""
+    import diffusers
+    import torch
+    import transformers
+
+    device, _ = choose_device_dtype("no")
+    name = f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
+    versions = {"torch": torch.__version__, "diffusers": diffusers.__version__}
+    versions["transformers"] = transformers.__version__
+    return {"device": name, "dtype": dtype, "torch_threads": torch.get_num_threads(), "versions": versions}
+
+
+def _record(cfg: Config, item: Item, size: tuple[int, int], shared: _Shared) -> dict[str, Any]:
+    """Everything needed to make this image again alone, and the labels a dataset of the images needs."""
     return {
         "file": item.file,
         "prompt": item.prompt,
         "prompt_index": item.prompt_index,
         "image_index": item.image_index,
+        "template_index": item.template_index,
+        "template": shared.templates[item.template_index],
+        "labels": dict(item.labels),
         "seed": item.seed,
         "generator": "cpu",
-        "negative_prompt": gen.negative_prompt,
-        "steps": gen.steps,
-        "guidance_scale": gen.guidance_scale,
-        "scheduler": gen.scheduler,
+        "negative_prompt": item.sampling.negative_prompt,
+        "steps": item.sampling.steps,
+        "guidance_scale": item.sampling.guidance_scale,
+        "scheduler": cfg.generate.scheduler,
         "width": size[0],
         "height": size[1],
         "model": str(paths.generation_model(cfg)),
-        "dtype": dtype,
+        **shared.environment,
+        **_lora_settings(cfg),
+        "remake": remake_command(cfg, item),
     }
+
+
+def _lora_settings(cfg: Config) -> dict[str, Any]:
+    """The LoRA the images are made with; none: no keys, so records of plain models stay as they were."""
+    lora = paths.generation_lora(cfg)
+    return {} if lora is None else {"lora": str(lora), "lora_scale": cfg.generate.lora_scale}
 
 
 def _write_settings(cfg: Config, out_dir: Path, prompts: list[str]) -> None:
@@ -77,38 +115,60 @@ def _write_settings(cfg: Config, out_dir: Path, prompts: list[str]) -> None:
     settings = dataclasses.asdict(cfg.generate)
     for key in ("batch_size", "shards"):  # do not change pixels, so not part of the folder's identity
         settings.pop(key)
-    settings.update(model=str(paths.generation_model(cfg)), resolved_prompts=prompts)
+    settings.update(model=str(paths.generation_model(cfg)), **_lora_settings(cfg), resolved_prompts=prompts)
     path = out_dir / records.SETTINGS
     if path.is_file():
-        old = json.loads(path.read_text()).get("resolved_prompts")
+        written = json.loads(path.read_text())
+        old = written.get("resolved_prompts")
         if old is not None and old != prompts:
             raise ConfigError(
                 f"generate.prompts_file: {out_dir} was made from other prompts than the ones given now. "
                 "Fix: restore the prompts, or move that folder away to start over"
             )
-        return
+        if written.get("split") == settings["split"]:
+            return
+        # The split is not the pixels' (nor the folder's): the merge exports the one asked for last.
+        settings = written | {"split": settings["split"]}
     atomic.write_json(path, settings)
 
 
-def _backfill_records(cfg: Config, out_dir: Path, part: Path, items: list[Item], dtype: str) -> None:
-    """Re-add the records of finished images whose record was lost (crash between rename and append)."""
+def _backfill_records(cfg: Config, out_dir: Path, part: Path, items: list[Item]) -> None:
+    """Re-add the records of finished images whose record was lost (crash between rename and append).
+
+    The environment is this job's: the image's own was in the lost record (and is in the PNG's text chunk).
+    """
     from PIL import Image
 
-    recorded = records.recorded_files(out_dir)
-    for item in items:
-        if (out_dir / item.file).is_file() and item.file not in recorded:
-            with Image.open(out_dir / item.file) as image:
-                records.append_record(part, _record(cfg, item, image.size, dtype))
+    recorded = records.recorded_keys(out_dir)
+    keys = np.array([file_key(item.file) for item in items], dtype=np.int64)
+    unrecorded = (~contains(recorded, keys)).nonzero()[0].tolist()
+    lost = [items[n] for n in unrecorded if (out_dir / items[n].file).is_file()]
+    if not lost:
+        return
+    _, dtype = choose_device_dtype(cfg.generate.mixed_precision)
+    shared = _Shared(template_texts(cfg), _environment(dtype_name(dtype)))
+    for item in lost:
+        with Image.open(out_dir / item.file) as image:
+            records.append_record(part, _record(cfg, item, image.size, shared))
 
 
 def _run_batches(
-    cfg: Config, out_dir: Path, part: Path, batches: list[list[Item]], stop: Callable[[], bool]
+    cfg: Config,
+    out_dir: Path,
+    part: Path,
+    batches: list[list[Item]],
+    stop: Callable[[], bool],
+    wanted: set[str] | None,
 ) -> tuple[int, bool]:
-    """Render the batches, writing only missing images; return (images written, interrupted)."""
+    """Render the batches, writing only missing ``wanted`` images (None: all); return (images written,
+    interrupted)."""
     pipe = load_pipeline(cfg)
-    dtype = dtype_name(pipe.unet.dtype)
-    embeddings = PromptEmbeddings(pipe, cfg.generate.negative_prompt, cfg.generate.guidance_scale)
-    missing = sum(not (out_dir / item.file).exists() for batch in batches for item in batch)
+    shared = _Shared(template_texts(cfg), _environment(dtype_name(pipe.unet.dtype)))
+    embeddings = PromptEmbeddings(pipe)
+    missing = sum(
+        not is_done(out_dir, i.file) for b in batches for i in b if wanted is None or i.file in wanted
+    )
+    scorer = Scorer(cfg.generate.scores, cfg.cache_root, pipe.device)  # batched, on the images in memory
     progress = ProgressLog(total=missing, unit="image")
     written = 0
     for number, batch in enumerate(batches, 1):
@@ -116,12 +176,14 @@ def _run_batches(
             log.info("stop requested after %d of %d batches; a rerun does the rest", number - 1, len(batches))
             return written, True
         prompts, seeds = [item.prompt for item in batch], [item.seed for item in batch]
-        images = render(pipe, prompts, seeds, cfg.generate, embeddings)
-        for item, image in zip(batch, images, strict=True):
+        images = render(pipe, prompts, seeds, cfg.generate, embeddings, batch[0].sampling)
+        scored = scorer.score(images, prompts) if scorer.active else [{}] * len(images)
+        for item, image, score in zip(batch, images, scored, strict=True):
             target = out_dir / item.file
-            if target.exists():  # a finished image is never overwritten
+            # a finished image is never overwritten, a rejected one not made again
+            if (wanted is not None and item.file not in wanted) or is_done(out_dir, item.file):
                 continue
-            record = _record(cfg, item, image.size, dtype)
+            record = _record(cfg, item, image.size, shared) | ({"scores": score} if score else {})
             with atomic.explain_disk_full(target, resume=": finished images are kept, the rest is made"):
                 save_png_atomic(image, target, record)
             records.append_record(part, record)
@@ -149,7 +211,7 @@ def generate_images(
     items = plan_items(cfg)
     if not items:
         raise ConfigError("generate.prompts: no prompts. Fix: set generate.prompts or generate.prompts_file")
-    require_model(paths.generation_model(cfg))  # before any folder is made
+    require_model(paths.generation_model(cfg), paths.generation_lora(cfg))  # before any folder is made
     out_dir = paths.generation_dir(cfg)
     jobs_folder = paths.job_dir(cfg, job_id) if job_id else None
     resume = ": finished images are kept, the rest is made"
@@ -168,13 +230,24 @@ def _generate_into(
     should_stop: Callable[[], bool],
 ) -> GenerateResult:
     _write_settings(cfg, out_dir, [item.prompt for item in items if item.image_index == 0])
-    batches = shard(items, shard_index, num_shards, cfg.generate.batch_size)
-    mine = [item for batch in batches for item in batch]
+    if cfg.generate.only:  # one image, rendered in the batch it had, written by the first shard
+        batch, wanted_item = batch_of(items, cfg.generate.only, cfg.generate.batch_size)
+        batches, wanted = ([batch] if shard_index == 0 else []), [wanted_item]
+    else:
+        batches, wanted = shard(items, shard_index, num_shards, cfg.generate.batch_size), items
+    # None: every item of the batches is wanted (a set of 100,000 names per shard would be ~7 MB for nothing)
+    wanted_files = {item.file for item in wanted} if cfg.generate.only else None
+    mine = [i for batch in batches for i in batch if wanted_files is None or i.file in wanted_files]
     part = records.part_path(out_dir, shard_index, num_shards)
-    skipped = sum((out_dir / item.file).is_file() for item in mine)
-    _, dtype = choose_device_dtype(cfg.generate.mixed_precision)
-    _backfill_records(cfg, out_dir, part, mine, dtype_name(dtype))
-    todo = [b for b in batches if not all((out_dir / item.file).is_file() for item in b)]
+    if cfg.generate.redo_rejected:  # old copies move to rejected/previous/, the images are made again
+        set_aside_for_redo(out_dir, [item.file for item in mine])
+    skipped = sum(is_done(out_dir, item.file) for item in mine)
+    _backfill_records(cfg, out_dir, part, mine)
+    todo = [
+        b
+        for b in batches
+        if not all(is_done(out_dir, i.file) for i in b if not wanted_files or i.file in wanted_files)
+    ]
     log.info(
         "shard %d/%d: %d images, %d already done, %d batches to render -> %s",
         shard_index,
@@ -184,9 +257,12 @@ def _generate_into(
         len(todo),
         out_dir,
     )
-    generated, interrupted = _run_batches(cfg, out_dir, part, todo, should_stop) if todo else (0, False)
+    generated, interrupted = (
+        _run_batches(cfg, out_dir, part, todo, should_stop, wanted_files) if todo else (0, False)
+    )
     # Whoever finishes last merges: records are appended after their image, so once every item has a
     # record every image is on disk. Merging is atomic and idempotent, so two finishers agreeing is fine.
-    if not interrupted and records.recorded_files(out_dir) >= {item.file for item in items}:
-        records.merge_manifest(out_dir)
+    wanted_keys = np.array([file_key(item.file) for item in wanted], dtype=np.int64)
+    if not interrupted and contains(records.recorded_keys(out_dir), wanted_keys).all():
+        records.merge_manifest(out_dir, cfg.generate, cfg.cache_root)
     return GenerateResult(out_dir, generated, skipped, len(mine), interrupted)

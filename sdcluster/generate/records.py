@@ -6,7 +6,9 @@ Layout of one generation folder (see :func:`sdcluster.paths.generation_dir`)::
     settings.json                           the generate settings and prompts that made this folder
     manifest.parts/shard-<i>-of-<n>.jsonl   appended by each shard: one JSON record per image it wrote
     manifest.jsonl                          merged: every image on disk exactly once, (prompt, image) order
-    contact_sheet.png                       all images as thumbnails in one grid
+    contact_sheet.png                       kept images as thumbnails in one grid (sampled per group at scale)
+    rejected/                               images set aside by generate.filter, reasons.jsonl (see filter.py)
+    gallery/index.html                      static pages: thumbnails, prompts, seeds, scores (gallery.py)
 
 Shards never write the same file: each owns its part and its images, so array tasks need no locking. An image
 is renamed into place before its record is appended, so a record always points at a complete image; a crash
@@ -15,14 +17,22 @@ in between leaves an image without a record, which the next run of that generati
 
 from __future__ import annotations
 
-import json
 import logging
-import re
+from collections.abc import Iterable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from sdcluster import atomic
-from sdcluster.generate.images import contact_sheet
+from sdcluster.config.generate import GenerateConfig
+from sdcluster.generate import filter as rejects
+from sdcluster.generate import gallery, scores
+from sdcluster.generate.dataset_export import export_dataset, write_jsonl
+from sdcluster.generate.images import contact_sheet, sample_per_group
+from sdcluster.generate.manifest_index import PartIndex, contains, image_name_of, keys_in
+from sdcluster.generate.manifest_index import image_name as image_name  # the job and tests name images here
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +40,6 @@ PARTS_DIR = "manifest.parts"
 MANIFEST = "manifest.jsonl"
 SETTINGS = "settings.json"
 CONTACT_SHEET = "contact_sheet.png"
-_IMAGE_NAME = re.compile(r"^p(\d+)-i(\d+)\.png$")
-
-
-def image_name(prompt_index: int, image_index: int) -> str:
-    """``p0003-i0007.png``: stable, sortable, free of prompt text (prompts can be long or unsafe in paths)."""
-    return f"p{prompt_index:04d}-i{image_index:04d}.png"
 
 
 def part_path(out_dir: Path, index: int, count: int) -> Path:
@@ -56,22 +60,35 @@ def part_files(out_dir: Path) -> list[Path]:
     return sorted((Path(out_dir) / PARTS_DIR).glob("shard-*.jsonl"))
 
 
+def recorded_keys(out_dir: Path) -> np.ndarray:
+    """Sorted keys (:func:`~sdcluster.generate.manifest_index.file_key`) of the images with a record in any
+    part, whichever shard count wrote it: 8 bytes an image where a set of names would take ~70."""
+    return PartIndex(part_files(out_dir)).keys
+
+
 def recorded_files(out_dir: Path) -> set[str]:
-    """Names of the images that have a record in any part (whichever shard count wrote it)."""
-    return {r["file"] for part in part_files(out_dir) for r in read_records(part)}
+    """Names of the images that have a record in any part (a set: for small folders and tests)."""
+    return {image_name_of(key) for key in recorded_keys(out_dir).tolist()}
 
 
 def image_files(out_dir: Path) -> list[Path]:
     """The finished images of a folder, in (prompt index, image index) order; temp files are not matched."""
-    found = [(m, p) for p in Path(out_dir).iterdir() if (m := _IMAGE_NAME.match(p.name))]
-    return [p for m, p in sorted(found, key=lambda mp: (int(mp[0][1]), int(mp[0][2])))]
+    return [Path(out_dir) / image_name_of(key) for key in keys_in(out_dir).tolist()]
 
 
-def merge_manifest(out_dir: Path) -> Path:
+def merge_manifest(
+    out_dir: Path, gen: GenerateConfig | None = None, cache_root: Path | str | None = None
+) -> Path:
     """Merge every part into ``manifest.jsonl`` (each image on disk once, sorted); redraw the contact sheet.
 
     Records whose image was deleted are dropped and images without a record are reported, so the manifest
-    always describes exactly the images that are there.
+    always describes exactly the images that are there. Then scores missing from records are filled in,
+    ``gen.filter`` sets images aside and the gallery is rewritten; ``gen`` is the job's generate settings
+    (a merge by hand uses the folder's ``settings.json``), ``cache_root`` where a CLIP model is found.
+
+    Streaming: the parts are indexed (20 bytes a record, :mod:`~sdcluster.generate.manifest_index`), and the
+    records flow one at a time from the parts through scoring and the filter into ``manifest.jsonl``; the
+    dataset export, the contact sheet and the gallery then read that file line by line.
     """
     out_dir = Path(out_dir)
     parts = part_files(out_dir)
@@ -79,24 +96,59 @@ def merge_manifest(out_dir: Path) -> Path:
         raise FileNotFoundError(
             f"no manifest parts in {out_dir / PARTS_DIR}: not a generation folder, or no shard wrote yet"
         )
-    on_disk = {p.name for p in image_files(out_dir)}
-    merged: dict[str, dict[str, Any]] = {}
-    for part in parts:
-        for record in read_records(part):
-            if record["file"] in on_disk:
-                merged.setdefault(record["file"], record)
-    records = sorted(merged.values(), key=lambda r: (r["prompt_index"], r["image_index"]))
-    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
-    atomic.write_bytes(out_dir / MANIFEST, text.encode())
-    unrecorded = sorted(on_disk - merged.keys())
-    if unrecorded:
+    index = PartIndex(parts)
+    on_disk = np.union1d(keys_in(out_dir), keys_in(out_dir / rejects.REJECTED))
+    index.keep(contains(on_disk, index.keys))
+    gen = gen or rejects.folder_settings(out_dir)  # a merge by hand: the settings the folder was made with
+    locate = partial(rejects.locate, out_dir)
+    stream = scores.fill_missing(out_dir, index.records(), locate, gen, cache_root)
+    stream = rejects.apply(out_dir, stream, gen)  # marks (and moves) rejects: nothing is deleted
+    manifest = out_dir / MANIFEST
+    # the parts are plain appends, so their permissions are the user's umask
+    mode = (manifest if manifest.exists() else parts[0]).stat().st_mode & 0o777
+    tally = _Tally()
+    write_jsonl(manifest, tally.count(stream), mode, ascii_sorted=True)
+    export_dataset(out_dir, partial(stream_manifest, out_dir), out_dir / SETTINGS, list(tally.slots))
+    unrecorded = on_disk[~contains(index.keys, on_disk)]
+    if len(unrecorded):
         log.warning(
             "%d images have no record (e.g. %s); rerun the generation job to re-add them",
             len(unrecorded),
-            unrecorded[0],
+            image_name_of(int(unrecorded[0])),
         )
-    contact_sheet(image_files(out_dir), out_dir / CONTACT_SHEET)
-    return out_dir / MANIFEST
+    kept = partial(_kept_tiles, out_dir)
+    contact_sheet(sample_per_group(kept, sizes=tally.groups), out_dir / CONTACT_SHEET)
+    gallery.write_gallery(out_dir)
+    return manifest
+
+
+class _Tally:
+    """What the dataset export and the contact sheet would otherwise read the manifest once more for:
+    slot names and kept images per group, counted as the records go into the manifest (bounded by the
+    prompt program, not by the images)."""
+
+    def __init__(self) -> None:
+        self.slots: dict[str, None] = {}
+        self.groups: dict[str, int] = {}
+
+    def count(self, stream: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for record in stream:
+            self.slots.update(dict.fromkeys(record.get("labels") or {}))
+            if "rejected" not in record:
+                key = gallery.group_key(record)
+                self.groups[key] = self.groups.get(key, 0) + 1
+            yield record
+
+
+def _kept_tiles(out_dir: Path) -> Iterator[tuple[str, Path]]:
+    return (
+        (gallery.group_key(r), out_dir / r["file"]) for r in stream_manifest(out_dir) if "rejected" not in r
+    )
+
+
+def stream_manifest(out_dir: Path) -> Iterator[dict[str, Any]]:
+    """The merged records one line at a time (what :func:`read_manifest` returns as a list)."""
+    return gallery.stream_records(Path(out_dir) / MANIFEST)
 
 
 def read_manifest(out_dir: Path) -> list[dict[str, Any]]:

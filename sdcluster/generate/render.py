@@ -13,7 +13,9 @@ from typing import Any
 
 from sdcluster import paths
 from sdcluster.config import Config, ConfigError, GenerateConfig
+from sdcluster.generate.prompts import Sampling
 from sdcluster.models.load import check_safetensors
+from sdcluster.models.lora import apply_lora, base_source
 from sdcluster.models.schedulers import set_scheduler
 
 log = logging.getLogger(__name__)
@@ -33,8 +35,18 @@ def dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def require_model(path: Path) -> None:
-    """Fail with the fix when the model folder is missing (the same check preflight makes at submit time)."""
+def require_model(path: Path | str, lora: Path | None = None) -> None:
+    """Fail with the fix when the model folder is missing (the same check preflight makes at submit time).
+
+    A ``str`` is a LoRA run's base model as configured (``model.path``), checked with the model group at
+    launch; ``lora`` (see ``paths.generation_lora``) must hold LoRA weights.
+    """
+    if lora is not None:
+        from sdcluster.models.lora import require_lora
+
+        require_lora(lora)
+    if isinstance(path, str):
+        return
     if not (Path(path) / "model_index.json").is_file():
         raise ConfigError(
             f"generate.model: no diffusers pipeline at {path} (no model_index.json). Fix: train first "
@@ -64,13 +76,20 @@ def load_pipeline(cfg: Config) -> Any:
         log.info(
             "generate.mixed_precision=%s ignored on CPU: generating in float32", cfg.generate.mixed_precision
         )
+    source, pinned = (str(model), {}) if isinstance(model, Path) else base_source(cfg)
     pipe = StableDiffusionPipeline.from_pretrained(
-        model,
+        source,
         **{_dtype_keyword(): dtype},
+        **pinned,
         use_safetensors=True,
         safety_checker=None,
         requires_safety_checker=False,
     )
+    lora = paths.generation_lora(cfg)
+    if lora is not None:  # a LoRA run's adapters, or generate.lora, on top of the model
+        apply_lora(pipe, lora, cfg.generate.lora_scale)
+        if lora == paths.run_paths(cfg).lora and cfg.train.prediction_type:  # what the run learned to predict
+            pipe.scheduler.register_to_config(prediction_type=cfg.train.prediction_type)
     set_scheduler(pipe, cfg.generate.scheduler)
     pipe.set_progress_bar_config(disable=True)
     if cfg.generate.batch_size > 1:
@@ -84,42 +103,46 @@ def load_pipeline(cfg: Config) -> Any:
 
 
 class PromptEmbeddings:
-    """Text embeddings per unique prompt, computed once and reused by every batch that repeats the prompt.
+    """Text embeddings per unique (prompt, negative prompt), computed once and reused by every batch.
 
-    Items are in prompt-major order, so a small LRU holds every prompt a shard is still working on.
+    Items are in prompt-major order, so a small LRU holds every prompt a shard is still working on. The
+    negative prompt is part of the key because a program's templates each carry their own; the constructor's
+    ``negative_prompt`` and ``guidance_scale`` are used for a batch called without ``sampling``.
     """
 
-    def __init__(self, pipe: Any, negative_prompt: str | None, guidance_scale: float, size: int = 64) -> None:
+    def __init__(
+        self, pipe: Any, negative_prompt: str | None = None, guidance_scale: float = 7.5, size: int = 64
+    ) -> None:
         self.pipe = pipe
-        self.negative_prompt = negative_prompt
-        self.guidance = guidance_scale > 1.0  # the pipeline's own test for classifier-free guidance
+        self.default = Sampling(negative_prompt, guidance_scale, 0)
         self.size = size
-        self.cache: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
+        self.cache: OrderedDict[tuple[str, str | None, bool], tuple[Any, Any]] = OrderedDict()
         self.encoded = 0  # how many text-encoder calls were made (tests check the reuse)
 
-    def encode(self, prompt: str) -> tuple[Any, Any]:
+    def encode(self, prompt: str, negative: str | None, guidance: bool) -> tuple[Any, Any]:
         import torch
 
-        if prompt in self.cache:
-            self.cache.move_to_end(prompt)
-            return self.cache[prompt]
+        key = (prompt, negative, guidance)
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
         with torch.no_grad():  # unlike the pipeline call, encode_prompt does not turn autograd off itself
-            embeds = self.pipe.encode_prompt(
-                prompt, self.pipe.device, 1, self.guidance, negative_prompt=self.negative_prompt
-            )
+            embeds = self.pipe.encode_prompt(prompt, self.pipe.device, 1, guidance, negative_prompt=negative)
         self.encoded += 1
-        self.cache[prompt] = embeds
+        self.cache[key] = embeds
         if len(self.cache) > self.size:
             self.cache.popitem(last=False)
         return embeds
 
-    def batch(self, prompts: list[str]) -> dict[str, Any]:
+    def batch(self, prompts: list[str], sampling: Sampling | None = None) -> dict[str, Any]:
         """``prompt_embeds`` (and ``negative_prompt_embeds`` under guidance) for a pipeline call."""
         import torch
 
-        pairs = [self.encode(p) for p in prompts]
+        sampling = sampling or self.default
+        guidance = sampling.guidance_scale > 1.0  # the pipeline's own test for classifier-free guidance
+        pairs = [self.encode(p, sampling.negative_prompt, guidance) for p in prompts]
         kwargs = {"prompt_embeds": torch.cat([pos for pos, _ in pairs])}
-        if self.guidance:
+        if guidance:
             kwargs["negative_prompt_embeds"] = torch.cat([neg for _, neg in pairs])
         return kwargs
 
@@ -130,6 +153,7 @@ def render(
     seeds: list[int],
     gen: GenerateConfig,
     embeddings: PromptEmbeddings | None = None,
+    sampling: Sampling | None = None,
 ) -> list[Any]:
     """One pipeline call for a batch; PIL images in input order.
 
@@ -138,21 +162,26 @@ def render(
     batch would make image k's noise depend on its position. The generators are CPU ones: a CPU random
     stream is the same on every machine, so a seed from the manifest gives the same starting noise on a GPU
     node or a laptop (a CUDA generator gives other numbers). Without ``embeddings`` the prompts are passed
-    as text, the pipeline's reference path.
+    as text, the pipeline's reference path. ``sampling`` (a template's negative prompt, guidance and steps)
+    defaults to ``gen``'s.
     """
     import torch
 
+    sampling = sampling or Sampling(gen.negative_prompt, gen.guidance_scale, gen.steps)
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     if embeddings is not None:
-        text: dict[str, Any] = embeddings.batch(prompts)
+        text: dict[str, Any] = embeddings.batch(prompts, sampling)
     else:
-        negative = None if gen.negative_prompt is None else [gen.negative_prompt] * len(prompts)
-        text = {"prompt": list(prompts), "negative_prompt": negative}
+        negative = sampling.negative_prompt
+        text = {
+            "prompt": list(prompts),
+            "negative_prompt": None if negative is None else [negative] * len(prompts),
+        }
     return pipe(
         **text,
         generator=generators,
-        num_inference_steps=gen.steps,
-        guidance_scale=gen.guidance_scale,
+        num_inference_steps=sampling.steps,
+        guidance_scale=sampling.guidance_scale,
         height=gen.height,
         width=gen.width,
     ).images

@@ -5,19 +5,17 @@ Training and generation get the same objects for the tiny model and for SD 1.4: 
 
 from __future__ import annotations
 
-import re
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sdcluster.config import ConfigError, ModelConfig
+from sdcluster.models.source import is_hub_id, is_local, looks_like_hub_id
 
 WEIGHTED_PARTS = ("unet", "vae", "text_encoder")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def is_local(path: str) -> bool:
-    return path.startswith(("/", ".", "~")) or Path(path).expanduser().exists()
+log = logging.getLogger("sdcluster")
 
 
 def check_safetensors(folder: Path, key: str) -> None:
@@ -45,7 +43,7 @@ def check_model_source(model: ModelConfig) -> None:
             )
         check_safetensors(folder, "model.path")
         return
-    if not _HUB_ID.match(model.path):
+    if not looks_like_hub_id(model.path):
         raise ConfigError(
             f"model.path: {model.path!r} is neither an existing folder nor a hub id (owner/name). "
             "Fix: check the path, or use model=sd14 / model=tiny"
@@ -53,12 +51,22 @@ def check_model_source(model: ModelConfig) -> None:
 
 
 def resolve_model_path(model: ModelConfig, cache_root: str | Path) -> str:
-    """The folder or hub id to load; ``tiny`` is built (once, cached) on first use."""
+    """The folder or hub id to load; ``tiny`` is built (once, cached) on first use.
+
+    A hub model pinned by launch (``model.commit``) is its staged snapshot folder, read from the cache
+    alone: jobs run with the hub switched off. Unpinned (a library caller that skipped launch), the hub id.
+    """
     if model.path == "tiny":
         from sdcluster.models.tiny import ensure_tiny_model
 
         return str(ensure_tiny_model(cache_root))
-    return str(Path(model.path).expanduser()) if is_local(model.path) else model.path
+    if is_local(model.path):
+        return str(Path(model.path).expanduser())
+    if model.commit:
+        from sdcluster.models.hub import staged_folder
+
+        return str(staged_folder(model))
+    return model.path
 
 
 def _hub_snapshot(source: str, revision: str | None) -> Path | None:
@@ -94,6 +102,7 @@ class Components:
     unet: Any
     noise_scheduler: Any
     source: str
+    origin: dict[str, Any] | None = None  # hub id, revision and commit of a hub model (see models.hub)
 
 
 def load_components(model: ModelConfig, cache_root: str | Path, accelerator: Any = None) -> Components:
@@ -106,12 +115,25 @@ def load_components(model: ModelConfig, cache_root: str | Path, accelerator: Any
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from sdcluster.models.hub import origin
+
     if model.path == "tiny" and accelerator is not None and accelerator.num_processes > 1:
         if accelerator.is_main_process:
             resolve_model_path(model, cache_root)
         accelerator.wait_for_everyone()
     source = resolve_model_path(model, cache_root)
-    common: dict[str, Any] = {"revision": model.revision}
+    staged = is_hub_id(model.path) and source != model.path
+    # a staged snapshot is a plain folder already pinned to its commit: a revision would mean nothing there
+    common: dict[str, Any] = {"revision": None if staged else model.revision}
+    if staged:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0")
+        log.info(
+            "model %s at commit %s, read from %s (HF_HUB_OFFLINE=%s)",
+            model.path,
+            model.commit,
+            source,
+            offline,
+        )
     # safetensors only: a pickled .bin can run code when loaded; nothing here enables remote code either
     weights = {**common, "variant": model.variant, "use_safetensors": True}
     return Components(
@@ -121,6 +143,7 @@ def load_components(model: ModelConfig, cache_root: str | Path, accelerator: Any
         unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights),
         noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common),
         source=source,
+        origin=origin(model) if is_hub_id(model.path) else None,
     )
 
 

@@ -3,9 +3,11 @@
 ``loop`` is the job function (:func:`~sdcluster.train.loop.train`), the same on every rank. It works on a
 ``trainer`` (Accelerator, models, EMA, optimizer, schedule, built once) and asks the ``checkpointer`` to load
 and save (it owns choosing, verifying, loading, saving, pruning and setting aside; ``step_folders`` is the
-on-disk format). ``loss`` is the denoising objective, ``ema`` the moving average and its weight swap,
-``validation`` the held-out loss and images, ``export`` the diffusers pipeline at the end, ``metrics`` the
-run's ``metrics.jsonl`` and ``tracking`` TensorBoard/W&B. What the loop reads comes from
-:mod:`sdcluster.data`; submission, signals and requeue live in :mod:`sdcluster.cluster`. Nothing is imported
-here, so importing the wing does not import torch.
+on-disk format). ``method`` is what a run trains (every UNet weight, or LoRA adapters), chosen once and asked
+by the others, and ``family`` how a model family's pipeline is built and saved. ``loss`` is the denoising
+objective, ``ema`` the moving average and its weight swap, ``validation`` the held-out loss and images,
+``export`` the diffusers pipeline or LoRA file at the end, ``metrics`` the run's ``metrics.jsonl`` and
+``tracking`` TensorBoard/W&B. What the loop reads comes from :mod:`sdcluster.data`; submission, signals and
+requeue live in :mod:`sdcluster.cluster`. Nothing is imported here, so importing the wing does not import
+torch.
 """

@@ -38,11 +38,14 @@ EMA_FILE = "ema.safetensors"
 STATE_FILE = "train_state.json"
 
 
-def write_extra(folder: Path, unet_names: list[str], ema: Any, lr_scheduler: Any) -> dict[str, Any]:
-    """Write EMA weights and scheduler state into a checkpoint folder being built; return meta extras."""
+def write_extra(folder: Path, param_names: list[str], ema: Any, lr_scheduler: Any) -> dict[str, Any]:
+    """Write EMA weights and scheduler state into a checkpoint folder being built; return meta extras.
+
+    The EMA averages what the run trains (:mod:`sdcluster.train.method`): the UNet, or only its adapters.
+    """
     extra: dict[str, Any] = {"lr": lr_scheduler.get_last_lr()[0]}
     if ema is not None:
-        pairs = zip(unet_names, ema.shadow_params, strict=True)
+        pairs = zip(param_names, ema.shadow_params, strict=True)
         tensors = {name: p.detach().cpu().contiguous() for name, p in pairs}
         save_file(tensors, str(folder / EMA_FILE))
         extra["ema_optimization_step"] = ema.optimization_step
@@ -55,7 +58,7 @@ def _jsonable(value: Any) -> Any:
     return None if callable(value) else str(value)
 
 
-def load_extra(folder: Path, meta: step_folders.CheckpointMeta, unet_names: list[str], ema: Any, sched: Any):
+def load_extra(folder: Path, meta: step_folders.CheckpointMeta, param_names: list[str], ema: Any, sched: Any):
     state = json.loads((folder / STATE_FILE).read_text())
     sched_state = state["lr_scheduler"]
     sched_state.pop("lr_lambdas", None)  # functions are rebuilt from the config, not stored
@@ -67,7 +70,7 @@ def load_extra(folder: Path, meta: step_folders.CheckpointMeta, unet_names: list
                 "or start a new run"
             )
         tensors = load_file(str(folder / EMA_FILE))
-        for name, shadow in zip(unet_names, ema.shadow_params, strict=True):
+        for name, shadow in zip(param_names, ema.shadow_params, strict=True):
             shadow.data.copy_(tensors[name].to(shadow.device, shadow.dtype))
         ema.optimization_step = meta.extra["ema_optimization_step"]
 
@@ -126,7 +129,7 @@ class Checkpointer:
             check_compatible(meta, t.cfg, world, folder)
             try:
                 t.accelerator.load_state(str(folder))
-                load_extra(folder, meta, t.unet_names, t.ema, t.lr_scheduler)
+                load_extra(folder, meta, t.param_names, t.ema, t.lr_scheduler)
             except ConfigError:
                 raise
             except Exception as err:  # any decoding error of any file: the next older checkpoint may be fine
@@ -182,7 +185,7 @@ class Checkpointer:
             t.accelerator,
             self.root,
             meta,
-            lambda folder: write_extra(folder, t.unet_names, t.ema, t.lr_scheduler),
+            lambda folder: write_extra(folder, t.param_names, t.ema, t.lr_scheduler),
             t.cfg.train.checkpoints_keep,
         )
 

@@ -1,15 +1,53 @@
-"""Export the fine-tuned weights as a complete diffusers pipeline that loads without sdcluster."""
+"""Export what a run trained so that it loads without sdcluster: a diffusers pipeline, or a LoRA file.
+
+Every export is written to a temporary folder and published in one rename, so the destination is either
+the previous or the new export. Frozen components (VAE, text encoder, tokenizer, scheduler) are read again
+from the source as it was published, not taken from the training process, where mixed precision cast
+them to fp16/bf16. The safety checker is left out (a research export).
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from sdcluster import atomic
+from sdcluster.config import ModelConfig
 from sdcluster.train.ema import ema_weights
 
 log = logging.getLogger("sdcluster")
+
+_RESUME = ": it exports from the last checkpoint"
+ORIGIN_FILE = "sdcluster-model.json"  # the hub id, revision and commit trained from (models.hub.origin)
+
+
+def _base_pipeline(pipeline_class: Any, source: str, revision: str | None, variant: str | None, **parts):
+    """The source pipeline (safetensors only), with ``parts`` (e.g. a trained UNet) in place of its own."""
+    return pipeline_class.from_pretrained(
+        source,
+        revision=revision,
+        variant=variant,
+        use_safetensors=True,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        **parts,
+    )
+
+
+@contextmanager
+def _publishing(dest: Path, origin: dict[str, Any] | None) -> Iterator[Path]:
+    """A staging folder that becomes ``dest`` when the block succeeds (a full disk is explained); with
+    ``origin`` (a hub model), the export says which commit it was trained from."""
+    tmp = atomic.staging_dir(dest)
+    with atomic.explain_disk_full(dest, tmp, _RESUME):
+        yield tmp
+        if origin is not None:
+            atomic.write_json(tmp / ORIGIN_FILE, origin)
+    atomic.publish_dir(tmp, dest)
 
 
 def export_pipeline(
@@ -17,35 +55,76 @@ def export_pipeline(
     source: str,
     unet: Any,
     ema: Any,
+    params: list[Any] | None = None,
     prediction_type: str | None = None,
     revision: str | None = None,
     variant: str | None = None,
+    origin: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``StableDiffusionPipeline`` folders (safetensors) atomically; EMA weights when EMA is on.
+    """Write a ``StableDiffusionPipeline`` with the trained UNet (its EMA weights when EMA is on).
 
-    Only the UNet is trained; every other component (VAE, text encoder, tokenizer, scheduler) is read again
-    from ``source`` as it was published, not taken from the training process, where mixed precision cast
-    the frozen models to fp16/bf16. The safety checker is left out (a research export). Written to a
-    temporary folder and published in one rename, so ``dest`` is either the previous
-    or the new export.
+    ``params`` are the parameters the EMA averages (default: the UNet's).
     """
     from diffusers import StableDiffusionPipeline
 
-    tmp = atomic.staging_dir(dest)
-    with ema_weights(ema, unet), atomic.explain_disk_full(dest, tmp, ": it exports from the last checkpoint"):
-        pipe = StableDiffusionPipeline.from_pretrained(
-            source,
-            unet=unet,
-            revision=revision,
-            variant=variant,
-            use_safetensors=True,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+    with _publishing(dest, origin) as tmp, ema_weights(ema, params if params is not None else unet):
+        pipe = _base_pipeline(StableDiffusionPipeline, source, revision, variant, unet=unet)
         if prediction_type:  # what the UNet was trained to predict; the source scheduler may say otherwise
             pipe.scheduler.register_to_config(prediction_type=prediction_type)
         pipe.save_pretrained(tmp, safe_serialization=True)
-    atomic.publish_dir(tmp, dest)
     log.info("exported pipeline (%s weights): %s", "EMA" if ema is not None else "trained", dest)
+    return dest
+
+
+def export_lora(
+    dest: Path,
+    family: Any,
+    unet: Any,
+    text_encoders: dict[str, Any],
+    ema: Any,
+    params: list[Any],
+    origin: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` as diffusers' LoRA examples do, EMA adapters when EMA is on.
+
+    peft's state dict is converted to diffusers' key names and saved with the pipeline's own
+    ``save_lora_weights``, so a plain ``pipeline.load_lora_weights(dest)`` loads it, on any copy of the
+    base model. ``text_encoders`` maps each adapted text encoder to the name its layers are saved under.
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    with _publishing(dest, origin) as tmp, ema_weights(ema, params):
+        layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))}
+        for name, encoder in text_encoders.items():
+            state = get_peft_model_state_dict(encoder)
+            layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(state)
+        family.pipeline_class.save_lora_weights(tmp, safe_serialization=True, **layers)
+    log.info("exported LoRA (%s adapters): %s", "EMA" if ema is not None else "trained", dest)
+    return dest
+
+
+def export_fused(
+    dest: Path,
+    family: Any,
+    source: str,
+    lora: Path,
+    prediction_type: str | None,
+    model: ModelConfig,
+    origin: dict[str, Any] | None = None,
+) -> Path:
+    """A full pipeline with the LoRA in ``lora`` fused into its weights, for tools without LoRA support.
+
+    Built the documented way (load the base, ``load_lora_weights``, ``fuse_lora``, ``unload_lora_weights``),
+    from the exported file itself, so the fused model is exactly what that file gives at scale 1.
+    """
+    with _publishing(dest, origin) as tmp:
+        pipe = _base_pipeline(family.pipeline_class, source, model.revision, model.variant)
+        pipe.load_lora_weights(str(lora))
+        pipe.fuse_lora(lora_scale=1.0)
+        pipe.unload_lora_weights()
+        if prediction_type:
+            pipe.scheduler.register_to_config(prediction_type=prediction_type)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    log.info("exported pipeline with the LoRA fused: %s", dest)
     return dest

@@ -7,6 +7,7 @@ exists.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from sdcluster.progress import ProgressLog
 from sdcluster.redaction import config_yaml
 from sdcluster.train import metrics, tracking
 from sdcluster.train.checkpointer import Checkpointer
-from sdcluster.train.loss import diffusion_loss, model_inputs, step_generator
+from sdcluster.train.loss import diffusion_loss, step_generator
 from sdcluster.train.trainer import Trainer, build_trainer, weights_checksum
 
 log = logging.getLogger("sdcluster")
@@ -43,14 +44,22 @@ class TrainResult:
 def _loader(t: Trainer) -> Any:
     from sdcluster.data.loader import make_loader
 
-    return make_loader(t.cfg, t.comps, t.accelerator, t.micro_step)
+    cfg = t.cfg
+    if t.method.trains_text_encoder and cfg.data.cache:
+        # The cache holds the frozen text encoder's outputs; an adapted one must see the tokens every step.
+        log.info("data.cache: not used, the text encoder is trained (train.lora.text_encoder_lr)")
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache=False))
+    return make_loader(cfg, t.comps, t.accelerator, t.micro_step)
 
 
 def _micro_step(t: Trainer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     cfg, acc = t.cfg, t.accelerator
     gen = step_generator(cfg.train.seed, t.micro_step, acc.process_index)
-    with acc.accumulate(t.unet):
-        latents, hidden = model_inputs(t.comps.vae, t.comps.text_encoder, batch, acc.device, gen)
+    # Dropout (LoRA's) draws from the global stream: seeded per micro-step too, so a resumed job drops
+    # exactly what the uninterrupted one would have, whatever else drew from it since the checkpoint.
+    torch.manual_seed(gen.initial_seed())
+    with acc.accumulate(*t.models):
+        latents, hidden = t.method.model_inputs(t.comps, batch, acc.device, gen)
         with acc.autocast():
             loss = diffusion_loss(
                 t.unet,
@@ -194,7 +203,7 @@ def train(
 def _train_and_export(
     t: Trainer, ckpt: Checkpointer, flag: PreemptionFlag, stop_at: Callable[[int], bool] | None
 ) -> TrainResult:
-    cfg, acc = t.cfg, t.accelerator
+    acc = t.accelerator
     losses, interrupted = _loop(t, ckpt, flag, stop_at)
     log.info("unet weights checksum at step %d: %s", t.step, weights_checksum(t.unet))
     result = TrainResult(t.paths.root, t.step, interrupted, losses=losses)
@@ -203,17 +212,7 @@ def _train_and_export(
     ckpt.save_unless_saved()
     _validate(t)
     acc.wait_for_everyone()
-    if acc.is_main_process:
-        from sdcluster.train.export import export_pipeline
-
-        result.model_dir = export_pipeline(
-            t.paths.model,
-            t.comps.source,
-            acc.unwrap_model(t.unet),
-            t.ema,
-            prediction_type=cfg.train.prediction_type,
-            revision=cfg.model.revision,
-            variant=cfg.model.variant,
-        )
+    if acc.is_main_process:  # a pipeline, or the LoRA file (and a fused pipeline with fuse_export)
+        result.model_dir = t.method.export(t)
     acc.wait_for_everyone()
     return result

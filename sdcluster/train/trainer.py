@@ -15,6 +15,7 @@ import torch
 from sdcluster.config import Config, ConfigError
 from sdcluster.models.load import Components, load_components
 from sdcluster.paths import RunPaths, run_paths
+from sdcluster.train.method import make_method, weight_dtype
 
 log = logging.getLogger("sdcluster")
 
@@ -30,8 +31,10 @@ class Trainer:
     optimizer: Any
     lr_scheduler: Any
     ema: Any
-    unet_names: list[str]
+    param_names: list[str]  # of ``params``: the names of the EMA's tensors in a checkpoint
     paths: RunPaths
+    method: Any  # FullFineTune or LoRA (sdcluster.train.method): what is trained, saved and exported
+    models: list[Any] = field(default_factory=list)  # prepared by accelerate: the UNet first
     step: int = 0
     micro_step: int = 0
     params: list[torch.nn.Parameter] = field(default_factory=list)  # listed once: iterating is not free
@@ -63,15 +66,16 @@ def _make_accelerator(cfg: Config, paths: RunPaths) -> Any:
     )
 
 
-def _make_optimizer(cfg: Config, params: list[torch.nn.Parameter], world_size: int) -> Any:
+def _make_optimizer(cfg: Config, method: Any, world_size: int) -> Any:
     lr = cfg.optim.lr
     if cfg.optim.scale_lr:
         lr *= cfg.train.batch_size * cfg.train.grad_accum * world_size
+    groups = method.param_groups(lr)
     fused = cfg.optim.fused
     if fused is None:  # fused AdamW is one kernel per step instead of one per parameter (3.6x on CPU)
-        fused = params[0].device.type in ("cuda", "cpu")
+        fused = groups[0]["params"][0].device.type in ("cuda", "cpu")
     return torch.optim.AdamW(
-        params,
+        groups,
         lr=lr,
         betas=tuple(cfg.optim.betas),
         weight_decay=cfg.optim.weight_decay,
@@ -80,14 +84,14 @@ def _make_optimizer(cfg: Config, params: list[torch.nn.Parameter], world_size: i
     )
 
 
-def _prepare_models(cfg: Config, comps: Components, accelerator: Any) -> None:
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
+def _prepare_models(cfg: Config, comps: Components, accelerator: Any, method: Any) -> None:
+    dtype = weight_dtype(accelerator)
     for frozen in (comps.vae, comps.text_encoder):
         frozen.requires_grad_(False)
         frozen.eval()
         # Only cast when mixed precision asks for it: a no-op cast still trips diffusers' fp32-module warning.
-        frozen.to(accelerator.device, dtype=weight_dtype) if weight_dtype else frozen.to(accelerator.device)
-    comps.unet.train()
+        frozen.to(accelerator.device, dtype=dtype) if dtype else frozen.to(accelerator.device)
+    method.prepare(comps, accelerator)  # what is trained: the UNet, or adapters (unfreezing nothing else)
     if cfg.train.gradient_checkpointing:
         comps.unet.enable_gradient_checkpointing()
     if cfg.train.prediction_type:
@@ -101,21 +105,22 @@ def build_trainer(cfg: Config) -> Trainer:
     paths = run_paths(cfg)
     accelerator = _make_accelerator(cfg, paths)
     comps = load_components(cfg.model, cfg.cache_root, accelerator)
-    _prepare_models(cfg, comps, accelerator)
-    unet = comps.unet.to(accelerator.device)
-    names = [name for name, _ in unet.named_parameters()]
+    method = make_method(cfg)
+    _prepare_models(cfg, comps, accelerator, method)
+    for model in method.models:
+        model.to(accelerator.device)
+    named = method.named_parameters()
     ema = None
     if cfg.train.use_ema:
         from sdcluster.train.ema import LerpEMA
 
         ema = LerpEMA(
-            unet.parameters(),
+            [p for _, p in named],  # what is trained: the UNet's weights, or only the adapters
             decay=cfg.train.ema_decay,
             foreach=True,  # what store/copy_to/restore use; the update itself is LerpEMA's one fused lerp
-            model_cls=type(unet),
-            model_config=unet.config,
+            offload=cfg.train.ema_offload,
         )
-    optimizer = _make_optimizer(cfg, list(unet.parameters()), accelerator.num_processes)
+    optimizer = _make_optimizer(cfg, method, accelerator.num_processes)
     # Not passed to accelerator.prepare: a prepared scheduler is stepped once per process, the multi-GPU
     # learning-rate bug users keep hitting. We step it once per optimizer step and checkpoint it as JSON.
     lr_scheduler = get_scheduler(
@@ -124,16 +129,19 @@ def build_trainer(cfg: Config) -> Trainer:
         num_warmup_steps=cfg.optim.warmup_steps,
         num_training_steps=cfg.train.max_steps,
     )
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    method.register_checkpoint_hooks(accelerator)
+    *models, optimizer = accelerator.prepare(*method.models, optimizer)
     return Trainer(
         cfg,
         accelerator,
         comps,
-        unet,
+        models[0],
         optimizer,
         lr_scheduler,
         ema,
-        names,
+        [name for name, _ in named],
         paths,
-        params=list(unet.parameters()),
+        method,
+        models=models,
+        params=[p for _, p in named],
     )

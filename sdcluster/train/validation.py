@@ -142,7 +142,8 @@ def validation_loss(t: Trainer, images: LossImages | None = None, use_ema: bool 
     unet = acc.unwrap_model(t.unet)  # never the DDP wrapper: its forward may broadcast buffers (a collective)
     total = torch.zeros((), dtype=torch.float64, device=acc.device)
     encoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    with _eval_mode(unet), ema_weights(t.ema if use_ema else None, unet), torch.no_grad():
+    ema = t.ema if use_ema else None
+    with _eval_mode(unet), _eval_mode(t.comps.text_encoder), ema_weights(ema, t.params), torch.no_grad():
         for pos, step in pairs[acc.process_index :: acc.num_processes]:
             if pos not in encoded:
                 encoded[pos] = _encode(t, images, pos)
@@ -195,7 +196,7 @@ def validation_images(t: Trainer, step: int) -> Path | None:
     size = cfg.train.resolution
     gen = dataclasses.replace(cfg.generate, steps=cfg.train.validation_steps, height=size, width=size)
     unet = acc.unwrap_model(t.unet)
-    with _eval_mode(unet), ema_weights(t.ema, unet):
+    with _eval_mode(unet), _eval_mode(t.comps.text_encoder), ema_weights(t.ema, t.params):
         pipe = _pipeline(t, unet)
         for i in range(acc.process_index, len(prompts), acc.num_processes):
             seed = item_seed(IMAGE_SEED, i, 0)

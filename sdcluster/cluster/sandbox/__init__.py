@@ -1,4 +1,5 @@
-"""A real single-node SLURM cluster on this machine, for the test suite and for trying sdcluster.
+"""A real SLURM cluster on this machine (one node, or several in network namespaces), for the test suite
+and for trying sdcluster.
 
 Run as root (slurmd must be able to start jobs as any user)::
 
@@ -7,18 +8,26 @@ Run as root (slurmd must be able to start jobs as any user)::
     python -m sdcluster.cluster.sandbox status           # sinfo
     python -m sdcluster.cluster.sandbox stop
 
+    python -m sdcluster.cluster.sandbox start --nodes 2  # two nodes n1, n2 (own hostname and address each)
+
 Needs the Debian/Ubuntu packages listed in ``APT_PACKAGES`` (tested with SLURM 22.05, MariaDB 10.11).
 
 Everything lives under one state dir (``/tmp/sdcluster-slurm``, or ``--dir`` / ``$SDCLUSTER_SLURM_DIR``):
 config, a private munged, a private MariaDB, slurmdbd, slurmctld, slurmd, their pid files, logs and
-state. Nothing under /etc is touched and no system daemon is reused, so the sandbox can sit next to a real
-SLURM or MariaDB install, ``stop`` leaves no process behind, and deleting the dir is a full reset.
+state. Nothing under /etc is touched (but for the multi-node sandbox's ``/etc/hosts`` lines) and no
+system daemon is reused, so the sandbox can sit next to a real SLURM or MariaDB install, ``stop`` leaves
+no process behind, and deleting the dir is a full reset.
+
+With ``--nodes N`` (state dir ``/tmp/sdcluster-slurm-Nn``) each node's slurmd runs in its own network
+namespace under its own hostname, joined by a private bridge (``netns.py``), so a multi-node job
+rendezvouses across "machines" as on a real cluster; ``stop`` removes the namespaces, the bridge and the
+``/etc/hosts`` lines naming the nodes. One multi-node sandbox per machine (the namespace names are fixed).
 
 Accounting (slurmdbd + MariaDB) is not optional here: without it ``sacct`` fails and submitit silently
 falls back to guessing job states, which is exactly the behaviour the tests must not depend on.
 """
 
-from sdcluster.cluster.sandbox.daemons import is_running, resolve_dir, start, stop
+from sdcluster.cluster.sandbox.lifecycle import is_running, resolve_dir, start, stop
 from sdcluster.cluster.sandbox.spec import APT_PACKAGES, DEFAULT_DIR, PARTITIONS, SandboxError, SandboxInfo
 
 __all__ = [

@@ -9,13 +9,17 @@ import sys
 from pathlib import Path
 
 import sdcluster.cluster.sandbox as package
-from sdcluster.cluster.sandbox.daemons import _run, is_running, resolve_dir, start, stop
+from sdcluster.cluster.sandbox.daemons import _run
+from sdcluster.cluster.sandbox.lifecycle import is_running, resolve_dir, start, stop
 from sdcluster.cluster.sandbox.spec import DEFAULT_DIR, SandboxError
 
 
 def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--dir", type=Path, default=None, help=f"state dir (default: {DEFAULT_DIR})")
+    common.add_argument(
+        "--nodes", type=int, default=1, help="nodes; more than 1: one network namespace each (default 1)"
+    )
     parser = argparse.ArgumentParser(
         prog="python -m sdcluster.cluster.sandbox",
         description=package.__doc__,
@@ -32,15 +36,15 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_parser(name, parents=[common], help=help_)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    d = resolve_dir(args.dir)
+    d = resolve_dir(args.dir, args.nodes)
     if args.cmd == "start":
         try:
-            start(d)
+            start(d, args.nodes)
         except SandboxError as err:
             print(err, file=sys.stderr)
             return 1
     elif args.cmd == "stop":
-        stop(d)
+        stop(d, args.nodes)
     elif args.cmd == "env":
         print(f"export SLURM_CONF={shlex.quote(str(d / 'slurm.conf'))}")
     elif not is_running(d):

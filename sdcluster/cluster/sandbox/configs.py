@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sdcluster.cluster.sandbox.spec import SandboxError
+from sdcluster.cluster.sandbox.spec import SandboxError, node_name
+
+if TYPE_CHECKING:
+    from sdcluster.cluster.sandbox.layout import Layout
 
 CLUSTER = "sdcluster"
 DB_NAME, DB_USER = "slurm_acct_db", "slurm"
 _FIRST_PORT = 16817  # SLURM's defaults are 6817-6819: never collide with a real cluster's daemons
 _N_PORTS = 4  # slurmctld, slurmd, slurmdbd, mariadb
-
-
-def node_name() -> str:
-    """`hostname -s`: slurmd finds its NodeName line by this name."""
-    return socket.gethostname().split(".")[0]
-
-
-def _real_memory_mb() -> int:
-    """10% under what slurmd will measure: a node configured above its real memory is drained."""
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.9)
 
 
 def _port_free(port: int) -> bool:
@@ -48,16 +41,36 @@ def mysql_user(d: Path) -> str:
     return "mysql" if reachable else "root"
 
 
-def _render_slurm_conf(d: Path, ctld: int, slurmd: int, dbd: int) -> str:
-    node, cpus = node_name(), len(os.sched_getaffinity(0))  # `nproc`: the CPUs this process may use
+def _node_lines(d: Path, lay: Layout) -> str:
+    """Per-node files and NodeName lines; several slurmd on one machine keep apart by ``%n``."""
+    tag = "-%n" if lay.namespaced else ""
+    spool = f"{d}/spool/%n" if lay.namespaced else f"{d}/spool"
+    lines = [
+        f"SlurmdSpoolDir={spool}",
+        f"SlurmdPidFile={d}/run/slurmd{tag}.pid",
+        f"SlurmdLogFile={d}/log/slurmd{tag}.log",
+    ]
+    for n in lay.nodes:
+        hostname = f" NodeHostname={n.name}" if n.netns else ""
+        size = f"CPUs={n.cpus} RealMemory={n.memory_mb}"
+        lines.append(f"NodeName={n.name} NodeAddr={n.addr}{hostname} {size} State=UNKNOWN")
+    names = ",".join(n.name for n in lay.nodes)
+    lines.append(f"PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP")
+    lines.append(f"PartitionName=short Nodes={names} MaxTime=60 State=UP")
+    return "\n".join(lines) + "\n"
+
+
+def _render_slurm_conf(d: Path, lay: Layout, ctld: int, slurmd: int, dbd: int) -> str:
     # linuxproc + task/none: a container without systemd gives slurmd no cgroup tree to manage.
-    # SlurmctldHost/NodeAddr on 127.0.0.1 keep all traffic on loopback whatever the hostname resolves to.
+    # SlurmctldHost/NodeAddr on 127.0.0.1 keep all traffic on loopback whatever the hostname resolves to;
+    # with namespaced nodes the controller is the bridge's address, the one address every node can reach
+    # (slurmctld only starts under the machine's own hostname, whatever address it is given).
     # JobRequeue=1 lets submitit's Checkpointable requeue itself; short MinJobAge/KillWait keep tests fast.
     # cred_expire=10 (default 120): a requeued job may only start again after it, so a preempted test job
     # would idle two minutes; 10 s is still ample for a step launch on one machine.
     return f"""\
 ClusterName={CLUSTER}
-SlurmctldHost={node}(127.0.0.1)
+SlurmctldHost={node_name()}({lay.controller_addr})
 SlurmctldPort={ctld}
 SlurmdPort={slurmd}
 SlurmUser=root
@@ -66,11 +79,8 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={d}/munge/munge.socket,cred_expire=10
 StateSaveLocation={d}/state
-SlurmdSpoolDir={d}/spool
 SlurmctldPidFile={d}/run/slurmctld.pid
-SlurmdPidFile={d}/run/slurmd.pid
 SlurmctldLogFile={d}/log/slurmctld.log
-SlurmdLogFile={d}/log/slurmd.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -87,21 +97,18 @@ MailProg=/bin/true
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=30
 AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=127.0.0.1
+AccountingStorageHost={lay.controller_addr}
 AccountingStoragePort={dbd}
 AccountingStoragePass={d}/munge/munge.socket
-NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={_real_memory_mb()} State=UNKNOWN
-PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
-PartitionName=short Nodes={node} MaxTime=60 State=UP
-"""
+{_node_lines(d, lay)}"""
 
 
-def _render_slurmdbd_conf(d: Path, dbd: int, mysql: int, password: str) -> str:
+def _render_slurmdbd_conf(d: Path, lay: Layout, dbd: int, mysql: int, password: str) -> str:
     return f"""\
 AuthType=auth/munge
 AuthInfo=socket={d}/munge/munge.socket
 DbdHost={node_name()}
-DbdAddr=127.0.0.1
+DbdAddr={lay.controller_addr}
 DbdPort={dbd}
 SlurmUser=root
 PidFile={d}/run/slurmdbd.pid
@@ -144,15 +151,17 @@ def grant_sql(password: str) -> str:
     )
 
 
-def write_configs(d: Path, password: str) -> list[int]:
+def write_configs(d: Path, lay: Layout, password: str) -> list[int]:
     """(Re)write every config with ports free right now and a fresh database password."""
     for sub in ("run", "log", "state", "spool", "munge", "mysql"):
         (d / sub).mkdir(parents=True, exist_ok=True)
+    for node in lay.nodes if lay.namespaced else ():
+        (d / "spool" / node.name).mkdir(exist_ok=True)
     ctld, slurmd, dbd, mysql = ports = _free_ports()
-    (d / "slurm.conf").write_text(_render_slurm_conf(d, ctld, slurmd, dbd))
+    (d / "slurm.conf").write_text(_render_slurm_conf(d, lay, ctld, slurmd, dbd))
     dbd_conf = d / "slurmdbd.conf"
     dbd_conf.touch(mode=0o600)
     dbd_conf.chmod(0o600)  # slurmdbd refuses a config others can read: it holds the database password
-    dbd_conf.write_text(_render_slurmdbd_conf(d, dbd, mysql, password))
+    dbd_conf.write_text(_render_slurmdbd_conf(d, lay, dbd, mysql, password))
     (d / "mysql" / "my.cnf").write_text(_render_my_cnf(d, mysql))
     return ports

@@ -1,17 +1,13 @@
-"""Start, check and stop the sandbox's daemons: munged, MariaDB, slurmdbd, slurmctld, slurmd."""
+"""The sandbox's daemons one by one: find, spawn and wait for munged, MariaDB, slurmdbd (see lifecycle.py)."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
-import secrets
 import shutil
-import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from sdcluster.cluster.sandbox.configs import (
@@ -20,32 +16,15 @@ from sdcluster.cluster.sandbox.configs import (
     DB_USER,
     grant_sql,
     mysql_user,
-    node_name,
-    write_configs,
 )
 from sdcluster.cluster.sandbox.spec import (
-    APT_PACKAGES,
-    BINARIES,
     BY_NAME,
-    DAEMONS,
-    DEFAULT_DIR,
-    HEALTHY_NODE_STATES,
     SEARCH_PATH,
     Daemon,
     SandboxError,
-    SandboxInfo,
 )
 
 log = logging.getLogger(__name__)
-
-
-def resolve_dir(state_dir: Path | str | None = None) -> Path:
-    """The state dir: the argument, else ``$SDCLUSTER_SLURM_DIR``, else /tmp/sdcluster-slurm."""
-    return Path(state_dir or os.environ.get("SDCLUSTER_SLURM_DIR") or DEFAULT_DIR).resolve()
-
-
-def _info(d: Path) -> SandboxInfo:
-    return SandboxInfo(state_dir=d, slurm_conf=d / "slurm.conf", node=node_name())
 
 
 def _alive(pid: int, daemon: Daemon) -> bool:
@@ -104,22 +83,6 @@ def _wait(d: Path, daemon: Daemon, ready: Callable[[], bool], what: str, timeout
         if time.monotonic() > grace and _pid(d, daemon) is None:
             raise _fail(d, daemon, f"exited before {what}")
         time.sleep(0.2)
-
-
-def _node_state(d: Path) -> str:
-    try:
-        out = _run(d, "sinfo", "-h", "-N", "-n", node_name(), "-o", "%t", check=False, timeout=5)
-    except subprocess.TimeoutExpired:
-        return ""
-    return out.stdout.strip().split("\n")[0] if out.returncode == 0 else ""
-
-
-def is_running(state_dir: Path | str | None = None) -> bool:
-    """True when every daemon of the sandbox is alive and the node accepts jobs."""
-    d = resolve_dir(state_dir)
-    if not (d / "slurm.conf").exists() or any(_pid(d, x) is None for x in DAEMONS):
-        return False
-    return _node_state(d) in HEALTHY_NODE_STATES
 
 
 def _spawn(d: Path, daemon: Daemon, *argv: str, foreground: bool = False) -> None:
@@ -208,84 +171,3 @@ def _start_slurmdbd(d: Path) -> None:
     if CLUSTER not in clusters:
         log.info("registering cluster %s in slurmdbd", CLUSTER)
         _run(d, "sacctmgr", "-i", "add", "cluster", CLUSTER)
-
-
-def _start_slurm(d: Path) -> None:
-    ctld, slurmd = BY_NAME["slurmctld"], BY_NAME["slurmd"]
-    _spawn(d, ctld, "slurmctld")
-    _wait(d, ctld, lambda: _ok(d, "scontrol", "ping"), "answering scontrol ping")
-    _spawn(d, slurmd, "slurmd", "-N", node_name())
-    resumed = False
-
-    def node_ready() -> bool:
-        nonlocal resumed
-        state = _node_state(d)
-        if not resumed and state.startswith(("down", "drain", "drng", "fail")):
-            # A node drained or downed in a previous session stays so in the saved state; clear it once.
-            log.info("node %s is %s from an earlier run: resuming it", node_name(), state)
-            _run(d, "scontrol", "update", f"NodeName={node_name()}", "State=RESUME", check=False)
-            resumed = True
-        return state in HEALTHY_NODE_STATES
-
-    _wait(d, slurmd, node_ready, "idle in sinfo", timeout=90)
-
-
-@contextlib.contextmanager
-def _locked(d: Path) -> Iterator[None]:
-    """Serialise start/stop between processes (e.g. two pytest sessions starting at once)."""
-    d.mkdir(parents=True, exist_ok=True)
-    with open(d / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
-
-
-def start(state_dir: Path | str | None = None) -> SandboxInfo:
-    """Bring the sandbox up (or reuse it when healthy) and return how to reach it."""
-    d = resolve_dir(state_dir)
-    missing = [b for b in BINARIES if shutil.which(b, path=SEARCH_PATH) is None]
-    if missing:
-        raise SandboxError(
-            f"SLURM sandbox needs {', '.join(missing)}: apt-get install {' '.join(APT_PACKAGES)}"
-        )
-    if is_running(d):  # unlocked fast path: read-only checks
-        log.info("SLURM sandbox already running in %s", d)
-        return _info(d)
-    with _locked(d):
-        if is_running(d):
-            return _info(d)
-        t0 = time.monotonic()
-        _stop_daemons(d)  # whatever is half up from an earlier session: restart from a known state
-        password = secrets.token_hex(16)
-        ports = write_configs(d, password)
-        log.info("wrote %s (ports %s)", d / "slurm.conf", ports)
-        _start_munge(d)
-        _start_mariadb(d, password)
-        _start_slurmdbd(d)
-        _start_slurm(d)
-        log.info("SLURM sandbox up in %.1f s: export SLURM_CONF=%s", time.monotonic() - t0, d / "slurm.conf")
-    return _info(d)
-
-
-def _stop_daemons(d: Path, timeout: float = 20) -> None:
-    for daemon in reversed(DAEMONS):
-        pid = _pid(d, daemon)
-        if pid is not None:
-            log.info("stopping %s (pid %d)", daemon.name, pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while _alive(pid, daemon) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if _alive(pid, daemon):
-                log.warning("%s ignored SIGTERM for %.0f s: killing it", daemon.name, timeout)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        (d / daemon.pid_file).unlink(missing_ok=True)  # also clears a stale one naming a dead process
-
-
-def stop(state_dir: Path | str | None = None) -> None:
-    """Stop the daemons this sandbox started (found by their pid files); state and logs stay."""
-    d = resolve_dir(state_dir)
-    if d.is_dir():
-        with _locked(d):
-            _stop_daemons(d)

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_DIR = Path("/tmp/sdcluster-slurm")
-APT_PACKAGES = ("slurm-wlm", "slurmdbd", "munge", "mariadb-server")
+# iproute2 (ip) and util-linux (nsenter, unshare) only for the multi-node sandbox; both are in most images.
+APT_PACKAGES = ("slurm-wlm", "slurmdbd", "munge", "mariadb-server", "iproute2", "util-linux")
+NETNS_BINARIES = ("ip", "nsenter", "unshare", "hostname")
 PARTITIONS = ["debug", "short"]
 BINARIES = ("setsid", "munged", "munge", "mungekey", "mariadb-install-db", "mariadbd", "mariadb", "slurmdbd")
 BINARIES += ("slurmctld", "slurmd", "sinfo", "sacctmgr", "scontrol")
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 HEALTHY_NODE_STATES = {"idle", "mix", "mixed", "alloc", "allocated", "comp", "completing"}
+
+
+def node_name() -> str:
+    """`hostname -s`: slurmd finds its NodeName line by this name."""
+    return socket.gethostname().split(".")[0]
 
 
 class SandboxError(RuntimeError):
@@ -27,6 +35,8 @@ class SandboxInfo:
     slurm_conf: Path
     node: str
     partitions: list[str] = field(default_factory=lambda: list(PARTITIONS))
+    nodes: tuple[str, ...] = ()
+    """Every node's name, first node first (ranks rendezvous on it); ``node`` is the first."""
 
     @property
     def env(self) -> dict[str, str]:
@@ -52,3 +62,4 @@ DAEMONS = (
     Daemon("slurmd", "slurmd", "run/slurmd.pid", "log/slurmd.log"),
 )
 BY_NAME = {d.name: d for d in DAEMONS}
+BASE_DAEMONS = DAEMONS[:-1]  # what every sandbox shares; slurmd is per node (see layout.py)

@@ -1,0 +1,305 @@
+"""The GPU table: SD 1.x at true size, the seed's recipe in fp16 and bf16, then 512 px generation.
+
+    bash benchmarks/gpu_wheels.sh install wheels && python -m benchmarks.gpu_table     # on the GPU (~8 min)
+    python -m benchmarks.gpu_table --dry-run        # the same path on CPU, small model, a few steps (~3 min)
+
+Made for a GPU machine without internet (an H200 with torch, accelerate, transformers and peft installed): the
+rest comes as wheels from ``benchmarks/gpu_wheels.sh``. The model is the random-weight SD 1.x of
+:mod:`benchmarks.true_size_model` (built there in about a minute); everything else is sdcluster's own path.
+Each row runs in a fresh process.
+
+* **training**: ``experiment=jeans_sd14`` (512 px, batch 1 x accumulation 4, gradient checkpointing, EMA,
+  latent cache) through :func:`sdcluster.train.loop.train` with ``train.mixed_precision`` fp16, bf16, and bf16
+  with ``train.ema_offload=true``; ``--warmup`` steps, then ``--steps`` timed ones (the gaps between
+  ``metrics.jsonl`` lines; the run then stops with a checkpoint, as if preempted). Peak GPU memory is
+  ``torch.cuda.max_memory_allocated``. Model FLOP utilisation (MFU): the FLOPs of one optimizer step counted
+  by ``torch.utils.flop_counter.FlopCounterMode`` on a real forward + backward (without the recomputation of
+  gradient checkpointing: that is hardware work, not model work; it is reported too), divided by the
+  seconds per step and ``--peak-tflops`` (H200: 989 dense bf16).
+* **generation**: 2 prompts x 8 images, 50 steps (the seed's), fp16: the seed's batch-1 loop (one pipeline
+  call and one PNG per image, as :mod:`benchmarks.generate`'s reference) against sdcluster's generation job in
+  batches of 8. Both load the pipeline inside the clock, after one untimed warm-up image.
+
+Writes ``benchmarks/results/gpu_table.json`` and ``gpu_table.md`` (``--dry-run``: ``gpu_table_dryrun.*``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import common
+from benchmarks.true_size import PROMPT, compose
+from benchmarks.true_size_phases import model_folder
+
+PROMPTS = [
+    PROMPT,
+    "A pair of faded denim jeans laid flat on a white background with a small black square marker.",
+]
+TRAIN_VARIANTS = {
+    "fp16": ("fp16", []),
+    "bf16": ("bf16", []),
+    "bf16 + ema_offload": ("bf16", ["train.ema_offload=true"]),
+}
+
+
+def _device() -> Any:
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _peak_memory_gib() -> float:
+    """Peak GPU memory of this process (allocated by torch); on CPU the peak resident memory instead."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1024**3
+    return common.peak_rss_mb() / 1024
+
+
+def run_train(variant: str, args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.true_size_phases import _step_times
+    from sdcluster.train.loop import train
+
+    precision, extra = TRAIN_VARIANTS[variant]
+    if args.dry_run:
+        precision = (
+            "bf16"  # fp16 needs a GPU; bf16 autocast runs (slowly) on CPU: the path is what is checked
+        )
+    out = Path(args.workdir) / variant.replace(" ", "").replace("+", "-")
+    total = args.warmup + args.steps
+    cfg = compose(args.model, out, total, 2, precision, extra)
+    result = train(cfg, stop_at=lambda step: step == total)
+    times = _step_times(result.run_dir)
+    gaps = [times[s] - times[s - 1] for s in range(args.warmup + 1, total + 1)]
+    shutil.rmtree(out, ignore_errors=True)  # a checkpoint of SD 1.x is 13 GiB
+    return {
+        "precision": precision,
+        "s_per_step": statistics.median(gaps),
+        "gaps": gaps,
+        "peak_gib": _peak_memory_gib(),
+    }
+
+
+def run_flops(args: argparse.Namespace) -> dict[str, Any]:
+    """FLOPs of one optimizer step (grad_accum micro-steps), counted on a real forward + backward."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = _device()
+    cfg = compose(args.model, Path(args.workdir), 2, 2)
+    unet = UNet2DConditionModel.from_pretrained(model_folder(args.model), subfolder="unet").to(device).train()
+    side = cfg.train.resolution // 8
+    latents = torch.randn(cfg.train.batch_size, 4, side, side, device=device)
+    hidden = torch.randn(cfg.train.batch_size, 77, unet.config.cross_attention_dim, device=device)
+    timesteps = torch.full((cfg.train.batch_size,), 500, device=device)
+
+    def micro_step_flops() -> int:
+        with FlopCounterMode(display=False) as counter, torch.autocast(device.type, dtype=torch.bfloat16):
+            F.mse_loss(unet(latents, timesteps, hidden, return_dict=False)[0].float(), latents).backward()
+        unet.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+    model = micro_step_flops()
+    unet.enable_gradient_checkpointing()
+    hardware = micro_step_flops()
+    return {
+        "model_flops_per_step": model * cfg.train.grad_accum,
+        "hw_flops_per_step": hardware * cfg.train.grad_accum,
+    }
+
+
+def run_generate(variant: str, args: argparse.Namespace) -> dict[str, Any]:
+    import dataclasses
+
+    import torch
+
+    out = Path(args.workdir) / "images"
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = compose(args.model, out, 2, args.gen_steps, "no" if args.dry_run else "fp16")
+    gen = dataclasses.replace(
+        cfg.generate, prompts=PROMPTS[: args.prompts], num_images=args.per_prompt, batch_size=args.batch
+    )
+    cfg = dataclasses.replace(
+        cfg, task="generate", generate=dataclasses.replace(gen, model=str(model_folder(args.model)))
+    )
+    count = len(gen.prompts) * gen.num_images
+    if variant == "batch-1 loop":
+        _batch1_loop(cfg, out / "warm", 1)
+        started = time.perf_counter()
+        _batch1_loop(cfg, out / "timed", count)
+    else:
+        from sdcluster.generate.job import generate_images
+
+        warm = dataclasses.replace(cfg, output_root=str(out / "warm"))
+        generate_images(
+            dataclasses.replace(
+                warm,
+                generate=dataclasses.replace(
+                    gen, num_images=1, batch_size=1, prompts=gen.prompts[:1], model=cfg.generate.model
+                ),
+            )
+        )
+        started = time.perf_counter()
+        count = generate_images(dataclasses.replace(cfg, output_root=str(out / "timed"))).generated
+    if torch.cuda.is_available():  # the images are on disk already; this only makes the clock exact
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    return {
+        "images": count,
+        "seconds": seconds,
+        "images_per_s": count / seconds,
+        "peak_gib": _peak_memory_gib(),
+    }
+
+
+def _batch1_loop(cfg: Any, out: Path, count: int) -> None:
+    """The seed's inference.py: one pipeline call and one PNG per image."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    device = _device()
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    pipe = StableDiffusionPipeline.from_pretrained(
+        cfg.generate.model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+    ).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    out.mkdir(parents=True, exist_ok=True)
+    g = cfg.generate
+    for k in range(count):
+        p, i = divmod(k, g.num_images)
+        generator = torch.Generator(device.type).manual_seed(1000 * p + i)
+        image = pipe(
+            g.prompts[p],
+            num_inference_steps=g.steps,
+            guidance_scale=g.guidance_scale,
+            generator=generator,
+            height=g.height,
+            width=g.width,
+        ).images[0]
+        image.save(out / f"p{p}_{i}.png")
+
+
+def _child(kind: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One row in a fresh process (its peak memory is its own); a failure is recorded, the rest still runs."""
+    argv = [
+        sys.executable,
+        "-m",
+        "benchmarks.gpu_table",
+        "--one",
+        kind,
+        "--variant",
+        variant,
+        *args.passthrough,
+    ]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else None
+    result = common.child_streamed(argv, env)
+    print(f"{kind} {variant}: {result}", file=sys.stderr, flush=True)
+    return result
+
+
+def _rows(record: dict[str, Any], peak_tflops: float) -> tuple[list[list[str]], list[list[str]]]:
+    flops = record["flops"]
+    train_rows = []
+    for variant, r in record["train"].items():
+        if "failed" in r:
+            train_rows.append([variant, "failed", "", "", "", ""])
+            continue
+        model = flops.get("model_flops_per_step", float("nan")) / r["s_per_step"]
+        hardware = flops.get("hw_flops_per_step", float("nan")) / r["s_per_step"]
+        train_rows.append(
+            [
+                variant,
+                f"{r['s_per_step']:.3f}",
+                f"{r['peak_gib']:.1f}",
+                f"{model / 1e12:.3g}",
+                f"{100 * model / (peak_tflops * 1e12):.3g}%",
+                f"{100 * hardware / (peak_tflops * 1e12):.3g}%",
+            ]
+        )
+    loop = record["generate"].get("batch-1 loop", {}).get("images_per_s")
+    gen_rows = []
+    for variant, r in record["generate"].items():
+        if "failed" in r:
+            gen_rows.append([variant, "failed", "", ""])
+            continue
+        speedup = f"{r['images_per_s'] / loop:.2f}" if loop else ""
+        gen_rows.append([variant, f"{r['images_per_s']:.3f}", speedup, f"{r['peak_gib']:.1f}"])
+    return train_rows, gen_rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="CPU, small model, 2+1 steps, 2 images")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--model", choices=["sd1", "small", "tiny"], default="sd1")
+    parser.add_argument("--warmup", type=int, default=5, help="optimizer steps not timed")
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps timed")
+    parser.add_argument("--gen-steps", type=int, default=50)
+    parser.add_argument("--prompts", type=int, default=2, choices=[1, 2])
+    parser.add_argument("--per-prompt", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8, help="sdcluster's generation batch")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H200: 989)")
+    parser.add_argument("--workdir", default=str(common.CACHE_ROOT / "gpu-table-run"))
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        args.device, args.model, args.warmup, args.steps = "cpu", "small", 1, 1
+        args.gen_steps, args.prompts, args.per_prompt, args.batch = 2, 1, 2, 2
+    if args.one:
+        common.set_threads()
+        runners = {"train": lambda: run_train(args.variant, args), "flops": lambda: run_flops(args)}
+        runners["generate"] = lambda: run_generate(args.variant, args)
+        print(json.dumps(runners[args.one]()))
+        return
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("no GPU visible: use --dry-run (or --device cpu) to check the path on CPU")
+    args.passthrough = ["--device", args.device, "--model", args.model, "--warmup", str(args.warmup)]
+    args.passthrough += ["--steps", str(args.steps), "--gen-steps", str(args.gen_steps)]
+    args.passthrough += ["--prompts", str(args.prompts), "--per-prompt", str(args.per_prompt)]
+    args.passthrough += ["--batch", str(args.batch), "--workdir", args.workdir]
+    args.passthrough += ["--dry-run"] if args.dry_run else []
+    model_folder(args.model)  # built once, outside every measurement
+    name = "gpu_table" if args.device == "cuda" else "gpu_table_dryrun"  # a CPU check is not the GPU table
+    record: dict[str, Any] = {"machine": common.machine(), "args": {k: v for k, v in vars(args).items()}}
+    record["flops"] = _child("flops", "-", args)
+    variants = ["bf16"] if args.dry_run else list(TRAIN_VARIANTS)
+    record["train"] = {v: _child("train", v, args) for v in variants}
+    record["generate"] = {
+        v: _child("generate", v, args) for v in ("batch-1 loop", f"sdcluster batch {args.batch}")
+    }
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    train_rows, gen_rows = _rows(record, args.peak_tflops)
+    shape = "512 px" if args.model == "sd1" else f"{args.model} model"
+    timed = f"{args.steps} steps after {args.warmup} warm-up"
+    memory = "GPU" if args.device == "cuda" else "RSS"  # max_memory_allocated, or on CPU the process's peak
+    text = common.print_table(
+        f"Training, the seed's recipe ({shape}, batch 1 x 4, EMA), {timed} ({record['machine']})",
+        ["variant", "s/step", f"peak {memory} GiB", "model TFLOP/s", "MFU", "with recompute"],
+        train_rows,
+    )
+    images = f"{args.prompts} prompts x {args.per_prompt} images, {args.gen_steps} steps"
+    text += "\n" + common.print_table(
+        f"Generation, {images}", ["variant", "images/s", "x loop", f"peak {memory} GiB"], gen_rows
+    )
+    record["table"] = text
+    common.save(name, record)
+    (Path(__file__).resolve().parent / "results" / f"{name}.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Stage a hub model ahead of time, on a login node that has the hub, for jobs that will not.
+
+``launch`` stages by itself; this does the same alone (same config tree, same checks, same cache), e.g. from
+a node with internet before launching from one without, or to warm a shared ``model.cache_dir``.
+
+    python -m sdcluster.models fetch CompVis/stable-diffusion-v1-4
+    python -m sdcluster.models fetch model=sd14 model.revision=v1.4 model.cache_dir=/shared/hf
+    python -m sdcluster.models fetch model=sd15 model.variant=fp16
+
+It prints the commit the revision resolved to and the local folder. Exit 2 on a configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sdcluster.config import Config, ConfigError
+
+
+def compose(overrides: list[str]) -> Config:
+    """The config ``launch`` would build from these overrides (package conf/, conf/local/, command line)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from sdcluster.config.store import conf_dir
+    from sdcluster.launch import to_config
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        return to_config(hydra_compose(config_name="config", overrides=overrides))
+
+
+def fetch(target: str, overrides: list[str]) -> int:
+    from sdcluster.models.hub import stage
+    from sdcluster.models.load import check_model_source
+    from sdcluster.models.source import is_hub_id
+    from sdcluster.redaction import reject_secrets_in_arguments
+
+    reject_secrets_in_arguments([target, *overrides])
+    # a bare hub id is shorthand for model.path=ID (named after it, as a run would be)
+    extra = [target] if "=" in target else [f"model.path={target}", f"model.name={target.split('/')[-1]}"]
+    model = compose(extra + overrides).model
+    check_model_source(model)
+    if not is_hub_id(model.path):
+        raise ConfigError(
+            f"model.path: {model.path!r} is not a hub model (it is built or read locally): nothing to fetch. "
+            "Fix: give a hub id such as CompVis/stable-diffusion-v1-4, or model=sd14"
+        )
+    staged = stage(model, say=print)
+    state = "from the cache (hub unreachable)" if staged.offline else "complete"
+    print(f"{staged.repo_id} {staged.revision}: commit {staged.commit} ({len(staged.files)} files, {state})")
+    print(staged.folder)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sdcluster.models", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    cmd = sub.add_parser("fetch", help="resolve, check and download a hub model into model.cache_dir")
+    cmd.add_argument("target", help="a hub id (owner/name) or model=NAME")
+    cmd.add_argument("overrides", nargs="*", help="more config overrides, e.g. model.revision=REV")
+    args = parser.parse_args(argv)
+    try:
+        return fetch(args.target, args.overrides)
+    except ConfigError as err:
+        print(f"sdcluster: configuration error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""Stage a hub model on the login node, so that jobs read it from a cache with the hub switched off.
+
+A compute node often has no internet, a gated model needs a token that must not travel with the job, and a
+typo, a bad revision or a full quota should not wait six hours in a queue to show. So ``launch`` (through
+:func:`stage_for_launch`) resolves the revision to a commit, checks access and free space, downloads once
+only the files the pipeline loads, and pins the config to that commit (``model.commit``); every rank then
+loads the same files from ``model.cache_dir`` with ``HF_HUB_OFFLINE=1`` (:func:`staged_folder`).
+
+The cache is huggingface_hub's own (``models--org--name/snapshots/<commit>``), written by
+``snapshot_download``: several launches share it and a second one downloads nothing.
+
+    python -m sdcluster.models fetch CompVis/stable-diffusion-v1-4     # stage ahead of time (see __main__)
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdcluster import atomic
+from sdcluster.config import Config, ConfigError, ModelConfig
+from sdcluster.models.source import is_hub_id
+
+# Components of model_index.json that sdcluster never loads (the export passes None for them): the
+# safety checker alone is 1.2 GB in SD 1.x repos.
+NOT_LOADED = frozenset({"safety_checker", "feature_extractor", "image_encoder"})
+WEIGHTED_PARTS = ("unet", "vae", "text_encoder")
+WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".ckpt",
+    ".pt",
+    ".pth",
+    ".msgpack",
+    ".h5",
+    ".onnx",
+    ".pb",
+    ".onnx_data",
+)
+INDEX_FILE = "model_index.json"
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class StagedModel:
+    """A hub model resolved to a commit, with the files jobs load and where they are (or will be)."""
+
+    repo_id: str
+    revision: str  # what was asked for: a branch, a tag or a commit
+    commit: str
+    files: tuple[str, ...]
+    folder: Path  # the snapshot folder of ``commit`` in the cache
+    missing_bytes: int  # what still had to be downloaded when staging began
+    offline: bool  # the hub could not be reached: everything came from the cache
+
+
+def cache_dir(model: ModelConfig) -> Path:
+    """``model.cache_dir``, or Hugging Face's cache (``HF_HUB_CACHE``) when it is not set."""
+    if model.cache_dir:
+        return Path(model.cache_dir).expanduser()
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def origin(model: ModelConfig) -> dict[str, Any]:
+    """What a run was trained from, for job.json and the export: the hub id, revision asked, commit loaded."""
+    return {"path": model.path, "revision": model.revision, "commit": model.commit, "variant": model.variant}
+
+
+def select_files(index: dict[str, Any], repo_files: list[str], variant: str | None, where: str) -> list[str]:
+    """The files a pipeline load reads: model_index.json, then per loaded component its configs, tokenizer
+    and scheduler files, and the safetensors weights of ``variant`` (never pickles, checkpoints, EMA or
+    full-precision twins). ``where`` names the repo in errors."""
+    suffix = re.escape(f".{variant}") if variant else ""
+    weights = re.compile(rf"^[^.]+{suffix}(-\d{{5}}-of-\d{{5}})?\.safetensors$")
+    weight_index = re.compile(rf"^[^.]+\.safetensors\.index{suffix}\.json$")
+    parts = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]]
+    chosen = [INDEX_FILE]
+    for part in (p for p in parts if p not in NOT_LOADED):
+        names = [f.split("/", 1)[1] for f in repo_files if f.startswith(f"{part}/") and f.count("/") == 1]
+        found = [n for n in names if weights.match(n) or weight_index.match(n)]
+        if part in WEIGHTED_PARTS and not any(n.endswith(".safetensors") for n in found):
+            what = f"{variant} safetensors weights" if variant else "safetensors weights"
+            fix = (
+                "drop model.variant (or pick a variant the repo has)"
+                if variant
+                else "pick a repo that has them"
+            )
+            raise ConfigError(
+                f"model.path: {where} has no {what} for {part} (pickled .bin weights are never loaded: "
+                f"loading them can run code). Fix: {fix}"
+            )
+        others = [n for n in names if not n.endswith(WEIGHT_SUFFIXES) and ".index" not in n]
+        chosen += [f"{part}/{n}" for n in sorted(others + found)]
+    return chosen
+
+
+def _explain(err: Exception, model: ModelConfig, revision: str) -> ConfigError:
+    """The ConfigError (cause and fix) for an error the hub answered with."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    repo, page = model.path, f"{constants.ENDPOINT}/{model.path}"
+    if isinstance(err, GatedRepoError) and err.response.status_code == 401:
+        return ConfigError(
+            f"model.path: {repo} is gated and no token was sent. Fix: accept its license on {page}, then "
+            "run `hf auth login` or export HF_TOKEN in this shell (jobs do not need it: they read the "
+            "staged copy)"
+        )
+    if isinstance(err, GatedRepoError):
+        return ConfigError(
+            f"model.path: {repo} is gated and the account of your token has no access yet. Fix: accept "
+            f"the license on {page} logged in as that account (or use a token of an account that did), "
+            "then launch again"
+        )
+    if isinstance(err, RepositoryNotFoundError):
+        return ConfigError(
+            f"model.path: {repo!r} is not a model on the hub ({constants.ENDPOINT}), or it is private and "
+            "your token cannot see it. Fix: check the id (e.g. CompVis/stable-diffusion-v1-4, or "
+            "model=sd14), or export HF_TOKEN with read access"
+        )
+    if isinstance(err, RevisionNotFoundError):
+        key = "model.commit" if revision == model.commit else "model.revision"
+        return ConfigError(
+            f"{key}: {revision!r} is not a branch, tag or commit of {repo}. Fix: use one listed on "
+            f"{page}, or drop {key} (main)"
+        )
+    return ConfigError(f"model.path: the hub refused {repo} ({err}). Fix: check HF_TOKEN and HF_ENDPOINT")
+
+
+def _not_cached(model: ModelConfig, revision: str, reason: str) -> ConfigError:
+    return ConfigError(
+        f"model.path: the hub cannot be reached ({reason}) and {model.path} at {revision!r} is not "
+        f"complete in the model cache {cache_dir(model)}. Fix: stage it where the hub is reachable, with "
+        f"the same model.cache_dir: python -m sdcluster.models fetch {model.path}"
+        + (f" model.revision={revision}" if revision != "main" else "")
+        + "; or check the network (HF_ENDPOINT, proxy)"
+    )
+
+
+def _remote_listing(model: ModelConfig, revision: str) -> tuple[str, dict[str, int]] | str:
+    """(commit, size of every file) from the hub; why not, when the hub cannot be reached."""
+    import httpx2
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RevisionResolutionError
+
+    api = HfApi()
+    try:
+        # resolve_revision also records revision -> commit in the cache (refs/), for a later offline launch
+        commit = api.resolve_revision(model.path, revision=revision, cache_dir=cache_dir(model)).resolved
+        info = api.model_info(model.path, revision=commit, files_metadata=True)
+    except OfflineModeIsEnabled:
+        return "HF_HUB_OFFLINE=1"
+    except (httpx2.TransportError, RevisionResolutionError) as err:
+        return f"{type(err).__name__}: {err}"
+    except HfHubHTTPError as err:
+        if err.response is not None and err.response.status_code >= 500:
+            return f"the hub answered {err.response.status_code}"  # down: the cache may still hold the model
+        raise _explain(err, model, revision) from None
+    return commit, {s.rfilename: s.size or 0 for s in info.siblings or []}
+
+
+def _cached_listing(model: ModelConfig, revision: str, reason: str) -> tuple[str, dict[str, int]]:
+    """(commit, sizes) from the cache alone: the ref and file listing snapshot_download stored."""
+    from huggingface_hub import HfApi, get_cached_repo_tree
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError, RevisionResolutionError
+
+    try:
+        commit = (
+            HfApi()
+            .resolve_revision(
+                model.path, revision=revision, cache_dir=cache_dir(model), local_files_only=True
+            )
+            .resolved
+        )
+        tree = get_cached_repo_tree(model.path, revision=commit, cache_dir=cache_dir(model))
+    except (RevisionResolutionError, CachedRepoTreeNotFoundError):
+        raise _not_cached(model, revision, reason) from None
+    return commit, {f.path: f.size or 0 for f in tree}
+
+
+def _check_space(model: ModelConfig, needed: int, count: int, commit: str) -> None:
+    where = cache_dir(model)
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if needed > free:
+        raise ConfigError(
+            f"model.cache_dir: {cache_dir(model)} has {free / 2**30:.2f} GiB free, but {model.path} at "
+            f"{commit[:12]} needs {needed / 2**30:.2f} GiB more ({count} files). Fix: free space there, or "
+            "set model.cache_dir to shared storage with room (every node must read it)"
+        )
+
+
+def stage(model: ModelConfig, download: bool = True, say: Say | None = None) -> StagedModel:
+    """Resolve ``model`` (a hub id) to a commit and, with ``download``, make its files complete in the cache.
+
+    Pinned to ``model.commit`` when set (a resumed or resubmitted run keeps its weights), else to what
+    ``model.revision`` (default ``main``) points at now. Without the hub (no network, ``HF_HUB_OFFLINE=1``,
+    the hub down) the cache answers alone, or a ConfigError says what to stage where.
+    """
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    revision = model.commit or model.revision or "main"
+    listing = _remote_listing(model, revision)
+    offline = isinstance(listing, str)
+    if isinstance(listing, str):
+        reason, (commit, sizes) = listing, _cached_listing(model, revision, listing)
+    else:
+        reason, (commit, sizes) = "the connection dropped", listing
+    if INDEX_FILE not in sizes:
+        raise ConfigError(
+            f"model.path: {model.path} has no {INDEX_FILE}: not a diffusers pipeline. Fix: use one"
+        )
+    cache = cache_dir(model)
+    try:
+        index_path = hf_hub_download(
+            model.path, INDEX_FILE, revision=commit, cache_dir=cache, local_files_only=offline
+        )
+        files = select_files(json.loads(Path(index_path).read_text()), list(sizes), model.variant, model.path)
+        folder = Path(index_path).parent
+        missing = [f for f in files if not (folder / f).is_file()]
+        needed = sum(sizes[f] for f in missing)
+        if not offline:
+            _check_space(model, needed, len(missing), commit)
+        if say and download and missing:
+            say(
+                f"model: downloading {len(missing)} files ({needed / 2**20:.1f} MiB) of {model.path} "
+                f"into {cache}"
+            )
+        if download or offline:  # offline, this only checks that every file is there
+            patterns = [glob.escape(f) for f in files]
+            snapshot_download(
+                model.path,
+                revision=commit,
+                cache_dir=cache,
+                allow_patterns=patterns,
+                local_files_only=offline,
+            )
+    except LocalEntryNotFoundError:
+        raise _not_cached(model, revision, reason) from None
+    except Exception as err:
+        if atomic.is_disk_full(err):
+            raise _explain_full(model, err) from None
+        raise
+    return StagedModel(model.path, revision, commit, tuple(files), folder, needed, offline)
+
+
+def _explain_full(model: ModelConfig, err: Exception) -> ConfigError:
+    return ConfigError(
+        f"model.cache_dir: {cache_dir(model)} ran out of space (or quota) while downloading {model.path} "
+        f"({err}). Fix: free space there, or set model.cache_dir to larger shared storage; the same command "
+        "then downloads only what is missing"
+    )
+
+
+def staged_folder(model: ModelConfig) -> Path:
+    """The complete snapshot folder of ``model.commit``, from the cache only: what every rank of a job
+    loads (with ``HF_HUB_OFFLINE=1`` nothing reaches the hub, so ranks cannot race on a download)."""
+    return stage(model, download=False).folder
+
+
+def _generation_reads_base(cfg: Config) -> bool:
+    """A generation job that loads the configured model itself (e.g. the base model of a LoRA run)."""
+    from sdcluster.paths import generation_model
+
+    return cfg.task != "train" and str(generation_model(cfg)) == cfg.model.path
+
+
+def needs_staging(cfg: Config) -> bool:
+    """Whether launching ``cfg`` reads a hub model: training loads it, and a generation-only job needs its
+    commit to find the run it generates from (not when generate.model names the folder)."""
+    if not is_hub_id(cfg.model.path):
+        return False
+    return cfg.task != "generate" or not cfg.generate.model or _generation_reads_base(cfg)
+
+
+def stage_for_launch(cfg: Config, dry_run: bool = False, say: Say = print) -> StagedModel | None:
+    """Login-node staging: pins ``cfg.model.commit`` (the run's identity and the jobs' weights follow it).
+
+    A dry run, and a generation-only launch that reads an export, resolve and check but download nothing.
+    """
+    if not needs_staging(cfg):
+        return None
+    download = not dry_run and (cfg.task != "generate" or _generation_reads_base(cfg))
+    staged = stage(cfg.model, download=download, say=say)
+    cfg.model.commit = staged.commit
+    where = "from the cache, hub unreachable" if staged.offline else "checked on the hub"
+    say(f"model: {staged.repo_id} {staged.revision} -> commit {staged.commit} ({where}): {staged.folder}")
+    return staged

@@ -1,0 +1,227 @@
+"""What a run trains, chosen once from ``train.method``: every UNet weight, or LoRA adapters.
+
+The trainer, loop, checkpointer, EMA and export ask the method instead of branching on its name:
+
+- :meth:`prepare` freezes, casts and adapts the loaded components (before they move to the device);
+- :attr:`models` are what ``accelerator.prepare`` wraps (the UNet first), :meth:`named_parameters` what is
+  trained, in one fixed order: the optimizer, the gradient clipping, the EMA and its checkpoint file see
+  exactly these, so a LoRA run's EMA and optimizer state are adapter-sized;
+- :meth:`param_groups` are the optimizer's groups (the text encoder's adapters have their own rate);
+- :meth:`register_checkpoint_hooks` decides what ``accelerator.save_state`` writes for the models;
+- :meth:`export` writes the run's result (a diffusers pipeline, or the standard LoRA file).
+
+A model family (:mod:`sdcluster.train.family`) says how the pipeline is built and saved; the methods work
+on whichever family they are given.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file
+
+from sdcluster.config import Config
+from sdcluster.train.family import SD1, model_family
+from sdcluster.train.loss import model_inputs
+
+if TYPE_CHECKING:
+    from sdcluster.models.load import Components
+    from sdcluster.train.trainer import Trainer
+
+log = logging.getLogger("sdcluster")
+
+TEXT_ENCODER_PREFIX = "text_encoder."  # names its trained tensors apart from the UNet's in the EMA file
+
+
+def weight_dtype(accelerator: Any) -> torch.dtype | None:
+    """The half type mixed precision computes in, or None in float32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
+
+
+class FullFineTune:
+    """Every UNet weight is trained, in float32 (autocast computes in half precision when asked)."""
+
+    name = "full"
+    trains_text_encoder = False
+
+    def __init__(self, cfg: Config, family: SD1) -> None:
+        self.cfg = cfg
+        self.family = family
+        self.models: list[torch.nn.Module] = []
+
+    def prepare(self, comps: Components, accelerator: Any) -> None:
+        comps.unet.train()
+        self.models = [comps.unet]
+
+    def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The UNet's parameters by their own names (the EMA file of full runs has always used them)."""
+        return list(self.models[0].named_parameters())
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        return [{"params": [p for _, p in self.named_parameters()], "lr": lr}]
+
+    def model_inputs(self, comps: Components, batch: dict[str, torch.Tensor], device: Any, gen: Any):
+        """(latents, conditioning) of a batch from the frozen encoders (or the latent cache)."""
+        return model_inputs(comps.vae, comps.text_encoder, batch, device, gen)
+
+    def register_checkpoint_hooks(self, accelerator: Any) -> None:
+        """Nothing to change: ``save_state`` writes the whole UNet, which is what is trained."""
+
+    def export(self, t: Trainer) -> Path:
+        from sdcluster.train.export import export_pipeline
+
+        return export_pipeline(
+            t.paths.model,
+            t.comps.source,
+            t.accelerator.unwrap_model(t.unet),
+            t.ema,
+            params=t.params,
+            prediction_type=self.cfg.train.prediction_type,
+            revision=self.cfg.model.revision,
+            variant=self.cfg.model.variant,
+            origin=t.comps.origin,
+        )
+
+
+class LoRA(FullFineTune):
+    """Low-rank adapters (``peft``) on the UNet's attention projections, optionally the text encoder's too.
+
+    As in diffusers' ``train_text_to_image_lora.py``: the base weights are frozen and, under mixed
+    precision, cast to the half type (the memory saving LoRA is chosen for); the adapters stay in float32
+    (``cast_training_params``), so the optimizer updates full-precision numbers.
+    """
+
+    name = "lora"
+
+    def __init__(self, cfg: Config, family: SD1) -> None:
+        super().__init__(cfg, family)
+        self.lora = cfg.train.lora
+        self.trains_text_encoder = self.lora.text_encoder_lr is not None
+
+    def _adapter_config(self, targets: list[str] | tuple[str, ...]) -> Any:
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.lora.rank,
+            lora_alpha=self.lora.alpha if self.lora.alpha is not None else self.lora.rank,
+            lora_dropout=self.lora.dropout,
+            init_lora_weights="gaussian",  # diffusers' choice: B = 0, so step 0 is exactly the base model
+            target_modules=list(targets),
+        )
+
+    def prepare(self, comps: Components, accelerator: Any) -> None:
+        from diffusers.training_utils import cast_training_params
+
+        dtype = weight_dtype(accelerator)
+        modules = [comps.unet] + ([comps.text_encoder] if self.trains_text_encoder else [])
+        for module in modules:
+            module.requires_grad_(False)
+            if dtype is not None:
+                module.to(dtype=dtype)
+        # The adapters' initial A matrices are random: seeded from train.seed in a forked RNG, so they are
+        # the same in every job of the run (resume rebuilds them before loading) and the global stream is
+        # left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.train.seed)
+            comps.unet.add_adapter(self._adapter_config(self.lora.target_modules))
+            if self.trains_text_encoder:
+                # peft's own injection, not transformers' add_adapter: that one refuses peft < 0.22 under
+                # transformers 5, for the same layers and the same state dict.
+                from peft import inject_adapter_in_model
+
+                config = self._adapter_config(self.family.text_encoder_targets)
+                inject_adapter_in_model(config, comps.text_encoder)
+        cast_training_params(modules, dtype=torch.float32)
+        for module in modules:
+            module.train()
+        self.models = modules
+        count = sum(p.numel() for _, p in self.named_parameters())
+        log.info("LoRA rank %d on %s: %d trainable parameters", self.lora.rank, self._where(), count)
+
+    def _where(self) -> str:
+        return "UNet + text encoder" if self.trains_text_encoder else "UNet"
+
+    def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The adapters: UNet ones by their own names, text encoder ones prefixed ``text_encoder.``."""
+        found = [(n, p) for n, p in self.models[0].named_parameters() if p.requires_grad]
+        for module in self.models[1:]:
+            found += [(TEXT_ENCODER_PREFIX + n, p) for n, p in module.named_parameters() if p.requires_grad]
+        return found
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        unet = [p for p in self.models[0].parameters() if p.requires_grad]
+        groups = [{"params": unet, "lr": lr}]
+        if self.trains_text_encoder:
+            scale = lr / self.cfg.optim.lr  # optim.scale_lr scales both rates alike
+            text = [p for p in self.models[1].parameters() if p.requires_grad]
+            groups.append({"params": text, "lr": self.lora.text_encoder_lr * scale})
+        return groups
+
+    def model_inputs(self, comps: Components, batch: dict[str, torch.Tensor], device: Any, gen: Any):
+        """Latents as usual; with text encoder adapters, the conditioning with autograd, every step."""
+        if not self.trains_text_encoder:
+            return super().model_inputs(comps, batch, device, gen)
+        from sdcluster.train.loss import encode_latents
+
+        latents = encode_latents(comps.vae, batch["pixel_values"].to(device), gen)
+        return latents, self.family.encode_prompt_ids(comps, batch["input_ids"].to(device))
+
+    def register_checkpoint_hooks(self, accelerator: Any) -> None:
+        """``save_state`` writes only the adapters of each prepared model (a checkpoint the size of the
+        adapters, not of the UNet), and ``load_state`` loads them back, refusing any other set of names.
+
+        accelerate's own hooks for this (diffusers' examples use them); the file names stay accelerate's
+        (``model.safetensors``, ``model_1.safetensors``), so the checkpoint format is unchanged.
+        """
+
+        def save_adapters(models: list[Any], weights: list[dict], output_dir: str) -> None:
+            for i, model in enumerate(models):
+                module = accelerator.unwrap_model(model)
+                weights[i] = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+
+        def load_adapters(models: list[Any], input_dir: str) -> None:
+            while models:  # accelerate loads what is left in the list: nothing, the adapters are ours
+                index = len(models) - 1
+                module = accelerator.unwrap_model(models.pop())
+                name = "model.safetensors" if index == 0 else f"model_{index}.safetensors"
+                _load_trainable(module, Path(input_dir) / name)
+
+        accelerator.register_save_state_pre_hook(save_adapters)
+        accelerator.register_load_state_pre_hook(load_adapters)
+
+    def export(self, t: Trainer) -> Path:
+        from sdcluster.train.export import export_fused, export_lora
+
+        unet = t.accelerator.unwrap_model(t.unet)
+        text_encoders = self.family.text_encoders(t.comps) if self.trains_text_encoder else {}
+        origin = t.comps.origin
+        lora_dir = export_lora(t.paths.lora, self.family, unet, text_encoders, t.ema, t.params, origin)
+        if self.lora.fuse_export:
+            prediction_type, model = self.cfg.train.prediction_type, self.cfg.model
+            source = t.comps.source
+            export_fused(t.paths.model, self.family, source, lora_dir, prediction_type, model, origin)
+        return lora_dir
+
+
+def _load_trainable(module: torch.nn.Module, file: Path) -> None:
+    """Copy a checkpoint's adapter tensors into ``module``; the names must be exactly its trainable ones."""
+    tensors = load_file(str(file))
+    trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    if set(tensors) != set(trainable):
+        missing, extra = sorted(set(trainable) - set(tensors)), sorted(set(tensors) - set(trainable))
+        raise RuntimeError(
+            f"{file} does not hold this run's adapters (missing {missing[:3]}, unexpected {extra[:3]}): "
+            "it was saved with other train.method/train.lora settings"
+        )
+    with torch.no_grad():
+        for name, param in trainable.items():
+            param.copy_(tensors[name].to(param.device, param.dtype))
+
+
+def make_method(cfg: Config) -> FullFineTune:
+    """The method ``train.method`` names, for the model's family."""
+    family = model_family(cfg)
+    return LoRA(cfg, family) if cfg.train.method == "lora" else FullFineTune(cfg, family)
