@@ -1,7 +1,7 @@
 """A finished generation folder is a dataset: datasets' imagefolder loads it, sdcluster trains on it as it is.
 
-One 6-image program run on the tiny model (see test_prompts.py) serves every test; split variants rerun the
-job on copies, which renders nothing (every image is there) and only merges and exports again.
+One 6-image program run on the tiny model (tests/generate/conftest.py) serves every test; split variants
+rerun the job on copies, which renders nothing (every image is there) and only merges and exports again.
 """
 
 from __future__ import annotations
@@ -20,21 +20,9 @@ from sdcluster.generate import records
 from sdcluster.generate.dataset_export import dataset_rows, split_of
 from sdcluster.generate.job import generate_images
 from tests.conftest import compose
-from tests.generate.test_prompts import program_cfg, write_program
+from tests.generate.conftest import program_cfg
 
 SLOTS = {"wash", "view"}
-
-
-@pytest.fixture(scope="module")
-def program(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_program(tmp_path_factory.mktemp("program"))
-
-
-@pytest.fixture(scope="module")
-def made(tiny_model: Path, program: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    result = generate_images(program_cfg(tmp_path_factory.mktemp("made"), tiny_model, program))
-    assert result.generated == 6
-    return result.out_dir
 
 
 def load(folder: Path, cache: Path) -> datasets.DatasetDict:

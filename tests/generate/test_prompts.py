@@ -26,33 +26,7 @@ from sdcluster.generate.plan import cut_batches, plan_items, shard
 from sdcluster.generate.prompts import Sampling, check_program, expand, load_program
 from sdcluster.generate.render import load_pipeline, render
 from tests.conftest import compose
-
-PROGRAM = """
-slots:
-  wash: [light, dark]
-  view: [front, back]
-templates:
-  - text: "a pair of {wash} denim jeans, viewed from the {view}"
-    images: 1
-    negative: "blurry, text"
-  - text: "{wash} denim, folded"
-    count: 2
-    guidance_scale: 3.0
-    steps: 3
-"""
-
-
-def write_program(folder: Path, text: str = PROGRAM, name: str = "program.yaml") -> Path:
-    path = folder / name
-    path.write_text(text)
-    return path
-
-
-def program_cfg(root: Path, model: Path, program: Path, **gen: object) -> Config:
-    """The small program on the tiny model: 4 + 2 images, 2 steps (template 1: 3), 64 px."""
-    settings: dict = dict(prompts=[], prompts_file=str(program), num_images=1, steps=2, height=64, width=64)
-    settings.update(gen)
-    return Config(generate=GenerateConfig(model=str(model), **settings), output_root=str(root))
+from tests.generate.conftest import PROGRAM, program_cfg, write_program
 
 
 def gen_of(tmp_path: Path, text: str, **gen: object) -> GenerateConfig:
@@ -208,19 +182,6 @@ def png_bytes(folder: Path) -> dict[str, bytes]:
 def pixels(data: Path | bytes) -> np.ndarray:
     with Image.open(data) as image:
         return np.asarray(image.convert("RGB")).astype(np.int16)
-
-
-@pytest.fixture(scope="module")
-def program(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_program(tmp_path_factory.mktemp("program"))
-
-
-@pytest.fixture(scope="module")
-def made(tiny_model: Path, program: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The program at the default batch size (4), one shard: what the other tests compare against."""
-    result = generate_images(program_cfg(tmp_path_factory.mktemp("made"), tiny_model, program))
-    assert (result.generated, result.total) == (6, 6)
-    return result.out_dir
 
 
 @pytest.mark.slow
