@@ -7,6 +7,10 @@ Models (random weights, built offline like :mod:`sdcluster.models.tiny`, real di
   (34.5M parameters) at 128 px; VAE (24, 48, 96, 96) so that its encoder costs 1.3x a UNet forward (SD 1.4 at
   512 px: 558 / 402 GFLOP = 1.4x); a 2-layer, 160-wide CLIP text encoder (about 5% of a UNet forward, as in
   SD 1.x).
+* ``small_sdxl``: SDXL-shaped at about 1/5 width: SDXL's 3-level UNet layout (64, 128, 256) with 1, 2 and 4
+  transformer layers per attention block (SDXL: 320/640/1280, 1/2/10), linear projections, the ``text_time``
+  size/crop embedding; two 160-wide text encoders concatenated (320 cross-attention channels, the second one
+  pooled), the ``small`` VAE, at 256 px (SDXL trains at twice SD 1.x's resolution).
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 CACHE_ROOT = Path(os.environ.get("SDCLUSTER_BENCH_CACHE", Path(tempfile.gettempdir()) / "sdcluster-bench"))
-RESOLUTION = {"tiny": 64, "small": 128}
+RESOLUTION = {"tiny": 64, "small": 128, "small_sdxl": 256}
 SMALL_VERSION = "1"
+SMALL_SDXL_VERSION = "1"
 
 
 SMALL_UNET: dict[str, Any] = {
@@ -49,6 +54,23 @@ SMALL_TEXT: dict[str, Any] = {
 }
 
 
+SMALL_SDXL_UNET: dict[str, Any] = {
+    "sample_size": 32,
+    "block_out_channels": (64, 128, 256),
+    "layers_per_block": 2,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 4),
+    "attention_head_dim": (1, 2, 4),  # 64 channels a head, as SDXL's (5, 10, 20) heads of 320/640/1280
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 32,
+    "cross_attention_dim": 320,
+    "projection_class_embeddings_input_dim": 6 * 32 + 160,
+}
+SMALL_SDXL_TEXT: dict[str, Any] = {**SMALL_TEXT, "projection_dim": 160}
+
+
 def build_small_pipeline(dest: Path) -> Path:
     """Write the ``small`` pipeline folder (fixed seeds, so every machine builds the same weights)."""
     from sdcluster.models.tiny import build_pipeline
@@ -59,13 +81,23 @@ def build_small_pipeline(dest: Path) -> Path:
 def model_path(size: str) -> Path:
     """The pipeline folder of ``tiny`` or ``small``, built on first use under :data:`CACHE_ROOT`."""
     if size == "tiny":
-        from sdcluster.models.tiny import ensure_tiny_model
+        from sdcluster.models.embedded import ensure_tiny_model
 
         return ensure_tiny_model(CACHE_ROOT)
-    dest = CACHE_ROOT / "models" / f"small-v{SMALL_VERSION}"
+    if size == "small_sdxl":
+        from sdcluster.models.tiny_sdxl import build_sdxl_pipeline
+
+        version = SMALL_SDXL_VERSION
+
+        def build(dest: Path) -> Path:
+            return build_sdxl_pipeline(dest, SMALL_SDXL_UNET, SMALL_VAE, SMALL_SDXL_TEXT)
+    else:
+        version, build = SMALL_VERSION, build_small_pipeline
+    dest = CACHE_ROOT / "models" / f"{size.replace('_', '-')}-v{version}"
     if not (dest / "model_index.json").is_file():
+        CACHE_ROOT.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=".building-", dir=CACHE_ROOT))
-        build_small_pipeline(work / "model")
+        build(work / "model")
         os.replace(work / "model", dest)
     return dest
 

@@ -136,7 +136,7 @@ def _sandbox_env() -> dict[str, str]:
 
 def launch_array(images: int, root: Path) -> tuple[Path, str]:
     """Submit through the real launch path; return the generation folder and the array's job id."""
-    from sdcluster.models.tiny import ensure_tiny_model
+    from sdcluster.models.embedded import ensure_tiny_model
 
     model = ensure_tiny_model(root / "cache")
     program = _program(root / "program.yaml", images)

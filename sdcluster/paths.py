@@ -215,8 +215,8 @@ def latent_cache_dir(cfg: Config) -> Path:
     return Path(cfg.cache_root) / "latents"
 
 
-def tiny_model_dir(cache_root: Path | str) -> Path:
-    return Path(cache_root) / "models" / "tiny"
+def tiny_model_dir(cache_root: Path | str, name: str = "tiny") -> Path:
+    return Path(cache_root) / "models" / name
 
 
 def sample_data_dir() -> Path:
@@ -243,7 +243,11 @@ def absolutize(cfg: Config, base: Path | None = None) -> Config:
         cfg.generate.model = absolute(cfg.generate.model)
     if cfg.generate.lora:
         cfg.generate.lora = absolute(cfg.generate.lora)
-    if cfg.model.path != "tiny" and Path(cfg.model.path).expanduser().exists():
+    from sdcluster.models.source import is_embedded, is_local
+
+    if not is_embedded(cfg.model.path) and Path(cfg.model.path).expanduser().exists():
         cfg.model.path = absolute(cfg.model.path)
+    if cfg.model.vae_path and is_local(cfg.model.vae_path):  # a hub id stays one, to be named in the error
+        cfg.model.vae_path = absolute(cfg.model.vae_path)
     cfg.model.cache_dir = absolute(cfg.model.cache_dir)
     return cfg

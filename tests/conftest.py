@@ -53,7 +53,7 @@ def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(cache_root: Path) -> Path:
-    from sdcluster.models.tiny import ensure_tiny_model
+    from sdcluster.models.embedded import ensure_tiny_model
 
     return ensure_tiny_model(cache_root)
 

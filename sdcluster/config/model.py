@@ -16,14 +16,16 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 class ModelConfig:
     """Which Stable Diffusion to start from.
 
-    ``path`` is a local diffusers folder or a hub id; the special value ``tiny`` builds the embedded
-    random-weight model offline (tests and the default run), so no code path knows which one it got.
+    ``path`` is a local diffusers folder or a hub id; the special values ``tiny`` and ``tiny_sdxl`` build the
+    embedded random-weight Stable Diffusion and SDXL offline (tests and the default run), so no code path
+    knows which one it got. The family (SD 1.x/2.x or SDXL) is read from the model's ``model_index.json``.
     """
 
     name: str = "tiny"
     """Short name of the model; names the run folder (``outputs/runs/<name>-<hash>``) unless run_name does."""
     path: str = "tiny"
-    """A local diffusers folder or a hub id to fine-tune; ``tiny``: the random-weight model built offline."""
+    """A local diffusers folder or a hub id to fine-tune; ``tiny`` / ``tiny_sdxl``: the random-weight Stable
+    Diffusion / SDXL built offline."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) to pin the weights to, for a reproducible run; null: main."""
     variant: str | None = None
@@ -31,6 +33,11 @@ class ModelConfig:
     cache_dir: str | None = None
     """Where launch stages a hub model and jobs read it (put it on storage every node sees); null: Hugging
     Face's cache (``HF_HUB_CACHE``, ``~/.cache/huggingface/hub``)."""
+    vae_path: str | None = None
+    """A local folder holding an ``AutoencoderKL`` (``config.json`` + safetensors) to use instead of the
+    model's VAE, in training, the export and generation: for SDXL, a VAE fine-tuned for half precision (such
+    as madebyollin/sdxl-vae-fp16-fix, downloaded) lets the VAE follow ``train.mixed_precision``; without one
+    SDXL's VAE stays in fp32 (it overflows in fp16). null: the model's own VAE."""
     commit: str | None = None
     """The hub commit (40 hex digits) the weights are pinned to. Launch fills it in from ``revision``;
     set it to pin a run to a commit you know. Part of the run's identity in place of ``revision``."""
@@ -50,6 +57,8 @@ class ModelConfig:
         lives does not change what is learned."""
         fields = dataclasses.asdict(self)
         fields.pop("cache_dir")
+        if fields["vae_path"] is None:  # absent from runs made before it existed: their folders stay theirs
+            fields.pop("vae_path")
         commit = fields.pop("commit")
         if commit:
             fields["revision"] = commit

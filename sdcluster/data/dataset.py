@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from PIL import ExifTags, Image, ImageOps
 
 from sdcluster.data.image_checks import file_problem
 from sdcluster.data.metadata import METADATA_FILE, natural_key
+from sdcluster.models.family import TIME_IDS
 
 
 @contextlib.contextmanager
@@ -100,9 +101,28 @@ def resized_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
 def upright_size(path: Path | str) -> tuple[int, int]:
     """An image file's size after EXIF rotation, read from its header (no pixels are decoded)."""
     with Image.open(path) as image:
-        width, height = image.size
-        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+        return upright_size_of(image)
+
+
+def upright_size_of(image: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` of an opened image once EXIF rotation is applied."""
+    width, height = image.size
+    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def time_ids(
+    original: tuple[int, int], resized: tuple[int, int], resolution: int, left: int, top: int, flip: bool
+) -> torch.Tensor:
+    """SDXL's size and crop conditioning (``add_time_ids``) of one example: original height and width, crop
+    top and left, target height and width.
+
+    As in diffusers' SDXL training script, which flips before it crops: the crop's left edge is measured in
+    the mirrored image, so a mirrored crop reports ``width - resolution - left``.
+    """
+    crop_left = resized[0] - resolution - left if flip else left
+    numbers = [original[1], original[0], top, crop_left, resolution, resolution]
+    return torch.tensor(numbers, dtype=torch.float32)
 
 
 def resize_for_crop(image: Image.Image, resolution: int) -> Image.Image:
@@ -147,22 +167,24 @@ def augment(
     return crop_to_tensor(resized, resolution, left, top, flip)
 
 
-def tokenize_captions(tokenizer: Any, captions: list[str]) -> torch.Tensor:
-    """``(N, L)`` token ids padded to the model's length: the text encoder's input, cached or not."""
-    return tokenizer(
-        captions,
-        padding="max_length",
-        truncation=True,
-        max_length=tokenizer.model_max_length,
-        return_tensors="pt",
-    ).input_ids.long()
+def tokenize_captions(tokenizers: Any, captions: list[str]) -> dict[str, torch.Tensor]:
+    """``(N, L)`` token ids padded to the model's length, by batch key: ``input_ids`` (and SDXL's
+    ``input_ids_2``). ``tokenizers`` is one tokenizer or a family's mapping of them
+    (:meth:`sdcluster.models.family.SD1.tokenizers`)."""
+    from sdcluster.models.family import SD1
+
+    if not isinstance(tokenizers, Mapping):
+        tokenizers = {"input_ids": tokenizers}
+    return SD1().tokenize(tokenizers, captions)
 
 
 class TrainImages(torch.utils.data.Dataset):
     """Training examples addressed by ``(index, aug_seed)`` keys from :class:`StepSampler`.
 
     Captions are tokenized once here (they never change), so workers only decode and augment images,
-    and the tokenizer does not have to be pickled into DataLoader workers.
+    and the tokenizer does not have to be pickled into DataLoader workers. ``tokenizer`` is one tokenizer or
+    a family's mapping of them (SDXL's two). Every example carries its ``time_ids`` (SDXL's size and crop
+    conditioning, ignored by SD 1.x).
     """
 
     def __init__(
@@ -186,7 +208,7 @@ class TrainImages(torch.utils.data.Dataset):
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
-        self.input_ids = tokenize_captions(tokenizer, captions)
+        self.token_ids = tokenize_captions(tokenizer, captions)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -198,11 +220,19 @@ class TrainImages(torch.utils.data.Dataset):
             )
         index, aug_seed = key
         image = self.dataset[int(index)]["image"]
-        pixels = augment(image, self.resolution, self.center_crop, self.random_flip, aug_seed)
-        return {"pixel_values": pixels, "input_ids": self.input_ids[index].clone()}
+        original = upright_size_of(image)
+        resized = resize_for_crop(image, self.resolution)
+        res = self.resolution
+        left, top, flip = crop_and_flip(resized.size, res, self.center_crop, self.random_flip, aug_seed)
+        example = {
+            "pixel_values": crop_to_tensor(resized, res, left, top, flip),
+            TIME_IDS: time_ids(original, resized.size, res, left, top, flip),
+        }
+        return example | {key: ids[index].clone() for key, ids in self.token_ids.items()}
 
 
 def collate(examples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack examples key by key: ``pixel_values`` (B, 3, R, R) float32 and ``input_ids`` (B, L) long from
-    :class:`TrainImages`, ``posterior`` and ``hidden`` from the latent cache's examples."""
+    :class:`TrainImages`, ``posterior`` and ``hidden`` (and ``pooled``) from the latent cache's examples,
+    ``time_ids`` (B, 6) from both."""
     return {key: torch.stack([e[key] for e in examples]) for key in examples[0]}

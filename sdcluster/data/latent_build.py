@@ -37,7 +37,6 @@ from sdcluster.data.latent_cache import (
     manifest_of,
     verify,
 )
-from sdcluster.models.load import encode_text
 from sdcluster.paths import latent_cache_dir
 
 log = logging.getLogger("sdcluster")
@@ -76,7 +75,7 @@ def _encode_share(
     plan: Plan, dataset: Any, comps: Any, res: int, device: Any, rank: int, world: int, dest: Path
 ):
     """Encode this rank's block of posterior rows and of caption rows into ``dest``."""
-    vae, text_encoder = comps.vae, comps.text_encoder
+    vae, family = comps.vae, comps.family
     lo, hi = _share(len(plan.variants), rank, world)
     side = res // 2 ** (len(vae.config.block_out_channels) - 1)
 
@@ -97,13 +96,17 @@ def _encode_share(
     shape = (2 * vae.config.latent_channels, side, side)
     _write_rows(dest / f"posterior.{rank}.npy", hi - lo, shape, posterior_batches())
     clo, chi = _share(len(plan.captions), rank, world)
-    ids = tokenize_captions(comps.tokenizer, plan.captions[clo:chi]) if chi > clo else torch.zeros(0, 1)
-    hidden = (
-        encode_text(text_encoder, ids[s : s + ENCODE_BATCH].to(device))
-        for s in range(0, len(ids), ENCODE_BATCH)
-    )
-    shape = (comps.tokenizer.model_max_length, text_encoder.config.hidden_size)
-    _write_rows(dest / f"text.{rank}.npy", chi - clo, shape, hidden)
+    ids = tokenize_captions(family.tokenizers(comps), plan.captions[clo:chi]) if chi > clo else {}
+    with torch.no_grad():  # the shape of each array from one caption
+        probe = family.encode(comps, tokenize_captions(family.tokenizers(comps), ["shape"]))
+    for kind, sample in zip(plan.text_arrays, probe, strict=False):
+
+        def encoded(which: int = plan.text_arrays.index(kind)) -> Iterable[torch.Tensor]:
+            for s in range(clo, chi, ENCODE_BATCH):
+                batch = {key: rows[s - clo : s - clo + ENCODE_BATCH] for key, rows in ids.items()}
+                yield family.encode(comps, batch)[which]
+
+        _write_rows(dest / f"{kind}.{rank}.npy", chi - clo, tuple(sample.shape[1:]), encoded())
 
 
 def _build(cfg: Config, plan: Plan, dataset: Any, comps: Any, acc: Any, entry: Path, problem: str) -> None:

@@ -20,14 +20,17 @@ What is stored, and why:
   the crop ``augment`` would have made. A resized image has ``(w-R+1)*(h-R+1)`` of them (1 for square
   images or ``center_crop``); if the dataset averages more than :data:`MAX_MEAN_CROPS`, caching would cost
   more than it saves, and training encodes every step instead (one log line says so).
-* Text: the hidden states of each distinct caption, once.
+* Text: the hidden states of each distinct caption, once (SDXL: both encoders' penultimate hidden states,
+  concatenated as the UNet takes them, and the pooled embedding, in ``pooled.r.npy``).
+* SDXL's size and crop conditioning: each image's original (upright) size is in the manifest, and each row's
+  crop offsets are its variant, so an example's ``time_ids`` are exactly what the image path computes.
 
 On disk an entry is a ``manifest.json`` (which crop/flip each row is, which caption row each image has, and
 the size and sha256 of every file) plus, per building rank ``r``, ``posterior.r.npy`` (rows of posterior
-parameters, float32) and ``text.r.npy`` (rows of hidden states, float32); shard ``r``'s rows follow shard
-``r-1``'s. It is built in a temporary folder and published in one rename once the manifest is written, so it
-is complete or absent; at every start the files are checked against the manifest, and a missing, partial or
-corrupt entry is named in a warning and rebuilt, never trained on.
+parameters, float32) and ``text.r.npy`` (rows of hidden states, float32; SDXL adds ``pooled.r.npy``);
+shard ``r``'s rows follow shard ``r-1``'s. It is built in a temporary folder and published in one rename once
+the manifest is written, so it is complete or absent; at every start the files are checked against the
+manifest, and a missing, partial or corrupt entry is named in a warning and rebuilt, never trained on.
 
 Plain ``.npy`` files because ``np.load(mmap_mode="r")`` gives random access to one row without reading the
 rest, and the page cache (shared by all processes of a node) does the caching when the entry is too big for
@@ -50,13 +53,14 @@ import torch
 
 from sdcluster import atomic
 from sdcluster.config import Config
-from sdcluster.data.dataset import crop_and_flip, resized_size, upright_size
+from sdcluster.data.dataset import crop_and_flip, resized_size, time_ids, upright_size
+from sdcluster.models.family import TIME_IDS
 from sdcluster.models.load import model_identity
 from sdcluster.paths import stable_hash
 
 log = logging.getLogger("sdcluster")
 
-CACHE_VERSION = 1  # bump when the variant order changes: old entries then get new keys
+CACHE_VERSION = 2  # bump when what an entry holds changes: old entries then get new keys (2: time ids)
 MAX_MEAN_CROPS = 32  # distinct random crops per image (on average) beyond which the cache is not used
 Variant = tuple[int, int, int, bool]  # (image row, crop left, crop top, mirrored)
 
@@ -66,10 +70,12 @@ class Plan:
     """What an entry holds: ``variants[row]`` is the crop/flip of one posterior row."""
 
     key: str
-    sizes: list[tuple[int, int]]
+    sizes: list[tuple[int, int]]  # resized, what the crops are taken from
     variants: list[Variant]
     captions: list[str]
     caption_rows: list[int]
+    originals: list[tuple[int, int]]  # upright sizes before resizing (SDXL's conditioning)
+    text_arrays: tuple[str, ...] = ("text",)  # the family's caption arrays
 
 
 def _crop_offsets(size: tuple[int, int], resolution: int, center_crop: bool) -> list[tuple[int, int]]:
@@ -101,7 +107,8 @@ def make_plan(cfg: Config, dataset: Any, comps: Any) -> Plan | None:
     captions = list(dataset[cfg.data.caption_column])
     if not all(isinstance(c, str) for c in captions):
         raise ValueError("some rows have no caption string; run `python -m sdcluster.data validate`")
-    sizes = [resized_size(upright_size(folder / name), res) for name in names]
+    originals = [upright_size(folder / name) for name in names]
+    sizes = [resized_size(size, res) for size in originals]
     crops = len(sizes) if center else sum((w - res + 1) * (h - res + 1) for w, h in sizes)
     if crops > MAX_MEAN_CROPS * len(sizes):
         log.info(
@@ -111,10 +118,13 @@ def make_plan(cfg: Config, dataset: Any, comps: Any) -> Plan | None:
             MAX_MEAN_CROPS,
         )
         return None
+    family = comps.family
+    encoders = family.text_encoders(comps).values()
     identity = {
         "version": CACHE_VERSION,
-        "model": model_identity(comps.source, cfg.model.revision, cfg.model.variant),
-        "dtypes": [str(comps.vae.dtype), str(comps.text_encoder.dtype)],
+        "family": family.name,
+        "model": model_identity(comps.source, cfg.model.revision, cfg.model.variant, cfg.model.vae_path),
+        "dtypes": [str(comps.vae.dtype), *(str(encoder.dtype) for encoder in encoders)],
         "resolution": res,
         "center_crop": center,
         "random_flip": flip,
@@ -123,7 +133,8 @@ def make_plan(cfg: Config, dataset: Any, comps: Any) -> Plan | None:
     unique = list(dict.fromkeys(captions))
     row_of = {caption: row for row, caption in enumerate(unique)}
     variants = plan_variants(sizes, res, center, flip)
-    return Plan(stable_hash(identity, 24), sizes, variants, unique, [row_of[c] for c in captions])
+    rows = [row_of[c] for c in captions]
+    return Plan(stable_hash(identity, 24), sizes, variants, unique, rows, originals, family.text_arrays)
 
 
 def manifest_of(plan: Plan, world: int) -> dict[str, Any]:
@@ -133,8 +144,10 @@ def manifest_of(plan: Plan, world: int) -> dict[str, Any]:
         "key": plan.key,
         "world_size": world,
         "sizes": plan.sizes,
+        "originals": plan.originals,
         "variants": plan.variants,
         "caption_rows": plan.caption_rows,
+        "text_arrays": list(plan.text_arrays),
     }
 
 
@@ -152,9 +165,8 @@ def verify(entry: Path, key: str, version: int) -> str | None:
     try:
         manifest = json.loads((entry / MANIFEST).read_text())
         files = manifest["files"]
-        expected = {
-            f"{kind}.{r}.npy" for kind in ("posterior", "text") for r in range(manifest["world_size"])
-        }
+        kinds = ("posterior", *manifest["text_arrays"])
+        expected = {f"{kind}.{r}.npy" for kind in kinds for r in range(manifest["world_size"])}
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"no readable manifest ({type(err).__name__})"
     if manifest.get("version") != version or manifest.get("key") != key:
@@ -238,8 +250,12 @@ class CachedExamples(torch.utils.data.Dataset):
         self.in_memory = self.nbytes <= budget_bytes
         shards = range(manifest["world_size"])
         self.posterior = ShardedRows([entry / f"posterior.{r}.npy" for r in shards], self.in_memory)
-        self.hidden = ShardedRows([entry / f"text.{r}.npy" for r in shards], self.in_memory)
+        self.text = {
+            kind: ShardedRows([entry / f"{kind}.{r}.npy" for r in shards], self.in_memory)
+            for kind in manifest["text_arrays"]
+        }
         self.sizes = [tuple(size) for size in manifest["sizes"]]
+        self.originals = [tuple(size) for size in manifest["originals"]]
         self.caption_rows = manifest["caption_rows"]
         self.rows = {
             (i, left, top, bool(f)): row for row, (i, left, top, f) in enumerate(manifest["variants"])
@@ -259,5 +275,14 @@ class CachedExamples(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         index, aug_seed = key
-        row = self.rows[self.variant(int(index), aug_seed)]
-        return {"posterior": self.posterior[row], "hidden": self.hidden[self.caption_rows[index]]}
+        variant = self.variant(int(index), aug_seed)
+        row, caption = self.rows[variant], self.caption_rows[index]
+        _, left, top, flip = variant
+        example = {
+            "posterior": self.posterior[row],
+            TIME_IDS: time_ids(self.originals[index], self.sizes[index], self.resolution, left, top, flip),
+        }
+        example["hidden"] = self.text["text"][caption]
+        if "pooled" in self.text:
+            example["pooled"] = self.text["pooled"][caption]
+        return example

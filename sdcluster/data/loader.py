@@ -44,7 +44,7 @@ def training_examples(cfg: Config, comps: Any, accelerator: Any) -> torch.utils.
     train = cfg.train
     return TrainImages(
         dataset,
-        comps.tokenizer,
+        comps.family.tokenizers(comps),
         train.resolution,
         train.center_crop,
         train.random_flip,

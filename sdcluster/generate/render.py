@@ -66,8 +66,10 @@ def _dtype_keyword() -> str:
 
 
 def load_pipeline(cfg: Config) -> Any:
-    """The pipeline with our scheduler, no safety checker and no tqdm bars (they garble SLURM log files)."""
-    from diffusers import StableDiffusionPipeline
+    """The model's pipeline (SD 1.x/2.x or SDXL, read from its ``model_index.json``) with our scheduler, no
+    safety checker and no tqdm bars (they garble SLURM log files)."""
+    from sdcluster.models.family import family_of
+    from sdcluster.models.load import check_vae_path
 
     model = paths.generation_model(cfg)
     require_model(model)
@@ -77,13 +79,20 @@ def load_pipeline(cfg: Config) -> Any:
             "generate.mixed_precision=%s ignored on CPU: generating in float32", cfg.generate.mixed_precision
         )
     source, pinned = (str(model), {}) if isinstance(model, Path) else base_source(cfg)
-    pipe = StableDiffusionPipeline.from_pretrained(
+    family = family_of(source, pinned.get("revision"))
+    parts: dict[str, Any] = {}
+    if not isinstance(model, Path) and cfg.model.vae_path:  # the base model with the VAE the run used
+        from diffusers import AutoencoderKL
+
+        check_vae_path(cfg.model)
+        parts["vae"] = AutoencoderKL.from_pretrained(cfg.model.vae_path, use_safetensors=True)
+    pipe = family.pipeline_class.from_pretrained(
         source,
         **{_dtype_keyword(): dtype},
         **pinned,
+        **parts,
+        **family.pipeline_kwargs(),
         use_safetensors=True,
-        safety_checker=None,
-        requires_safety_checker=False,
     )
     lora = paths.generation_lora(cfg)
     if lora is not None:  # a LoRA run's adapters, or generate.lora, on top of the model
@@ -104,6 +113,9 @@ def load_pipeline(cfg: Config) -> Any:
 
 class PromptEmbeddings:
     """Text embeddings per unique (prompt, negative prompt), computed once and reused by every batch.
+
+    ``encode_prompt`` of either pipeline family, by keyword: SD 1.x/2.x gives the prompt's and the negative
+    prompt's embeddings, SDXL also their pooled embeddings; each is passed back under its call keyword.
 
     Items are in prompt-major order, so a small LRU holds every prompt a shard is still working on. The
     negative prompt is part of the key because a program's templates each carry their own; the constructor's
@@ -127,7 +139,13 @@ class PromptEmbeddings:
             self.cache.move_to_end(key)
             return self.cache[key]
         with torch.no_grad():  # unlike the pipeline call, encode_prompt does not turn autograd off itself
-            embeds = self.pipe.encode_prompt(prompt, self.pipe.device, 1, guidance, negative_prompt=negative)
+            embeds = self.pipe.encode_prompt(
+                prompt=prompt,
+                device=self.pipe.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=guidance,
+                negative_prompt=negative,
+            )
         self.encoded += 1
         self.cache[key] = embeds
         if len(self.cache) > self.size:
@@ -140,11 +158,16 @@ class PromptEmbeddings:
 
         sampling = sampling or self.default
         guidance = sampling.guidance_scale > 1.0  # the pipeline's own test for classifier-free guidance
-        pairs = [self.encode(p, sampling.negative_prompt, guidance) for p in prompts]
-        kwargs = {"prompt_embeds": torch.cat([pos for pos, _ in pairs])}
-        if guidance:
-            kwargs["negative_prompt_embeds"] = torch.cat([neg for _, neg in pairs])
+        encoded = [self.encode(p, sampling.negative_prompt, guidance) for p in prompts]
+        kwargs = {}
+        for k, name in enumerate(_EMBEDS[: len(encoded[0])]):
+            if encoded[0][k] is not None and (guidance or not name.startswith("negative")):
+                kwargs[name] = torch.cat([e[k] for e in encoded])
         return kwargs
+
+
+_EMBEDS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+"""What ``encode_prompt`` returns, in order, as the pipeline call's keywords (SD 1.x: the first two)."""
 
 
 def render(

@@ -5,6 +5,7 @@ Training and generation get the same objects for the tiny model and for SD 1.4: 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -12,15 +13,18 @@ from pathlib import Path
 from typing import Any
 
 from sdcluster.config import ConfigError, ModelConfig
-from sdcluster.models.source import is_hub_id, is_local, looks_like_hub_id
+from sdcluster.models.family import SD1, family_of
+from sdcluster.models.source import is_embedded, is_hub_id, is_local, looks_like_hub_id
 
-WEIGHTED_PARTS = ("unet", "vae", "text_encoder")
+WEIGHTED_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # those the folder has
 log = logging.getLogger("sdcluster")
 
 
 def check_safetensors(folder: Path, key: str) -> None:
     """Every weighted component of a pipeline folder has safetensors weights: pickles are never loaded."""
     for part in WEIGHTED_PARTS:
+        if part == "text_encoder_2" and not (folder / part).is_dir():
+            continue
         if not any((folder / part).glob("*.safetensors")):
             raise ConfigError(
                 f"{key}: {folder / part} has no .safetensors weights (pickled .bin weights are never "
@@ -31,7 +35,8 @@ def check_safetensors(folder: Path, key: str) -> None:
 
 def check_model_source(model: ModelConfig) -> None:
     """Login-node check: a local folder must be a diffusers pipeline; anything else must be a hub id."""
-    if model.path == "tiny":
+    check_vae_path(model)
+    if is_embedded(model.path):
         return
     if is_local(model.path):
         folder = Path(model.path).expanduser()
@@ -50,16 +55,30 @@ def check_model_source(model: ModelConfig) -> None:
         )
 
 
+def check_vae_path(model: ModelConfig) -> None:
+    """``model.vae_path`` is a local ``AutoencoderKL`` folder with safetensors weights."""
+    if model.vae_path is None:
+        return
+    folder = Path(model.vae_path).expanduser()
+    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
+        hint = " (a hub id: download it first)" if looks_like_hub_id(model.vae_path) else ""
+        raise ConfigError(
+            f"model.vae_path: {model.vae_path} is not a folder holding a VAE's config.json and .safetensors "
+            f"weights{hint}. Fix: `hf download madebyollin/sdxl-vae-fp16-fix --local-dir DIR` (or save "
+            "your AutoencoderKL with save_pretrained) and set model.vae_path=DIR, or drop model.vae_path"
+        )
+
+
 def resolve_model_path(model: ModelConfig, cache_root: str | Path) -> str:
-    """The folder or hub id to load; ``tiny`` is built (once, cached) on first use.
+    """The folder or hub id to load; ``tiny`` and ``tiny_sdxl`` are built (once, cached) on first use.
 
     A hub model pinned by launch (``model.commit``) is its staged snapshot folder, read from the cache
     alone: jobs run with the hub switched off. Unpinned (a library caller that skipped launch), the hub id.
     """
-    if model.path == "tiny":
-        from sdcluster.models.tiny import ensure_tiny_model
+    if is_embedded(model.path):
+        from sdcluster.models.embedded import ensure_tiny_model
 
-        return str(ensure_tiny_model(cache_root))
+        return str(ensure_tiny_model(cache_root, model.path))
     if is_local(model.path):
         return str(Path(model.path).expanduser())
     if model.commit:
@@ -73,28 +92,47 @@ def _hub_snapshot(source: str, revision: str | None) -> Path | None:
     try:
         from huggingface_hub import snapshot_download
 
-        patterns = ["vae/*", "text_encoder/*", "tokenizer/*"]
+        patterns = [f"{sub}/*" for sub in ENCODER_PARTS]
         folder = snapshot_download(source, revision=revision, local_files_only=True, allow_patterns=patterns)
         return Path(folder)
     except Exception:  # not in the local hub cache: the id and revision are all we know
         return None
 
 
-def model_identity(source: str, revision: str | None, variant: str | None) -> dict[str, Any]:
-    """Source, revision and (size, mtime) of every file the cached numbers come from."""
-    folder = Path(source) if Path(source).is_dir() else _hub_snapshot(source, revision)
+ENCODER_PARTS = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+"""The folders whose files the latent cache's numbers come from (SDXL has the ``_2`` ones)."""
+
+
+def _file_stats(folder: Path, subs: tuple[str, ...]) -> dict[str, list[int]]:
     files: dict[str, list[int]] = {}
-    for sub in ("vae", "text_encoder", "tokenizer") if folder else ():
+    for sub in subs:
         for path in sorted((folder / sub).rglob("*")):
             if path.is_file():
                 stat = path.stat()
                 files[path.relative_to(folder).as_posix()] = [stat.st_size, stat.st_mtime_ns]
-    return {"source": source, "revision": revision, "variant": variant, "files": files}
+    return files
+
+
+def model_identity(
+    source: str, revision: str | None, variant: str | None, vae_path: str | None = None
+) -> dict[str, Any]:
+    """Source, revision and (size, mtime) of every file the cached numbers come from."""
+    folder = Path(source) if Path(source).is_dir() else _hub_snapshot(source, revision)
+    files = _file_stats(folder, ENCODER_PARTS) if folder else {}
+    identity = {"source": source, "revision": revision, "variant": variant, "files": files}
+    if vae_path:  # another VAE encodes the images: other latents
+        vae_folder = Path(vae_path)
+        identity["vae"] = {"path": vae_path, "files": _file_stats(vae_folder.parent, (vae_folder.name,))}
+    return identity
 
 
 @dataclass
 class Components:
-    """What training needs from a pipeline: the trainable UNet and the frozen rest."""
+    """What training needs from a pipeline: the trainable UNet and the frozen rest.
+
+    ``family`` (:mod:`sdcluster.models.family`) says which of them a model has and how they are used;
+    ``tokenizer_2``/``text_encoder_2`` are SDXL's second pair (None for SD 1.x/2.x).
+    """
 
     tokenizer: Any
     text_encoder: Any
@@ -103,6 +141,9 @@ class Components:
     noise_scheduler: Any
     source: str
     origin: dict[str, Any] | None = None  # hub id, revision and commit of a hub model (see models.hub)
+    family: SD1 = dataclasses.field(default_factory=SD1)
+    tokenizer_2: Any = None
+    text_encoder_2: Any = None
 
 
 def load_components(model: ModelConfig, cache_root: str | Path, accelerator: Any = None) -> Components:
@@ -112,12 +153,12 @@ def load_components(model: ModelConfig, cache_root: str | Path, accelerator: Any
     transformers (5.x) writes weights only on rank 0 once torch.distributed is up, so a copy built on
     another rank would have empty weight folders.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from sdcluster.models.hub import origin
 
-    if model.path == "tiny" and accelerator is not None and accelerator.num_processes > 1:
+    if is_embedded(model.path) and accelerator is not None and accelerator.num_processes > 1:
         if accelerator.is_main_process:
             resolve_model_path(model, cache_root)
         accelerator.wait_for_everyone()
@@ -136,15 +177,36 @@ def load_components(model: ModelConfig, cache_root: str | Path, accelerator: Any
         )
     # safetensors only: a pickled .bin can run code when loaded; nothing here enables remote code either
     weights = {**common, "variant": model.variant, "use_safetensors": True}
+    family = family_of(source, common["revision"])
+    second: dict[str, Any] = {}
+    if "tokenizer_2" in family.tokenizer_names:
+        second = {
+            "tokenizer_2": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **common),
+            "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
+                source, subfolder="text_encoder_2", **weights
+            ),
+        }
     return Components(
         tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
         text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights),
-        vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **weights),
+        vae=load_vae(model, source, weights),
         unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights),
         noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common),
         source=source,
         origin=origin(model) if is_hub_id(model.path) else None,
+        family=family,
+        **second,
     )
+
+
+def load_vae(model: ModelConfig, source: str, weights: dict[str, Any]) -> Any:
+    """The model's VAE, or the one ``model.vae_path`` names (a local folder, safetensors only)."""
+    from diffusers import AutoencoderKL
+
+    if model.vae_path:
+        check_vae_path(model)
+        return AutoencoderKL.from_pretrained(model.vae_path, use_safetensors=True)
+    return AutoencoderKL.from_pretrained(source, subfolder="vae", **weights)
 
 
 def encode_text(text_encoder: Any, input_ids: Any) -> Any:

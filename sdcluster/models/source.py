@@ -1,4 +1,4 @@
-"""Where a ``model.path`` points: the embedded ``tiny`` model, a local folder, or a hub id.
+"""Where a ``model.path`` points: an embedded model (``tiny``, ``tiny_sdxl``), a local folder, or a hub id.
 
 Its own module because both the loader and the hub staging ask, and neither should import the other for it.
 """
@@ -9,9 +9,17 @@ import re
 from pathlib import Path
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+EMBEDDED = ("tiny", "tiny_sdxl")
+"""The random-weight models built offline (``models/tiny.py``, ``models/tiny_sdxl.py``)."""
+
+
+def is_embedded(path: str) -> bool:
+    return path in EMBEDDED
 
 
 def is_local(path: str) -> bool:
+    if is_embedded(path):
+        return False
     return path.startswith(("/", ".", "~")) or Path(path).expanduser().exists()
 
 
@@ -22,4 +30,4 @@ def looks_like_hub_id(path: str) -> bool:
 
 def is_hub_id(path: str) -> bool:
     """A model the hub serves (``owner/name``), as opposed to ``tiny`` or a local folder."""
-    return path != "tiny" and not is_local(path) and looks_like_hub_id(path)
+    return not is_embedded(path) and not is_local(path) and looks_like_hub_id(path)

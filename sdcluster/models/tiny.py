@@ -5,7 +5,7 @@ same folder layout, ``StableDiffusionPipeline.from_pretrained`` loads it) withou
 The VAE downsamples by 8 like SD's, so resolutions and latent shapes follow the same rules.
 The tokenizer is a real CLIP BPE tokenizer whose merges are learned here from the sample captions.
 
-    python -m sdcluster.models.tiny [DEST]      # build (or find) it and print where it is
+:mod:`sdcluster.models.embedded` finds or builds it (and the tiny SDXL) in the cache.
 """
 
 from __future__ import annotations
@@ -14,17 +14,13 @@ import collections
 import itertools
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from sdcluster import atomic
-from sdcluster.paths import tiny_model_dir
-
 # Bump when the architecture or tokenizer changes, so cached copies are rebuilt instead of reused.
 TINY_VERSION = "1"
-_MARKER = "sdcluster-tiny.json"
+MARKER = "sdcluster-tiny.json"
 
 _CORPUS = """
 a single pair of denim jeans laid flat on a white background viewed from the front back side
@@ -183,37 +179,5 @@ def build_pipeline(dest: Path, unet: dict[str, Any], vae: dict[str, Any], text: 
 def build_tiny_pipeline(dest: Path) -> Path:
     """Build the tiny pipeline into ``dest`` with fixed seeds; the marker file is written last."""
     build_pipeline(dest, TINY_UNET, TINY_VAE, TINY_TEXT)
-    (dest / _MARKER).write_text(json.dumps({"version": TINY_VERSION}))
+    (dest / MARKER).write_text(json.dumps({"version": TINY_VERSION}))
     return dest
-
-
-def ensure_tiny_model(cache_root: Path | str) -> Path:
-    """Return the cached tiny model folder, building it first if needed.
-
-    Built under a temporary name and published in one rename, so concurrent jobs (ranks, sweep points) never
-    see a half-written model; a loser of the race keeps the winner's copy and discards its own.
-    """
-    dest = tiny_model_dir(cache_root) / f"v{TINY_VERSION}"
-    if is_complete(dest):
-        return dest
-    tmp = atomic.staging_dir(dest)
-    try:
-        build_tiny_pipeline(tmp)
-        if not is_complete(tmp):
-            raise RuntimeError(f"the tiny model built in {tmp} lacks weight files (see load_components)")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    atomic.publish_dir(tmp, dest, replace=not is_complete(dest))  # a broken copy is replaced, a good one kept
-    return dest
-
-
-def is_complete(folder: Path) -> bool:
-    """The marker (written last) and a weights file in every model folder: what a loader will open."""
-    weights = all(any((folder / sub).glob("*.safetensors")) for sub in ("unet", "vae", "text_encoder"))
-    return (folder / _MARKER).is_file() and weights
-
-
-if __name__ == "__main__":
-    root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(".cache/sdcluster")
-    print(ensure_tiny_model(root))

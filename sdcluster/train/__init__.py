@@ -4,7 +4,8 @@
 ``trainer`` (Accelerator, models, EMA, optimizer, schedule, built once) and asks the ``checkpointer`` to load
 and save (it owns choosing, verifying, loading, saving, pruning and setting aside; ``step_folders`` is the
 on-disk format). ``method`` is what a run trains (every UNet weight, or LoRA adapters), chosen once and asked
-by the others, and ``family`` how a model family's pipeline is built and saved. ``loss`` is the denoising
+by the others; the model's family (SD 1.x/2.x or SDXL, :mod:`sdcluster.models.family`) says how it is
+conditioned and saved. ``loss`` is the denoising
 objective, ``ema`` the moving average and its weight swap, ``validation`` the held-out loss and images,
 ``export`` the diffusers pipeline or LoRA file at the end, ``metrics`` the run's ``metrics.jsonl`` and
 ``tracking`` TensorBoard/W&B. What the loop reads comes from :mod:`sdcluster.data`; submission, signals and

@@ -24,18 +24,27 @@ _RESUME = ": it exports from the last checkpoint"
 ORIGIN_FILE = "sdcluster-model.json"  # the hub id, revision and commit trained from (models.hub.origin)
 
 
-def _base_pipeline(pipeline_class: Any, source: str, revision: str | None, variant: str | None, **parts):
-    """The source pipeline (safetensors only), with ``parts`` (e.g. a trained UNet) in place of its own."""
-    return pipeline_class.from_pretrained(
+def _base_pipeline(family: Any, source: str, model: ModelConfig, **parts: Any) -> Any:
+    """The source pipeline of ``family`` (safetensors only), with ``parts`` (e.g. a trained UNet) in place of
+    its own, and the VAE of ``model.vae_path`` when one is set (the VAE the run trained with)."""
+    if model.vae_path and "vae" not in parts:
+        from diffusers import AutoencoderKL
+
+        parts["vae"] = AutoencoderKL.from_pretrained(model.vae_path, use_safetensors=True)
+    return family.pipeline_class.from_pretrained(
         source,
-        revision=revision,
-        variant=variant,
+        revision=model.revision,
+        variant=model.variant,
         use_safetensors=True,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **family.pipeline_kwargs(),
         **parts,
     )
+
+
+def _save(pipe: Any, tmp: Path, prediction_type: str | None) -> None:
+    if prediction_type:  # what the UNet was trained to predict; the source scheduler may say otherwise
+        pipe.scheduler.register_to_config(prediction_type=prediction_type)
+    pipe.save_pretrained(tmp, safe_serialization=True)
 
 
 @contextmanager
@@ -52,26 +61,24 @@ def _publishing(dest: Path, origin: dict[str, Any] | None) -> Iterator[Path]:
 
 def export_pipeline(
     dest: Path,
+    family: Any,
     source: str,
     unet: Any,
     ema: Any,
     params: list[Any] | None = None,
     prediction_type: str | None = None,
-    revision: str | None = None,
-    variant: str | None = None,
+    model: ModelConfig | None = None,
     origin: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a ``StableDiffusionPipeline`` with the trained UNet (its EMA weights when EMA is on).
+    """Write the family's pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``) with the
+    trained UNet (its EMA weights when EMA is on).
 
-    ``params`` are the parameters the EMA averages (default: the UNet's).
+    ``params`` are the parameters the EMA averages (default: the UNet's); ``model`` gives the source's
+    revision, variant and ``vae_path``.
     """
-    from diffusers import StableDiffusionPipeline
-
+    model = model or ModelConfig(path=source)
     with _publishing(dest, origin) as tmp, ema_weights(ema, params if params is not None else unet):
-        pipe = _base_pipeline(StableDiffusionPipeline, source, revision, variant, unet=unet)
-        if prediction_type:  # what the UNet was trained to predict; the source scheduler may say otherwise
-            pipe.scheduler.register_to_config(prediction_type=prediction_type)
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        _save(_base_pipeline(family, source, model, unet=unet), tmp, prediction_type)
     log.info("exported pipeline (%s weights): %s", "EMA" if ema is not None else "trained", dest)
     return dest
 
@@ -119,12 +126,10 @@ def export_fused(
     from the exported file itself, so the fused model is exactly what that file gives at scale 1.
     """
     with _publishing(dest, origin) as tmp:
-        pipe = _base_pipeline(family.pipeline_class, source, model.revision, model.variant)
+        pipe = _base_pipeline(family, source, model)
         pipe.load_lora_weights(str(lora))
         pipe.fuse_lora(lora_scale=1.0)
         pipe.unload_lora_weights()
-        if prediction_type:
-            pipe.scheduler.register_to_config(prediction_type=prediction_type)
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        _save(pipe, tmp, prediction_type)
     log.info("exported pipeline with the LoRA fused: %s", dest)
     return dest

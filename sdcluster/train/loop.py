@@ -59,13 +59,13 @@ def _micro_step(t: Trainer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     # exactly what the uninterrupted one would have, whatever else drew from it since the checkpoint.
     torch.manual_seed(gen.initial_seed())
     with acc.accumulate(*t.models):
-        latents, hidden = t.method.model_inputs(t.comps, batch, acc.device, gen)
+        latents, cond = t.method.model_inputs(t.comps, batch, acc.device, gen)
         with acc.autocast():
             loss = diffusion_loss(
                 t.unet,
                 t.comps.noise_scheduler,
                 latents,
-                hidden,
+                cond,
                 gen,
                 cfg.train.noise_offset,
                 cfg.train.snr_gamma,

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sdcluster.models.load import encode_text
+from sdcluster.models.family import TIME_IDS
+from sdcluster.models.load import encode_text  # noqa: F401 (re-exported: tests and validation use it)
 
 
 def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
@@ -49,21 +50,40 @@ def encode_latents(vae: Any, pixel_values: torch.Tensor, gen: torch.Generator) -
     return sample_posterior(parameters, gen, vae.config.scaling_factor)
 
 
-def model_inputs(
-    vae: Any, text_encoder: Any, batch: dict[str, torch.Tensor], device: Any, gen: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scaled latents, text hidden states) of a batch: from cached encoder outputs when the batch carries
-    them (``posterior``, ``hidden``), else by running the frozen encoders on ``pixel_values``/``input_ids``.
-    """
-    if "posterior" in batch:
+def conditioning(
+    comps: Any, batch: dict[str, torch.Tensor], device: Any, grad: bool = False
+) -> dict[str, Any]:
+    """The UNet's conditioning of a batch, as the model's family builds it (:mod:`sdcluster.models.family`):
+    from cached encodings when the batch carries them (``hidden``, SDXL's ``pooled``), else by running the
+    text encoders on the token ids, with autograd only when ``grad`` (a text encoder that is trained)."""
+    family = comps.family
+    if "hidden" in batch:
         # The first parameter's dtype: a model's ``.dtype`` walks all its modules, at every step.
+        dtype = next(comps.text_encoder.parameters()).dtype
+        hidden = batch["hidden"].to(device, dtype, non_blocking=True)
+        pooled = batch["pooled"].to(device, dtype, non_blocking=True) if "pooled" in batch else None
+    else:
+        ids = {key: batch[key] for key in family.tokenizers(comps)}
+        with torch.set_grad_enabled(grad):
+            hidden, pooled = family.encode(comps, ids)
+    time_ids = batch.get(TIME_IDS)
+    return family.unet_conditioning(hidden, pooled, None if time_ids is None else time_ids.to(device))
+
+
+def model_inputs(
+    comps: Any, batch: dict[str, torch.Tensor], device: Any, gen: torch.Generator, grad_text: bool = False
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """(scaled latents, the UNet's conditioning) of a batch: from cached encoder outputs when the batch
+    carries them (``posterior``, ``hidden``), else by running the frozen VAE on ``pixel_values`` and the text
+    encoders on the token ids."""
+    vae = comps.vae
+    if "posterior" in batch:
         vae_dtype = next(vae.parameters()).dtype
         parameters = batch["posterior"].to(device, vae_dtype, non_blocking=True)
         latents = sample_posterior(parameters, gen, vae.config.scaling_factor)
-        text_dtype = next(text_encoder.parameters()).dtype
-        return latents, batch["hidden"].to(device, text_dtype, non_blocking=True)
-    latents = encode_latents(vae, batch["pixel_values"].to(device), gen)
-    return latents, encode_text(text_encoder, batch["input_ids"].to(device))
+    else:
+        latents = encode_latents(vae, batch["pixel_values"].to(device), gen)
+    return latents, conditioning(comps, batch, device, grad_text)
 
 
 def min_snr_weights(
@@ -95,12 +115,17 @@ def diffusion_loss(
     unet: Any,
     noise_scheduler: Any,
     latents: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
+    cond: torch.Tensor | dict[str, Any],
     gen: torch.Generator,
     noise_offset: float = 0.0,
     snr_gamma: float | None = None,
 ) -> torch.Tensor:
-    """MSE between the UNet's prediction and the scheduler's target for randomly noised latents."""
+    """MSE between the UNet's prediction and the scheduler's target for randomly noised latents.
+
+    ``cond`` is the UNet's conditioning (:func:`conditioning`), or SD 1.x's text hidden states alone.
+    """
+    if not isinstance(cond, dict):
+        cond = {"encoder_hidden_states": cond}
     batch = latents.shape[0]
     noise = _randn(tuple(latents.shape), gen, latents)
     if noise_offset:
@@ -110,7 +135,7 @@ def diffusion_loss(
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     target = diffusion_target(noise_scheduler, latents, noise, timesteps)
     prediction_type = noise_scheduler.config.prediction_type
-    pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
+    pred = unet(noisy, timesteps, **cond, return_dict=False)[0]
     if snr_gamma is None:
         return F.mse_loss(pred.float(), target.float(), reduction="mean")
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))

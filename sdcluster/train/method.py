@@ -10,8 +10,9 @@ The trainer, loop, checkpointer, EMA and export ask the method instead of branch
 - :meth:`register_checkpoint_hooks` decides what ``accelerator.save_state`` writes for the models;
 - :meth:`export` writes the run's result (a diffusers pipeline, or the standard LoRA file).
 
-A model family (:mod:`sdcluster.train.family`) says how the pipeline is built and saved; the methods work
-on whichever family they are given.
+A model family (:mod:`sdcluster.models.family`: SD 1.x/2.x or SDXL) says which text encoders there are, how
+the UNet is conditioned and how the pipeline is built and saved; the methods work on whichever family the
+loaded model has.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdcluster.config import Config
-from sdcluster.train.family import SD1, model_family
+from sdcluster.models.family import SD1
 from sdcluster.train.loss import model_inputs
 
 if TYPE_CHECKING:
@@ -32,8 +33,6 @@ if TYPE_CHECKING:
     from sdcluster.train.trainer import Trainer
 
 log = logging.getLogger("sdcluster")
-
-TEXT_ENCODER_PREFIX = "text_encoder."  # names its trained tensors apart from the UNet's in the EMA file
 
 
 def weight_dtype(accelerator: Any) -> torch.dtype | None:
@@ -64,8 +63,9 @@ class FullFineTune:
         return [{"params": [p for _, p in self.named_parameters()], "lr": lr}]
 
     def model_inputs(self, comps: Components, batch: dict[str, torch.Tensor], device: Any, gen: Any):
-        """(latents, conditioning) of a batch from the frozen encoders (or the latent cache)."""
-        return model_inputs(comps.vae, comps.text_encoder, batch, device, gen)
+        """(latents, the UNet's conditioning) of a batch from the encoders (or the latent cache); the text
+        encoders run with autograd when their adapters are trained."""
+        return model_inputs(comps, batch, device, gen, grad_text=self.trains_text_encoder)
 
     def register_checkpoint_hooks(self, accelerator: Any) -> None:
         """Nothing to change: ``save_state`` writes the whole UNet, which is what is trained."""
@@ -75,13 +75,13 @@ class FullFineTune:
 
         return export_pipeline(
             t.paths.model,
+            self.family,
             t.comps.source,
             t.accelerator.unwrap_model(t.unet),
             t.ema,
             params=t.params,
             prediction_type=self.cfg.train.prediction_type,
-            revision=self.cfg.model.revision,
-            variant=self.cfg.model.variant,
+            model=self.cfg.model,
             origin=t.comps.origin,
         )
 
@@ -100,6 +100,7 @@ class LoRA(FullFineTune):
         super().__init__(cfg, family)
         self.lora = cfg.train.lora
         self.trains_text_encoder = self.lora.text_encoder_lr is not None
+        self.prefixes: list[str] = []
 
     def _adapter_config(self, targets: list[str] | tuple[str, ...]) -> Any:
         from peft import LoraConfig
@@ -116,7 +117,8 @@ class LoRA(FullFineTune):
         from diffusers.training_utils import cast_training_params
 
         dtype = weight_dtype(accelerator)
-        modules = [comps.unet] + ([comps.text_encoder] if self.trains_text_encoder else [])
+        encoders = self.family.text_encoders(comps) if self.trains_text_encoder else {}
+        modules = [comps.unet, *encoders.values()]
         for module in modules:
             module.requires_grad_(False)
             if dtype is not None:
@@ -127,28 +129,29 @@ class LoRA(FullFineTune):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.train.seed)
             comps.unet.add_adapter(self._adapter_config(self.lora.target_modules))
-            if self.trains_text_encoder:
+            for encoder in encoders.values():
                 # peft's own injection, not transformers' add_adapter: that one refuses peft < 0.22 under
                 # transformers 5, for the same layers and the same state dict.
                 from peft import inject_adapter_in_model
 
-                config = self._adapter_config(self.family.text_encoder_targets)
-                inject_adapter_in_model(config, comps.text_encoder)
+                inject_adapter_in_model(self._adapter_config(self.family.text_encoder_targets), encoder)
         cast_training_params(modules, dtype=torch.float32)
         for module in modules:
             module.train()
         self.models = modules
+        self.prefixes = [f"{name}." for name in encoders]  # names each encoder's tensors in the EMA file
         count = sum(p.numel() for _, p in self.named_parameters())
         log.info("LoRA rank %d on %s: %d trainable parameters", self.lora.rank, self._where(), count)
 
     def _where(self) -> str:
-        return "UNet + text encoder" if self.trains_text_encoder else "UNet"
+        return f"UNet + {' + '.join(p[:-1] for p in self.prefixes)}" if self.prefixes else "UNet"
 
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        """The adapters: UNet ones by their own names, text encoder ones prefixed ``text_encoder.``."""
+        """The adapters: UNet ones by their own names, a text encoder's prefixed with its name
+        (``text_encoder.``, SDXL's second ``text_encoder_2.``)."""
         found = [(n, p) for n, p in self.models[0].named_parameters() if p.requires_grad]
-        for module in self.models[1:]:
-            found += [(TEXT_ENCODER_PREFIX + n, p) for n, p in module.named_parameters() if p.requires_grad]
+        for prefix, module in zip(self.prefixes, self.models[1:], strict=True):
+            found += [(prefix + n, p) for n, p in module.named_parameters() if p.requires_grad]
         return found
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
@@ -156,18 +159,9 @@ class LoRA(FullFineTune):
         groups = [{"params": unet, "lr": lr}]
         if self.trains_text_encoder:
             scale = lr / self.cfg.optim.lr  # optim.scale_lr scales both rates alike
-            text = [p for p in self.models[1].parameters() if p.requires_grad]
+            text = [p for module in self.models[1:] for p in module.parameters() if p.requires_grad]
             groups.append({"params": text, "lr": self.lora.text_encoder_lr * scale})
         return groups
-
-    def model_inputs(self, comps: Components, batch: dict[str, torch.Tensor], device: Any, gen: Any):
-        """Latents as usual; with text encoder adapters, the conditioning with autograd, every step."""
-        if not self.trains_text_encoder:
-            return super().model_inputs(comps, batch, device, gen)
-        from sdcluster.train.loss import encode_latents
-
-        latents = encode_latents(comps.vae, batch["pixel_values"].to(device), gen)
-        return latents, self.family.encode_prompt_ids(comps, batch["input_ids"].to(device))
 
     def register_checkpoint_hooks(self, accelerator: Any) -> None:
         """``save_state`` writes only the adapters of each prepared model (a checkpoint the size of the
@@ -221,7 +215,6 @@ def _load_trainable(module: torch.nn.Module, file: Path) -> None:
             param.copy_(tensors[name].to(param.device, param.dtype))
 
 
-def make_method(cfg: Config) -> FullFineTune:
-    """The method ``train.method`` names, for the model's family."""
-    family = model_family(cfg)
+def make_method(cfg: Config, family: SD1) -> FullFineTune:
+    """The method ``train.method`` names, for the loaded model's family."""
     return LoRA(cfg, family) if cfg.train.method == "lora" else FullFineTune(cfg, family)

@@ -86,11 +86,12 @@ def _make_optimizer(cfg: Config, method: Any, world_size: int) -> Any:
 
 def _prepare_models(cfg: Config, comps: Components, accelerator: Any, method: Any) -> None:
     dtype = weight_dtype(accelerator)
-    for frozen in (comps.vae, comps.text_encoder):
+    for frozen in comps.family.frozen_modules(comps):
         frozen.requires_grad_(False)
         frozen.eval()
+        cast = comps.family.vae_dtype(cfg.model, dtype) if frozen is comps.vae else dtype
         # Only cast when mixed precision asks for it: a no-op cast still trips diffusers' fp32-module warning.
-        frozen.to(accelerator.device, dtype=dtype) if dtype else frozen.to(accelerator.device)
+        frozen.to(accelerator.device, dtype=cast) if cast else frozen.to(accelerator.device)
     method.prepare(comps, accelerator)  # what is trained: the UNet, or adapters (unfreezing nothing else)
     if cfg.train.gradient_checkpointing:
         comps.unet.enable_gradient_checkpointing()
@@ -105,7 +106,7 @@ def build_trainer(cfg: Config) -> Trainer:
     paths = run_paths(cfg)
     accelerator = _make_accelerator(cfg, paths)
     comps = load_components(cfg.model, cfg.cache_root, accelerator)
-    method = make_method(cfg)
+    method = make_method(cfg, comps.family)
     _prepare_models(cfg, comps, accelerator, method)
     for model in method.models:
         model.to(accelerator.device)

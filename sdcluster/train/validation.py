@@ -34,7 +34,7 @@ from sdcluster.generate.images import full_size_grid, save_png_atomic
 from sdcluster.generate.plan import item_seed
 from sdcluster.train import metrics
 from sdcluster.train.ema import ema_weights
-from sdcluster.train.loss import diffusion_target, encode_text, step_generator
+from sdcluster.train.loss import conditioning, diffusion_target, step_generator
 
 if TYPE_CHECKING:
     from sdcluster.config import Config
@@ -56,7 +56,7 @@ class LossImages:
     names: list[str]
     held_out: bool  # False: data.holdout=0, the loss is on training images
     pixel_values: torch.Tensor
-    input_ids: torch.Tensor
+    text: dict[str, torch.Tensor]  # token ids by batch key, and SDXL's time ids
 
     def describe(self) -> str:
         if self.held_out:
@@ -64,7 +64,7 @@ class LossImages:
         return f"first {len(self.indices)} training images, data.holdout=0"
 
 
-def loss_images(cfg: Config, tokenizer: Any) -> LossImages:
+def loss_images(cfg: Config, tokenizers: Any) -> LossImages:
     """The held-out images, or the first ``FALLBACK_IMAGES`` when nothing is held out.
 
     The crop is the center one and there is no flip whatever ``train.center_crop/random_flip`` say, so the
@@ -78,10 +78,11 @@ def loss_images(cfg: Config, tokenizer: Any) -> LossImages:
     _, held = holdout_split(len(dataset), cfg.data.holdout)
     indices = held or list(range(min(FALLBACK_IMAGES, len(dataset))))
     subset = dataset.select(indices)
-    images = TrainImages(subset, tokenizer, cfg.train.resolution, True, False, cfg.data.caption_column)
+    images = TrainImages(subset, tokenizers, cfg.train.resolution, True, False, cfg.data.caption_column)
     batch = collate([images[(k, 0)] for k in range(len(indices))])
     names = list(subset["file_name"])
-    return LossImages(indices, names, bool(held), batch["pixel_values"], batch["input_ids"])
+    pixels = batch.pop("pixel_values")
+    return LossImages(indices, names, bool(held), pixels, batch)
 
 
 def fixed_timesteps(num_train_timesteps: int, count: int = NUM_TIMESTEPS) -> list[int]:
@@ -100,16 +101,17 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _encode(t: Trainer, images: LossImages, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latents from the VAE posterior *mean* (a sample would add noise that no seed controls) and text."""
+def _encode(t: Trainer, images: LossImages, pos: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Latents from the VAE posterior *mean* (a sample would add noise that no seed controls) and the UNet's
+    conditioning (text, and SDXL's size and crop)."""
     vae, device = t.comps.vae, t.accelerator.device
     pixels = images.pixel_values[pos : pos + 1].to(device, vae.dtype)
     latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
-    return latents, encode_text(t.comps.text_encoder, images.input_ids[pos : pos + 1].to(device))
+    return latents, conditioning(t.comps, {k: v[pos : pos + 1] for k, v in images.text.items()}, device)
 
 
 def _pair_loss(
-    t: Trainer, unet: Any, latents: torch.Tensor, hidden: torch.Tensor, row: int, step: int
+    t: Trainer, unet: Any, latents: torch.Tensor, cond: dict[str, Any], row: int, step: int
 ) -> torch.Tensor:
     """Plain MSE at one fixed timestep with the pair's own noise.
 
@@ -123,7 +125,7 @@ def _pair_loss(
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = diffusion_target(scheduler, latents, noise, timesteps)
     with t.accelerator.autocast():
-        pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
+        pred = unet(noisy, timesteps, **cond, return_dict=False)[0]
     return F.mse_loss(pred.float(), target.float()).double()
 
 
@@ -136,14 +138,14 @@ def validation_loss(t: Trainer, images: LossImages | None = None, use_ema: bool 
     """
     acc = t.accelerator
     if images is None:
-        images = loss_images(t.cfg, t.comps.tokenizer)
+        images = loss_images(t.cfg, t.comps.family.tokenizers(t.comps))
     steps = fixed_timesteps(t.comps.noise_scheduler.config.num_train_timesteps)
     pairs = [(pos, step) for pos in range(len(images.indices)) for step in steps]
     unet = acc.unwrap_model(t.unet)  # never the DDP wrapper: its forward may broadcast buffers (a collective)
     total = torch.zeros((), dtype=torch.float64, device=acc.device)
-    encoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    encoded: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}
     ema = t.ema if use_ema else None
-    with _eval_mode(unet), _eval_mode(t.comps.text_encoder), ema_weights(ema, t.params), torch.no_grad():
+    with _eval_mode(unet), _text_eval(t), ema_weights(ema, t.params), torch.no_grad():
         for pos, step in pairs[acc.process_index :: acc.num_processes]:
             if pos not in encoded:
                 encoded[pos] = _encode(t, images, pos)
@@ -151,25 +153,24 @@ def validation_loss(t: Trainer, images: LossImages | None = None, use_ema: bool 
     return acc.reduce(total, reduction="sum").item() / len(pairs)
 
 
+@contextlib.contextmanager
+def _text_eval(t: Trainer) -> Iterator[None]:
+    """Every text encoder in eval mode (no adapter dropout) inside."""
+    with contextlib.ExitStack() as stack:
+        for encoder in t.comps.family.text_encoders(t.comps).values():
+            stack.enter_context(_eval_mode(encoder))
+        yield
+
+
 def _pipeline(t: Trainer, unet: Any) -> Any:
     """A pipeline around the in-memory components: nothing reloaded from disk, no safety checker, no bars."""
-    from diffusers import StableDiffusionPipeline
-
     from sdcluster.models.schedulers import make_scheduler
 
     comps = t.comps
     with warnings.catch_warnings():  # it fixes old scheduler settings (clip_sample) itself, warning each time
         warnings.filterwarnings("ignore", "The configuration file of this scheduler", FutureWarning)
-        pipe = StableDiffusionPipeline(
-            vae=comps.vae,
-            text_encoder=comps.text_encoder,
-            tokenizer=comps.tokenizer,
-            unet=unet,
-            scheduler=make_scheduler(t.cfg.generate.scheduler, comps.noise_scheduler.config),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        scheduler = make_scheduler(t.cfg.generate.scheduler, comps.noise_scheduler.config)
+        pipe = comps.family.pipeline(comps, unet, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -196,7 +197,7 @@ def validation_images(t: Trainer, step: int) -> Path | None:
     size = cfg.train.resolution
     gen = dataclasses.replace(cfg.generate, steps=cfg.train.validation_steps, height=size, width=size)
     unet = acc.unwrap_model(t.unet)
-    with _eval_mode(unet), _eval_mode(t.comps.text_encoder), ema_weights(t.ema, t.params):
+    with _eval_mode(unet), _text_eval(t), ema_weights(t.ema, t.params):
         pipe = _pipeline(t, unet)
         for i in range(acc.process_index, len(prompts), acc.num_processes):
             seed = item_seed(IMAGE_SEED, i, 0)
@@ -217,7 +218,7 @@ def run_validation(t: Trainer, step: int) -> dict[str, Any]:
     None) and ``seconds``.
     """
     start = time.monotonic()
-    images = loss_images(t.cfg, t.comps.tokenizer)
+    images = loss_images(t.cfg, t.comps.family.tokenizers(t.comps))
     val_loss = validation_loss(t, images)
     folder = validation_images(t, step)
     seconds = time.monotonic() - start

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from sdcluster.data import latent_build, latent_cache
-from sdcluster.data.dataset import TrainImages, augment, load_captioned_images
+from sdcluster.data.dataset import TrainImages, augment, load_captioned_images, resized_size
 from sdcluster.data.latent_cache import CachedExamples, verify
 from sdcluster.train.loop import train
 from tests.conftest import copy_sample
@@ -77,22 +77,50 @@ def test_disk_path_reads_what_ram_path_holds(make_cfg, comps):
         assert torch.equal(a["posterior"], b["posterior"]) and torch.equal(a["hidden"], b["hidden"])
 
 
-def test_cached_rows_are_the_encoded_augmented_crops_in_both_orientations(make_cfg, comps):
-    """The key picks the variant ``augment`` would make; both flips occur; each row is that crop encoded."""
-    cfg = make_cfg()
+@pytest.mark.parametrize("model", ["tiny", "tiny_sdxl"])
+def test_cached_rows_are_the_encoded_augmented_crops_in_both_orientations(make_cfg, model):
+    """The key picks the variant ``augment`` would make; both flips occur; each row is that crop encoded,
+    with the conditioning the image path computes: SDXL's two encoders' states, pooled embedding and size
+    and crop numbers (the crop's left edge measured in the mirrored image when mirrored)."""
+    from sdcluster.models.load import load_components
+    from sdcluster.train.loss import conditioning
+
+    cfg = make_cfg([f"model={model}"])
+    comps = load_components(cfg.model, cfg.cache_root)
     examples = _open(cfg, comps)
     dataset = load_captioned_images(cfg.data.path)
-    images = TrainImages(dataset, comps.tokenizer, cfg.train.resolution, False, True)
+    images = TrainImages(dataset, comps.family.tokenizers(comps), cfg.train.resolution, False, True)
     seeds = range(40)
     assert {examples.variant(1, seed)[3] for seed in seeds} == {False, True}
     assert len({examples.variant(1, seed)[1:3] for seed in seeds}) > 1, "random crops must vary"
-    for seed in (0, 1, 2, 3):
-        pixels = augment(dataset[1]["image"], cfg.train.resolution, False, True, seed)
+    res = cfg.train.resolution
+    width, height = dataset[1]["image"].size
+    for seed in (0, 1, 2, 3, *[s for s in seeds if examples.variant(1, s)[3]][:2]):
+        pixels = augment(dataset[1]["image"], res, False, True, seed)
+        cached, image = examples[(1, seed)], images[(1, seed)]
         with torch.no_grad():
             params = comps.vae.encode(pixels[None]).latent_dist.parameters[0]
-            hidden = comps.text_encoder(images[(1, seed)]["input_ids"][None])[0][0]
-        assert torch.allclose(examples[(1, seed)]["posterior"], params, atol=1e-5)
-        assert torch.allclose(examples[(1, seed)]["hidden"], hidden, atol=1e-5)
+            want = conditioning(comps, {k: v[None] for k, v in image.items()}, "cpu")
+            got = conditioning(comps, {k: v[None] for k, v in cached.items()}, "cpu")
+        assert torch.allclose(cached["posterior"], params, atol=1e-5)
+        assert torch.allclose(got["encoder_hidden_states"], want["encoder_hidden_states"], atol=1e-5)
+        assert torch.equal(cached["time_ids"], image["time_ids"])
+        _, left, top, flip = examples.variant(1, seed)
+        resized_width = resized_size((width, height), res)[0]
+        assert image["time_ids"][3] == (resized_width - res - left if flip else left)
+        assert image["time_ids"].tolist()[:3] + image["time_ids"].tolist()[4:] == [
+            height,
+            width,
+            top,
+            res,
+            res,
+        ]
+        if model == "tiny_sdxl":
+            added, cached_added = want["added_cond_kwargs"], got["added_cond_kwargs"]
+            assert torch.allclose(cached_added["text_embeds"], added["text_embeds"], atol=1e-5)
+            assert torch.equal(cached_added["time_ids"], added["time_ids"])
+        else:
+            assert "added_cond_kwargs" not in got
 
 
 def test_key_follows_captions_image_bytes_and_resolution(make_cfg, comps, tmp_path):

@@ -21,6 +21,7 @@ from sdcluster.models.hub import select_files, stage, stage_for_launch
 from tests.hub_server import HubServer, Repo, folder_files
 
 REPO_ID = "test-org/tiny-sd"
+SDXL_ID = "test-org/tiny-sdxl"
 GATED_ID = "test-org/gated-sd"
 COMMIT = "1111111111111111111111111111111111111111"
 NEWER = "2222222222222222222222222222222222222222"
@@ -54,12 +55,18 @@ def _repo_files(tiny_model: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture
-def hub(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def hub(tiny_model: Path, cache_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """The loopback hub, with huggingface_hub (in this process) pointed at it, online, and no token."""
     from huggingface_hub import constants
 
+    from sdcluster.models.embedded import ensure_tiny_model
+
     files = _repo_files(tiny_model)
+    sdxl = {p: b for p, b in folder_files(ensure_tiny_model(cache_root, "tiny_sdxl")).items() if "/" in p}
+    sdxl["model_index.json"] = (ensure_tiny_model(cache_root, "tiny_sdxl") / "model_index.json").read_bytes()
+    sdxl["vae_1_0/diffusion_pytorch_model.safetensors"] = b"an older VAE the pipeline does not load"
     repos = {
+        SDXL_ID: Repo(files=sdxl, commit=NEWER, refs={"main": NEWER}),
         REPO_ID: Repo(files=files, commit=COMMIT, refs={"main": COMMIT, "v1": COMMIT}),
         GATED_ID: Repo(
             files=files, commit=COMMIT, refs={"main": COMMIT}, gated=True, accepted_tokens={TOKEN}
@@ -253,6 +260,26 @@ def test_ranks_load_the_pinned_snapshot_with_the_hub_off(hub, make_cfg, tmp_path
     assert comps.source == str(staged.folder)
     assert comps.origin == {"path": REPO_ID, "revision": None, "commit": COMMIT, "variant": None}
     assert comps.unet.config.sample_size > 0 and comps.tokenizer("a pair of jeans").input_ids
+
+
+def test_an_sdxl_repo_stages_both_text_encoders_and_loads_as_sdxl_with_the_hub_off(
+    hub, make_cfg, tmp_path, monkeypatch
+):
+    from huggingface_hub import constants
+
+    from sdcluster.models.load import load_components
+
+    cfg = make_cfg([f"model.path={SDXL_ID}", "model.name=sdxl", f"model.cache_dir={tmp_path / 'hf'}"])
+    staged = stage_for_launch(cfg, say=lambda _: None)
+    assert cfg.model.commit == NEWER
+    fetched = {p.relative_to(staged.folder).as_posix() for p in staged.folder.rglob("*") if p.is_file()}
+    for part in ("text_encoder_2/model.safetensors", "tokenizer_2/tokenizer.json", "unet/config.json"):
+        assert part in fetched
+    assert not any(p.startswith("vae_1_0/") for p in fetched)
+    hub.close()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    comps = load_components(cfg.model, cfg.cache_root)
+    assert comps.family.name == "sdxl" and comps.text_encoder_2.config.projection_dim > 0
 
 
 def test_fetch_cli_prints_the_commit_and_folder(hub, tmp_path):

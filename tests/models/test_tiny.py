@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 
-from sdcluster.models.tiny import ensure_tiny_model, is_complete
+from sdcluster.models.embedded import ensure_tiny_model, is_complete
 
 
 def test_a_copy_with_an_empty_weights_folder_is_rebuilt(tmp_path, tiny_model):

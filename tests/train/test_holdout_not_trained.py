@@ -92,7 +92,8 @@ class Recorder:
         monkeypatch.setattr(TrainImages, "__getitem__", train_get)
         monkeypatch.setattr(CachedExamples, "__getitem__", cached_get)
         monkeypatch.setattr(latent_build, "open_or_build", open_or_build)
-        monkeypatch.setattr(dataset_module, "augment", decoding(dataset_module.augment))  # a step's images
+        step_decode = decoding(dataset_module.resize_for_crop)  # a step's images
+        monkeypatch.setattr(dataset_module, "resize_for_crop", step_decode)
         monkeypatch.setattr(latent_build, "resize_for_crop", decoding(latent_build.resize_for_crop))  # cache
         monkeypatch.setattr(validation, "loss_images", loss_images)
         monkeypatch.setattr(validation, "run_validation", run_validation)

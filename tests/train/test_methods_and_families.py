@@ -1,7 +1,9 @@
-"""LoRA and full fine-tuning on one code path: what each guarantees, and what LoRA adds (small, portable).
+"""Full fine-tuning and LoRA, of SD 1.x and of SDXL, on one code path: the guarantees every combination
+keeps, and what LoRA adds (small, portable).
 
-Guarantees both methods share (learning, exact resume) are one test parametrized over ``train.method``.
-Every run is the tiny model on the sample data for a few steps.
+The shared guarantees (learning, exact resume, the latent cache, an export plain diffusers loads, the same
+image for a seed at any batch size) are one test each, parametrized over ``train.method`` x the model family
+(``tiny``: SD 1.x, ``tiny_sdxl``: SDXL). Every run is an embedded model on the sample data for a few steps.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from tests.conftest import compose, copy_sample
 FAST = ["train.log_every=1", "train.checkpoint_every=100", "train.validation_prompts=[]"]
 LORA = ["train.method=lora"]
 METHODS = {"full": [], "lora": LORA}
+FAMILIES = {"sd1": ["model=tiny"], "sdxl": ["model=tiny_sdxl"]}
+COMBINATIONS = [(method, family) for family in sorted(FAMILIES) for method in sorted(METHODS)]
+each_combination = pytest.mark.parametrize(("method", "family"), COMBINATIONS)
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
@@ -34,16 +39,19 @@ def _trained_tensors(result: TrainResult) -> dict[str, torch.Tensor]:
     """What the newest checkpoint holds of the trained weights (and their EMA), by file and name."""
     folder = _checkpoint(result)
     found = {}
-    for name in ("model.safetensors", "model_1.safetensors", "ema.safetensors"):
-        if (folder / name).is_file():
-            found.update({f"{name}:{k}": v for k, v in load_file(str(folder / name)).items()})
+    for file in sorted([*folder.glob("model*.safetensors"), folder / "ema.safetensors"]):
+        found.update({f"{file.name}:{k}": v for k, v in load_file(str(file)).items()})
     return found
 
 
-def _base_pipeline(source: str | Path):
-    from diffusers import StableDiffusionPipeline
+def _base_pipeline(source: str | Path, family: str = "sd1"):
+    """The pipeline at ``source`` the way a diffusers user loads it, with the family's own class."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(source), safety_checker=None, use_safetensors=True)
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(source), use_safetensors=True)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(str(source), safety_checker=None, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -129,12 +137,14 @@ def _one_image(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_loss_goes_down_on_one_batch(make_cfg, tmp_path, method):
-    """A fixed (image, noise, timestep) loss is lower with what the run exported than with the base model."""
+@each_combination
+def test_loss_goes_down_on_one_batch(make_cfg, tmp_path, method, family):
+    """A fixed (image, noise, timestep) loss is lower with what the run exported, loaded with plain
+    diffusers (the family's pipeline class; a LoRA on the base model with ``load_lora_weights``), than
+    with the base model."""
     from sdcluster.data.dataset import TrainImages, collate, load_captioned_images
     from sdcluster.models.load import load_components
-    from sdcluster.train.loss import diffusion_loss, encode_latents, encode_text, step_generator
+    from sdcluster.train.loss import conditioning, diffusion_loss, encode_latents, step_generator
 
     folder = _one_image(tmp_path)
     # The tiny UNet's attention projections (LoRA's targets) are a small part of it: a LoRA fits the image
@@ -148,42 +158,51 @@ def test_loss_goes_down_on_one_batch(make_cfg, tmp_path, method):
     overrides = [
         *FAST,
         *METHODS[method],
+        *FAMILIES[family],
         "data=imagefolder",
         f"data.path={folder}",
         "train.random_flip=false",
     ]
     cfg = make_cfg([*overrides, *settings, "train.max_steps=15", "train.batch_size=1"])
     comps = load_components(cfg.model, cfg.cache_root)
-    images = TrainImages(load_captioned_images(folder), comps.tokenizer, 64, True, False)
+    assert comps.family.name == family
+    images = TrainImages(load_captioned_images(folder), comps.family.tokenizers(comps), 64, True, False)
     batch = collate([images[(0, 0)]] * 4)
 
     def fixed_loss(unet) -> float:
         with torch.no_grad():
             gen = step_generator(123, 0, 0)
             latents = encode_latents(comps.vae, batch["pixel_values"], gen)
-            hidden = encode_text(comps.text_encoder, batch["input_ids"])
-            return diffusion_loss(unet, comps.noise_scheduler, latents, hidden, gen).item()
+            cond = conditioning(comps, batch, "cpu")
+            return diffusion_loss(unet, comps.noise_scheduler, latents, cond, gen).item()
 
     before = fixed_loss(comps.unet)
     result = train(cfg)
     if method == "lora":  # the base model with the exported LoRA, as a user loads it
-        pipe = _base_pipeline(comps.source)
+        pipe = _base_pipeline(comps.source, family)
         pipe.load_lora_weights(str(result.model_dir))
         assert _lora_tensors(pipe.unet) == len(load_file(str(result.model_dir / LORA_FILE)))
         after = fixed_loss(pipe.unet)
     else:
-        after = fixed_loss(_base_pipeline(result.model_dir).unet)
+        after = fixed_loss(_base_pipeline(result.model_dir, family).unet)
     assert after < better * before, (before, after)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_preempted_run_resumes_to_bitwise_identical_trainable_weights(make_cfg, tmp_path, method):
+@each_combination
+def test_preempted_run_resumes_to_bitwise_identical_trainable_weights(make_cfg, tmp_path, method, family):
     """Stopped at step 2 of 4 (accumulating 2 micro-steps, EMA on), resumed: the trained weights, their
     EMA and the losses are bit for bit those of a run that was never stopped. LoRA with dropout, whose
-    masks come from the global random stream."""
+    masks come from the global random stream, and adapters on every text encoder (SDXL: both)."""
     extra = ["train.lora.dropout=0.1", "train.lora.text_encoder_lr=1e-4"] if method == "lora" else []
-    overrides = [*FAST, *METHODS[method], *extra, "train.max_steps=4", "train.grad_accum=2"]
+    overrides = [
+        *FAST,
+        *METHODS[method],
+        *FAMILIES[family],
+        *extra,
+        "train.max_steps=4",
+        "train.grad_accum=2",
+    ]
     overrides += ["train.use_ema=true", "optim.lr_schedule=cosine", "optim.lr=1e-3"]
     straight = train(make_cfg([*overrides, f"output_root={tmp_path / 'a'}"]))
 
@@ -196,19 +215,56 @@ def test_preempted_run_resumes_to_bitwise_identical_trainable_weights(make_cfg, 
 
     a, b = _trained_tensors(straight), _trained_tensors(second)
     assert a.keys() == b.keys() and any(k.startswith("ema.safetensors:") for k in a)
+    if method == "lora":  # an adapter file per text encoder: model_1 (and SDXL's model_2)
+        files = {k.split(":")[0] for k in a}
+        assert ("model_2.safetensors" in files) == (family == "sdxl") and "model_1.safetensors" in files
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert second.losses == [pair for pair in straight.losses if pair[0] > 2]
 
 
 @pytest.mark.slow
-def test_lora_from_the_latent_cache_follows_the_loss_curve_of_encoding_every_step(make_cfg, tmp_path):
-    base = [*FAST, *LORA, "train.max_steps=4", "train.batch_size=2", "optim.lr=1e-3"]
+@each_combination
+def test_latent_cache_follows_the_loss_curve_of_encoding_every_step(make_cfg, tmp_path, method, family):
+    base = [*FAST, *METHODS[method], *FAMILIES[family], "train.max_steps=4", "train.batch_size=2"]
+    base += ["optim.lr=1e-3"]
+    from sdcluster.data.latent_cache import CACHE_VERSION, make_plan, verify
+    from sdcluster.data.loader import training_rows
+    from sdcluster.models.load import load_components
+
     plain = train(make_cfg([*base, "data.cache=false", f"output_root={tmp_path / 'plain'}"]))
-    cached = train(make_cfg([*base, f"output_root={tmp_path / 'cached'}"]))
+    cfg = make_cfg([*base, f"output_root={tmp_path / 'cached'}"])
+    cached = train(cfg)
+    # the entry this run trained from: the family's own arrays (SDXL: both encoders' states and the pooled)
+    plan = make_plan(cfg, training_rows(cfg), load_components(cfg.model, cfg.cache_root))
+    assert plan.text_arrays == {"sd1": ("text",), "sdxl": ("text", "pooled")}[family]
+    assert verify(paths.latent_cache_dir(cfg) / plan.key, plan.key, CACHE_VERSION) is None
     assert [s for s, _ in plain.losses] == [s for s, _ in cached.losses] == [1, 2, 3, 4]
     expected = [loss for _, loss in plain.losses]
     assert np.allclose([loss for _, loss in cached.losses], expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.slow
+@each_combination
+def test_same_seed_same_image_at_any_batch_size(make_cfg, method, family):
+    """Generation after the run (its export, or the base model with its LoRA): each image is its seed's,
+    whether made in a batch of 3 or alone (up to batched-kernel rounding, see tests/generate)."""
+    from sdcluster.generate import records
+    from sdcluster.generate.job import generate_images
+    from tests.generate.test_generate import assert_close, images
+
+    run = [*FAST, *METHODS[method], *FAMILIES[family], "train.max_steps=2", "optim.lr=5e-2"]
+    quick = ["generate.num_images=3", "generate.steps=2", "generate.height=64", "generate.width=64"]
+    train(make_cfg(run))
+    out = generate_images(make_cfg([*run, *quick, "generate.batch_size=3"])).out_dir
+    batched = out.rename(out.with_name("batched"))  # batch size is not part of the folder's name
+    alone = generate_images(make_cfg([*run, *quick, "generate.batch_size=1"])).out_dir
+    assert alone == out
+    assert records.read_manifest(batched) == records.read_manifest(alone)
+    a, b = images(batched), images(alone)
+    assert a.keys() == b.keys() and len(a) == 3 * len(make_cfg(run).generate.prompts)
+    for name in a:
+        assert_close(a[name], b[name])
 
 
 @pytest.mark.slow
@@ -227,33 +283,58 @@ def test_lora_checkpoint_is_a_small_fraction_of_a_full_one(make_cfg, tmp_path):
 
 
 @pytest.mark.slow
-def test_export_loads_with_plain_diffusers_and_gives_the_trained_adapters(make_cfg, tiny_model):
-    """``load_lora_weights(export)`` on the plain base pipeline: other images than the base model, the same
-    as the trained adapters put on by hand; the fused export gives them too."""
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_export_loads_with_plain_diffusers_and_gives_the_trained_adapters(make_cfg, family):
+    """``load_lora_weights(export)`` on the plain base pipeline loads every adapter tensor (UNet and each
+    text encoder), gives other images than the base model and the same as the trained adapters put on by
+    hand; the fused export gives them too."""
     from peft import LoraConfig
 
-    cfg = make_cfg([*FAST, *LORA, "train.max_steps=3", "optim.lr=5e-2", "train.lora.fuse_export=true"])
+    from sdcluster.models.load import resolve_model_path
+
+    run = [
+        *FAST,
+        *LORA,
+        *FAMILIES[family],
+        "train.max_steps=3",
+        "optim.lr=5e-2",
+        "train.lora.fuse_export=true",
+    ]
+    cfg = make_cfg([*run, "train.lora.text_encoder_lr=5e-2"])
     result = train(cfg)
     assert result.model_dir == paths.run_paths(cfg).lora
     assert (result.model_dir / LORA_FILE).is_file()
+    base_model = resolve_model_path(cfg.model, cfg.cache_root)
 
-    base = _pixels(_base_pipeline(tiny_model))
-    loaded = _base_pipeline(tiny_model)
+    base = _pixels(_base_pipeline(base_model, family))
+    loaded = _base_pipeline(base_model, family)
     loaded.load_lora_weights(str(result.model_dir))
-    assert _lora_tensors(loaded.unet) == len(load_file(str(result.model_dir / LORA_FILE))) > 0
+    encoders = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
+    counts = [_lora_tensors(getattr(loaded, part)) for part in ["unet", *encoders]]
+    assert sum(counts) == len(load_file(str(result.model_dir / LORA_FILE))) and all(counts), counts
     with_lora = _pixels(loaded)
 
-    by_hand = _base_pipeline(tiny_model)  # the checkpoint's adapter tensors, in peft's own names
+    by_hand = _base_pipeline(base_model, family)  # the checkpoint's adapter tensors, in peft's own names
     lora = cfg.train.lora
     adapter = LoraConfig(r=lora.rank, lora_alpha=lora.rank, target_modules=list(lora.target_modules))
     by_hand.unet.add_adapter(adapter)
+    text_adapter = LoraConfig(
+        r=lora.rank, lora_alpha=lora.rank, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]
+    )
+    for index, part in enumerate(encoders, start=1):
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(text_adapter, getattr(by_hand, part))
+        weights = load_file(str(_checkpoint(result) / f"model_{index}.safetensors"))
+        missing, unexpected = getattr(by_hand, part).load_state_dict(weights, strict=False)
+        assert not unexpected and not [m for m in missing if "lora_" in m]
     trained = load_file(str(_checkpoint(result) / "model.safetensors"))
     missing, unexpected = by_hand.unet.load_state_dict(trained, strict=False)
     assert not unexpected and not [m for m in missing if "lora_" in m]
 
     assert np.abs(with_lora - base).max() > 1
     assert np.array_equal(with_lora, _pixels(by_hand))
-    fused = _pixels(_base_pipeline(paths.run_paths(cfg).model))
+    fused = _pixels(_base_pipeline(paths.run_paths(cfg).model, family))
     assert np.abs(fused - with_lora).max() <= 1  # fusing rounds differently, at most a level
 
 
@@ -304,3 +385,47 @@ def test_a_lora_scale_without_a_lora_is_refused():
     with pytest.raises(ConfigError, match=r"generate\.lora_scale: there is no LoRA to scale"):
         check_config(compose(["generate.lora_scale=0.5"]))
     check_config(compose([*LORA, "generate.lora_scale=0.5"]))  # the run's own LoRA, at half strength
+
+
+def test_the_sdxl_recipe_composes_and_is_its_own_run():
+    cfg = compose(["experiment=jeans_sdxl_lora", "data=imagefolder", "data.path=/tmp"])
+    assert (cfg.model.path, cfg.model.variant) == ("stabilityai/stable-diffusion-xl-base-1.0", "fp16")
+    assert (cfg.train.method, cfg.train.lora.rank, cfg.optim.lr, cfg.train.resolution) == (
+        "lora",
+        4,
+        1e-4,
+        1024,
+    )
+    assert (cfg.generate.height, cfg.generate.width) == (1024, 1024)
+    sd14 = compose(["experiment=jeans_sd14_lora", "data=imagefolder", "data.path=/tmp"])
+    assert paths.run_dir(cfg) != paths.run_dir(sd14)
+
+
+@pytest.mark.slow
+def test_sdxl_vae_stays_float32_under_mixed_precision_unless_vae_path_names_one(make_cfg, tmp_path):
+    """SDXL's VAE overflows in fp16: it is kept in fp32 while the text encoders follow the mixed precision;
+    a VAE of ``model.vae_path`` (one made for half precision) follows it too. SD 1.x's VAE always follows."""
+    from sdcluster.train.trainer import build_trainer
+
+    half = [*FAST, *LORA, "train.mixed_precision=bf16"]
+    sdxl = build_trainer(make_cfg([*half, "model=tiny_sdxl"])).comps
+    assert (sdxl.vae.dtype, sdxl.text_encoder.dtype, sdxl.text_encoder_2.dtype, sdxl.unet.dtype) == (
+        torch.float32,
+        torch.bfloat16,
+        torch.bfloat16,
+        torch.bfloat16,
+    )
+    sdxl.vae.to(torch.float32).save_pretrained(tmp_path / "vae", safe_serialization=True)
+    own = build_trainer(make_cfg([*half, "model=tiny_sdxl", f"model.vae_path={tmp_path / 'vae'}"])).comps
+    assert own.vae.dtype == torch.bfloat16
+    assert build_trainer(make_cfg(half)).comps.vae.dtype == torch.bfloat16
+
+
+def test_a_vae_path_that_holds_no_vae_is_refused_before_the_queue(tmp_path):
+    from sdcluster.cluster.preflight import preflight
+
+    (tmp_path / "vae").mkdir()
+    for where, hint in ((tmp_path / "vae", ""), ("madebyollin/sdxl-vae-fp16-fix", r"\(a hub id: download")):
+        cfg = compose(["model=tiny_sdxl", f"model.vae_path={where}"])
+        with pytest.raises(ConfigError, match=rf"model\.vae_path: .*{hint}.*Fix: .*hf download"):
+            preflight(cfg, dry_run=True)

@@ -1,0 +1,59 @@
+"""The embedded models (``model.path=tiny``, ``tiny_sdxl``): found in the cache, or built once and published.
+
+The builders are :mod:`sdcluster.models.tiny` (Stable Diffusion 1.x-shaped) and
+:mod:`sdcluster.models.tiny_sdxl`; this module only decides where each lives and makes a copy appear whole.
+
+    python -m sdcluster.models.embedded [CACHE_ROOT] [tiny|tiny_sdxl]   # build or find it, print where
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from sdcluster import atomic
+from sdcluster.models import tiny, tiny_sdxl
+from sdcluster.paths import tiny_model_dir
+
+BUILDERS: dict[str, tuple[str, Callable[[Path], Path]]] = {
+    "tiny": (tiny.TINY_VERSION, tiny.build_tiny_pipeline),
+    "tiny_sdxl": (tiny_sdxl.TINY_SDXL_VERSION, tiny_sdxl.build_tiny_sdxl),
+}
+
+
+def ensure_tiny_model(cache_root: Path | str, name: str = "tiny") -> Path:
+    """Return the cached embedded model ``name`` (``tiny`` or ``tiny_sdxl``), building it first if needed.
+
+    Built under a temporary name and published in one rename, so concurrent jobs (ranks, sweep points) never
+    see a half-written model; a loser of the race keeps the winner's copy and discards its own.
+    """
+    version, build = BUILDERS[name]
+    dest = tiny_model_dir(cache_root, name) / f"v{version}"
+    if is_complete(dest):
+        return dest
+    tmp = atomic.staging_dir(dest)
+    try:
+        build(tmp)
+        if not is_complete(tmp):
+            raise RuntimeError(f"the tiny model built in {tmp} lacks weight files (see load_components)")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic.publish_dir(tmp, dest, replace=not is_complete(dest))  # a broken copy is replaced, a good one kept
+    return dest
+
+
+def is_complete(folder: Path) -> bool:
+    """The marker (written last) and a weights file in every model folder: what a loader will open."""
+    parts = ["unet", "vae", "text_encoder"] + (
+        ["text_encoder_2"] if (folder / "tokenizer_2").is_dir() else []
+    )
+    weights = all(any((folder / sub).glob("*.safetensors")) for sub in parts)
+    return (folder / tiny.MARKER).is_file() and weights
+
+
+if __name__ == "__main__":
+    root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(".cache/sdcluster")
+    print(ensure_tiny_model(root, sys.argv[2] if len(sys.argv) > 2 else "tiny"))
