@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import common
-from benchmarks.train_step import _now
+from benchmarks.train_step import _now, _prepare
 
 METHODS = ("full", "lora")
 
@@ -71,14 +71,6 @@ def _numel(shape: list[int]) -> int:
     for dim in shape:
         count *= dim
     return count
-
-
-def _prepare(size: str) -> None:
-    """Build the model and the latent cache before anything is timed (a cache build is not a step)."""
-    from sdcluster.train.loop import train
-
-    with tempfile.TemporaryDirectory() as out:
-        train(common.seed_config(size, Path(out), max_steps=1))
 
 
 def _rows(size: str, results: dict[str, list[dict[str, float]]]) -> list[list[str]]:

@@ -113,6 +113,53 @@ TINY_TEXT: dict[str, Any] = {
 }
 
 
+def tokenizers(*pad_tokens: str | None) -> tuple[int, list[Any]]:
+    """(vocabulary size, one CLIP tokenizer of :func:`write_tokenizer`'s vocabulary per pad token; None:
+    CLIP's own ``<|endoftext|>``)."""
+    from transformers import CLIPTokenizer
+
+    work = Path(tempfile.mkdtemp(prefix="tok-"))
+    try:
+        vocab_size = write_tokenizer(work)
+        pads = [{} if pad is None else {"pad_token": pad} for pad in pad_tokens]
+        return vocab_size, [CLIPTokenizer.from_pretrained(work, **pad) for pad in pads]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def text_config(vocab_size: int, tokenizer: Any, shape: dict[str, Any]) -> Any:
+    """A CLIP text encoder's config of ``shape`` for ``tokenizer``'s special tokens (77 positions)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **shape,
+    )
+
+
+def make_vae(shape: dict[str, Any], **extra: Any) -> Any:
+    """SD's 4-block VAE (downsampling by 8, 4 latent channels) of ``shape``, seeded; ``extra``: config keys
+    such as SDXL's ``scaling_factor``."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=8,
+        **shape,
+        **extra,
+    )
+
+
 def build_pipeline(dest: Path, unet: dict[str, Any], vae: dict[str, Any], text: dict[str, Any]) -> Path:
     """Write a random-weight Stable Diffusion folder of the given shapes to ``dest`` (seeded: reproducible).
 
@@ -120,39 +167,15 @@ def build_pipeline(dest: Path, unet: dict[str, Any], vae: dict[str, Any], text: 
     SD 1.x's 4-block VAE with 4 latent channels and its PNDM noise schedule.
     """
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
-    work = Path(tempfile.mkdtemp(prefix="tok-"))
-    try:
-        vocab_size = write_tokenizer(work)
-        tokenizer = CLIPTokenizer.from_pretrained(work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
+    vocab_size, (tokenizer,) = tokenizers(None)
     torch.manual_seed(0)  # before each component: its weights do not depend on the others' sizes
     unet_model = UNet2DConditionModel(in_channels=4, out_channels=4, **unet)
+    vae_model = make_vae(vae)
     torch.manual_seed(0)
-    vae_model = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=8,
-        **vae,
-    )
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab_size,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            **text,
-        )
-    )
+    text_encoder = CLIPTextModel(text_config(vocab_size, tokenizer, text))
     scheduler = PNDMScheduler(
         beta_start=0.00085,
         beta_end=0.012,

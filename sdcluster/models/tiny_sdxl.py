@@ -13,12 +13,10 @@ random with fixed seeds; the tokenizers are the tiny model's CLIP vocabulary (th
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from sdcluster.models.tiny import MARKER, TINY_TEXT, TINY_VAE, write_tokenizer
+from sdcluster.models.tiny import MARKER, TINY_TEXT, TINY_VAE, make_vae, text_config, tokenizers
 
 TINY_SDXL_VERSION = "1"
 
@@ -50,50 +48,17 @@ def build_sdxl_pipeline(dest: Path, unet: dict[str, Any], vae: dict[str, Any], t
     benchmarks' SDXL-shaped model goes through here too. Both text encoders take the ``text`` shape, so
     ``unet['cross_attention_dim']`` must be twice its hidden size."""
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    work = Path(tempfile.mkdtemp(prefix="tok-"))
-    try:
-        vocab_size = write_tokenizer(work)
-        tokenizer = CLIPTokenizer.from_pretrained(work)
-        tokenizer_2 = CLIPTokenizer.from_pretrained(work, pad_token="!")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-    def text_config(tok: Any) -> Any:
-        return CLIPTextConfig(
-            vocab_size=vocab_size,
-            max_position_embeddings=77,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            **text,
-        )
-
+    vocab_size, (tokenizer, tokenizer_2) = tokenizers(None, "!")
     torch.manual_seed(0)
     unet_model = UNet2DConditionModel(in_channels=4, out_channels=4, **unet)
+    vae_model = make_vae(vae, scaling_factor=0.13025, force_upcast=True)  # SDXL's VAE settings
     torch.manual_seed(0)
-    vae_model = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=8,
-        scaling_factor=0.13025,  # SDXL's
-        force_upcast=True,
-        **vae,
-    )
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(text_config(tokenizer))
+    text_encoder = CLIPTextModel(text_config(vocab_size, tokenizer, text))
     torch.manual_seed(1)
-    text_encoder_2 = CLIPTextModelWithProjection(text_config(tokenizer_2))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(vocab_size, tokenizer_2, text))
     scheduler = EulerDiscreteScheduler(  # SDXL base's published scheduler settings
         beta_start=0.00085,
         beta_end=0.012,
