@@ -103,3 +103,18 @@ def tensorboard_images(folder: Path, tag: str) -> list[tuple[int, tuple[int, int
     events = EventAccumulator(str(folder), size_guidance={"images": 0})
     events.Reload()
     return [(e.step, (e.width, e.height)) for e in events.Images(tag)]
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state whose mixed precision is fixed by the first Accelerator; a
+    job is a process of its own, but these tests train in one process, so reset it around a change."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset() -> None:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+    reset()
+    yield
+    reset()

@@ -60,7 +60,8 @@ def run_job(cfg: Config, task: str, body: Callable[[Config, PreemptionFlag, Dist
     """Wrap a job body with logging, attempt records and the preemption protocol."""
     started = time.time()
     staged = is_hub_id(cfg.model.path) and cfg.model.commit
-    if staged:  # launch staged the weights; read before any hub import, so no rank reaches for the hub
+    staged_vae = bool(cfg.model.vae_path and is_hub_id(cfg.model.vae_path) and cfg.model.vae_commit)
+    if staged or staged_vae:  # launch staged the weights; set before any hub import: no rank reaches the hub
         os.environ["HF_HUB_OFFLINE"] = "1"
     setup_logging(int(os.environ.get("SLURM_PROCID", "0") or 0))
     dist = setup(use_gpus=cfg.cluster.gpus_per_node > 0)

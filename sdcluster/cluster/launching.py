@@ -26,7 +26,11 @@ Say = Callable[[str], None]
 def describe_outputs(cfg: Config, say: Say) -> None:
     if cfg.task != "generate":
         say(f"run folder:   {paths.run_dir(cfg)}")
-        say(f"model:        {paths.run_paths(cfg).model}")
+        run = paths.run_paths(cfg)
+        if cfg.train.method == "lora":  # the adapters file, and a fused pipeline when asked for
+            say(f"lora:         {run.lora}")
+        if cfg.train.method != "lora" or cfg.train.lora.fuse_export:
+            say(f"model:        {run.model}")
     if cfg.task != "train":
         say(f"images:       {paths.generation_dir(cfg)}")
 

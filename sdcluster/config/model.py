@@ -34,10 +34,14 @@ class ModelConfig:
     """Where launch stages a hub model and jobs read it (put it on storage every node sees); null: Hugging
     Face's cache (``HF_HUB_CACHE``, ``~/.cache/huggingface/hub``)."""
     vae_path: str | None = None
-    """A local folder holding an ``AutoencoderKL`` (``config.json`` + safetensors) to use instead of the
-    model's VAE, in training, the export and generation: for SDXL, a VAE fine-tuned for half precision (such
-    as madebyollin/sdxl-vae-fp16-fix, downloaded) lets the VAE follow ``train.mixed_precision``; without one
-    SDXL's VAE stays in fp32 (it overflows in fp16). null: the model's own VAE."""
+    """An ``AutoencoderKL`` to use instead of the model's VAE, in training, the export and generation: a
+    local folder (``config.json`` + safetensors) or a hub id, staged at launch like the model. For SDXL, a VAE
+    fine-tuned for half precision (``madebyollin/sdxl-vae-fp16-fix``) lets the VAE follow
+    ``train.mixed_precision``; without one SDXL's VAE stays in fp32 (it overflows in fp16). null: the model's
+    own VAE."""
+    vae_commit: str | None = None
+    """The hub commit a hub ``vae_path`` is pinned to; launch fills it in (from ``main``). Part of the run's
+    identity."""
     commit: str | None = None
     """The hub commit (40 hex digits) the weights are pinned to. Launch fills it in from ``revision``;
     set it to pin a run to a commit you know. Part of the run's identity in place of ``revision``."""
@@ -50,6 +54,12 @@ class ModelConfig:
             f"{self.commit!r} is not a full commit sha (40 lowercase hex digits)",
             "copy the full sha, or drop model.commit and give model.revision",
         )
+        _require(
+            self.vae_commit is None or bool(_COMMIT.match(self.vae_commit)),
+            "model.vae_commit",
+            f"{self.vae_commit!r} is not a full commit sha (40 lowercase hex digits)",
+            "copy the full sha, or drop model.vae_commit (launch pins the VAE's main)",
+        )
 
     def identity(self) -> dict[str, Any]:
         """The part of the run's identity that comes from the model: the commit replaces a branch or tag
@@ -57,8 +67,9 @@ class ModelConfig:
         lives does not change what is learned."""
         fields = dataclasses.asdict(self)
         fields.pop("cache_dir")
-        if fields["vae_path"] is None:  # absent from runs made before it existed: their folders stay theirs
-            fields.pop("vae_path")
+        for key in ("vae_path", "vae_commit"):  # absent from runs made before they existed: folders stay
+            if fields[key] is None:
+                fields.pop(key)
         commit = fields.pop("commit")
         if commit:
             fields["revision"] = commit

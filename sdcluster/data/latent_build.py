@@ -98,13 +98,13 @@ def _encode_share(
     clo, chi = _share(len(plan.captions), rank, world)
     ids = tokenize_captions(family.tokenizers(comps), plan.captions[clo:chi]) if chi > clo else {}
     with torch.no_grad():  # the shape of each array from one caption
-        probe = family.encode(comps, tokenize_captions(family.tokenizers(comps), ["shape"]))
+        probe = family.encode(comps, tokenize_captions(family.tokenizers(comps), ["shape"]), device)
     for kind, sample in zip(plan.text_arrays, probe, strict=False):
 
         def encoded(which: int = plan.text_arrays.index(kind)) -> Iterable[torch.Tensor]:
             for s in range(clo, chi, ENCODE_BATCH):
                 batch = {key: rows[s - clo : s - clo + ENCODE_BATCH] for key, rows in ids.items()}
-                yield family.encode(comps, batch)[which]
+                yield family.encode(comps, batch, device)[which]
 
         _write_rows(dest / f"{kind}.{rank}.npy", chi - clo, tuple(sample.shape[1:]), encoded())
 

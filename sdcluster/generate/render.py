@@ -69,7 +69,7 @@ def load_pipeline(cfg: Config) -> Any:
     """The model's pipeline (SD 1.x/2.x or SDXL, read from its ``model_index.json``) with our scheduler, no
     safety checker and no tqdm bars (they garble SLURM log files)."""
     from sdcluster.models.family import family_of
-    from sdcluster.models.load import check_vae_path
+    from sdcluster.models.load import load_vae_override
 
     model = paths.generation_model(cfg)
     require_model(model)
@@ -82,10 +82,7 @@ def load_pipeline(cfg: Config) -> Any:
     family = family_of(source, pinned.get("revision"))
     parts: dict[str, Any] = {}
     if not isinstance(model, Path) and cfg.model.vae_path:  # the base model with the VAE the run used
-        from diffusers import AutoencoderKL
-
-        check_vae_path(cfg.model)
-        parts["vae"] = AutoencoderKL.from_pretrained(cfg.model.vae_path, use_safetensors=True)
+        parts["vae"] = load_vae_override(cfg.model, dtype)
     pipe = family.pipeline_class.from_pretrained(
         source,
         **{_dtype_keyword(): dtype},

@@ -6,8 +6,10 @@ a node with internet before launching from one without, or to warm a shared ``mo
     python -m sdcluster.models fetch CompVis/stable-diffusion-v1-4
     python -m sdcluster.models fetch model=sd14 model.revision=v1.4 model.cache_dir=/shared/hf
     python -m sdcluster.models fetch model=sd15 model.variant=fp16
+    python -m sdcluster.models fetch model=sdxl model.vae_path=madebyollin/sdxl-vae-fp16-fix   # and its VAE
 
-It prints the commit the revision resolved to and the local folder. Exit 2 on a configuration error.
+It prints the commit the revision resolved to and the local folder (of the model, and of a hub VAE). Exit 2
+on a configuration error.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def compose(overrides: list[str]) -> Config:
 
 
 def fetch(target: str, overrides: list[str]) -> int:
-    from sdcluster.models.hub import stage
+    from sdcluster.models.hub import stage, stage_vae
     from sdcluster.models.load import check_model_source
     from sdcluster.models.source import is_hub_id
     from sdcluster.redaction import reject_secrets_in_arguments
@@ -41,15 +43,18 @@ def fetch(target: str, overrides: list[str]) -> int:
     extra = [target] if "=" in target else [f"model.path={target}", f"model.name={target.split('/')[-1]}"]
     model = compose(extra + overrides).model
     check_model_source(model)
-    if not is_hub_id(model.path):
+    hub_vae = model.vae_path is not None and is_hub_id(model.vae_path)
+    if not is_hub_id(model.path) and not hub_vae:
         raise ConfigError(
             f"model.path: {model.path!r} is not a hub model (it is built or read locally): nothing to fetch. "
             "Fix: give a hub id such as CompVis/stable-diffusion-v1-4, or model=sd14"
         )
-    staged = stage(model, say=print)
-    state = "from the cache (hub unreachable)" if staged.offline else "complete"
-    print(f"{staged.repo_id} {staged.revision}: commit {staged.commit} ({len(staged.files)} files, {state})")
-    print(staged.folder)
+    staged = [stage(model, say=print)] if is_hub_id(model.path) else []
+    staged += [stage_vae(model, say=print)] if hub_vae else []
+    for one in staged:
+        state = "from the cache (hub unreachable)" if one.offline else "complete"
+        print(f"{one.repo_id} {one.revision}: commit {one.commit} ({len(one.files)} files, {state})")
+        print(one.folder)
     return 0
 
 

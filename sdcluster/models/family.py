@@ -37,8 +37,9 @@ class SD1:
     text_encoder_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
     """The CLIP attention projections diffusers' LoRA examples adapt in the text encoders."""
     text_arrays: ClassVar[tuple[str, ...]] = ("text",)
-    tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer",)
     """The latent cache's arrays of caption encodings (one row per distinct caption)."""
+    tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer",)
+    """The pipeline's tokenizer components."""
 
     @property
     def pipeline_class(self) -> Any:
@@ -63,10 +64,11 @@ class SD1:
         """``(N, L)`` token ids per tokenizer, padded to the model's length."""
         return {key: _token_ids(tok, captions) for key, tok in tokenizers.items()}
 
-    def encode(self, comps: Any, ids: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode(
+        self, comps: Any, ids: Mapping[str, torch.Tensor], device: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden states, pooled embedding or None), with autograd (callers decide with ``no_grad``)."""
-        encoder = comps.text_encoder
-        return encoder(ids["input_ids"].to(encoder.device), return_dict=False)[0], None
+        return comps.text_encoder(ids["input_ids"].to(device), return_dict=False)[0], None
 
     def unet_conditioning(
         self, hidden: torch.Tensor, pooled: torch.Tensor | None, time_ids: torch.Tensor | None
@@ -108,12 +110,14 @@ class SDXL(SD1):
     def tokenizers(self, comps: Any) -> dict[str, Any]:
         return {"input_ids": comps.tokenizer, "input_ids_2": comps.tokenizer_2}
 
-    def encode(self, comps: Any, ids: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode(
+        self, comps: Any, ids: Mapping[str, torch.Tensor], device: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         import torch
 
         hidden, pooled = [], None
         for key, encoder in (("input_ids", comps.text_encoder), ("input_ids_2", comps.text_encoder_2)):
-            out = encoder(ids[key].to(encoder.device), output_hidden_states=True)
+            out = encoder(ids[key].to(device), output_hidden_states=True)
             if out[0].ndim == 2:  # the projected pooled output: only the second encoder has one
                 pooled = out[0]
             hidden.append(out.hidden_states[-2])

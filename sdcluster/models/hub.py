@@ -44,6 +44,7 @@ WEIGHT_SUFFIXES = (
     ".onnx_data",
 )
 INDEX_FILE = "model_index.json"
+CONFIG_FILE = "config.json"  # of a repo holding one model (a VAE for model.vae_path)
 Say = Callable[[str], None]
 
 
@@ -100,6 +101,22 @@ def select_files(index: dict[str, Any], repo_files: list[str], variant: str | No
         others = [n for n in names if not n.endswith(WEIGHT_SUFFIXES) and ".index" not in n]
         chosen += [f"{part}/{n}" for n in sorted(others + found)]
     return chosen
+
+
+def select_component_files(repo_files: list[str], where: str) -> list[str]:
+    """The files ``from_pretrained`` of a one-model repo (a VAE) reads: its ``config.json`` and the
+    safetensors weights at the top of the repo (no variants, no pickles)."""
+    # diffusers' and transformers' weight names only: VAE repos also carry single-file copies for other
+    # tools (sdxl_vae.safetensors) that from_pretrained never reads
+    name = r"(diffusion_pytorch_model|model)"
+    weights = re.compile(rf"^{name}(-\d{{5}}-of-\d{{5}})?\.safetensors$|^{name}\.safetensors\.index\.json$")
+    found = sorted(f for f in repo_files if weights.match(f))
+    if not any(f.endswith(".safetensors") for f in found):
+        raise ConfigError(
+            f"model.path: {where} has no safetensors weights at its top level (pickled .bin weights are "
+            "never loaded: loading them can run code). Fix: pick a repo that has them"
+        )
+    return [CONFIG_FILE, *found]
 
 
 def _explain(err: Exception, model: ModelConfig, revision: str) -> ConfigError:
@@ -199,12 +216,15 @@ def _check_space(model: ModelConfig, needed: int, count: int, commit: str) -> No
         )
 
 
-def stage(model: ModelConfig, download: bool = True, say: Say | None = None) -> StagedModel:
+def stage(
+    model: ModelConfig, download: bool = True, say: Say | None = None, component: bool = False
+) -> StagedModel:
     """Resolve ``model`` (a hub id) to a commit and, with ``download``, make its files complete in the cache.
 
     Pinned to ``model.commit`` when set (a resumed or resubmitted run keeps its weights), else to what
     ``model.revision`` (default ``main``) points at now. Without the hub (no network, ``HF_HUB_OFFLINE=1``,
-    the hub down) the cache answers alone, or a ConfigError says what to stage where.
+    the hub down) the cache answers alone, or a ConfigError says what to stage where. ``component``: a repo
+    holding one model (``config.json``, a VAE), not a pipeline.
     """
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -216,16 +236,20 @@ def stage(model: ModelConfig, download: bool = True, say: Say | None = None) -> 
         reason, (commit, sizes) = listing, _cached_listing(model, revision, listing)
     else:
         reason, (commit, sizes) = "the connection dropped", listing
-    if INDEX_FILE not in sizes:
-        raise ConfigError(
-            f"model.path: {model.path} has no {INDEX_FILE}: not a diffusers pipeline. Fix: use one"
-        )
+    first = CONFIG_FILE if component else INDEX_FILE
+    if first not in sizes:
+        what = "a single model (such as a VAE)" if component else "a diffusers pipeline"
+        raise ConfigError(f"model.path: {model.path} has no {first}: not {what}. Fix: use one")
     cache = cache_dir(model)
     try:
         index_path = hf_hub_download(
-            model.path, INDEX_FILE, revision=commit, cache_dir=cache, local_files_only=offline
+            model.path, first, revision=commit, cache_dir=cache, local_files_only=offline
         )
-        files = select_files(json.loads(Path(index_path).read_text()), list(sizes), model.variant, model.path)
+        if component:
+            files = select_component_files(list(sizes), model.path)
+        else:
+            index = json.loads(Path(index_path).read_text())
+            files = select_files(index, list(sizes), model.variant, model.path)
         folder = Path(index_path).parent
         missing = [f for f in files if not (folder / f).is_file()]
         needed = sum(sizes[f] for f in missing)
@@ -268,6 +292,31 @@ def staged_folder(model: ModelConfig) -> Path:
     return stage(model, download=False).folder
 
 
+def vae_model(model: ModelConfig) -> ModelConfig:
+    """``model.vae_path`` (a hub id) as a model of its own, in the same cache, pinned to ``vae_commit``."""
+    return ModelConfig(
+        name="vae", path=str(model.vae_path), cache_dir=model.cache_dir, commit=model.vae_commit
+    )
+
+
+def stage_vae(model: ModelConfig, download: bool = True, say: Say | None = None) -> StagedModel:
+    """Stage the VAE of ``model.vae_path`` like a model; errors name the VAE's keys."""
+    try:
+        return stage(vae_model(model), download=download, say=say, component=True)
+    except ConfigError as err:
+        text = str(err).replace("model.path", "model.vae_path").replace("model.commit", "model.vae_commit")
+        text = text.replace("model.revision", "model.vae_commit")
+        fetch = f"python -m sdcluster.models fetch {model.vae_path}"  # the fix names the VAE's key
+        raise ConfigError(
+            text.replace(fetch, f"{fetch.rsplit(' ', 1)[0]} model.vae_path={model.vae_path}")
+        ) from None
+
+
+def staged_vae_folder(model: ModelConfig) -> Path:
+    """The staged VAE's snapshot folder, from the cache only (what jobs load with the hub off)."""
+    return stage_vae(model, download=False).folder
+
+
 def _generation_reads_base(cfg: Config) -> bool:
     """A generation job that loads the configured model itself (e.g. the base model of a LoRA run)."""
     from sdcluster.paths import generation_model
@@ -275,24 +324,39 @@ def _generation_reads_base(cfg: Config) -> bool:
     return cfg.task != "train" and str(generation_model(cfg)) == cfg.model.path
 
 
-def needs_staging(cfg: Config) -> bool:
-    """Whether launching ``cfg`` reads a hub model: training loads it, and a generation-only job needs its
-    commit to find the run it generates from (not when generate.model names the folder)."""
-    if not is_hub_id(cfg.model.path):
-        return False
+def _reads_hub_weights(cfg: Config) -> bool:
+    """Training loads the model, and a generation-only job needs its commit to find the run it generates
+    from (not when generate.model names the folder)."""
     return cfg.task != "generate" or not cfg.generate.model or _generation_reads_base(cfg)
 
 
+def needs_staging(cfg: Config) -> bool:
+    """Whether launching ``cfg`` reads a hub model (or a hub VAE in place of the model's)."""
+    hub = is_hub_id(cfg.model.path) or (cfg.model.vae_path is not None and is_hub_id(cfg.model.vae_path))
+    return hub and _reads_hub_weights(cfg)
+
+
 def stage_for_launch(cfg: Config, dry_run: bool = False, say: Say = print) -> StagedModel | None:
-    """Login-node staging: pins ``cfg.model.commit`` (the run's identity and the jobs' weights follow it).
+    """Login-node staging: pins ``cfg.model.commit`` (and ``vae_commit`` for a hub VAE): the run's identity
+    and the jobs' weights follow them.
 
     A dry run, and a generation-only launch that reads an export, resolve and check but download nothing.
     """
     if not needs_staging(cfg):
         return None
     download = not dry_run and (cfg.task != "generate" or _generation_reads_base(cfg))
-    staged = stage(cfg.model, download=download, say=say)
-    cfg.model.commit = staged.commit
-    where = "from the cache, hub unreachable" if staged.offline else "checked on the hub"
-    say(f"model: {staged.repo_id} {staged.revision} -> commit {staged.commit} ({where}): {staged.folder}")
+    staged = None
+    if is_hub_id(cfg.model.path):
+        staged = stage(cfg.model, download=download, say=say)
+        cfg.model.commit = staged.commit
+        _said(say, "model", staged)
+    if cfg.model.vae_path and is_hub_id(cfg.model.vae_path):
+        vae = stage_vae(cfg.model, download=download, say=say)
+        cfg.model.vae_commit = vae.commit
+        _said(say, "model.vae_path", vae)
     return staged
+
+
+def _said(say: Say, what: str, staged: StagedModel) -> None:
+    where = "from the cache, hub unreachable" if staged.offline else "checked on the hub"
+    say(f"{what}: {staged.repo_id} {staged.revision} -> commit {staged.commit} ({where}): {staged.folder}")

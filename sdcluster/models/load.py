@@ -56,17 +56,36 @@ def check_model_source(model: ModelConfig) -> None:
 
 
 def check_vae_path(model: ModelConfig) -> None:
-    """``model.vae_path`` is a local ``AutoencoderKL`` folder with safetensors weights."""
-    if model.vae_path is None:
+    """``model.vae_path`` is a hub id (staged at launch) or a local ``AutoencoderKL`` folder with
+    safetensors weights."""
+    if model.vae_path is None or is_hub_id(model.vae_path):
         return
     folder = Path(model.vae_path).expanduser()
     if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
-        hint = " (a hub id: download it first)" if looks_like_hub_id(model.vae_path) else ""
         raise ConfigError(
             f"model.vae_path: {model.vae_path} is not a folder holding a VAE's config.json and .safetensors "
-            f"weights{hint}. Fix: `hf download madebyollin/sdxl-vae-fp16-fix --local-dir DIR` (or save "
-            "your AutoencoderKL with save_pretrained) and set model.vae_path=DIR, or drop model.vae_path"
+            "weights. Fix: give the VAE's folder (saved with save_pretrained), or a hub id such as "
+            "madebyollin/sdxl-vae-fp16-fix, or drop model.vae_path"
         )
+
+
+def load_vae_override(model: ModelConfig, dtype: Any = None) -> Any:
+    """The VAE of ``model.vae_path`` (safetensors only), or None when the model's own is used.
+
+    A hub id pinned by launch (``model.vae_commit``) is read from its staged copy, like the model.
+    """
+    if not model.vae_path:
+        return None
+    from diffusers import AutoencoderKL
+
+    check_vae_path(model)
+    source = model.vae_path
+    if is_hub_id(source) and model.vae_commit:
+        from sdcluster.models.hub import staged_vae_folder
+
+        source = str(staged_vae_folder(model))
+    vae = AutoencoderKL.from_pretrained(source, use_safetensors=True)
+    return vae if dtype is None else vae.to(dtype)
 
 
 def resolve_model_path(model: ModelConfig, cache_root: str | Path) -> str:
@@ -200,13 +219,11 @@ def load_components(model: ModelConfig, cache_root: str | Path, accelerator: Any
 
 
 def load_vae(model: ModelConfig, source: str, weights: dict[str, Any]) -> Any:
-    """The model's VAE, or the one ``model.vae_path`` names (a local folder, safetensors only)."""
+    """The model's VAE, or the one ``model.vae_path`` names."""
     from diffusers import AutoencoderKL
 
-    if model.vae_path:
-        check_vae_path(model)
-        return AutoencoderKL.from_pretrained(model.vae_path, use_safetensors=True)
-    return AutoencoderKL.from_pretrained(source, subfolder="vae", **weights)
+    own = load_vae_override(model)
+    return own if own is not None else AutoencoderKL.from_pretrained(source, subfolder="vae", **weights)
 
 
 def encode_text(text_encoder: Any, input_ids: Any) -> Any:

@@ -18,7 +18,9 @@ SCHEDULER_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "dpmpp": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "pndm": ("PNDMScheduler", {}),
+    # PLMS only, as every Stable Diffusion scheduler config says: a config without the key (SDXL's Euler one)
+    # would get PNDM's Runge-Kutta warm-up, which fails for few steps and is not what SD pipelines use
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
     "ddpm": ("DDPMScheduler", {}),
 }
 assert tuple(SCHEDULER_CLASSES) == SCHEDULERS, "config.SCHEDULERS must list the names of SCHEDULER_CLASSES"

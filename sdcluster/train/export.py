@@ -28,9 +28,9 @@ def _base_pipeline(family: Any, source: str, model: ModelConfig, **parts: Any) -
     """The source pipeline of ``family`` (safetensors only), with ``parts`` (e.g. a trained UNet) in place of
     its own, and the VAE of ``model.vae_path`` when one is set (the VAE the run trained with)."""
     if model.vae_path and "vae" not in parts:
-        from diffusers import AutoencoderKL
+        from sdcluster.models.load import load_vae_override
 
-        parts["vae"] = AutoencoderKL.from_pretrained(model.vae_path, use_safetensors=True)
+        parts["vae"] = load_vae_override(model)
     return family.pipeline_class.from_pretrained(
         source,
         revision=model.revision,

@@ -206,6 +206,7 @@ def _train_and_export(
     acc = t.accelerator
     losses, interrupted = _loop(t, ckpt, flag, stop_at)
     log.info("unet weights checksum at step %d: %s", t.step, weights_checksum(t.unet))
+    log.info("trained weights checksum at step %d: %s", t.step, weights_checksum(t.params))
     result = TrainResult(t.paths.root, t.step, interrupted, losses=losses)
     if interrupted:
         return result

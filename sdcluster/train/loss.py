@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from sdcluster.models.family import TIME_IDS
-from sdcluster.models.load import encode_text  # noqa: F401 (re-exported: tests and validation use it)
 
 
 def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
@@ -65,7 +64,7 @@ def conditioning(
     else:
         ids = {key: batch[key] for key in family.tokenizers(comps)}
         with torch.set_grad_enabled(grad):
-            hidden, pooled = family.encode(comps, ids)
+            hidden, pooled = family.encode(comps, ids, device)
     time_ids = batch.get(TIME_IDS)
     return family.unet_conditioning(hidden, pooled, None if time_ids is None else time_ids.to(device))
 

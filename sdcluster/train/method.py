@@ -17,6 +17,7 @@ loaded model has.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,7 @@ class FullFineTune:
         self.cfg = cfg
         self.family = family
         self.models: list[torch.nn.Module] = []
+        self.prepared: list[Any] = []  # ``models`` as accelerate prepared them (DDP wrappers on N processes)
 
     def prepare(self, comps: Components, accelerator: Any) -> None:
         comps.unet.train()
@@ -63,8 +65,12 @@ class FullFineTune:
         return [{"params": [p for _, p in self.named_parameters()], "lr": lr}]
 
     def model_inputs(self, comps: Components, batch: dict[str, torch.Tensor], device: Any, gen: Any):
-        """(latents, the UNet's conditioning) of a batch from the encoders (or the latent cache); the text
-        encoders run with autograd when their adapters are trained."""
+        """(latents, the UNet's conditioning) of a batch from the encoders (or the latent cache); text
+        encoders whose adapters are trained run with autograd, through their prepared (DDP) wrappers: a
+        forward that bypasses the wrapper leaves their gradients unaveraged, and the ranks drift apart."""
+        if self.trains_text_encoder:
+            names = self.family.text_encoders(comps)
+            comps = dataclasses.replace(comps, **dict(zip(names, self.prepared[1:], strict=True)))
         return model_inputs(comps, batch, device, gen, grad_text=self.trains_text_encoder)
 
     def register_checkpoint_hooks(self, accelerator: Any) -> None:

@@ -40,15 +40,16 @@ class Trainer:
     params: list[torch.nn.Parameter] = field(default_factory=list)  # listed once: iterating is not free
 
 
-def weights_checksum(model: torch.nn.Module) -> str:
+def weights_checksum(model: torch.nn.Module | list[torch.nn.Parameter]) -> str:
     """A cheap fingerprint logged by every rank, so a log shows that replicas stayed identical."""
+    params = model.parameters() if isinstance(model, torch.nn.Module) else model
     with torch.no_grad():
-        total = sum(p.detach().double().abs().sum().item() for p in model.parameters())
+        total = sum(p.detach().double().abs().sum().item() for p in params)
     return f"{total:.10e}"
 
 
 def _make_accelerator(cfg: Config, paths: RunPaths) -> Any:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
     from sdcluster.train.tracking import accelerator_kwargs
 
@@ -58,10 +59,16 @@ def _make_accelerator(cfg: Config, paths: RunPaths) -> Any:
     if cuda and cfg.train.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    handlers = []
+    if cfg.train.method == "lora" and cfg.train.lora.text_encoder_lr is not None:
+        # SDXL conditions on the first text encoder's penultimate layer: the adapters of its last layer get
+        # no gradient, which DDP refuses unless told (diffusers' SDXL LoRA script sets the same flag)
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     return Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
         cpu=not cuda,
+        kwargs_handlers=handlers,
         **accelerator_kwargs(cfg, paths),
     )
 
@@ -132,6 +139,7 @@ def build_trainer(cfg: Config) -> Trainer:
     )
     method.register_checkpoint_hooks(accelerator)
     *models, optimizer = accelerator.prepare(*method.models, optimizer)
+    method.prepared = models  # what forward passes go through (DDP averages gradients only through them)
     return Trainer(
         cfg,
         accelerator,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -29,9 +30,15 @@ def _losses(run_dir: str) -> dict[int, float]:
     return {rec["step"]: rec["loss"] for rec in map(json.loads, lines) if "loss" in rec}
 
 
-# A LoRA of SDXL on two processes: adapters, their optimizer state and the SDXL conditioning through a real
-# requeue (what is trained and saved is the method's and the family's business, not the loop's).
-SDXL_LORA = ("model=tiny_sdxl", "train.method=lora", "train.lora.dropout=0.1")
+# A LoRA of SDXL on two processes: adapters (on the UNet and both text encoders), their optimizer state and
+# the SDXL conditioning through a real requeue (what is trained and saved is the method's and the family's
+# business, not the loop's).
+SDXL_LORA = (
+    "model=tiny_sdxl",
+    "train.method=lora",
+    "train.lora.dropout=0.1",
+    "train.lora.text_encoder_lr=1e-3",
+)
 
 
 @pytest.mark.parametrize(
@@ -70,6 +77,12 @@ def test_preempted_training_requeues_and_matches_uninterrupted(
     )
 
     straight_run = job_record(tmp_path / "a", straight_id)["run_dir"]
+    # every rank ends with the same trained weights (text encoder adapters included): gradients were averaged
+    rank_logs = [
+        (tmp_path / "b" / "jobs" / job_id / f"{job_id}_{r}_log.out").read_text() for r in range(tasks)
+    ]
+    sums = [re.findall(r"trained weights checksum at step 10: (\S+)", text)[-1] for text in rank_logs]
+    assert len(set(sums)) == 1, sums
     a, b = _final_weights(straight_run), _final_weights(record["run_dir"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resume was not exact"
     assert all("lora_" in k for k in a) == bool(run)  # a LoRA checkpoint holds the adapters only

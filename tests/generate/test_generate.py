@@ -1,5 +1,8 @@
 """The generation job on the tiny model: reproducible per image, shardable, restartable, never overwriting.
 
+Every test that renders runs on both families: the embedded SD 1.x (``tiny``) and SDXL (``tiny_sdxl``), the
+module's ``tiny`` fixture being parametrized over them (generation takes the same path for both).
+
 About exactness: the seed fixes each image's noise exactly, but CPU (and GPU) kernels may round differently
 for a different batch shape, so the same item rendered in batches of different sizes can differ by one
 level in a few pixels (the long-open diffusers#2659). Tests that change the batch shape therefore allow that
@@ -23,14 +26,18 @@ from sdcluster.generate.__main__ import main
 from sdcluster.generate.job import generate_images
 from sdcluster.generate.plan import item_seed, plan_items, shard
 from sdcluster.generate.render import PromptEmbeddings, load_pipeline, render
+from sdcluster.models.family import family_of
 from sdcluster.models.schedulers import SCHEDULER_CLASSES, make_scheduler, set_scheduler
 
 PROMPTS = ["dark blue jeans laid flat", "light wash denim, back view"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_model: Path) -> Path:
-    return tiny_model
+@pytest.fixture(scope="module", params=["tiny", "tiny_sdxl"])
+def tiny(request: pytest.FixtureRequest, tiny_model: Path, cache_root: Path) -> Path:
+    """The model folder generation loads: the tiny SD 1.x, or the tiny SDXL."""
+    from sdcluster.models.embedded import ensure_tiny_model
+
+    return tiny_model if request.param == "tiny" else ensure_tiny_model(cache_root, request.param)
 
 
 def gen_cfg(root: Path, model: Path, **gen: object) -> Config:
@@ -171,8 +178,14 @@ def test_prompt_embeds_give_the_pixels_of_plain_prompts(tiny: Path, tmp_path: Pa
     embeddings = PromptEmbeddings(pipe, "blurry", cfg.generate.guidance_scale)
     cached = render(pipe, prompts, seeds, cfg.generate, embeddings)
     plain = render(pipe, prompts, seeds, cfg.generate)
+    # SDXL's pooled projection of the plain path's 3-prompt batch rounds differently from one prompt at a
+    # time (2e-7): the batched-kernel rounding of this module's docstring, a level in a few pixels at most
+    exact = family_of(str(tiny)).name == "sd1"
     for a, b in zip(cached, plain, strict=True):
-        assert np.array_equal(np.asarray(a), np.asarray(b))
+        if exact:
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+        else:
+            assert_close(np.asarray(a).astype(np.int16), np.asarray(b).astype(np.int16))
     render(pipe, prompts[::-1], seeds, cfg.generate, embeddings)
     assert embeddings.encoded == 2  # once per unique prompt, not per image or per batch
 

@@ -22,6 +22,7 @@ from tests.hub_server import HubServer, Repo, folder_files
 
 REPO_ID = "test-org/tiny-sd"
 SDXL_ID = "test-org/tiny-sdxl"
+VAE_ID = "test-org/tiny-vae-fp16-fix"
 GATED_ID = "test-org/gated-sd"
 COMMIT = "1111111111111111111111111111111111111111"
 NEWER = "2222222222222222222222222222222222222222"
@@ -65,8 +66,14 @@ def hub(tiny_model: Path, cache_root: Path, tmp_path: Path, monkeypatch: pytest.
     sdxl = {p: b for p, b in folder_files(ensure_tiny_model(cache_root, "tiny_sdxl")).items() if "/" in p}
     sdxl["model_index.json"] = (ensure_tiny_model(cache_root, "tiny_sdxl") / "model_index.json").read_bytes()
     sdxl["vae_1_0/diffusion_pytorch_model.safetensors"] = b"an older VAE the pipeline does not load"
+    vae = {p.split("/", 1)[1]: b for p, b in sdxl.items() if p.startswith("vae/")}
+    vae |= {
+        "sdxl_vae.safetensors": b"a single-file copy for other tools",
+        "diffusion_pytorch_model.bin": b"x",
+    }
     repos = {
         SDXL_ID: Repo(files=sdxl, commit=NEWER, refs={"main": NEWER}),
+        VAE_ID: Repo(files=vae, commit=COMMIT, refs={"main": COMMIT}),
         REPO_ID: Repo(files=files, commit=COMMIT, refs={"main": COMMIT, "v1": COMMIT}),
         GATED_ID: Repo(
             files=files, commit=COMMIT, refs={"main": COMMIT}, gated=True, accepted_tokens={TOKEN}
@@ -280,6 +287,38 @@ def test_an_sdxl_repo_stages_both_text_encoders_and_loads_as_sdxl_with_the_hub_o
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     comps = load_components(cfg.model, cfg.cache_root)
     assert comps.family.name == "sdxl" and comps.text_encoder_2.config.projection_dim > 0
+
+
+def test_a_hub_vae_is_staged_pinned_and_loaded_with_the_hub_off(hub, make_cfg, tmp_path, monkeypatch):
+    """``model.vae_path=owner/name``: staged beside the model (its config and diffusers weights only), pinned
+    to a commit in the run's identity, and what the job loads as its VAE with the hub switched off."""
+    import torch
+    from huggingface_hub import constants
+    from safetensors.torch import load_file
+
+    from sdcluster import paths
+    from sdcluster.models.load import load_components
+
+    overrides = ["model=tiny_sdxl", f"model.vae_path={VAE_ID}", f"model.cache_dir={tmp_path / 'hf'}"]
+    cfg = make_cfg(overrides)
+    unpinned = paths.run_dir(cfg)
+    said: list[str] = []
+    staged = stage_for_launch(cfg, say=said.append)
+    assert staged is None and cfg.model.vae_commit == COMMIT  # no hub model; the VAE pinned
+    assert any(line.startswith(f"model.vae_path: {VAE_ID} main -> commit {COMMIT}") for line in said)
+    assert paths.run_dir(cfg) != unpinned
+    with pytest.raises(ConfigError, match=r"model\.vae_path: 'test-org/no-such-vae' is not a model"):
+        stage_for_launch(make_cfg([*overrides[:1], "model.vae_path=test-org/no-such-vae"]), say=print)
+    hub.close()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    comps = load_components(cfg.model, cfg.cache_root)
+    folder = next((tmp_path / "hf").glob("models--test-org--tiny-vae-fp16-fix/snapshots/*"))
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    weights = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(comps.vae.state_dict()[k], v) for k, v in weights.items())
+    missing = make_cfg([*overrides[:1], f"model.vae_path={VAE_ID}", f"model.cache_dir={tmp_path / 'none'}"])
+    with pytest.raises(ConfigError, match=r"model\.vae_path: .*fetch model\.vae_path=test-org/tiny-vae"):
+        stage_for_launch(missing, say=print)  # the hub is off and this cache never saw the VAE
 
 
 def test_fetch_cli_prints_the_commit_and_folder(hub, tmp_path):

@@ -402,7 +402,9 @@ def test_the_sdxl_recipe_composes_and_is_its_own_run():
 
 
 @pytest.mark.slow
-def test_sdxl_vae_stays_float32_under_mixed_precision_unless_vae_path_names_one(make_cfg, tmp_path):
+def test_sdxl_vae_stays_float32_under_mixed_precision_unless_vae_path_names_one(
+    make_cfg, tmp_path, fresh_accelerate_state
+):
     """SDXL's VAE overflows in fp16: it is kept in fp32 while the text encoders follow the mixed precision;
     a VAE of ``model.vae_path`` (one made for half precision) follows it too. SD 1.x's VAE always follows."""
     from sdcluster.train.trainer import build_trainer
@@ -422,10 +424,31 @@ def test_sdxl_vae_stays_float32_under_mixed_precision_unless_vae_path_names_one(
 
 
 def test_a_vae_path_that_holds_no_vae_is_refused_before_the_queue(tmp_path):
+    """A local folder without a VAE, and a hub VAE that cannot be staged (the suite has no hub, and this
+    cache never saw it): each stops the launch with the fix, naming ``model.vae_path``."""
     from sdcluster.cluster.preflight import preflight
 
     (tmp_path / "vae").mkdir()
-    for where, hint in ((tmp_path / "vae", ""), ("madebyollin/sdxl-vae-fp16-fix", r"\(a hub id: download")):
-        cfg = compose(["model=tiny_sdxl", f"model.vae_path={where}"])
-        with pytest.raises(ConfigError, match=rf"model\.vae_path: .*{hint}.*Fix: .*hf download"):
+    cache = f"model.cache_dir={tmp_path / 'hf'}"
+    cases = {
+        str(tmp_path / "vae"): r"is not a folder holding a VAE's config\.json.*Fix: ",
+        "madebyollin/sdxl-vae-fp16-fix": r"the hub cannot be reached.*fetch model\.vae_path=madebyollin",
+    }
+    for where, problem in cases.items():
+        cfg = compose(["model=tiny_sdxl", f"model.vae_path={where}", cache])
+        with pytest.raises(ConfigError, match=rf"model\.vae_path: .*{problem}"):
             preflight(cfg, dry_run=True)
+
+
+def test_launch_names_what_each_method_exports():
+    from sdcluster.cluster.launching import describe_outputs
+
+    def said(overrides: list[str]) -> dict[str, str]:
+        lines: list[str] = []
+        describe_outputs(compose(["task=train", *overrides]), lines.append)
+        return dict(line.split(":", 1) for line in lines)
+
+    run = paths.run_paths(compose(LORA))
+    assert said(LORA).keys() == {"run folder", "lora"} and said(LORA)["lora"].strip() == str(run.lora)
+    assert said([*LORA, "train.lora.fuse_export=true"]).keys() == {"run folder", "lora", "model"}
+    assert said([]).keys() == {"run folder", "model"}

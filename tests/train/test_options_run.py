@@ -63,21 +63,6 @@ def baseline(tmp_path_factory: pytest.TempPathFactory, cache_root: Path, tiny_mo
     return result
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """accelerate keeps one process-wide state whose mixed precision is fixed by the first Accelerator; a
-    job is a process of its own, but these tests train in one process, so reset it around a change."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    def reset() -> None:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-
-    reset()
-    yield
-    reset()
-
-
 @pytest.mark.slow
 def test_gradient_checkpointing_recomputes_and_changes_nothing(make_cfg, baseline, monkeypatch):
     calls = []
