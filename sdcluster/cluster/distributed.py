@@ -1,12 +1,14 @@
 """SLURM/submitit environment -> torch.distributed environment, before the Accelerator exists.
 
 accelerate has no SLURM detection of its own: it reads MASTER_ADDR/PORT, RANK, WORLD_SIZE and LOCAL_RANK.
-submitit knows them from SLURM (node list, task ids); its ``TorchDistributedEnvironment`` derives the port
-from the job id, so ranks agree without talking and a requeued job reuses it.
+submitit knows them from SLURM (node list, task ids) and exports them (``TorchDistributedEnvironment``); the
+port is ours (:func:`rendezvous_port`): derived from the job id, so ranks agree without talking and a
+requeued job reuses it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -32,6 +34,22 @@ def _submitit_env():
         return submitit.JobEnvironment()
     except RuntimeError:  # not inside a submitit job (tests, plain python)
         return None
+
+
+RENDEZVOUS_PORTS = (20000, 32767)
+"""Where rank 0's rendezvous port is drawn from: below Linux's ephemeral range (32768-60999 by default)."""
+
+
+def rendezvous_port(job_id: str) -> int:
+    """The rendezvous port of a job (an array task has its own id, so its own port), the same on every rank.
+
+    submitit draws it from 20000-60000, which overlaps the ephemeral range: a port that an outgoing
+    connection on the node happens to hold makes rank 0's store fail with EADDRINUSE while the other ranks
+    wait for it (seen in our own suite). A port below that range is taken only by a listening server.
+    """
+    low, high = RENDEZVOUS_PORTS
+    digest = hashlib.sha256(job_id.encode()).digest()
+    return low + int.from_bytes(digest[:8], "little") % (high - low + 1)
 
 
 THREADS_ENV = "OMP_NUM_THREADS"  # where the chosen count is published: accelerate and child processes read it
@@ -62,6 +80,8 @@ def setup(use_gpus: bool) -> DistInfo:
     else:
         from submitit.helpers import TorchDistributedEnvironment
 
+        # a MASTER_PORT of the submitting shell (sbatch passes the environment on) is the user's choice
+        os.environ.setdefault("MASTER_PORT", str(rendezvous_port(str(env.job_id))))
         dist = TorchDistributedEnvironment().export(set_cuda_visible_devices=use_gpus, overwrite=True)
         info = DistInfo(
             dist.rank,

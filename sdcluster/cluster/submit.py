@@ -112,6 +112,9 @@ def slurm_parameters(cfg: Config, name: str, dependency: str | None = None) -> d
         "additional_parameters": extra or None,
         "array_parallelism": c.array_parallelism,
         "dependency": dependency,
+        # one task that dies ends the step: the others would otherwise wait in a collective (or for a
+        # rendezvous that never comes) until the time limit, holding the nodes
+        "srun_args": ["--kill-on-bad-exit=1"],
     }
     return {k: v for k, v in params.items() if v is not None}
 

@@ -48,3 +48,11 @@ def test_accelerate_keeps_the_thread_count_of_the_allocation() -> None:
     for rank, (out, err) in zip(ranks, outputs, strict=True):
         assert rank.returncode == 0, err
         assert out.split() == ["2", "1", "1", "1"], (out, err)
+
+
+def test_the_rendezvous_port_is_the_jobs_own_and_outside_the_ephemeral_range() -> None:
+    from sdcluster.cluster.distributed import RENDEZVOUS_PORTS, rendezvous_port
+
+    ports = {rendezvous_port(job) for job in ["5256095", "5256096", "5256095_0", "5256095_1", "17"]}
+    assert len(ports) == 5 and all(RENDEZVOUS_PORTS[0] <= p <= RENDEZVOUS_PORTS[1] < 32768 for p in ports)
+    assert rendezvous_port("5256095") == rendezvous_port("5256095")  # every rank, every requeue

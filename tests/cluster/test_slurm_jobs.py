@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +108,24 @@ def test_job_failing_on_the_node_is_reported_with_its_log(slurm_cluster, tmp_pat
     shown = logs_cli(tmp_path, job_id, "--err")
     assert "scheduler state: FAILED (exit code 3:0)" in shown.stdout
     assert "broken module load" in shown.stdout
+
+
+def test_a_rank_that_dies_ends_the_job_instead_of_leaving_the_others_waiting(
+    slurm_cluster, tmp_path, cache_root, tiny_model
+):
+    """Rank 0 cannot open the rendezvous (its port is held, as a connection once held it in this suite):
+    rank 1 would wait for it until the time limit, holding the node. srun ends the job instead."""
+    with socket.socket() as held:
+        held.bind(("", 0))
+        held.listen()
+        two = ["cluster.tasks_per_node=2", "cluster.cpus_per_task=1"]
+        port = {"MASTER_PORT": str(held.getsockname()[1])}  # what the job is told to use
+        proc, ids = launch(tmp_path, cache_root, *TRAIN, *two, env=port)
+        assert proc.returncode == 0, proc.stderr
+        (job_id,) = ids["train"]
+        state, _ = wait_for(job_id, timeout_s=180)  # not cluster.timeout_min (20 min)
+    assert state == "FAILED"
+    assert "address already in use" in (tmp_path / "jobs" / job_id / f"{job_id}_0_log.err").read_text()
 
 
 def test_wait_streams_and_returns_the_jobs_outcome(slurm_cluster, tmp_path, cache_root, tiny_model):
