@@ -171,11 +171,18 @@ def tokenize_captions(tokenizers: Any, captions: list[str]) -> dict[str, torch.T
     """``(N, L)`` token ids padded to the model's length, by batch key: ``input_ids`` (and SDXL's
     ``input_ids_2``). ``tokenizers`` is one tokenizer or a family's mapping of them
     (:meth:`sdcluster.models.family.SD1.tokenizers`)."""
-    from sdcluster.models.family import SD1
-
     if not isinstance(tokenizers, Mapping):
         tokenizers = {"input_ids": tokenizers}
-    return SD1().tokenize(tokenizers, captions)
+    return {
+        key: tok(
+            captions,
+            padding="max_length",
+            truncation=True,
+            max_length=tok.model_max_length,
+            return_tensors="pt",
+        ).input_ids.long()
+        for key, tok in tokenizers.items()
+    }
 
 
 class TrainImages(torch.utils.data.Dataset):

@@ -49,26 +49,37 @@ def _share(count: int, rank: int, world: int) -> tuple[int, int]:
     return count * rank // world, count * (rank + 1) // world
 
 
-def _write_rows(path: Path, rows: int, shape: tuple[int, ...], batches: Iterable[torch.Tensor]) -> None:
-    """Stream encoder outputs into a float32 ``.npy`` of ``rows`` rows without holding them all in RAM."""
+def _write_rows(
+    files: dict[Path, tuple[int, ...]], rows: int, batches: Iterable[tuple[torch.Tensor, ...]]
+) -> None:
+    """Stream encoder outputs into float32 ``.npy`` files of ``rows`` rows each (``files``: path -> row
+    shape), without holding them in RAM; each batch holds one tensor per file, in order, so an encoder whose
+    one call makes several outputs (SDXL's states and pooled embeddings) runs once per batch."""
     if rows == 0:  # an empty file cannot be memory-mapped
-        np.save(path, np.zeros((0, *shape), np.float32))
+        for path, shape in files.items():
+            np.save(path, np.zeros((0, *shape), np.float32))
         return
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, *shape))
+    outs = [
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, *shape))
+        for path, shape in files.items()
+    ]
     done = 0
     with torch.no_grad():
         for batch in batches:
-            array = batch.float().cpu().numpy()
-            if array.shape[1:] != shape:
-                raise RuntimeError(f"encoder output rows {array.shape[1:]} != expected {shape}")
-            out[done : done + len(array)] = array
-            done += len(array)
+            for out, tensor in zip(outs, batch, strict=True):
+                array = tensor.float().cpu().numpy()
+                if array.shape[1:] != out.shape[1:]:
+                    raise RuntimeError(f"encoder output rows {array.shape[1:]} != expected {out.shape[1:]}")
+                out[done : done + len(array)] = array
+            done += len(batch[0])
     if done != rows:
-        raise RuntimeError(f"wrote {done} rows to {path}, expected {rows}")
-    out.flush()
-    del out
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
+        raise RuntimeError(f"wrote {done} rows to {list(files)}, expected {rows}")
+    for out in outs:
+        out.flush()
+    del outs
+    for path in files:
+        with open(path, "rb+") as fh:
+            os.fsync(fh.fileno())
 
 
 def _encode_share(
@@ -91,22 +102,24 @@ def _encode_share(
                             f"image {image}: size {resized.size} != header {plan.sizes[image]}"
                         )
                 pixels.append(crop_to_tensor(resized, res, left, top, flip))
-            yield vae.encode(torch.stack(pixels).to(device, vae.dtype)).latent_dist.parameters
+            yield (vae.encode(torch.stack(pixels).to(device, vae.dtype)).latent_dist.parameters,)
 
     shape = (2 * vae.config.latent_channels, side, side)
-    _write_rows(dest / f"posterior.{rank}.npy", hi - lo, shape, posterior_batches())
+    _write_rows({dest / f"posterior.{rank}.npy": shape}, hi - lo, posterior_batches())
     clo, chi = _share(len(plan.captions), rank, world)
     ids = tokenize_captions(family.tokenizers(comps), plan.captions[clo:chi]) if chi > clo else {}
-    with torch.no_grad():  # the shape of each array from one caption
+    with torch.no_grad():  # the row shape of each array, from one caption
         probe = family.encode(comps, tokenize_captions(family.tokenizers(comps), ["shape"]), device)
-    for kind, sample in zip(plan.text_arrays, probe, strict=False):
+    count = len(plan.text_arrays)  # SD 1.x: the states only (its encode gives no pooled embedding)
+    shapes = [tuple(out.shape[1:]) for out in probe[:count]]
+    files = {dest / f"{kind}.{rank}.npy": shape for kind, shape in zip(plan.text_arrays, shapes, strict=True)}
 
-        def encoded(which: int = plan.text_arrays.index(kind)) -> Iterable[torch.Tensor]:
-            for s in range(clo, chi, ENCODE_BATCH):
-                batch = {key: rows[s - clo : s - clo + ENCODE_BATCH] for key, rows in ids.items()}
-                yield family.encode(comps, batch, device)[which]
+    def encoded() -> Iterable[tuple[torch.Tensor, ...]]:
+        for s in range(clo, chi, ENCODE_BATCH):
+            batch = {key: rows[s - clo : s - clo + ENCODE_BATCH] for key, rows in ids.items()}
+            yield family.encode(comps, batch, device)[:count]
 
-        _write_rows(dest / f"{kind}.{rank}.npy", chi - clo, tuple(sample.shape[1:]), encoded())
+    _write_rows(files, chi - clo, encoded())
 
 
 def _build(cfg: Config, plan: Plan, dataset: Any, comps: Any, acc: Any, entry: Path, problem: str) -> None:

@@ -3,9 +3,8 @@
 The training loop, the latent cache, validation, the export and generation ask the family of the loaded
 model for these things instead of branching on it:
 
-- which text encoders and tokenizers it has (:meth:`SD1.text_encoders`, :meth:`SD1.tokenizers`), the token
-  ids of captions (:meth:`SD1.tokenize`) and what the encoders make of them (:meth:`SD1.encode`: hidden
-  states, and SDXL's pooled embedding);
+- which text encoders and tokenizers it has (:meth:`SD1.text_encoders`, :meth:`SD1.tokenizers`) and what
+  the encoders make of token ids (:meth:`SD1.encode`: hidden states, and SDXL's pooled embedding);
 - the UNet's conditioning for a batch (:meth:`SD1.unet_conditioning`): SDXL's size and crop conditioning
   comes from each image's original size and crop offsets, which every training example carries as
   ``time_ids`` (original height, width, crop top, left, target height, width: ``add_time_ids``);
@@ -59,10 +58,6 @@ class SD1:
     def tokenizers(self, comps: Any) -> dict[str, Any]:
         """The tokenizers by the batch key of their ids."""
         return {"input_ids": comps.tokenizer}
-
-    def tokenize(self, tokenizers: Mapping[str, Any], captions: list[str]) -> dict[str, torch.Tensor]:
-        """``(N, L)`` token ids per tokenizer, padded to the model's length."""
-        return {key: _token_ids(tok, captions) for key, tok in tokenizers.items()}
 
     def encode(
         self, comps: Any, ids: Mapping[str, torch.Tensor], device: Any
@@ -143,16 +138,6 @@ class SDXL(SD1):
 
 
 FAMILIES: dict[str, type[SD1]] = {SD1.pipeline_name: SD1, SDXL.pipeline_name: SDXL}
-
-
-def _token_ids(tokenizer: Any, captions: list[str]) -> torch.Tensor:
-    return tokenizer(
-        captions,
-        padding="max_length",
-        truncation=True,
-        max_length=tokenizer.model_max_length,
-        return_tensors="pt",
-    ).input_ids.long()
 
 
 def family_of_index(index: Mapping[str, Any], where: str) -> SD1:

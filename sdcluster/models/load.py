@@ -224,11 +224,3 @@ def load_vae(model: ModelConfig, source: str, weights: dict[str, Any]) -> Any:
 
     own = load_vae_override(model)
     return own if own is not None else AutoencoderKL.from_pretrained(source, subfolder="vae", **weights)
-
-
-def encode_text(text_encoder: Any, input_ids: Any) -> Any:
-    """The frozen text encoder's hidden states (what the UNet is conditioned on), without autograd."""
-    import torch
-
-    with torch.no_grad():
-        return text_encoder(input_ids, return_dict=False)[0]

@@ -65,19 +65,18 @@ def export_pipeline(
     source: str,
     unet: Any,
     ema: Any,
-    params: list[Any] | None = None,
-    prediction_type: str | None = None,
-    model: ModelConfig | None = None,
+    params: list[Any],
+    prediction_type: str | None,
+    model: ModelConfig,
     origin: dict[str, Any] | None = None,
 ) -> Path:
     """Write the family's pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``) with the
     trained UNet (its EMA weights when EMA is on).
 
-    ``params`` are the parameters the EMA averages (default: the UNet's); ``model`` gives the source's
-    revision, variant and ``vae_path``.
+    ``params`` are the parameters the EMA averages; ``model`` gives the source's revision, variant and
+    ``vae_path``.
     """
-    model = model or ModelConfig(path=source)
-    with _publishing(dest, origin) as tmp, ema_weights(ema, params if params is not None else unet):
+    with _publishing(dest, origin) as tmp, ema_weights(ema, params):
         _save(_base_pipeline(family, source, model, unet=unet), tmp, prediction_type)
     log.info("exported pipeline (%s weights): %s", "EMA" if ema is not None else "trained", dest)
     return dest

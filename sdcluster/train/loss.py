@@ -114,17 +114,13 @@ def diffusion_loss(
     unet: Any,
     noise_scheduler: Any,
     latents: torch.Tensor,
-    cond: torch.Tensor | dict[str, Any],
+    cond: dict[str, Any],
     gen: torch.Generator,
     noise_offset: float = 0.0,
     snr_gamma: float | None = None,
 ) -> torch.Tensor:
-    """MSE between the UNet's prediction and the scheduler's target for randomly noised latents.
-
-    ``cond`` is the UNet's conditioning (:func:`conditioning`), or SD 1.x's text hidden states alone.
-    """
-    if not isinstance(cond, dict):
-        cond = {"encoder_hidden_states": cond}
+    """MSE between the UNet's prediction and the scheduler's target for randomly noised latents; ``cond`` is
+    the UNet's conditioning (:func:`conditioning`)."""
     batch = latents.shape[0]
     noise = _randn(tuple(latents.shape), gen, latents)
     if noise_offset:

@@ -47,8 +47,8 @@ def _one_image_folder(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_loss_goes_down_on_one_batch(make_cfg, tmp_path):
     """A fixed (image, noise, timestep) evaluation gets better after training on that image alone."""
-    from sdcluster.models.load import encode_text, load_components
-    from sdcluster.train.loss import diffusion_loss, encode_latents, step_generator
+    from sdcluster.models.load import load_components
+    from sdcluster.train.loss import conditioning, diffusion_loss, encode_latents, step_generator
 
     folder = _one_image_folder(tmp_path)
     overrides = [*FAST, "data=imagefolder", f"data.path={folder}", "train.random_flip=false"]
@@ -67,8 +67,8 @@ def test_loss_goes_down_on_one_batch(make_cfg, tmp_path):
         with torch.no_grad():
             gen = step_generator(123, 0, 0)
             latents = encode_latents(comps.vae, batch["pixel_values"], gen)
-            hidden = encode_text(comps.text_encoder, batch["input_ids"])
-            return diffusion_loss(comps.unet, comps.noise_scheduler, latents, hidden, gen).item()
+            cond = conditioning(comps, batch, "cpu")
+            return diffusion_loss(comps.unet, comps.noise_scheduler, latents, cond, gen).item()
 
     before = fixed_loss(None)
     result = train(cfg)
