@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -40,11 +40,22 @@ class Repo:
     accepted_tokens: set[str] = field(default_factory=set)
     # sizes the API reports instead of the real ones (a file too big for the disk, without sending it)
     claimed_sizes: dict[str, int] = field(default_factory=dict)
+    # earlier commits by id: the hub keeps serving a commit after its branch moved on
+    history: dict[str, dict[str, bytes]] = field(default_factory=dict)
+
+    def push(self, files: dict[str, bytes], commit: str, branch: str = "main") -> None:
+        """A new commit on ``branch``; the previous one stays reachable by its id."""
+        self.history[self.commit] = self.files
+        self.files, self.commit, self.refs[branch] = files, commit, commit
 
     def resolve(self, rev: str) -> str | None:
-        if rev == self.commit:
+        if rev == self.commit or rev in self.history:
             return rev
         return self.refs.get(rev)
+
+    def at(self, commit: str) -> Repo:
+        """This repo as it was at ``commit`` (a resolved one)."""
+        return self if commit == self.commit else replace(self, files=self.history[commit], commit=commit)
 
     def size(self, path: str) -> int:
         return self.claimed_sizes.get(path, len(self.files[path]))
@@ -164,7 +175,9 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             commit = repo.resolve(rev)
             if commit is None:
                 self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
-            elif tail and tail[0] == "tree":
+                return
+            repo = repo.at(commit)
+            if tail and tail[0] == "tree":
                 self._json([repo.entry(p) for p in sorted(repo.files)])
             else:
                 siblings = [
@@ -190,6 +203,7 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             if commit is None:
                 self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", commit=None)
                 return
+            repo = repo.at(commit)
             if file not in repo.files:
                 self._error(404, "EntryNotFound", f"{file} does not exist", commit=commit)
                 return

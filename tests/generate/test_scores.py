@@ -80,8 +80,12 @@ def test_tiny_clip_is_built_once_and_scores_are_deterministic_cosines(clip_root:
     again = scores.ClipScorer("tiny", clip_root).similarity(images, prompts)  # a fresh load
     assert first == again
     assert len(first) == 3 and all(-1 <= value <= 1 for value in first)
-    assert len(set(first)) == 3  # each image is scored against its own prompt
-    swapped = scores.ClipScorer("tiny", clip_root).similarity(images[:1], prompts[1:2])
+    assert len(set(first)) == 3
+    # each image is scored against its own prompt: batched, image k with prompt k gives what it gives alone
+    scorer = scores.ClipScorer("tiny", clip_root)
+    alone = [scorer.similarity([image], [prompt])[0] for image, prompt in zip(images, prompts, strict=True)]
+    assert np.allclose(first, alone, atol=1e-5), (first, alone)
+    swapped = scorer.similarity(images[:1], prompts[1:2])
     assert swapped[0] != first[0]
 
 
@@ -122,12 +126,13 @@ def test_merge_without_a_model_cache_fills_hashes_only(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_the_job_records_clip_and_phash_of_what_it_rendered(tiny_model: Path, tmp_path: Path) -> None:
-    cfg = gen_cfg(tmp_path, tiny_model, num_images=2, batch_size=2)
+    # one image per prompt in one batch of two: the batch holds two different prompts
+    cfg = gen_cfg(tmp_path, tiny_model, num_images=1, batch_size=2)
     cfg.generate.scores = ScoresConfig(clip=True, clip_model="tiny")
     cfg.cache_root = str(tmp_path / "cache")
     out = generate_images(cfg).out_dir
     rows = records.read_manifest(out)
-    assert len(rows) == 4
+    assert len(rows) == 2 and rows[0]["prompt"] != rows[1]["prompt"]
     for row in rows:
         with Image.open(out / row["file"]) as image:
             assert row["scores"]["phash"] == scores.phash(image.convert("RGB"))

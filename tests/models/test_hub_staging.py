@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from sdcluster.config import ConfigError
-from sdcluster.models.hub import select_files, stage, stage_for_launch
+from sdcluster.models.hub import select_files, stage, stage_for_launch, staged_folder
 from tests.hub_server import HubServer, Repo, folder_files
 
 REPO_ID = "test-org/tiny-sd"
@@ -177,6 +177,24 @@ def test_the_run_follows_the_commit_not_the_branch_name(hub, make_cfg, tmp_path)
     tiny = make_cfg([]).model
     assert tiny.identity() == {"name": "tiny", "path": "tiny", "revision": None, "variant": None}
     assert stage_for_launch(make_cfg([])) is None, "the tiny model never touches the hub"
+
+
+def test_a_pinned_commit_is_what_is_staged_and_loaded_after_main_moves_on(hub, make_cfg, tmp_path):
+    """A resumed or resubmitted run keeps its weights: ``model.commit`` wins over where ``main`` is now."""
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    pinned_bytes = hub.repos[REPO_ID].files[weights]
+    later = {**hub.repos[REPO_ID].files, weights: b"the weights of a later commit"}
+    hub.repos[REPO_ID].push(later, NEWER)  # main moves on; COMMIT stays on the hub by its id
+    cfg = _cfg(make_cfg, tmp_path, f"model.commit={COMMIT}")
+    staged = stage_for_launch(cfg, say=lambda _: None)
+    assert staged is not None and staged.commit == cfg.model.commit == COMMIT
+    assert staged.folder.name == COMMIT and (staged.folder / weights).read_bytes() == pinned_bytes
+    assert not (staged.folder.parent / NEWER).exists(), "nothing of main's new commit is fetched"
+
+    unpinned = stage_for_launch(_cfg(make_cfg, tmp_path), say=lambda _: None)  # same cache, both now
+    assert unpinned is not None and unpinned.commit == NEWER
+    assert (unpinned.folder / weights).read_bytes() == later[weights]
+    assert staged_folder(cfg.model) == staged.folder, "ranks load the pinned snapshot, not main's"
 
 
 @pytest.mark.parametrize(
@@ -346,17 +364,26 @@ def test_fetch_cli_prints_the_commit_and_folder(hub, tmp_path):
 def test_a_job_trains_offline_from_the_staged_copy_and_records_the_commit(
     hub, make_cfg, tmp_path, monkeypatch
 ):
-    """Gated model, token in the environment: staged, then the hub goes away; launch and job run offline."""
+    """Gated model, token in the environment: staged; then launch and job run without asking the hub.
+
+    The hub stays up and the job's environment points at it with ``HF_HUB_OFFLINE=0``: only the job's own
+    switch keeps its ranks from asking it (the login side stays in the cache, as after staging offline).
+    """
+    from huggingface_hub import constants
+
     from sdcluster.cluster.launching import launch
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)  # the local job's process reaches the live hub
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the job must switch the hub off by itself
     quick = ["train.max_steps=2", "train.validate_every=0", "train.validation_prompts=[]", "task=train"]
     stage(_cfg(make_cfg, tmp_path, f"model.path={GATED_ID}").model)
-    hub.close()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the login side: from the cache from here on
+    asked = len(hub.requests)
     cfg = _cfg(make_cfg, tmp_path, f"model.path={GATED_ID}", *quick)
     said: list[str] = []
     assert launch(cfg, say=said.append) == 0, "\n".join(said)
+    assert hub.requests[asked:] == [], "a rank of the job asked the hub"
     assert cfg.model.commit == COMMIT
     (job,) = [p.parent for p in (tmp_path / "jobs").glob("*/job.json")]
     record = json.loads((job / "job.json").read_text())
