@@ -1,4 +1,5 @@
-"""What SLURM knows, asked through its own commands: a job's state (sacct, else squeue) and the partitions.
+"""What SLURM knows, asked through its own commands: a job's state (sacct, else squeue), the partitions and
+their limits (scontrol, sinfo).
 
 Every call has a time-out and returns None (or raises :class:`SchedulerUnavailable`) instead of hanging when
 the controller is down: the login-node commands must answer even then.
@@ -6,8 +7,10 @@ the controller is down: the login-node commands must answer even then.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
+from dataclasses import dataclass
 
 TERMINAL = (
     "COMPLETED",
@@ -87,3 +90,113 @@ def partitions() -> list[str]:
     if out.returncode != 0:
         raise SchedulerUnavailable(f"the SLURM controller did not answer (sinfo: {out.stderr.strip()})")
     return [p.strip().rstrip("*") for p in out.stdout.split()]
+
+
+@dataclass(frozen=True)
+class NodeSize:
+    """What one node of a partition has (``sinfo -N``): the most a job may ask for per node."""
+
+    name: str
+    cpus: int
+    memory_mb: int
+    gpus: int
+
+
+@dataclass(frozen=True)
+class Partition:
+    """A partition's limits as ``scontrol show partition`` says them; None where it sets none (UNLIMITED)."""
+
+    name: str
+    total_nodes: int
+    max_nodes: int | None
+    max_time_s: int | None
+    max_mem_per_node_mb: int | None
+    max_mem_per_cpu_mb: int | None
+    nodes: tuple[NodeSize, ...]
+
+
+_UNLIMITED = ("UNLIMITED", "INFINITE", "NONE", "N/A")
+
+
+def _number(text: str | None) -> int | None:
+    """An integer field of scontrol's output; None when unset or unlimited."""
+    if text is None or text.upper() in _UNLIMITED:
+        return None
+    return int(text)
+
+
+def parse_seconds(text: str | None) -> int | None:
+    """A SLURM duration (``MaxTime``) in seconds: ``[days-]hours:minutes:seconds``, ``days-hours``,
+    ``minutes:seconds`` or minutes; None when unlimited."""
+    if text is None or text.upper() in _UNLIMITED:
+        return None
+    days, _, clock = text.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    if days:  # days-hours[:minutes[:seconds]]
+        hours, minutes, seconds = [*parts, 0, 0][:3]
+    else:
+        hours, minutes, seconds = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def parse_gpus(gres: str) -> int:
+    """GPUs in a node's ``Gres`` (``gpu:4``, ``gpu:a100:2(S:0-1),gpu:v100:2``, ``(null)``): the sum of its
+    ``gpu`` entries; a ``gpu`` entry without a count is one."""
+    total = 0
+    for entry in re.sub(r"\([^)]*\)", "", gres).split(","):  # socket bindings can hold commas
+        name, *rest = entry.strip().split(":")
+        if name == "gpu":
+            total += int(rest[-1]) if rest and rest[-1].isdigit() else 1
+    return total
+
+
+def parse_partitions(text: str) -> dict[str, dict[str, str]]:
+    """``scontrol -o show partition``: one line per partition of ``Key=Value`` fields, by name."""
+    found = {}
+    for line in text.splitlines():
+        fields = dict(f.partition("=")[::2] for f in line.split() if "=" in f)
+        if "PartitionName" in fields:
+            found[fields["PartitionName"]] = fields
+    return found
+
+
+def _ask(args: list[str]) -> str:
+    try:
+        out = _run(args)
+    except (FileNotFoundError, subprocess.TimeoutExpired) as err:
+        raise SchedulerUnavailable(f"`{' '.join(args)}` did not answer ({err})") from None
+    if out.returncode != 0:
+        raise SchedulerUnavailable(f"`{' '.join(args)}` failed: {out.stderr.strip()}")
+    return out.stdout
+
+
+def partition(name: str | None) -> Partition | None:
+    """The limits of partition ``name`` (None: the default one) and the sizes of its nodes, or None when the
+    cluster has no such partition (or no default). Raises :class:`SchedulerUnavailable` when SLURM does not
+    answer."""
+    fields = parse_partitions(_ask(["scontrol", "-o", "show", "partition"]))
+    if name is None:
+        name = next((n for n, f in fields.items() if f.get("Default") == "YES"), None)
+    if name not in fields:
+        return None
+    listing = _ask(["sinfo", "-h", "-N", "-p", name, "-o", "%N|%c|%m|%G"])
+    try:
+        return _limits(name, fields[name], listing)
+    except ValueError as err:  # a field in a shape this reader does not know: say so, do not guess
+        raise SchedulerUnavailable(f"could not read partition {name!r}'s limits ({err})") from None
+
+
+def _limits(name: str, part: dict[str, str], listing: str) -> Partition:
+    nodes = {}  # by name: a node listed twice is one node
+    for line in listing.splitlines():
+        node, cpus, memory, gres = line.strip().split("|")
+        nodes[node] = NodeSize(node, int(cpus.rstrip("+")), int(memory.rstrip("+")), parse_gpus(gres))
+    return Partition(
+        name=name,
+        total_nodes=int(part.get("TotalNodes", len(nodes))),
+        max_nodes=_number(part.get("MaxNodes")),
+        max_time_s=parse_seconds(part.get("MaxTime")),
+        max_mem_per_node_mb=_number(part.get("MaxMemPerNode")),
+        max_mem_per_cpu_mb=_number(part.get("MaxMemPerCPU")),
+        nodes=tuple(nodes.values()),
+    )

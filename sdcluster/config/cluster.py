@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,6 +10,11 @@ from typing import Any
 from sdcluster.config.checks import CLUSTERS, _choice, _no_control, _require
 
 _SBATCH_OPTION = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)*")  # sbatch's long options: mail-type, gres
+_MAX_SIGNAL_DELAY_S = 65535  # sbatch --signal: "sig_time must have an integer value between 0 and 65535"
+
+
+def _at_least(value: int, key: str, low: int, fix: str) -> None:
+    _require(value >= low, key, f"got {value}, must be >= {low}", fix)
 
 
 @dataclass
@@ -39,7 +45,7 @@ class ClusterConfig:
     On CPU nodes it is also each process's torch thread count (recorded with each attempt): results repeat
     bit for bit only at the same count, so set it when runs or layouts must compare bit for bit."""
     mem_gb: float | None = None
-    """Memory per node in GB; null: the partition's default."""
+    """Memory per node in GB (> 0; sbatch reads 0 as all of the node's); null: the partition's default."""
     timeout_min: int = 600
     """Time limit of each job in minutes; a SLURM job reaching it checkpoints and requeues itself."""
     constraint: str | None = None
@@ -47,7 +53,8 @@ class ClusterConfig:
     exclude: str | None = None
     """Nodes SLURM must not use (sbatch --exclude), e.g. a broken one; null: none."""
     signal_delay_s: int = 120
-    """Seconds before the time limit that SLURM sends USR2, time for the job to checkpoint and requeue."""
+    """Seconds before the time limit that SLURM sends USR2, time for the job to checkpoint and requeue;
+    below the time limit and at most 65535 (sbatch's bound)."""
     max_requeues: int = 3
     """Requeues after preemption a job may use before it stops."""
     max_timeouts: int = 3
@@ -57,25 +64,13 @@ class ClusterConfig:
     additional_parameters: dict[str, Any] = field(default_factory=dict)
     """Other sbatch options by their long name, e.g. {mail-type: END}."""
     array_parallelism: int = 16
-    """At most this many tasks of a job array (sweep points, generation shards) run at once."""
+    """At most this many tasks of a job array (sweep points, generation shards) run at once (>= 1)."""
     share_jobs_with_group: bool = False
     """jobs/ (scripts, logs, the pickles submitit loads) readable by your group too (0750), not only you."""
 
     def __post_init__(self) -> None:
         _choice(self.name, "cluster.name", CLUSTERS)
-        _require(self.nodes > 0, "cluster.nodes", "must be > 0", "e.g. 1")
-        _require(self.gpus_per_node >= 0, "cluster.gpus_per_node", "must be >= 0", "0 on CPU nodes")
-        _require(self.tasks_per_node > 0, "cluster.tasks_per_node", "must be > 0", "e.g. 1")
-        _require(
-            self.cpus_per_task is None or self.cpus_per_task > 0,
-            "cluster.cpus_per_task",
-            "must be > 0",
-            "e.g. 8",
-        )
-        _require(self.timeout_min > 0, "cluster.timeout_min", "must be > 0", "minutes, e.g. 1440")
-        _require(self.signal_delay_s >= 0, "cluster.signal_delay_s", "must be >= 0", "seconds, e.g. 120")
-        _require(self.max_requeues >= 0, "cluster.max_requeues", "must be >= 0", "e.g. 3")
-        _require(self.max_timeouts >= 0, "cluster.max_timeouts", "must be >= 0", "e.g. 3")
+        self._check_ranges()
         for key in ("partition", "account", "qos", "constraint", "exclude"):
             _no_control(getattr(self, key), f"cluster.{key}")
         for i, line in enumerate(self.setup):
@@ -88,6 +83,46 @@ class ClusterConfig:
                 "use sbatch's long option name without the leading dashes, e.g. mail-type or gres",
             )
             _no_control(value, f"cluster.additional_parameters.{option}")
+
+    def _check_ranges(self) -> None:
+        """Sign and range of every number, whatever the executor: sbatch dies with a traceback on some
+        (``--mem=-5120MB``), and others queue jobs that can never do their work (an array that runs no task
+        at once, a warning signal due before the job starts)."""
+        _at_least(self.nodes, "cluster.nodes", 1, "e.g. 1")
+        _at_least(self.gpus_per_node, "cluster.gpus_per_node", 0, "0 on CPU nodes, else the GPUs per node")
+        _at_least(self.tasks_per_node, "cluster.tasks_per_node", 1, "e.g. 1")
+        if self.cpus_per_task is not None:
+            _at_least(
+                self.cpus_per_task, "cluster.cpus_per_task", 1, "e.g. 8, or null for the partition's default"
+            )
+        if self.mem_gb is not None:
+            # sbatch reads --mem=0 as "all the node's memory", and submit writes whole MB: under 1 MB is 0
+            _require(
+                math.isfinite(self.mem_gb) and self.mem_gb * 1024 >= 1,
+                "cluster.mem_gb",
+                f"got {self.mem_gb}, must be > 0 GB per node (at least 1 MB, 1/1024)",
+                "e.g. 64, or null for the partition's default",
+            )
+        _at_least(self.timeout_min, "cluster.timeout_min", 1, "minutes, e.g. 1440")
+        _at_least(self.array_parallelism, "cluster.array_parallelism", 1, "e.g. 16")
+        _at_least(self.signal_delay_s, "cluster.signal_delay_s", 0, "seconds, e.g. 120")
+        _require(  # sbatch's own bound for --signal's time
+            self.signal_delay_s <= _MAX_SIGNAL_DELAY_S,
+            "cluster.signal_delay_s",
+            f"got {self.signal_delay_s}, must be <= {_MAX_SIGNAL_DELAY_S} (sbatch --signal's limit)",
+            "seconds, e.g. 120",
+        )
+        limit_s = self.timeout_min * 60
+        _require(  # a warning due at or before the start never leaves time to checkpoint
+            self.signal_delay_s < limit_s,
+            "cluster.signal_delay_s",
+            f"got {self.signal_delay_s}, must be below the time limit "
+            f"(cluster.timeout_min={self.timeout_min}: {limit_s} s)",
+            f"a few minutes under it, e.g. cluster.signal_delay_s={min(120, limit_s // 2)}, "
+            "or a longer cluster.timeout_min",
+        )
+        _at_least(self.max_requeues, "cluster.max_requeues", 0, "e.g. 3")
+        _at_least(self.max_timeouts, "cluster.max_timeouts", 0, "e.g. 3")
 
     @property
     def processes_per_node(self) -> int:

@@ -136,3 +136,59 @@ def test_a_token_on_the_command_line_is_refused_before_anything_is_written(tmp_p
     assert proc.returncode == 2 and "generate.negative_prompt: looks like a secret token" in proc.stderr
     assert TOKEN not in proc.stderr
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "jobs").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "value", "allowed"),
+    [
+        (["cluster.nodes=0"], "cluster.nodes", "0", ">= 1"),
+        (["cluster.gpus_per_node=-1"], "cluster.gpus_per_node", "-1", ">= 0"),
+        (["cluster.tasks_per_node=0"], "cluster.tasks_per_node", "0", ">= 1"),
+        (["cluster.cpus_per_task=0"], "cluster.cpus_per_task", "0", ">= 1"),
+        (["cluster.mem_gb=-5"], "cluster.mem_gb", "-5.0", "> 0"),
+        # sbatch reads --mem=0 as "all the node's memory", not as the default: null is the default
+        (["cluster.mem_gb=0"], "cluster.mem_gb", "0.0", "> 0"),
+        (["cluster.mem_gb=0.0001"], "cluster.mem_gb", "0.0001", "> 0"),  # rounds down to --mem=0MB
+        (["cluster.mem_gb=nan"], "cluster.mem_gb", "nan", "> 0"),
+        (["cluster.mem_gb=inf"], "cluster.mem_gb", "inf", "> 0"),
+        (["cluster.timeout_min=0"], "cluster.timeout_min", "0", ">= 1"),
+        (["cluster.array_parallelism=0"], "cluster.array_parallelism", "0", ">= 1"),
+        (["cluster.signal_delay_s=-1"], "cluster.signal_delay_s", "-1", ">= 0"),
+        (["cluster.signal_delay_s=70000"], "cluster.signal_delay_s", "70000", "<= 65535"),
+        (
+            ["cluster.timeout_min=2", "cluster.signal_delay_s=120"],
+            "cluster.signal_delay_s",
+            "120",
+            r"below the time limit \(cluster.timeout_min=2: 120 s\)",
+        ),
+        (["cluster.max_requeues=-1"], "cluster.max_requeues", "-1", ">= 0"),
+        (["cluster.max_timeouts=-2"], "cluster.max_timeouts", "-2", ">= 0"),
+    ],
+)
+def test_every_numeric_cluster_value_is_range_checked_with_the_value_and_the_fix(
+    overrides, key, value, allowed
+):
+    """On any executor, before the dry run prints anything: sbatch would die with a traceback on some of
+    these, and the rest (array_parallelism=0, a signal after the end) queue jobs that never do their work."""
+    for cluster in ("+cluster=slurm", "task=train"):  # the local executor gets the same checks
+        with pytest.raises(ConfigError, match=rf"^{key}: got {value}, must be {allowed}.*\. Fix: \S"):
+            compose([cluster, *overrides])
+
+
+def test_the_edges_of_every_range_are_allowed():
+    edges = ClusterConfig(
+        name="slurm",
+        nodes=1,
+        gpus_per_node=0,
+        tasks_per_node=1,
+        cpus_per_task=1,
+        mem_gb=1 / 1024,
+        timeout_min=2,
+        array_parallelism=1,
+        signal_delay_s=119,
+        max_requeues=0,
+        max_timeouts=0,
+    )
+    assert edges.world_size == 1
+    assert ClusterConfig(timeout_min=2000, signal_delay_s=65535).signal_delay_s == 65535
+    assert ClusterConfig(mem_gb=None, cpus_per_task=None).mem_gb is None  # null: the partition's default
