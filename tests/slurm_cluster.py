@@ -17,12 +17,31 @@ from pathlib import Path
 import pytest
 
 from sdcluster.cluster import sandbox
+from tests.slurm_helpers import cancel_jobs_under
 
 REPO = Path(__file__).resolve().parents[1]
+_CLUSTERS = ("slurm_cluster", "_two_node_sandbox")  # the fixtures whose clusters a test can submit to
+
+
+@pytest.fixture(autouse=True)
+def _cancel_the_tests_jobs(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a test that used a cluster, pass or fail, cancel every job it left in the queue.
+
+    One failing test must not fail the next ones: a job left paused or running holds the sandbox's only
+    node, and the tests after it would time out waiting. Its jobs are those logging under its tmp folder.
+    """
+    yield
+    tmp = request.node.funcargs.get("tmp_path") if hasattr(request.node, "funcargs") else None
+    for name in _CLUSTERS:
+        info = request.node.funcargs.get(name) if tmp is not None else None
+        if info is not None:
+            left = cancel_jobs_under(tmp, info.slurm_conf)
+            if left:
+                print(f"cancelled job(s) {sorted(left)} left by {request.node.nodeid}")
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[sandbox.SandboxInfo]:
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[sandbox.SandboxInfo]:
     """Start (or reuse) the sandbox and point this process and its children at it.
 
     Missing packages make the test fail, not skip: a skipped `slurm` test would look like coverage it is
@@ -43,6 +62,8 @@ def slurm_cluster() -> Iterator[sandbox.SandboxInfo]:
         # Jobs unpickle functions defined in tests/ by module name; make that import work from any cwd.
         mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
         yield info
+    # The jobs of module fixtures (outside any test's tmp folder): the sandbox stays up for the next session.
+    cancel_jobs_under(tmp_path_factory.getbasetemp(), info.slurm_conf)
 
 
 def _up_or_fail(nodes: int) -> sandbox.SandboxInfo:

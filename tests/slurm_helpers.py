@@ -104,3 +104,49 @@ def wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> bool:
             return False
         time.sleep(0.2)
     return True
+
+
+_LIVE = {
+    "PENDING",
+    "CONFIGURING",
+    "RUNNING",
+    "SUSPENDED",
+    "COMPLETING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "RESIZING",
+}
+
+
+def live_jobs_under(root: Path, slurm_conf: Path) -> set[str]:
+    """Ids of the jobs the scheduler still holds whose log files go under ``root`` (a test's folder).
+
+    The log path, not the user (every test runs as root) nor the time: tests of other sessions may share
+    the sandbox, and only this test's jobs write under its tmp folder. An array is named by its array id.
+    """
+    out = subprocess.run(
+        ["scontrol", "show", "job", "--oneliner"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env=_conf_env(slurm_conf),
+    )
+    found = set()
+    for line in out.stdout.splitlines():
+        fields = dict(re.findall(r"(\w+)=(\S*)", line))
+        stdout = fields.get("StdOut", "")
+        if fields.get("JobState") in _LIVE and stdout and Path(stdout).is_relative_to(root):
+            found.add(fields.get("ArrayJobId") or fields["JobId"])
+    return found
+
+
+def cancel_jobs_under(root: Path, slurm_conf: Path, timeout_s: float = 60) -> set[str]:
+    """``scancel`` every live job logging under ``root`` and wait (bounded) until the scheduler let them go,
+    so the next test finds the node free. Returns the ids that were cancelled."""
+    jobs = live_jobs_under(root, slurm_conf)
+    if jobs:
+        env = _conf_env(slurm_conf)
+        subprocess.run(["scancel", *sorted(jobs)], capture_output=True, timeout=30, check=False, env=env)
+        wait_until(lambda: not live_jobs_under(root, slurm_conf) & jobs, timeout_s)
+    return jobs

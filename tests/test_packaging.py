@@ -1,14 +1,19 @@
 """Installed as a user installs it: a built wheel in a fresh virtual environment, run from another directory.
 
-The venv sees the machine's packages (torch & co., so nothing is downloaded) but sdcluster itself only from
-the wheel: each command checks that the module it ran was imported from the venv, not from this checkout.
+The venv sees the packages of the interpreter running the tests (torch & co., so nothing is downloaded),
+whether that is the system's Python or a venv of its own, but sdcluster itself only from the wheel: each
+command checks that the module it ran was imported from the venv, not from this checkout. The wheel is built
+from a copy of the checkout, so the build writes nothing (``build/``, ``*.egg-info``) into the checkout.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -17,6 +22,9 @@ import tomllib
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
+
+# What a build neither needs nor may see: state and caches of the checkout, and what a build leaves there.
+_NOT_SOURCES = (".git", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".venv", "outputs", "jobs")
 
 
 def _run(python: Path, cwd: Path, *args: str, home: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -30,32 +38,43 @@ def _run(python: Path, cwd: Path, *args: str, home: Path | None = None) -> subpr
     return subprocess.run([str(python), *args], capture_output=True, text=True, cwd=cwd, timeout=600, env=env)
 
 
+def _outer_site_dirs() -> list[str]:
+    """The site directories the interpreter running the tests imports from, in its order.
+
+    Not ``--system-site-packages``: that shows the base installation's packages, and when the tests run
+    inside a venv those are not the ones installed (``No module named 'hydra'``). ``sys.path`` also holds
+    what ``.pth`` files added (a venv that reuses the system's packages); the checkout itself is left out.
+    """
+    named = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    found = [p for p in sys.path if p in named or Path(p).name in ("site-packages", "dist-packages")]
+    return [p for p in dict.fromkeys(found) if Path(p).is_dir() and Path(p).resolve() != REPO]
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The venv's python, with the wheel built from this checkout installed."""
+    """The venv's python, with the wheel built from (a copy of) this checkout installed."""
     root = tmp_path_factory.mktemp("wheel")
-    build = [
-        sys.executable,
-        "-m",
-        "pip",
-        "wheel",
-        "-q",
-        "--no-deps",
-        "--no-build-isolation",
-        "-w",
-        str(root),
-        ".",
-    ]
-    subprocess.run(build, check=True, cwd=REPO, capture_output=True, timeout=300)
+    source = root / "source"
+    shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(*_NOT_SOURCES))
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(root)]
+    subprocess.run([*build, "."], check=True, cwd=source, capture_output=True, timeout=300)
     (wheel,) = root.glob("sdcluster-*.whl")
     venv = root / "venv"
-    subprocess.run(
-        [sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120
-    )
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
-    # --ignore-installed: the checkout's own (editable) sdcluster is visible through the system site.
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.strip()
+    # Plain path lines: the venv's own site-packages (the wheel) comes first, and the .pth files of those
+    # folders (the checkout's editable install among them) are not run.
+    (Path(site) / "_tests_outer_site.pth").write_text("".join(f"{d}\n" for d in _outer_site_dirs()))
+    # --ignore-installed: the checkout's own (editable) sdcluster's metadata is visible through those folders.
     install = [str(python), "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", str(wheel)]
-    subprocess.run(install, check=True, timeout=300)
+    subprocess.run(install, check=True, timeout=300, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
     return python
 
 

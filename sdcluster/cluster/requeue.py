@@ -120,14 +120,20 @@ def requeue_or_stop(
 
 
 TEST_PAUSE = "SDCLUSTER_TEST_PAUSE"
+# A test signals within seconds of the pause line; a test that died before signalling must not hold the
+# (shared, one-node) test cluster past the waits of the tests after it (5 minutes each), so the pause ends.
+TEST_PAUSE_LIMIT_S = 120.0
 
 
-def hold_for_signal(unit: str, count: int, raised: Callable[[], bool], limit_s: float = 600.0) -> None:
+def hold_for_signal(
+    unit: str, count: int, raised: Callable[[], bool], limit_s: float = TEST_PAUSE_LIMIT_S
+) -> None:
     """Test hook: hold the job at a named point until a signal arrives, so a test's signal lands mid-run.
 
     With ``SDCLUSTER_TEST_PAUSE=step:3`` (or ``batch:1``; ``step:3@1`` for array task 1 only) the first
-    attempt of a job logs ``paused at step 3`` there and waits until ``raised()`` (at most ``limit_s``). The
-    test waits for that line, then signals. The variable is for tests; nothing else sets it.
+    attempt of a job logs ``paused at step 3`` there and waits until ``raised()`` (at most ``limit_s``, then
+    it goes on as if never paused). The test waits for that line, then signals. The variable is for tests;
+    nothing else sets it.
     """
     wanted = os.environ.get(TEST_PAUSE)
     if not wanted or os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"):

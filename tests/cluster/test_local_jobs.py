@@ -21,15 +21,26 @@ pytestmark = pytest.mark.slow
 TRAIN = ["debug=fast", "task=train", "train.max_steps=6", "train.checkpoint_every=100"]
 
 
-def _start(tmp: Path, cache_root: Path, pause: str) -> tuple[subprocess.Popen, Path]:
-    """The launcher as a terminal runs it: its own process group (the terminal's foreground group)."""
+def _start(
+    tmp: Path, cache_root: Path, pause: str, sigint: signal.Handlers = signal.SIG_DFL
+) -> tuple[subprocess.Popen, Path]:
+    """The launcher as a terminal runs it: its own process group (the terminal's foreground group).
+
+    ``sigint``: the disposition it inherits; ``SIG_IGN`` as for a background job of a non-interactive shell.
+    """
     out = tmp / "launch.out"
     args = [sys.executable, "-m", "sdcluster.launch", *TRAIN]
     args += [f"output_root={tmp / 'outputs'}", f"jobs_root={tmp / 'jobs'}", f"cache_root={cache_root}"]
     env = {**os.environ, "SDCLUSTER_HOME": str(tmp / "home"), "SDCLUSTER_TEST_PAUSE": pause}
     with out.open("w") as fh:
         proc = subprocess.Popen(
-            args, cwd=tmp, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+            args,
+            cwd=tmp,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, sigint),
         )
     return proc, out
 
@@ -70,6 +81,26 @@ def test_ctrl_c_stops_at_a_step_with_a_checkpoint_and_the_same_command_resumes(
     assert again.wait(timeout=300) == 0, out.read_text()
     job_id, folder = _job(tmp_path, out)
     assert f"resumed from {run_dir}/checkpoints/step-00000002" in (folder / f"{job_id}_0_log.out").read_text()
+
+
+def test_ctrl_c_stops_the_job_with_a_checkpoint_even_if_sigint_was_inherited_ignored(
+    tmp_path, cache_root, tiny_model
+):
+    """Started from a script's background job (SIGINT ignored), a SIGINT to the launcher still stops the
+    job at a step with a checkpoint: the launcher installs its own handling while it waits."""
+    proc, out = _start(tmp_path, cache_root, "step:2", sigint=signal.SIG_IGN)
+    job_id, folder = _job(tmp_path, out)
+    wait_for_line(folder / f"{job_id}_0_log.out", r"paused at step 2 ")
+    os.kill(proc.pid, signal.SIGINT)  # the launcher alone: the job hears only what the launcher tells it
+    assert proc.wait(timeout=300) == 1
+    said = out.read_text()
+    assert f"Ctrl-C: job {job_id} stops at its next step boundary" in said, said
+    assert f"train job {job_id} CANCELLED" in said and "Traceback" not in said, said
+    record = json.loads((folder / "job.json").read_text())
+    attempt = record["attempts"][-1]
+    assert (attempt["step"], attempt["exit_reason"]) == (2, "stopped by SIGTERM")
+    run_dir = Path(record["run_dir"])
+    assert (run_dir / "checkpoints" / "step-00000002" / "sdcluster-checkpoint.json").is_file()
 
 
 def test_a_local_job_killed_without_a_word_is_shown_as_died(tmp_path, cache_root, tiny_model):

@@ -250,7 +250,13 @@ def test_a_second_launch_of_a_queued_run_is_refused_until_the_holder_ends(
     assert wait_for(taken_ids["train"][0])[0] == "COMPLETED"
 
 
-def test_ctrl_c_while_waiting_stops_the_waiting_not_the_job(slurm_cluster, tmp_path, cache_root, tiny_model):
+@pytest.mark.parametrize(
+    "inherited", [signal.SIG_DFL, signal.SIG_IGN], ids=["sigint-default", "sigint-ignored"]
+)
+def test_ctrl_c_while_waiting_stops_the_waiting_not_the_job(
+    slurm_cluster, tmp_path, cache_root, tiny_model, inherited
+):
+    """Whatever SIGINT disposition the launcher inherited (ignored: a background job of a script)."""
     hold = {"SDCLUSTER_TEST_PAUSE": "step:1"}  # the job is surely still running when Ctrl-C comes
     args = [sys.executable, "-m", "sdcluster.launch", "+cluster=slurm", "launch.wait=true", *TRAIN]
     args += [
@@ -262,7 +268,13 @@ def test_ctrl_c_while_waiting_stops_the_waiting_not_the_job(slurm_cluster, tmp_p
     env = {**os.environ, "SDCLUSTER_HOME": str(tmp_path / "home"), **hold}
     with out.open("w") as fh:
         proc = subprocess.Popen(
-            args, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+            args,
+            cwd=REPO,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, inherited),
         )
     job_id = re.search(r"submitted train job (\S+):", wait_for_line(out, r"submitted train job")).group(1)
     wait_for_line(tmp_path / "jobs" / job_id / f"{job_id}_0_log.out", r"paused at step 1 ")

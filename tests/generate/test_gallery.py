@@ -1,8 +1,8 @@
 """The static gallery, opened from file:// in real headless Chromium (Debian's package, driven by Playwright).
 
 ``make test`` installs Chromium (``make browser-packages``); without it these tests fail, they do not skip: a
-gallery nobody has rendered is not a tested gallery. A screenshot of each checked page is saved under
-``tests/artifacts/`` (gitignored) and its path printed.
+gallery nobody has rendered is not a tested gallery. A screenshot of each checked page is saved in the
+test's tmp folder (pytest keeps the last three runs') and its path printed: nothing goes in the checkout.
 """
 
 from __future__ import annotations
@@ -20,12 +20,10 @@ from sdcluster.config.generate import FilterConfig, ScoresConfig
 from sdcluster.generate import gallery, records
 from sdcluster.generate.images import sample_per_group
 from sdcluster.generate.job import generate_images
-from tests.conftest import REPO
 from tests.generate.folders import make_folder, record
 from tests.generate.test_generate import gen_cfg
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = REPO / "tests" / "artifacts"
 COLORS, FITS = ("blue", "black", "white"), ("slim", "wide")
 PAGE = 8
 
@@ -111,9 +109,10 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.fixture
-def page(browser: Any) -> Iterator[Any]:
+def page(browser: Any, tmp_path: Path) -> Iterator[Any]:
     """A fresh page that records console errors, page errors and every request outside the folder."""
     tab = browser.new_page(viewport={"width": 1280, "height": 900})
+    tab.screenshots = tmp_path / "screenshots"
     tab.problems = []
     tab.on("console", lambda m: m.type == "error" and tab.problems.append(f"console: {m.text}"))
     tab.on("pageerror", lambda error: tab.problems.append(f"page error: {error}"))
@@ -124,8 +123,8 @@ def page(browser: Any) -> Iterator[Any]:
 
 
 def screenshot(tab: Any, name: str) -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / f"gallery-{name}.png"
+    tab.screenshots.mkdir(exist_ok=True)
+    path = tab.screenshots / f"gallery-{name}.png"
     tab.screenshot(path=str(path), full_page=True)
     print(f"screenshot: {path}")
 
@@ -201,10 +200,6 @@ def test_rejected_images_have_their_own_pages_with_reasons(folder: Path, page: A
     assert page.problems == []
 
 
-def test_artifacts_folder_is_ignored_by_git() -> None:
-    assert "/tests/artifacts/" in (REPO / ".gitignore").read_text().splitlines()
-
-
 @pytest.mark.slow
 def test_gallery_of_a_real_generation_job(tiny_model: Path, tmp_path: Path, page: Any) -> None:
     out = generate_images(gen_cfg(tmp_path, tiny_model, num_images=2, batch_size=2)).out_dir
@@ -220,3 +215,25 @@ def test_gallery_of_a_real_generation_job(tiny_model: Path, tmp_path: Path, page
             assert row["remake"] in text
     screenshot(page, "real-job")
     assert page.problems == []
+
+
+def test_template_text_and_slot_values_are_text_never_markup(tmp_path: Path) -> None:
+    """Templates and slot values come from a user's prompt program: shown as written, never as markup."""
+    template, fit = "a {fit} pair <i>of</i> jeans", '<img src=x onerror="alert(1)">'
+    made = [
+        record(0, i, prompt=f"a {fit} pair <i>of</i> jeans", template=template, labels={"fit<b>": fit})
+        for i in range(2)
+    ]
+    out = make_folder(tmp_path / "gen", made)
+    records.merge_manifest(out, GenerateConfig())
+    gallery.write_gallery(out, page_size=PAGE)
+    pages = list((out / gallery.GALLERY).glob("*.html"))
+    assert {p.name for p in pages} >= {"index.html", "page-0001.html"}
+    for page in pages:
+        text = page.read_text()
+        for raw in ("<i>", "<img src=x", "<b>"):
+            assert raw not in text, (page.name, raw)
+    shown = (out / gallery.GALLERY / "page-0001.html").read_text()
+    assert "a {fit} pair &lt;i&gt;of&lt;/i&gt; jeans" in shown  # the heading and the card's template line
+    assert "fit&lt;b&gt;: &lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in shown  # the card's slot line
+    assert 'value="fit&lt;b&gt;=&lt;img src=x' in shown  # the filter menu's option

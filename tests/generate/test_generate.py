@@ -61,6 +61,34 @@ def assert_close(a: np.ndarray, b: np.ndarray) -> None:
     assert diff.max() <= 2 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
 
 
+# README (Generation) for a batch of another size: the same seeds, prompts and settings per image, pixels
+# within this bound; the perceptual hash follows the pixels, so it is compared within the bits such rounding
+# moves (measured on x86 CPUs: at most 1 level, 0.001 on average, 2 bits), not for equality.
+BATCH_MAX_LEVELS = 4  # grey levels of 255, any one value
+BATCH_MEAN_LEVELS = 0.05  # grey levels of 255, averaged over the image
+BATCH_PHASH_BITS = 4  # of 64: the default generate.scores.duplicate_distance, still "the same image"
+
+
+def assert_same_images_at_another_batch_size(one: Path, other: Path) -> None:
+    """Two generation folders of the same settings but batch size: what README promises, and no more."""
+    from sdcluster.generate.scores import hamming
+
+    rows_one, rows_other = records.read_manifest(one), records.read_manifest(other)
+    scores_one = [row.pop("scores") for row in rows_one]
+    scores_other = [row.pop("scores") for row in rows_other]
+    assert rows_one == rows_other, "seeds, prompts and settings are the image's, whatever the batch size"
+    for row, a, b in zip(rows_one, scores_one, scores_other, strict=True):
+        assert a.keys() == b.keys() and ("phash" in a) == bool(a), (row["file"], a, b)
+        if a:
+            assert hamming(a["phash"], b["phash"]) <= BATCH_PHASH_BITS, (row["file"], a, b)
+    ones, others = images(one), images(other)
+    assert ones.keys() == others.keys() == {row["file"] for row in rows_one}
+    for name in ones:
+        diff = np.abs(ones[name] - others[name])
+        assert diff.max() <= BATCH_MAX_LEVELS, (name, diff.max())
+        assert diff.mean() <= BATCH_MEAN_LEVELS, (name, diff.mean())
+
+
 def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
     return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in records.image_files(folder)}
 
@@ -157,11 +185,8 @@ def test_batch_size_changes_neither_seeds_nor_images(tiny: Path, tmp_path: Path,
     cfg = gen_cfg(tmp_path, tiny, batch_size=1)
     out = generate_images(cfg).out_dir
     assert out.name == reference.name  # batch size is not part of the folder's identity
-    assert records.read_manifest(out) == records.read_manifest(reference)
+    assert_same_images_at_another_batch_size(out, reference)
     ones, threes = images(out), images(reference)
-    assert ones.keys() == threes.keys()
-    for name in ones:
-        assert_close(ones[name], threes[name])
 
     # Any one image, reproduced alone from its manifest record:
     record = records.read_manifest(reference)[4]

@@ -248,10 +248,9 @@ def test_latent_cache_follows_the_loss_curve_of_encoding_every_step(make_cfg, tm
 @each_combination
 def test_same_seed_same_image_at_any_batch_size(make_cfg, method, family):
     """Generation after the run (its export, or the base model with its LoRA): each image is its seed's,
-    whether made in a batch of 3 or alone (up to batched-kernel rounding, see tests/generate)."""
-    from sdcluster.generate import records
+    whether made in a batch of 3 or alone, within README's bound for a batch of another size."""
     from sdcluster.generate.job import generate_images
-    from tests.generate.test_generate import assert_close, images
+    from tests.generate.test_generate import assert_same_images_at_another_batch_size, images
 
     run = [*FAST, *METHODS[method], *FAMILIES[family], "train.max_steps=2", "optim.lr=5e-2"]
     quick = ["generate.num_images=3", "generate.steps=2", "generate.height=64", "generate.width=64"]
@@ -260,11 +259,8 @@ def test_same_seed_same_image_at_any_batch_size(make_cfg, method, family):
     batched = out.rename(out.with_name("batched"))  # batch size is not part of the folder's name
     alone = generate_images(make_cfg([*run, *quick, "generate.batch_size=1"])).out_dir
     assert alone == out
-    assert records.read_manifest(batched) == records.read_manifest(alone)
-    a, b = images(batched), images(alone)
-    assert a.keys() == b.keys() and len(a) == 3 * len(make_cfg(run).generate.prompts)
-    for name in a:
-        assert_close(a[name], b[name])
+    assert len(images(alone)) == 3 * len(make_cfg(run).generate.prompts)
+    assert_same_images_at_another_batch_size(batched, alone)
 
 
 @pytest.mark.slow
