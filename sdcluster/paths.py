@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdcluster.config import Config
+from sdcluster.config import Config, ConfigError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -172,13 +172,36 @@ def job_dir(cfg: Config, job_id: str) -> Path:
     return Path(cfg.jobs_root) / str(job_id)
 
 
+def jobs_umask(cfg: Config) -> int:
+    """The umask everything under ``jobs_root`` is created with, whatever the user's: writable by the owner
+    only (the pickles and the sbatch script in it are loaded and run as the user, a rewritten one runs a
+    stranger's code), readable by the group too with ``cluster.share_jobs_with_group`` (0750 / 0640)."""
+    return 0o027 if cfg.cluster.share_jobs_with_group else 0o077
+
+
 def private_jobs_root(cfg: Config) -> Path:
-    """``jobs_root``, created if needed, readable by the owner only (0700), or the group too (0750) with
-    ``cluster.share_jobs_with_group``: job folders hold pickles that submitit loads and run as the user."""
+    """``jobs_root``, created if needed, with the mode of :func:`jobs_umask` (0700, or 0750 when shared)."""
     root = Path(cfg.jobs_root)
     root.mkdir(parents=True, exist_ok=True)
-    root.chmod(0o750 if cfg.cluster.share_jobs_with_group else 0o700)
+    root.chmod(0o777 & ~jobs_umask(cfg))
     return root
+
+
+ROOTS = ("output_root", "jobs_root", "cache_root")
+
+
+def check_root(value: str | None, key: str) -> None:
+    """Refuse ``%`` in a root: SLURM expands ``%u``, ``%j``... in the ``#SBATCH --output`` path under
+    ``jobs_root`` (submitit adds its own ``%j``), so the log folder it looks for is not the one created and
+    the job dies with "No output/error stream produced"; in the other roots nothing expands it at all."""
+    if not value or "%" not in value:
+        return
+    literal = value.replace("%u", "${oc.env:USER}") if "%u" in value else "/scratch/${oc.env:USER}/..."
+    raise ConfigError(
+        f"{key}: {value!r} contains '%': SLURM expands %u, %j... in the job's log paths, sdcluster nowhere, "
+        f"so the folder would not be the one you meant. Fix: write the path literally, or let Hydra fill "
+        f"it in: {key}='{literal}'"
+    )
 
 
 def job_log(folder: Path, job_id: str, task: int, err: bool = False) -> Path:

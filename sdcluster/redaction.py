@@ -16,15 +16,21 @@ from typing import Any
 from sdcluster.config import ConfigError
 
 _SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVATE_KEY)", re.IGNORECASE)
+# No \b around a token: `_` is a word character, so `xhf_...`, `my_hf_...` or `hf_..._x` would escape it.
+# `sk-`, `ghs_`, `AKIA` also end or start ordinary words (`task-...`, `highs_...`), so a letter or digit may
+# not precede them.
 _TOKEN_VALUE = re.compile(
-    r"\b(hf_[A-Za-z0-9]{20,}|ghp_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|xox[abp]-[A-Za-z0-9-]{10,}"
-    r"|AKIA[0-9A-Z]{16})\b"
+    r"hf_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}|xox[abp]-[A-Za-z0-9-]{10,}"
+    r"|(?<![A-Za-z0-9])(?:gh[pousr]_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16})"
 )
-# `NAME_TOKEN=value`, `export WANDB_API_KEY=value` in a shell line (`=$NAME` passes a variable on: fine)
+# the variables the libraries read their keys from, given a value anywhere (`=$NAME` passes one on: fine)
+_NAMED_SECRET = re.compile(r"\b(WANDB_API_KEY|HF_TOKEN|HUGGING_FACE_HUB_TOKEN)=(?![$\s])[^\s,;'\"]+")
+# `NAME_TOKEN=value`, `export MY_KEY=value` in a shell line or an sbatch option (`--export=ALL,X_TOKEN=...`)
 _SECRET_ASSIGNMENT = re.compile(
     r"\b[A-Za-z0-9_]*(TOKEN|SECRET|PASSWORD|PASSWD|KEY)[A-Za-z0-9_]*=(?![$])\S+", re.IGNORECASE
 )
-_WANDB_KEY = re.compile(r"\b[0-9a-f]{40}\b")  # W&B API keys: 40 hex digits
+_SHELL_KEYS = ("cluster.setup", "cluster.additional_parameters")  # values written into the sbatch script
+_WANDB_KEY = re.compile(r"(?<![0-9a-f])[0-9a-f]{40}(?![0-9a-f])")  # W&B API keys: 40 hex digits
 MASK = "***"
 
 
@@ -38,6 +44,7 @@ def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
 def redact(text: str, environ: Mapping[str, str] | None = None) -> str:
     for value in secret_values(environ):
         text = text.replace(value, MASK)
+    text = _NAMED_SECRET.sub(lambda m: f"{m.group(1)}={MASK}", text)
     return _TOKEN_VALUE.sub(MASK, text)
 
 
@@ -53,12 +60,14 @@ def _walk(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
 
 
 def _looks_secret(key: str, value: str, known: list[str]) -> bool:
-    if _TOKEN_VALUE.search(value) or any(s in value for s in known):
+    """Recognised by its shape, not only by the environment: a key pasted here may be in no variable."""
+    if _TOKEN_VALUE.search(value) or _NAMED_SECRET.search(value) or any(s in value for s in known):
         return True
-    # Shell lines (cluster.setup) are where keys get pasted: `export WANDB_API_KEY=...`, a bare W&B key.
-    return key.startswith("cluster.setup") and bool(
-        _SECRET_ASSIGNMENT.search(value) or _WANDB_KEY.search(value)
-    )
+    if not key.startswith(_SHELL_KEYS):  # elsewhere `monkey=...` is a prompt, 40 hex digits a commit
+        return False
+    # Shell lines (cluster.setup) are where keys get pasted: `export X_TOKEN=...`, `wandb login <key>`.
+    bare_key = key.startswith("cluster.setup") and _WANDB_KEY.search(value)
+    return bool(_SECRET_ASSIGNMENT.search(value) or bare_key)
 
 
 def reject_secrets(config: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> None:
