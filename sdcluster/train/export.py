@@ -22,6 +22,7 @@ log = logging.getLogger("sdcluster")
 
 _RESUME = ": it exports from the last checkpoint"
 ORIGIN_FILE = "sdcluster-model.json"  # the hub id, revision and commit trained from (models.hub.origin)
+_ADAPTER = "default"  # the name peft gives the one adapter training adds (method.LoRA.prepare)
 
 
 def _base_pipeline(family: Any, source: str, model: ModelConfig, **parts: Any) -> Any:
@@ -96,15 +97,20 @@ def export_lora(
     peft's state dict is converted to diffusers' key names and saved with the pipeline's own
     ``save_lora_weights``, so a plain ``pipeline.load_lora_weights(dest)`` loads it, on any copy of the
     base model. ``text_encoders`` maps each adapted text encoder to the name its layers are saved under.
+
+    Each module's adapter config goes into the file's metadata (``lora_adapter_metadata``, as diffusers'
+    own training examples write it): the tensors alone do not say ``lora_alpha``, and without it
+    ``load_lora_weights`` would apply the adapters at alpha = rank, not at the trained alpha / rank.
     """
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     with _publishing(dest, origin) as tmp, ema_weights(ema, params):
-        layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))}
-        for name, encoder in text_encoders.items():
-            state = get_peft_model_state_dict(encoder)
+        layers: dict[str, Any] = {}
+        for name, module in {"unet": unet, **text_encoders}.items():
+            state = get_peft_model_state_dict(module)
             layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(state)
+            layers[f"{name}_lora_adapter_metadata"] = module.peft_config[_ADAPTER].to_dict()
         family.pipeline_class.save_lora_weights(tmp, safe_serialization=True, **layers)
     log.info("exported LoRA (%s adapters): %s", "EMA" if ema is not None else "trained", dest)
     return dest
