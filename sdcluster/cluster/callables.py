@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import submitit
 
-from sdcluster import paths
+from sdcluster import atomic, paths
 from sdcluster.cluster import records
 from sdcluster.cluster.distributed import DistInfo, setup
 from sdcluster.cluster.requeue import PreemptionFlag, requeue_or_stop
@@ -75,7 +75,8 @@ def run_job(cfg: Config, task: str, body: Callable[[Config, PreemptionFlag, Dist
             records.update(folder, {"model": origin(cfg.model)})
     log.info("%s job %s started (attempt %d)", task, dist.job_id or "-", dist.restart_count + 1)
     try:
-        outcome = body(cfg, flag, dist)
+        with atomic.output_umask():  # the outputs follow the user's umask; jobs/<id>/ stays private
+            outcome = body(cfg, flag, dist)
     except Exception as err:
         if is_main and folder:
             oom = isinstance(err, MemoryError) or "out of memory" in str(err).lower()

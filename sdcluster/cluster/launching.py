@@ -8,16 +8,17 @@ A sweep takes the same path with N configs (:mod:`sdcluster.sweep.points`).
 from __future__ import annotations
 
 import re
-import signal
 from collections.abc import Callable
 
 import submitit
 
 from sdcluster import paths
 from sdcluster.cluster import records
+from sdcluster.cluster.interrupts import sigint_interrupts, stop_local
 from sdcluster.cluster.preflight import preflight
 from sdcluster.cluster.submit import describe_dry_run, submit_configs
 from sdcluster.config import Config
+from sdcluster.generate.plan_count import describe_counts
 from sdcluster.redaction import config_yaml
 
 Say = Callable[[str], None]
@@ -33,6 +34,8 @@ def describe_outputs(cfg: Config, say: Say) -> None:
             say(f"model:        {run.model}")
     if cfg.task != "train":
         say(f"images:       {paths.generation_dir(cfg)}")
+        for line in describe_counts(cfg.generate):  # per template, per shard, in total: counted, not listed
+            say(line)
 
 
 def dry_run(cfgs: list[Config], say: Say, unchecked: list[str]) -> int:
@@ -47,13 +50,6 @@ def dry_run(cfgs: list[Config], say: Say, unchecked: list[str]) -> int:
     return 0
 
 
-def _stop_local(job: submitit.Job, say: Say) -> None:
-    say(f"Ctrl-C: job {job.job_id} stops at its next step boundary and saves a checkpoint; waiting for it")
-    process = getattr(job, "_process", None)
-    if process is not None and process.poll() is None:
-        process.send_signal(signal.SIGTERM)  # submitit's controller forwards SIGTERM to the job's processes
-
-
 def _reason(error: str) -> str:
     """The exception line of submitit's error text (it ends with a list of log files), else its last line."""
     lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
@@ -62,20 +58,24 @@ def _reason(error: str) -> str:
 
 
 def wait_for(cfg: Config, job: submitit.Job, kind: str, say: Say) -> bool:
-    """Wait for the job; on SLURM, stream its rank-0 log meanwhile. True when it completed."""
+    """Wait for the job; on SLURM, stream its rank-0 log meanwhile. True when it completed.
+
+    Ctrl-C stops the waiting on SLURM (the job goes on) and stops a local job at a step with a checkpoint.
+    """
     try:
-        try:
-            if cfg.cluster.name == "slurm":
-                folder = paths.job_dir(cfg, job.job_id)
-                records.follow(paths.job_log(folder, job.job_id, 0), job.job_id, folder)
-            job.results()  # every task's result: result() refuses jobs with several tasks
-        except KeyboardInterrupt:
-            if cfg.cluster.name != "local":  # the scheduler runs it: stop waiting, not the job
-                say(f"stopped waiting; {kind} job {job.job_id} goes on (scancel {job.job_id} stops it)")
-                say(f"  follow it: python -m sdcluster.logs {job.job_id} --follow")
-                return False
-            _stop_local(job, say)
-            job.results()
+        with sigint_interrupts():
+            try:
+                if cfg.cluster.name == "slurm":
+                    folder = paths.job_dir(cfg, job.job_id)
+                    records.follow(paths.job_log(folder, job.job_id, 0), job.job_id, folder)
+                job.results()  # every task's result: result() refuses jobs with several tasks
+            except KeyboardInterrupt:
+                if cfg.cluster.name != "local":  # the scheduler runs it: stop waiting, not the job
+                    say(f"stopped waiting; {kind} job {job.job_id} goes on (scancel {job.job_id} stops it)")
+                    say(f"  follow it: python -m sdcluster.logs {job.job_id} --follow")
+                    return False
+                stop_local(job, say)
+                job.results()
     except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedJobError) as err:
         record = records.read(paths.job_dir(cfg, job.job_id))
         word = "CANCELLED" if record.get("state") == "CANCELLED" else "FAILED"

@@ -55,6 +55,10 @@ def check_generation_inputs(cfg: Config) -> None:
     from sdcluster.generate.prompts import check_program
 
     check_program(cfg.generate)
+    if cfg.task != "train":  # counted, never expanded: refuses a plan above generate.max_images
+        from sdcluster.generate.plan_count import check_plan_size
+
+        check_plan_size(cfg.generate)
     if cfg.task == "generate":
         from sdcluster.generate.render import require_model
 

@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import signal
-from collections.abc import Callable, Iterator
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import submitit
 
-from sdcluster import paths
+from sdcluster import atomic, paths
 from sdcluster.cluster import ownership, records
 from sdcluster.cluster.callables import GenerateJob, TrainJob
+from sdcluster.cluster.interrupts import children_ignore_sigint, sigint_interrupts, stop_local
 from sdcluster.config import Config, ConfigError
 from sdcluster.redaction import config_yaml
 
@@ -180,25 +181,6 @@ def record_submission(cfg: Config, job: submitit.Job, kind: str, extra: dict[str
     return folder
 
 
-@contextlib.contextmanager
-def _children_ignore_sigint(local: bool) -> Iterator[None]:
-    """While a local job is started, SIGINT is ignored: a disposition its processes inherit.
-
-    Ctrl-C reaches the whole foreground group; submitit's local controller would otherwise kill the job one
-    second later (SIGINT, then SIGKILL) with no time to save. The job installs its own SIGINT handler
-    (:class:`~sdcluster.cluster.requeue.PreemptionFlag`), so it still stops, at the next step boundary, with
-    a checkpoint; the launcher itself gets its SIGINT back as soon as the job is started.
-    """
-    if not local:
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def _dependency(job: PlannedJob, point: int, planned: list[PlannedJob]) -> str | None:
     if job.after is None:
         return None
@@ -209,18 +191,22 @@ def _dependency(job: PlannedJob, point: int, planned: list[PlannedJob]) -> str |
 def _submit_one(job: PlannedJob, after_id: str | None, extra: dict[str, Any]) -> list[submitit.Job]:
     cfg = job.cfgs[0]
     dependency = f"afterok:{after_id}" if after_id and cfg.cluster.name == "slurm" else None
-    executor = make_executor(cfg, f"sdcluster-{job.kind}", dependency)
-    if job.is_array:
-        with executor.batch():
-            submitted = [executor.submit(fn) for fn in job.fns]
-    else:
-        with _children_ignore_sigint(cfg.cluster.name == "local"):
-            submitted = [executor.submit(fn) for fn in job.fns]
+    # jobs/<id>/ holds pickles and a script run as the user: created (by submitit, then by the job itself,
+    # which inherits the umask) writable by the owner only; the run folder (claim below) follows the umask
+    with atomic.submission_umask(paths.jobs_umask(cfg)):
+        executor = make_executor(cfg, f"sdcluster-{job.kind}", dependency)
+        if job.is_array:
+            with executor.batch():
+                submitted = [executor.submit(fn) for fn in job.fns]
+        else:
+            with children_ignore_sigint(cfg.cluster.name == "local"):
+                submitted = [executor.submit(fn) for fn in job.fns]
     for index, (element_cfg, sjob) in enumerate(zip(job.cfgs, submitted, strict=True)):
         array_index = index if job.is_array else None
-        folder = record_submission(
-            element_cfg, sjob, job.kind, {**extra, "array_index": array_index, "after": after_id}
-        )
+        with atomic.umask(paths.jobs_umask(element_cfg)):
+            folder = record_submission(
+                element_cfg, sjob, job.kind, {**extra, "array_index": array_index, "after": after_id}
+            )
         writes = paths.run_dir(element_cfg) if job.kind == "train" else paths.generation_dir(element_cfg)
         shards = job.kind == "generate"  # the tasks of a generation array fill one folder together
         ownership.claim(writes, sjob.job_id, element_cfg.cluster.name, folder, whole_array=shards)
@@ -257,17 +243,24 @@ def submit_configs(
                     f"jobs folder {paths.job_dir(job.cfgs[0], sjob.job_id)}"
                 )
                 say(f"  follow it: python -m sdcluster.logs {sjob.job_id} --follow")
-            waiter = wait or (_local_wait if local else None)
+            waiter = wait or (functools.partial(_local_wait, say=say) if local else None)
             if waiter is not None and not all(waiter(sjob, job.kind) for sjob in submitted):
                 return None
     return planned
 
 
-def _local_wait(job: submitit.Job, kind: str) -> bool:
-    try:
-        job.results()
-    except Exception:
-        return False
+def _local_wait(job: submitit.Job, kind: str, say: Say = print) -> bool:
+    """Wait for a local job nobody asked to follow; Ctrl-C stops it with a checkpoint, as when followed."""
+    with sigint_interrupts():
+        try:
+            job.results()
+        except KeyboardInterrupt:
+            stop_local(job, say)
+            with contextlib.suppress(Exception):  # it ends stopped: a failure to submitit
+                job.results()
+            return False
+        except Exception:
+            return False
     return True
 
 
@@ -278,6 +271,10 @@ def describe_dry_run(cfgs: list[Config], say: Say) -> None:
         points = sorted(set(job.points))
         after = f"train job of point {points[0]}" if job.after else None
         shape = f"array of {len(job.cfgs)} tasks" if job.is_array else f"{len(job.cfgs)} job(s)"
+        if job.kind == "generate":  # counted, not listed (sdcluster.generate.plan_count)
+            from sdcluster.generate.plan_count import count_plan
+
+            shape += f" making {count_plan(job.cfgs[0].generate).total:,} images"
         say(
             f"# job {n}: {job.kind}, {shape}, points {points}"
             + (f", afterok on the {after}" if after else "")

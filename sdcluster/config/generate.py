@@ -135,6 +135,9 @@ class GenerateConfig:
     """Generate in fp16 or bf16 on a GPU (ignored on CPU); no: float32."""
     shards: int = 1
     """Split the images over this many jobs (a job array); the files are the same for any count."""
+    max_images: int = 10_000_000
+    """The most images one launch may make (every template's prompts x images, counted before anything is
+    queued, never listed); above it the launch is refused. Raise it for a bigger run, or split the program."""
     split: SplitConfig = field(default_factory=SplitConfig)
     """Also write the finished images as train/ and validation/ dataset splits; by=none: one dataset."""
     only: str | None = None
@@ -149,6 +152,7 @@ class GenerateConfig:
     NOT_IDENTITY: ClassVar[tuple[str, ...]] = (
         "batch_size",
         "shards",
+        "max_images",
         "scores",
         "filter",
         "redo_rejected",
@@ -173,6 +177,7 @@ class GenerateConfig:
         _choice(self.scheduler, "generate.scheduler", SCHEDULERS)
         _choice(self.mixed_precision, "generate.mixed_precision", MIXED_PRECISION)
         _require(self.shards > 0, "generate.shards", "must be > 0", "use 1 for a single job")
+        _require(self.max_images > 0, "generate.max_images", "must be > 0", "e.g. 10000000")
         _require(
             self.only is None or bool(_IMAGE_ID.match(self.only)),
             "generate.only",

@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,17 @@ from sdcluster.generate import records
 from sdcluster.generate.filter import is_done, set_aside_for_redo
 from sdcluster.generate.images import save_png_atomic
 from sdcluster.generate.manifest_index import contains, file_key
-from sdcluster.generate.plan import Item, batch_of, plan_items, remake_command, shard, template_texts
+from sdcluster.generate.plan import (
+    Item,
+    Plan,
+    batch_of,
+    plan_items,
+    prompts_identity,
+    remake_command,
+    same_prompts,
+    shard,
+    template_texts,
+)
 from sdcluster.generate.render import (
     PromptEmbeddings,
     choose_device_dtype,
@@ -40,6 +51,7 @@ from sdcluster.generate.scores import Scorer
 from sdcluster.progress import ProgressLog
 
 log = logging.getLogger(__name__)
+_RESUME = ": finished images are kept, the rest is made"
 
 
 @dataclass
@@ -106,21 +118,21 @@ def _lora_settings(cfg: Config) -> dict[str, Any]:
     return {} if lora is None else {"lora": str(lora), "lora_scale": cfg.generate.lora_scale}
 
 
-def _write_settings(cfg: Config, out_dir: Path, prompts: list[str]) -> None:
+def _write_settings(cfg: Config, out_dir: Path, plan: Plan) -> None:
     """Write ``settings.json`` once; refuse a folder whose images were made from other prompts.
 
     The folder name hashes the prompts file's path, not its lines: editing the file would otherwise make
     ``p0003`` mean a different prompt while the old image is kept as "already done".
     """
     settings = dataclasses.asdict(cfg.generate)
-    for key in ("batch_size", "shards"):  # do not change pixels, so not part of the folder's identity
+    for key in ("batch_size", "shards", "max_images"):  # do not change pixels: not the folder's identity
         settings.pop(key)
-    settings.update(model=str(paths.generation_model(cfg)), **_lora_settings(cfg), resolved_prompts=prompts)
+    identity = prompts_identity(plan)
+    settings.update(model=str(paths.generation_model(cfg)), **_lora_settings(cfg), **identity)
     path = out_dir / records.SETTINGS
     if path.is_file():
         written = json.loads(path.read_text())
-        old = written.get("resolved_prompts")
-        if old is not None and old != prompts:
+        if not same_prompts(written, plan, identity):
             raise ConfigError(
                 f"generate.prompts_file: {out_dir} was made from other prompts than the ones given now. "
                 "Fix: restore the prompts, or move that folder away to start over"
@@ -132,49 +144,83 @@ def _write_settings(cfg: Config, out_dir: Path, prompts: list[str]) -> None:
     atomic.write_json(path, settings)
 
 
-def _backfill_records(cfg: Config, out_dir: Path, part: Path, items: list[Item]) -> None:
-    """Re-add the records of finished images whose record was lost (crash between rename and append).
+class _Backfill:
+    """Re-adds the records of finished images whose record was lost (crash between rename and append).
 
     The environment is this job's: the image's own was in the lost record (and is in the PNG's text chunk).
     """
+
+    def __init__(self, cfg: Config, out_dir: Path, part: Path) -> None:
+        self.cfg, self.out_dir, self.part = cfg, out_dir, part
+        self.recorded = records.recorded_keys(out_dir)
+        self.shared: _Shared | None = None  # made at the first lost record: it imports torch
+
+
+def _backfill_records(backfill: _Backfill, items: list[Item], done: list[bool]) -> None:
+    """Re-add the lost records among ``items`` (one batch: the shard is never listed whole)."""
     from PIL import Image
 
-    recorded = records.recorded_keys(out_dir)
     keys = np.array([file_key(item.file) for item in items], dtype=np.int64)
-    unrecorded = (~contains(recorded, keys)).nonzero()[0].tolist()
-    lost = [items[n] for n in unrecorded if (out_dir / items[n].file).is_file()]
-    if not lost:
-        return
-    _, dtype = choose_device_dtype(cfg.generate.mixed_precision)
-    shared = _Shared(template_texts(cfg), _environment(dtype_name(dtype)))
-    for item in lost:
-        with Image.open(out_dir / item.file) as image:
-            records.append_record(part, _record(cfg, item, image.size, shared))
+    found = contains(backfill.recorded, keys).tolist()
+    for item, finished, recorded in zip(items, done, found, strict=True):
+        if not finished or recorded or not (backfill.out_dir / item.file).is_file():
+            continue
+        if backfill.shared is None:
+            _, dtype = choose_device_dtype(backfill.cfg.generate.mixed_precision)
+            backfill.shared = _Shared(template_texts(backfill.cfg), _environment(dtype_name(dtype)))
+        with Image.open(backfill.out_dir / item.file) as image:
+            record = _record(backfill.cfg, item, image.size, backfill.shared)
+            records.append_record(backfill.part, record)
+
+
+@dataclass
+class _Survey:
+    """One pass over the shard before rendering: its images, those already done, the batches to render."""
+
+    total: int = 0
+    skipped: int = 0
+    todo: array = dataclasses.field(default_factory=lambda: array("q"))  # 8 bytes a batch, not a list
+
+
+def _survey(
+    cfg: Config, out_dir: Path, part: Path, batches: Sequence[list[Item]], wanted: set[str] | None
+) -> _Survey:
+    """Count the shard's done images, note the batches with missing ones, backfill lost records."""
+    backfill, survey = _Backfill(cfg, out_dir, part), _Survey()
+    for k, batch in enumerate(batches):
+        mine = [item for item in batch if wanted is None or item.file in wanted]
+        done = [is_done(out_dir, item.file) for item in mine]
+        survey.total, survey.skipped = survey.total + len(mine), survey.skipped + sum(done)
+        if not all(done):
+            survey.todo.append(k)
+        _backfill_records(backfill, mine, done)
+    return survey
 
 
 def _run_batches(
     cfg: Config,
     out_dir: Path,
     part: Path,
-    batches: list[list[Item]],
+    batches: Sequence[list[Item]],
+    survey: _Survey,
     stop: Callable[[], bool],
     wanted: set[str] | None,
 ) -> tuple[int, bool]:
-    """Render the batches, writing only missing ``wanted`` images (None: all); return (images written,
-    interrupted)."""
+    """Render the survey's batches, writing only missing ``wanted`` images (None: all); return (images
+    written, interrupted)."""
     pipe = load_pipeline(cfg)
     shared = _Shared(template_texts(cfg), _environment(dtype_name(pipe.unet.dtype)))
     embeddings = PromptEmbeddings(pipe)
-    missing = sum(
-        not is_done(out_dir, i.file) for b in batches for i in b if wanted is None or i.file in wanted
-    )
     scorer = Scorer(cfg.generate.scores, cfg.cache_root, pipe.device)  # batched, on the images in memory
-    progress = ProgressLog(total=missing, unit="image")
+    progress = ProgressLog(total=survey.total - survey.skipped, unit="image")
     written = 0
-    for number, batch in enumerate(batches, 1):
+    for number, k in enumerate(survey.todo, 1):
         if stop():
-            log.info("stop requested after %d of %d batches; a rerun does the rest", number - 1, len(batches))
+            log.info(
+                "stop requested after %d of %d batches; a rerun does the rest", number - 1, len(survey.todo)
+            )
             return written, True
+        batch = batches[k]
         prompts, seeds = [item.prompt for item in batch], [item.seed for item in batch]
         images = render(pipe, prompts, seeds, cfg.generate, embeddings, batch[0].sampling)
         scored = scorer.score(images, prompts) if scorer.active else [{}] * len(images)
@@ -184,11 +230,11 @@ def _run_batches(
             if (wanted is not None and item.file not in wanted) or is_done(out_dir, item.file):
                 continue
             record = _record(cfg, item, image.size, shared) | ({"scores": score} if score else {})
-            with atomic.explain_disk_full(target, resume=": finished images are kept, the rest is made"):
+            with atomic.explain_disk_full(target, resume=_RESUME, setting="output_root"):
                 save_png_atomic(image, target, record)
             records.append_record(part, record)
             written += 1
-        progress.report(written, batch=f"{number}/{len(batches)}")
+        progress.report(written, batch=f"{number}/{len(survey.todo)}")
         hold_for_signal("batch", number, stop)
     return written, False
 
@@ -206,63 +252,61 @@ def generate_images(
     rendered whole, and only its missing images are written. Keeping the batch composition fixed makes a
     resumed or repaired run byte-identical to an uninterrupted one: kernels may round differently for
     different batch shapes, so a missing image rendered in a batch of its own could differ in a few pixel
-    levels. After preemption there is no partial batch, so this costs nothing there.
+    levels. After preemption there is no partial batch, so this costs nothing there. The plan is never
+    listed: each batch's items are made from their indexes when the batch comes up.
     """
-    items = plan_items(cfg)
-    if not items:
+    plan = plan_items(cfg)
+    if not plan.total:
         raise ConfigError("generate.prompts: no prompts. Fix: set generate.prompts or generate.prompts_file")
     require_model(paths.generation_model(cfg), paths.generation_lora(cfg))  # before any folder is made
     out_dir = paths.generation_dir(cfg)
     jobs_folder = paths.job_dir(cfg, job_id) if job_id else None
-    resume = ": finished images are kept, the rest is made"
-    with atomic.explain_disk_full(out_dir, resume=resume):  # settings, records, manifest: all explained
+    # settings, records, manifest: every write is explained
+    with atomic.explain_disk_full(out_dir, resume=_RESUME, setting="output_root"):
         # creates the folder once it is ours (the shards of one array share it)
         ownership.enter(out_dir, job_id, cfg.cluster.name, jobs_folder, whole_array=True)
-        return _generate_into(cfg, out_dir, items, shard_index, num_shards, should_stop)
+        return _generate_into(cfg, out_dir, plan, shard_index, num_shards, should_stop)
 
 
 def _generate_into(
     cfg: Config,
     out_dir: Path,
-    items: list[Item],
+    plan: Plan,
     shard_index: int,
     num_shards: int,
     should_stop: Callable[[], bool],
 ) -> GenerateResult:
-    _write_settings(cfg, out_dir, [item.prompt for item in items if item.image_index == 0])
+    _write_settings(cfg, out_dir, plan)
+    batches: Sequence[list[Item]]
     if cfg.generate.only:  # one image, rendered in the batch it had, written by the first shard
-        batch, wanted_item = batch_of(items, cfg.generate.only, cfg.generate.batch_size)
-        batches, wanted = ([batch] if shard_index == 0 else []), [wanted_item]
-    else:
-        batches, wanted = shard(items, shard_index, num_shards, cfg.generate.batch_size), items
-    # None: every item of the batches is wanted (a set of 100,000 names per shard would be ~7 MB for nothing)
-    wanted_files = {item.file for item in wanted} if cfg.generate.only else None
-    mine = [i for batch in batches for i in batch if wanted_files is None or i.file in wanted_files]
+        batch, wanted_item = batch_of(plan, cfg.generate.only, cfg.generate.batch_size)
+        batches, wanted = ([batch] if shard_index == 0 else []), {wanted_item.file}
+    else:  # None: every item of the batches is wanted (no set of a shard's names)
+        batches, wanted = shard(plan, shard_index, num_shards, cfg.generate.batch_size), None
     part = records.part_path(out_dir, shard_index, num_shards)
     if cfg.generate.redo_rejected:  # old copies move to rejected/previous/, the images are made again
-        set_aside_for_redo(out_dir, [item.file for item in mine])
-    skipped = sum(is_done(out_dir, item.file) for item in mine)
-    _backfill_records(cfg, out_dir, part, mine)
-    todo = [
-        b
-        for b in batches
-        if not all(is_done(out_dir, i.file) for i in b if not wanted_files or i.file in wanted_files)
-    ]
+        mine = (i.file for b in batches for i in b if wanted is None or i.file in wanted)
+        set_aside_for_redo(out_dir, mine)  # type: ignore[arg-type] # it only iterates: no list of names
+    survey = _survey(cfg, out_dir, part, batches, wanted)
     log.info(
         "shard %d/%d: %d images, %d already done, %d batches to render -> %s",
         shard_index,
         num_shards,
-        len(mine),
-        skipped,
-        len(todo),
+        survey.total,
+        survey.skipped,
+        len(survey.todo),
         out_dir,
     )
     generated, interrupted = (
-        _run_batches(cfg, out_dir, part, todo, should_stop, wanted_files) if todo else (0, False)
+        _run_batches(cfg, out_dir, part, batches, survey, should_stop, wanted) if survey.todo else (0, False)
     )
     # Whoever finishes last merges: records are appended after their image, so once every item has a
     # record every image is on disk. Merging is atomic and idempotent, so two finishers agreeing is fine.
-    wanted_keys = np.array([file_key(item.file) for item in wanted], dtype=np.int64)
-    if not interrupted and contains(records.recorded_keys(out_dir), wanted_keys).all():
+    recorded = records.recorded_keys(out_dir)
+    if wanted is not None:
+        complete = bool(contains(recorded, np.array([file_key(f) for f in wanted], dtype=np.int64)).all())
+    else:  # counted against the plan's arithmetic, not a list of its keys
+        complete = plan.count_keys(recorded) == plan.total
+    if not interrupted and complete:
         records.merge_manifest(out_dir, cfg.generate, cfg.cache_root)
-    return GenerateResult(out_dir, generated, skipped, len(mine), interrupted)
+    return GenerateResult(out_dir, generated, survey.skipped, survey.total, interrupted)

@@ -1,23 +1,39 @@
-"""What a generation makes: every image as an item with its own seed, and how items are dealt to shards.
+"""What a generation makes: every image as an item with its own seed, found by its index, never listed.
 
-The prompts come from :mod:`~sdcluster.generate.prompts` (plain prompts, or a program's templates expanded);
+The prompts come from :mod:`~sdcluster.generate.prompts` (plain prompts, or a program's templates);
 every image is an item (prompt index, image index) whose seed is a hash of (``generate.seed``, prompt index,
 image index). The seed, not the batch, decides the noise, so image k can be reproduced alone and the set of
-images does not depend on the batch size or on how many shards make it.
+images does not depend on the batch size or on how many shards make it. How items are cut into batches and
+dealt to shards: :mod:`~sdcluster.generate.batches`.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import itertools
+import json
 import shlex
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from sdcluster import paths
-from sdcluster.config import Config, ConfigError, GenerateConfig
-from sdcluster.generate.prompts import Sampling, expand, load_program
+from sdcluster.config import Config, GenerateConfig
+
+# re-exported: the job and tests take a plan's batches from here
+from sdcluster.generate.batches import Batches, batch_of, cut_batches, shard  # noqa: F401
+from sdcluster.generate.prompts import (
+    Program,
+    Sampling,
+    load_program,
+    prompt_at,
+    sampling_of,
+    template_prompts,
+)
 from sdcluster.generate.records import image_name
 
 
@@ -49,67 +65,119 @@ def item_seed(base_seed: int, prompt_index: int, image_index: int) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def plan_items(cfg: Config) -> list[Item]:
-    """Every (prompt index, image index) in prompt-major order, each with its own seed."""
-    gen = cfg.generate
-    return [
-        Item(
-            p,
-            i,
-            prompt.text,
-            item_seed(gen.seed, p, i),
-            prompt.template_index,
-            prompt.labels,
-            prompt.sampling,
+class Plan(Sequence[Item]):
+    """Every image of a generation by its index, without holding them: an image is made when asked for.
+
+    Templates in file order, each template's prompts in order, each prompt's images in order (prompt-major,
+    as the plan has always been numbered): index -> (template, prompt, image) is arithmetic on the running
+    totals of the templates, and a prompt's slot values are its number read as a mixed-radix numeral
+    (:func:`~sdcluster.generate.prompts.labels_at`). Memory is per template, never per image, so a program
+    of 10^12 images is counted, sharded and sampled as cheaply as one of ten.
+    """
+
+    def __init__(self, program: Program, gen: GenerateConfig) -> None:
+        self.program, self.gen = program, gen
+        self.prompts = [template_prompts(program, t) for t in range(len(program.templates))]
+        self.images = [t.images or gen.num_images for t in program.templates]  # per prompt
+        self.per_template = [p * i for p, i in zip(self.prompts, self.images, strict=True)]
+        self.prompt_starts = list(itertools.accumulate(self.prompts, initial=0))
+        self.item_starts = list(itertools.accumulate(self.per_template, initial=0))
+        self.samplings = [sampling_of(t, gen) for t in program.templates]
+
+    @property
+    def total(self) -> int:
+        """How many images (``len()`` too, while it fits a machine word)."""
+        return self.item_starts[-1]
+
+    @property
+    def prompt_count(self) -> int:
+        return self.prompt_starts[-1]
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __getitem__(self, key: int | slice) -> Any:  # Item, or a list of Items for a slice
+        if isinstance(key, slice):
+            return [self.item_at(n) for n in range(self.total)[key]]
+        return self.item_at(range(self.total)[key])  # range() checks the bounds and counts from the end
+
+    def __iter__(self) -> Iterator[Item]:
+        return self.items(0, self.total)
+
+    def item_at(self, n: int) -> Item:
+        return next(self.items(n, n + 1))
+
+    def items(self, start: int, stop: int) -> Iterator[Item]:
+        """Items ``start`` .. ``stop - 1``, each prompt made once for all of its images."""
+        n = start
+        while n < stop:
+            t = bisect.bisect_right(self.item_starts, n) - 1
+            number, image = divmod(n - self.item_starts[t], self.images[t])
+            prompt = prompt_at(self.program, self.gen, t, number)
+            p = self.prompt_starts[t] + number
+            for i in range(image, min(self.images[t], image + stop - n)):
+                seed = item_seed(self.gen.seed, p, i)
+                yield Item(p, i, prompt.text, seed, t, prompt.labels, prompt.sampling)
+            n += min(self.images[t], image + stop - n) - image
+
+    def prompt_texts(self) -> Iterator[str]:
+        """Every prompt's text in order, one at a time."""
+        for t, count in enumerate(self.prompts):
+            for number in range(count):
+                yield prompt_at(self.program, self.gen, t, number).text
+
+    def index_of(self, prompt_index: int, image_index: int) -> int | None:
+        """The plan index of image (p, i), or None when the plan has no such image."""
+        t = bisect.bisect_right(self.prompt_starts, prompt_index) - 1
+        if not 0 <= t < len(self.prompts) or not 0 <= image_index < self.images[t]:
+            return None
+        return self.item_starts[t] + (prompt_index - self.prompt_starts[t]) * self.images[t] + image_index
+
+    def count_keys(self, keys: np.ndarray) -> int:
+        """How many of the distinct ``keys`` (:func:`~sdcluster.generate.manifest_index.file_key`) name an
+        image of this plan: all are recorded when this equals :attr:`total` (no list of the plan's keys)."""
+        keys = np.unique(keys)
+        p, i = keys >> 32, keys & 0xFFFFFFFF
+        starts = np.array(self.prompt_starts, dtype=np.int64)
+        t = np.clip(np.searchsorted(starts, p, side="right") - 1, 0, len(self.prompts) - 1)
+        images = np.array(self.images, dtype=np.int64)[t] if self.prompts else 0
+        return int(((p < self.prompt_count) & (i < images)).sum())
+
+
+def plan_items(cfg: Config) -> Plan:
+    """Every (prompt index, image index) in prompt-major order, each with its own seed, made when asked."""
+    return Plan(load_program(cfg.generate), cfg.generate)
+
+
+LISTED_PROMPTS = 10_000
+"""Up to this many prompts ``settings.json`` lists them (readable); above, their count and a digest."""
+
+
+def prompts_identity(plan: Plan) -> dict[str, Any]:
+    """What ``settings.json`` keeps of the prompts, made one prompt at a time (a plan is never listed)."""
+    if plan.prompt_count <= LISTED_PROMPTS:
+        return {"resolved_prompts": list(plan.prompt_texts())}
+    digest = hashlib.sha256()
+    for text in plan.prompt_texts():
+        digest.update(json.dumps(text).encode() + b"\n")
+    return {"resolved_prompts_count": plan.prompt_count, "resolved_prompts_sha256": digest.hexdigest()}
+
+
+def same_prompts(written: dict[str, Any], plan: Plan, identity: dict[str, Any]) -> bool:
+    """Whether a folder's ``settings.json`` (``written``) was made from this plan's prompts."""
+    old = written.get("resolved_prompts")
+    if old is not None:  # as folders have always had it: compared one prompt at a time
+        return len(old) == plan.prompt_count and all(
+            a == b for a, b in zip(old, plan.prompt_texts(), strict=True)
         )
-        for p, prompt in enumerate(expand(load_program(gen), gen))
-        for i in range(prompt.images)
-    ]
+    if "resolved_prompts_sha256" in written:
+        return written["resolved_prompts_sha256"] == identity.get("resolved_prompts_sha256")
+    return True
 
 
 def template_texts(cfg: Config) -> list[str]:
     """The text of every template, by template index (records name the template an image came from)."""
     return [t.text for t in load_program(cfg.generate).templates]
-
-
-def cut_batches(items: list[Item], batch_size: int) -> list[list[Item]]:
-    """The plan's fixed batches: runs of items with the same settings, each cut into ``batch_size`` pieces.
-
-    One pipeline call takes one negative prompt embedding per image but one guidance scale and step count,
-    so a batch never mixes settings. The cut depends only on the plan and the batch size.
-    """
-    batches: list[list[Item]] = []
-    for _, run in itertools.groupby(items, key=lambda item: item.sampling):
-        group = list(run)
-        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
-    return batches
-
-
-def shard(items: list[Item], index: int, count: int, batch_size: int) -> list[list[Item]]:
-    """This shard's batches: the global plan is cut into fixed batches first, then batches are dealt out.
-
-    Dealing whole batches (not items) keeps every batch's composition independent of the shard count, so a
-    K-shard run writes the same bytes as a 1-shard run (batched kernels round by batch shape).
-    """
-    if not 0 <= index < count:
-        raise ValueError(f"shard index {index} is outside 0..{count - 1}")
-    return cut_batches(items, batch_size)[index::count]
-
-
-def batch_of(items: list[Item], image_id: str, batch_size: int) -> tuple[list[Item], Item]:
-    """The batch ``image_id`` (``generate.only``) is rendered in, and the item itself.
-
-    The whole batch is rendered, as in the full run, so the image comes out with the same bytes.
-    """
-    wanted = image_id.removesuffix(".png")
-    for batch in cut_batches(items, batch_size):
-        for item in batch:
-            if item.id == wanted:
-                return batch, item
-    raise ConfigError(
-        f"generate.only: {image_id} is not in this plan ({len(items)} images). Fix: use the image's remake "
-        "command from its record, which carries the settings that planned it"
-    )
 
 
 # Not in a remake command: they do not change the image (the folder does not hash them either), or the

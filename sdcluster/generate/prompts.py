@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import string
 from bisect import bisect_right
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -239,34 +239,59 @@ def _draw(values: dict[str, float], u: float) -> str:
     return names[min(bisect_right(bounds, u * bounds[-1]), len(names) - 1)]
 
 
-def combinations(program: Program, index: int, seed: int) -> Iterable[tuple[tuple[str, str], ...]]:
-    """The slot values template ``index`` is rendered with: the full product, or ``count`` weighted draws.
+def template_prompts(program: Program, index: int) -> int:
+    """How many prompts template ``index`` makes, without making them: ``count``, or the product of the sizes
+    of the slots it uses (1 for a template without slots)."""
+    template = program.templates[index]
+    if template.count is not None:
+        return template.count
+    return math.prod(len(program.slots[s]) for s in template.slots)
 
-    Each draw of each slot has its own hash input (seed, template, draw, slot), so adding a template or a
+
+def labels_at(program: Program, index: int, number: int, seed: int) -> tuple[tuple[str, str], ...]:
+    """The slot values of template ``index``'s prompt ``number``, computed alone.
+
+    The full product is ``number`` read as a mixed-radix numeral, one digit a slot, the last slot the
+    fastest (``itertools.product``'s order, which programs have always been expanded in). With ``count``,
+    each draw of each slot has its own hash input (seed, template, draw, slot), so adding a template or a
     slot to a program leaves the draws of the others as they were.
     """
     template = program.templates[index]
-    if template.count is None:
-        for values in itertools.product(*(program.slots[s] for s in template.slots)):
-            yield tuple(zip(template.slots, values, strict=True))
-        return
-    for k in range(template.count):
-        yield tuple((s, _draw(program.slots[s], _unit(seed, index, k, s))) for s in template.slots)
+    if template.count is not None:
+        return tuple((s, _draw(program.slots[s], _unit(seed, index, number, s))) for s in template.slots)
+    values: list[tuple[str, str]] = []
+    for slot in reversed(template.slots):
+        names = program.slots[slot]
+        number, digit = divmod(number, len(names))
+        values.append((slot, next(itertools.islice(names, digit, None))))
+    return tuple(reversed(values))
+
+
+def sampling_of(template: Template, gen: GenerateConfig) -> Sampling:
+    """A template's pipeline settings, ``generate``'s where it sets none."""
+    return Sampling(
+        negative_prompt=template.negative if template.has_negative else gen.negative_prompt,
+        guidance_scale=gen.guidance_scale if template.guidance_scale is None else template.guidance_scale,
+        steps=template.steps or gen.steps,
+    )
+
+
+def prompt_at(program: Program, gen: GenerateConfig, index: int, number: int) -> Prompt:
+    """Prompt ``number`` of template ``index``, made alone (a plan never holds all its prompts)."""
+    template = program.templates[index]
+    labels = labels_at(program, index, number, gen.seed)
+    text = template.text if template.literal else template.text.format_map(dict(labels))
+    return Prompt(text, index, labels, template.images or gen.num_images, sampling_of(template, gen))
 
 
 def expand(program: Program, gen: GenerateConfig) -> list[Prompt]:
-    """Every prompt of the program in order: templates in file order, then their combinations."""
-    prompts = []
-    for index, template in enumerate(program.templates):
-        sampling = Sampling(
-            negative_prompt=template.negative if template.has_negative else gen.negative_prompt,
-            guidance_scale=gen.guidance_scale if template.guidance_scale is None else template.guidance_scale,
-            steps=template.steps or gen.steps,
-        )
-        for labels in combinations(program, index, gen.seed):
-            text = template.text if template.literal else template.text.format_map(dict(labels))
-            prompts.append(Prompt(text, index, labels, template.images or gen.num_images, sampling))
-    return prompts
+    """Every prompt of the program in order, as a list: for small programs and tests (a job's plan,
+    :class:`~sdcluster.generate.plan.Plan`, makes each prompt when it needs it)."""
+    return [
+        prompt_at(program, gen, index, number)
+        for index in range(len(program.templates))
+        for number in range(template_prompts(program, index))
+    ]
 
 
 def check_program(gen: GenerateConfig) -> None:
@@ -279,7 +304,7 @@ def check_program(gen: GenerateConfig) -> None:
     else:
         slots = parse_program(Path(str(gen.prompts_file))).slots
     if gen.only:
-        _check_only(gen, expand(load_program(gen), gen))
+        _check_only(gen, load_program(gen))
     split = gen.split
     if split.by == "slot" and split.slot not in slots:
         raise ConfigError(
@@ -296,12 +321,14 @@ def check_program(gen: GenerateConfig) -> None:
         )
 
 
-def _check_only(gen: GenerateConfig, prompts: list[Prompt]) -> None:
+def _check_only(gen: GenerateConfig, program: Program) -> None:
     p, i = (int(part[1:]) for part in str(gen.only).removesuffix(".png").split("-"))
-    ok = p < len(prompts) and i < prompts[p].images
+    ends = list(itertools.accumulate(template_prompts(program, t) for t in range(len(program.templates))))
+    t = bisect_right(ends, p)  # the template of prompt p, found by counting, not expanding
+    images = (program.templates[t].images or gen.num_images) if t < len(ends) else 0
     _require(
-        ok,
+        i < images,
         "generate.only",
-        f"{gen.only} is not in this plan ({len(prompts)} prompts)",
+        f"{gen.only} is not in this plan ({ends[-1] if ends else 0} prompts)",
         "copy the remake command of the image's record, which carries the settings that planned it",
     )
