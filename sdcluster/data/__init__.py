@@ -1,6 +1,7 @@
 """The data wing (``conf/data/``): captioned image folders, from ``metadata.jsonl`` to training batches.
 
-``metadata`` prepares and validates a folder (Pillow only, so the login node checks it without torch; also
+``reader`` is the one reader of ``metadata.jsonl`` (for validate, prepare and the job alike), ``metadata``
+prepares and validates a folder (Pillow only, so the login node checks it without torch; also
 ``python -m sdcluster.data``), ``image_checks`` says which files may be read at all (the same rule in the
 job), ``dataset`` loads a folder with ``datasets`` and augments, ``split`` holds images out for validation,
 ``sampler`` fixes which example each micro-step reads (so resume is exact), ``latent_cache`` owns the cached
@@ -16,17 +17,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from sdcluster.data.metadata import (
-    IMAGE_EXTENSIONS,
     METADATA_FILE,
     MetadataError,
     PrepareReport,
-    Problem,
     list_images,
     prepare,
     read_metadata,
     validate,
     write_metadata,
 )
+from sdcluster.data.reader import IMAGE_EXTENSIONS, Problem, Row, scan
 
 if TYPE_CHECKING:
     from sdcluster.data.dataset import TrainImages, augment, collate, load_captioned_images
@@ -48,6 +48,7 @@ __all__ = [
     "MetadataError",
     "PrepareReport",
     "Problem",
+    "Row",
     "StepSampler",
     "TrainImages",
     "aug_seed_of",
@@ -58,6 +59,7 @@ __all__ = [
     "position_to_epoch",
     "prepare",
     "read_metadata",
+    "scan",
     "validate",
     "write_metadata",
 ]

@@ -25,6 +25,8 @@ def _prepare(args: argparse.Namespace) -> int:
     print(f"{report.path}: {report.entries} entries ({len(report.added)} added, {action})")
     for name in report.missing_file:
         print(f"image missing (caption kept): {name}")
+    for name in report.bad_name:
+        print(f"not listed, its name is not valid UTF-8 (rename the file): {name!a}")
     for name in report.missing_caption:
         print(f"needs a caption: {name}")
     if report.missing_caption:

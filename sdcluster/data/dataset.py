@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps
 
-from sdcluster.data.image_checks import file_problem
-from sdcluster.data.metadata import METADATA_FILE, natural_key
+from sdcluster.data.metadata import METADATA_FILE, MetadataError, natural_key
+from sdcluster.data.reader import scan
 from sdcluster.models.family import TIME_IDS
 
 
@@ -40,54 +40,52 @@ def _quiet_datasets() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def _file_names(dataset: datasets.Dataset, folder: Path) -> list[str]:
-    """Each row's image path relative to the folder, read from Arrow without decoding any image.
-
-    imagefolder turns ``file_name`` into the ``image`` column and keeps no name column, but for local
-    folders it stores the absolute path (no bytes) in the image struct, so the name is recoverable.
-    """
-    paths = dataset.data.column("image").combine_chunks().field("path").to_pylist()
-    root = os.path.abspath(folder)  # not resolve(): a symlinked image keeps its name (file_problem judges it)
-    return [Path(os.path.abspath(p)).relative_to(root).as_posix() for p in paths]
+def _rows(images: list[str], captions: list[str], names: list[str], caption_column: str) -> Iterator[dict]:
+    """The dataset's rows, for ``datasets.Dataset.from_generator`` (its arguments key the Arrow cache)."""
+    for image, caption, name in zip(images, captions, names, strict=True):
+        yield {"image": image, caption_column: caption, "file_name": name}
 
 
 def load_captioned_images(
     path: Path | str, caption_column: str = "text", cache_dir: Path | str | None = None
 ) -> datasets.Dataset:
-    """An imagefolder dataset with ``image``, the caption column and ``file_name``, rows sorted by file name.
+    """A dataset with ``image``, the caption column and ``file_name``, rows sorted by file name.
 
-    Rows come back in ``metadata.jsonl`` line order from ``datasets``; sorting by name here makes the row
-    index (which the sampler and checkpoints refer to) independent of how the file was edited. Note that
-    imagefolder silently drops images the metadata does not list: run ``validate`` first.
+    The rows are exactly those :func:`~sdcluster.data.reader.scan` reads for ``validate``: the same reader
+    decides which lines count, and the job refuses what validate refuses (an empty caption aside). We do not
+    hand the folder to ``datasets``' imagefolder builder: it opens every path through fsspec, which reads
+    ``::`` in any file of the folder (``notes::v1.txt``) as a chained URL and dies. Here each image is an
+    absolute local path in an ``Image`` feature, which ``datasets`` decodes with Pillow directly, so no URL
+    syntax is ever parsed. Sorting by name makes the row index (which the sampler and checkpoints refer to)
+    independent of how the file was edited; images the metadata does not list are not read.
     """
     folder = Path(path)
     if not (folder / METADATA_FILE).is_file():
         raise FileNotFoundError(
             f"{folder / METADATA_FILE} not found; run `python -m sdcluster.data prepare {folder}` and caption"
         )
-    with _quiet_datasets():
-        dataset = datasets.load_dataset(
-            "imagefolder",
-            data_dir=str(folder),
-            split="train",
-            cache_dir=str(cache_dir) if cache_dir else None,
+    rows, problems = scan(folder, caption_column)
+    blocking = [p for p in problems if p.kind != "empty_caption"]  # "" is a caption the model can train on
+    if blocking or not rows:
+        first = blocking[0] if blocking else f"{METADATA_FILE} lists no images"
+        raise MetadataError(
+            f"{folder}: {len(blocking) or 1} problem(s), the first: {first}. "
+            f"Run `python -m sdcluster.data validate {folder}` for all of them"
         )
-        if caption_column not in dataset.column_names:
-            raise ValueError(
-                f"data.caption_column={caption_column!r} is not a key of {folder / METADATA_FILE}; "
-                f"it has {dataset.column_names}"
-            )
-        names = _file_names(dataset, folder)
-        for name in names:  # the same rule as validate: nothing outside the folder, nothing but JPEG/PNG/WebP
-            bad = file_problem(folder / name, folder)
-            if bad:
-                raise ValueError(
-                    f"{folder / name} {bad[1]}. Run `python -m sdcluster.data validate {folder}`"
-                )
-        order = sorted(range(len(names)), key=lambda i: natural_key(names[i]))
-        if order != list(range(len(names))):
-            dataset = dataset.select(order)
-        return dataset.add_column("file_name", [names[i] for i in order])
+    rows.sort(key=lambda row: natural_key(row.file_name))
+    root = os.path.abspath(folder)  # absolute: a relative "a::b.png" would parse as scheme "a"
+    text = datasets.Value("string")
+    features = datasets.Features({"image": datasets.Image(), caption_column: text, "file_name": text})
+    columns = {
+        "images": [os.path.join(root, row.file_name) for row in rows],
+        "captions": [row.caption for row in rows],
+        "names": [row.file_name for row in rows],
+        "caption_column": caption_column,
+    }
+    with _quiet_datasets():
+        return datasets.Dataset.from_generator(
+            _rows, features=features, gen_kwargs=columns, cache_dir=str(cache_dir) if cache_dir else None
+        )
 
 
 def resized_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:

@@ -48,10 +48,14 @@ def file_problem(path: Path, folder: Path) -> tuple[str, str] | None:
     """``(kind, message)`` if the file may not be read at all: it resolves outside the dataset folder (a
     symlink to /etc/passwd, a mount elsewhere) or is not a JPEG, PNG or WebP by content. Checked by
     ``validate`` and again when a job loads the folder, so what validate passes the job reads."""
-    real, root = path.resolve(), folder.resolve()
-    if not real.is_relative_to(root):
-        return "outside_folder", f"resolves to {real}, outside the dataset folder; copy the image into it"
-    if sniff_format(real) is None:
+    try:
+        real, root = path.resolve(), folder.resolve()
+        if not real.is_relative_to(root):
+            return "outside_folder", f"resolves to {real}, outside the dataset folder; copy the image into it"
+        kind = sniff_format(real)
+    except (OSError, RuntimeError) as err:  # a symlink loop (RuntimeError before Python 3.13), EACCES, EIO
+        return "unreadable", f"cannot be read ({err}); fix the file or its permissions, or delete the line"
+    if kind is None:
         kinds = ", ".join(ALLOWED_FORMATS)
         return "unreadable", (
             f"is not a {kinds} file by its content, whatever its name (a corrupt file, or another format "

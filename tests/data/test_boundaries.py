@@ -38,7 +38,9 @@ def test_symlinks_out_of_the_folder_are_refused_inside_ones_are_fine(tmp_path):
     os.symlink(outside, folder / "outside.png")
     os.symlink(folder / "11 (12).png", folder / "inside.png")
     assert _problems(folder) == {"passwd.png": "outside_folder", "outside.png": "outside_folder"}
-    with pytest.raises(ValueError, match=r"passwd.png resolves to /etc/passwd, outside the dataset folder"):
+    with pytest.raises(
+        ValueError, match=r"line 13: 'passwd.png': resolves to /etc/passwd, outside the dataset folder"
+    ):
         load_captioned_images(folder, cache_dir=tmp_path / "cache")
 
 
@@ -47,7 +49,7 @@ def test_a_file_named_png_is_judged_by_its_content(tmp_path, fmt):
     folder = _folder(tmp_path, {"disguised.png": "jeans"})
     Image.new("RGB", (64, 64), "blue").save(folder / "disguised.png", format=fmt)
     assert _problems(folder) == {"disguised.png": "unreadable"}
-    with pytest.raises(ValueError, match=r"disguised.png is not a JPEG, PNG, WEBP file by its content"):
+    with pytest.raises(ValueError, match=r"'disguised.png': is not a JPEG, PNG, WEBP file by its content"):
         load_captioned_images(folder, cache_dir=tmp_path / "cache")
 
 

@@ -1,0 +1,231 @@
+"""The one reader of ``metadata.jsonl``: :func:`scan` parses and checks every line for ``validate``,
+``prepare`` (through :func:`parse_line`) and the job that loads the folder, so the three never disagree on
+what a line means or which image it names.
+
+Every way a line or the file it names can be wrong becomes a :class:`Problem` with the line and the fix,
+never an exception: a name too long for the file system, a NUL character, a symlink loop, a folder named
+like an image, bytes that are not UTF-8.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdcluster.data.image_checks import check_image, file_problem
+
+METADATA_FILE = "metadata.jsonl"
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
+
+
+LONG_NAME = 100
+
+
+def _shown(name: str) -> str:
+    """A file name as a problem line shows it: quoted, and shortened when long (the line number finds it)."""
+    if len(name) <= LONG_NAME:
+        return repr(name)
+    return f"{name[:60] + '...' + name[-20:]!r} ({len(name)} characters)"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a dataset folder.
+
+    ``kind`` is a stable code that programs and tests match on; ``message`` says what to do, for people.
+    """
+
+    kind: str
+    message: str
+    file_name: str | None = None
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = [f"{METADATA_FILE} line {self.line}"] if self.line is not None else []
+        if self.file_name is not None:
+            where.append(_shown(self.file_name))
+        return ": ".join([*where, self.message])
+
+
+@dataclass(frozen=True)
+class Row:
+    """A metadata line whose image may be read: its 1-based line, path inside the folder, caption."""
+
+    line: int
+    file_name: str
+    caption: str
+
+
+def is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def normalize_name(name: str) -> str | None:
+    """The path ``name`` points to inside the folder, or None when it escapes it (datasets refuses those)."""
+    if "://" in name or os.path.isabs(name) or re.match(r"^[A-Za-z]:", name) or name.startswith("\\"):
+        return None
+    norm = os.path.normpath(name.replace("\\", "/")).replace("\\", "/")
+    if norm == ".." or norm.startswith("../") or norm == ".":
+        return None
+    return norm
+
+
+def is_utf8(name: str) -> bool:
+    """False for a name holding a lone surrogate: a file name that is not UTF-8 on disk (Python keeps its
+    bytes as surrogates) or a ``\\udc80`` escape in JSON. Neither can be written to metadata.jsonl or to
+    Arrow, so both are refused with a problem line rather than a ``UnicodeEncodeError``."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def split_lines(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """Non-blank lines of the file's bytes with their 1-based numbers (blank lines are harmless).
+
+    A UTF-8 byte-order mark (what some Windows editors write) is skipped: ``datasets`` reads past it too.
+    """
+    for line, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
+        if raw.strip():
+            yield line, raw
+
+
+def parse_line(raw: bytes, line: int) -> tuple[dict | None, Problem | None]:
+    """One line as a JSON object, or the problem that stops every reader (prepare, validate, the job)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        msg = f"not UTF-8 text ({err}); re-save {METADATA_FILE} as UTF-8, or fix or delete the line"
+        return None, Problem("bad_json", msg, line=line)
+    try:
+        entry = json.loads(text)
+    except json.JSONDecodeError as err:
+        return None, Problem("bad_json", f"not valid JSON ({err}); fix the line or delete it", line=line)
+    if not isinstance(entry, dict):
+        return None, Problem(
+            "not_object", 'expected an object like {"file_name": ..., "text": ...}', line=line
+        )
+    if not is_utf8(json.dumps(entry, ensure_ascii=False)):
+        msg = "a \\ud800-\\udfff escape that is no character (a lone surrogate); fix the line"
+        return None, Problem("bad_json", msg, line=line)
+    return entry, None
+
+
+def _check_caption(entry: dict, line: int, caption_column: str) -> list[Problem]:
+    name = entry.get("file_name") if isinstance(entry.get("file_name"), str) else None
+    if caption_column not in entry:
+        keys = ", ".join(map(str, entry))
+        fix = "add the caption, or set data.caption_column (--caption-column) to the caption key"
+        return [Problem("no_caption", f'no "{caption_column}" key (it has {keys}); {fix}', name, line)]
+    caption = entry[caption_column]
+    if not isinstance(caption, str):
+        return [Problem("no_caption", f'"{caption_column}" must be a string, got {caption!r}', name, line)]
+    if not caption.strip():
+        return [
+            Problem("empty_caption", f'empty "{caption_column}"; write a caption for this image', name, line)
+        ]
+    return []
+
+
+def _outside(name: str) -> str:
+    """Why :func:`normalize_name` refused ``name``, in the user's terms."""
+    if "://" in name:
+        return "is a URL, not a file of the folder (download the image into it)"
+    if re.match(r"^[A-Za-z]:", name):
+        return "starts like a Windows drive (X:), which is not a file of the folder"
+    if os.path.isabs(name) or name.startswith("\\"):
+        return "is an absolute path"
+    return "points outside the dataset folder"
+
+
+def probe(folder: Path, name: str) -> tuple[str, str] | tuple[None, None]:
+    """``(kind, message)`` when the listed ``name`` is not a readable image file of the folder, judged by
+    the name and the file system only (no pixels), else ``(None, None)``. Never raises: a name too long for
+    the file system, a NUL character, a symlink loop or a permission are each a problem line, not a trace."""
+    norm = normalize_name(name)
+    if norm is None:
+        return "outside_folder", f"{_outside(name)}; use a path relative to the dataset folder, without '..'"
+    path = folder / norm
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "missing_file", "no such file in the folder; fix the name (case matters) or delete the line"
+    except OSError as err:  # ENAMETOOLONG, ELOOP, EACCES, ...: the OS says what, we say the fix
+        if err.errno == errno.ENAMETOOLONG:
+            fix = "rename the file (at most 255 bytes a folder or file name) and fix the line"
+            return "bad_name", f"cannot be opened ({err.strerror}); {fix}"
+        fix = "fix the name, the symlink or the permissions, or delete the line"
+        return "unreadable", f"cannot be opened ({err.strerror or err}); {fix}"
+    except ValueError:  # a NUL character: no file can have that name
+        return "bad_name", "the name contains a NUL character; fix the name or delete the line"
+    if stat.S_ISDIR(mode):
+        return "not_image", "is a folder, not an image file; name an image inside it or delete the line"
+    if not stat.S_ISREG(mode):
+        return "not_image", "is not a regular file (a pipe or a device); replace it with the image"
+    if not is_image_name(norm):
+        return "not_image", f"not an image extension; use one of {', '.join(sorted(IMAGE_EXTENSIONS))}"
+    return None, None
+
+
+def _check_entry(
+    folder: Path, entry: dict, line: int, seen: dict[str, int], caption_column: str, max_pixels: int | None
+) -> tuple[Row | None, list[Problem]]:
+    """The row of one metadata line (None if it cannot be read) and every problem of it; ``seen`` maps
+    normalized names to their first line. ``max_pixels=None`` skips decoding (what the job does)."""
+    problems = _check_caption(entry, line, caption_column)
+    name = entry.get("file_name")
+    if not isinstance(name, str) or not name:
+        msg = 'no "file_name"; name the image this caption belongs to'
+        return None, [Problem("no_file_name", msg, line=line), *problems]
+    norm = normalize_name(name)
+    if norm is not None and norm in seen:
+        msg = f"listed again (first on line {seen[norm]}); keep one of the lines"
+        return None, [*problems, Problem("duplicate", msg, name, line)]
+    kind, msg = probe(folder, name)
+    if kind is None:
+        seen[norm] = line
+        path = folder / norm
+        bad = check_image(path, max_pixels, folder) if max_pixels is not None else file_problem(path, folder)
+        kind, msg = bad or (None, None)
+    if kind is not None:
+        return None, [*problems, Problem(kind, msg, name, line)]
+    caption = entry.get(caption_column)
+    return (Row(line, norm, caption) if isinstance(caption, str) else None), problems
+
+
+def scan(
+    folder: Path | str, caption_column: str = "text", max_pixels: int | None = None
+) -> tuple[list[Row], list[Problem]]:
+    """The one reader of a dataset folder's metadata, for :func:`validate` and the job alike: the rows whose
+    image may be read, in file order, and every problem of every line. Images are decoded in full only with
+    ``max_pixels`` (validate); the job checks names and file contents without decoding."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [], [Problem("no_folder", f"{folder} is not a folder; check data.path")]
+    meta = folder / METADATA_FILE
+    if not meta.is_file():
+        msg = f"no {METADATA_FILE}; run `python -m sdcluster.data prepare {folder}` and write the captions"
+        return [], [Problem("no_metadata", msg)]
+    try:
+        data = meta.read_bytes()
+    except OSError as err:
+        return [], [Problem("no_metadata", f"{meta} cannot be read ({err.strerror}); check its permissions")]
+    rows: list[Row] = []
+    problems: list[Problem] = []
+    seen: dict[str, int] = {}
+    for line, raw in split_lines(data):
+        entry, problem = parse_line(raw, line)
+        if problem:
+            problems.append(problem)
+            continue
+        row, found = _check_entry(folder, entry, line, seen, caption_column, max_pixels)
+        rows += [row] if row else []
+        problems += found
+    return rows, problems
