@@ -1,11 +1,12 @@
 """The Hydra launcher that turns a multirun into one sdcluster sweep.
 
-Hydra calls a launcher with every point of ``-m`` at once: the intended place to decide how points run. On
-SLURM every point is composed and validated first, then all are submitted together by
-:func:`sdcluster.sweep.points.submit_sweep` (one job array, nothing queued if any point is wrong, the login
-node returns at once). With the local executor the points run one after another as plain launches, exactly
-as Hydra's basic launcher runs them. Kept thin and light to import: Hydra imports every plugin at start-up.
-Its config node (``hydra/launcher=sdcluster``) is registered by :func:`sdcluster.config.store.register`.
+Hydra calls a launcher with every point of ``-m`` at once: the intended place to decide how points run.
+Every point is composed and built first (schema, tokens, choice of executor: nothing runs if one is wrong).
+On SLURM all are then submitted together by :func:`sdcluster.sweep.points.submit_sweep` (one job array,
+nothing queued if any point fails its checks, the login node returns at once). With the local executor the
+points run one after another as plain launches, exactly as Hydra's basic launcher runs them. Kept thin and
+light to import: Hydra imports every plugin at start-up. Its config node (``hydra/launcher=sdcluster``) is
+registered by :func:`sdcluster.config.store.register`.
 """
 
 from __future__ import annotations
@@ -29,24 +30,23 @@ def _task(config: DictConfig) -> DictConfig:
 class SdclusterLauncher(BasicLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         assert self.hydra_context is not None and self.config is not None
-        loader = self.hydra_context.config_loader
-        composed = [loader.load_sweep_config(self.config, list(overrides)) for overrides in job_overrides]
-        executors = {str(c.cluster.name) for c in composed}
-        if executors == {"local"}:
-            return super().launch(job_overrides, initial_job_idx)
         from sdcluster.config import ConfigError
         from sdcluster.launch import fail, to_config
         from sdcluster.sweep.points import Point, submit_sweep
 
+        loader = self.hydra_context.config_loader
+        composed = [loader.load_sweep_config(self.config, list(overrides)) for overrides in job_overrides]
         try:
+            # every point passes the schema, the secret check and the executor checks before any runs
+            cfgs = [to_config(_task(c), c.hydra.runtime.choices) for c in composed]
+            executors = {cfg.cluster.name for cfg in cfgs}
+            if executors == {"local"}:
+                return super().launch(job_overrides, initial_job_idx)
             if len(executors) > 1:
                 raise ConfigError(
                     f"cluster: the points use different executors {sorted(executors)}. Fix: sweep one of them"
                 )
-            points = [
-                Point(to_config(_task(c)), list(o)) for c, o in zip(composed, job_overrides, strict=True)
-            ]
-            code = submit_sweep(points)
+            code = submit_sweep([Point(cfg, list(o)) for cfg, o in zip(cfgs, job_overrides, strict=True)])
         except ConfigError as err:
             fail(err)
         if code:

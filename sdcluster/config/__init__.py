@@ -55,6 +55,7 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "check_config",
+    "check_resolution",
 ]
 
 
@@ -101,10 +102,40 @@ class Config:
         _choice(self.task, "task", TASKS)
         for key in ("run_name", "output_root", "jobs_root", "cache_root"):  # paths reach the job script
             _no_control(getattr(self, key), key)
+        from sdcluster.paths import ROOTS, check_root  # imported here: paths imports this module
+
+        for key in ROOTS:
+            check_root(getattr(self, key), key)
+
+
+RECIPES = {512: ("sd15", ("sd15_full", "sd15_lora")), 1024: ("sdxl", ("sdxl_lora",))}
+"""By native resolution: the model option of the generic recipes in ``conf/experiment/`` and their names."""
+
+
+def check_resolution(cfg: Config) -> None:
+    """A pretrained model fine-tuned at another size than its own relearns its details (``model=sd15`` alone
+    keeps the tiny model's 64 px): refuse, naming the recipe made for the model."""
+    native, size = cfg.model.native_resolution, cfg.train.resolution
+    if cfg.task == "generate" or native is None or size == native:
+        return
+    use = ""
+    if native in RECIPES:
+        model, (first, *others) = RECIPES[native]
+        other_model = f" model={cfg.model.name}" if cfg.model.name != model else ""
+        alternatives = f" (or {', '.join(others)})" if others else ""
+        recipe = f"experiment={first}{alternatives}{other_model} data.path=DIR"
+        use = f"use a recipe made for {native} px, {recipe}, or "
+    raise ConfigError(
+        f"train.resolution={size}, but model {cfg.model.name} ({cfg.model.path}) was trained at {native} px "
+        f"(model.native_resolution). Fix: {use}set train.resolution={native}; when model.path is a "
+        f"model of {size} px, or to train at {size} px on purpose, set model.native_resolution={size} "
+        "(null: no check)"
+    )
 
 
 def check_config(cfg: Config) -> None:
     """Cross-group checks that need more than one group; raise :class:`ConfigError` on the first problem."""
+    check_resolution(cfg)
     if cfg.task != "train" and not cfg.generate.prompts and not cfg.generate.prompts_file:
         raise ConfigError(
             "generate.prompts: no prompts for a generation task. Fix: set generate.prompts='[\"a photo\"]' "

@@ -11,6 +11,9 @@ from sdcluster.config.checks import _require
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
+EMBEDDED = ("tiny", "tiny_sdxl")
+"""The ``model.path`` values that build a random-weight model offline instead of loading one."""
+
 
 @dataclass
 class ModelConfig:
@@ -30,6 +33,11 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) to pin the weights to, for a reproducible run; null: main."""
     variant: str | None = None
     """Weight files variant, e.g. ``fp16`` (half the download); null: the full-precision files."""
+    native_resolution: int | None = 64
+    """The image size in pixels the model was trained at (SD 1.x and 2.1-base: 512, SDXL: 1024; the tiny
+    models: 64); ``train.resolution`` must equal it, since a model fine-tuned at another size relearns its
+    details, badly. Each ``conf/model/`` option sets its own; give it with ``model.path`` of another size;
+    null: no check (a model of unknown size, or another size on purpose)."""
     cache_dir: str | None = None
     """Where launch stages a hub model and jobs read it (put it on storage every node sees); null: Hugging
     Face's cache (``HF_HUB_CACHE``, ``~/.cache/huggingface/hub``)."""
@@ -60,6 +68,12 @@ class ModelConfig:
             f"{self.vae_commit!r} is not a full commit sha (40 lowercase hex digits)",
             "copy the full sha, or drop model.vae_commit (launch pins the VAE's main)",
         )
+        _require(
+            self.native_resolution is None or self.native_resolution > 0,
+            "model.native_resolution",
+            f"must be > 0, got {self.native_resolution}",
+            "the model's training size in pixels, e.g. 512, or null for no check",
+        )
 
     def identity(self) -> dict[str, Any]:
         """The part of the run's identity that comes from the model: the commit replaces a branch or tag
@@ -67,6 +81,7 @@ class ModelConfig:
         lives does not change what is learned."""
         fields = dataclasses.asdict(self)
         fields.pop("cache_dir")
+        fields.pop("native_resolution")  # describes the model; train.resolution is what is learned
         for key in ("vae_path", "vae_commit"):  # absent from runs made before they existed: folders stay
             if fields[key] is None:
                 fields.pop(key)

@@ -1,4 +1,4 @@
-"""Hydra's side of the schema: register it and the sweep launcher, find ``conf/``, ``${sdc_asset:...}``.
+"""Hydra's side of the schema: register it, the sweeper and launcher, find ``conf/``, ``${sdc_asset:...}``.
 
 Kept apart from the schema modules so that job functions, which receive plain dataclasses, never import Hydra.
 """
@@ -14,6 +14,7 @@ from sdcluster.config import Config
 
 SCHEMA_NAME = "sdcluster_schema"
 LAUNCHER = "hydra_plugins.sdcluster_launcher.launcher.SdclusterLauncher"
+SWEEPER = "hydra_plugins.sdcluster_launcher.sweeper.SdclusterSweeper"
 _PACKAGE = Path(__file__).resolve().parents[1]
 
 
@@ -23,10 +24,17 @@ def conf_dir() -> Path:
     return checkout if (checkout / "config.yaml").is_file() else _PACKAGE / "conf"
 
 
+def config_groups() -> list[str]:
+    """The config groups of ``conf/`` (``model``, ``experiment``, ...), ``local/`` (site settings) aside."""
+    return sorted(p.name for p in conf_dir().iterdir() if p.is_dir() and p.name != "local")
+
+
 def register() -> None:
     """Idempotent: safe to call from the entry point and from tests."""
     store = ConfigStore.instance()
     store.store(name=SCHEMA_NAME, node=Config)
     store.store(group="hydra/launcher", name="sdcluster", node={"_target_": LAUNCHER}, provider="sdcluster")
+    sweeper = {"_target_": SWEEPER, "max_batch_size": None, "params": None}  # every point in one batch
+    store.store(group="hydra/sweeper", name="sdcluster", node=sweeper, provider="sdcluster")
     if not OmegaConf.has_resolver("sdc_asset"):
         OmegaConf.register_new_resolver("sdc_asset", lambda name: str(_PACKAGE / "assets" / name))

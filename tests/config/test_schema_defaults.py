@@ -55,7 +55,11 @@ def differences(overrides: list[str]) -> dict[str, Any]:
 # What the default composition sets on purpose: data=sample is the shipped folder, with a few images held out.
 SAMPLE = {"data.path": "${sdc_asset:sample_data}", "data.holdout": 2}
 SLURM = {"cluster.name": "slurm", "cluster.timeout_min": 60}
-SD15 = {"model.name": "sd15", "model.path": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+SD15 = {
+    "model.name": "sd15",
+    "model.path": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "model.native_resolution": 512,
+}
 OWN_DATA = {"data.name": "imagefolder", "data.path": "/tmp"}
 DEBUG = {
     "train.max_steps": 4,
@@ -67,6 +71,7 @@ DEBUG = {
 JEANS_SD14 = {
     "model.name": "sd14",
     "model.path": "CompVis/stable-diffusion-v1-4",
+    "model.native_resolution": 512,
     "train.resolution": 512,
     "train.center_crop": True,
     "train.batch_size": 1,
