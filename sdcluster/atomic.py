@@ -39,8 +39,12 @@ _DISK_FULL_WORDS = (
 )
 
 
-class DiskFull(RuntimeError):
-    """A write ran out of space (or quota); the message names the path, the free space and the fix."""
+class DiskFullError(RuntimeError):
+    """A write ran out of space (or quota); the message names the path, the free space and the fix.
+
+    Named ``...Error`` so that it is the exception line the launcher shows for a failed job (it picks the
+    last ``<name>Error: message`` line of the job's traceback), not the raw error it was raised from.
+    """
 
 
 def is_disk_full(err: BaseException) -> bool:
@@ -56,12 +60,15 @@ def is_disk_full(err: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def explain_disk_full(path: Path, partial: Path | None = None, resume: str = "") -> Iterator[None]:
+def explain_disk_full(
+    path: Path, partial: Path | None = None, resume: str = "", setting: str = "output_root or cache_root"
+) -> Iterator[None]:
     """Around a write: on a full disk, remove the partial folder (so the space a failed save took is given
-    back), then raise :class:`DiskFull` naming ``path``, the free space there and the fix."""
+    back), then raise :class:`DiskFullError` naming ``path``, the free space there and the fix; ``setting``
+    is the config key that moves ``path`` to a file system with room."""
     try:
         yield
-    except DiskFull:
+    except DiskFullError:
         raise  # explained already, closer to the file that did not fit
     except Exception as err:
         if partial is not None:
@@ -72,9 +79,10 @@ def explain_disk_full(path: Path, partial: Path | None = None, resume: str = "")
         while not where.exists():
             where = where.parent
         usage = shutil.disk_usage(where)
-        raise DiskFull(
+        raise DiskFullError(
             f"no space left writing {path} ({usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.0f} "
-            f"MiB there). Fix: free space or raise your quota, then run the same command again{resume}"
+            f"MiB there). Fix: free space or raise your quota there, or point {setting} at a file system "
+            f"with room (e.g. scratch), then run the same command again{resume}"
         ) from err
 
 
@@ -89,6 +97,60 @@ def _umask() -> int:
     mask = os.umask(0o022)  # no /proc: the only other way to read it is to set it, then put it back
     os.umask(mask)
     return mask
+
+
+OUTPUT_UMASK_ENV = "SDCLUSTER_UMASK"
+"""The submitting user's umask (octal), passed to the job: it runs with a private one (see :func:`umask`)."""
+
+
+@contextlib.contextmanager
+def umask(mask: int) -> Iterator[int]:
+    """The process umask is ``mask`` inside the block; yields the one it replaces.
+
+    A file gets its mode when it is created, so a writable-by-others window never opens (a chmod afterwards
+    leaves one: a descriptor opened for writing in it stays writable after the chmod).
+    """
+    previous = os.umask(mask)
+    try:
+        yield previous
+    finally:
+        os.umask(previous)
+
+
+@contextlib.contextmanager
+def submission_umask(mask: int) -> Iterator[None]:
+    """For submitting jobs: the process umask is ``mask``, and ``$SDCLUSTER_UMASK`` holds the user's.
+
+    Everything submitit writes meanwhile gets ``mask`` from birth, and so does the job, which inherits it
+    (sbatch passes it on as ``SLURM_UMASK``; a local job is forked): its logs, result pickles and the pickle
+    a requeue rewrites. The job's outputs take the user's umask back from the variable, which it inherits
+    with the environment (:func:`output_umask`).
+    """
+    with umask(mask) as user:
+        previous = os.environ.get(OUTPUT_UMASK_ENV)
+        os.environ[OUTPUT_UMASK_ENV] = f"{user:04o}"
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop(OUTPUT_UMASK_ENV, None)
+            else:
+                os.environ[OUTPUT_UMASK_ENV] = previous
+
+
+@contextlib.contextmanager
+def output_umask() -> Iterator[None]:
+    """Inside a job: the submitting user's umask (``$SDCLUSTER_UMASK``) for the block, so the run's outputs
+    follow it while the job's own files (``jobs/<id>/``: the pickles submitit loads) stay private.
+    Without the variable (a job started by hand, ``--export=NONE``) the process umask stays as it is."""
+    value = os.environ.get(OUTPUT_UMASK_ENV, "")
+    try:
+        mask = int(value, 8) & 0o777
+    except ValueError:
+        yield
+        return
+    with umask(mask):
+        yield
 
 
 def write_bytes(path: Path | str, data: bytes, mode: int | None = None) -> Path:
@@ -148,14 +210,21 @@ def staging_dir(dest: Path) -> Path:
 def publish_dir(tmp: Path, dest: Path, replace: bool = True) -> bool:
     """Make the complete folder ``tmp`` appear as ``dest`` in one rename; True when ``tmp`` was published.
 
-    Every file in ``tmp`` is fsynced first. An existing ``dest`` is moved aside and deleted only after the
-    new folder is in place (``replace=True``), so ``dest`` is always the old or the new folder, never a mix.
+    Every file in ``tmp`` is fsynced first (its ``.safetensors`` files given the umask's mode). An existing
+    ``dest`` is moved aside and deleted only after the new folder is in place (``replace=True``), so
+    ``dest`` is always the old or the new folder, never a mix.
     With ``replace=False`` an existing ``dest`` wins (another writer published the same content first, and
     its readers may already have it open): ``tmp`` is discarded and False returned. Losing a rename race to
     a concurrent publisher is the same case.
     """
+    mode = 0o666 & ~_umask()
     for path in sorted(tmp.rglob("*")):
         if path.is_file():
+            if path.suffix == ".safetensors" and not path.is_symlink() and path.stat().st_nlink == 1:
+                # safetensors >= 0.8 writes through a temp file that is always 0600 (safetensors#782): a
+                # group sharing output_root could read every file but the weights. Written here, by us,
+                # so they take the umask's mode like every other file (a hard link is someone else's).
+                os.chmod(path, mode)
             fsync_path(path)
     if dest.exists() and not replace:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -33,15 +33,18 @@ def ensure_tiny_model(cache_root: Path | str, name: str = "tiny") -> Path:
     dest = tiny_model_dir(cache_root, name) / f"v{version}"
     if is_complete(dest):
         return dest
-    tmp = atomic.staging_dir(dest)
-    try:
-        build(tmp)
-        if not is_complete(tmp):
-            raise RuntimeError(f"the tiny model built in {tmp} lacks weight files (see load_components)")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    atomic.publish_dir(tmp, dest, replace=not is_complete(dest))  # a broken copy is replaced, a good one kept
+    # torch and safetensors report a full disk in their own words (SafetensorError): say it plainly
+    with atomic.explain_disk_full(dest, resume=": the model is built again", setting="cache_root"):
+        tmp = atomic.staging_dir(dest)
+        try:
+            build(tmp)
+            if not is_complete(tmp):
+                raise RuntimeError(f"the tiny model built in {tmp} lacks weight files (see load_components)")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        # a broken copy is replaced, a good one kept
+        atomic.publish_dir(tmp, dest, replace=not is_complete(dest))
     return dest
 
 

@@ -85,13 +85,14 @@ def ensure_tiny_clip(cache_root: Path | str) -> Path:
     dest = tiny_clip_dir(cache_root)
     if is_complete(dest):
         return dest
-    tmp = atomic.staging_dir(dest)
-    try:
-        build_tiny_clip(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    atomic.publish_dir(tmp, dest, replace=not is_complete(dest))
+    with atomic.explain_disk_full(dest, resume=": the model is built again", setting="cache_root"):
+        tmp = atomic.staging_dir(dest)
+        try:
+            build_tiny_clip(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        atomic.publish_dir(tmp, dest, replace=not is_complete(dest))
     return dest
 
 

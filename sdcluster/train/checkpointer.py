@@ -105,6 +105,8 @@ class Checkpointer:
         self.t = trainer
         self.job_id = job_id
         self.root = trainer.paths.checkpoints
+        # (step, micro-step) where the current shape began: saved so each manifest can prove its micro-step
+        self.origin = (0, 0)
 
     def _candidates(self) -> list[Path]:
         resume = self.t.cfg.train.resume
@@ -135,10 +137,7 @@ class Checkpointer:
             except Exception as err:  # any decoding error of any file: the next older checkpoint may be fine
                 log.warning("could not load checkpoint %s (%s); trying an older one", folder, err)
                 continue
-            t.step, t.micro_step = meta.step, meta.micro_step
-            if (meta.world_size, meta.batch_size) != (world, t.cfg.train.batch_size):
-                t.micro_step = remapped_micro_step(meta, t.cfg.train.batch_size, world)
-            log.info("resumed from %s at step %d (micro-step %d)", folder, t.step, t.micro_step)
+            self._continue_from(folder, meta)
             return
         if candidates:  # never silently start over when there was state to continue from
             raise RuntimeError(
@@ -147,6 +146,28 @@ class Checkpointer:
             )
         log.info("no checkpoint to resume from in %s: starting at step 0", self.root)
         self._set_aside_previous_run()
+
+    def _continue_from(self, folder: Path, meta: step_folders.CheckpointMeta) -> None:
+        """Take the loaded checkpoint's step, micro-step and origin (a new one if the shape changed)."""
+        t, cfg = self.t, self.t.cfg.train
+        world = t.accelerator.num_processes
+        t.step, t.micro_step = meta.step, meta.micro_step
+        if (meta.world_size, meta.batch_size) != (world, cfg.batch_size):
+            t.micro_step = remapped_micro_step(meta, cfg.batch_size, world)
+        self.origin = (meta.origin_step, meta.origin_micro_step)
+        if (meta.world_size, meta.batch_size, meta.grad_accum) != (world, cfg.batch_size, cfg.grad_accum):
+            self.origin = (t.step, t.micro_step)
+            # accelerate counts micro-steps since the run began and syncs where that count divides by the
+            # accumulation: after a change of accumulation the first step would be cut short. Restart it.
+            t.accelerator.step = 0
+        if meta.format is None:  # no origin recorded: count from here
+            self.origin = (t.step, t.micro_step)
+            log.warning(
+                "checkpoint %s has an older manifest without a digest: only its files and its folder name "
+                "were checked; the next save writes the current format",
+                folder,
+            )
+        log.info("resumed from %s at step %d (micro-step %d)", folder, t.step, t.micro_step)
 
     def _set_aside_previous_run(self) -> None:
         """Move what an earlier run left in this run folder to ``previous/<time>/`` before starting at step 0.
@@ -180,6 +201,8 @@ class Checkpointer:
             batch_size=t.cfg.train.batch_size,
             grad_accum=t.cfg.train.grad_accum,
             job_id=self.job_id,
+            origin_step=self.origin[0],
+            origin_micro_step=self.origin[1],
         )
         return step_folders.save(
             t.accelerator,

@@ -7,17 +7,19 @@ optimizer, scaler, per-rank RNG, gathered on every rank) and wrap it:
 
 1. every rank saves into ``.tmp-step-N`` (rank 0 creates it fresh);
 2. rank 0 writes the extra state and ``sdcluster-checkpoint.json`` listing every file, its size and
-   sha256, then publishes the folder as ``step-N`` in one rename (:func:`sdcluster.atomic.publish_dir`)
-   and updates the ``latest`` pointer;
+   sha256, sealed by a digest over the manifest itself (:func:`seal`), then publishes the folder as
+   ``step-N`` in one rename (:func:`sdcluster.atomic.publish_dir`) and updates the ``latest`` pointer;
 3. only then does rank 0 prune, keeping at least ``keep`` (>= 2) complete checkpoints.
 
-Folders are listed newest first; one whose manifest is missing or whose files do not match it is skipped
-with a warning naming it, so a truncated newest checkpoint falls back to the previous one. Which folder a
+Folders are listed newest first; one whose manifest is missing, does not agree with itself (digest, folder
+name, step and micro-step: :func:`manifest_problem`) or whose files do not match it is skipped with a warning
+naming it, so a truncated or edited newest checkpoint falls back to the previous one. Which folder a
 run resumes from, and what else it saves, is decided by :mod:`sdcluster.train.checkpointer`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -34,6 +36,9 @@ from sdcluster.config import ConfigError
 log = logging.getLogger("sdcluster")
 
 META_NAME = "sdcluster-checkpoint.json"
+# 2: the manifest carries a digest over itself and where its micro-step count starts (origin_*). A manifest
+# without ``format`` was written before; it is accepted, its own fields checked only against its folder name.
+FORMAT = 2
 _STEP_RE = re.compile(r"^step-(\d{8})$")
 
 
@@ -55,6 +60,15 @@ class CheckpointMeta:
     time: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     files: dict[str, Any] = field(default_factory=dict)  # name -> {"bytes", "sha256"} (older: bytes only)
     extra: dict[str, Any] = field(default_factory=dict)
+    # Where the run's current shape (world size, batch size, accumulation) began: (0, 0) unless a resume
+    # changed it. From there each optimizer step is exactly ``grad_accum`` micro-steps.
+    origin_step: int = 0
+    origin_micro_step: int = 0
+    format: int | None = FORMAT  # None: an older manifest (see FORMAT)
+    digest: str | None = None  # sha256 of the manifest without this field (:func:`seal`)
+
+    def expected_micro_step(self) -> int:
+        return self.origin_micro_step + (self.step - self.origin_step) * self.grad_accum
 
 
 def _file_entries(folder: Path) -> dict[str, dict[str, Any]]:
@@ -65,22 +79,63 @@ def _file_entries(folder: Path) -> dict[str, dict[str, Any]]:
     }
 
 
+def _digest(data: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of a manifest without its ``digest``: any edited value changes it."""
+    body = {key: value for key, value in data.items() if key != "digest"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def seal(meta: CheckpointMeta) -> dict[str, Any]:
+    """The manifest as written: ``meta`` in the current format with its digest. Digested after a JSON round
+    trip, so the reader hashes exactly the values it reads back."""
+    data = json.loads(json.dumps(asdict(meta) | {"format": FORMAT, "digest": None}, default=str))
+    return data | {"digest": _digest(data)}
+
+
 def read_meta(folder: Path) -> CheckpointMeta:
-    return CheckpointMeta(**json.loads((folder / META_NAME).read_text()))
+    return CheckpointMeta(**{"format": None} | json.loads((folder / META_NAME).read_text()))
+
+
+def manifest_problem(folder: Path, meta: CheckpointMeta, data: dict[str, Any]) -> str | None:
+    """Why the manifest ``data`` (read as ``meta``) of ``folder`` does not agree with itself, or None.
+
+    The file list proves the other files; this proves the manifest: an edited step would otherwise resume
+    at a step its weights, optimizer and data position were never at.
+    """
+    if meta.format is not None:  # an older manifest has no digest (see FORMAT)
+        if not data.get("digest"):
+            return f"{META_NAME} has no digest (edited)"
+        if data["digest"] != _digest(data):
+            return f"{META_NAME} does not match its own digest (edited or corrupt)"
+    if folder.name != step_name(meta.step):
+        return f"named {folder.name}, its manifest says step {meta.step} (folder renamed or manifest edited)"
+    consistent = meta.micro_step == meta.expected_micro_step() and 0 <= meta.origin_step <= meta.step
+    if meta.format is not None and not consistent:
+        return (
+            f"micro-step {meta.micro_step} does not follow from step {meta.step} "
+            f"(expected {meta.expected_micro_step()}: inconsistent manifest)"
+        )
+    return None
 
 
 def verify(folder: Path, content: bool = False) -> str | None:
-    """Why ``folder`` cannot be trusted, or None when every listed file is there at its size and, with
-    ``content``, its sha256 (a flipped byte of the right size, e.g. in an RNG state, shows only there).
+    """Why ``folder`` cannot be trusted, or None when its manifest agrees with itself and every listed file
+    is there at its size and, with ``content``, its sha256 (a flipped byte of the right size, e.g. in an RNG
+    state, shows only there).
 
-    Listing and pruning check sizes only; resume checks content before loading anything.
+    Listing and pruning check the manifest and sizes; resume also checks content before loading anything.
     """
     try:
-        meta = read_meta(folder)
+        data = json.loads((folder / META_NAME).read_text())
+        meta = CheckpointMeta(**{"format": None} | data)
     except FileNotFoundError:
         return f"no {META_NAME} (save did not finish)"
     except (ValueError, TypeError) as err:
         return f"unreadable {META_NAME}: {err}"
+    problem = manifest_problem(folder, meta, data)
+    if problem:
+        return problem
     if not meta.files:
         return "manifest lists no files"
     for name, entry in meta.files.items():
@@ -141,7 +196,8 @@ def save(
     accelerator.wait_for_everyone()
     resume = ": it resumes from the newest complete checkpoint"
     partial = tmp if accelerator.is_main_process else None
-    with atomic.explain_disk_full(final, partial, resume):  # the previous checkpoint stays untouched
+    # the previous checkpoint stays untouched
+    with atomic.explain_disk_full(final, partial, resume, setting="output_root"):
         accelerator.save_state(str(tmp), safe_serialization=True)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -154,7 +210,8 @@ def save(
 
 def _commit(tmp: Path, final: Path, meta: CheckpointMeta) -> None:
     meta.files = _file_entries(tmp)
-    atomic.write_json(tmp / META_NAME, asdict(meta))
+    assert meta.micro_step == meta.expected_micro_step(), "the loop's step and micro-step counts diverged"
+    atomic.write_json(tmp / META_NAME, seal(meta))
     # An existing ``final`` is a leftover of an earlier attempt at the same step: replaced whole, never mixed.
     atomic.publish_dir(tmp, final)
     atomic.write_text(final.parent / "latest", final.name + "\n")

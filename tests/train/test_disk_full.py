@@ -1,4 +1,4 @@
-"""A full file system during a checkpoint save loses nothing and explains itself; freeing space resumes.
+"""A full file system loses nothing and explains itself, down to the launcher's line; freeing space resumes.
 
 Tested on a really full file system: a small tmpfs the test mounts (the suite runs as root) and fills.
 """
@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from sdcluster.atomic import DiskFull
+from sdcluster.atomic import DiskFullError
 from sdcluster.train import step_folders
 from sdcluster.train.loop import train
 
@@ -47,7 +48,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint_and_resumes(make_
     assert first.interrupted and step_folders.verify(checkpoints / "step-00000002", content=True) is None
 
     filler = _fill(small_disk, leave_bytes=2 * 2**20)  # the next save (about 17 MB) cannot fit
-    with pytest.raises(DiskFull) as err:
+    with pytest.raises(DiskFullError) as err:
         train(cfg)
     message = str(err.value)
     assert f"no space left writing {checkpoints / 'step-00000004'}" in message
@@ -77,7 +78,7 @@ def test_disk_full_while_generating_keeps_finished_images_and_the_rerun_fills_th
     kept = {p.name: p.read_bytes() for p in first.out_dir.glob("p*.png")}
     filler = _fill(small_disk, leave_bytes=0)
     with pytest.raises(
-        DiskFull, match=r"no space left writing .*p0000-i000[2-5]\.png .*the same command again"
+        DiskFullError, match=r"no space left writing .*p0000-i000[2-5]\.png .*the same command again"
     ):
         generate_images(cfg)
     assert not list(first.out_dir.glob(".*.tmp")), "no partial image is left"
@@ -85,3 +86,55 @@ def test_disk_full_while_generating_keeps_finished_images_and_the_rerun_fills_th
     filler.unlink()
     done = generate_images(cfg)
     assert sorted(p.name for p in done.out_dir.glob("p*.png")) == [f"p0000-i000{i}.png" for i in range(6)]
+
+
+def _launch_failure(cfg, monkeypatch, tmp_path) -> str:
+    """The line the launcher prints about the failed job (local: a process of its own, as on a cluster)."""
+    from sdcluster.cluster.launching import launch
+
+    monkeypatch.setenv("SDCLUSTER_HOME", str(tmp_path / "home"))
+    said: list[str] = []
+    assert launch(cfg, say=said.append) == 1, "\n".join(said)
+    (line,) = [line for line in said if " FAILED: " in line]
+    return line
+
+
+def test_the_launcher_explains_a_full_output_root_during_a_checkpoint_save(
+    make_cfg, small_disk, monkeypatch, tmp_path
+):
+    cfg = make_cfg([*FAST, "train.validation_prompts=[]", f"output_root={small_disk / 'outputs'}"])
+    _fill(small_disk, leave_bytes=2 * 2**20)  # room for the run folder's small files, not a checkpoint
+    line = _launch_failure(cfg, monkeypatch, tmp_path)
+    explained = r"train job \S+ FAILED: \S*DiskFullError: no space left writing \S+/step-00000002 "
+    assert re.search(explained, line), line
+    assert "MiB free of 96 MiB there" in line and "point output_root at" in line, line
+
+
+def test_the_launcher_explains_a_full_output_root_while_writing_images(
+    small_disk, tiny_model, make_cfg, monkeypatch, tmp_path
+):
+    from sdcluster.generate.job import generate_images
+
+    gen = ["task=generate", f"generate.model={tiny_model}", "generate.prompts=[jeans]"]
+    gen += ["generate.num_images=6", "generate.batch_size=2", "generate.steps=2"]
+    cfg = make_cfg([*gen, "generate.height=64", "generate.width=64", f"output_root={small_disk / 'out'}"])
+    first = generate_images(cfg, should_stop=iter([False, True]).__next__)  # settings, 2 images (~12 KB each)
+    # the launcher and the job rewrite the folder's small files (a page each); the next image does not fit
+    _fill(small_disk, leave_bytes=8 * 2**10)
+    line = _launch_failure(cfg, monkeypatch, tmp_path)
+    image = rf"{first.out_dir}/p0000-i000[2-5]\.png"
+    explained = rf"generate job \S+ FAILED: \S*DiskFullError: no space left writing {image} "
+    assert re.search(explained, line), line
+    assert "point output_root at" in line and "finished images are kept" in line, line
+
+
+def test_the_launcher_explains_a_full_cache_root_while_building_the_tiny_model(
+    make_cfg, small_disk, monkeypatch, tmp_path
+):
+    cfg = make_cfg([*FAST, "train.max_steps=2", f"cache_root={small_disk / 'cache'}"])
+    _fill(small_disk, leave_bytes=256 * 2**10)  # the tokenizer fits, the weights do not
+    line = _launch_failure(cfg, monkeypatch, tmp_path)
+    explained = r"train job \S+ FAILED: \S*DiskFullError: no space left writing \S+/models/tiny/v1 "
+    assert re.search(explained, line), line
+    assert "point cache_root at" in line and "the model is built again" in line, line
+    assert not list((small_disk / "cache").rglob("*.safetensors")), "the partial model is removed"
