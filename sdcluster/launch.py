@@ -30,6 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from sdcluster.atomic import DiskFullError
 from sdcluster.config import Config, ConfigError
 from sdcluster.config.executor import check_executor
 from sdcluster.config.keys import check_known_keys, is_known, refuse
@@ -82,6 +83,9 @@ def main(dcfg: DictConfig) -> None:
         code = launch(to_config(dcfg, HydraConfig.get().runtime.choices))
     except ConfigError as err:
         fail(err)
+    except DiskFullError as err:  # explained already (which folder, how much is free, the fix): no traceback
+        print(f"sdcluster: {err}", file=sys.stderr)
+        sys.exit(1)
     if code:
         sys.exit(code)
 

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdcluster.config import Config, ConfigError
+from sdcluster.config import Config
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -185,23 +185,6 @@ def private_jobs_root(cfg: Config) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     root.chmod(0o777 & ~jobs_umask(cfg))
     return root
-
-
-ROOTS = ("output_root", "jobs_root", "cache_root")
-
-
-def check_root(value: str | None, key: str) -> None:
-    """Refuse ``%`` in a root: SLURM expands ``%u``, ``%j``... in the ``#SBATCH --output`` path under
-    ``jobs_root`` (submitit adds its own ``%j``), so the log folder it looks for is not the one created and
-    the job dies with "No output/error stream produced"; in the other roots nothing expands it at all."""
-    if not value or "%" not in value:
-        return
-    literal = value.replace("%u", "${oc.env:USER}") if "%u" in value else "/scratch/${oc.env:USER}/..."
-    raise ConfigError(
-        f"{key}: {value!r} contains '%': SLURM expands %u, %j... in the job's log paths, sdcluster nowhere, "
-        f"so the folder would not be the one you meant. Fix: write the path literally, or let Hydra fill "
-        f"it in: {key}='{literal}'"
-    )
 
 
 def job_log(folder: Path, job_id: str, task: int, err: bool = False) -> Path:

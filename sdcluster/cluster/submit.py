@@ -193,7 +193,11 @@ def _submit_one(job: PlannedJob, after_id: str | None, extra: dict[str, Any]) ->
     dependency = f"afterok:{after_id}" if after_id and cfg.cluster.name == "slurm" else None
     # jobs/<id>/ holds pickles and a script run as the user: created (by submitit, then by the job itself,
     # which inherits the umask) writable by the owner only; the run folder (claim below) follows the umask
-    with atomic.submission_umask(paths.jobs_umask(cfg)):
+    jobs_root = Path(cfg.jobs_root)
+    with (
+        atomic.submission_umask(paths.jobs_umask(cfg)),
+        atomic.explain_disk_full(jobs_root, setting="jobs_root"),
+    ):
         executor = make_executor(cfg, f"sdcluster-{job.kind}", dependency)
         if job.is_array:
             with executor.batch():
@@ -203,13 +207,18 @@ def _submit_one(job: PlannedJob, after_id: str | None, extra: dict[str, Any]) ->
                 submitted = [executor.submit(fn) for fn in job.fns]
     for index, (element_cfg, sjob) in enumerate(zip(job.cfgs, submitted, strict=True)):
         array_index = index if job.is_array else None
-        with atomic.umask(paths.jobs_umask(element_cfg)):
+        queued = f": job {sjob.job_id} is submitted all the same (scancel {sjob.job_id} if it should not run)"
+        with (
+            atomic.umask(paths.jobs_umask(element_cfg)),
+            atomic.explain_disk_full(jobs_root, resume=queued, setting="jobs_root"),
+        ):
             folder = record_submission(
                 element_cfg, sjob, job.kind, {**extra, "array_index": array_index, "after": after_id}
             )
         writes = paths.run_dir(element_cfg) if job.kind == "train" else paths.generation_dir(element_cfg)
         shards = job.kind == "generate"  # the tasks of a generation array fill one folder together
-        ownership.claim(writes, sjob.job_id, element_cfg.cluster.name, folder, whole_array=shards)
+        with atomic.explain_disk_full(writes, resume=queued, setting="output_root"):
+            ownership.claim(writes, sjob.job_id, element_cfg.cluster.name, folder, whole_array=shards)
     return submitted
 
 

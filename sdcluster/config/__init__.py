@@ -22,12 +22,14 @@ from sdcluster.config.checks import (
     LR_SCHEDULES,
     MIXED_PRECISION,
     PREDICTION_TYPES,
+    ROOTS,
     SCHEDULERS,
     TASKS,
     TRACKERS,
     ConfigError,
     _choice,
     _no_control,
+    check_root,
 )
 from sdcluster.config.cluster import ClusterConfig
 from sdcluster.config.data import SAMPLE_PROMPTS, DataConfig
@@ -102,8 +104,6 @@ class Config:
         _choice(self.task, "task", TASKS)
         for key in ("run_name", "output_root", "jobs_root", "cache_root"):  # paths reach the job script
             _no_control(getattr(self, key), key)
-        from sdcluster.paths import ROOTS, check_root  # imported here: paths imports this module
-
         for key in ROOTS:
             check_root(getattr(self, key), key)
 

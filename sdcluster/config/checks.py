@@ -66,3 +66,20 @@ def _no_control(value: object, key: str) -> None:
             f"{key}: contains the control character {found.group()!r} (a newline or tab ends up as a line "
             "of the job script). Fix: remove it from the value"
         )
+
+
+ROOTS = ("output_root", "jobs_root", "cache_root")
+
+
+def check_root(value: str | None, key: str) -> None:
+    """Refuse ``%`` in a root: SLURM expands ``%u``, ``%j``... in the ``#SBATCH --output`` path under
+    ``jobs_root`` (submitit adds its own ``%j``), so the log folder it looks for is not the one created and
+    the job dies with "No output/error stream produced"; in the other roots nothing expands it at all."""
+    if not value or "%" not in value:
+        return
+    literal = value.replace("%u", "${oc.env:USER}") if "%u" in value else "/scratch/${oc.env:USER}/..."
+    raise ConfigError(
+        f"{key}: {value!r} contains '%': SLURM expands %u, %j... in the job's log paths, sdcluster nowhere, "
+        f"so the folder would not be the one you meant. Fix: write the path literally, or let Hydra fill "
+        f"it in: {key}='{literal}'"
+    )

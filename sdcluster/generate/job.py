@@ -25,18 +25,17 @@ from sdcluster.cluster import ownership
 from sdcluster.cluster.requeue import hold_for_signal
 from sdcluster.config import Config, ConfigError
 from sdcluster.generate import records
+from sdcluster.generate.batches import batch_of, shard
 from sdcluster.generate.filter import is_done, set_aside_for_redo
 from sdcluster.generate.images import save_png_atomic
 from sdcluster.generate.manifest_index import contains, file_key
 from sdcluster.generate.plan import (
     Item,
     Plan,
-    batch_of,
     plan_items,
     prompts_identity,
     remake_command,
     same_prompts,
-    shard,
     template_texts,
 )
 from sdcluster.generate.render import (

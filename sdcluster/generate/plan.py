@@ -23,9 +23,6 @@ import numpy as np
 
 from sdcluster import paths
 from sdcluster.config import Config, GenerateConfig
-
-# re-exported: the job and tests take a plan's batches from here
-from sdcluster.generate.batches import Batches, batch_of, cut_batches, shard  # noqa: F401
 from sdcluster.generate.prompts import (
     Program,
     Sampling,

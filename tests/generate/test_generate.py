@@ -23,8 +23,9 @@ from sdcluster import paths
 from sdcluster.config import SCHEDULERS, Config, ConfigError, GenerateConfig
 from sdcluster.generate import records
 from sdcluster.generate.__main__ import main
+from sdcluster.generate.batches import shard
 from sdcluster.generate.job import generate_images
-from sdcluster.generate.plan import item_seed, plan_items, shard
+from sdcluster.generate.plan import item_seed, plan_items
 from sdcluster.generate.render import PromptEmbeddings, load_pipeline, render
 from sdcluster.models.family import family_of
 from sdcluster.models.schedulers import SCHEDULER_CLASSES, make_scheduler, set_scheduler

@@ -19,8 +19,9 @@ import pytest
 
 from sdcluster.cluster.launching import describe_outputs, launch
 from sdcluster.config import Config, ConfigError, GenerateConfig
+from sdcluster.generate.batches import batch_of, cut_batches, shard
 from sdcluster.generate.manifest_index import file_key
-from sdcluster.generate.plan import Item, batch_of, cut_batches, item_seed, plan_items, shard
+from sdcluster.generate.plan import Item, item_seed, plan_items
 from sdcluster.generate.plan_count import check_plan_size, count_plan
 from sdcluster.generate.prompts import _draw, _unit, load_program, sampling_of
 from tests.generate.conftest import write_program

@@ -21,8 +21,9 @@ import sdcluster
 from sdcluster.cluster.preflight import check_generation_inputs
 from sdcluster.config import Config, ConfigError, GenerateConfig
 from sdcluster.generate import records
+from sdcluster.generate.batches import cut_batches, shard
 from sdcluster.generate.job import generate_images
-from sdcluster.generate.plan import cut_batches, plan_items, shard
+from sdcluster.generate.plan import plan_items
 from sdcluster.generate.prompts import Sampling, check_program, expand, load_program
 from sdcluster.generate.render import load_pipeline, render
 from tests.conftest import compose

@@ -138,3 +138,27 @@ def test_the_launcher_explains_a_full_cache_root_while_building_the_tiny_model(
     assert re.search(explained, line), line
     assert "point cache_root at" in line and "the model is built again" in line, line
     assert not list((small_disk / "cache").rglob("*.safetensors")), "the partial model is removed"
+
+
+def test_the_launcher_explains_a_full_jobs_root_before_anything_runs(
+    tmp_path, small_disk, cache_root, tiny_model
+):
+    """The launcher's own writes (submitit's pickles and script in jobs/) on a full file system: one explained
+    line and exit code 1, not a traceback."""
+    import sys
+
+    _fill(small_disk, leave_bytes=0)
+    args = [sys.executable, "-m", "sdcluster.launch", *FAST, "train.max_steps=2"]
+    args += [
+        f"output_root={tmp_path / 'outputs'}",
+        f"jobs_root={small_disk / 'jobs'}",
+        f"cache_root={cache_root}",
+    ]
+    env = {**os.environ, "SDCLUSTER_HOME": str(tmp_path / "home")}
+    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert re.match(rf"sdcluster: no space left writing {small_disk / 'jobs'}", line), line
+    assert "point jobs_root at" in line, line
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.safetensors"))
