@@ -1,10 +1,11 @@
-"""Read a job's story by its id: ``python -m sdcluster.logs 5256095 [--follow] [--task N] [--err]``.
+"""Read a job's story by its id: ``sdcluster logs 5256095 [--follow] [--task N] [--err]``.
 
 Prints the scheduler's state and exit code (``sacct``, falling back to ``squeue``), the attempts recorded in
 ``job.json`` (requeues and their reasons), the last progress line, where the outputs are, and the log itself.
-A job array's id (what submission printed) lists its tasks and shows the first. Without an id it lists the
-user's recent jobs. Works from any directory: submissions are indexed in ``~/.sdcluster/jobs.tsv`` (override
-with ``SDCLUSTER_HOME``).
+A job array's id (what submission printed) lists its tasks and shows the first. Without an id it shows the
+user's recent jobs at a glance (state, step/total, last loss, ETA, where: :mod:`sdcluster.status`) and their
+sweeps. ``python -m sdcluster.logs`` is the same command. Works from any directory: submissions are indexed
+in ``~/.sdcluster/jobs.tsv`` (override with ``SDCLUSTER_HOME``).
 """
 
 from __future__ import annotations
@@ -76,23 +77,32 @@ def summary(job_id: str, folder: Path, task: int = 0) -> list[str]:
     return lines
 
 
+NO_JOBS = (
+    "no jobs yet: run `sdcluster launch` (the tiny demo, on this machine, in minutes) or "
+    "`sdcluster launch +cluster=slurm ...` on a cluster; `sdcluster launch --help` lists every option"
+)
+
+
 def list_recent(jobs_root: Path, limit: int = 20) -> list[str]:
-    """The user's jobs, newest first: those under ``jobs_root`` and those in the index (any directory)."""
-    found = {job_id: records.read(folder) for job_id, folder in records.indexed_jobs()}
-    found.update(records.list_jobs(jobs_root))
-    newest = sorted(found.items(), key=lambda item: item[1].get("submitted", ""), reverse=True)
-    rows = [f"{'job':<14} {'task':<9} {'state':<11} {'submitted':<25} run"]
-    for job_id, record in newest[:limit]:
-        state = "DIED" if records.recorded_state(record) == records.GONE else record.get("state", "?")
-        rows.append(
-            f"{job_id:<14} {record.get('task', '?'):<9} {state:<11} "
-            f"{record.get('submitted', '?'):<25} {record.get('run_dir', '')}"
-        )
-    return rows
+    """The user's jobs at a glance, newest first (those under ``jobs_root`` and in the index), then their
+    sweeps; what to do when there is none."""
+    from sdcluster import status
+    from sdcluster.sweep.ledger import user_sweeps
+    from sdcluster.sweep.report import list_sweeps
+
+    jobs = status.recent(jobs_root, limit)
+    if not jobs:
+        return [NO_JOBS]
+    lines = ["jobs, newest first (`sdcluster logs ID`: one job's attempts and log):"]
+    lines += status.format_jobs(jobs)
+    sweeps = user_sweeps(jobs_root=jobs_root)
+    if sweeps:
+        lines += ["", "sweeps (`sdcluster sweep report ID`: table, CSV and loss plot):", *list_sweeps(sweeps)]
+    return lines
 
 
 def _array_listing(job_id: str, tasks: list[str], jobs_root: Path) -> list[str]:
-    lines = [f"job array {job_id}: {len(tasks)} tasks (show one with: python -m sdcluster.logs {job_id}_<k>)"]
+    lines = [f"job array {job_id}: {len(tasks)} tasks (show one with: sdcluster logs {job_id}_<k>)"]
     for task_id in tasks:
         folder = records.find_job(task_id, jobs_root)
         record = records.read(folder) if folder else {}
@@ -102,8 +112,8 @@ def _array_listing(job_id: str, tasks: list[str], jobs_root: Path) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sdcluster.logs", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m sdcluster.logs") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("job_id", nargs="?", help="e.g. 5256095, or 5256095_3 for one task of an array")
     parser.add_argument("--task", type=int, default=0, help="rank (SLURM task) whose log to show")
     parser.add_argument("--err", action="store_true", help="show stderr instead of stdout")
@@ -123,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"sdcluster.logs: no job {args.job_id} under {args.jobs_root.resolve()} "
             f"or in {paths.job_index()}. "
-            "Run `python -m sdcluster.logs` to list known jobs.",
+            "Run `sdcluster logs` to list known jobs.",
             file=sys.stderr,
         )
         return 2

@@ -60,3 +60,17 @@ def job_state(job_id: str, jobs_root: Path) -> str:
         # Neither sacct nor squeue knows it: an array task cancelled while pending leaves no record at all.
         return "LOST"
     return state
+
+
+def user_sweeps(output_root: Path = Path("outputs"), jobs_root: Path = Path("jobs")) -> list[Path]:
+    """The user's sweep folders, newest first: every sweep an indexed job belongs to (any directory), and
+    those under ``output_root``."""
+    folders = {Path(p) for p in (output_root / "sweeps").glob(f"*/{SWEEP_JSON}")}
+    jobs = dict(records.indexed_jobs())
+    jobs.update({p.name: p for p in jobs_root.glob("*") if (p / records.JOB_JSON).is_file()})
+    for folder in jobs.values():
+        sweep = records.read(folder).get("sweep")
+        if sweep:
+            folders.add(Path(sweep) / SWEEP_JSON)
+    found = [ledger.parent for ledger in folders if ledger.is_file()]
+    return sorted(found, key=lambda folder: load(folder).get("created", ""), reverse=True)

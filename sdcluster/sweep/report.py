@@ -16,6 +16,7 @@ from typing import Any
 from sdcluster.cluster import records
 from sdcluster.paths import RunPaths
 from sdcluster.progress import format_duration
+from sdcluster.status import table
 from sdcluster.sweep.ledger import job_state, load
 from sdcluster.train import metrics
 
@@ -145,3 +146,33 @@ def report(folder: Path, say: Any = print) -> int:
     say(f"csv: {folder / REPORT_CSV}")
     say(f"plot: {png}")
     return 0
+
+
+def summary(folder: Path) -> list[str]:
+    """One line of ``sweep list``: id, task, points, their states counted, best validation loss, folder."""
+    record = load(folder)
+    points = rows(record)
+    counts: dict[str, int] = {}
+    for point in points:
+        counts[point.state] = counts.get(point.state, 0) + 1
+    winner = best(points)
+    if winner is None:
+        scored = "-"
+    elif winner.best_val_loss is not None:
+        scored = f"{winner.best_val_loss:.4f} (point {winner.point}: {winner.values})"
+    else:  # no validation ran: the training loss is all there is, and said to be so
+        scored = f"no val; last loss {winner.last_loss:.4f} (point {winner.point})"
+    states = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    created = str(record.get("created", "?")).replace("T", " ")[:16]
+    return [record["sweep_id"], record["task"], created, str(len(points)), states, scored, str(folder)]
+
+
+def list_sweeps(folders: list[Path]) -> list[str]:
+    """The ``sweep list`` table, or what to do when there is no sweep yet."""
+    if not folders:
+        return [
+            "no sweeps yet: run `sdcluster launch -m +cluster=slurm optim.lr=1e-5,5e-6` (one point per "
+            "value, one job array); `sdcluster sweep list` then shows it"
+        ]
+    header = ["sweep", "task", "created", "points", "states", "best val_loss", "folder"]
+    return table([header, *(summary(folder) for folder in folders)])

@@ -1,0 +1,132 @@
+"""What every config key means and which options every config group has, read from the schema and ``conf/``.
+
+The schema documents each field with a docstring right under it (``name: type = default`` then
+a string literal). Python keeps no trace of such attribute docstrings at runtime, so they are read
+from the class's source with ``ast`` (the same parse ``tests/config/test_schema_docs.py`` checks for
+completeness). ``sdcluster launch --help`` prints them and shell completion offers the keys and options.
+Imports only the schema (no Hydra, no torch): completion runs this on every <Tab>.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import json
+import textwrap
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from sdcluster.config import Config
+
+
+@dataclass(frozen=True)
+class Key:
+    """One leaf key of the config: ``optim.lr``, its type as written, its default and its docstring."""
+
+    name: str
+    type: str
+    default: str
+    doc: str
+
+
+@dataclass(frozen=True)
+class Section:
+    """A top-level node of the config (``optim``) with its docstring, keys and ``conf/<group>/`` options."""
+
+    name: str
+    doc: str
+    keys: tuple[Key, ...]
+    options: tuple[str, ...]
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """``{field: docstring}`` of a dataclass, from the string statement right under each field."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = next(node for node in tree.body if isinstance(node, ast.ClassDef)).body
+    docs = {}
+    for stmt, following in zip(body, [*body[1:], None], strict=True):
+        if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+            continue
+        value = following.value if isinstance(following, ast.Expr) else None
+        if isinstance(value, ast.Constant) and isinstance(value.value, str):
+            docs[stmt.target.id] = " ".join(value.value.split())
+    return docs
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _shown(value: Any) -> str:
+    """A default as it is written on the command line: ``null``, ``true``, ``[0.9, 0.999]``."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def leaf_keys(schema: type = Config, prefix: str = "") -> list[Key]:
+    """Every leaf key under ``schema``, dotted, in the schema's order (nested dataclasses walked)."""
+    found = []
+    docs = field_docs(schema)
+    for f in dataclasses.fields(schema):
+        default = default_of(f)
+        if dataclasses.is_dataclass(default):
+            found += leaf_keys(type(default), f"{prefix}{f.name}.")
+        else:
+            found.append(Key(f"{prefix}{f.name}", str(f.type), _shown(default), docs.get(f.name, "")))
+    return found
+
+
+def group_options(group: str, conf: Path | None = None) -> list[str]:
+    """The options of a config group: the YAML files of ``conf/<group>/`` (``conf/model/sd15.yaml``)."""
+    folder = (conf or _conf_dir()) / group
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def groups(conf: Path | None = None) -> list[str]:
+    """The config groups of ``conf/`` (``local/``, the site's own settings, is not one)."""
+    root = conf or _conf_dir()
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "local")
+
+
+def option_doc(group: str, option: str, conf: Path | None = None) -> str:
+    """The first comment sentence of ``conf/<group>/<option>.yaml`` (what the option is), or ''."""
+    path = (conf or _conf_dir()) / group / f"{option}.yaml"
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("#").strip()
+        if not text.startswith("@package"):
+            lines.append(text)
+    text = " ".join(lines)
+    return text.split(". ")[0].rstrip(".") if text else ""
+
+
+def _conf_dir() -> Path:
+    # The package's own tree, found without importing Hydra (sdcluster.config.store would): a checkout's
+    # conf/ beside the package, else the copy shipped inside it. Mirrors store.conf_dir, which tests compare.
+    package = Path(__file__).resolve().parent
+    checkout = package.parent / "conf"
+    return checkout if (checkout / "config.yaml").is_file() else package / "conf"
+
+
+def sections(conf: Path | None = None) -> list[Section]:
+    """The top-level scalar keys as one section named ``""``, then one section per node of the schema."""
+    docs = field_docs(Config)
+    top = []
+    nodes = []
+    for f in dataclasses.fields(Config):
+        default = default_of(f)
+        if dataclasses.is_dataclass(default):
+            options = tuple(group_options(f.name, conf))
+            nodes.append(
+                Section(f.name, docs.get(f.name, ""), tuple(leaf_keys(type(default), f"{f.name}.")), options)
+            )
+        else:
+            top.append(Key(f.name, str(f.type), _shown(default), docs.get(f.name, "")))
+    return [Section("", "the task, the run's name and where files go.", tuple(top), ()), *nodes]
