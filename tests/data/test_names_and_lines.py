@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,17 +22,11 @@ from PIL import Image
 from sdcluster.data import METADATA_FILE, MetadataError, prepare, read_metadata, validate
 from sdcluster.data.dataset import load_captioned_images
 from sdcluster.paths import sample_data_dir
+from tests.data.test_latent_cache import ONE_PROCESS
 
 REPO = Path(__file__).resolve().parents[2]
 URLISH = ["colon::x.jpg", "hash#x.png", "q?x.png", "star*x.png", "br[1].png", "sub::dir/a::b.png"]
 SAMPLE = "11 (12).png"
-ONE_PROCESS = SimpleNamespace(
-    num_processes=1,
-    process_index=0,
-    is_main_process=True,
-    device=torch.device("cpu"),
-    wait_for_everyone=lambda: None,
-)
 
 
 def _folder(tmp: Path, names: list[str], stray: tuple[str, ...] = ("notes::v1.txt",)) -> Path:
