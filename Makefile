@@ -47,5 +47,5 @@ format:  ## ruff fix + format
 	$(PYTHON) -m ruff format sdcluster tests benchmarks hydra_plugins
 
 cluster: slurm-packages  ## start a single-node SLURM on this machine to try sdcluster (prints SLURM_CONF)
-	$(PYTHON) -m sdcluster.cluster.sandbox start
-	@$(PYTHON) -m sdcluster.cluster.sandbox env
+	$(PYTHON) -m tests.sandbox start
+	@$(PYTHON) -m tests.sandbox env

@@ -135,7 +135,7 @@ def set_threads() -> int:
     """Size torch's threads as a job does (the CPU allocation), so every variant runs on the same pool."""
     import torch
 
-    from sdcluster.cluster.distributed import cpu_threads
+    from sdcluster.runtime.distributed import cpu_threads
 
     torch.set_num_threads(cpu_threads(1))
     return torch.get_num_threads()

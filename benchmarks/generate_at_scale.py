@@ -5,7 +5,7 @@
     python -m benchmarks.generate_at_scale --parts array --images 10000   # b) at a smaller scale first
     python -m benchmarks.generate_at_scale --parts merge --merge-sizes 10000 100000   # c) only
 
-Run as root on a machine with the SLURM sandbox's packages (``python -m sdcluster.cluster.sandbox start``).
+Run as root on a machine with the SLURM sandbox's packages (``python -m tests.sandbox start``).
 
 a) **Overhead share** on the ``small`` benchmark model (128 px, 20 steps, phash on): the generation job
    itself, with its own functions timed in place: ``render`` (the pipeline call) against everything else
@@ -126,9 +126,9 @@ def overhead(images: int, batch_size: int) -> dict[str, Any]:
 
 
 def _sandbox_env() -> dict[str, str]:
-    subprocess.run([sys.executable, "-m", "sdcluster.cluster.sandbox", "start"], check=True)
+    subprocess.run([sys.executable, "-m", "tests.sandbox", "start"], check=True)
     line = subprocess.run(
-        [sys.executable, "-m", "sdcluster.cluster.sandbox", "env"], check=True, capture_output=True, text=True
+        [sys.executable, "-m", "tests.sandbox", "env"], check=True, capture_output=True, text=True
     ).stdout
     key, value = line.strip().removeprefix("export ").split("=", 1)
     return {**os.environ, key: value.strip("'\"")}

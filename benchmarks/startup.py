@@ -26,7 +26,7 @@ from benchmarks import common
 
 def child(started: float, out: Path) -> None:
     """The measured process: a training job that stops after its first optimizer step."""
-    from sdcluster.cluster import callables
+    from sdcluster.runtime import callables
 
     marks = {"interpreter up": time.time() - started}
     cfg = common.seed_config("tiny", out, batch_size=2, use_ema=False, max_steps=40)

@@ -57,10 +57,10 @@ def _floor_step(cfg: Any) -> Any:
 
     comps = load_components(cfg.model, cfg.cache_root)
     with torch.no_grad():
-        batch = next(_loader(cfg, comps.tokenizer))
+        batch = next(_loader(cfg, comps.tokenizers["tokenizer"]))
         latents = comps.vae.encode(batch["pixel_values"]).latent_dist.mean * comps.vae.config.scaling_factor
-        hidden = comps.text_encoder(batch["input_ids"], return_dict=False)[0]
-    unet, sched = comps.unet.train(), comps.noise_scheduler
+        hidden = comps.text_encoders["text_encoder"](batch["input_ids"], return_dict=False)[0]
+    unet, sched = comps.denoiser.train(), comps.noise_scheduler
     params = list(unet.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=True)
     shadow = [p.detach().clone() for p in params]
@@ -88,16 +88,16 @@ def _reference_step(cfg: Any) -> Any:
     from sdcluster.models.load import load_components
 
     comps = load_components(cfg.model, cfg.cache_root)
-    vae, text_encoder, sched = comps.vae, comps.text_encoder, comps.noise_scheduler
+    vae, text_encoder, sched = comps.vae, comps.text_encoders["text_encoder"], comps.noise_scheduler
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
-    unet = comps.unet.train()
+    unet = comps.denoiser.train()
     optimizer = torch.optim.AdamW(
         unet.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps
     )
     lr_scheduler = get_scheduler("constant", optimizer=optimizer)
     ema = EMAModel(unet.parameters(), cfg.train.ema_decay, model_cls=type(unet), model_config=unet.config)
-    batches = _loader(cfg, comps.tokenizer)
+    batches = _loader(cfg, comps.tokenizers["tokenizer"])
     logged = [0.0]
 
     def step() -> None:

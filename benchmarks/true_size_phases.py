@@ -48,7 +48,7 @@ class _Clock(logging.Handler):
 
 
 def _watch() -> _Clock:
-    from sdcluster.cluster.callables import setup_logging
+    from sdcluster.runtime.callables import setup_logging
 
     setup_logging(0)
     clock = _Clock()

@@ -1,6 +1,6 @@
 """Read a job's story by its id: ``sdcluster logs 5256095 [--follow] [--task N] [--err]``.
 
-Prints the scheduler's state and exit code (``sacct``, falling back to ``squeue``), the attempts recorded in
+Prints the scheduler's state and exit code (asked through the job's backend), the attempts recorded in
 ``job.json`` (requeues and their reasons), the last progress line, where the outputs are, and the log itself.
 A job array's id (what submission printed) lists its tasks and shows the first. Without an id it shows the
 user's recent jobs at a glance (state, step/total, last loss, ETA, where: :mod:`sdcluster.status`) and their
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from sdcluster import paths
-from sdcluster.cluster import records, scheduler
+from sdcluster.cluster import backends, records
 from sdcluster.train import metrics
 
 _PROGRESS = re.compile(r"(step \d+/\d+ \|.*)$")
@@ -35,12 +35,20 @@ def last_progress(path: Path) -> str | None:
     return found
 
 
+def _scheduler_state(record: dict, job_id: str) -> tuple[str, str] | None:
+    """What the scheduler of the record's backend says of ``job_id`` (None without one to ask)."""
+    try:
+        return backends.get(str(record.get("cluster", ""))).job_state(job_id)
+    except ValueError:  # a record naming no known backend: its own record is all there is
+        return None
+
+
 def _never_ran(record: dict, sched: tuple[str, str] | None) -> str | None:
     """Why a dependent job never started: the job it waited on (``afterok``) did not complete."""
     after = record.get("after")
     if not after or record.get("attempts") or sched is None or sched[0] not in ("CANCELLED", "PENDING"):
         return None
-    upstream = scheduler.job_state(after)
+    upstream = _scheduler_state(record, after)  # the job it waited on ran on the same backend
     if upstream is None or upstream[0] in ("COMPLETED", "PENDING", "RUNNING"):
         return None
     return f"  never ran: it waited (afterok) on job {after}, which ended {upstream[0]}"
@@ -49,7 +57,7 @@ def _never_ran(record: dict, sched: tuple[str, str] | None) -> str | None:
 def summary(job_id: str, folder: Path, task: int = 0) -> list[str]:
     record = records.read(folder)
     lines = [f"job {job_id}: {record.get('task', '?')} on {record.get('cluster', '?')}"]
-    sched = scheduler.job_state(job_id) if record.get("cluster") == "slurm" else None
+    sched = _scheduler_state(record, job_id)
     if sched:
         lines.append(f"  scheduler state: {sched[0]}" + (f" (exit code {sched[1]})" if sched[1] else ""))
     lines.append(f"  recorded state:  {records.recorded_state(record)}")
@@ -106,7 +114,7 @@ def _array_listing(job_id: str, tasks: list[str], jobs_root: Path) -> list[str]:
     for task_id in tasks:
         folder = records.find_job(task_id, jobs_root)
         record = records.read(folder) if folder else {}
-        sched = scheduler.job_state(task_id) if record.get("cluster") == "slurm" else None
+        sched = _scheduler_state(record, task_id)
         state = sched[0] if sched else records.recorded_state(record)
         lines.append(f"  {task_id:<14} {record.get('task', '?'):<9} {state}")
     return lines
@@ -115,7 +123,7 @@ def _array_listing(job_id: str, tasks: list[str], jobs_root: Path) -> list[str]:
 def main(argv: list[str] | None = None, prog: str = "python -m sdcluster.logs") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("job_id", nargs="?", help="e.g. 5256095, or 5256095_3 for one task of an array")
-    parser.add_argument("--task", type=int, default=0, help="rank (SLURM task) whose log to show")
+    parser.add_argument("--task", type=int, default=0, help="rank (task of the job) whose log to show")
     parser.add_argument("--err", action="store_true", help="show stderr instead of stdout")
     parser.add_argument("--follow", action="store_true", help="keep printing until the job ends")
     parser.add_argument("--jobs-root", type=Path, default=Path("jobs"))
@@ -141,7 +149,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m sdcluster.logs") 
     path = paths.job_log(folder, job_id, args.task, args.err)
     print(f"---- {path}")
     if args.follow:
-        records.follow(path, job_id, folder)
+        record = records.read(folder)
+        records.follow(path, job_id, folder, lambda job: _scheduler_state(record, job))
     elif path.is_file():
         print(path.read_text(errors="replace"), end="")
     else:

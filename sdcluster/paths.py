@@ -3,7 +3,7 @@
 Layout::
 
     outputs/runs/<name>-<hash>/          one training run, named by its semantic config (not time, not job id)
-        checkpoints/step-00000020/       complete checkpoints only (see checkpoint.py)
+        checkpoints/step-00000020/       complete checkpoints only (see train/checkpointer.py)
         model/                           the exported diffusers pipeline
         generated/<hash>/                images + manifest.jsonl of one generation setting
         tensorboard/, metrics.jsonl, config.yaml
@@ -26,8 +26,10 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sdcluster.config import Config
+if TYPE_CHECKING:  # only for annotations: paths sits just above config and below everything else
+    from sdcluster.config import Config
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 

@@ -1,21 +1,21 @@
 """Every recent job at a glance: state, step/total, last loss, ETA and where it runs (``sdcluster logs``).
 
 A job's own records say most of it: ``job.json`` (state, host of each attempt, its sweep), the last progress
-line of its rank-0 log (``step 20/40 | loss ... | eta 1m02s``) and its run's ``metrics.jsonl``. SLURM adds
-what only it knows, the live state and the node list, in one ``sacct`` call for all listed jobs (asking job
-by job would cost one controller round trip each).
+line of its rank-0 log (``step 20/40 | loss ... | eta 1m02s``) and its run's ``metrics.jsonl``. A scheduler
+adds what only it knows, the live state and the node list, in one query for all listed jobs of its backend
+(asking job by job would cost one controller round trip each).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sdcluster import paths
-from sdcluster.cluster import records
+from sdcluster.cluster import backends, records
 from sdcluster.train import metrics
 
 _PROGRESS = re.compile(r"\b(?:step|image) (\d+)/(\d+) \|.*\| eta (\S+)")
@@ -48,19 +48,15 @@ def tail_progress(path: Path) -> tuple[str, str, str] | None:
     return found[-1] if found else None
 
 
-def slurm_view(job_ids: list[str]) -> dict[str, tuple[str, str]]:
-    """``{job_id: (state, node list)}`` from one ``sacct`` call; {} without SLURM or accounting."""
-    if not job_ids:
-        return {}
-    cmd = ["sacct", "-X", "-n", "-P", "-j", ",".join(job_ids), "-o", "JobID,State,NodeList"]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=False)
-    except (FileNotFoundError, subprocess.TimeoutExpired):
-        return {}
-    view = {}
-    for line in out.stdout.splitlines() if out.returncode == 0 else []:
-        job_id, state, nodes = [*line.split("|"), "", ""][:3]
-        view[job_id] = (state.split()[0] if state else "?", "" if nodes == "None assigned" else nodes)
+def scheduler_view(found: dict[str, dict[str, Any]]) -> dict[str, tuple[str, str]]:
+    """``{job_id: (state, node list)}``: one query per backend for all its listed jobs."""
+    by_backend: dict[str, list[str]] = {}
+    for job_id, record in found.items():
+        by_backend.setdefault(str(record.get("cluster", "")), []).append(job_id)
+    view: dict[str, tuple[str, str]] = {}
+    for name, job_ids in by_backend.items():
+        with contextlib.suppress(ValueError):  # a record naming no known backend: its own record says it
+            view.update(backends.get(name).view(job_ids))
     return view
 
 
@@ -70,12 +66,16 @@ def _where(record: dict[str, Any], nodes: str | None) -> str:
     attempts = record.get("attempts") or []
     if attempts and attempts[-1].get("host"):
         return attempts[-1]["host"]
-    return "queued" if record.get("cluster") == "slurm" else "-"
+    try:
+        queued = not backends.get(str(record.get("cluster", ""))).foreground  # a scheduler holds it
+    except ValueError:  # a record naming no known backend
+        queued = False
+    return "queued" if queued else "-"
 
 
-def row(job_id: str, folder: Path, record: dict[str, Any], slurm: tuple[str, str] | None) -> JobStatus:
-    """The status of one job from its records, and from SLURM's view of it when there is one."""
-    state = slurm[0] if slurm else records.recorded_state(record)
+def row(job_id: str, folder: Path, record: dict[str, Any], scheduler: tuple[str, str] | None) -> JobStatus:
+    """The status of one job from its records, and from its scheduler's view of it when there is one."""
+    state = scheduler[0] if scheduler else records.recorded_state(record)
     if state == records.GONE:
         state = "DIED"
     progress = tail_progress(paths.job_log(folder, job_id, 0))
@@ -90,7 +90,7 @@ def row(job_id: str, folder: Path, record: dict[str, Any], slurm: tuple[str, str
         progress=f"{progress[0]}/{progress[1]}" if progress else "-",
         loss=loss,
         eta=progress[2] if progress and state == "RUNNING" else "-",
-        where=_where(record, slurm[1] if slurm else None),
+        where=_where(record, scheduler[1] if scheduler else None),
         submitted=str(record.get("submitted", "?")).replace("T", " ")[:16],
     )
 
@@ -101,7 +101,7 @@ def recent(jobs_root: Path, limit: int = 20) -> list[JobStatus]:
     folders.update({p.name: p for p in jobs_root.glob("*") if (p / records.JOB_JSON).is_file()})
     found = {job_id: records.read(folder) for job_id, folder in folders.items()}
     newest = sorted(found, key=lambda job_id: found[job_id].get("submitted", ""), reverse=True)[:limit]
-    view = slurm_view([j for j in newest if found[j].get("cluster") == "slurm"])
+    view = scheduler_view({j: found[j] for j in newest})
     return [row(j, folders[j], found[j], view.get(j)) for j in newest]
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sdcluster.cluster import sandbox
+from tests import sandbox
 from tests.slurm_helpers import cancel_jobs_under
 
 REPO = Path(__file__).resolve().parents[1]

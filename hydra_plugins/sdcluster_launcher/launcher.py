@@ -30,6 +30,7 @@ def _task(config: DictConfig) -> DictConfig:
 class SdclusterLauncher(BasicLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         assert self.hydra_context is not None and self.config is not None
+        from sdcluster.cluster import backends
         from sdcluster.config import ConfigError
         from sdcluster.launch import fail, to_config
         from sdcluster.sweep.points import Point, submit_sweep
@@ -39,8 +40,9 @@ class SdclusterLauncher(BasicLauncher):
         try:
             # every point passes the schema, the secret check and the executor checks before any runs
             cfgs = [to_config(_task(c), c.hydra.runtime.choices) for c in composed]
-            executors = {cfg.cluster.name for cfg in cfgs}
-            if executors == {"local"}:
+            chosen = {backends.of(cfg).name: backends.of(cfg) for cfg in cfgs}
+            executors = set(chosen)
+            if len(chosen) == 1 and next(iter(chosen.values())).foreground:  # one after another, here
                 return super().launch(job_overrides, initial_job_idx)
             if len(executors) > 1:
                 raise ConfigError(

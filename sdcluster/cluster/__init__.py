@@ -1,11 +1,17 @@
-"""The cluster wing (``conf/cluster/``): from validated configs to jobs, and the jobs' side of the scheduler.
+"""The cluster wing (``conf/cluster/``), the login side: from validated configs to queued jobs.
 
-Login node: ``preflight`` checks everything checkable before anything is queued, ``submit`` turns N configs
-into the jobs they mean (one task -> jobs table; launch is N=1, a sweep is N points) and submits them with
-submitit, ``records`` keeps each job's ``jobs/<id>/job.json`` and the user's job index, ``scheduler`` asks
-SLURM (sacct, squeue, sinfo) what it knows. Compute node: ``callables`` are what submitit runs (the same code
-on every rank, no Hydra), ``distributed`` turns SLURM's environment into torch's, and ``requeue`` is the
-preemption protocol (a flag in the signal handler, a collective save, requeue within budget). ``sandbox`` is a
-real single-node SLURM on this machine for tests and trying things. What a job does is in
-:mod:`sdcluster.train` and :mod:`sdcluster.generate`.
+``preflight`` checks everything checkable before anything is queued, ``submit`` turns N configs into the
+jobs they mean (one task -> jobs table; launch is N=1, a sweep is N points) and submits them with submitit,
+``dry_run`` prints what would be submitted, ``launching`` is what ``python -m sdcluster.launch`` does with
+one config (check, submit, wait), ``interrupts`` makes Ctrl-C stop foreground jobs cleanly. What runs inside
+a job is in :mod:`sdcluster.runtime`; what a job does is in :mod:`sdcluster.train` and
+:mod:`sdcluster.generate`. The SLURM sandbox for tests and trying things is ``tests/sandbox`` (not shipped).
+
+Two floors. The base: ``records`` (each job's ``jobs/<id>/job.json`` and the user's job index; imports only
+``atomic`` and ``paths``) and ``backends`` (one protocol, a module per scheduler: submission, state queries,
+checks, the job's environment; imports only config and submitit). Both sides read the base, the runtime wing
+included. The login floor (``preflight``, ``submit``, ``dry_run``, ``launching``, ``interrupts``) sits above
+runtime, data, models, train and generate and may import them; only the entry points (``launch``, ``logs``,
+``status``, ``sweep``) import it. ``callables`` is the old path of :mod:`sdcluster.runtime.callables`, kept
+so that jobs pickled before the move still load.
 """

@@ -2,7 +2,7 @@
 
 A local job runs in the launcher's process group, so Ctrl-C reaches both. The job must outlive the
 launcher's reaction long enough to save (it installs its own handler,
-:class:`~sdcluster.cluster.requeue.PreemptionFlag`), and the waiting launcher must hear Ctrl-C whatever
+:class:`~sdcluster.runtime.requeue.PreemptionFlag`), and the waiting launcher must hear Ctrl-C whatever
 SIGINT disposition it inherited.
 """
 

@@ -1,53 +1,26 @@
 """What ``python -m sdcluster.launch`` does with one validated config: check, submit, wait, tell the user.
 
-``train_generate`` is two jobs: on SLURM the generation job waits with ``afterok`` on training; locally they
-run one after the other. On SLURM nothing waits unless ``launch.wait=true``: the login node is free at once.
+``train_generate`` is two jobs: under a scheduler the generation job waits (``afterok``) on training; a
+foreground backend (local) runs them one after the other. Under a scheduler nothing waits unless
+``launch.wait=true``: the login node is free at once.
 A sweep takes the same path with N configs (:mod:`sdcluster.sweep.points`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 
 import submitit
 
 from sdcluster import paths
-from sdcluster.cluster import records
+from sdcluster.cluster import backends, records
+from sdcluster.cluster.dry_run import Say, describe_outputs, dry_run
 from sdcluster.cluster.interrupts import sigint_interrupts, stop_local
 from sdcluster.cluster.preflight import preflight
-from sdcluster.cluster.submit import describe_dry_run, submit_configs
+from sdcluster.cluster.submit import submit_configs
 from sdcluster.config import Config
-from sdcluster.generate.plan_count import describe_counts
-from sdcluster.redaction import config_yaml
 
-Say = Callable[[str], None]
-
-
-def describe_outputs(cfg: Config, say: Say) -> None:
-    if cfg.task != "generate":
-        say(f"run folder:   {paths.run_dir(cfg)}")
-        run = paths.run_paths(cfg)
-        if cfg.train.method == "lora":  # the adapters file, and a fused pipeline when asked for
-            say(f"lora:         {run.lora}")
-        if cfg.train.method != "lora" or cfg.train.lora.fuse_export:
-            say(f"model:        {run.model}")
-    if cfg.task != "train":
-        say(f"images:       {paths.generation_dir(cfg)}")
-        for line in describe_counts(cfg.generate):  # per template, per shard, in total: counted, not listed
-            say(line)
-
-
-def dry_run(cfgs: list[Config], say: Say, unchecked: list[str]) -> int:
-    """Print the resolved config(s) and exactly what would be submitted; submit nothing."""
-    say("# resolved config (nothing submitted: launch.dry_run=true)")
-    say(config_yaml(cfgs[0]))
-    describe_dry_run(cfgs, say)
-    for note in unchecked:
-        say(f"# not checked: {note}")
-    if len(cfgs) == 1:
-        describe_outputs(cfgs[0], say)
-    return 0
+__all__ = ["describe_outputs", "dry_run", "launch"]  # the dry run's two are re-exported for callers
 
 
 def _reason(error: str) -> str:
@@ -58,20 +31,24 @@ def _reason(error: str) -> str:
 
 
 def wait_for(cfg: Config, job: submitit.Job, kind: str, say: Say) -> bool:
-    """Wait for the job; on SLURM, stream its rank-0 log meanwhile. True when it completed.
+    """Wait for the job; under a scheduler, stream its rank-0 log meanwhile. True when it completed.
 
-    Ctrl-C stops the waiting on SLURM (the job goes on) and stops a local job at a step with a checkpoint.
+    Ctrl-C stops the waiting under a scheduler (the job goes on) and stops a foreground job at a step with a
+    checkpoint.
     """
+    backend = backends.of(cfg)
     try:
         with sigint_interrupts():
             try:
-                if cfg.cluster.name == "slurm":
+                if not backend.foreground:  # a foreground job's lines reach this terminal themselves
                     folder = paths.job_dir(cfg, job.job_id)
-                    records.follow(paths.job_log(folder, job.job_id, 0), job.job_id, folder)
+                    log = paths.job_log(folder, job.job_id, 0)
+                    records.follow(log, job.job_id, folder, backend.job_state)
                 job.results()  # every task's result: result() refuses jobs with several tasks
             except KeyboardInterrupt:
-                if cfg.cluster.name != "local":  # the scheduler runs it: stop waiting, not the job
-                    say(f"stopped waiting; {kind} job {job.job_id} goes on (scancel {job.job_id} stops it)")
+                if not backend.foreground:  # the scheduler runs it: stop waiting, not the job
+                    stop = backend.stop_hint(job.job_id)
+                    say(f"stopped waiting; {kind} job {job.job_id} goes on ({stop} stops it)")
                     say(f"  follow it: python -m sdcluster.logs {job.job_id} --follow")
                     return False
                 stop_local(job, say)
@@ -91,8 +68,8 @@ def launch(cfg: Config, say: Say = print) -> int:
     unchecked = preflight(cfg, dry_run=cfg.launch.dry_run)
     if cfg.launch.dry_run:
         return dry_run([cfg], say, unchecked)
-    local = cfg.cluster.name == "local"
-    wait = cfg.launch.wait if cfg.launch.wait is not None else local
+    foreground = backends.of(cfg).foreground
+    wait = cfg.launch.wait if cfg.launch.wait is not None else foreground
     waiter = (lambda job, kind: wait_for(cfg, job, kind, say)) if wait else None
     planned = submit_configs([cfg], say, wait=waiter)
     if planned is None:

@@ -2,7 +2,7 @@
 the user's index of job folders, so ``python -m sdcluster.logs <id>`` works from any directory.
 
 Written by the login node at submission and by rank 0 of the job at each start and end, always through an
-atomic rename, so a reader (``python -m sdcluster.logs``) never sees half a file. A requeued SLURM job keeps
+atomic rename, so a reader (``python -m sdcluster.logs``) never sees half a file. A requeued job keeps
 its id, so its attempts accumulate in the same record and the history of preemptions stays readable.
 """
 
@@ -13,14 +13,26 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sdcluster import atomic, paths
-from sdcluster.cluster import distributed, scheduler
 
 JOB_JSON = "job.json"
 GONE = "RUNNING, but its process is gone (killed without a word, or the machine rebooted)"
+
+# The states after which a job writes no more: the words of the records and of the schedulers (SLURM's).
+TERMINAL = (
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "BOOT_FAIL",
+)
 
 
 def now() -> str:
@@ -68,7 +80,12 @@ def _process_start(pid: int) -> str | None:
     return None if fields[0] in ("Z", "X") else fields[19]  # a zombie has exited: only its entry remains
 
 
-def start_attempt(folder: Path, restart_count: int) -> None:
+def start_attempt(folder: Path, restart_count: int, cpu_threads: int | None = None) -> None:
+    """Open an attempt; ``cpu_threads`` is the thread count the job chose (None on GPUs).
+
+    Passed in by the job rather than asked of :mod:`sdcluster.runtime.distributed`: the record is the
+    bottom of the cluster wing, read on both sides, and imports nothing that runs inside a job.
+    """
     record = read(folder)
     attempts = record.setdefault("attempts", [])
     pid = os.getpid()
@@ -82,9 +99,8 @@ def start_attempt(folder: Path, restart_count: int) -> None:
             "started": now(),
         }
     )
-    threads = distributed.threads_chosen()
-    if threads is not None:  # CPU runs repeat bit for bit only at the same thread count: keep it on record
-        attempts[-1]["cpu_threads"] = threads
+    if cpu_threads is not None:  # CPU runs repeat bit for bit only at the same thread count: on record
+        attempts[-1]["cpu_threads"] = cpu_threads
     record.update(state="RUNNING", restart_count=restart_count)
     _write(folder, record)
 
@@ -176,8 +192,15 @@ def recorded_state(record: dict) -> str:
     return state
 
 
-def follow(path: Path, job_id: str, folder: Path, poll_s: float = 2.0) -> None:
-    """Print new log lines until the job reaches a terminal state."""
+def follow(
+    path: Path,
+    job_id: str,
+    folder: Path,
+    scheduler_state: Callable[[str], tuple[str, str] | None],
+    poll_s: float = 2.0,
+) -> None:
+    """Print new log lines until the job reaches a terminal state (the scheduler's word, else the record's:
+    ``scheduler_state`` is the job's backend's ``job_state``)."""
     offset = 0
     while True:
         if path.is_file():
@@ -187,9 +210,9 @@ def follow(path: Path, job_id: str, folder: Path, poll_s: float = 2.0) -> None:
                 offset = fh.tell()
             sys.stdout.write(chunk)
             sys.stdout.flush()
-        sched = scheduler.job_state(job_id)
+        sched = scheduler_state(job_id)
         record = read(folder)
         state = sched[0] if sched else recorded_state(record)
-        if state in scheduler.TERMINAL or state == GONE:
+        if state in TERMINAL or state == GONE:
             return
         time.sleep(poll_s)

@@ -2,11 +2,11 @@
 
 ``launch`` is N=1, a sweep is N points; both come here. Which jobs a config means is one table,
 :data:`TASK_JOBS`: training (one job array over the points whose cluster settings agree), then per point its
-generation (an array of ``generate.shards`` tasks) waiting on that point's training with ``afterok``. On
-SLURM the generation job is dropped by the scheduler if its training fails (``--kill-on-invalid-dep=yes``)
-instead of pending forever. The local executor has no scheduler to hold a dependency, so there every job is
-waited for before the next starts. Cluster facts come only from ``cfg.cluster``; nothing site-specific is
-written here.
+generation (an array of ``generate.shards`` tasks) waiting on that point's training. How a job is
+submitted, and how it waits, is the backend's (:mod:`sdcluster.cluster.backends`): a scheduler holds the
+dependency (and drops the generation job if its training fails); a foreground backend has no scheduler,
+so there every job is waited for before the next starts. Cluster facts come only from ``cfg.cluster``;
+nothing site-specific is written here.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from typing import Any
 import submitit
 
 from sdcluster import atomic, paths
-from sdcluster.cluster import ownership, records
-from sdcluster.cluster.callables import GenerateJob, TrainJob
+from sdcluster.cluster import backends, records
 from sdcluster.cluster.interrupts import children_ignore_sigint, sigint_interrupts, stop_local
 from sdcluster.config import Config, ConfigError
 from sdcluster.redaction import config_yaml
+from sdcluster.runtime import ownership
+from sdcluster.runtime.callables import GenerateJob, TrainJob
 
 Say = Callable[[str], None]
 
@@ -51,7 +52,7 @@ class PlannedJob:
 
     @property
     def is_array(self) -> bool:
-        return self.cfgs[0].cluster.name == "slurm" and len(self.cfgs) > 1
+        return not backends.of(self.cfgs[0]).foreground and len(self.cfgs) > 1
 
 
 def plan_jobs(cfgs: list[Config]) -> list[PlannedJob]:
@@ -89,76 +90,11 @@ def plan_jobs(cfgs: list[Config]) -> list[PlannedJob]:
     return planned
 
 
-def slurm_parameters(cfg: Config, name: str, dependency: str | None = None) -> dict[str, Any]:
-    """SlurmExecutor parameters (submitit's own names) from ``cfg.cluster``; unset values are left out."""
-    c = cfg.cluster
-    extra = dict(c.additional_parameters)
-    if dependency:  # a failed dependency drops the job instead of leaving it PENDING forever
-        extra.setdefault("kill-on-invalid-dep", "yes")
-    params: dict[str, Any] = {
-        "job_name": name,
-        "partition": c.partition,
-        "account": c.account,
-        "qos": c.qos,
-        "time": c.timeout_min,
-        "nodes": c.nodes,
-        "ntasks_per_node": c.processes_per_node,
-        "cpus_per_task": c.cpus_per_task,
-        "gpus_per_node": c.gpus_per_node or None,
-        "mem": f"{int(c.mem_gb * 1024)}MB" if c.mem_gb else None,
-        "constraint": c.constraint,
-        "exclude": c.exclude,
-        "signal_delay_s": c.signal_delay_s,
-        "setup": list(c.setup) or None,
-        "additional_parameters": extra or None,
-        "array_parallelism": c.array_parallelism,
-        "dependency": dependency,
-        # one task that dies ends the step: the others would otherwise wait in a collective (or for a
-        # rendezvous that never comes) until the time limit, holding the nodes
-        "srun_args": ["--kill-on-bad-exit=1"],
-    }
-    return {k: v for k, v in params.items() if v is not None}
-
-
-class _PreviewExecutor(submitit.SlurmExecutor):
-    """submitit's SLURM executor, minus its refusal to exist where ``srun`` is missing: a dry run on a
-    machine without SLURM still renders the exact script. It never submits."""
-
-    @classmethod
-    def affinity(cls) -> int:
-        return 1
-
-
-def make_executor(
-    cfg: Config, name: str, dependency: str | None = None, preview: bool = False
-) -> submitit.Executor:
-    folder = paths.submitit_folder(cfg)
-    if cfg.cluster.name == "local":
-        executor = submitit.LocalExecutor(folder=folder)
-        executor.update_parameters(timeout_min=cfg.cluster.timeout_min, nodes=1, tasks_per_node=1)
-        return executor
-    # submitit would also count preemptions as time-outs for short limits; our own records enforce
-    # cluster.max_requeues / max_timeouts, so submitit's counter is only set high enough never to decide.
-    budget = cfg.cluster.max_timeouts + cfg.cluster.max_requeues + 1
-    executor_class = _PreviewExecutor if preview else submitit.SlurmExecutor
-    executor = executor_class(folder=folder, max_num_timeout=budget)
-    executor.update_parameters(**slurm_parameters(cfg, name, dependency))
-    return executor
-
-
-def sbatch_preview(job: PlannedJob, dependency: str | None) -> str:
-    """The sbatch script submitit would write for ``job``, without submitting (``launch.dry_run=true``)."""
-    from submitit.slurm.slurm import _make_sbatch_string  # submitit's own renderer, so the preview is exact
-
+def job_script(job: PlannedJob, after_id: str | None) -> str:
+    """The script the scheduler would get for ``job``, without submitting (``launch.dry_run=true``)."""
     cfg = job.cfgs[0]
-    if cfg.cluster.name == "local":
-        return "# local executor: no sbatch script; the job runs in a subprocess on this machine\n"
-    executor = make_executor(cfg, f"sdcluster-{job.kind}", dependency, preview=True)
-    array = {"map_count": len(job.cfgs)} if job.is_array else {}
-    command = executor._submitit_command_str
-    return _make_sbatch_string(
-        command=command, folder=paths.submitit_folder(cfg), **executor.parameters, **array
-    )
+    size = len(job.cfgs) if job.is_array else None
+    return backends.of(cfg).script(cfg, paths.submitit_folder(cfg), f"sdcluster-{job.kind}", after_id, size)
 
 
 def record_submission(cfg: Config, job: submitit.Job, kind: str, extra: dict[str, Any]) -> Path:
@@ -169,7 +105,7 @@ def record_submission(cfg: Config, job: submitit.Job, kind: str, extra: dict[str
     fields = {
         "job_id": job.job_id,
         "task": kind,
-        "cluster": cfg.cluster.name,
+        "cluster": backends.of(cfg).name,
         "run_dir": str(paths.run_dir(cfg)),
         "submitted": records.now(),
         "world_size": cfg.cluster.world_size,
@@ -190,7 +126,8 @@ def _dependency(job: PlannedJob, point: int, planned: list[PlannedJob]) -> str |
 
 def _submit_one(job: PlannedJob, after_id: str | None, extra: dict[str, Any]) -> list[submitit.Job]:
     cfg = job.cfgs[0]
-    dependency = f"afterok:{after_id}" if after_id and cfg.cluster.name == "slurm" else None
+    backend = backends.of(cfg)
+    after = None if backend.foreground else after_id  # a foreground job starts once the earlier one ended
     # jobs/<id>/ holds pickles and a script run as the user: created (by submitit, then by the job itself,
     # which inherits the umask) writable by the owner only; the run folder (claim below) follows the umask
     jobs_root = Path(cfg.jobs_root)
@@ -198,16 +135,17 @@ def _submit_one(job: PlannedJob, after_id: str | None, extra: dict[str, Any]) ->
         atomic.submission_umask(paths.jobs_umask(cfg)),
         atomic.explain_disk_full(jobs_root, setting="jobs_root"),
     ):
-        executor = make_executor(cfg, f"sdcluster-{job.kind}", dependency)
+        executor = backend.executor(cfg, paths.submitit_folder(cfg), f"sdcluster-{job.kind}", after)
         if job.is_array:
             with executor.batch():
                 submitted = [executor.submit(fn) for fn in job.fns]
         else:
-            with children_ignore_sigint(cfg.cluster.name == "local"):
+            with children_ignore_sigint(backend.foreground):
                 submitted = [executor.submit(fn) for fn in job.fns]
     for index, (element_cfg, sjob) in enumerate(zip(job.cfgs, submitted, strict=True)):
         array_index = index if job.is_array else None
-        queued = f": job {sjob.job_id} is submitted all the same (scancel {sjob.job_id} if it should not run)"
+        stop = backend.stop_hint(sjob.job_id)
+        queued = f": job {sjob.job_id} is submitted all the same ({stop} if it should not run)"
         with (
             atomic.umask(paths.jobs_umask(element_cfg)),
             atomic.explain_disk_full(jobs_root, resume=queued, setting="jobs_root"),
@@ -218,7 +156,7 @@ def _submit_one(job: PlannedJob, after_id: str | None, extra: dict[str, Any]) ->
         writes = paths.run_dir(element_cfg) if job.kind == "train" else paths.generation_dir(element_cfg)
         shards = job.kind == "generate"  # the tasks of a generation array fill one folder together
         with atomic.explain_disk_full(writes, resume=queued, setting="output_root"):
-            ownership.claim(writes, sjob.job_id, element_cfg.cluster.name, folder, whole_array=shards)
+            ownership.claim(writes, sjob.job_id, backend.name, folder, whole_array=shards)
     return submitted
 
 
@@ -234,11 +172,11 @@ def submit_configs(
     that depends on it is started. Locally, array elements run one after another.
     """
     planned = plan_jobs(cfgs)
-    local = cfgs[0].cluster.name == "local"
+    foreground = backends.of(cfgs[0]).foreground  # one job at a time, each waited for
     for cfg in {cfg.jobs_root: cfg for cfg in reversed(cfgs)}.values():  # each jobs_root once, first point
         paths.private_jobs_root(cfg)
     for job in planned:
-        groups = [[k] for k in range(len(job.fns))] if local else [list(range(len(job.fns)))]
+        groups = [[k] for k in range(len(job.fns))] if foreground else [list(range(len(job.fns)))]
         for group in groups:
             part = dataclasses.replace(
                 job, cfgs=[job.cfgs[k] for k in group], fns=[job.fns[k] for k in group]
@@ -252,7 +190,7 @@ def submit_configs(
                     f"jobs folder {paths.job_dir(job.cfgs[0], sjob.job_id)}"
                 )
                 say(f"  follow it: python -m sdcluster.logs {sjob.job_id} --follow")
-            waiter = wait or (functools.partial(_local_wait, say=say) if local else None)
+            waiter = wait or (functools.partial(_local_wait, say=say) if foreground else None)
             if waiter is not None and not all(waiter(sjob, job.kind) for sjob in submitted):
                 return None
     return planned
@@ -288,5 +226,5 @@ def describe_dry_run(cfgs: list[Config], say: Say) -> None:
             f"# job {n}: {job.kind}, {shape}, points {points}"
             + (f", afterok on the {after}" if after else "")
         )
-        placeholder = f"afterok:TRAIN-JOB-OF-POINT-{points[0]}"  # the real id exists once training is queued
-        say(sbatch_preview(job, placeholder if after else None))
+        placeholder = f"TRAIN-JOB-OF-POINT-{points[0]}"  # the real id exists once training is queued
+        say(job_script(job, placeholder if after else None))

@@ -238,6 +238,6 @@ class TrainImages(torch.utils.data.Dataset):
 
 def collate(examples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack examples key by key: ``pixel_values`` (B, 3, R, R) float32 and ``input_ids`` (B, L) long from
-    :class:`TrainImages`, ``posterior`` and ``hidden`` (and ``pooled``) from the latent cache's examples,
+    :class:`TrainImages`, ``posterior`` and ``text`` (and ``pooled``) from the latent cache's examples,
     ``time_ids`` (B, 6) from both."""
     return {key: torch.stack([e[key] for e in examples]) for key in examples[0]}

@@ -14,13 +14,12 @@ import os
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from sdcluster import atomic
-from sdcluster.cluster.distributed import rank0_decides
 from sdcluster.config import Config
 from sdcluster.data.dataset import (
     crop_to_tensor,
@@ -38,6 +37,12 @@ from sdcluster.data.latent_cache import (
     verify,
 )
 from sdcluster.paths import latent_cache_dir
+from sdcluster.runtime.distributed import rank0_decides
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from sdcluster.models.load import Components
 
 log = logging.getLogger("sdcluster")
 
@@ -83,7 +88,7 @@ def _write_rows(
 
 
 def _encode_share(
-    plan: Plan, dataset: Any, comps: Any, res: int, device: Any, rank: int, world: int, dest: Path
+    plan: Plan, dataset: Any, comps: Components, res: int, device: Any, rank: int, world: int, dest: Path
 ):
     """Encode this rank's block of posterior rows and of caption rows into ``dest``."""
     vae, family = comps.vae, comps.family
@@ -110,19 +115,21 @@ def _encode_share(
     ids = tokenize_captions(family.tokenizers(comps), plan.captions[clo:chi]) if chi > clo else {}
     with torch.no_grad():  # the row shape of each array, from one caption
         probe = family.encode(comps, tokenize_captions(family.tokenizers(comps), ["shape"]), device)
-    count = len(plan.text_arrays)  # SD 1.x: the states only (its encode gives no pooled embedding)
-    shapes = [tuple(out.shape[1:]) for out in probe[:count]]
+    shapes = [tuple(probe[kind].shape[1:]) for kind in plan.text_arrays]
     files = {dest / f"{kind}.{rank}.npy": shape for kind, shape in zip(plan.text_arrays, shapes, strict=True)}
 
     def encoded() -> Iterable[tuple[torch.Tensor, ...]]:
         for s in range(clo, chi, ENCODE_BATCH):
             batch = {key: rows[s - clo : s - clo + ENCODE_BATCH] for key, rows in ids.items()}
-            yield family.encode(comps, batch, device)[:count]
+            out = family.encode(comps, batch, device)
+            yield tuple(out[kind] for kind in plan.text_arrays)
 
     _write_rows(files, chi - clo, encoded())
 
 
-def _build(cfg: Config, plan: Plan, dataset: Any, comps: Any, acc: Any, entry: Path, problem: str) -> None:
+def _build(
+    cfg: Config, plan: Plan, dataset: Any, comps: Components, acc: Accelerator, entry: Path, problem: str
+) -> None:
     started = time.perf_counter()
     if problem != MISSING:
         log.warning("latent cache entry %s is unusable (%s): rebuilding it", entry, problem)
@@ -157,7 +164,7 @@ def _try_lock(handle: Any, entry: Path) -> bool:
 
 
 @contextlib.contextmanager
-def build_lock(entry: Path, acc: Any) -> Iterator[None]:
+def build_lock(entry: Path, acc: Accelerator) -> Iterator[None]:
     """Rank 0 of each job holds ``.<key>.lock`` while its job checks and builds ``entry``.
 
     The points of a sweep start together and share one key: without the lock each would encode the whole
@@ -184,7 +191,7 @@ def build_lock(entry: Path, acc: Any) -> Iterator[None]:
             handle.close()  # releases the lock
 
 
-def open_or_build(cfg: Config, dataset: Any, comps: Any, acc: Any) -> CachedExamples | None:
+def open_or_build(cfg: Config, dataset: Any, comps: Components, acc: Accelerator) -> CachedExamples | None:
     """The cached training examples of ``dataset`` (built first if needed), or None if not cacheable."""
     plan = make_plan(cfg, dataset, comps)
     if plan is None:

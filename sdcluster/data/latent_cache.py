@@ -46,7 +46,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -55,8 +55,11 @@ from sdcluster import atomic
 from sdcluster.config import Config
 from sdcluster.data.dataset import crop_and_flip, resized_size, time_ids, upright_size
 from sdcluster.models.family import TIME_IDS
-from sdcluster.models.load import model_identity
+from sdcluster.models.load import encoder_parts, model_identity
 from sdcluster.paths import stable_hash
+
+if TYPE_CHECKING:
+    from sdcluster.models.load import Components
 
 log = logging.getLogger("sdcluster")
 
@@ -99,7 +102,7 @@ def plan_variants(
     ]
 
 
-def make_plan(cfg: Config, dataset: Any, comps: Any) -> Plan | None:
+def make_plan(cfg: Config, dataset: Any, comps: Components) -> Plan | None:
     """The entry this run needs, or None (with one log line) when its crop policy is not worth caching."""
     res, center, flip = cfg.train.resolution, cfg.train.center_crop, cfg.train.random_flip
     folder = Path(cfg.data.path)
@@ -119,11 +122,13 @@ def make_plan(cfg: Config, dataset: Any, comps: Any) -> Plan | None:
         )
         return None
     family = comps.family
-    encoders = family.text_encoders(comps).values()
+    encoders = comps.text_encoders.values()
     identity = {
         "version": CACHE_VERSION,
         "family": family.name,
-        "model": model_identity(comps.source, cfg.model.revision, cfg.model.variant, cfg.model.vae_path),
+        "model": model_identity(
+            comps.source, encoder_parts(family), cfg.model.revision, cfg.model.variant, cfg.model.vae_path
+        ),
         "dtypes": [str(comps.vae.dtype), *(str(encoder.dtype) for encoder in encoders)],
         "resolution": res,
         "center_crop": center,
@@ -282,7 +287,6 @@ class CachedExamples(torch.utils.data.Dataset):
             "posterior": self.posterior[row],
             TIME_IDS: time_ids(self.originals[index], self.sizes[index], self.resolution, left, top, flip),
         }
-        example["hidden"] = self.text["text"][caption]
-        if "pooled" in self.text:
-            example["pooled"] = self.text["pooled"][caption]
+        # each caption array under its own name: the batch keys the family's conditioning reads
+        example.update({kind: rows[caption] for kind, rows in self.text.items()})
         return example

@@ -21,8 +21,6 @@ from typing import Any
 import numpy as np
 
 from sdcluster import atomic, paths
-from sdcluster.cluster import ownership
-from sdcluster.cluster.requeue import hold_for_signal
 from sdcluster.config import Config, ConfigError
 from sdcluster.generate import records
 from sdcluster.generate.batches import batch_of, shard
@@ -48,6 +46,8 @@ from sdcluster.generate.render import (
 )
 from sdcluster.generate.scores import Scorer
 from sdcluster.progress import ProgressLog
+from sdcluster.runtime import ownership
+from sdcluster.runtime.requeue import hold_for_signal
 
 log = logging.getLogger(__name__)
 _RESUME = ": finished images are kept, the rest is made"

@@ -1,31 +1,83 @@
 """Model families: what differs between Stable Diffusion 1.x/2.x and SDXL, in one small object each.
 
-The training loop, the latent cache, validation, the export and generation ask the family of the loaded
-model for these things instead of branching on it:
+The training loop, the method, the latent cache, validation, the export and generation ask the family of the
+loaded model (the :class:`Family` protocol) for these things instead of branching on it:
 
-- which text encoders and tokenizers it has (:meth:`SD1.text_encoders`, :meth:`SD1.tokenizers`) and what
-  the encoders make of token ids (:meth:`SD1.encode`: hidden states, and SDXL's pooled embedding);
-- the UNet's conditioning for a batch (:meth:`SD1.unet_conditioning`): SDXL's size and crop conditioning
-  comes from each image's original size and crop offsets, which every training example carries as
-  ``time_ids`` (original height, width, crop top, left, target height, width: ``add_time_ids``);
+- which components it has and the classes they load with (:attr:`Family.tokenizer_classes`,
+  :attr:`Family.text_encoder_classes`, :attr:`Family.denoiser_class`, :attr:`Family.noise_scheduler_class`):
+  any number of tokenizers and text encoders, held by their pipeline component names;
+- how captions become conditioning: what the encoders make of token ids (:meth:`Family.encode`, one tensor
+  per :attr:`Family.text_arrays` name, which are also the latent cache's arrays and the batch keys of cached
+  encodings) and the denoiser's keyword arguments (:meth:`Family.conditioning`). SDXL's size and crop
+  conditioning comes from each image's original size and crop offsets, which every training example carries
+  as ``time_ids`` (original height, width, crop top, left, target height, width: ``add_time_ids``);
+- the denoiser (today a UNet; a transformer is another :attr:`Family.denoiser_name`) and its training
+  objective (:meth:`Family.objective`: epsilon or v-prediction today, flow matching is another object);
+- the text encoders' LoRA target modules (:attr:`Family.text_encoder_targets`);
 - the pipeline class that builds, saves and loads it (and the keywords only one of them takes);
 - the VAE's dtype under mixed precision: SDXL's published VAE overflows in fp16, so it stays in fp32 unless
   ``model.vae_path`` names a VAE made for half precision, as diffusers' SDXL examples do.
 
 The family is read from the model's ``model_index.json`` (``_class_name``), so a local SDXL folder, the hub's
-SDXL and ``tiny_sdxl`` are all SDXL without a setting that could disagree with the weights.
+SDXL and ``tiny_sdxl`` are all SDXL without a setting that could disagree with the weights. Another family
+(a transformer denoiser with a T5 encoder and flow matching) is one more class here and one more entry in
+:data:`FAMILIES`; the loop, the methods and the cache take it as they are.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # torch is imported where it is used: the login node's checks load this module
     import torch
 
+    from sdcluster.config import ModelConfig
+    from sdcluster.models.load import Components
+    from sdcluster.train.loss import Objective
+
 TIME_IDS = "time_ids"
 """The batch key of each example's SDXL size/crop numbers (see :func:`sdcluster.data.dataset.time_ids`)."""
+
+
+@runtime_checkable
+class Family(Protocol):
+    """What a model family owns; :class:`SD1` and :class:`SDXL` implement it."""
+
+    name: ClassVar[str]
+    pipeline_name: ClassVar[str]
+    tokenizer_classes: ClassVar[Mapping[str, str]]
+    """Pipeline component name -> ``transformers`` tokenizer class, in the order the encoders run."""
+    text_encoder_classes: ClassVar[Mapping[str, str]]
+    """Pipeline component name -> ``transformers`` model class, in the tokenizers' order."""
+    denoiser_name: ClassVar[str]
+    """The pipeline component that is trained (``unet``; a transformer family's ``transformer``)."""
+    denoiser_class: ClassVar[str]
+    noise_scheduler_class: ClassVar[str]
+    """The ``diffusers`` scheduler the training objective reads from the model's ``scheduler`` folder."""
+    text_encoder_targets: ClassVar[tuple[str, ...]]
+    text_arrays: ClassVar[tuple[str, ...]]
+
+    @property
+    def pipeline_class(self) -> Any: ...
+    def pipeline_kwargs(self) -> dict[str, Any]: ...
+    def tokenizers(self, comps: Components) -> dict[str, Any]: ...
+    def encode(
+        self, comps: Components, ids: Mapping[str, torch.Tensor], device: Any
+    ) -> dict[str, torch.Tensor]: ...
+    def conditioning(
+        self, encoded: Mapping[str, torch.Tensor], time_ids: torch.Tensor | None
+    ) -> dict[str, Any]: ...
+    def objective(self, noise_scheduler: Any) -> Objective: ...
+    def frozen_modules(self, comps: Components) -> list[Any]: ...
+    def vae_dtype(self, model: ModelConfig, half: torch.dtype | None) -> torch.dtype | None: ...
+    def pipeline(self, comps: Components, denoiser: Any, scheduler: Any) -> Any: ...
+
+
+def batch_key(tokenizer: str) -> str:
+    """The batch key of a tokenizer's ids: ``tokenizer`` -> ``input_ids``, ``tokenizer_2`` ->
+    ``input_ids_2`` (the names diffusers' training examples use)."""
+    return "input_ids" + tokenizer.removeprefix("tokenizer")
 
 
 class SD1:
@@ -33,12 +85,15 @@ class SD1:
 
     name: ClassVar[str] = "sd1"
     pipeline_name: ClassVar[str] = "StableDiffusionPipeline"
+    tokenizer_classes: ClassVar[Mapping[str, str]] = {"tokenizer": "CLIPTokenizer"}
+    text_encoder_classes: ClassVar[Mapping[str, str]] = {"text_encoder": "CLIPTextModel"}
+    denoiser_name: ClassVar[str] = "unet"
+    denoiser_class: ClassVar[str] = "UNet2DConditionModel"
+    noise_scheduler_class: ClassVar[str] = "DDPMScheduler"
     text_encoder_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
     """The CLIP attention projections diffusers' LoRA examples adapt in the text encoders."""
     text_arrays: ClassVar[tuple[str, ...]] = ("text",)
-    """The latent cache's arrays of caption encodings (one row per distinct caption)."""
-    tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer",)
-    """The pipeline's tokenizer components."""
+    """The caption encodings: the latent cache's arrays (one row per distinct caption) and batch keys."""
 
     @property
     def pipeline_class(self) -> Any:
@@ -51,38 +106,42 @@ class SD1:
         research tool's choice, said in the README)."""
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
-    def text_encoders(self, comps: Any) -> dict[str, Any]:
-        """The text encoders by the name ``save_lora_weights`` gives their layers."""
-        return {"text_encoder": comps.text_encoder}
-
-    def tokenizers(self, comps: Any) -> dict[str, Any]:
+    def tokenizers(self, comps: Components) -> dict[str, Any]:
         """The tokenizers by the batch key of their ids."""
-        return {"input_ids": comps.tokenizer}
+        return {batch_key(name): tokenizer for name, tokenizer in comps.tokenizers.items()}
 
     def encode(
-        self, comps: Any, ids: Mapping[str, torch.Tensor], device: Any
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(hidden states, pooled embedding or None), with autograd (callers decide with ``no_grad``)."""
-        return comps.text_encoder(ids["input_ids"].to(device), return_dict=False)[0], None
+        self, comps: Components, ids: Mapping[str, torch.Tensor], device: Any
+    ) -> dict[str, torch.Tensor]:
+        """The caption encodings by :attr:`text_arrays` name, with autograd (callers decide with
+        ``no_grad``)."""
+        encoder = comps.text_encoders["text_encoder"]
+        return {"text": encoder(ids["input_ids"].to(device), return_dict=False)[0]}
 
-    def unet_conditioning(
-        self, hidden: torch.Tensor, pooled: torch.Tensor | None, time_ids: torch.Tensor | None
+    def conditioning(
+        self, encoded: Mapping[str, torch.Tensor], time_ids: torch.Tensor | None
     ) -> dict[str, Any]:
-        """The UNet's keyword arguments besides the noisy latents and the timesteps."""
-        return {"encoder_hidden_states": hidden}
+        """The denoiser's keyword arguments besides the noisy latents and the timesteps."""
+        return {"encoder_hidden_states": encoded["text"]}
 
-    def frozen_modules(self, comps: Any) -> list[Any]:
-        return [comps.vae, *self.text_encoders(comps).values()]
+    def objective(self, noise_scheduler: Any) -> Objective:
+        """Denoising diffusion: predict the noise or the velocity, as the scheduler's config says."""
+        from sdcluster.train.loss import NoisePrediction
 
-    def vae_dtype(self, model: Any, half: torch.dtype | None) -> torch.dtype | None:
+        return NoisePrediction(noise_scheduler)
+
+    def frozen_modules(self, comps: Components) -> list[Any]:
+        return [comps.vae, *comps.text_encoders.values()]
+
+    def vae_dtype(self, model: ModelConfig, half: torch.dtype | None) -> torch.dtype | None:
         """The VAE's dtype when mixed precision computes in ``half`` (None: leave it as loaded)."""
         return half
 
-    def pipeline(self, comps: Any, unet: Any, scheduler: Any) -> Any:
+    def pipeline(self, comps: Components, denoiser: Any, scheduler: Any) -> Any:
         """A pipeline around in-memory components (validation images: nothing reloaded from disk)."""
-        parts = {"vae": comps.vae, "unet": unet, "scheduler": scheduler}
-        parts.update(self.text_encoders(comps))
-        parts.update({name: getattr(comps, name) for name in self.tokenizer_names})
+        parts = {"vae": comps.vae, self.denoiser_name: denoiser, "scheduler": scheduler}
+        parts.update(comps.text_encoders)
+        parts.update(comps.tokenizers)
         return self.pipeline_class(**parts, **self.pipeline_kwargs())
 
 
@@ -93,41 +152,46 @@ class SDXL(SD1):
 
     name: ClassVar[str] = "sdxl"
     pipeline_name: ClassVar[str] = "StableDiffusionXLPipeline"
+    tokenizer_classes: ClassVar[Mapping[str, str]] = {
+        "tokenizer": "CLIPTokenizer",
+        "tokenizer_2": "CLIPTokenizer",
+    }
+    text_encoder_classes: ClassVar[Mapping[str, str]] = {
+        "text_encoder": "CLIPTextModel",
+        "text_encoder_2": "CLIPTextModelWithProjection",
+    }
     text_arrays: ClassVar[tuple[str, ...]] = ("text", "pooled")
-    tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         return {}  # SDXL pipelines have no safety checker
 
-    def text_encoders(self, comps: Any) -> dict[str, Any]:
-        return {"text_encoder": comps.text_encoder, "text_encoder_2": comps.text_encoder_2}
-
-    def tokenizers(self, comps: Any) -> dict[str, Any]:
-        return {"input_ids": comps.tokenizer, "input_ids_2": comps.tokenizer_2}
-
     def encode(
-        self, comps: Any, ids: Mapping[str, torch.Tensor], device: Any
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self, comps: Components, ids: Mapping[str, torch.Tensor], device: Any
+    ) -> dict[str, torch.Tensor]:
         import torch
 
         hidden, pooled = [], None
-        for key, encoder in (("input_ids", comps.text_encoder), ("input_ids_2", comps.text_encoder_2)):
+        keys = self.tokenizers(comps)  # the batch keys, in the encoders' order
+        for key, encoder in zip(keys, comps.text_encoders.values(), strict=True):
             out = encoder(ids[key].to(device), output_hidden_states=True)
             if out[0].ndim == 2:  # the projected pooled output: only the second encoder has one
                 pooled = out[0]
             hidden.append(out.hidden_states[-2])
-        return torch.cat(hidden, dim=-1), pooled
+        if pooled is None:
+            raise ValueError("SDXL's second text encoder gave no pooled embedding")
+        return {"text": torch.cat(hidden, dim=-1), "pooled": pooled}
 
-    def unet_conditioning(
-        self, hidden: torch.Tensor, pooled: torch.Tensor | None, time_ids: torch.Tensor | None
+    def conditioning(
+        self, encoded: Mapping[str, torch.Tensor], time_ids: torch.Tensor | None
     ) -> dict[str, Any]:
+        hidden, pooled = encoded["text"], encoded.get("pooled")
         if pooled is None or time_ids is None:
             raise ValueError("an SDXL batch needs pooled embeddings and each image's size and crop")
         like = {"device": hidden.device, "dtype": hidden.dtype}
         added = {"text_embeds": pooled.to(**like), "time_ids": time_ids.to(**like)}
         return {"encoder_hidden_states": hidden, "added_cond_kwargs": added}
 
-    def vae_dtype(self, model: Any, half: torch.dtype | None) -> torch.dtype | None:
+    def vae_dtype(self, model: ModelConfig, half: torch.dtype | None) -> torch.dtype | None:
         # SDXL's own VAE produces NaNs in fp16 (diffusers' SDXL examples keep it in fp32 for this reason);
         # a VAE fine-tuned for half precision (model.vae_path) may follow the mixed precision.
         import torch
@@ -137,10 +201,10 @@ class SDXL(SD1):
         return torch.float32
 
 
-FAMILIES: dict[str, type[SD1]] = {SD1.pipeline_name: SD1, SDXL.pipeline_name: SDXL}
+FAMILIES: dict[str, type[Family]] = {SD1.pipeline_name: SD1, SDXL.pipeline_name: SDXL}
 
 
-def family_of_index(index: Mapping[str, Any], where: str) -> SD1:
+def family_of_index(index: Mapping[str, Any], where: str) -> Family:
     """The family of a pipeline by its ``model_index.json``; any other pipeline is refused with the fix."""
     name = index.get("_class_name")
     if name not in FAMILIES:
@@ -151,7 +215,7 @@ def family_of_index(index: Mapping[str, Any], where: str) -> SD1:
     return FAMILIES[name]()
 
 
-def family_of(source: str, revision: str | None = None) -> SD1:
+def family_of(source: str, revision: str | None = None) -> Family:
     """The family of the pipeline at ``source`` (a folder, or a hub id read through the hub's cache)."""
     from diffusers import DiffusionPipeline
 

@@ -5,16 +5,19 @@ Training and generation get the same objects for the tiny model and for SD 1.4: 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdcluster.config import ConfigError, ModelConfig
-from sdcluster.models.family import SD1, family_of
+from sdcluster.models.family import Family, family_of
 from sdcluster.models.source import is_embedded, is_hub_id, is_local, looks_like_hub_id
+
+if TYPE_CHECKING:  # accelerate and torch are imported by the training job, not by the login node's checks
+    import torch
+    from accelerate import Accelerator
 
 WEIGHTED_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # those the folder has
 log = logging.getLogger("sdcluster")
@@ -107,19 +110,21 @@ def resolve_model_path(model: ModelConfig, cache_root: str | Path) -> str:
     return model.path
 
 
-def _hub_snapshot(source: str, revision: str | None) -> Path | None:
+def _hub_snapshot(source: str, revision: str | None, parts: tuple[str, ...]) -> Path | None:
     try:
         from huggingface_hub import snapshot_download
 
-        patterns = [f"{sub}/*" for sub in ENCODER_PARTS]
+        patterns = [f"{sub}/*" for sub in parts]
         folder = snapshot_download(source, revision=revision, local_files_only=True, allow_patterns=patterns)
         return Path(folder)
     except Exception:  # not in the local hub cache: the id and revision are all we know
         return None
 
 
-ENCODER_PARTS = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-"""The folders whose files the latent cache's numbers come from (SDXL has the ``_2`` ones)."""
+def encoder_parts(family: Family) -> tuple[str, ...]:
+    """The folders whose files the latent cache's numbers come from: the VAE, the family's tokenizers and
+    text encoders (SDXL's ``_2`` ones too)."""
+    return ("vae", *family.tokenizer_classes, *family.text_encoder_classes)
 
 
 def _file_stats(folder: Path, subs: tuple[str, ...]) -> dict[str, list[int]]:
@@ -133,11 +138,17 @@ def _file_stats(folder: Path, subs: tuple[str, ...]) -> dict[str, list[int]]:
 
 
 def model_identity(
-    source: str, revision: str | None, variant: str | None, vae_path: str | None = None
+    source: str,
+    parts: tuple[str, ...],
+    revision: str | None,
+    variant: str | None,
+    vae_path: str | None = None,
 ) -> dict[str, Any]:
-    """Source, revision and (size, mtime) of every file the cached numbers come from."""
-    folder = Path(source) if Path(source).is_dir() else _hub_snapshot(source, revision)
-    files = _file_stats(folder, ENCODER_PARTS) if folder else {}
+    """Source, revision and (size, mtime) of every file under ``parts`` (:func:`encoder_parts`), the
+    folders the cached numbers come from. The files are keyed by path, so the identity of an existing
+    cache entry does not depend on the order of ``parts``."""
+    folder = Path(source) if Path(source).is_dir() else _hub_snapshot(source, revision, parts)
+    files = _file_stats(folder, parts) if folder else {}
     identity = {"source": source, "revision": revision, "variant": variant, "files": files}
     if vae_path:  # another VAE encodes the images: other latents
         vae_folder = Path(vae_path)
@@ -147,34 +158,40 @@ def model_identity(
 
 @dataclass
 class Components:
-    """What training needs from a pipeline: the trainable UNet and the frozen rest.
+    """What training needs from a pipeline: the trainable denoiser and the frozen rest.
 
-    ``family`` (:mod:`sdcluster.models.family`) says which of them a model has and how they are used;
-    ``tokenizer_2``/``text_encoder_2`` are SDXL's second pair (None for SD 1.x/2.x).
+    ``family`` (:mod:`sdcluster.models.family`) says which of them a model has and how they are used; the
+    tokenizers and text encoders are held by their pipeline component names (``tokenizer``,
+    ``text_encoder``, SDXL's ``tokenizer_2`` and ``text_encoder_2``), as many as the family has.
     """
 
-    tokenizer: Any
-    text_encoder: Any
+    family: Family
+    tokenizers: dict[str, Any]
+    text_encoders: dict[str, Any]
     vae: Any
-    unet: Any
+    denoiser: torch.nn.Module  # the family's denoiser_name component: a UNet (or a transformer)
     noise_scheduler: Any
     source: str
     origin: dict[str, Any] | None = None  # hub id, revision and commit of a hub model (see models.hub)
-    family: SD1 = dataclasses.field(default_factory=SD1)
-    tokenizer_2: Any = None
-    text_encoder_2: Any = None
 
 
-def load_components(model: ModelConfig, cache_root: str | Path, accelerator: Any = None) -> Components:
-    """Load each component the way diffusers' own training examples do (one ``from_pretrained`` each).
+def _load_class(module: str, name: str) -> Any:
+    """A class the family names by string (so that the family module imports neither library)."""
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+def load_components(
+    model: ModelConfig, cache_root: str | Path, accelerator: Accelerator | None = None
+) -> Components:
+    """Load each component the family names the way diffusers' own training examples do (one
+    ``from_pretrained`` each).
 
     With several processes the embedded tiny model is built by global rank 0 while the others wait:
     transformers (5.x) writes weights only on rank 0 once torch.distributed is up, so a copy built on
     another rank would have empty weight folders.
     """
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
     from sdcluster.models.hub import origin
 
     if is_embedded(model.path) and accelerator is not None and accelerator.num_processes > 1:
@@ -197,24 +214,21 @@ def load_components(model: ModelConfig, cache_root: str | Path, accelerator: Any
     # safetensors only: a pickled .bin can run code when loaded; nothing here enables remote code either
     weights = {**common, "variant": model.variant, "use_safetensors": True}
     family = family_of(source, common["revision"])
-    second: dict[str, Any] = {}
-    if "tokenizer_2" in family.tokenizer_names:
-        second = {
-            "tokenizer_2": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **common),
-            "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
-                source, subfolder="text_encoder_2", **weights
-            ),
-        }
+
+    def load(module: str, cls: str, sub: str, **kw: Any) -> Any:
+        return _load_class(module, cls).from_pretrained(source, subfolder=sub, **kw)
+
+    tokenizers = {n: load("transformers", c, n, **common) for n, c in family.tokenizer_classes.items()}
+    encoders = {n: load("transformers", c, n, **weights) for n, c in family.text_encoder_classes.items()}
     return Components(
-        tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
-        text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights),
+        family=family,
+        tokenizers=tokenizers,
+        text_encoders=encoders,
         vae=load_vae(model, source, weights),
-        unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights),
-        noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common),
+        denoiser=load("diffusers", family.denoiser_class, family.denoiser_name, **weights),
+        noise_scheduler=load("diffusers", family.noise_scheduler_class, "scheduler", **common),
         source=source,
         origin=origin(model) if is_hub_id(model.path) else None,
-        family=family,
-        **second,
     )
 
 

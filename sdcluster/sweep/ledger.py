@@ -12,7 +12,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from sdcluster import atomic, paths
-from sdcluster.cluster import records, scheduler
+from sdcluster.cluster import backends, records
 from sdcluster.config import Config, ConfigError
 
 SWEEP_JSON = "sweep.json"
@@ -48,16 +48,24 @@ def point_config(point: dict[str, Any]) -> Config:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), point["config"]))
 
 
+def _queued(record: dict) -> bool:
+    """Whether a scheduler held the job (it would know of it while it lives)."""
+    try:
+        return not backends.get(str(record.get("cluster", ""))).foreground
+    except ValueError:
+        return False
+
+
 def job_state(job_id: str, jobs_root: Path) -> str:
     """The scheduler's word when it has one, else what the job recorded."""
-    sched = scheduler.job_state(job_id)
+    sched = backends.job_state(job_id)
     if sched:
         return sched[0]
     folder = records.find_job(job_id, jobs_root)
     record = records.read(folder) if folder else {}
     state = record.get("state", "UNKNOWN")
-    if record.get("cluster") == "slurm" and state in ("SUBMITTED", "RUNNING"):
-        # Neither sacct nor squeue knows it: an array task cancelled while pending leaves no record at all.
+    if _queued(record) and state in ("SUBMITTED", "RUNNING"):
+        # The scheduler does not know it: an array task cancelled while pending leaves no record at all.
         return "LOST"
     return state
 

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sdcluster import paths
-from sdcluster.cluster import records
-from sdcluster.cluster.launching import dry_run
+from sdcluster.cluster import backends, records
+from sdcluster.cluster.dry_run import dry_run
 from sdcluster.cluster.preflight import preflight
 from sdcluster.cluster.submit import PlannedJob, submit_configs
 from sdcluster.config import Config, ConfigError
@@ -91,7 +91,7 @@ def submit_sweep(points: list[Point], say: Say = print) -> int:
         "sweep_id": sweep_id,
         "created": records.now(),
         "task": cfgs[0].task,
-        "cluster": cfgs[0].cluster.name,
+        "cluster": backends.of(cfgs[0]).name,
         "swept": sorted(values[0]) if values else [],
         "points": [
             {

@@ -1,12 +1,13 @@
-"""The training wing (``conf/train/``, ``conf/optim/``): fine-tune the UNet, resume by default, export.
+"""The training wing (``conf/train/``, ``conf/optim/``): fine-tune the denoiser, resume by default, export.
 
 ``loop`` is the job function (:func:`~sdcluster.train.loop.train`), the same on every rank. It works on a
 ``trainer`` (Accelerator, models, EMA, optimizer, schedule, built once) and asks the ``checkpointer`` to load
 and save (it owns choosing, verifying, loading, saving, pruning and setting aside; ``step_folders`` is the
-on-disk format). ``method`` is what a run trains (every UNet weight, or LoRA adapters), chosen once and asked
-by the others; the model's family (SD 1.x/2.x or SDXL, :mod:`sdcluster.models.family`) says how it is
-conditioned and saved. ``loss`` is the denoising
-objective, ``ema`` the moving average and its weight swap, ``validation`` the held-out loss and images,
+on-disk format). ``method`` is what a run trains (every denoiser weight, or LoRA adapters: two siblings
+behind one protocol), chosen once and asked by the others; the model's family (SD 1.x/2.x or SDXL,
+:mod:`sdcluster.models.family`) says how it is conditioned, which objective it is trained on and how it is
+saved. ``loss`` is the denoising loss and the objectives, ``ema`` the moving average and its weight swap,
+``validation`` the held-out loss and images,
 ``export`` the diffusers pipeline or LoRA file at the end, ``metrics`` the run's ``metrics.jsonl`` and
 ``tracking`` TensorBoard/W&B. What the loop reads comes from :mod:`sdcluster.data`; submission, signals and
 requeue live in :mod:`sdcluster.cluster`. Nothing is imported here, so importing the wing does not import

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors.torch import load_file, save_file
 
-from sdcluster.cluster import ownership
-from sdcluster.cluster.distributed import rank0_decides
 from sdcluster.config import Config, ConfigError
 from sdcluster.paths import config_hash
+from sdcluster.runtime import ownership
+from sdcluster.runtime.distributed import rank0_decides
 from sdcluster.train import step_folders
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ STATE_FILE = "train_state.json"
 def write_extra(folder: Path, param_names: list[str], ema: Any, lr_scheduler: Any) -> dict[str, Any]:
     """Write EMA weights and scheduler state into a checkpoint folder being built; return meta extras.
 
-    The EMA averages what the run trains (:mod:`sdcluster.train.method`): the UNet, or only its adapters.
+    The EMA averages what the run trains (:mod:`sdcluster.train.method`): the denoiser, or only its adapters.
     """
     extra: dict[str, Any] = {"lr": lr_scheduler.get_last_lr()[0]}
     if ema is not None:

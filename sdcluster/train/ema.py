@@ -1,4 +1,4 @@
-"""The UNet's exponential moving average: diffusers' ``EMAModel`` with a cheaper update.
+"""The denoiser's exponential moving average: diffusers' ``EMAModel`` with a cheaper update.
 
 ``EMAModel.step(foreach=True)`` computes ``shadow -= (1 - decay) * (shadow - param)`` as ``_foreach_sub``
 (a temporary copy of the whole model) followed by ``_foreach_sub_``: three passes over the weights. One
@@ -65,11 +65,13 @@ class LerpEMA(EMAModel):
 
 
 @contextlib.contextmanager
-def ema_weights(ema: Any, model: torch.nn.Module | Iterable[torch.nn.Parameter]) -> Iterator[None]:
+def ema_weights(
+    ema: EMAModel | None, model: torch.nn.Module | Iterable[torch.nn.Parameter]
+) -> Iterator[None]:
     """The EMA weights inside (when there is an EMA), the model's own weights restored bit for bit after.
 
     ``model`` is a module whose parameters the EMA averages, or those parameters themselves (a LoRA run
-    averages only its adapters, not every parameter of the UNet they sit in).
+    averages only its adapters, not every parameter of the denoiser they sit in).
     """
     if ema is None:
         yield

@@ -12,11 +12,17 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdcluster import atomic
 from sdcluster.config import ModelConfig
 from sdcluster.train.ema import ema_weights
+
+if TYPE_CHECKING:
+    import torch
+
+    from sdcluster.models.family import Family
+    from sdcluster.train.ema import LerpEMA
 
 log = logging.getLogger("sdcluster")
 
@@ -25,9 +31,9 @@ ORIGIN_FILE = "sdcluster-model.json"  # the hub id, revision and commit trained 
 _ADAPTER = "default"  # the name peft gives the one adapter training adds (method.LoRA.prepare)
 
 
-def _base_pipeline(family: Any, source: str, model: ModelConfig, **parts: Any) -> Any:
-    """The source pipeline of ``family`` (safetensors only), with ``parts`` (e.g. a trained UNet) in place of
-    its own, and the VAE of ``model.vae_path`` when one is set (the VAE the run trained with)."""
+def _base_pipeline(family: Family, source: str, model: ModelConfig, **parts: Any) -> Any:
+    """The source pipeline of ``family`` (safetensors only), with ``parts`` (e.g. a trained denoiser) in place
+    of its own, and the VAE of ``model.vae_path`` when one is set (the VAE the run trained with)."""
     if model.vae_path and "vae" not in parts:
         from sdcluster.models.load import load_vae_override
 
@@ -43,7 +49,7 @@ def _base_pipeline(family: Any, source: str, model: ModelConfig, **parts: Any) -
 
 
 def _save(pipe: Any, tmp: Path, prediction_type: str | None) -> None:
-    if prediction_type:  # what the UNet was trained to predict; the source scheduler may say otherwise
+    if prediction_type:  # what the denoiser was trained to predict; the source scheduler may say otherwise
         pipe.scheduler.register_to_config(prediction_type=prediction_type)
     pipe.save_pretrained(tmp, safe_serialization=True)
 
@@ -62,33 +68,34 @@ def _publishing(dest: Path, origin: dict[str, Any] | None) -> Iterator[Path]:
 
 def export_pipeline(
     dest: Path,
-    family: Any,
+    family: Family,
     source: str,
-    unet: Any,
-    ema: Any,
+    denoiser: torch.nn.Module,
+    ema: LerpEMA | None,
     params: list[Any],
     prediction_type: str | None,
     model: ModelConfig,
     origin: dict[str, Any] | None = None,
 ) -> Path:
     """Write the family's pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``) with the
-    trained UNet (its EMA weights when EMA is on).
+    trained denoiser (its EMA weights when EMA is on).
 
     ``params`` are the parameters the EMA averages; ``model`` gives the source's revision, variant and
     ``vae_path``.
     """
     with _publishing(dest, origin) as tmp, ema_weights(ema, params):
-        _save(_base_pipeline(family, source, model, unet=unet), tmp, prediction_type)
+        parts = {family.denoiser_name: denoiser}
+        _save(_base_pipeline(family, source, model, **parts), tmp, prediction_type)
     log.info("exported pipeline (%s weights): %s", "EMA" if ema is not None else "trained", dest)
     return dest
 
 
 def export_lora(
     dest: Path,
-    family: Any,
-    unet: Any,
+    family: Family,
+    denoiser: torch.nn.Module,
     text_encoders: dict[str, Any],
-    ema: Any,
+    ema: LerpEMA | None,
     params: list[Any],
     origin: dict[str, Any] | None = None,
 ) -> Path:
@@ -107,7 +114,7 @@ def export_lora(
 
     with _publishing(dest, origin) as tmp, ema_weights(ema, params):
         layers: dict[str, Any] = {}
-        for name, module in {"unet": unet, **text_encoders}.items():
+        for name, module in {family.denoiser_name: denoiser, **text_encoders}.items():
             state = get_peft_model_state_dict(module)
             layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(state)
             layers[f"{name}_lora_adapter_metadata"] = module.peft_config[_ADAPTER].to_dict()
@@ -118,7 +125,7 @@ def export_lora(
 
 def export_fused(
     dest: Path,
-    family: Any,
+    family: Family,
     source: str,
     lora: Path,
     prediction_type: str | None,

@@ -1,7 +1,7 @@
-"""The fine-tuning job: accelerate-driven UNet training that resumes by default and stops at step boundaries.
+"""The fine-tuning job: accelerate-driven denoiser training, resumed by default, stopped at step boundaries.
 
 Every rank runs this same function. Run on CPU (tiny model), one GPU, or N processes under SLURM; the
-difference is only the environment :mod:`sdcluster.cluster.distributed` exported before the Accelerator
+difference is only the environment :mod:`sdcluster.runtime.distributed` exported before the Accelerator
 exists.
 """
 
@@ -18,12 +18,12 @@ from typing import Any
 import torch
 
 from sdcluster import atomic, paths
-from sdcluster.cluster import ownership
-from sdcluster.cluster.distributed import rank0_decides
-from sdcluster.cluster.requeue import PreemptionFlag, hold_for_signal
 from sdcluster.config import Config
 from sdcluster.progress import ProgressLog
 from sdcluster.redaction import config_yaml
+from sdcluster.runtime import ownership
+from sdcluster.runtime.distributed import rank0_decides
+from sdcluster.runtime.requeue import PreemptionFlag, hold_for_signal
 from sdcluster.train import metrics, tracking
 from sdcluster.train.checkpointer import Checkpointer
 from sdcluster.train.loss import diffusion_loss, step_generator
@@ -62,8 +62,8 @@ def _micro_step(t: Trainer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         latents, cond = t.method.model_inputs(t.comps, batch, acc.device, gen)
         with acc.autocast():
             loss = diffusion_loss(
-                t.unet,
-                t.comps.noise_scheduler,
+                t.denoiser,
+                t.objective,
                 latents,
                 cond,
                 gen,
@@ -157,7 +157,7 @@ def train(
     stop_at: Callable[[int], bool] | None = None,
     job_id: str | None = None,
 ) -> TrainResult:
-    """Fine-tune the UNet; resume from the run's newest complete checkpoint; export the pipeline at the end.
+    """Fine-tune the denoiser; resume from the run's newest complete checkpoint; export at the end.
 
     ``flag`` carries the scheduler's preemption signal; ``stop_at(step)`` lets tests stop at a chosen step
     exactly the way a preemption does (collective save, then return with ``interrupted=True``).
@@ -205,7 +205,8 @@ def _train_and_export(
 ) -> TrainResult:
     acc = t.accelerator
     losses, interrupted = _loop(t, ckpt, flag, stop_at)
-    log.info("unet weights checksum at step %d: %s", t.step, weights_checksum(t.unet))
+    name = t.comps.family.denoiser_name  # "unet weights checksum": what multi-process tests compare
+    log.info("%s weights checksum at step %d: %s", name, t.step, weights_checksum(t.denoiser))
     log.info("trained weights checksum at step %d: %s", t.step, weights_checksum(t.params))
     result = TrainResult(t.paths.root, t.step, interrupted, losses=losses)
     if interrupted:

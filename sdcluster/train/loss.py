@@ -1,4 +1,5 @@
-"""The denoising loss of one micro-batch, as in Stable Diffusion's training recipe.
+"""The denoising loss of one micro-batch, as in Stable Diffusion's training recipe, and the objective it
+trains (:class:`Objective`: what the denoiser predicts from which noised input).
 
 All randomness of a step (VAE posterior sample, noise, offset noise, timesteps) comes from one generator
 seeded from (seed, micro-step, rank). A resumed job therefore draws exactly what the uninterrupted job would
@@ -8,12 +9,15 @@ have drawn, whether or not global RNG states were restored, and ranks draw diffe
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from sdcluster.models.family import TIME_IDS
+
+if TYPE_CHECKING:
+    from sdcluster.models.load import Components
 
 
 def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
@@ -50,31 +54,35 @@ def encode_latents(vae: Any, pixel_values: torch.Tensor, gen: torch.Generator) -
 
 
 def conditioning(
-    comps: Any, batch: dict[str, torch.Tensor], device: Any, grad: bool = False
+    comps: Components, batch: dict[str, torch.Tensor], device: Any, grad: bool = False
 ) -> dict[str, Any]:
-    """The UNet's conditioning of a batch, as the model's family builds it (:mod:`sdcluster.models.family`):
-    from cached encodings when the batch carries them (``hidden``, SDXL's ``pooled``), else by running the
-    text encoders on the token ids, with autograd only when ``grad`` (a text encoder that is trained)."""
+    """The denoiser's conditioning of a batch, as the model's family builds it
+    (:mod:`sdcluster.models.family`): from cached encodings when the batch carries them (the family's
+    ``text_arrays``), else by running the text encoders on the token ids, with autograd only when ``grad``
+    (a text encoder that is trained)."""
     family = comps.family
-    if "hidden" in batch:
+    if all(kind in batch for kind in family.text_arrays):
         # The first parameter's dtype: a model's ``.dtype`` walks all its modules, at every step.
-        dtype = next(comps.text_encoder.parameters()).dtype
-        hidden = batch["hidden"].to(device, dtype, non_blocking=True)
-        pooled = batch["pooled"].to(device, dtype, non_blocking=True) if "pooled" in batch else None
+        dtype = next(next(iter(comps.text_encoders.values())).parameters()).dtype
+        encoded = {kind: batch[kind].to(device, dtype, non_blocking=True) for kind in family.text_arrays}
     else:
         ids = {key: batch[key] for key in family.tokenizers(comps)}
         with torch.set_grad_enabled(grad):
-            hidden, pooled = family.encode(comps, ids, device)
+            encoded = family.encode(comps, ids, device)
     time_ids = batch.get(TIME_IDS)
-    return family.unet_conditioning(hidden, pooled, None if time_ids is None else time_ids.to(device))
+    return family.conditioning(encoded, None if time_ids is None else time_ids.to(device))
 
 
 def model_inputs(
-    comps: Any, batch: dict[str, torch.Tensor], device: Any, gen: torch.Generator, grad_text: bool = False
+    comps: Components,
+    batch: dict[str, torch.Tensor],
+    device: Any,
+    gen: torch.Generator,
+    grad_text: bool = False,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """(scaled latents, the UNet's conditioning) of a batch: from cached encoder outputs when the batch
-    carries them (``posterior``, ``hidden``), else by running the frozen VAE on ``pixel_values`` and the text
-    encoders on the token ids."""
+    """(scaled latents, the denoiser's conditioning) of a batch: from cached encoder outputs when the batch
+    carries them (``posterior`` and the family's text arrays), else by running the frozen VAE on
+    ``pixel_values`` and the text encoders on the token ids."""
     vae = comps.vae
     if "posterior" in batch:
         vae_dtype = next(vae.parameters()).dtype
@@ -83,6 +91,56 @@ def model_inputs(
     else:
         latents = encode_latents(vae, batch["pixel_values"].to(device), gen)
     return latents, conditioning(comps, batch, device, grad_text)
+
+
+class Objective(Protocol):
+    """What the denoiser is trained to predict, from which noised input: the family's choice
+    (:meth:`sdcluster.models.family.Family.objective`). The loss, its min-SNR weighting and the validation
+    loss ask it; a flow-matching objective is another implementation, the loop does not change."""
+
+    @property
+    def num_timesteps(self) -> int:
+        """The training timesteps are ``0 .. num_timesteps - 1`` (the validation loss's fixed ones too)."""
+        ...
+
+    def sample_timesteps(self, batch: int, gen: torch.Generator) -> torch.Tensor:
+        """One training timestep per example, drawn from ``gen`` only (on the CPU)."""
+        ...
+
+    def noised(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the denoiser's input, its target) for ``latents`` noised with ``noise`` at ``timesteps``."""
+        ...
+
+    def snr_weights(self, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Per-example loss weights of min-SNR-gamma at ``timesteps``."""
+        ...
+
+
+class NoisePrediction:
+    """Denoising diffusion with a DDPM noise schedule: the target is the noise (``epsilon``) or the velocity
+    (``v_prediction``), as the scheduler's config says when it is asked (training may change it with
+    ``train.prediction_type`` after loading)."""
+
+    def __init__(self, noise_scheduler: Any) -> None:
+        self.scheduler = noise_scheduler
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    def sample_timesteps(self, batch: int, gen: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, self.num_timesteps, (batch,), generator=gen)
+
+    def noised(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        return noisy, diffusion_target(self.scheduler, latents, noise, timesteps)
+
+    def snr_weights(self, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+        return min_snr_weights(self.scheduler, timesteps, gamma, self.scheduler.config.prediction_type)
 
 
 def min_snr_weights(
@@ -111,28 +169,24 @@ def diffusion_target(
 
 
 def diffusion_loss(
-    unet: Any,
-    noise_scheduler: Any,
+    denoiser: torch.nn.Module,
+    objective: Objective,
     latents: torch.Tensor,
     cond: dict[str, Any],
     gen: torch.Generator,
     noise_offset: float = 0.0,
     snr_gamma: float | None = None,
 ) -> torch.Tensor:
-    """MSE between the UNet's prediction and the scheduler's target for randomly noised latents; ``cond`` is
-    the UNet's conditioning (:func:`conditioning`)."""
+    """MSE between the denoiser's prediction and the objective's target for randomly noised latents;
+    ``cond`` is the denoiser's conditioning (:func:`conditioning`)."""
     batch = latents.shape[0]
     noise = _randn(tuple(latents.shape), gen, latents)
     if noise_offset:
         noise = noise + noise_offset * _randn((batch, latents.shape[1], 1, 1), gen, latents)
-    steps = noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, steps, (batch,), generator=gen).to(latents.device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    target = diffusion_target(noise_scheduler, latents, noise, timesteps)
-    prediction_type = noise_scheduler.config.prediction_type
-    pred = unet(noisy, timesteps, **cond, return_dict=False)[0]
+    timesteps = objective.sample_timesteps(batch, gen).to(latents.device)
+    noisy, target = objective.noised(latents, noise, timesteps)
+    pred = denoiser(noisy, timesteps, **cond, return_dict=False)[0]
     if snr_gamma is None:
         return F.mse_loss(pred.float(), target.float(), reduction="mean")
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    weights = min_snr_weights(noise_scheduler, timesteps, snr_gamma, prediction_type)
-    return (per_sample * weights).mean()
+    return (per_sample * objective.snr_weights(timesteps, snr_gamma)).mean()

@@ -1,9 +1,10 @@
-"""What a run trains, chosen once from ``train.method``: every UNet weight, or LoRA adapters.
+"""What a run trains, chosen once from ``train.method``: every denoiser weight, or LoRA adapters.
 
-The trainer, loop, checkpointer, EMA and export ask the method instead of branching on its name:
+The trainer, loop, checkpointer, EMA and export ask the method (the :class:`Method` protocol; full
+fine-tuning and LoRA are its two implementations, side by side) instead of branching on its name:
 
 - :meth:`prepare` freezes, casts and adapts the loaded components (before they move to the device);
-- :attr:`models` are what ``accelerator.prepare`` wraps (the UNet first), :meth:`named_parameters` what is
+- :attr:`models` are what ``accelerator.prepare`` wraps (the denoiser first), :meth:`named_parameters` what is
   trained, in one fixed order: the optimizer, the gradient clipping, the EMA and its checkpoint file see
   exactly these, so a LoRA run's EMA and optimizer state are adapter-sized;
 - :meth:`param_groups` are the optimizer's groups (the text encoder's adapters have their own rate);
@@ -11,8 +12,8 @@ The trainer, loop, checkpointer, EMA and export ask the method instead of branch
 - :meth:`export` writes the run's result (a diffusers pipeline, or the standard LoRA file).
 
 A model family (:mod:`sdcluster.models.family`: SD 1.x/2.x or SDXL) says which text encoders there are, how
-the UNet is conditioned and how the pipeline is built and saved; the methods work on whichever family the
-loaded model has.
+the denoiser is conditioned and how the pipeline is built and saved; the methods work on whichever family
+the loaded model has. ``make_method`` is the one place ``train.method`` is read by name (:data:`METHODS`).
 """
 
 from __future__ import annotations
@@ -20,61 +21,97 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from safetensors.torch import load_file
 
 from sdcluster.config import Config
-from sdcluster.models.family import SD1
+from sdcluster.models.family import Family
 from sdcluster.train.loss import model_inputs
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
+
     from sdcluster.models.load import Components
     from sdcluster.train.trainer import Trainer
 
 log = logging.getLogger("sdcluster")
 
 
-def weight_dtype(accelerator: Any) -> torch.dtype | None:
+def weight_dtype(accelerator: Accelerator) -> torch.dtype | None:
     """The half type mixed precision computes in, or None in float32."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
 
 
+@runtime_checkable
+class Method(Protocol):
+    """What a run trains, saves and exports; see the module docstring for when each part is asked."""
+
+    name: ClassVar[str]
+    trains_text_encoder: bool
+    """Whether text encoders are trained (then the latent cache's encodings would be stale)."""
+    models: list[torch.nn.Module]
+    prepared: list[torch.nn.Module]  # ``models`` as accelerate prepared them (DDP wrappers on N processes)
+
+    def prepare(self, comps: Components, accelerator: Accelerator) -> None: ...
+    def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]: ...
+    def param_groups(self, lr: float) -> list[dict[str, Any]]: ...
+    def model_inputs(
+        self, comps: Components, batch: dict[str, torch.Tensor], device: Any, gen: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, Any]]: ...
+    def register_checkpoint_hooks(self, accelerator: Accelerator) -> None: ...
+    def export(self, t: Trainer) -> Path: ...
+
+
+def _inputs(
+    method: Method, comps: Components, batch: dict[str, torch.Tensor], device: Any, gen: torch.Generator
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """(latents, the denoiser's conditioning) of a batch from the encoders (or the latent cache); text
+    encoders whose adapters are trained run with autograd, through their prepared (DDP) wrappers: a forward
+    that bypasses the wrapper leaves their gradients unaveraged, and the ranks drift apart."""
+    if method.trains_text_encoder:
+        encoders = dict(zip(comps.text_encoders, method.prepared[1:], strict=True))
+        comps = dataclasses.replace(comps, text_encoders=encoders)
+    return model_inputs(comps, batch, device, gen, grad_text=method.trains_text_encoder)
+
+
 class FullFineTune:
-    """Every UNet weight is trained, in float32 (autocast computes in half precision when asked)."""
+    """Every denoiser weight is trained, in float32 (autocast computes in half precision when asked)."""
 
-    name = "full"
-    trains_text_encoder = False
+    name: ClassVar[str] = "full"
 
-    def __init__(self, cfg: Config, family: SD1) -> None:
+    def __init__(self, cfg: Config, family: Family) -> None:
         self.cfg = cfg
         self.family = family
+        self.trains_text_encoder = False
         self.models: list[torch.nn.Module] = []
-        self.prepared: list[Any] = []  # ``models`` as accelerate prepared them (DDP wrappers on N processes)
+        self.prepared: list[torch.nn.Module] = []
 
-    def prepare(self, comps: Components, accelerator: Any) -> None:
-        comps.unet.train()
-        self.models = [comps.unet]
+    @staticmethod
+    def finds_unused_parameters(cfg: Config) -> bool:
+        """Whether DDP must be told that some trained parameters get no gradient: never, all of the denoiser
+        takes part in its forward."""
+        return False
+
+    def prepare(self, comps: Components, accelerator: Accelerator) -> None:
+        comps.denoiser.train()
+        self.models = [comps.denoiser]
 
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        """The UNet's parameters by their own names (the EMA file of full runs has always used them)."""
+        """The denoiser's parameters by their own names (the EMA file of full runs has always used them)."""
         return list(self.models[0].named_parameters())
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         return [{"params": [p for _, p in self.named_parameters()], "lr": lr}]
 
-    def model_inputs(self, comps: Components, batch: dict[str, torch.Tensor], device: Any, gen: Any):
-        """(latents, the UNet's conditioning) of a batch from the encoders (or the latent cache); text
-        encoders whose adapters are trained run with autograd, through their prepared (DDP) wrappers: a
-        forward that bypasses the wrapper leaves their gradients unaveraged, and the ranks drift apart."""
-        if self.trains_text_encoder:
-            names = self.family.text_encoders(comps)
-            comps = dataclasses.replace(comps, **dict(zip(names, self.prepared[1:], strict=True)))
-        return model_inputs(comps, batch, device, gen, grad_text=self.trains_text_encoder)
+    def model_inputs(
+        self, comps: Components, batch: dict[str, torch.Tensor], device: Any, gen: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        return _inputs(self, comps, batch, device, gen)
 
-    def register_checkpoint_hooks(self, accelerator: Any) -> None:
-        """Nothing to change: ``save_state`` writes the whole UNet, which is what is trained."""
+    def register_checkpoint_hooks(self, accelerator: Accelerator) -> None:
+        """Nothing to change: ``save_state`` writes the whole denoiser, which is what is trained."""
 
     def export(self, t: Trainer) -> Path:
         from sdcluster.train.export import export_pipeline
@@ -83,7 +120,7 @@ class FullFineTune:
             t.paths.model,
             self.family,
             t.comps.source,
-            t.accelerator.unwrap_model(t.unet),
+            t.accelerator.unwrap_model(t.denoiser),
             t.ema,
             params=t.params,
             prediction_type=self.cfg.train.prediction_type,
@@ -92,21 +129,35 @@ class FullFineTune:
         )
 
 
-class LoRA(FullFineTune):
-    """Low-rank adapters (``peft``) on the UNet's attention projections, optionally the text encoder's too.
+class LoRA:
+    """Low-rank adapters (``peft``) on the denoiser's attention projections, optionally the text encoders'.
 
     As in diffusers' ``train_text_to_image_lora.py``: the base weights are frozen and, under mixed
     precision, cast to the half type (the memory saving LoRA is chosen for); the adapters stay in float32
     (``cast_training_params``), so the optimizer updates full-precision numbers.
     """
 
-    name = "lora"
+    name: ClassVar[str] = "lora"
 
-    def __init__(self, cfg: Config, family: SD1) -> None:
-        super().__init__(cfg, family)
+    def __init__(self, cfg: Config, family: Family) -> None:
+        self.cfg = cfg
+        self.family = family
         self.lora = cfg.train.lora
         self.trains_text_encoder = self.lora.text_encoder_lr is not None
+        self.models: list[torch.nn.Module] = []
+        self.prepared: list[torch.nn.Module] = []
         self.prefixes: list[str] = []
+
+    @staticmethod
+    def finds_unused_parameters(cfg: Config) -> bool:
+        """SDXL conditions on the first text encoder's penultimate layer: the adapters of its last layer get
+        no gradient, which DDP refuses unless told (diffusers' SDXL LoRA script sets the same flag)."""
+        return cfg.train.lora.text_encoder_lr is not None
+
+    def model_inputs(
+        self, comps: Components, batch: dict[str, torch.Tensor], device: Any, gen: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        return _inputs(self, comps, batch, device, gen)
 
     def _adapter_config(self, targets: list[str] | tuple[str, ...]) -> Any:
         from peft import LoraConfig
@@ -119,12 +170,12 @@ class LoRA(FullFineTune):
             target_modules=list(targets),
         )
 
-    def prepare(self, comps: Components, accelerator: Any) -> None:
+    def prepare(self, comps: Components, accelerator: Accelerator) -> None:
         from diffusers.training_utils import cast_training_params
 
         dtype = weight_dtype(accelerator)
-        encoders = self.family.text_encoders(comps) if self.trains_text_encoder else {}
-        modules = [comps.unet, *encoders.values()]
+        encoders = comps.text_encoders if self.trains_text_encoder else {}
+        modules = [comps.denoiser, *encoders.values()]
         for module in modules:
             module.requires_grad_(False)
             if dtype is not None:
@@ -134,7 +185,7 @@ class LoRA(FullFineTune):
         # left as it was.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.train.seed)
-            comps.unet.add_adapter(self._adapter_config(self.lora.target_modules))
+            comps.denoiser.add_adapter(self._adapter_config(self.lora.target_modules))
             for encoder in encoders.values():
                 # peft's own injection, not transformers' add_adapter: that one refuses peft < 0.22 under
                 # transformers 5, for the same layers and the same state dict.
@@ -150,10 +201,11 @@ class LoRA(FullFineTune):
         log.info("LoRA rank %d on %s: %d trainable parameters", self.lora.rank, self._where(), count)
 
     def _where(self) -> str:
-        return f"UNet + {' + '.join(p[:-1] for p in self.prefixes)}" if self.prefixes else "UNet"
+        where = self.family.denoiser_name
+        return f"{where} + {' + '.join(p[:-1] for p in self.prefixes)}" if self.prefixes else where
 
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        """The adapters: UNet ones by their own names, a text encoder's prefixed with its name
+        """The adapters: the denoiser's by their own names, a text encoder's prefixed with its name
         (``text_encoder.``, SDXL's second ``text_encoder_2.``)."""
         found = [(n, p) for n, p in self.models[0].named_parameters() if p.requires_grad]
         for prefix, module in zip(self.prefixes, self.models[1:], strict=True):
@@ -161,17 +213,17 @@ class LoRA(FullFineTune):
         return found
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
-        unet = [p for p in self.models[0].parameters() if p.requires_grad]
-        groups = [{"params": unet, "lr": lr}]
+        denoiser = [p for p in self.models[0].parameters() if p.requires_grad]
+        groups = [{"params": denoiser, "lr": lr}]
         if self.trains_text_encoder:
             scale = lr / self.cfg.optim.lr  # optim.scale_lr scales both rates alike
             text = [p for module in self.models[1:] for p in module.parameters() if p.requires_grad]
             groups.append({"params": text, "lr": self.lora.text_encoder_lr * scale})
         return groups
 
-    def register_checkpoint_hooks(self, accelerator: Any) -> None:
+    def register_checkpoint_hooks(self, accelerator: Accelerator) -> None:
         """``save_state`` writes only the adapters of each prepared model (a checkpoint the size of the
-        adapters, not of the UNet), and ``load_state`` loads them back, refusing any other set of names.
+        adapters, not of the denoiser), and ``load_state`` loads them back, refusing any other set of names.
 
         accelerate's own hooks for this (diffusers' examples use them); the file names stay accelerate's
         (``model.safetensors``, ``model_1.safetensors``), so the checkpoint format is unchanged.
@@ -195,10 +247,10 @@ class LoRA(FullFineTune):
     def export(self, t: Trainer) -> Path:
         from sdcluster.train.export import export_fused, export_lora
 
-        unet = t.accelerator.unwrap_model(t.unet)
-        text_encoders = self.family.text_encoders(t.comps) if self.trains_text_encoder else {}
+        denoiser = t.accelerator.unwrap_model(t.denoiser)
+        text_encoders = t.comps.text_encoders if self.trains_text_encoder else {}
         origin = t.comps.origin
-        lora_dir = export_lora(t.paths.lora, self.family, unet, text_encoders, t.ema, t.params, origin)
+        lora_dir = export_lora(t.paths.lora, self.family, denoiser, text_encoders, t.ema, t.params, origin)
         if self.lora.fuse_export:
             prediction_type, model = self.cfg.train.prediction_type, self.cfg.model
             source = t.comps.source
@@ -221,6 +273,15 @@ def _load_trainable(module: torch.nn.Module, file: Path) -> None:
             param.copy_(tensors[name].to(param.device, param.dtype))
 
 
-def make_method(cfg: Config, family: SD1) -> FullFineTune:
+METHODS: dict[str, type[FullFineTune] | type[LoRA]] = {FullFineTune.name: FullFineTune, LoRA.name: LoRA}
+"""``train.method`` -> the method's class."""
+
+
+def method_class(cfg: Config) -> type[FullFineTune] | type[LoRA]:
+    """The class of the method ``train.method`` names (the schema allows only these names)."""
+    return METHODS[cfg.train.method]
+
+
+def make_method(cfg: Config, family: Family) -> Method:
     """The method ``train.method`` names, for the loaded model's family."""
-    return LoRA(cfg, family) if cfg.train.method == "lora" else FullFineTune(cfg, family)
+    return method_class(cfg)(cfg, family)

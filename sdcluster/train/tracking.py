@@ -21,12 +21,15 @@ import importlib.util
 import json
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdcluster.atomic import write_json
 from sdcluster.config import Config, ConfigError
 from sdcluster.paths import RunPaths, semantic_train_config
 from sdcluster.redaction import redact
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 WANDB_STEP = "train/step"  # the training step, logged as a value to W&B (see start)
 
@@ -76,7 +79,7 @@ def wandb_run_id(paths: RunPaths) -> str:
     return run_id
 
 
-def start(acc: Any, cfg: Config, paths: RunPaths, step: int) -> None:
+def start(acc: Accelerator, cfg: Config, paths: RunPaths, step: int) -> None:
     """Open the tracker at ``step`` (after the resume). Every rank calls it; only rank 0 touches files."""
     if cfg.train.tracker == "none":
         return
@@ -103,13 +106,13 @@ def _values(cfg: Config, values: dict[str, Any], step: int) -> tuple[dict[str, A
     return values, step
 
 
-def log(acc: Any, cfg: Config, values: dict[str, float], step: int) -> None:
+def log(acc: Accelerator, cfg: Config, values: dict[str, float], step: int) -> None:
     if cfg.train.tracker != "none":
         values, at = _values(cfg, values, step)
         acc.log(values, step=at)
 
 
-def log_image(acc: Any, cfg: Config, name: str, path: Path, step: int) -> None:
+def log_image(acc: Accelerator, cfg: Config, name: str, path: Path, step: int) -> None:
     """One image file (a validation grid) into the tracker, as accelerate's trackers each want it."""
     if cfg.train.tracker == "none" or not acc.is_main_process:
         return
@@ -127,7 +130,7 @@ def log_image(acc: Any, cfg: Config, name: str, path: Path, step: int) -> None:
         acc.get_tracker("wandb", unwrap=True).log(values)
 
 
-def end(acc: Any, cfg: Config) -> None:
+def end(acc: Accelerator, cfg: Config) -> None:
     """Flush and close (TensorBoard's writer buffers; W&B marks the run finished or resumable)."""
     if cfg.train.tracker != "none":
         acc.end_training()

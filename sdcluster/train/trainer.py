@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from sdcluster.config import Config, ConfigError
 from sdcluster.models.load import Components, load_components
 from sdcluster.paths import RunPaths, run_paths
-from sdcluster.train.method import make_method, weight_dtype
+from sdcluster.train.method import Method, make_method, method_class, weight_dtype
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from sdcluster.train.ema import LerpEMA
+    from sdcluster.train.loss import Objective
 
 log = logging.getLogger("sdcluster")
 
@@ -25,16 +31,17 @@ class Trainer:
     """What the loop works on; built once by :func:`build_trainer`."""
 
     cfg: Config
-    accelerator: Any
+    accelerator: Accelerator
     comps: Components
-    unet: Any
-    optimizer: Any
-    lr_scheduler: Any
-    ema: Any
+    denoiser: torch.nn.Module  # as accelerate prepared it (a DDP wrapper on N processes)
+    objective: Objective  # what the denoiser learns to predict (the family's)
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: LerpEMA | None
     param_names: list[str]  # of ``params``: the names of the EMA's tensors in a checkpoint
     paths: RunPaths
-    method: Any  # FullFineTune or LoRA (sdcluster.train.method): what is trained, saved and exported
-    models: list[Any] = field(default_factory=list)  # prepared by accelerate: the UNet first
+    method: Method  # what is trained, saved and exported (sdcluster.train.method)
+    models: list[torch.nn.Module] = field(default_factory=list)  # prepared by accelerate: the denoiser first
     step: int = 0
     micro_step: int = 0
     params: list[torch.nn.Parameter] = field(default_factory=list)  # listed once: iterating is not free
@@ -48,7 +55,7 @@ def weights_checksum(model: torch.nn.Module | list[torch.nn.Parameter]) -> str:
     return f"{total:.10e}"
 
 
-def _make_accelerator(cfg: Config, paths: RunPaths) -> Any:
+def _make_accelerator(cfg: Config, paths: RunPaths) -> Accelerator:
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     from sdcluster.train.tracking import accelerator_kwargs
@@ -60,9 +67,7 @@ def _make_accelerator(cfg: Config, paths: RunPaths) -> Any:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     handlers = []
-    if cfg.train.method == "lora" and cfg.train.lora.text_encoder_lr is not None:
-        # SDXL conditions on the first text encoder's penultimate layer: the adapters of its last layer get
-        # no gradient, which DDP refuses unless told (diffusers' SDXL LoRA script sets the same flag)
+    if method_class(cfg).finds_unused_parameters(cfg):
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     return Accelerator(
         mixed_precision=cfg.train.mixed_precision,
@@ -73,7 +78,7 @@ def _make_accelerator(cfg: Config, paths: RunPaths) -> Any:
     )
 
 
-def _make_optimizer(cfg: Config, method: Any, world_size: int) -> Any:
+def _make_optimizer(cfg: Config, method: Method, world_size: int) -> torch.optim.Optimizer:
     lr = cfg.optim.lr
     if cfg.optim.scale_lr:
         lr *= cfg.train.batch_size * cfg.train.grad_accum * world_size
@@ -91,7 +96,7 @@ def _make_optimizer(cfg: Config, method: Any, world_size: int) -> Any:
     )
 
 
-def _prepare_models(cfg: Config, comps: Components, accelerator: Any, method: Any) -> None:
+def _prepare_models(cfg: Config, comps: Components, accelerator: Accelerator, method: Method) -> None:
     dtype = weight_dtype(accelerator)
     for frozen in comps.family.frozen_modules(comps):
         frozen.requires_grad_(False)
@@ -99,9 +104,9 @@ def _prepare_models(cfg: Config, comps: Components, accelerator: Any, method: An
         cast = comps.family.vae_dtype(cfg.model, dtype) if frozen is comps.vae else dtype
         # Only cast when mixed precision asks for it: a no-op cast still trips diffusers' fp32-module warning.
         frozen.to(accelerator.device, dtype=cast) if cast else frozen.to(accelerator.device)
-    method.prepare(comps, accelerator)  # what is trained: the UNet, or adapters (unfreezing nothing else)
+    method.prepare(comps, accelerator)  # what is trained: the denoiser, or adapters (unfreezing nothing else)
     if cfg.train.gradient_checkpointing:
-        comps.unet.enable_gradient_checkpointing()
+        comps.denoiser.enable_gradient_checkpointing()
     if cfg.train.prediction_type:
         comps.noise_scheduler.register_to_config(prediction_type=cfg.train.prediction_type)
 
@@ -123,7 +128,7 @@ def build_trainer(cfg: Config) -> Trainer:
         from sdcluster.train.ema import LerpEMA
 
         ema = LerpEMA(
-            [p for _, p in named],  # what is trained: the UNet's weights, or only the adapters
+            [p for _, p in named],  # what is trained: the denoiser's weights, or only the adapters
             decay=cfg.train.ema_decay,
             foreach=True,  # what store/copy_to/restore use; the update itself is LerpEMA's one fused lerp
             offload=cfg.train.ema_offload,
@@ -145,6 +150,7 @@ def build_trainer(cfg: Config) -> Trainer:
         accelerator,
         comps,
         models[0],
+        comps.family.objective(comps.noise_scheduler),
         optimizer,
         lr_scheduler,
         ema,

@@ -34,7 +34,7 @@ from sdcluster.generate.images import full_size_grid, save_png_atomic
 from sdcluster.generate.plan import item_seed
 from sdcluster.train import metrics
 from sdcluster.train.ema import ema_weights
-from sdcluster.train.loss import conditioning, diffusion_target, step_generator
+from sdcluster.train.loss import conditioning, step_generator
 
 if TYPE_CHECKING:
     from sdcluster.config import Config
@@ -102,8 +102,8 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 def _encode(t: Trainer, images: LossImages, pos: int) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Latents from the VAE posterior *mean* (a sample would add noise that no seed controls) and the UNet's
-    conditioning (text, and SDXL's size and crop)."""
+    """Latents from the VAE posterior *mean* (a sample would add noise that no seed controls) and the
+    denoiser's conditioning (text, and SDXL's size and crop)."""
     vae, device = t.comps.vae, t.accelerator.device
     pixels = images.pixel_values[pos : pos + 1].to(device, vae.dtype)
     latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
@@ -111,21 +111,19 @@ def _encode(t: Trainer, images: LossImages, pos: int) -> tuple[torch.Tensor, dic
 
 
 def _pair_loss(
-    t: Trainer, unet: Any, latents: torch.Tensor, cond: dict[str, Any], row: int, step: int
+    t: Trainer, denoiser: torch.nn.Module, latents: torch.Tensor, cond: dict[str, Any], row: int, step: int
 ) -> torch.Tensor:
     """Plain MSE at one fixed timestep with the pair's own noise.
 
     Unweighted and without noise offset on purpose: sweeping ``snr_gamma`` or ``noise_offset`` changes the
     training objective but must not change the ruler the runs are compared with.
     """
-    scheduler = t.comps.noise_scheduler
     gen = step_generator(NOISE_SEED, row, step)  # keyed by the image's row, so holdout changes nothing else
     noise = torch.randn(tuple(latents.shape), generator=gen).to(latents.device, latents.dtype)
     timesteps = torch.tensor([step], device=latents.device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    target = diffusion_target(scheduler, latents, noise, timesteps)
+    noisy, target = t.objective.noised(latents, noise, timesteps)
     with t.accelerator.autocast():
-        pred = unet(noisy, timesteps, **cond, return_dict=False)[0]
+        pred = denoiser(noisy, timesteps, **cond, return_dict=False)[0]
     return F.mse_loss(pred.float(), target.float()).double()
 
 
@@ -139,17 +137,18 @@ def validation_loss(t: Trainer, images: LossImages | None = None, use_ema: bool 
     acc = t.accelerator
     if images is None:
         images = loss_images(t.cfg, t.comps.family.tokenizers(t.comps))
-    steps = fixed_timesteps(t.comps.noise_scheduler.config.num_train_timesteps)
+    steps = fixed_timesteps(t.objective.num_timesteps)
     pairs = [(pos, step) for pos in range(len(images.indices)) for step in steps]
-    unet = acc.unwrap_model(t.unet)  # never the DDP wrapper: its forward may broadcast buffers (a collective)
+    # never the DDP wrapper: its forward may broadcast buffers (a collective)
+    denoiser = acc.unwrap_model(t.denoiser)
     total = torch.zeros((), dtype=torch.float64, device=acc.device)
     encoded: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}
     ema = t.ema if use_ema else None
-    with _eval_mode(unet), _text_eval(t), ema_weights(ema, t.params), torch.no_grad():
+    with _eval_mode(denoiser), _text_eval(t), ema_weights(ema, t.params), torch.no_grad():
         for pos, step in pairs[acc.process_index :: acc.num_processes]:
             if pos not in encoded:
                 encoded[pos] = _encode(t, images, pos)
-            total += _pair_loss(t, unet, *encoded[pos], images.indices[pos], step)
+            total += _pair_loss(t, denoiser, *encoded[pos], images.indices[pos], step)
     return acc.reduce(total, reduction="sum").item() / len(pairs)
 
 
@@ -157,12 +156,12 @@ def validation_loss(t: Trainer, images: LossImages | None = None, use_ema: bool 
 def _text_eval(t: Trainer) -> Iterator[None]:
     """Every text encoder in eval mode (no adapter dropout) inside."""
     with contextlib.ExitStack() as stack:
-        for encoder in t.comps.family.text_encoders(t.comps).values():
+        for encoder in t.comps.text_encoders.values():
             stack.enter_context(_eval_mode(encoder))
         yield
 
 
-def _pipeline(t: Trainer, unet: Any) -> Any:
+def _pipeline(t: Trainer, denoiser: torch.nn.Module) -> Any:
     """A pipeline around the in-memory components: nothing reloaded from disk, no safety checker, no bars."""
     from sdcluster.models.schedulers import make_scheduler
 
@@ -170,7 +169,7 @@ def _pipeline(t: Trainer, unet: Any) -> Any:
     with warnings.catch_warnings():  # it fixes old scheduler settings (clip_sample) itself, warning each time
         warnings.filterwarnings("ignore", "The configuration file of this scheduler", FutureWarning)
         scheduler = make_scheduler(t.cfg.generate.scheduler, comps.noise_scheduler.config)
-        pipe = comps.family.pipeline(comps, unet, scheduler)
+        pipe = comps.family.pipeline(comps, denoiser, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -196,9 +195,9 @@ def validation_images(t: Trainer, step: int) -> Path | None:
     folder.mkdir(parents=True, exist_ok=True)
     size = cfg.train.resolution
     gen = dataclasses.replace(cfg.generate, steps=cfg.train.validation_steps, height=size, width=size)
-    unet = acc.unwrap_model(t.unet)
-    with _eval_mode(unet), _text_eval(t), ema_weights(t.ema, t.params):
-        pipe = _pipeline(t, unet)
+    denoiser = acc.unwrap_model(t.denoiser)
+    with _eval_mode(denoiser), _text_eval(t), ema_weights(t.ema, t.params):
+        pipe = _pipeline(t, denoiser)
         for i in range(acc.process_index, len(prompts), acc.num_processes):
             seed = item_seed(IMAGE_SEED, i, 0)
             with acc.autocast():

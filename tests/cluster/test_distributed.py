@@ -13,7 +13,7 @@ from tests.conftest import REPO
 # task: there accelerate used to set threads = physical cores / 1, whatever the job was given.
 _RANK = """
 import os, sys, torch
-from sdcluster.cluster import distributed
+from sdcluster.runtime import distributed
 distributed.setup(use_gpus=False)
 os.environ.update(RANK=sys.argv[1], WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                   MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
@@ -51,7 +51,7 @@ def test_accelerate_keeps_the_thread_count_of_the_allocation() -> None:
 
 
 def test_the_rendezvous_port_is_the_jobs_own_and_outside_the_ephemeral_range() -> None:
-    from sdcluster.cluster.distributed import RENDEZVOUS_PORTS, rendezvous_port
+    from sdcluster.runtime.distributed import RENDEZVOUS_PORTS, rendezvous_port
 
     ports = {rendezvous_port(job) for job in ["5256095", "5256096", "5256095_0", "5256095_1", "17"]}
     assert len(ports) == 5 and all(RENDEZVOUS_PORTS[0] <= p <= RENDEZVOUS_PORTS[1] < 32768 for p in ports)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from sdcluster.cluster import ownership
+from sdcluster.runtime import ownership
 
 
 def _hold(folder: Path, job_id: str, jobs_folder: Path) -> dict:

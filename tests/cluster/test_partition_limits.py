@@ -11,10 +11,11 @@ import shutil
 
 import pytest
 
-from sdcluster.cluster import scheduler
-from sdcluster.cluster.preflight import LIMITS, check_partition_limits, preflight
-from sdcluster.cluster.sandbox.layout import saved
+from sdcluster.cluster.backends import slurm_queries as scheduler
+from sdcluster.cluster.backends.slurm_checks import LIMITS, check_partition_limits
+from sdcluster.cluster.preflight import preflight
 from sdcluster.config import ClusterConfig, ConfigError
+from tests.sandbox.layout import saved
 from tests.slurm_helpers import launch
 
 SLURM = ["+cluster=slurm", "task=train"]

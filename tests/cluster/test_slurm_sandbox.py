@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import submitit
 
-from sdcluster.cluster import sandbox
+from tests import sandbox
 
 pytestmark = pytest.mark.slurm
 
@@ -101,8 +101,8 @@ def test_usr2_preemption_requeues_checkpointable(slurm_cluster, tmp_path: Path) 
 
 
 def test_start_again_reuses_the_running_cluster(slurm_cluster) -> None:
-    from sdcluster.cluster.sandbox.daemons import _pid
-    from sdcluster.cluster.sandbox.spec import DAEMONS
+    from tests.sandbox.daemons import _pid
+    from tests.sandbox.spec import DAEMONS
 
     before = {daemon.name: _pid(slurm_cluster.state_dir, daemon) for daemon in DAEMONS}
     info = sandbox.start(slurm_cluster.state_dir)

@@ -20,10 +20,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdcluster.cluster import sandbox
-from sdcluster.cluster.sandbox import layout, netns
-from sdcluster.cluster.sandbox.daemons import _pid
 from sdcluster.train import step_folders
+from tests import sandbox
+from tests.sandbox import layout, netns
+from tests.sandbox.daemons import _pid
 from tests.slurm_helpers import job_record, launch, logs_cli, wait_for, wait_for_line, wait_until
 
 pytestmark = pytest.mark.slurm

@@ -74,7 +74,7 @@ def test_disk_path_reads_what_ram_path_holds(make_cfg, comps):
     assert ram.in_memory and not disk.in_memory
     for key in [(i, seed) for i in range(len(ram)) for seed in range(3)]:
         a, b = ram[key], disk[key]
-        assert torch.equal(a["posterior"], b["posterior"]) and torch.equal(a["hidden"], b["hidden"])
+        assert torch.equal(a["posterior"], b["posterior"]) and torch.equal(a["text"], b["text"])
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny_sdxl"])
@@ -206,7 +206,7 @@ def test_shards_of_two_ranks_hold_what_one_rank_encodes(make_cfg, comps, tmp_pat
     assert len(np.load(tmp_path / "entry" / "posterior.1.npy")) > 0
     for key in [(i, s) for i in range(3) for s in range(6)]:
         assert torch.allclose(sharded[key]["posterior"], single[key]["posterior"], atol=1e-5)
-        assert torch.allclose(sharded[key]["hidden"], single[key]["hidden"], atol=1e-5)
+        assert torch.allclose(sharded[key]["text"], single[key]["text"], atol=1e-5)
 
 
 def test_too_many_random_crops_falls_back_to_encoding(make_cfg, comps, tmp_path, caplog):

@@ -284,7 +284,8 @@ def test_ranks_load_the_pinned_snapshot_with_the_hub_off(hub, make_cfg, tmp_path
     comps = load_components(cfg.model, cfg.cache_root)
     assert comps.source == str(staged.folder)
     assert comps.origin == {"path": REPO_ID, "revision": None, "commit": COMMIT, "variant": None}
-    assert comps.unet.config.sample_size > 0 and comps.tokenizer("a pair of jeans").input_ids
+    assert comps.denoiser.config.sample_size > 0
+    assert comps.tokenizers["tokenizer"]("a pair of jeans").input_ids
 
 
 def test_an_sdxl_repo_stages_both_text_encoders_and_loads_as_sdxl_with_the_hub_off(
@@ -304,7 +305,7 @@ def test_an_sdxl_repo_stages_both_text_encoders_and_loads_as_sdxl_with_the_hub_o
     hub.close()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     comps = load_components(cfg.model, cfg.cache_root)
-    assert comps.family.name == "sdxl" and comps.text_encoder_2.config.projection_dim > 0
+    assert comps.family.name == "sdxl" and comps.text_encoders["text_encoder_2"].config.projection_dim > 0
 
 
 def test_a_hub_vae_is_staged_pinned_and_loaded_with_the_hub_off(hub, make_cfg, tmp_path, monkeypatch):

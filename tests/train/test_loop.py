@@ -59,16 +59,17 @@ def test_loss_goes_down_on_one_batch(make_cfg, tmp_path):
         if unet_source:
             from diffusers import UNet2DConditionModel
 
-            comps.unet = UNet2DConditionModel.from_pretrained(unet_source, subfolder="unet")
+            comps.denoiser = UNet2DConditionModel.from_pretrained(unet_source, subfolder="unet")
         from sdcluster.data.dataset import TrainImages, collate, load_captioned_images
 
-        images = TrainImages(load_captioned_images(folder), comps.tokenizer, 64, True, False)
+        images = TrainImages(load_captioned_images(folder), comps.tokenizers["tokenizer"], 64, True, False)
         batch = collate([images[(0, 0)]] * 4)
         with torch.no_grad():
             gen = step_generator(123, 0, 0)
             latents = encode_latents(comps.vae, batch["pixel_values"], gen)
             cond = conditioning(comps, batch, "cpu")
-            return diffusion_loss(comps.unet, comps.noise_scheduler, latents, cond, gen).item()
+            objective = comps.family.objective(comps.noise_scheduler)
+            return diffusion_loss(comps.denoiser, objective, latents, cond, gen).item()
 
     before = fixed_loss(None)
     result = train(cfg)

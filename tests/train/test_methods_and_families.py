@@ -125,7 +125,7 @@ def test_only_adapters_are_trained_in_float32(make_cfg):
     assert in_optimizer == {id(p) for p in t.params}
     assert all("lora_" in name for name in t.param_names)
     assert all(p.requires_grad and p.dtype == torch.float32 for p in t.params)
-    frozen = [p for p in t.unet.parameters() if not p.requires_grad]
+    frozen = [p for p in t.denoiser.parameters() if not p.requires_grad]
     assert frozen and sum(p.numel() for p in t.params) < 0.2 * sum(p.numel() for p in frozen)
 
 
@@ -174,9 +174,10 @@ def test_loss_goes_down_on_one_batch(make_cfg, tmp_path, method, family):
             gen = step_generator(123, 0, 0)
             latents = encode_latents(comps.vae, batch["pixel_values"], gen)
             cond = conditioning(comps, batch, "cpu")
-            return diffusion_loss(unet, comps.noise_scheduler, latents, cond, gen).item()
+            return diffusion_loss(unet, objective, latents, cond, gen).item()
 
-    before = fixed_loss(comps.unet)
+    objective = comps.family.objective(comps.noise_scheduler)
+    before = fixed_loss(comps.denoiser)
     result = train(cfg)
     if method == "lora":  # the base model with the exported LoRA, as a user loads it
         pipe = _base_pipeline(comps.source, family)
@@ -407,7 +408,8 @@ def test_sdxl_vae_stays_float32_under_mixed_precision_unless_vae_path_names_one(
 
     half = [*FAST, *LORA, "train.mixed_precision=bf16"]
     sdxl = build_trainer(make_cfg([*half, "model=tiny_sdxl"])).comps
-    assert (sdxl.vae.dtype, sdxl.text_encoder.dtype, sdxl.text_encoder_2.dtype, sdxl.unet.dtype) == (
+    encoders = sdxl.text_encoders
+    assert (sdxl.vae.dtype, *(e.dtype for e in encoders.values()), sdxl.denoiser.dtype) == (
         torch.float32,
         torch.bfloat16,
         torch.bfloat16,

@@ -170,7 +170,7 @@ def test_betas_weight_decay_eps_and_lr_reach_the_optimizer(make_cfg):
     assert group["weight_decay"] == 0.123
     assert group["eps"] == 1e-6
     assert group["lr"] == 3e-5
-    trainable = {id(p) for p in t.unet.parameters()}
+    trainable = {id(p) for p in t.denoiser.parameters()}
     assert {id(p) for p in group["params"]} == trainable  # the whole UNet, nothing else
 
 
@@ -238,5 +238,5 @@ def test_model_path_is_where_the_weights_come_from(make_cfg, baseline):
 
     t = build_trainer(make_cfg([*QUICK, f"model.path={baseline.model_dir}"]))
     assert t.comps.source == str(baseline.model_dir)
-    loaded = {name: p.detach() for name, p in t.unet.named_parameters()}
+    loaded = {name: p.detach() for name, p in t.denoiser.named_parameters()}
     assert_same_weights(loaded, unet_weights(baseline))  # the fine-tuned weights, not tiny's

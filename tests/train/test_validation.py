@@ -44,7 +44,7 @@ class _Rank:
 
 
 def _weights(t: Trainer) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in t.unet.named_parameters()}
+    return {name: p.detach().clone() for name, p in t.denoiser.named_parameters()}
 
 
 def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -74,7 +74,7 @@ def base_loss(base: Trainer) -> float:
 @pytest.mark.slow
 def test_loss_is_deterministic_and_ignores_train_seed(base, base_loss):
     assert validation.validation_loss(base) == base_loss
-    assert base.unet.training
+    assert base.denoiser.training
     reseeded = dataclasses.replace(base.cfg, train=dataclasses.replace(base.cfg.train, seed=7))
     assert validation.validation_loss(dataclasses.replace(base, cfg=reseeded)) == base_loss
 
@@ -92,7 +92,7 @@ def test_loss_changes_after_training(base_loss, make_cfg):
 
 @pytest.mark.slow
 def test_loss_images_are_held_out(base):
-    cfg, tokenizer = base.cfg, base.comps.tokenizer
+    cfg, tokenizer = base.cfg, base.comps.tokenizers["tokenizer"]
     names = list(load_captioned_images(sample_data_dir())["file_name"])
     train_rows, held_rows = holdout_split(len(names), cfg.data.holdout)
     images = validation.loss_images(cfg, tokenizer)
@@ -136,7 +136,7 @@ def test_run_validation_writes_images_grid_and_metrics(base, base_loss, caplog):
     assert record["step"] == 5 and record["val_loss"] == base_loss and "loss" not in record
     line = f"validation step 5 | val_loss {base_loss:.4f} (2 held-out images) | images {folder}"
     assert line in caplog.text
-    assert base.unet.training
+    assert base.denoiser.training
 
 
 @pytest.mark.slow
@@ -150,9 +150,9 @@ def test_images_use_ema_weights_and_restore_the_unet(make_cfg):
 
     raw = validation.validation_images(dataclasses.replace(t, ema=None), step=1)
     with_ema = validation.validation_images(t, step=2)
-    assert _same_weights(_weights(t), before) and t.unet.training
+    assert _same_weights(_weights(t), before) and t.denoiser.training
     with torch.no_grad():
-        for param, shadow in zip(t.unet.parameters(), ema.shadow_params, strict=True):
+        for param, shadow in zip(t.denoiser.parameters(), ema.shadow_params, strict=True):
             param.copy_(shadow)
     by_hand = validation.validation_images(dataclasses.replace(t, ema=None), step=3)
 

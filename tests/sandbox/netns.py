@@ -16,8 +16,8 @@ import logging
 import subprocess
 from pathlib import Path
 
-from sdcluster.cluster.sandbox.layout import Layout, Node
-from sdcluster.cluster.sandbox.spec import SandboxError
+from tests.sandbox.layout import Layout, Node
+from tests.sandbox.spec import SandboxError
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sdcluster.cluster.sandbox.spec import SandboxError, node_name
+from tests.sandbox.spec import SandboxError, node_name
 
 if TYPE_CHECKING:
-    from sdcluster.cluster.sandbox.layout import Layout
+    from tests.sandbox.layout import Layout
 
 CLUSTER = "sdcluster"
 DB_NAME, DB_USER = "slurm_acct_db", "slurm"

@@ -14,10 +14,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from sdcluster.cluster.sandbox import layout as layouts
-from sdcluster.cluster.sandbox import netns
-from sdcluster.cluster.sandbox.configs import write_configs
-from sdcluster.cluster.sandbox.daemons import (
+from tests.sandbox import layout as layouts
+from tests.sandbox import netns
+from tests.sandbox.configs import write_configs
+from tests.sandbox.daemons import (
     _alive,
     _ok,
     _pid,
@@ -28,8 +28,8 @@ from sdcluster.cluster.sandbox.daemons import (
     _start_slurmdbd,
     _wait,
 )
-from sdcluster.cluster.sandbox.layout import Layout
-from sdcluster.cluster.sandbox.spec import (
+from tests.sandbox.layout import Layout
+from tests.sandbox.spec import (
     APT_PACKAGES,
     BINARIES,
     BY_NAME,

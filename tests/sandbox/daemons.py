@@ -10,14 +10,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sdcluster.cluster.sandbox.configs import (
+from tests.sandbox.configs import (
     CLUSTER,
     DB_NAME,
     DB_USER,
     grant_sql,
     mysql_user,
 )
-from sdcluster.cluster.sandbox.spec import (
+from tests.sandbox.spec import (
     BY_NAME,
     SEARCH_PATH,
     Daemon,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sdcluster import atomic
-from sdcluster.cluster import records, scheduler
+from sdcluster.cluster import backends, records
 from sdcluster.config import ConfigError
 
 OWNER = ".sdcluster-owner.json"
@@ -35,8 +35,9 @@ def _array_base(job_id: str) -> str:
     return job_id.split("_", 1)[0]
 
 
-def _local_alive(holder: dict[str, Any]) -> bool:
-    """A local job's id is its controller's pid (submitit); its recorded attempt tells a reused pid apart."""
+def _process_alive(holder: dict[str, Any]) -> bool:
+    """A foreground job's id is its controller's pid (submitit); its recorded attempt tells a reused pid
+    apart."""
     if holder.get("host") != socket.gethostname():
         return True  # another machine's process table cannot be read: assume it runs
     folder = Path(holder.get("jobs_folder", ""))
@@ -54,13 +55,14 @@ def _local_alive(holder: dict[str, Any]) -> bool:
 
 def live_state(holder: dict[str, Any]) -> str | None:
     """The holder's state while it may still write (pending, running, requeued), else None."""
-    if holder.get("cluster") == "local":
-        return "RUNNING" if _local_alive(holder) else None
-    states = scheduler.job_states(str(holder["job_id"]))  # an array's id covers all its tasks
-    if states is None:  # no answer from SLURM: the job's own record is all there is
+    backend = backends.get(holder.get("cluster", ""))
+    if backend.foreground:  # a process of the launching machine: no scheduler to ask
+        return "RUNNING" if _process_alive(holder) else None
+    states = backend.job_states(str(holder["job_id"]))  # an array's id covers all its tasks
+    if states is None:  # no answer from the scheduler: the job's own record is all there is
         state = records.read(Path(holder.get("jobs_folder", ""))).get("state")
         return state if state in ("SUBMITTED", "RUNNING") else None
-    alive = [s for s in states if s in scheduler.LIVE]
+    alive = [s for s in states if s in backends.LIVE]
     return alive[0] if alive else None
 
 
@@ -88,7 +90,7 @@ def check_free(folder: Path, key: str) -> None:
     state = live_state(holder) if holder else None
     if holder and state:
         job_id = holder["job_id"]
-        stop = f"scancel {job_id}" if holder.get("cluster") == "slurm" else "Ctrl-C in its terminal"
+        stop = backends.get(holder.get("cluster", "")).stop_hint(job_id)
         raise ConfigError(
             f"{key}: {folder} is in use by job {job_id} ({state}); two writers would mix their files. "
             f"Fix: follow it (python -m sdcluster.logs {job_id} --follow) and run the same command once it "

@@ -1,14 +1,19 @@
 """A real SLURM cluster on this machine (one node, or several in network namespaces), for the test suite
-and for trying sdcluster.
+and for trying sdcluster (``make cluster``).
+
+It lives in ``tests/`` and not in the installed package: a user's cluster is their site's, so a wheel has no
+use for ~900 lines of daemon management. ``tests/`` rather than a new top-level ``tools/`` package: the suite
+is its first user, lint and format already cover ``tests/``, and no generic top-level name (``tools``) joins
+``sys.path`` next to an editable install. Run it from the checkout (``python -m tests.sandbox``).
 
 Run as root (slurmd must be able to start jobs as any user)::
 
-    python -m sdcluster.cluster.sandbox start            # idempotent: reuses a healthy sandbox in < 2 s
-    eval "$(python -m sdcluster.cluster.sandbox env)"    # export SLURM_CONF=... for sbatch/sinfo/submitit
-    python -m sdcluster.cluster.sandbox status           # sinfo
-    python -m sdcluster.cluster.sandbox stop
+    python -m tests.sandbox start            # idempotent: reuses a healthy sandbox in < 2 s
+    eval "$(python -m tests.sandbox env)"    # export SLURM_CONF=... for sbatch/sinfo/submitit
+    python -m tests.sandbox status           # sinfo
+    python -m tests.sandbox stop
 
-    python -m sdcluster.cluster.sandbox start --nodes 2  # two nodes n1, n2 (own hostname and address each)
+    python -m tests.sandbox start --nodes 2  # two nodes n1, n2 (own hostname and address each)
 
 Needs the Debian/Ubuntu packages listed in ``APT_PACKAGES`` (tested with SLURM 22.05, MariaDB 10.11).
 
@@ -27,8 +32,8 @@ Accounting (slurmdbd + MariaDB) is not optional here: without it ``sacct`` fails
 falls back to guessing job states, which is exactly the behaviour the tests must not depend on.
 """
 
-from sdcluster.cluster.sandbox.lifecycle import is_running, resolve_dir, start, stop
-from sdcluster.cluster.sandbox.spec import APT_PACKAGES, DEFAULT_DIR, PARTITIONS, SandboxError, SandboxInfo
+from tests.sandbox.lifecycle import is_running, resolve_dir, start, stop
+from tests.sandbox.spec import APT_PACKAGES, DEFAULT_DIR, PARTITIONS, SandboxError, SandboxInfo
 
 __all__ = [
     "APT_PACKAGES",

@@ -4,13 +4,13 @@ submitit's own USR2 handler checkpoints on global rank 0 only, *inside* the hand
 signal after min(0.8 x limit, limit - 10 min) as a time-out (so with a limit of 10 minutes or less every
 signal is a "time-out"). We replace it on every rank by a handler that only records the signal; the training
 loop then agrees across ranks at a step boundary, every rank saves, and rank 0 hands over to submitit's
-handler purely for the requeue (``scontrol requeue`` + pickled resubmission), after our own accounting
-(:mod:`sdcluster.cluster.records`) decided whether the budget (``cluster.max_requeues`` / ``max_timeouts``)
-allows it.
+handler purely for the requeue (the scheduler's requeue + pickled resubmission), after our own accounting
+(:mod:`sdcluster.cluster.records`) decided whether the backend requeues at all and the budget
+(``cluster.max_requeues`` / ``max_timeouts``) allows it.
 
-With the local executor there is no scheduler, but there is a person at a terminal: Ctrl-C (SIGINT to the
-whole foreground group) or a SIGTERM sets the same flag, the job stops at the next step boundary with a
-checkpoint, records the attempt as CANCELLED and says that the same command resumes.
+A foreground backend (local) has no scheduler, but there is a person at a terminal: its ``stop_signals``
+(Ctrl-C, SIGINT to the whole foreground group, or a SIGTERM) set the same flag, the job stops at the next
+step boundary with a checkpoint, records the attempt as CANCELLED and says that the same command resumes.
 """
 
 from __future__ import annotations
@@ -21,15 +21,16 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sdcluster.cluster import records
-from sdcluster.config import Config
+from sdcluster.cluster import backends, records
+
+if TYPE_CHECKING:  # annotations only: the protocol reads a few cluster.* fields, never builds a config
+    from sdcluster.config import Config
 
 log = logging.getLogger("sdcluster")
 
-PREEMPT_SIGNAL = signal.SIGUSR2
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # a person stopping a local job
+PREEMPT_SIGNAL = signal.SIGUSR2  # submitit's warning signal, whatever the backend
 
 
 class JobStopped(RuntimeError):
@@ -45,13 +46,12 @@ class PreemptionFlag:
         self._submitit_handler: Any = None
         self.forced = False
 
-    def install(self, local: bool = False) -> None:
-        """Take over USR2 from submitit; a local job also SIGINT and SIGTERM (submitit ignores SIGTERM)."""
+    def install(self, stop_signals: tuple[signal.Signals, ...] = ()) -> None:
+        """Take over USR2 from submitit, and the backend's ``stop_signals`` (a person stopping a job)."""
         self._submitit_handler = signal.getsignal(PREEMPT_SIGNAL)
         signal.signal(PREEMPT_SIGNAL, self._on_signal)
-        if local:
-            for signum in STOP_SIGNALS:
-                signal.signal(signum, self._on_stop)
+        for signum in stop_signals:
+            signal.signal(signum, self._on_stop)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.signal_time = time.time()
@@ -75,7 +75,7 @@ class PreemptionFlag:
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
     def requeue_through_submitit(self) -> None:
-        """Let submitit dump the resubmission and run ``scontrol requeue``; it then exits the process."""
+        """Let submitit dump the resubmission and requeue the job with the scheduler; it exits the process."""
         handler = self._submitit_handler
         if not callable(handler):
             raise RuntimeError("not running under submitit: rerun the same command to resume")
@@ -85,7 +85,8 @@ class PreemptionFlag:
 def classify(elapsed_s: float, timeout_min: int, signal_delay_s: int, slack_s: float = 90.0) -> str:
     """``timeout`` when the signal came about when the time-limit warning is due, else ``preempted``.
 
-    SLURM sends the warning ``signal_delay_s`` before the limit; a signal well before that is preemption.
+    The scheduler sends the warning ``signal_delay_s`` before the limit; a signal well before that is
+    preemption.
     """
     due = timeout_min * 60 - signal_delay_s
     return "timeout" if elapsed_s >= due - slack_s else "preempted"
@@ -106,13 +107,14 @@ def requeue_or_stop(
     state = "TIMEOUT" if reason == "timeout" else "PREEMPTED"
     budget = cfg.cluster.max_timeouts if state == "TIMEOUT" else cfg.cluster.max_requeues
     used = records.count_attempts(folder, state) if folder else 0
-    requeue = cfg.cluster.name == "slurm" and used < budget
+    backend = backends.of(cfg)
+    requeue = backend.requeues and used < budget
     if folder:
         records.end_attempt(folder, state, step=step, exit_reason=reason, requeued=requeue)
     if requeue:
         log.warning("%s at step %s: state saved, requeueing (%d/%d used)", reason, step, used + 1, budget)
         flag.requeue_through_submitit()  # exits the process
-    hint = "rerun the same command to resume" if cfg.cluster.name == "local" else "resubmit to resume"
+    hint = backend.resume_hint
     key = "cluster.max_timeouts" if state == "TIMEOUT" else "cluster.max_requeues"
     raise JobStopped(
         f"{reason} at step {step}; state saved; not requeued ({key}={budget}, used {used}): {hint}"
@@ -136,10 +138,11 @@ def hold_for_signal(
     nothing else sets it.
     """
     wanted = os.environ.get(TEST_PAUSE)
-    if not wanted or os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"):
+    env = backends.environment()
+    if not wanted or env.restart_count:
         return
     target, _, task = wanted.partition("@")
-    if target != f"{unit}:{count}" or (task and os.environ.get("SLURM_ARRAY_TASK_ID") != task):
+    if target != f"{unit}:{count}" or (task and env.array_task != task):
         return
     log.info("paused at %s %d until a signal arrives (%s)", unit, count, TEST_PAUSE)
     deadline = time.monotonic() + limit_s

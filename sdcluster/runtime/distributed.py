@@ -1,7 +1,8 @@
-"""SLURM/submitit environment -> torch.distributed environment, before the Accelerator exists.
+"""The scheduler's environment -> torch.distributed environment, before the Accelerator exists.
 
-accelerate has no SLURM detection of its own: it reads MASTER_ADDR/PORT, RANK, WORLD_SIZE and LOCAL_RANK.
-submitit knows them from SLURM (node list, task ids) and exports them (``TorchDistributedEnvironment``); the
+accelerate has no scheduler detection of its own: it reads MASTER_ADDR/PORT, RANK, WORLD_SIZE and
+LOCAL_RANK. submitit knows them from the scheduler (node list, task ids) and exports them
+(``TorchDistributedEnvironment``); the
 port is ours (:func:`rendezvous_port`): derived from the job id, so ranks agree without talking and a
 requeued job reuses it.
 """
@@ -13,6 +14,8 @@ import logging
 import os
 from dataclasses import dataclass
 from typing import Any
+
+from sdcluster.cluster import backends
 
 log = logging.getLogger("sdcluster")
 
@@ -59,12 +62,12 @@ _chosen: int | None = None  # what setup() chose in this process, for the attemp
 def cpu_threads(processes_on_node: int) -> int:
     """Threads for torch: the job's CPU allocation, not the node's cores, not 1.
 
-    ``SLURM_CPUS_PER_TASK`` (``cluster.cpus_per_task``) is what SLURM gave this task, the same whatever the
-    layout of the job; without it, the CPUs this process may run on shared by the processes of this node.
+    The CPUs the scheduler gave this task (``cluster.cpus_per_task``) are the same whatever the layout of
+    the job; without them, the CPUs this process may run on shared by the processes of this node.
     """
-    per_task = os.environ.get("SLURM_CPUS_PER_TASK")
-    if per_task and per_task.isdigit():
-        return max(1, int(per_task))
+    per_task = backends.environment().cpus_per_task
+    if per_task:
+        return max(1, per_task)
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, usable // max(1, processes_on_node))
 
@@ -74,7 +77,7 @@ def setup(use_gpus: bool) -> DistInfo:
     import torch
 
     env = _submitit_env()
-    restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    restart = backends.environment().restart_count
     if env is None or env.num_tasks == 1:
         info = DistInfo(0, 0, 1, env.job_id if env else None, restart, cpu_threads(1))
     else:

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdcluster.cluster.sandbox.spec import BASE_DAEMONS, Daemon, SandboxError, node_name
+from tests.sandbox.spec import BASE_DAEMONS, Daemon, SandboxError, node_name
 
 SUBNET = "10.231.0"  # RFC 1918 space that exists only on our bridge, inside this machine
 CONTROLLER_ADDR = f"{SUBNET}.1"  # the bridge's address in the machine's own namespace: slurmctld, slurmdbd

@@ -1,5 +1,5 @@
-"""What SLURM knows, asked through its own commands: a job's state (sacct, else squeue), the partitions and
-their limits (scontrol, sinfo).
+"""What SLURM knows (the SLURM backend's queries), asked through its own commands: a job's state (sacct,
+else squeue), the partitions and their limits (scontrol, sinfo).
 
 Every call has a time-out and returns None (or raises :class:`SchedulerUnavailable`) instead of hanging when
 the controller is down: the login-node commands must answer even then.
@@ -12,31 +12,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-TERMINAL = (
-    "COMPLETED",
-    "FAILED",
-    "CANCELLED",
-    "TIMEOUT",
-    "OUT_OF_MEMORY",
-    "NODE_FAIL",
-    "PREEMPTED",
-    "BOOT_FAIL",
-)
 CLIENTS = ("sbatch", "sinfo", "squeue")
-# States in which a job may still write: queued, running, being requeued or held.
-LIVE = (
-    "PENDING",
-    "RUNNING",
-    "REQUEUED",
-    "REQUEUE_HOLD",
-    "REQUEUE_FED",
-    "CONFIGURING",
-    "COMPLETING",
-    "SUSPENDED",
-    "RESIZING",
-    "STAGE_OUT",
-    "SIGNALING",
-)
 
 
 class SchedulerUnavailable(RuntimeError):

@@ -1,4 +1,4 @@
-"""``python -m sdcluster.cluster.sandbox start|stop|status|env``: see the package's docstring."""
+"""``python -m tests.sandbox start|stop|status|env``: see the package's docstring."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import shlex
 import sys
 from pathlib import Path
 
-import sdcluster.cluster.sandbox as package
-from sdcluster.cluster.sandbox.daemons import _run
-from sdcluster.cluster.sandbox.lifecycle import is_running, resolve_dir, start, stop
-from sdcluster.cluster.sandbox.spec import DEFAULT_DIR, SandboxError
+import tests.sandbox as package
+from tests.sandbox.daemons import _run
+from tests.sandbox.lifecycle import is_running, resolve_dir, start, stop
+from tests.sandbox.spec import DEFAULT_DIR, SandboxError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         "--nodes", type=int, default=1, help="nodes; more than 1: one network namespace each (default 1)"
     )
     parser = argparse.ArgumentParser(
-        prog="python -m sdcluster.cluster.sandbox",
+        prog="python -m tests.sandbox",
         description=package.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

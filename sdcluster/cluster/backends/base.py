@@ -1,0 +1,93 @@
+"""The protocol every cluster backend implements, and the words both sides share.
+
+A backend is what differs between schedulers, in the style of submitit's executor plugins: how a job is
+submitted (an executor, arrays, dependencies), what the scheduler says of it, which checks come before
+queueing, and, inside the job, what the scheduler's environment says (attempt, array task, rank, CPUs) and
+which signals stop it. Everything above asks a backend and never names one.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import submitit
+
+    from sdcluster.config import Config
+
+# The job-state words are SLURM's; the records use the same (``records.TERMINAL``: no more writes). In
+# LIVE a job may still write: queued, running, being requeued or held.
+LIVE = (
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "CONFIGURING",
+    "COMPLETING",
+    "SUSPENDED",
+    "RESIZING",
+    "STAGE_OUT",
+    "SIGNALING",
+)
+
+
+@dataclass(frozen=True)
+class JobEnvironment:
+    """What the scheduler tells a process of a job (read on the compute node); defaults outside a job."""
+
+    inside: bool = False  # this process runs under the backend's scheduler
+    restart_count: int = 0  # 0 on the first attempt, n after n requeues
+    array_task: str | None = None  # the task's index in its array, as the scheduler spells it
+    rank: int = 0  # the process's global rank, known before torch's rendezvous
+    cpus_per_task: int | None = None  # the CPUs the scheduler gave each task, when it says
+
+
+class Backend(Protocol):
+    """One scheduler (or none): the login side submits and asks through it, the job reads its environment."""
+
+    name: str  # the value of ``cluster.name`` that selects it
+    foreground: bool  # jobs are processes of the launching machine: run one at a time, waited for, Ctrl-C
+    requeues: bool  # a preempted or timed-out job is requeued in place (else it stops and says how to resume)
+    resume_hint: str  # what a user does to resume a job that stopped early
+    stop_signals: tuple[signal.Signals, ...]  # signals that ask the job to stop at a step with a checkpoint
+
+    def executor(self, cfg: Config, folder: Path, name: str, after: str | None) -> submitit.Executor:
+        """A submitit executor for one job (or array) named ``name``, waiting on job ``after`` when given."""
+        ...
+
+    def script(self, cfg: Config, folder: Path, name: str, after: str | None, array_size: int | None) -> str:
+        """The exact script the scheduler would get for that job (or a line saying there is none), made
+        without submitting or writing anything: for the dry run and the checks."""
+        ...
+
+    def check_script(self, kind: str, script: str) -> None:
+        """Refuse (``ConfigError``) a rendered job script that would not run as meant."""
+        ...
+
+    def check(self, cfg: Config, dry_run: bool) -> list[str]:
+        """The scheduler-side checks before queueing; returns what a dry run could not check."""
+        ...
+
+    def job_state(self, job_id: str) -> tuple[str, str] | None:
+        """(state, exit code) of a job (its last task), or None when the scheduler knows nothing of it."""
+        ...
+
+    def job_states(self, job_id: str) -> list[str] | None:
+        """The state of every task of a job, or None when the scheduler knows nothing of it."""
+        ...
+
+    def view(self, job_ids: list[str]) -> dict[str, tuple[str, str]]:
+        """``{job_id: (state, node list)}`` for many jobs in one query; {} when the scheduler cannot say."""
+        ...
+
+    def stop_hint(self, job_id: str) -> str:
+        """How a user stops a running job."""
+        ...
+
+    def job_environment(self) -> JobEnvironment:
+        """What this process's environment says of the job it runs in."""
+        ...

@@ -1,0 +1,55 @@
+"""No scheduler: jobs are subprocesses of the launcher on this machine (submitit's ``LocalExecutor``).
+
+There is no queue to hold a dependency or an array, so the launcher runs the jobs one after another and
+waits for each; a person at the terminal stops a job with Ctrl-C (or SIGTERM), and the same command resumes.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import submitit
+
+from sdcluster.cluster.backends.base import JobEnvironment
+
+if TYPE_CHECKING:
+    from sdcluster.config import Config
+
+
+class LocalBackend:
+    name = "local"
+    foreground = True
+    requeues = False
+    resume_hint = "rerun the same command to resume"
+    stop_signals = (signal.SIGINT, signal.SIGTERM)  # a person stopping a job (submitit ignores SIGTERM)
+
+    def executor(self, cfg: Config, folder: Path, name: str, after: str | None) -> submitit.Executor:
+        executor = submitit.LocalExecutor(folder=folder)
+        executor.update_parameters(timeout_min=cfg.cluster.timeout_min, nodes=1, tasks_per_node=1)
+        return executor
+
+    def script(self, cfg: Config, folder: Path, name: str, after: str | None, array_size: int | None) -> str:
+        return "# local executor: no sbatch script; the job runs in a subprocess on this machine\n"
+
+    def check_script(self, kind: str, script: str) -> None:
+        return None  # nothing is rendered: the job is a plain subprocess
+
+    def check(self, cfg: Config, dry_run: bool) -> list[str]:
+        return []
+
+    def job_state(self, job_id: str) -> tuple[str, str] | None:
+        return None  # no scheduler: the job's own record is all there is
+
+    def job_states(self, job_id: str) -> list[str] | None:
+        return None
+
+    def view(self, job_ids: list[str]) -> dict[str, tuple[str, str]]:
+        return {}
+
+    def stop_hint(self, job_id: str) -> str:
+        return "Ctrl-C in its terminal"
+
+    def job_environment(self) -> JobEnvironment:
+        return JobEnvironment()  # one task, never requeued, no array

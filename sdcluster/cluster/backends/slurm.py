@@ -1,0 +1,149 @@
+"""SLURM through submitit's ``SlurmExecutor``: arrays, ``afterok`` dependencies, requeue on preemption.
+
+Queries go to SLURM's own commands (:mod:`.slurm_queries`), the checks before queueing are in
+:mod:`.slurm_checks`, and inside a job SLURM's environment (``SLURM_*``) says the attempt, array task, rank
+and CPUs. Cluster facts come only from ``cfg.cluster``; nothing site-specific is written here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import submitit
+
+from sdcluster.cluster.backends import slurm_queries
+from sdcluster.cluster.backends.base import JobEnvironment
+
+if TYPE_CHECKING:
+    from sdcluster.config import Config
+
+
+def slurm_parameters(cfg: Config, name: str, dependency: str | None = None) -> dict[str, Any]:
+    """SlurmExecutor parameters (submitit's own names) from ``cfg.cluster``; unset values are left out."""
+    c = cfg.cluster
+    extra = dict(c.additional_parameters)
+    if dependency:  # a failed dependency drops the job instead of leaving it PENDING forever
+        extra.setdefault("kill-on-invalid-dep", "yes")
+    params: dict[str, Any] = {
+        "job_name": name,
+        "partition": c.partition,
+        "account": c.account,
+        "qos": c.qos,
+        "time": c.timeout_min,
+        "nodes": c.nodes,
+        "ntasks_per_node": c.processes_per_node,
+        "cpus_per_task": c.cpus_per_task,
+        "gpus_per_node": c.gpus_per_node or None,
+        "mem": f"{int(c.mem_gb * 1024)}MB" if c.mem_gb else None,
+        "constraint": c.constraint,
+        "exclude": c.exclude,
+        "signal_delay_s": c.signal_delay_s,
+        "setup": list(c.setup) or None,
+        "additional_parameters": extra or None,
+        "array_parallelism": c.array_parallelism,
+        "dependency": dependency,
+        # one task that dies ends the step: the others would otherwise wait in a collective (or for a
+        # rendezvous that never comes) until the time limit, holding the nodes
+        "srun_args": ["--kill-on-bad-exit=1"],
+    }
+    return {k: v for k, v in params.items() if v is not None}
+
+
+class _PreviewExecutor(submitit.SlurmExecutor):
+    """submitit's SLURM executor, minus its refusal to exist where ``srun`` is missing: a dry run on a
+    machine without SLURM still renders the exact script. It never submits."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 1
+
+
+# What a job step's environment says; any of them means SLURM runs this process (each is read on its own,
+# as srun sets it: a step may lack the array or CPU variables).
+_JOB_VARIABLES = (
+    "SLURM_JOB_ID",
+    "SLURM_RESTART_COUNT",
+    "SLURM_ARRAY_TASK_ID",
+    "SLURM_PROCID",
+    "SLURM_CPUS_PER_TASK",
+)
+
+
+def _int(name: str) -> int | None:
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() else None
+
+
+class SlurmBackend:
+    name = "slurm"
+    foreground = False
+    requeues = True
+    resume_hint = "resubmit to resume"
+    stop_signals = ()  # scancel ends the job; the preemption warning (USR2) goes through the requeue protocol
+
+    def executor(
+        self, cfg: Config, folder: Path, name: str, after: str | None, preview: bool = False
+    ) -> submitit.SlurmExecutor:
+        # submitit would also count preemptions as time-outs for short limits; our own records enforce
+        # cluster.max_requeues / max_timeouts, so submitit's counter is only set high enough never to decide.
+        budget = cfg.cluster.max_timeouts + cfg.cluster.max_requeues + 1
+        executor_class = _PreviewExecutor if preview else submitit.SlurmExecutor
+        executor = executor_class(folder=folder, max_num_timeout=budget)
+        executor.update_parameters(**slurm_parameters(cfg, name, f"afterok:{after}" if after else None))
+        return executor
+
+    def script(self, cfg: Config, folder: Path, name: str, after: str | None, array_size: int | None) -> str:
+        from submitit.slurm.slurm import _make_sbatch_string  # submitit's own renderer: the preview is exact
+
+        executor = self.executor(cfg, folder, name, after, preview=True)
+        array = {"map_count": array_size} if array_size else {}
+        command = executor._submitit_command_str
+        return _make_sbatch_string(command=command, folder=folder, **executor.parameters, **array)
+
+    # The checks are imported when asked: only the login side asks, and the job imports this backend for
+    # its environment without the schema's modules above config.checks.
+    def check_script(self, kind: str, script: str) -> None:
+        from sdcluster.cluster.backends import slurm_checks
+
+        slurm_checks.check_script(kind, script)
+
+    def check(self, cfg: Config, dry_run: bool) -> list[str]:
+        from sdcluster.cluster.backends import slurm_checks
+
+        return slurm_checks.check_cluster(cfg, dry_run)
+
+    def job_state(self, job_id: str) -> tuple[str, str] | None:
+        return slurm_queries.job_state(job_id)
+
+    def job_states(self, job_id: str) -> list[str] | None:
+        return slurm_queries.job_states(job_id)
+
+    def view(self, job_ids: list[str]) -> dict[str, tuple[str, str]]:
+        """One ``sacct`` call for all ``job_ids`` (asking job by job would take seconds for a long list)."""
+        if not job_ids:
+            return {}
+        cmd = ["sacct", "-X", "-n", "-P", "-j", ",".join(job_ids), "-o", "JobID,State,NodeList"]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=False)
+        except (FileNotFoundError, subprocess.TimeoutExpired):
+            return {}
+        view = {}
+        for line in out.stdout.splitlines() if out.returncode == 0 else []:
+            job_id, state, nodes = [*line.split("|"), "", ""][:3]
+            view[job_id] = (state.split()[0] if state else "?", "" if nodes == "None assigned" else nodes)
+        return view
+
+    def stop_hint(self, job_id: str) -> str:
+        return f"scancel {job_id}"
+
+    def job_environment(self) -> JobEnvironment:
+        return JobEnvironment(
+            inside=any(name in os.environ for name in _JOB_VARIABLES),
+            restart_count=_int("SLURM_RESTART_COUNT") or 0,
+            array_task=os.environ.get("SLURM_ARRAY_TASK_ID"),
+            rank=_int("SLURM_PROCID") or 0,
+            cpus_per_task=_int("SLURM_CPUS_PER_TASK"),
+        )

@@ -1,0 +1,170 @@
+"""What the SLURM backend checks on the login node before anything is queued: the job script keeps its shape,
+sbatch is there, the controller answers, the partition exists and can run the job. Each check names the fix.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+from typing import TYPE_CHECKING
+
+from sdcluster.cluster.backends import slurm_queries as queries
+from sdcluster.config.checks import ConfigError
+
+if TYPE_CHECKING:
+    from sdcluster.config import ClusterConfig, Config
+
+
+def check_script(kind: str, script: str) -> None:
+    """The rendered sbatch script parses (``bash -n``) and every ``#SBATCH`` directive stands before the
+    first command (sbatch silently ignores directives after one)."""
+    bash = shutil.which("bash") or "/bin/bash"  # sbatch runs the script with bash (its #! line)
+    parsed = subprocess.run([bash, "-n"], input=script, capture_output=True, text=True, timeout=30)
+    if parsed.returncode != 0:
+        raise ConfigError(
+            f"cluster.setup: the {kind} job script would not parse ({parsed.stderr.strip()}). "
+            "Fix: balance the quotes and brackets of the cluster.setup lines"
+        )
+    lines = [line.strip() for line in script.splitlines() if line.strip()]
+    first_command = next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))
+    late = [line for line in lines[first_command:] if line.startswith("#SBATCH")]
+    if late:
+        raise ConfigError(
+            f"cluster: {late[0]!r} would come after a command in the {kind} job script, where sbatch "
+            "ignores it. Fix: remove line breaks from the cluster values"
+        )
+
+
+def check_cluster(cfg: Config, dry_run: bool) -> list[str]:
+    """:func:`check_slurm`; a dry run goes on without a reachable controller and says what it left out."""
+    try:
+        return check_slurm(cfg)
+    except ConfigError as err:
+        if not dry_run or not err.args[0].startswith("cluster=slurm:"):  # only an unreachable controller
+            raise
+        return [f"the cluster itself (partition name; {LIMITS}): {err}"]
+
+
+def check_slurm(cfg: Config) -> list[str]:
+    """sbatch present, controller answering, partition known, the job within the partition's limits: the
+    things users get wrong first. Returns what could not be checked (the limits, when only they are
+    unreadable); raises :class:`ConfigError` starting ``cluster=slurm:`` when the controller is out of
+    reach."""
+    try:
+        partitions = queries.partitions()
+    except queries.SchedulerUnavailable as err:
+        if "not on PATH" in str(err):
+            raise ConfigError(
+                f"cluster=slurm: {err}. Fix: run from a login node of the cluster "
+                "(or `module load slurm`), or use the local executor (drop +cluster=slurm)"
+            ) from None
+        raise ConfigError(
+            f"cluster=slurm: {err}. Fix: check SLURM_CONF and that slurmctld is up (`scontrol ping`)"
+        ) from None
+    if cfg.cluster.partition and cfg.cluster.partition not in partitions:
+        raise ConfigError(
+            f"cluster.partition: {cfg.cluster.partition!r} is not a partition of this cluster. "
+            f"Fix: use one of {', '.join(partitions)}"
+        )
+    try:
+        limits = queries.partition(cfg.cluster.partition)
+    except queries.SchedulerUnavailable as err:
+        return [f"{LIMITS}: {err}"]
+    if limits is None:  # sbatch would refuse the job: "No partition specified or system default partition"
+        raise ConfigError(
+            f"cluster.partition: not set and this cluster has no default partition. "
+            f"Fix: cluster.partition=NAME, one of {', '.join(partitions)}"
+        )
+    check_partition_limits(cfg.cluster, limits)
+    return []
+
+
+LIMITS = "the job against the partition's limits (nodes, time limit, memory, CPUs and GPUs per node)"
+
+
+def _refuse(key: str, asked: str, limit: str, fix: str) -> None:
+    raise ConfigError(f"{key}: {asked}, but {limit}. Fix: {fix}")
+
+
+def check_partition_limits(c: ClusterConfig, part: queries.Partition) -> None:
+    """Refuse a job the partition can never run: sbatch would refuse some, and the others would pend for
+    ever, holding the run folder. Every job of a launch asks for the same resources (``slurm_parameters``)."""
+    where, other = f"partition {part.name!r}", "or another partition (cluster.partition=NAME)"
+    if c.nodes > part.total_nodes:
+        _refuse(
+            "cluster.nodes",
+            f"got {c.nodes}",
+            f"{where} has {part.total_nodes} node(s) (TotalNodes)",
+            f"cluster.nodes={part.total_nodes} or fewer, {other}",
+        )
+    if part.max_nodes is not None and c.nodes > part.max_nodes:
+        _refuse(
+            "cluster.nodes",
+            f"got {c.nodes}",
+            f"{where} allows {part.max_nodes} per job (MaxNodes)",
+            f"cluster.nodes={part.max_nodes} or fewer, {other}",
+        )
+    if part.max_time_s is not None and c.timeout_min * 60 > part.max_time_s:
+        most = part.max_time_s // 60
+        _refuse(
+            "cluster.timeout_min",
+            f"got {c.timeout_min}",
+            f"{where} allows {most} minutes (MaxTime)",
+            f"cluster.timeout_min={most} or less (a job requeues itself at the limit), {other}",
+        )
+    _check_node_size(c, part, where, other)
+
+
+def _check_node_size(c: ClusterConfig, part: queries.Partition, where: str, other: str) -> None:
+    """What one node must hold: its GPUs, CPUs (per task x tasks) and memory, against the partition's
+    biggest node, then against how many of its nodes hold all of it at once."""
+    cpus = (c.cpus_per_task or 1) * c.processes_per_node  # SLURM gives a task 1 CPU unless told more
+    mem_mb = int(c.mem_gb * 1024) if c.mem_gb else 0  # null: the partition's default, nothing to check
+    most = queries.NodeSize(
+        "the largest",
+        cpus=max((n.cpus for n in part.nodes), default=0),
+        memory_mb=max((n.memory_mb for n in part.nodes), default=0),
+        gpus=max((n.gpus for n in part.nodes), default=0),
+    )
+    if c.gpus_per_node > most.gpus:
+        _refuse(
+            "cluster.gpus_per_node",
+            f"got {c.gpus_per_node}",
+            f"no node of {where} has more than {most.gpus} GPU(s) (Gres)",
+            f"cluster.gpus_per_node={most.gpus} or fewer, {other} with GPUs",
+        )
+    if cpus > most.cpus:
+        key = "cluster.cpus_per_task" if c.cpus_per_task else _tasks_key(c)
+        _refuse(
+            key,
+            f"{c.cpus_per_task or 1} CPU(s) per task x {c.processes_per_node} task(s) per node = {cpus}",
+            f"no node of {where} has more than {most.cpus} CPUs",
+            f"at most {most.cpus} CPUs per node in all (cluster.cpus_per_task x tasks), {other}",
+        )
+    mem_limits = [(most.memory_mb, "its largest node's RealMemory")]
+    if part.max_mem_per_node_mb is not None:
+        mem_limits.append((part.max_mem_per_node_mb, "MaxMemPerNode"))
+    if part.max_mem_per_cpu_mb is not None:  # SLURM may add CPUs to fit, but never past a node's CPUs
+        mem_limits.append((part.max_mem_per_cpu_mb * most.cpus, "MaxMemPerCPU x the node's CPUs"))
+    for limit_mb, name in mem_limits:
+        if mem_mb > limit_mb:
+            _refuse(
+                "cluster.mem_gb",
+                f"got {c.mem_gb} ({mem_mb} MB per node)",
+                f"{where} allows {limit_mb} MB per node ({name})",
+                f"cluster.mem_gb={math.floor(limit_mb / 1024 * 100) / 100} or less "
+                f"(null: the partition's default), {other}",
+            )
+    fit = [n for n in part.nodes if n.cpus >= cpus and n.memory_mb >= mem_mb and n.gpus >= c.gpus_per_node]
+    if len(fit) < c.nodes:
+        _refuse(
+            "cluster.nodes",
+            f"got {c.nodes} of {cpus} CPUs, {mem_mb} MB and {c.gpus_per_node} GPUs each",
+            f"only {len(fit)} node(s) of {where} have that much",
+            f"cluster.nodes={len(fit)} or fewer, smaller nodes, {other}",
+        )
+
+
+def _tasks_key(c: ClusterConfig) -> str:
+    return "cluster.gpus_per_node" if c.gpus_per_node else "cluster.tasks_per_node"
