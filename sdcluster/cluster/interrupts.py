@@ -27,14 +27,8 @@ def children_ignore_sigint(local: bool) -> Iterator[None]:
     still stops, at the next step boundary, with a checkpoint; the launcher itself gets its SIGINT back as
     soon as the job is started.
     """
-    if not local:
+    with _sigint(signal.SIG_IGN) if local else contextlib.nullcontext():
         yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager
@@ -45,10 +39,15 @@ def sigint_interrupts() -> Iterator[None]:
     background job of a non-interactive shell (or by anything else that ignores SIGINT) inherits it ignored,
     and Ctrl-C would never reach the waiting. The disposition found is put back afterwards.
     """
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+    main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
+    with _sigint(signal.default_int_handler) if main else contextlib.nullcontext():
         yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@contextlib.contextmanager
+def _sigint(handler: signal.Handlers | Callable) -> Iterator[None]:
+    """SIGINT handled by ``handler`` inside the block; the disposition found is put back afterwards."""
+    previous = signal.signal(signal.SIGINT, handler)
     try:
         yield
     finally:
