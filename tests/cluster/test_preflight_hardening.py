@@ -118,8 +118,10 @@ def test_keys_pasted_into_setup_lines_are_refused_with_the_fix(line):
         preflight(compose([*SLURM, f"cluster.setup=['module load cuda', '{line}']"]))
 
 
-def test_setup_lines_that_pass_a_variable_on_are_fine(make_cfg):
+def test_setup_lines_that_pass_a_variable_on_are_fine(make_cfg, monkeypatch, tmp_path):
     cfg = make_cfg([*SLURM, "cluster.setup=['export WANDB_API_KEY=$WANDB_API_KEY', 'module load cuda/12']"])
+    # no controller, whether or not an earlier test started the sandbox: the next check after the secrets
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "no-cluster.conf"))
     with pytest.raises(ConfigError, match=r"SLURM controller|not on PATH"):  # got past the secret check
         preflight(cfg)
 
