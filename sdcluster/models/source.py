@@ -8,9 +8,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from sdcluster.config.model import EMBEDDED  # built offline by models/tiny.py and models/tiny_sdxl.py
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-EMBEDDED = ("tiny", "tiny_sdxl")
-"""The random-weight models built offline (``models/tiny.py``, ``models/tiny_sdxl.py``)."""
 
 
 def is_embedded(path: str) -> bool:
