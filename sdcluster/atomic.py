@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -127,15 +128,19 @@ def submission_umask(mask: int) -> Iterator[None]:
     with the environment (:func:`output_umask`).
     """
     with umask(mask) as user:
-        previous = os.environ.get(OUTPUT_UMASK_ENV)
+        # sbatch sets SLURM_UMASK only where it is unset: submitting from inside a job (salloc, srun --pty)
+        # would pass on that job's umask instead of the private one, so set it for the submission too
+        saved = {name: os.environ.get(name) for name in (OUTPUT_UMASK_ENV, "SLURM_UMASK")}
         os.environ[OUTPUT_UMASK_ENV] = f"{user:04o}"
+        os.environ["SLURM_UMASK"] = f"{mask:04o}"
         try:
             yield
         finally:
-            if previous is None:
-                os.environ.pop(OUTPUT_UMASK_ENV, None)
-            else:
-                os.environ[OUTPUT_UMASK_ENV] = previous
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 @contextlib.contextmanager
@@ -144,12 +149,9 @@ def output_umask() -> Iterator[None]:
     follow it while the job's own files (``jobs/<id>/``: the pickles submitit loads) stay private.
     Without the variable (a job started by hand, ``--export=NONE``) the process umask stays as it is."""
     value = os.environ.get(OUTPUT_UMASK_ENV, "")
-    try:
-        mask = int(value, 8) & 0o777
-    except ValueError:
-        yield
-        return
-    with umask(mask):
+    mask = int(value, 8) & 0o777 if re.fullmatch(r"[0-7]{1,4}", value) else None
+    # the yield stays outside any except block: the job's own errors must not carry a parse error along
+    with umask(mask) if mask is not None else contextlib.nullcontext():
         yield
 
 

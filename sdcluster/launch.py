@@ -19,7 +19,9 @@ about to run on a login node (:mod:`sdcluster.config.executor`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import sys
 import warnings
 from collections.abc import Mapping
@@ -75,6 +77,12 @@ def fail(err: ConfigError) -> NoReturn:
     sys.exit(2)
 
 
+def fail_disk_full(err: DiskFullError) -> NoReturn:
+    """Explained already (which folder, how much is free, the fix): one line, no traceback."""
+    print(f"sdcluster: {err}", file=sys.stderr)
+    sys.exit(1)
+
+
 @hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")
 def main(dcfg: DictConfig) -> None:
     from sdcluster.cluster.launching import launch
@@ -83,9 +91,8 @@ def main(dcfg: DictConfig) -> None:
         code = launch(to_config(dcfg, HydraConfig.get().runtime.choices))
     except ConfigError as err:
         fail(err)
-    except DiskFullError as err:  # explained already (which folder, how much is free, the fix): no traceback
-        print(f"sdcluster: {err}", file=sys.stderr)
-        sys.exit(1)
+    except DiskFullError as err:
+        fail_disk_full(err)
     if code:
         sys.exit(code)
 
@@ -102,9 +109,10 @@ def check_override_keys(arguments: list[str]) -> None:
     from hydra.errors import HydraException
 
     try:
-        overrides = OverridesParser.create().parse_overrides(
-            get_args_parser().parse_known_args(arguments)[0].overrides
-        )
+        # silenced: Hydra parses the same arguments again and prints (--version, --help, a usage error) once
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            parsed = get_args_parser().parse_known_args(arguments)[0]
+        overrides = OverridesParser.create().parse_overrides(parsed.overrides)
     except (HydraException, SystemExit):
         return  # malformed: Hydra says what is wrong when it parses them again
     groups = config_groups()

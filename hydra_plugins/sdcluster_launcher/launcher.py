@@ -30,9 +30,10 @@ def _task(config: DictConfig) -> DictConfig:
 class SdclusterLauncher(BasicLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         assert self.hydra_context is not None and self.config is not None
+        from sdcluster.atomic import DiskFullError
         from sdcluster.cluster import backends
         from sdcluster.config import ConfigError
-        from sdcluster.launch import fail, to_config
+        from sdcluster.launch import fail, fail_disk_full, to_config
         from sdcluster.sweep.points import Point, submit_sweep
 
         loader = self.hydra_context.config_loader
@@ -51,6 +52,8 @@ class SdclusterLauncher(BasicLauncher):
             code = submit_sweep([Point(cfg, list(o)) for cfg, o in zip(cfgs, job_overrides, strict=True)])
         except ConfigError as err:
             fail(err)
+        except DiskFullError as err:
+            fail_disk_full(err)
         if code:
             sys.exit(code)
         return [

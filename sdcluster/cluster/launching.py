@@ -68,6 +68,8 @@ def launch(cfg: Config, say: Say = print) -> int:
     unchecked = preflight(cfg, dry_run=cfg.launch.dry_run)
     if cfg.launch.dry_run:
         return dry_run([cfg], say, unchecked)
+    for note in unchecked:  # the scheduler answered but could not say everything: submitted all the same
+        say(f"# not checked: {note}")
     foreground = backends.of(cfg).foreground
     wait = cfg.launch.wait if cfg.launch.wait is not None else foreground
     waiter = (lambda job, kind: wait_for(cfg, job, kind, say)) if wait else None

@@ -75,8 +75,9 @@ def check_scripts(cfgs: list[Config]) -> None:
 def preflight(cfg: Config, dry_run: bool = False) -> list[str]:
     """Everything that can be checked before submission, in the order a user would fix it.
 
-    Returns the checks that could not run: only a dry run goes on without a reachable scheduler
-    (it prints what would be submitted and says what it could not check); a real submission stops there.
+    Returns the checks that could not run. Without a reachable scheduler only a dry run goes on (it prints
+    what would be submitted and says what it could not check); a real submission stops there. Where the
+    scheduler answers but cannot say a partition's limits, both go on and print what was not checked.
     """
     check_config(cfg)
     reject_secrets(dataclasses.asdict(cfg))

@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from sdcluster.atomic import DiskFullError
 from sdcluster.config import Config, ConfigError
 from sdcluster.sweep.ledger import find
 
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m sdcluster.sweep")
     except ConfigError as err:
         print(f"sdcluster.sweep: {err}", file=sys.stderr)
         return 2
+    except DiskFullError as err:  # explained already: one line, no traceback
+        print(f"sdcluster.sweep: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

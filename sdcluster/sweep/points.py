@@ -79,6 +79,8 @@ def submit_sweep(points: list[Point], say: Say = print) -> int:
     check_distinct_outputs(points)  # after each point's own checks, which name the more specific problem
     if cfgs[0].launch.dry_run:
         return dry_run(cfgs, say, unchecked)
+    for note in unchecked:  # the scheduler answered but could not say everything: submitted all the same
+        say(f"# not checked: {note}")
     sweep_id = time.strftime("%Y%m%d-%H%M%S") + "-" + paths.stable_hash([p.overrides for p in points], 6)
     sweep_dir = paths.sweep_dir(cfgs[0].output_root, sweep_id)
     sweep_dir.mkdir(parents=True)

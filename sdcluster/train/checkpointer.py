@@ -123,7 +123,7 @@ class Checkpointer:
         world = t.accelerator.num_processes
         candidates = self._candidates()
         for folder in candidates:
-            problem = step_folders.verify(folder, content=True)
+            problem = step_folders.verify(folder, content=True, named=t.cfg.train.resume == "auto")
             if problem:
                 log.warning("could not load checkpoint %s (%s); trying an older one", folder, problem)
                 continue

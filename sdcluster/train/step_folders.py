@@ -97,18 +97,22 @@ def read_meta(folder: Path) -> CheckpointMeta:
     return CheckpointMeta(**{"format": None} | json.loads((folder / META_NAME).read_text()))
 
 
-def manifest_problem(folder: Path, meta: CheckpointMeta, data: dict[str, Any]) -> str | None:
+def manifest_problem(
+    folder: Path, meta: CheckpointMeta, data: dict[str, Any], named: bool = True
+) -> str | None:
     """Why the manifest ``data`` (read as ``meta``) of ``folder`` does not agree with itself, or None.
 
     The file list proves the other files; this proves the manifest: an edited step would otherwise resume
-    at a step its weights, optimizer and data position were never at.
+    at a step its weights, optimizer and data position were never at. ``named``: the folder is a ``step-N``
+    of a run, whose name orders it and must say its step; a folder given as ``train.resume=PATH`` may be
+    called anything (a copy kept as ``best/``).
     """
     if meta.format is not None:  # an older manifest has no digest (see FORMAT)
         if not data.get("digest"):
             return f"{META_NAME} has no digest (edited)"
         if data["digest"] != _digest(data):
             return f"{META_NAME} does not match its own digest (edited or corrupt)"
-    if folder.name != step_name(meta.step):
+    if named and folder.name != step_name(meta.step):
         return f"named {folder.name}, its manifest says step {meta.step} (folder renamed or manifest edited)"
     consistent = meta.micro_step == meta.expected_micro_step() and 0 <= meta.origin_step <= meta.step
     if meta.format is not None and not consistent:
@@ -119,7 +123,7 @@ def manifest_problem(folder: Path, meta: CheckpointMeta, data: dict[str, Any]) -
     return None
 
 
-def verify(folder: Path, content: bool = False) -> str | None:
+def verify(folder: Path, content: bool = False, named: bool = True) -> str | None:
     """Why ``folder`` cannot be trusted, or None when its manifest agrees with itself and every listed file
     is there at its size and, with ``content``, its sha256 (a flipped byte of the right size, e.g. in an RNG
     state, shows only there).
@@ -133,7 +137,7 @@ def verify(folder: Path, content: bool = False) -> str | None:
         return f"no {META_NAME} (save did not finish)"
     except (ValueError, TypeError) as err:
         return f"unreadable {META_NAME}: {err}"
-    problem = manifest_problem(folder, meta, data)
+    problem = manifest_problem(folder, meta, data, named)
     if problem:
         return problem
     if not meta.files:
@@ -153,9 +157,11 @@ def verify(folder: Path, content: bool = False) -> str | None:
 def resume_folder(resume: str) -> Path:
     """The checkpoint ``train.resume=PATH`` names, verified: on the login node and again in the job."""
     folder = Path(resume).expanduser()
-    problem = verify(folder) if folder.is_dir() else "does not exist"
+    problem = verify(folder, named=False) if folder.is_dir() else "does not exist"
     if problem:
-        raise ConfigError(f"train.resume: {folder} {problem}. Fix: use train.resume=auto or a step-* folder")
+        raise ConfigError(
+            f"train.resume: {folder} {problem}. Fix: use train.resume=auto or another checkpoint folder"
+        )
     return folder
 
 

@@ -157,12 +157,6 @@ def test_a_token_on_the_command_line_is_refused_before_anything_is_written(tmp_p
         (["cluster.array_parallelism=0"], "cluster.array_parallelism", "0", ">= 1"),
         (["cluster.signal_delay_s=-1"], "cluster.signal_delay_s", "-1", ">= 0"),
         (["cluster.signal_delay_s=70000"], "cluster.signal_delay_s", "70000", "<= 65535"),
-        (
-            ["cluster.timeout_min=2", "cluster.signal_delay_s=120"],
-            "cluster.signal_delay_s",
-            "120",
-            r"below the time limit \(cluster.timeout_min=2: 120 s\)",
-        ),
         (["cluster.max_requeues=-1"], "cluster.max_requeues", "-1", ">= 0"),
         (["cluster.max_timeouts=-2"], "cluster.max_timeouts", "-2", ">= 0"),
     ],
@@ -175,6 +169,15 @@ def test_every_numeric_cluster_value_is_range_checked_with_the_value_and_the_fix
     for cluster in ("+cluster=slurm", "task=train"):  # the local executor gets the same checks
         with pytest.raises(ConfigError, match=rf"^{key}: got {value}, must be {allowed}.*\. Fix: \S"):
             compose([cluster, *overrides])
+
+
+def test_a_warning_signal_after_the_time_limit_is_refused_where_slurm_sends_it():
+    """SLURM sends the warning ``signal_delay_s`` before the limit; the local executor sends none, so a short
+    local run keeps the default delay (and could not change it without choosing SLURM)."""
+    below = r"^cluster.signal_delay_s: got 120, must be below the time limit \(cluster.timeout_min=2: 120 s\)"
+    with pytest.raises(ConfigError, match=rf"{below}.*\. Fix: \S"):
+        compose(["+cluster=slurm", "cluster.timeout_min=2"])
+    assert compose(["task=train", "cluster.timeout_min=2"]).cluster.signal_delay_s == 120
 
 
 def test_the_edges_of_every_range_are_allowed():

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from sdcluster.atomic import file_sha256
+from sdcluster.config import ConfigError
 from sdcluster.train import step_folders
 from sdcluster.train.loop import train
 
@@ -76,6 +77,16 @@ def test_a_renamed_checkpoint_folder_is_not_usable(tmp_path):
     problem = step_folders.verify(renamed, content=True)
     assert problem == "named step-00000006, its manifest says step 4 (folder renamed or manifest edited)"
     assert [p.name for p in step_folders.complete_checkpoints(tmp_path)] == ["step-00000002"]
+
+
+def test_a_checkpoint_named_by_train_resume_may_have_any_name_but_must_agree_with_itself(tmp_path):
+    """A copy kept as ``best/`` is what ``train.resume=PATH`` is for: its digest proves its step."""
+    best = _fake_checkpoint(tmp_path / "run", 4).rename(tmp_path / "best")
+    assert step_folders.resume_folder(str(best)) == best
+    assert "its manifest says step 4" in step_folders.verify(best)  # among a run's step-N folders: not usable
+    _edit_manifest(best, lambda data: data.update(step=6))
+    with pytest.raises(ConfigError, match=r"train.resume: .*best \S+ does not match its own digest"):
+        step_folders.resume_folder(str(best))
 
 
 def test_an_older_manifest_without_a_digest_is_accepted_but_its_folder_name_still_checked(tmp_path):
