@@ -128,19 +128,15 @@ def submission_umask(mask: int) -> Iterator[None]:
     with the environment (:func:`output_umask`).
     """
     with umask(mask) as user:
-        # sbatch sets SLURM_UMASK only where it is unset: submitting from inside a job (salloc, srun --pty)
-        # would pass on that job's umask instead of the private one, so set it for the submission too
-        saved = {name: os.environ.get(name) for name in (OUTPUT_UMASK_ENV, "SLURM_UMASK")}
+        previous = os.environ.get(OUTPUT_UMASK_ENV)
         os.environ[OUTPUT_UMASK_ENV] = f"{user:04o}"
-        os.environ["SLURM_UMASK"] = f"{mask:04o}"
         try:
             yield
         finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+            if previous is None:
+                os.environ.pop(OUTPUT_UMASK_ENV, None)
+            else:
+                os.environ[OUTPUT_UMASK_ENV] = previous
 
 
 @contextlib.contextmanager

@@ -60,7 +60,7 @@ def scheduler_view(found: dict[str, dict[str, Any]]) -> dict[str, tuple[str, str
     return view
 
 
-def _where(record: dict[str, Any], nodes: str | None) -> str:
+def _where(record: dict[str, Any], nodes: str | None, state: str) -> str:
     if nodes:
         return nodes
     attempts = record.get("attempts") or []
@@ -70,7 +70,7 @@ def _where(record: dict[str, Any], nodes: str | None) -> str:
         queued = not backends.get(str(record.get("cluster", ""))).foreground  # a scheduler holds it
     except ValueError:  # a record naming no known backend
         queued = False
-    return "queued" if queued else "-"
+    return "queued" if queued and state in ("PENDING", "SUBMITTED") else "-"
 
 
 def row(job_id: str, folder: Path, record: dict[str, Any], scheduler: tuple[str, str] | None) -> JobStatus:
@@ -90,7 +90,7 @@ def row(job_id: str, folder: Path, record: dict[str, Any], scheduler: tuple[str,
         progress=f"{progress[0]}/{progress[1]}" if progress else "-",
         loss=loss,
         eta=progress[2] if progress and state == "RUNNING" else "-",
-        where=_where(record, scheduler[1] if scheduler else None),
+        where=_where(record, scheduler[1] if scheduler else None, state),
         submitted=str(record.get("submitted", "?")).replace("T", " ")[:16],
     )
 

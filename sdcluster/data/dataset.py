@@ -52,12 +52,13 @@ def load_captioned_images(
     """A dataset with ``image``, the caption column and ``file_name``, rows sorted by file name.
 
     The rows are exactly those :func:`~sdcluster.data.reader.scan` reads for ``validate``: the same reader
-    decides which lines count, and the job refuses what validate refuses (an empty caption aside). We do not
-    hand the folder to ``datasets``' imagefolder builder: it opens every path through fsspec, which reads
-    ``::`` in any file of the folder (``notes::v1.txt``) as a chained URL and dies. Here each image is an
-    absolute local path in an ``Image`` feature, which ``datasets`` decodes with Pillow directly, so no URL
-    syntax is ever parsed. Sorting by name makes the row index (which the sampler and checkpoints refer to)
-    independent of how the file was edited; images the metadata does not list are not read.
+    decides which lines count, and the job refuses what validate refuses by name and line (an empty caption
+    aside); only validate decodes the images. We do not hand the folder to ``datasets``' imagefolder builder:
+    it opens every path through fsspec, which reads ``::`` in any file of the folder (``notes::v1.txt``) as a
+    chained URL and dies. Here each image is an absolute local path in an ``Image`` feature, which
+    ``datasets`` decodes with Pillow directly, so no URL syntax is ever parsed. Sorting by name makes the row
+    index (which the sampler and checkpoints refer to) independent of how the file was edited; images the
+    metadata does not list are not read.
     """
     folder = Path(path)
     if not (folder / METADATA_FILE).is_file():

@@ -1,4 +1,4 @@
-"""Write and check ``metadata.jsonl``, the caption file of an imagefolder dataset.
+"""Write and check ``metadata.jsonl``, the caption file of a dataset folder.
 
 The seed's data_format.py overwrote the file with empty captions on every run and nothing checked it, so a
 typo in one line or one corrupt JPEG surfaced hours later inside a GPU job (``datasets`` silently drops images

@@ -21,7 +21,9 @@ loaded model (the :class:`Family` protocol) for these things instead of branchin
 The family is read from the model's ``model_index.json`` (``_class_name``), so a local SDXL folder, the hub's
 SDXL and ``tiny_sdxl`` are all SDXL without a setting that could disagree with the weights. Another family
 (a transformer denoiser with a T5 encoder and flow matching) is one more class here and one more entry in
-:data:`FAMILIES`; the loop, the methods and the cache take it as they are.
+:data:`FAMILIES`; the loop, the methods and the cache take it as they are. Three places still assume a
+UNet and are next when one comes: the login-node weights check (``models/load.py: WEIGHTED_PARTS``), the
+generation job's dtype (``pipe.unet``) and the trainer registering ``prediction_type`` on the scheduler.
 """
 
 from __future__ import annotations

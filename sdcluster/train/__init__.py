@@ -9,7 +9,7 @@ behind one protocol), chosen once and asked by the others; the model's family (S
 saved. ``loss`` is the denoising loss and the objectives, ``ema`` the moving average and its weight swap,
 ``validation`` the held-out loss and images,
 ``export`` the diffusers pipeline or LoRA file at the end, ``metrics`` the run's ``metrics.jsonl`` and
-``tracking`` TensorBoard/W&B. What the loop reads comes from :mod:`sdcluster.data`; submission, signals and
-requeue live in :mod:`sdcluster.cluster`. Nothing is imported here, so importing the wing does not import
-torch.
+``tracking`` TensorBoard/W&B. What the loop reads comes from :mod:`sdcluster.data`; submission lives in
+:mod:`sdcluster.cluster`, signals and requeue inside a job in :mod:`sdcluster.runtime`. Nothing is
+imported here, so importing the wing does not import torch.
 """

@@ -13,7 +13,8 @@ fine-tuning and LoRA are its two implementations, side by side) instead of branc
 
 A model family (:mod:`sdcluster.models.family`: SD 1.x/2.x or SDXL) says which text encoders there are, how
 the denoiser is conditioned and how the pipeline is built and saved; the methods work on whichever family
-the loaded model has. ``make_method`` is the one place ``train.method`` is read by name (:data:`METHODS`).
+the loaded model has. ``train.method`` is read by name only through :data:`METHODS` (``method_class``,
+``make_method``).
 """
 
 from __future__ import annotations

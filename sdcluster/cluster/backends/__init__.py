@@ -1,16 +1,20 @@
 """Cluster backends: what differs between schedulers, behind one protocol (:class:`.base.Backend`).
 
 ``local`` runs jobs as subprocesses of the launcher; ``slurm`` submits them with sbatch through submitit.
-This package is the only place that names a scheduler, its commands or its environment variables, and
-:func:`of` is the only place that reads ``cluster.name``. It sits at the base of the cluster wing: it may
+On the login and job sides this package is the only place that names a scheduler, its commands or its
+environment variables, and :func:`of` picks the backend from ``cluster.name``. (The config layer below it
+still knows the two names: ``config/executor.py`` refuses SLURM-only keys without SLURM and recognises a
+login node, and ``config/__init__.py`` checks per executor; the loop and the generation job read
+``cluster.name`` for log lines.) It sits at the base of the cluster wing: it may
 import :mod:`sdcluster.config` and submitit, nothing else of sdcluster; the login side
 (:mod:`sdcluster.cluster`) and the job (:mod:`sdcluster.runtime`) both ask it.
 
 Adding a scheduler (PBS, LSF, Kubernetes): write ``backends/<name>.py`` with a class that has the
 attributes and methods of :class:`.base.Backend` (an executor from submitit or a plugin of it, the state
 queries, the checks before queueing, the job's environment), register it in ``_BACKENDS`` below, add
-``conf/cluster/<name>.yaml`` and the name to ``CLUSTERS`` in :mod:`sdcluster.config.checks`. Nothing else
-changes: submission, dry run, records, logs, status, sweeps and the requeue protocol ask the backend.
+``conf/cluster/<name>.yaml`` and the name to ``CLUSTERS`` in :mod:`sdcluster.config.checks` (and its
+scheduler-only keys to ``config/executor.py``). Submission, dry run, records, logs, status, sweeps and the
+requeue protocol ask the backend and need no change.
 """
 
 from __future__ import annotations
