@@ -97,8 +97,7 @@ def row(job_id: str, folder: Path, record: dict[str, Any], scheduler: tuple[str,
 
 def recent(jobs_root: Path, limit: int = 20) -> list[JobStatus]:
     """The user's jobs, newest submission first: in the index (any directory) and under ``jobs_root``."""
-    folders = dict(records.indexed_jobs())
-    folders.update({p.name: p for p in jobs_root.glob("*") if (p / records.JOB_JSON).is_file()})
+    folders = records.known_jobs(jobs_root)
     found = {job_id: records.read(folder) for job_id, folder in folders.items()}
     newest = sorted(found, key=lambda job_id: found[job_id].get("submitted", ""), reverse=True)[:limit]
     view = scheduler_view({j: found[j] for j in newest})

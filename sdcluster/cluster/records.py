@@ -131,13 +131,12 @@ def count_attempts(folder: Path, state: str) -> int:
     return sum(1 for a in read(folder).get("attempts", []) if a.get("state") == state)
 
 
-def list_jobs(jobs_root: Path) -> list[tuple[str, dict[str, Any]]]:
-    """(job_id, record) of every job folder, newest first."""
-    if not jobs_root.is_dir():
-        return []
-    folders = [p for p in jobs_root.iterdir() if p.is_dir() and (p / JOB_JSON).is_file()]
-    folders.sort(key=lambda p: (p / JOB_JSON).stat().st_mtime, reverse=True)
-    return [(p.name, read(p)) for p in folders]
+def known_jobs(jobs_root: Path) -> dict[str, Path]:
+    """Every job the user submitted, by id: those in the index (from any directory) and those in
+    ``jobs_root``."""
+    jobs = dict(indexed_jobs())
+    jobs.update({p.name: p for p in jobs_root.glob("*") if (p / JOB_JSON).is_file()})
+    return jobs
 
 
 def index_job(job_id: str, folder: Path) -> None:

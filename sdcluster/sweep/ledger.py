@@ -74,9 +74,7 @@ def user_sweeps(output_root: Path = Path("outputs"), jobs_root: Path = Path("job
     """The user's sweep folders, newest first: every sweep an indexed job belongs to (any directory), and
     those under ``output_root``."""
     folders = {Path(p) for p in (output_root / "sweeps").glob(f"*/{SWEEP_JSON}")}
-    jobs = dict(records.indexed_jobs())
-    jobs.update({p.name: p for p in jobs_root.glob("*") if (p / records.JOB_JSON).is_file()})
-    for folder in jobs.values():
+    for folder in records.known_jobs(jobs_root).values():
         sweep = records.read(folder).get("sweep")
         if sweep:
             folders.add(Path(sweep) / SWEEP_JSON)
