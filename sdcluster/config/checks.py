@@ -32,8 +32,10 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 """``train.prediction_type``: what the UNet learns to predict, the noise or the velocity."""
 
-TRAIN_METHODS = ("full", "lora")
-"""``train.method``: fine-tune every UNet weight, or train low-rank adapters on its attention layers."""
+TRAIN_METHODS = {"full": None, "lora": "lora"}
+"""``train.method`` -> the sub-block of ``train`` that holds its adapters' settings (None: it trains the
+denoiser's own weights, no adapters): fine-tune every weight, or train low-rank adapters. The one place the
+schema names methods; :data:`sdcluster.train.method.METHODS` implements each (a test keeps the two in step)."""
 
 TRACKERS = ("none", "tensorboard", "wandb")
 """``train.tracker``: where metrics go besides ``metrics.jsonl``, which is always written."""

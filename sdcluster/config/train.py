@@ -145,6 +145,18 @@ class TrainConfig:
     )
     """Keys that do not change what a run learns: changing one keeps the run folder (and so resumes it)."""
 
+    @property
+    def trains_adapters(self) -> bool:
+        """Whether ``method`` trains adapters (``train.lora``) rather than the denoiser's own weights: what
+        run identity, outputs and checks ask instead of comparing method names."""
+        return TRAIN_METHODS[self.method] is not None
+
+    @property
+    def exports_pipeline(self) -> bool:
+        """Whether the run writes a full pipeline to ``model/``: a full fine-tune always, adapters only
+        when fused on export."""
+        return not self.trains_adapters or self.lora.fuse_export
+
     def __post_init__(self) -> None:
         _require(self.max_steps > 0, "train.max_steps", f"must be > 0, got {self.max_steps}", "e.g. 1000")
         _require(
@@ -192,8 +204,8 @@ class TrainConfig:
         )
         _require(self.validation_steps > 0, "train.validation_steps", "must be > 0", "e.g. 20")
         _choice(self.tracker, "train.tracker", TRACKERS)
-        _choice(self.method, "train.method", TRAIN_METHODS)
-        changed = self.lora.changed_keys() if self.method == "full" else []
+        _choice(self.method, "train.method", tuple(TRAIN_METHODS))
+        changed = self.lora.changed_keys() if not self.trains_adapters else []
         _require(
             not changed,
             f"train.lora.{changed[0] if changed else ''}",
