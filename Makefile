@@ -8,7 +8,7 @@ SLURM_PACKAGES = slurm-wlm slurmdbd munge mariadb-server iproute2 util-linux
 # Real headless Chromium for the generation gallery's browser tests (Playwright drives it; no playwright install)
 BROWSER_PACKAGES = chromium chromium-driver
 
-.PHONY: help install install-test slurm-packages browser-packages run test test-fast lint format cluster
+.PHONY: help install install-test slurm-packages browser-packages run test test-fast lint format cluster docs
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -49,3 +49,7 @@ format:  ## ruff fix + format
 cluster: slurm-packages  ## start a single-node SLURM on this machine to try sdcluster (prints SLURM_CONF)
 	$(PYTHON) -m tests.sandbox start
 	@$(PYTHON) -m tests.sandbox env
+
+docs: install-test  ## regenerate the options reference and build the docs site into site/ (open site/index.html)
+	$(PYTHON) -m sdcluster.schema_docs --markdown > docs/reference/options.md
+	$(PYTHON) -m mkdocs build --strict

@@ -92,7 +92,7 @@ def overhead(images: int, batch_size: int) -> dict[str, Any]:
     clock.wrap(scores, "phash", "phash")
     clock.wrap(job, "is_done", "skip checks")
     clock.wrap(job, "_backfill_records", "backfill check")
-    clock.wrap(records, "merge_manifest", "merge (once per run)")
+    clock.wrap(records, "merge_image_manifest", "merge (once per run)")
     res = common.RESOLUTION["small"]
     with tempfile.TemporaryDirectory() as tmp:
         gen = GenerateConfig(
@@ -184,7 +184,7 @@ def check_folder(folder: Path) -> dict[str, Any]:
     from sdcluster.generate import records
 
     files = [p.name for p in records.image_files(folder)]
-    manifest = [r["file"] for r in records.stream_manifest(folder)]
+    manifest = [r["file"] for r in records.stream_image_manifest(folder)]
     metadata = [json.loads(line)["file_name"] for line in (folder / "metadata.jsonl").open()]
     return {
         "files": len(files),
@@ -222,7 +222,7 @@ def build_folder(source: Path, dest: Path, count: int) -> Path:
     prompt, in :data:`SHARDS` parts; the source's settings, so a merge by hand applies the same filter."""
     from sdcluster.generate import records
 
-    real = list(records.stream_manifest(source))
+    real = list(records.stream_image_manifest(source))
     thumbs = source / "gallery" / "thumbs"
     (dest / "gallery" / "thumbs").mkdir(parents=True)
     (dest / records.SETTINGS).write_bytes((source / records.SETTINGS).read_bytes())

@@ -67,6 +67,7 @@ def _peak_memory_gib() -> float:
 
 def run_train(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.true_size_phases import _step_times
+    from sdcluster.runtime.step_events import stop_at
     from sdcluster.train.loop import train
 
     precision, extra = TRAIN_VARIANTS[variant]
@@ -77,7 +78,8 @@ def run_train(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.workdir) / variant.replace(" ", "").replace("+", "-")
     total = args.warmup + args.steps
     cfg = compose(args.model, out, total, 2, precision, extra)
-    result = train(cfg, stop_at=lambda step: step == total)
+    with stop_at(lambda step: step == total):
+        result = train(cfg)
     times = _step_times(result.run_dir)
     gaps = [times[s] - times[s - 1] for s in range(args.warmup + 1, total + 1)]
     shutil.rmtree(out, ignore_errors=True)  # a checkpoint of SD 1.x is 13 GiB

@@ -29,6 +29,7 @@ METHODS = ("full", "lora")
 def run_one(method: str, size: str, warmup: int, steps: int) -> dict[str, float]:
     """Measure one method in this process (called in a child by :func:`main`)."""
     from sdcluster.config.train import LoraConfig
+    from sdcluster.runtime.step_events import stop_at
     from sdcluster.train import step_folders
     from sdcluster.train.loop import train
 
@@ -39,13 +40,14 @@ def run_one(method: str, size: str, warmup: int, steps: int) -> dict[str, float]
         marks: list[float] = []
         last = warmup + steps
 
-        def stop_at(step: int) -> bool:
+        def last_step(step: int) -> bool:
             marks.append(_now())
             return step == last  # a preemption's stop: the checkpoint is written, nothing exported
 
         cfg.train.max_steps = last + 1
         common.reset_peak_rss()
-        result = train(cfg, stop_at=stop_at)
+        with stop_at(last_step):
+            result = train(cfg)
         newest = step_folders.complete_checkpoints(result.run_dir / "checkpoints")[0]
         size_mb = sum(f.stat().st_size for f in newest.rglob("*") if f.is_file()) / 2**20
         trainable = _trainable(newest)

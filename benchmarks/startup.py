@@ -5,7 +5,7 @@
 
 Each repeat starts a fresh interpreter that runs what a SLURM task runs after unpickling its job:
 :func:`sdcluster.jobs.run_job` (logging, torch threads, job record) around :func:`sdcluster.train.train`,
-stopped at step 1 by the ``stop_at`` hook. The clock starts just before the parent spawns the process, so
+stopped at step 1 by a ``stop_at`` observer. The clock starts just before the parent spawns the process, so
 interpreter start-up and every import count. The latent cache and the tiny model are built beforehand
 (a cache build is a one-off per dataset, not start-up).
 """
@@ -32,6 +32,7 @@ def child(started: float, out: Path) -> None:
     cfg = common.seed_config("tiny", out, batch_size=2, use_ema=False, max_steps=40)
 
     def body(cfg, flag, dist):
+        from sdcluster.runtime.step_events import stop_at
         from sdcluster.train.loop import train
 
         def first_step(step: int) -> bool:
@@ -39,7 +40,8 @@ def child(started: float, out: Path) -> None:
             return True
 
         marks["job body starts"] = time.time() - started
-        result = train(cfg, flag=flag, stop_at=first_step)
+        with stop_at(first_step):
+            result = train(cfg, flag=flag)
         return callables.Outcome(False, result.step)
 
     callables.run_job(cfg, "train", body)

@@ -5,7 +5,7 @@
 
 * **floor**: UNet forward + backward + fused AdamW + one ``torch._foreach_lerp_`` EMA update, on
   precomputed latents and text embeddings: nothing a step cannot do without.
-* **sdcluster**: :func:`sdcluster.train.train` itself, timed between its optimizer steps (``stop_at`` hook),
+* **sdcluster**: :func:`sdcluster.train.train` itself, timed between its optimizer steps (``step_events``),
   cache built beforehand: everything the real loop does (data loader, posterior sampling, grad clipping,
   LR scheduler, the EMA (one fused lerp, :mod:`sdcluster.train.ema`), the loss reduced for logging every 10
   steps).
@@ -139,17 +139,19 @@ def _time_closure(step: Any, warmup: int, steps: int) -> float:
 
 def _time_sdcluster(cfg: Any, warmup: int, steps: int) -> float:
     """Seconds per step of the real training loop, between its (warmup)-th and last optimizer step."""
+    from sdcluster.runtime.step_events import stop_at
     from sdcluster.train.loop import train
 
     marks: list[float] = []
     last = warmup + steps
 
-    def stop_at(step: int) -> bool:
+    def last_step(step: int) -> bool:
         marks.append(_now())
         return step == last  # stop like a preemption would: no export at the end
 
     cfg.train.max_steps = last + 1
-    train(cfg, stop_at=stop_at)
+    with stop_at(last_step):
+        train(cfg)
     return (marks[last - 1] - marks[warmup - 1]) / steps
 
 

@@ -67,10 +67,12 @@ def _checkpoint_gib(run_dir: Path) -> float:
 
 
 def phase_train(cfg: Any, stop: int) -> dict[str, Any]:
+    from sdcluster.runtime.step_events import stop_at
     from sdcluster.train.loop import train
 
     clock, started = _watch(), time.time()
-    result = train(cfg, stop_at=lambda step: step == stop)
+    with stop_at(lambda step: step == stop):
+        result = train(cfg)
     ended = time.time()
     times = _step_times(result.run_dir)
     steps = sorted(times)

@@ -6,7 +6,8 @@ Every run-level file and folder goes through here:
 * a folder (checkpoint, export, latent-cache entry, built model) is filled under a temporary name, its files
   fsynced, then renamed into place by :func:`publish_dir`, so it is complete or absent;
 * a JSON-lines file (metrics, manifest parts) is appended one line at a time by :func:`append_jsonl`, which
-  first closes a line torn by a kill, and read by :func:`read_jsonl`, which skips such a line.
+  first closes a line torn by a kill, and read by :func:`iter_jsonl` (streamed) or :func:`read_jsonl` (a
+  list), which skip such a line.
 
 A job killed mid-write leaves only a ``.*.tmp`` file or a temporary folder behind, never a truncated result.
 """
@@ -255,19 +256,32 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
         os.fsync(fh.fileno())
 
 
+def iter_jsonl_at(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Each object of a JSON-lines file with the byte offset of its line, read one line at a time (a
+    100,000-image manifest is never held whole). A line torn by a kill is skipped with a warning, one that
+    is not an object silently; a missing file has none. Lines are split on ``\\n`` only, as written."""
+    if not Path(path).is_file():
+        return
+    with open(path, "rb") as fh:
+        offset = 0
+        for number, line in enumerate(fh, 1):
+            start, offset = offset, offset + len(line)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.decode("utf-8", errors="replace"))
+            except json.JSONDecodeError:
+                log.warning("%s:%d: skipping an incomplete line (interrupted write)", path, number)
+                continue
+            if isinstance(record, dict):
+                yield start, record
+
+
+def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """The objects of a JSON-lines file in order, streamed (see :func:`iter_jsonl_at`)."""
+    return (record for _, record in iter_jsonl_at(path))
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The objects of a JSON-lines file in order; a line torn by a kill (or not an object) is skipped."""
-    records = []
-    if not path.is_file():
-        return records
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s:%d: skipping an incomplete line (interrupted write)", path, number)
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+    """The objects of a JSON-lines file in order, as a list (small files: metrics, manifest parts)."""
+    return list(iter_jsonl(path))

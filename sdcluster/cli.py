@@ -2,7 +2,7 @@
 
     sdcluster launch [-m] [+cluster=slurm] [KEY=VALUE ...]   # = python -m sdcluster.launch ...
     sdcluster generate [KEY=VALUE ...]                       # = sdcluster launch task=generate ...
-    sdcluster logs [JOB_ID]                                  # every recent job and sweep, or one job's story
+    sdcluster logs [--cluster NAME] [JOB_ID]                 # every recent job and sweep, or one job's story
     sdcluster sweep list|report|resubmit
     sdcluster data prepare|validate DIR
     sdcluster models fetch TARGET
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     if args[0] == "__complete":  # what the completion scripts call on <Tab>
         from sdcluster.completion import complete_command
 
-        return complete_command(args[1:])
+        return complete_command(args[1:], tuple(COMMANDS))
     if args[0] not in COMMANDS:
         guess = difflib.get_close_matches(args[0], COMMANDS, n=1)
         meant = f" Did you mean `sdcluster {guess[0]}`?" if guess else ""

@@ -28,7 +28,7 @@ SUBCOMMANDS = {
     "generate": ("merge",),
 }
 FLAGS = {
-    "logs": ("--follow", "--task", "--err", "--jobs-root", "--help"),
+    "logs": ("--follow", "--task", "--err", "--jobs-root", "--cluster", "--help"),
     "sweep": ("--output-root", "--jobs-root", "--failed", "--help"),
     "data": ("--caption-column", "--max-pixels", "--help"),
 }
@@ -128,12 +128,18 @@ def _job_ids() -> list[str]:
     return [f"{job_id} " for job_id, _ in records.indexed_jobs()]
 
 
-def candidates(words: list[str], current: str) -> list[str]:
-    """What may follow ``sdcluster WORDS...`` where the word typed so far is ``current``."""
-    from sdcluster.cli import COMMANDS
+def _clusters() -> list[str]:
+    """The clusters of the user's indexed jobs, for ``logs --cluster``."""
+    from sdcluster.cluster import records
 
+    return sorted({f"{e.cluster} " for e in records.index_entries() if e.cluster})
+
+
+def candidates(words: list[str], current: str, commands: tuple[str, ...]) -> list[str]:
+    """What may follow ``sdcluster WORDS...`` where the word typed so far is ``current``; ``commands`` are
+    the command line's own (:data:`sdcluster.cli.COMMANDS`, handed down: this module sits below it)."""
     if not words:
-        return [f"{c} " for c in (*COMMANDS, "--help", "--version")]
+        return [f"{c} " for c in (*commands, "--help", "--version")]
     command, rest = words[0], words[1:]
     if command in ("launch", "generate") and not (command == "generate" and rest[:1] == ["merge"]):
         first = [f"{s} " for s in SUBCOMMANDS.get(command, ())] if not rest else []
@@ -141,11 +147,13 @@ def candidates(words: list[str], current: str) -> list[str]:
         return first + (found if command == "launch" else [c for c in found if c != "task="])
     if current.startswith("-"):
         return [f"{flag} " for flag in FLAGS.get(command, ("--help",))]
+    if command == "logs" and rest[-1:] == ["--cluster"]:
+        return _clusters()
     if command in SUBCOMMANDS and not rest:
         return [f"{s} " for s in SUBCOMMANDS[command]]
     if command == "models" and rest[:1] == ["fetch"]:
         return overrides(current)
-    if command == "logs" and not rest:
+    if command == "logs" and (not rest or (len(rest) == 2 and rest[0] == "--cluster")):
         return _job_ids()
     return []  # a path: the shell's own file completion takes over
 
@@ -161,11 +169,11 @@ def _split(line: str) -> tuple[list[str], str]:
     return words[1:-1], words[-1] if words else ""
 
 
-def complete_command(args: list[str]) -> int:
+def complete_command(args: list[str], commands: tuple[str, ...]) -> int:
     """``sdcluster __complete SHELL WORDBREAKS LINE``: print the candidates, one a line."""
     shell, breaks, line = [*args, "", "", ""][:3]
     words, current = _split(line)
-    found = [c for c in candidates(words, current) if c.startswith(current)]
+    found = [c for c in candidates(words, current, commands) if c.startswith(current)]
     if shell == "bash":
         cut = max((current.rfind(ch) for ch in set(breaks) - set(" \t\n")), default=-1) + 1
         found = [c[cut:] for c in found]

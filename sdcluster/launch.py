@@ -2,7 +2,7 @@
 
 Hydra composes the config tree (the package's ``conf/``, then ``conf/local/`` of the working directory for
 site settings, then the command line), the schema in :mod:`sdcluster.config` validates it, and
-:func:`sdcluster.cluster.launching.launch` checks what it can on this node and submits. A multirun goes
+:func:`sdcluster.cluster.submit_and_wait.launch` checks what it can on this node and submits. A multirun goes
 through Hydra's launcher plugin (``hydra_plugins/sdcluster_launcher``) to :mod:`sdcluster.sweep`. The job
 functions never see Hydra.
 
@@ -14,13 +14,12 @@ functions never see Hydra.
 
 Nothing typed is dropped: an unknown key or group is refused with or without ``+``
 (:mod:`sdcluster.config.keys`), and so are SLURM settings without ``+cluster=slurm`` and a real training
-about to run on a login node (:mod:`sdcluster.config.executor`).
+about to run on a login node (:mod:`sdcluster.cluster.choice`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import sys
 import warnings
@@ -29,16 +28,15 @@ from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf import DictConfig
 
 from sdcluster.atomic import DiskFullError
+from sdcluster.cluster.choice import check_choice
+from sdcluster.compose import build_config
 from sdcluster.config import Config, ConfigError
-from sdcluster.config.executor import check_executor
-from sdcluster.config.keys import check_known_keys, is_known, refuse
+from sdcluster.config.keys import is_known, refuse
 from sdcluster.config.store import conf_dir, config_groups, register
-from sdcluster.paths import absolutize
-from sdcluster.redaction import reject_secrets, reject_secrets_in_arguments
+from sdcluster.redaction import reject_secrets_in_arguments
 
 register()
 # conf/ of the working directory is on the search path for conf/local/; most directories have none.
@@ -47,28 +45,15 @@ warnings.filterwarnings("ignore", message="provider=hydra.searchpath in main, pa
 
 def to_config(dcfg: DictConfig, choices: Mapping[str, Any] | None = None) -> Config:
     """Check every key against the schema, resolve interpolations, build the dataclasses (running their
-    checks), make paths absolute, refuse a token.
+    checks), make paths absolute, refuse a token (:func:`sdcluster.compose.build_config`).
 
     ``choices``: Hydra's group choices (``hydra.runtime.choices``) where the config is to be launched; then
-    the choice of executor is checked too (:mod:`sdcluster.config.executor`). Without them (a plain
+    the choice of executor is checked too (:mod:`sdcluster.cluster.choice`). Without them (a plain
     ``compose``, as in tests) it is not: nothing says whether ``+cluster=...`` was given.
     """
-    check_known_keys(dcfg, config_groups())
-    try:
-        cfg = OmegaConf.to_object(dcfg)
-    except MissingMandatoryValue as err:
-        raise ConfigError(
-            f"{err.full_key}: has no value. Fix: set {err.full_key}=... on the command line"
-        ) from None
-    except OmegaConfBaseException as err:
-        cause = err.__cause__ if isinstance(err.__cause__, ConfigError) else None
-        raise cause or ConfigError(str(err)) from None
-    assert isinstance(cfg, Config)
-    cfg = absolutize(cfg)
-    # before anything is written: a sweep hands every point here before any of them runs or is submitted
-    reject_secrets(dataclasses.asdict(cfg))
+    cfg = build_config(dcfg)
     if choices is not None:
-        check_executor(cfg, choices.get("cluster"))
+        check_choice(cfg, choices.get("cluster"))
     return cfg
 
 
@@ -85,7 +70,7 @@ def fail_disk_full(err: DiskFullError) -> NoReturn:
 
 @hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")
 def main(dcfg: DictConfig) -> None:
-    from sdcluster.cluster.launching import launch
+    from sdcluster.cluster.submit_and_wait import launch
 
     try:
         code = launch(to_config(dcfg, HydraConfig.get().runtime.choices))

@@ -35,8 +35,11 @@ def last_progress(path: Path) -> str | None:
     return found
 
 
-def _scheduler_state(record: dict, job_id: str) -> tuple[str, str] | None:
-    """What the scheduler of the record's backend says of ``job_id`` (None without one to ask)."""
+def _scheduler_state(record: dict, job_id: str, ask: bool = True) -> tuple[str, str] | None:
+    """What the scheduler of the record's backend says of ``job_id`` (None without one to ask, or with
+    ``ask`` false: a job of another cluster, whose id may name another job here)."""
+    if not ask:
+        return None
     try:
         return backends.get(str(record.get("cluster", ""))).job_state(job_id)
     except ValueError:  # a record naming no known backend: its own record is all there is
@@ -54,10 +57,11 @@ def _never_ran(record: dict, sched: tuple[str, str] | None) -> str | None:
     return f"  never ran: it waited (afterok) on job {after}, which ended {upstream[0]}"
 
 
-def summary(job_id: str, folder: Path, task: int = 0) -> list[str]:
+def summary(job_id: str, folder: Path, task: int = 0, ask: bool = True) -> list[str]:
+    """One job's story; ``ask``: its scheduler is the one this machine reaches (else only its records)."""
     record = records.read(folder)
     lines = [f"job {job_id}: {record.get('task', '?')} on {record.get('cluster', '?')}"]
-    sched = _scheduler_state(record, job_id)
+    sched = _scheduler_state(record, job_id, ask)
     if sched:
         lines.append(f"  scheduler state: {sched[0]}" + (f" (exit code {sched[1]})" if sched[1] else ""))
     lines.append(f"  recorded state:  {records.recorded_state(record)}")
@@ -109,15 +113,83 @@ def list_recent(jobs_root: Path, limit: int = 20) -> list[str]:
     return lines
 
 
-def _array_listing(job_id: str, tasks: list[str], jobs_root: Path) -> list[str]:
+def _array_listing(job_id: str, tasks: dict[str, Path], ask: bool) -> list[str]:
     lines = [f"job array {job_id}: {len(tasks)} tasks (show one with: sdcluster logs {job_id}_<k>)"]
-    for task_id in tasks:
-        folder = records.find_job(task_id, jobs_root)
-        record = records.read(folder) if folder else {}
-        sched = _scheduler_state(record, task_id)
+    for task_id, folder in tasks.items():
+        record = records.read(folder)
+        sched = _scheduler_state(record, task_id, ask)
         state = sched[0] if sched else records.recorded_state(record)
         lines.append(f"  {task_id:<14} {record.get('task', '?'):<9} {state}")
     return lines
+
+
+def _described(found: records.Found) -> str:
+    where = (
+        f"cluster {found.cluster}" if found.cluster else "an unknown cluster (indexed before clusters were)"
+    )
+    first = next(iter(found.folders.values()))
+    if len(found.folders) == 1:
+        what = f"{records.read(first).get('task', '?')} job"
+    else:
+        what = f"job array of {len(found.folders)} tasks"
+    return f"{where}: {what}, {first}"
+
+
+def _fix(job_id: str, found: records.Found, prog: str) -> str:
+    """The command that shows this one: by its cluster, or (a line without one) by its jobs root."""
+    if found.cluster:
+        return f"{prog} --cluster {found.cluster} {job_id}"
+    return f"{prog} --jobs-root {next(iter(found.folders.values())).parent} {job_id}"
+
+
+def choose(
+    job_id: str, found: list[records.Found], cluster: str | None, prog: str
+) -> tuple[records.Found | None, str]:
+    """The place the user means by ``job_id``, and a note on the others (or, without one, why not).
+
+    ``cluster`` (``--cluster``) decides; else the jobs root asked for (the working directory's ``jobs/``),
+    else the only place, else the only one on a cluster this machine reaches. Job ids are unique within one
+    cluster only, and a home directory (with its index) is often shared between clusters.
+    """
+    if cluster is not None:
+        found = [f for f in found if f.cluster == cluster]
+        if not found:
+            return (
+                None,
+                f"{prog}: no job {job_id} on cluster {cluster}. Run `{prog} {job_id}` to see where it is.",
+            )
+    chosen = found[0] if found[0].here or len(found) == 1 else None
+    if chosen is None:
+        here = backends.clusters_here()
+        reachable = [f for f in found if f.cluster in here]
+        chosen = reachable[0] if len(reachable) == 1 else None
+    others = [f for f in found if f is not chosen]
+    if chosen is None:
+        lines = [f"{prog}: job {job_id} is known on {len(found)} clusters; choose one with --cluster NAME:"]
+        lines += [f"  {_described(f)}\n    {_fix(job_id, f, prog)}" for f in found]
+        return None, "\n".join(lines)
+    notes = [f"(job {job_id} is also known on {_described(f)}: {_fix(job_id, f, prog)})" for f in others]
+    return chosen, "\n".join(notes)
+
+
+def show(job_id: str, found: records.Found, task: int, err: bool, follow: bool) -> None:
+    """One job's (or a job array's) story and log; the scheduler is asked only when it is the job's own."""
+    ask = found.cluster is None or found.cluster in backends.clusters_here()
+    tasks = [t for t in found.folders if t != job_id]
+    if tasks:  # a job array's id: its tasks, then the first one
+        print("\n".join(_array_listing(job_id, {t: found.folders[t] for t in tasks}, ask)))
+        job_id = tasks[0]
+    folder = found.folders[job_id]
+    print("\n".join(summary(job_id, folder, task, ask)))
+    path = paths.job_log(folder, job_id, task, err)
+    print(f"---- {path}")
+    if follow:
+        record = records.read(folder)
+        records.follow(path, job_id, folder, lambda job: _scheduler_state(record, job, ask))
+    elif path.is_file():
+        print(path.read_text(errors="replace"), end="")
+    else:
+        print("(no log yet: the job has not started)")
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m sdcluster.logs") -> int:
@@ -127,34 +199,29 @@ def main(argv: list[str] | None = None, prog: str = "python -m sdcluster.logs") 
     parser.add_argument("--err", action="store_true", help="show stderr instead of stdout")
     parser.add_argument("--follow", action="store_true", help="keep printing until the job ends")
     parser.add_argument("--jobs-root", type=Path, default=Path("jobs"))
+    parser.add_argument(
+        "--cluster", help="the cluster (SLURM's ClusterName) of the job, when its id is known on several"
+    )
     args = parser.parse_args(argv)
     if not args.job_id:
         print("\n".join(list_recent(args.jobs_root)))
         return 0
-    job_id = args.job_id
-    tasks = records.array_tasks(job_id, args.jobs_root)
-    if tasks:
-        print("\n".join(_array_listing(job_id, tasks, args.jobs_root)))
-        job_id = tasks[0]
-    folder = records.find_job(job_id, args.jobs_root)
-    if folder is None:
+    found = records.locate(args.job_id, args.jobs_root)
+    if not found:
         print(
-            f"sdcluster.logs: no job {args.job_id} under {args.jobs_root.resolve()} "
+            f"{prog}: no job {args.job_id} under {args.jobs_root.resolve()} "
             f"or in {paths.job_index()}. "
-            "Run `sdcluster logs` to list known jobs.",
+            f"Run `{prog}` to list known jobs.",
             file=sys.stderr,
         )
         return 2
-    print("\n".join(summary(job_id, folder, args.task)))
-    path = paths.job_log(folder, job_id, args.task, args.err)
-    print(f"---- {path}")
-    if args.follow:
-        record = records.read(folder)
-        records.follow(path, job_id, folder, lambda job: _scheduler_state(record, job))
-    elif path.is_file():
-        print(path.read_text(errors="replace"), end="")
-    else:
-        print("(no log yet: the job has not started)")
+    chosen, message = choose(args.job_id, found, args.cluster, prog)
+    if chosen is None:
+        print(message, file=sys.stderr)
+        return 2
+    if message:
+        print(message)
+    show(args.job_id, chosen, args.task, args.err, args.follow)
     return 0
 
 

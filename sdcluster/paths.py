@@ -14,63 +14,25 @@ Layout::
     .cache/sdcluster/                    built tiny model (models/), latent caches (latents/), datasets' cache
 
 Because the run folder is a hash of the settings that change what is learned, resubmitting the same command
-finds the same folder and resumes; changing a hyperparameter starts a new run.
+finds the same folder and resumes; changing a hyperparameter starts a new run. The hashes come from
+:mod:`sdcluster.identity`; this module only joins them into paths.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sdcluster import identity
+from sdcluster.model_source import is_local
+
 if TYPE_CHECKING:  # only for annotations: paths sits just above config and below everything else
     from sdcluster.config import Config
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-
-
-def stable_hash(obj: object, length: int = 8) -> str:
-    """A short hash of a JSON-able object, stable across processes and machines."""
-    text = json.dumps(obj, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:length]
-
-
-def semantic_train_config(cfg: Config) -> dict:
-    """The part of the config that defines a training run (its identity).
-
-    Which keys are left out is part of the schema: ``TrainConfig.NOT_IDENTITY``, ``DataConfig.NOT_IDENTITY``,
-    and ``train.max_steps`` with a schedule in ``OptimConfig.STEPS_FREE_SCHEDULES``.
-    """
-    train = dataclasses.asdict(cfg.train)
-    for key in cfg.train.NOT_IDENTITY:
-        train.pop(key)
-    if cfg.train.method == "full":  # no adapters: full runs keep the folder names they had before LoRA
-        train.pop("method")
-        train.pop("lora")
-    else:
-        for key in cfg.train.lora.NOT_IDENTITY:
-            train["lora"].pop(key)
-    if cfg.optim.lr_schedule in cfg.optim.STEPS_FREE_SCHEDULES:
-        train.pop("max_steps")
-    data = dataclasses.asdict(cfg.data)
-    for key in cfg.data.NOT_IDENTITY:
-        data.pop(key)
-    return {
-        "model": cfg.model.identity(),  # a hub branch counts as the commit it resolved to
-        "data": data,
-        "optim": dataclasses.asdict(cfg.optim),
-        "train": train,
-    }
-
-
-def config_hash(cfg: Config) -> str:
-    """The run's identity as recorded in every checkpoint (the run folder name uses its first 8 digits)."""
-    return stable_hash(semantic_train_config(cfg), length=16)
 
 
 def _slug(text: str) -> str:
@@ -80,7 +42,7 @@ def _slug(text: str) -> str:
 def run_dir(cfg: Config) -> Path:
     """``outputs/runs/<name>-<hash>``: the same command always maps to the same folder."""
     name = _slug(cfg.run_name or cfg.model.name)
-    return Path(cfg.output_root) / "runs" / f"{name}-{stable_hash(semantic_train_config(cfg))}"
+    return Path(cfg.output_root) / "runs" / f"{name}-{identity.run_hash(cfg)}"
 
 
 @dataclass(frozen=True)
@@ -133,7 +95,7 @@ def generation_model(cfg: Config) -> Path | str:
     run the run's base model as configured (``model.path``: a folder, hub id or ``tiny``)."""
     if cfg.generate.model:
         return Path(cfg.generate.model)
-    if cfg.train.method == "lora":  # its adapters (generation_lora) go on the model it started from
+    if cfg.train.trains_adapters:  # its adapters (generation_lora) go on the model it started from
         return cfg.model.path
     return run_paths(cfg).model
 
@@ -142,28 +104,15 @@ def generation_lora(cfg: Config) -> Path | None:
     """The LoRA put on the generation model: ``generate.lora``, else after a LoRA run its own export."""
     if cfg.generate.lora:
         return Path(cfg.generate.lora)
-    if cfg.train.method == "lora" and not cfg.generate.model:
+    if cfg.train.trains_adapters and not cfg.generate.model:
         return run_paths(cfg).lora
     return None
 
 
 def generation_dir(cfg: Config) -> Path:
-    """Images of one generation setting: settings that change pixels change the folder, batch size not."""
-    gen = dataclasses.asdict(cfg.generate)
-    for key in cfg.generate.NOT_IDENTITY:  # batch size, shards, scores, filter: not the pixels
-        gen.pop(key)
-    identity: dict = {"generate": gen, "model": str(generation_model(cfg))}
-    lora = generation_lora(cfg)
-    gen.pop("lora")  # the resolved path instead; none: folders made before LoRA keep their names
-    if lora is None:
-        gen.pop("lora_scale")
-    else:
-        identity["lora"] = str(lora)
-    if not cfg.generate.model:  # the run's export changes when training continues to more steps
-        identity["train_steps"] = cfg.train.max_steps
-    if cfg.generate.prompts_file and Path(cfg.generate.prompts_file).is_file():
-        identity["prompts"] = hashlib.sha256(Path(cfg.generate.prompts_file).read_bytes()).hexdigest()
-    key = stable_hash(identity)
+    """Images of one generation setting: settings that change pixels change the folder, batch size not
+    (:func:`sdcluster.identity.generation_hash`)."""
+    key = identity.generation_hash(cfg, generation_model(cfg), generation_lora(cfg))
     if cfg.generate.model:
         return Path(cfg.output_root) / "generate" / key
     return run_paths(cfg).root / "generated" / key
@@ -251,9 +200,7 @@ def absolutize(cfg: Config, base: Path | None = None) -> Config:
         cfg.generate.model = absolute(cfg.generate.model)
     if cfg.generate.lora:
         cfg.generate.lora = absolute(cfg.generate.lora)
-    from sdcluster.models.source import is_embedded, is_local
-
-    if not is_embedded(cfg.model.path) and Path(cfg.model.path).expanduser().exists():
+    if is_local(cfg.model.path):
         cfg.model.path = absolute(cfg.model.path)
     if cfg.model.vae_path and is_local(cfg.model.vae_path):  # a hub id stays one, to be named in the error
         cfg.model.vae_path = absolute(cfg.model.vae_path)

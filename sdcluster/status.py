@@ -34,6 +34,7 @@ class JobStatus:
     eta: str
     where: str
     submitted: str
+    cluster: str = "?"  # the cluster it was submitted to, "?" when its index line predates clusters
 
 
 def tail_progress(path: Path) -> tuple[str, str, str] | None:
@@ -49,7 +50,8 @@ def tail_progress(path: Path) -> tuple[str, str, str] | None:
 
 
 def scheduler_view(found: dict[str, dict[str, Any]]) -> dict[str, tuple[str, str]]:
-    """``{job_id: (state, node list)}``: one query per backend for all its listed jobs."""
+    """``{job_id: (state, node list)}``: one query per backend for all its listed jobs (only jobs of the
+    clusters this machine reaches: another cluster's id may name another job here)."""
     by_backend: dict[str, list[str]] = {}
     for job_id, record in found.items():
         by_backend.setdefault(str(record.get("cluster", "")), []).append(job_id)
@@ -73,8 +75,9 @@ def _where(record: dict[str, Any], nodes: str | None, state: str) -> str:
     return "queued" if queued and state in ("PENDING", "SUBMITTED") else "-"
 
 
-def row(job_id: str, folder: Path, record: dict[str, Any], scheduler: tuple[str, str] | None) -> JobStatus:
+def row(job: records.Indexed, record: dict[str, Any], scheduler: tuple[str, str] | None) -> JobStatus:
     """The status of one job from its records, and from its scheduler's view of it when there is one."""
+    job_id, folder = job.job_id, job.folder
     state = scheduler[0] if scheduler else records.recorded_state(record)
     if state == records.GONE:
         state = "DIED"
@@ -92,16 +95,19 @@ def row(job_id: str, folder: Path, record: dict[str, Any], scheduler: tuple[str,
         eta=progress[2] if progress and state == "RUNNING" else "-",
         where=_where(record, scheduler[1] if scheduler else None, state),
         submitted=str(record.get("submitted", "?")).replace("T", " ")[:16],
+        cluster=job.cluster or "?",
     )
 
 
 def recent(jobs_root: Path, limit: int = 20) -> list[JobStatus]:
     """The user's jobs, newest submission first: in the index (any directory) and under ``jobs_root``."""
-    folders = records.known_jobs(jobs_root)
-    found = {job_id: records.read(folder) for job_id, folder in folders.items()}
-    newest = sorted(found, key=lambda job_id: found[job_id].get("submitted", ""), reverse=True)[:limit]
-    view = scheduler_view({j: found[j] for j in newest})
-    return [row(j, folders[j], found[j], view.get(j)) for j in newest]
+    jobs = records.known_entries(jobs_root)
+    found = [records.read(job.folder) for job in jobs]
+    newest = sorted(range(len(jobs)), key=lambda i: found[i].get("submitted", ""), reverse=True)[:limit]
+    here = backends.clusters_here() if any(jobs[i].cluster for i in newest) else set()
+    asked = [i for i in newest if jobs[i].cluster is None or jobs[i].cluster in here]
+    view = scheduler_view({jobs[i].job_id: found[i] for i in asked})
+    return [row(jobs[i], found[i], view.get(jobs[i].job_id) if i in asked else None) for i in newest]
 
 
 def table(rows: list[list[str]]) -> list[str]:
@@ -111,6 +117,10 @@ def table(rows: list[list[str]]) -> list[str]:
 
 
 def format_jobs(jobs: list[JobStatus]) -> list[str]:
+    """The listing; a cluster column only when the jobs come from more than one cluster (a shared home)."""
     header = ["job", "task", "state", "progress", "loss", "eta", "where", "submitted"]
     cells = [[j.job_id, j.task, j.state, j.progress, j.loss, j.eta, j.where, j.submitted] for j in jobs]
+    if len({j.cluster for j in jobs} - {"?"}) > 1:
+        header.append("cluster")
+        cells = [[*c, j.cluster] for c, j in zip(cells, jobs, strict=True)]
     return table([header, *cells])

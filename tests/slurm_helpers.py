@@ -150,3 +150,31 @@ def cancel_jobs_under(root: Path, slurm_conf: Path, timeout_s: float = 60) -> se
         subprocess.run(["scancel", *sorted(jobs)], capture_output=True, timeout=30, check=False, env=env)
         wait_until(lambda: not live_jobs_under(root, slurm_conf) & jobs, timeout_s)
     return jobs
+
+
+def preempt_node(tmp: Path, partition: str = "high") -> str:
+    """Submit a job on ``partition`` that needs whole nodes (``--exclusive``): it can start only when every
+    job of a preemptable partition on them has gone, so SLURM preempts them. Logs under ``tmp`` (the
+    test's folder), so the test's cleanup cancels it whatever happens."""
+    log = str(tmp / "preemptor-%j.out")
+    out = subprocess.run(
+        ["sbatch", "--parsable", "-p", partition, "--exclusive", "-o", log, "--wrap", "true"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return out.stdout.strip().split(";")[0]
+
+
+def sacct_history(job_id: str) -> list[str]:
+    """Every state accounting holds for ``job_id``, one per run of it (``-D``: a requeued job's earlier
+    runs too), oldest first."""
+    out = subprocess.run(
+        ["sacct", "-j", job_id, "-X", "-D", "-n", "-P", "-o", "State"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    return [line.split()[0] for line in out.stdout.splitlines() if line.strip()]

@@ -1,6 +1,6 @@
 """``launch.dry_run=true``: print the resolved config(s) and exactly what would be submitted; submit nothing.
 
-Apart from :mod:`sdcluster.cluster.launching` (which waits on jobs and talks to the scheduler) so that a
+Apart from :mod:`sdcluster.cluster.submit_and_wait` (which waits on jobs and talks to the scheduler) so that a
 sweep's dry run (:mod:`sdcluster.sweep.points`) reaches it without the launcher's imports.
 """
 
@@ -23,9 +23,9 @@ def describe_outputs(cfg: Config, say: Say) -> None:
     if cfg.task != "generate":
         say(f"run folder:   {paths.run_dir(cfg)}")
         run = paths.run_paths(cfg)
-        if cfg.train.method == "lora":  # the adapters file, and a fused pipeline when asked for
+        if cfg.train.trains_adapters:  # the adapters file, and a fused pipeline when asked for
             say(f"lora:         {run.lora}")
-        if cfg.train.method != "lora" or cfg.train.lora.fuse_export:
+        if cfg.train.exports_pipeline:
             say(f"model:        {run.model}")
     if cfg.task != "train":
         # Here, not at the top: the login side sits above generate, but only a dry run of generation

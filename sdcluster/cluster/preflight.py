@@ -72,14 +72,18 @@ def check_scripts(cfgs: list[Config]) -> None:
         backends.of(job.cfgs[0]).check_script(job.kind, job_script(job, "1" if job.after else None))
 
 
-def preflight(cfg: Config, dry_run: bool = False) -> list[str]:
+def preflight(cfg: Config, dry_run: bool = False) -> tuple[Config, list[str]]:
     """Everything that can be checked before submission, in the order a user would fix it.
 
-    Returns the checks that could not run. Without a reachable scheduler only a dry run goes on (it prints
-    what would be submitted and says what it could not check); a real submission stops there. Where the
-    scheduler answers but cannot say a partition's limits, both go on and print what was not checked.
+    Returns the config to submit (``cfg`` pinned to the staged hub commits, which name the run folders;
+    ``cfg`` itself is left unchanged) and the checks that could not run. Without a reachable scheduler only
+    a dry run goes on (it prints what would be submitted and says what it could not check); a real
+    submission stops there. Where the scheduler answers but cannot say a partition's limits, both go on
+    and print what was not checked.
     """
+    backend = backends.of(cfg)
     check_config(cfg)
+    backend.check_config(cfg)  # what the chosen executor needs of the config: before staging or queries
     reject_secrets(dataclasses.asdict(cfg))
     check_model_source(cfg.model)
     if cfg.task in ("train", "train_generate"):
@@ -92,10 +96,10 @@ def preflight(cfg: Config, dry_run: bool = False) -> list[str]:
     check_generation_inputs(cfg)
     # last of the checks (a typo in the data should not wait for a download); pins model.commit, which
     # names the run folders below
-    stage_for_launch(cfg, dry_run=dry_run)
+    cfg, _ = stage_for_launch(cfg, dry_run=dry_run)
     if cfg.task != "generate":
         ownership.check_free(paths.run_dir(cfg), "run")
     if cfg.task != "train":
         ownership.check_free(paths.generation_dir(cfg), "generate")
     check_scripts([cfg])
-    return backends.of(cfg).check(cfg, dry_run)
+    return cfg, backend.check(cfg, dry_run)

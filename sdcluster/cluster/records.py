@@ -14,6 +14,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,22 @@ def _process_start(pid: int) -> str | None:
     return None if fields[0] in ("Z", "X") else fields[19]  # a zombie has exited: only its entry remains
 
 
+def _came_back(attempts: list[dict[str, Any]], restart_count: int) -> None:
+    """Correct the previous attempt to PREEMPTED when a job recorded CANCELLED comes back requeued.
+
+    A stop signal (SLURM's SIGTERM) is the same for ``scancel`` and for preemption; the job cannot know at
+    exit whether the scheduler will requeue it, so it records CANCELLED. A later attempt of the same job
+    with a higher restart count is the scheduler's answer: it was requeued, i.e. preempted.
+    """
+    last = attempts[-1] if attempts else {}
+    if (
+        last.get("state") == "CANCELLED"
+        and not last.get("requeued")
+        and restart_count > last.get("restart_count", restart_count)
+    ):
+        last.update(state="PREEMPTED", requeued=True, exit_reason=f"preempted ({last.get('exit_reason')})")
+
+
 def start_attempt(folder: Path, restart_count: int, cpu_threads: int | None = None) -> None:
     """Open an attempt; ``cpu_threads`` is the thread count the job chose (None on GPUs).
 
@@ -88,6 +105,7 @@ def start_attempt(folder: Path, restart_count: int, cpu_threads: int | None = No
     """
     record = read(folder)
     attempts = record.setdefault("attempts", [])
+    _came_back(attempts, restart_count)
     pid = os.getpid()
     attempts.append(
         {
@@ -139,47 +157,111 @@ def known_jobs(jobs_root: Path) -> dict[str, Path]:
     return jobs
 
 
-def index_job(job_id: str, folder: Path) -> None:
-    """Remember where a job's folder is (``~/.sdcluster/jobs.tsv``, or under ``$SDCLUSTER_HOME``)."""
+@dataclass(frozen=True)
+class Indexed:
+    """One line of the user's job index: a job id, its folder, and the cluster it was submitted to."""
+
+    job_id: str
+    folder: Path
+    cluster: str | None  # None: a line written before the index recorded clusters (or none answered)
+
+
+def index_job(job_id: str, folder: Path, cluster: str | None = None) -> None:
+    """Remember where a job's folder is (``~/.sdcluster/jobs.tsv``, or under ``$SDCLUSTER_HOME``) and on
+    which cluster (``Backend.cluster_name``): a home shared between clusters sees the same id on each."""
     path = paths.job_index()
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as fh:
-        fh.write(f"{job_id}\t{folder.resolve()}\n")
+        fh.write("\t".join([job_id, str(folder.resolve()), *([cluster] if cluster else [])]) + "\n")
 
 
-def indexed_jobs() -> list[tuple[str, Path]]:
-    """(job id, folder) of every indexed job whose folder still exists, newest submission first."""
+def index_entries() -> list[Indexed]:
+    """Every indexed job whose folder still exists, newest submission first, one per id and cluster.
+
+    Lines of two columns (written before clusters were recorded) read as of an unknown cluster.
+    """
     index = paths.job_index()
     if not index.is_file():
         return []
-    seen: dict[str, Path] = {}
+    seen: dict[tuple[str, str | None], Indexed] = {}
     for line in reversed(index.read_text().splitlines()):
-        job_id, _, folder = line.partition("\t")
-        if job_id not in seen and (Path(folder) / JOB_JSON).is_file():
-            seen[job_id] = Path(folder)
+        job_id, folder, cluster = [*line.split("\t"), "", ""][:3]
+        key = (job_id, cluster or None)
+        if folder and key not in seen and (Path(folder) / JOB_JSON).is_file():
+            seen[key] = Indexed(job_id, Path(folder), cluster or None)
+    return list(seen.values())
+
+
+def indexed_jobs() -> list[tuple[str, Path]]:
+    """(job id, folder) of every indexed job whose folder still exists, newest submission first; of an id
+    known on several clusters, the newest."""
+    seen: dict[str, Path] = {}
+    for entry in index_entries():
+        seen.setdefault(entry.job_id, entry.folder)
     return list(seen.items())
 
 
+@dataclass(frozen=True)
+class Found:
+    """Where one job id was found: the working directory's jobs root, or one cluster's index lines."""
+
+    cluster: str | None  # None: not known (a folder never indexed, or indexed before clusters were)
+    folders: dict[str, Path]  # the job itself, or a job array's tasks ``<id>_<k>`` in order
+    here: bool  # under the jobs root asked for (the working directory's ``jobs/``)
+
+
+def _of_job(job_id: str, task_id: str) -> bool:
+    """True when ``task_id`` is ``job_id`` or, for a job array's id, one of its tasks."""
+    if task_id == job_id:
+        return True
+    array, _, index = task_id.partition("_")
+    return "_" not in job_id and array == job_id and index.isdigit()
+
+
+def _in_order(folders: dict[str, Path]) -> dict[str, Path]:
+    def task(job_id: str) -> int:
+        index = job_id.rpartition("_")[2]
+        return int(index) if "_" in job_id and index.isdigit() else -1  # the job itself first
+
+    return {k: folders[k] for k in sorted(folders, key=task)}
+
+
+def locate(job_id: str, jobs_root: Path) -> list[Found]:
+    """Every place ``job_id`` (or a job array's id) is known: under ``jobs_root`` first, then one entry per
+    cluster of the index, newest first. Which one a user means is the caller's choice (``sdcluster logs``
+    prefers the jobs root, then the cluster it can reach)."""
+    entries = [e for e in index_entries() if _of_job(job_id, e.job_id)]
+    here = {p.name: p for p in jobs_root.glob(f"{job_id}*") if (p / JOB_JSON).is_file()}
+    here = {k: v for k, v in here.items() if _of_job(job_id, k)}
+    resolved = {p.resolve() for p in here.values()}
+    found = []
+    if here:
+        clusters = {e.cluster for e in entries if e.folder.resolve() in resolved}
+        found.append(Found(next(iter(clusters)) if len(clusters) == 1 else None, _in_order(here), True))
+    by_cluster: dict[str | None, dict[str, Path]] = {}
+    for entry in entries:
+        if entry.folder.resolve() not in resolved:
+            by_cluster.setdefault(entry.cluster, {}).setdefault(entry.job_id, entry.folder)
+    found += [Found(cluster, _in_order(folders), False) for cluster, folders in by_cluster.items()]
+    return found
+
+
+def known_entries(jobs_root: Path) -> list[Indexed]:
+    """Every job the user submitted, one entry per id and cluster: the index's, then the jobs under
+    ``jobs_root`` that it lacks (of an unknown cluster)."""
+    entries = index_entries()
+    indexed = {e.folder.resolve() for e in entries}
+    for folder in jobs_root.glob("*"):
+        if (folder / JOB_JSON).is_file() and folder.resolve() not in indexed:
+            entries.append(Indexed(folder.name, folder, None))
+    return entries
+
+
 def find_job(job_id: str, jobs_root: Path) -> Path | None:
-    """The folder of ``job_id`` under ``jobs_root`` or in the index; an array job's id finds its task 0."""
-    for candidate in (job_id, f"{job_id}_0"):
-        local = jobs_root / candidate
-        if (local / JOB_JSON).is_file():
-            return local
-        for indexed, folder in indexed_jobs():
-            if indexed == candidate:
-                return folder
-    return None
-
-
-def array_tasks(job_id: str, jobs_root: Path) -> list[str]:
-    """``<id>_0``, ``<id>_1``... when ``job_id`` is a job array's id (what submission printed), else []."""
-    if "_" in job_id:
-        return []
-    prefix = f"{job_id}_"
-    found = {p.name for p in jobs_root.glob(f"{prefix}*") if (p / JOB_JSON).is_file()}
-    found |= {jid for jid, _ in indexed_jobs() if jid.startswith(prefix)}
-    return sorted(found, key=lambda jid: int(jid[len(prefix) :]) if jid[len(prefix) :].isdigit() else -1)
+    """The folder of ``job_id`` under ``jobs_root``, else the newest in the index; an array job's id finds
+    its first task."""
+    found = locate(job_id, jobs_root)
+    return next(iter(found[0].folders.values())) if found else None
 
 
 def recorded_state(record: dict) -> str:

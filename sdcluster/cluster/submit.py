@@ -113,7 +113,7 @@ def record_submission(cfg: Config, job: submitit.Job, kind: str, extra: dict[str
     }
     records.update(folder, {"state": "SUBMITTED"}, keep_existing=True)
     records.update(folder, fields)
-    records.index_job(job.job_id, folder)
+    records.index_job(job.job_id, folder, backends.of(cfg).cluster_name())
     return folder
 
 

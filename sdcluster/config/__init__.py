@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sdcluster.config.checks import (
-    CLUSTERS,
     LR_SCHEDULES,
     MIXED_PRECISION,
     PREDICTION_TYPES,
@@ -31,7 +30,7 @@ from sdcluster.config.checks import (
     _no_control,
     check_root,
 )
-from sdcluster.config.cluster import ClusterConfig
+from sdcluster.config.cluster import CLUSTERS, ClusterConfig
 from sdcluster.config.data import SAMPLE_PROMPTS, DataConfig
 from sdcluster.config.generate import GenerateConfig
 from sdcluster.config.model import ModelConfig
@@ -134,26 +133,19 @@ def check_resolution(cfg: Config) -> None:
 
 
 def check_config(cfg: Config) -> None:
-    """Cross-group checks that need more than one group; raise :class:`ConfigError` on the first problem."""
+    """Cross-group checks that need more than one group; raise :class:`ConfigError` on the first problem.
+
+    What a config needs of the executor it chose (one process locally, GPUs for mixed precision on a
+    cluster) its backend checks next (``check_config`` of :mod:`sdcluster.cluster.backends`)."""
     check_resolution(cfg)
     if cfg.task != "train" and not cfg.generate.prompts and not cfg.generate.prompts_file:
         raise ConfigError(
             "generate.prompts: no prompts for a generation task. Fix: set generate.prompts='[\"a photo\"]' "
             "or generate.prompts_file=FILE (one prompt a line), or use task=train"
         )
-    a_lora = cfg.generate.lora or (cfg.train.method == "lora" and not cfg.generate.model)
+    a_lora = cfg.generate.lora or (cfg.train.trains_adapters and not cfg.generate.model)
     if cfg.generate.lora_scale != 1.0 and not a_lora:
         raise ConfigError(
             "generate.lora_scale: there is no LoRA to scale (generate.lora is null and no LoRA run is "
             "generated from). Fix: set generate.lora=PATH, or train with train.method=lora"
-        )
-    if cfg.cluster.name == "local" and cfg.cluster.world_size > 1:
-        raise ConfigError(
-            f"cluster.tasks_per_node/nodes: the local executor runs one process, got world size "
-            f"{cfg.cluster.world_size}. Fix: use +cluster=slurm for several processes"
-        )
-    if cfg.train.mixed_precision != "no" and cfg.cluster.gpus_per_node == 0 and cfg.cluster.name == "slurm":
-        raise ConfigError(
-            f"train.mixed_precision={cfg.train.mixed_precision} needs GPUs but cluster.gpus_per_node=0. "
-            "Fix: set cluster.gpus_per_node, or train.mixed_precision=no on CPU nodes"
         )

@@ -35,7 +35,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 TRAIN_METHODS = {"full": None, "lora": "lora"}
 """``train.method`` -> the sub-block of ``train`` that holds its adapters' settings (None: it trains the
 denoiser's own weights, no adapters): fine-tune every weight, or train low-rank adapters. The one place the
-schema names methods; :data:`sdcluster.train.method.METHODS` implements each (a test keeps the two in step)."""
+schema names methods; :data:`sdcluster.train.method.METHODS` implements each (a test keeps them in step)."""
 
 TRACKERS = ("none", "tensorboard", "wandb")
 """``train.tracker``: where metrics go besides ``metrics.jsonl``, which is always written."""
@@ -51,11 +51,7 @@ LR_SCHEDULES = (
 """``optim.lr_schedule``: the names of ``diffusers.optimization.get_scheduler``."""
 
 SCHEDULERS = ("ddim", "euler", "euler_a", "dpmpp", "pndm", "ddpm")
-"""``generate.scheduler``: the samplers of :mod:`sdcluster.models.schedulers`, which asserts it lists them."""
-
-CLUSTERS = ("local", "slurm")
-"""``cluster.name``: the executors, one option each in ``conf/cluster/``."""
-
+"""``generate.scheduler``: the samplers of :mod:`sdcluster.models.samplers`, which asserts it lists them."""
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 

@@ -9,6 +9,7 @@ from typing import ClassVar
 
 from sdcluster.config.checks import MIXED_PRECISION, SCHEDULERS, _choice, _require
 from sdcluster.config.data import SAMPLE_PROMPTS
+from sdcluster.model_source import looks_like_hub_id
 
 
 @dataclass
@@ -28,7 +29,7 @@ class ScoresConfig:
         _require(
             self.clip_model == "tiny"
             or Path(self.clip_model).expanduser().is_dir()
-            or re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", self.clip_model) is not None,
+            or looks_like_hub_id(self.clip_model),
             "generate.scores.clip_model",
             f"{self.clip_model!r} is neither a folder nor a hub id (owner/name)",
             "e.g. openai/clip-vit-base-patch32, a folder saved by CLIPModel.save_pretrained, or tiny",

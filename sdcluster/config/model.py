@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Any
 
 from sdcluster.config.checks import _require
+from sdcluster.model_source import EMBEDDED  # re-exported: the schema names the embedded models
+
+__all__ = ["EMBEDDED", "ModelConfig"]
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
-
-EMBEDDED = ("tiny", "tiny_sdxl")
-"""The ``model.path`` values that build a random-weight model offline instead of loading one."""
 
 
 @dataclass
@@ -74,18 +72,3 @@ class ModelConfig:
             f"must be > 0, got {self.native_resolution}",
             "the model's training size in pixels, e.g. 512, or null for no check",
         )
-
-    def identity(self) -> dict[str, Any]:
-        """The part of the run's identity that comes from the model: the commit replaces a branch or tag
-        name, so ``main`` moving on the hub starts a new run instead of mixing weights; where the cache
-        lives does not change what is learned."""
-        fields = dataclasses.asdict(self)
-        fields.pop("cache_dir")
-        fields.pop("native_resolution")  # describes the model; train.resolution is what is learned
-        for key in ("vae_path", "vae_commit"):  # absent from runs made before they existed: folders stay
-            if fields[key] is None:
-                fields.pop(key)
-        commit = fields.pop("commit")
-        if commit:
-            fields["revision"] = commit
-        return fields

@@ -1,21 +1,20 @@
 """Hydra's side of the schema: register it, the sweeper and launcher, find ``conf/``, ``${sdc_asset:...}``.
 
-Kept apart from the schema modules so that job functions, which receive plain dataclasses, never import Hydra.
+Kept apart from the schema modules so that job functions, which receive plain dataclasses, never import Hydra:
+Hydra and the schema are imported only inside :func:`register`, so the schema may ask :func:`conf_dir` what
+the config tree offers (``cluster.name``'s values are the files of ``conf/cluster/``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
-
-from sdcluster.config import Config
-
 SCHEMA_NAME = "sdcluster_schema"
 LAUNCHER = "hydra_plugins.sdcluster_launcher.launcher.SdclusterLauncher"
 SWEEPER = "hydra_plugins.sdcluster_launcher.sweeper.SdclusterSweeper"
 _PACKAGE = Path(__file__).resolve().parents[1]
+SITE_SETTINGS = "local"
+"""The gitignored folder of ``conf/`` that holds a site's settings (``conf/local/cluster.yaml``): no group."""
 
 
 def conf_dir() -> Path:
@@ -26,11 +25,21 @@ def conf_dir() -> Path:
 
 def config_groups() -> list[str]:
     """The config groups of ``conf/`` (``model``, ``experiment``, ...), ``local/`` (site settings) aside."""
-    return sorted(p.name for p in conf_dir().iterdir() if p.is_dir() and p.name != "local")
+    return sorted(p.name for p in conf_dir().iterdir() if p.is_dir() and p.name != SITE_SETTINGS)
+
+
+def options(group: str) -> tuple[str, ...]:
+    """The options of a config group: the names of its ``conf/<group>/*.yaml`` files, sorted."""
+    return tuple(sorted(p.stem for p in (conf_dir() / group).glob("*.yaml")))
 
 
 def register() -> None:
     """Idempotent: safe to call from the entry point and from tests."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from sdcluster.config import Config
+
     store = ConfigStore.instance()
     store.store(name=SCHEMA_NAME, node=Config)
     store.store(group="hydra/launcher", name="sdcluster", node={"_target_": LAUNCHER}, provider="sdcluster")

@@ -32,8 +32,8 @@ from sdcluster.data.latent_cache import (
     CachedExamples,
     Plan,
     commit,
+    entry_manifest,
     make_plan,
-    manifest_of,
     verify,
 )
 from sdcluster.paths import latent_cache_dir
@@ -144,7 +144,7 @@ def _build(
         _encode_share(plan, dataset, comps, cfg.train.resolution, acc.device, rank, world, tmp)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        commit(tmp, entry, manifest_of(plan, world))
+        commit(tmp, entry, entry_manifest(plan, world))
     acc.wait_for_everyone()
     log.info("latent cache: built in %.1f s", time.perf_counter() - started)
 

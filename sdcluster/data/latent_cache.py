@@ -2,10 +2,11 @@
 
 With ``data.cache=true`` the frozen VAE and text encoder run once per dataset, not at every step
 (:mod:`~sdcluster.data.latent_build` fills an entry), into ``<cache_root>/latents/<key>/``, where the key
-hashes everything the stored numbers depend on: the model (source, revision, variant, and size + mtime of
-every vae/text_encoder/tokenizer file), the encoders' dtypes, the resolution, the crop/flip policy, and the
-dataset contents (each training image's file bytes and caption, in row order). Every run and sweep point
-with the same key reuses the entry; a changed image or caption is a new key.
+(:func:`sdcluster.identity.latent_cache_key`) hashes everything the stored numbers depend on: the model
+(source, revision, variant, and size + mtime of every vae/text_encoder/tokenizer file), the encoders'
+dtypes, the resolution, the crop/flip policy, and the dataset contents (each training image's file bytes
+and caption, in row order). Every run and sweep point with the same key reuses the entry; a changed image or
+caption is a new key.
 
 What is stored, and why:
 
@@ -51,12 +52,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from sdcluster import atomic
+from sdcluster import atomic, sealed
 from sdcluster.config import Config
 from sdcluster.data.dataset import crop_and_flip, resized_size, time_ids, upright_size
+from sdcluster.identity import latent_cache_key
 from sdcluster.models.family import TIME_IDS
-from sdcluster.models.load import encoder_parts, model_identity
-from sdcluster.paths import stable_hash
+from sdcluster.models.load import encoder_parts, model_files, vae_files
 
 if TYPE_CHECKING:
     from sdcluster.models.load import Components
@@ -123,27 +124,26 @@ def make_plan(cfg: Config, dataset: Any, comps: Components) -> Plan | None:
         return None
     family = comps.family
     encoders = comps.text_encoders.values()
-    identity = {
-        "version": CACHE_VERSION,
-        "family": family.name,
-        "model": model_identity(
-            comps.source, encoder_parts(family), cfg.model.revision, cfg.model.variant, cfg.model.vae_path
-        ),
-        "dtypes": [str(comps.vae.dtype), *(str(encoder.dtype) for encoder in encoders)],
-        "resolution": res,
-        "center_crop": center,
-        "random_flip": flip,
-        "images": [[atomic.file_sha256(folder / n), c] for n, c in zip(names, captions, strict=True)],
-    }
+    key = latent_cache_key(
+        cfg,
+        version=CACHE_VERSION,
+        family=family.name,
+        source=comps.source,
+        files=model_files(comps.source, encoder_parts(family), cfg.model.revision),
+        vae_files=vae_files(cfg.model.vae_path) if cfg.model.vae_path else None,
+        dtypes=[str(comps.vae.dtype), *(str(encoder.dtype) for encoder in encoders)],
+        images=[[atomic.file_sha256(folder / n), c] for n, c in zip(names, captions, strict=True)],
+    )
     unique = list(dict.fromkeys(captions))
     row_of = {caption: row for row, caption in enumerate(unique)}
     variants = plan_variants(sizes, res, center, flip)
     rows = [row_of[c] for c in captions]
-    return Plan(stable_hash(identity, 24), sizes, variants, unique, rows, originals, family.text_arrays)
+    return Plan(key, sizes, variants, unique, rows, originals, family.text_arrays)
 
 
-def manifest_of(plan: Plan, world: int) -> dict[str, Any]:
-    """What readers need besides the arrays: which crop/flip each row is, which caption row each image has."""
+def entry_manifest(plan: Plan, world: int) -> dict[str, Any]:
+    """The entry manifest without its file list (:func:`commit` adds it): what readers need besides the
+    arrays, which crop/flip each row is and which caption row each image has."""
     return {
         "version": CACHE_VERSION,
         "key": plan.key,
@@ -156,7 +156,9 @@ def manifest_of(plan: Plan, world: int) -> dict[str, Any]:
     }
 
 
-MANIFEST = "manifest.json"
+ENTRY_MANIFEST = "manifest.json"
+"""The entry manifest: what the rows are (:func:`entry_manifest`) and the file list that seals the entry
+(:mod:`sdcluster.sealed`); not the checkpoint manifest, nor a generation's image manifest."""
 MISSING = "missing"
 
 
@@ -168,7 +170,7 @@ def verify(entry: Path, key: str, version: int) -> str | None:
     if not entry.exists():
         return MISSING
     try:
-        manifest = json.loads((entry / MANIFEST).read_text())
+        manifest = json.loads((entry / ENTRY_MANIFEST).read_text())
         files = manifest["files"]
         kinds = ("posterior", *manifest["text_arrays"])
         expected = {f"{kind}.{r}.npy" for kind in kinds for r in range(manifest["world_size"])}
@@ -178,25 +180,14 @@ def verify(entry: Path, key: str, version: int) -> str | None:
         return "manifest of another key or version"
     if set(files) != expected:
         return f"manifest lists {sorted(files)}, expected {sorted(expected)}"
-    for name, want in files.items():
-        path = entry / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != want["bytes"]:
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {want['bytes']}"
-        if atomic.file_sha256(path) != want["sha256"]:
-            return f"{name} does not match its sha256"
-    return None
+    return sealed.files_problem(entry, files, content=True)
 
 
 def commit(tmp: Path, entry: Path, manifest: dict[str, Any]) -> None:
     """Rank 0, once every rank wrote its shard into ``tmp``: checksums and manifest last, then one rename
     publishes the entry, so readers see a complete entry or none."""
-    files = {
-        f.name: {"bytes": f.stat().st_size, "sha256": atomic.file_sha256(f)}
-        for f in sorted(tmp.glob("*.npy"))
-    }
-    with open(tmp / MANIFEST, "w") as fh:
+    files = sealed.file_entries(tmp, tmp.glob("*.npy"))
+    with open(tmp / ENTRY_MANIFEST, "w") as fh:
         json.dump({**manifest, "files": files}, fh)
     # A good entry published by another job while we built ours (only without a working build lock, see
     # latent_build.build_lock) is kept: its readers may already have it open. An unusable one is replaced.
@@ -249,7 +240,7 @@ class CachedExamples(torch.utils.data.Dataset):
     def __init__(
         self, entry: Path, budget_bytes: int, resolution: int, center_crop: bool, flip: bool
     ) -> None:
-        manifest = json.loads((entry / MANIFEST).read_text())
+        manifest = json.loads((entry / ENTRY_MANIFEST).read_text())
         self.entry = entry
         self.nbytes = sum(f["bytes"] for f in manifest["files"].values())
         self.in_memory = self.nbytes <= budget_bytes

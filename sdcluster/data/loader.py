@@ -1,8 +1,8 @@
 """What the training loop reads: cached encoder outputs when ``data.cache`` allows, else images.
 
 Both kinds of example are addressed by the sampler's ``(index, aug_seed)`` keys, so which one a run uses
-changes neither the data order nor resume; :func:`sdcluster.loss.model_inputs` turns either batch into the
-UNet's inputs.
+changes neither the data order nor resume; :meth:`sdcluster.train.method.Method.model_inputs` turns either
+batch into the denoiser's inputs.
 """
 
 from __future__ import annotations

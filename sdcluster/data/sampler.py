@@ -12,10 +12,11 @@ example is seen equally often and no partial batch is ever dropped or padded.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 
 import torch
+
+from sdcluster.derive import derive_int
 
 _EPOCH_SEED_STRIDE = 1_000_003  # a prime, so (seed, epoch) pairs do not collide for realistic values
 _SEED_MASK = (1 << 63) - 1
@@ -29,8 +30,8 @@ def epoch_permutation(seed: int, epoch: int, num_examples: int) -> torch.Tensor:
 
 def aug_seed_of(seed: int, position: int) -> int:
     """A 63-bit augmentation seed for one global position: every pass over an image gets a fresh crop."""
-    digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") & _SEED_MASK
+    # the low 63 bits (a mask, where the other derivations keep the top ones): what it has always been
+    return derive_int(seed, position, algorithm="blake2b") & _SEED_MASK
 
 
 def position_to_epoch(position: int, num_examples: int) -> int:

@@ -22,11 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        path = records.merge_manifest(args.folder)
+        path = records.merge_image_manifest(args.folder)
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    count = sum(1 for _ in records.stream_manifest(args.folder))  # streamed: 100,000 records are ~100 MB
+    # streamed: 100,000 records are ~100 MB
+    count = sum(1 for _ in records.stream_image_manifest(args.folder))
     on_disk = len(keys_in(args.folder))
     print(f"{count} records in {path} ({on_disk} images on disk)")
     print(f"contact sheet: {args.folder / records.CONTACT_SHEET}")

@@ -1,6 +1,6 @@
 """A finished generation folder as a dataset: ``metadata.jsonl`` for imagefolder, optional train/validation.
 
-Called by :func:`sdcluster.generate.records.merge_manifest` after the manifest is written, so the folder
+Called by :func:`sdcluster.generate.records.merge_image_manifest` after the manifest is written, so the folder
 loads with ``datasets.load_dataset("imagefolder", data_dir=FOLDER)`` (columns ``image``, ``text`` = the
 prompt, ``template`` and one per slot of the prompts program) and trains as it is with
 ``data=imagefolder data.path=FOLDER``. Files that are not data (the contact sheet, the split folders, images
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import filecmp
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from typing import Any
 
 from sdcluster import atomic
 from sdcluster.data.metadata import METADATA_FILE, NOT_DATA_FILE
+from sdcluster.derive import derive_unit
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,7 @@ def split_of(row: dict[str, Any], split: dict[str, Any]) -> str:
     shards never moves one that was already assigned."""
     if split["by"] == "slot":
         return "validation" if row.get(split["slot"]) in split["validation"] else "train"
-    digest = hashlib.sha256(f"sdcluster-split:{split['seed']}:{row['file_name']}".encode()).digest()
-    unit = (int.from_bytes(digest[:8], "big") >> 11) / float(1 << 53)
+    unit = derive_unit("sdcluster-split", split["seed"], row["file_name"])
     return "validation" if unit < split["fraction"] else "train"
 
 

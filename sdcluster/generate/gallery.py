@@ -39,16 +39,10 @@ MAX_SLOT_VALUES = 200  # per slot in the filter menu: beyond that a menu is no h
 _STATIC = ("gallery.css", "gallery.js")
 
 
-def stream_records(manifest: Path) -> Iterator[dict[str, Any]]:
-    """Records one line at a time (``atomic.read_jsonl`` reads the whole file: fine for parts, not here)."""
-    with open(manifest, encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and "file" in record:
-                yield record
+def image_records(image_manifest: Path) -> Iterator[dict[str, Any]]:
+    """The image manifest's records one line at a time (:func:`sdcluster.atomic.iter_jsonl`), those that
+    name an image ``file``."""
+    return (record for record in atomic.iter_jsonl(image_manifest) if "file" in record)
 
 
 def slots_of(record: dict[str, Any]) -> dict[str, Any]:
@@ -225,11 +219,11 @@ def write_gallery(out_dir: Path, manifest: Path | None = None, page_size: int = 
     for name in _STATIC:
         atomic.write_bytes(out_dir / GALLERY / name, (ASSETS / GALLERY / name).read_bytes())
     survey = _Survey(page_size)
-    for record in stream_records(manifest):
+    for record in image_records(manifest):
         survey.add(record)
     kept = _PageWriter(out_dir, "page", "Kept images", _pages(survey.kept, page_size), survey)
     rejected = _PageWriter(out_dir, "rejected", "Rejected images", _pages(survey.rejected, page_size), survey)
-    for record in stream_records(manifest):
+    for record in image_records(manifest):
         (rejected if "rejected" in record else kept).add(record)
     kept.flush()
     if survey.rejected:

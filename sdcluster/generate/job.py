@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from sdcluster import atomic, paths
+from sdcluster import atomic, identity, paths
 from sdcluster.config import Config, ConfigError
 from sdcluster.generate import records
 from sdcluster.generate.batches import batch_of, shard
@@ -31,9 +31,7 @@ from sdcluster.generate.plan import (
     Item,
     Plan,
     plan_items,
-    prompts_identity,
     remake_command,
-    same_prompts,
     template_texts,
 )
 from sdcluster.generate.render import (
@@ -45,9 +43,9 @@ from sdcluster.generate.render import (
     require_model,
 )
 from sdcluster.generate.scores import Scorer
+from sdcluster.models.family import denoiser_of
 from sdcluster.progress import ProgressLog
-from sdcluster.runtime import ownership
-from sdcluster.runtime.requeue import hold_for_signal
+from sdcluster.runtime import ownership, step_events
 
 log = logging.getLogger(__name__)
 _RESUME = ": finished images are kept, the rest is made"
@@ -123,15 +121,13 @@ def _write_settings(cfg: Config, out_dir: Path, plan: Plan) -> None:
     The folder name hashes the prompts file's path, not its lines: editing the file would otherwise make
     ``p0003`` mean a different prompt while the old image is kept as "already done".
     """
-    settings = dataclasses.asdict(cfg.generate)
-    for key in ("batch_size", "shards", "max_images"):  # do not change pixels: not the folder's identity
-        settings.pop(key)
-    identity = prompts_identity(plan)
-    settings.update(model=str(paths.generation_model(cfg)), **_lora_settings(cfg), **identity)
+    settings = identity.generation_settings(cfg)
+    prompts = identity.prompts_identity(plan)
+    settings.update(model=str(paths.generation_model(cfg)), **_lora_settings(cfg), **prompts)
     path = out_dir / records.SETTINGS
     if path.is_file():
         written = json.loads(path.read_text())
-        if not same_prompts(written, plan, identity):
+        if not identity.same_prompts(written, plan, prompts):
             raise ConfigError(
                 f"generate.prompts_file: {out_dir} was made from other prompts than the ones given now. "
                 "Fix: restore the prompts, or move that folder away to start over"
@@ -208,7 +204,7 @@ def _run_batches(
     """Render the survey's batches, writing only missing ``wanted`` images (None: all); return (images
     written, interrupted)."""
     pipe = load_pipeline(cfg)
-    shared = _Shared(template_texts(cfg), _environment(dtype_name(pipe.unet.dtype)))
+    shared = _Shared(template_texts(cfg), _environment(dtype_name(denoiser_of(pipe).dtype)))
     embeddings = PromptEmbeddings(pipe)
     scorer = Scorer(cfg.generate.scores, cfg.cache_root, pipe.device)  # batched, on the images in memory
     progress = ProgressLog(total=survey.total - survey.skipped, unit="image")
@@ -234,7 +230,7 @@ def _run_batches(
             records.append_record(part, record)
             written += 1
         progress.report(written, batch=f"{number}/{len(survey.todo)}")
-        hold_for_signal("batch", number, stop)
+        step_events.boundary("batch", number, step_events.Polled(stop))  # empty unless a test observes
     return written, False
 
 
@@ -307,5 +303,5 @@ def _generate_into(
     else:  # counted against the plan's arithmetic, not a list of its keys
         complete = plan.count_keys(recorded) == plan.total
     if not interrupted and complete:
-        records.merge_manifest(out_dir, cfg.generate, cfg.cache_root)
+        records.merge_image_manifest(out_dir, cfg.generate, cfg.cache_root)
     return GenerateResult(out_dir, generated, survey.skipped, survey.total, interrupted)

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from sdcluster import atomic
+
 _IMAGE_NAME = re.compile(r"^p(\d+)-i(\d+)\.png$")
 
 
@@ -46,21 +48,12 @@ def keys_in(folder: Path) -> np.ndarray:
 
 
 def _index_part(path: Path, keys: array, offsets: array) -> None:
-    """Append each whole record line's key and byte offset; a torn or foreign line is skipped."""
-    with open(path, "rb") as fh:
-        offset = 0
-        for line in fh:
-            start, offset = offset, offset + len(line)
-            if not line.endswith(b"\n"):  # being appended right now, or torn by a kill: not a record yet
-                continue
-            try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue
-            key = file_key(record.get("file", "")) if isinstance(record, dict) else None
-            if key is not None:
-                keys.append(key)
-                offsets.append(start)
+    """Append each record's key and byte offset; a torn line or one that names no image is skipped."""
+    for start, record in atomic.iter_jsonl_at(path):
+        key = file_key(str(record.get("file", "")))
+        if key is not None:
+            keys.append(key)
+            offsets.append(start)
 
 
 class PartIndex:
@@ -91,7 +84,12 @@ class PartIndex:
         self.keys, self.part, self.offset = self.keys[mask], self.part[mask], self.offset[mask]
 
     def records(self) -> Iterator[dict[str, Any]]:
-        """The records in key order, read from their parts one line at a time."""
+        """The records in key order, read from their parts one line at a time.
+
+        Not :func:`sdcluster.atomic.iter_jsonl`: the merge reads each record at the offset the index
+        holds, in key order, jumping between parts, rather than streaming a file from its start; the line
+        there was parsed once already, when it was indexed.
+        """
         handles = [open(path, "rb") for path in self.parts]  # noqa: SIM115 - closed below, one per part
         try:
             for part, offset in zip(self.part.tolist(), self.offset.tolist(), strict=True):

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import hashlib
 import itertools
-import json
 import shlex
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ import numpy as np
 
 from sdcluster import paths
 from sdcluster.config import Config, GenerateConfig
+from sdcluster.derive import derive_int
 from sdcluster.generate.prompts import (
     Program,
     Sampling,
@@ -32,6 +31,7 @@ from sdcluster.generate.prompts import (
     template_prompts,
 )
 from sdcluster.generate.records import image_name
+from sdcluster.identity import not_remade
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,7 @@ class Item:
 
 def item_seed(base_seed: int, prompt_index: int, image_index: int) -> int:
     """A 63-bit seed from sha256, identical on every machine and Python (``hash()`` is salted per process)."""
-    digest = hashlib.sha256(f"sdcluster-item:{base_seed}:{prompt_index}:{image_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
+    return derive_int("sdcluster-item", base_seed, prompt_index, image_index, bits=63)
 
 
 class Plan(Sequence[Item]):
@@ -146,40 +145,9 @@ def plan_items(cfg: Config) -> Plan:
     return Plan(load_program(cfg.generate), cfg.generate)
 
 
-LISTED_PROMPTS = 10_000
-"""Up to this many prompts ``settings.json`` lists them (readable); above, their count and a digest."""
-
-
-def prompts_identity(plan: Plan) -> dict[str, Any]:
-    """What ``settings.json`` keeps of the prompts, made one prompt at a time (a plan is never listed)."""
-    if plan.prompt_count <= LISTED_PROMPTS:
-        return {"resolved_prompts": list(plan.prompt_texts())}
-    digest = hashlib.sha256()
-    for text in plan.prompt_texts():
-        digest.update(json.dumps(text).encode() + b"\n")
-    return {"resolved_prompts_count": plan.prompt_count, "resolved_prompts_sha256": digest.hexdigest()}
-
-
-def same_prompts(written: dict[str, Any], plan: Plan, identity: dict[str, Any]) -> bool:
-    """Whether a folder's ``settings.json`` (``written``) was made from this plan's prompts."""
-    old = written.get("resolved_prompts")
-    if old is not None:  # as folders have always had it: compared one prompt at a time
-        return len(old) == plan.prompt_count and all(
-            a == b for a, b in zip(old, plan.prompt_texts(), strict=True)
-        )
-    if "resolved_prompts_sha256" in written:
-        return written["resolved_prompts_sha256"] == identity.get("resolved_prompts_sha256")
-    return True
-
-
 def template_texts(cfg: Config) -> list[str]:
     """The text of every template, by template index (records name the template an image came from)."""
     return [t.text for t in load_program(cfg.generate).templates]
-
-
-# Not in a remake command: they do not change the image (the folder does not hash them either), or the
-# command sets them itself (model, lora: resolved; only: the image).
-_NOT_REMADE = (*GenerateConfig.NOT_IDENTITY, "model", "lora", "only")
 
 
 def _hydra_value(value: Any) -> str:
@@ -214,9 +182,9 @@ def remake_command(cfg: Config, item: Item) -> str:
     (``jobs/<id>/config.yaml``); any other gives the same image up to batched-kernel rounding.
     """
     gen, default = dataclasses.asdict(cfg.generate), dataclasses.asdict(GenerateConfig())
-    overrides = ["task=generate"]
+    overrides, left_out = ["task=generate"], not_remade(cfg.generate)
     for key, value in gen.items():
-        if key in _NOT_REMADE or value == default[key]:
+        if key in left_out or value == default[key]:
             continue
         if isinstance(value, dict):  # a nested group: only its changed keys
             overrides += [

@@ -13,7 +13,6 @@ what was drawn before), so the prompts do not depend on shards, batch size or th
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 import string
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdcluster.config.checks import ConfigError
+from sdcluster.derive import derive_unit
 
 if TYPE_CHECKING:
     from sdcluster.config import GenerateConfig
@@ -229,8 +229,7 @@ def _parse_template(raw: Any, slots: dict[str, dict[str, float]], where: str) ->
 
 def _unit(*parts: object) -> float:
     """A uniform number in [0, 1) from sha256 of ``parts``: the same on every machine and Python."""
-    digest = hashlib.sha256(":".join(map(str, ("sdcluster-slot", *parts))).encode()).digest()
-    return (int.from_bytes(digest[:8], "big") >> 11) / float(1 << 53)
+    return derive_unit("sdcluster-slot", *parts)
 
 
 def _draw(values: dict[str, float], u: float) -> str:

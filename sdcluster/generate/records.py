@@ -1,11 +1,12 @@
-"""The files of a generation folder: images written atomically, per-shard manifest parts, the merged manifest.
+"""The files of a generation folder: images written atomically, per-shard manifest parts, the merged image
+manifest.
 
 Layout of one generation folder (see :func:`sdcluster.paths.generation_dir`)::
 
     p0000-i0000.png ...                     one image per (prompt index, image index), its record inside
     settings.json                           the generate settings and prompts that made this folder
     manifest.parts/shard-<i>-of-<n>.jsonl   appended by each shard: one JSON record per image it wrote
-    manifest.jsonl                          merged: every image on disk exactly once, (prompt, image) order
+    manifest.jsonl                          the image manifest, merged: every image on disk once, in order
     contact_sheet.png                       kept images as thumbnails in one grid (sampled per group at scale)
     rejected/                               images set aside by generate.filter, reasons.jsonl (see filter.py)
     gallery/index.html                      static pages: thumbnails, prompts, seeds, scores (gallery.py)
@@ -37,7 +38,8 @@ from sdcluster.generate.manifest_index import image_name as image_name  # the jo
 log = logging.getLogger(__name__)
 
 PARTS_DIR = "manifest.parts"
-MANIFEST = "manifest.jsonl"
+IMAGE_MANIFEST = "manifest.jsonl"
+"""The image manifest: one record per image (not a checkpoint's or a latent-cache entry's manifest)."""
 SETTINGS = "settings.json"
 CONTACT_SHEET = "contact_sheet.png"
 
@@ -49,11 +51,6 @@ def part_path(out_dir: Path, index: int, count: int) -> Path:
 def append_record(part: Path, record: dict[str, Any]) -> None:
     """One image's record, appended after its image is in place (see the module docstring)."""
     atomic.append_jsonl(part, record)
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The records of a part or of the manifest; a line a crash left incomplete is skipped."""
-    return atomic.read_jsonl(Path(path))
 
 
 def part_files(out_dir: Path) -> list[Path]:
@@ -76,7 +73,7 @@ def image_files(out_dir: Path) -> list[Path]:
     return [Path(out_dir) / image_name_of(key) for key in keys_in(out_dir).tolist()]
 
 
-def merge_manifest(
+def merge_image_manifest(
     out_dir: Path, gen: GenerateConfig | None = None, cache_root: Path | str | None = None
 ) -> Path:
     """Merge every part into ``manifest.jsonl`` (each image on disk once, sorted); redraw the contact sheet.
@@ -103,12 +100,12 @@ def merge_manifest(
     locate = partial(rejects.locate, out_dir)
     stream = scores.fill_missing(out_dir, index.records(), locate, gen, cache_root)
     stream = rejects.apply(out_dir, stream, gen)  # marks (and moves) rejects: nothing is deleted
-    manifest = out_dir / MANIFEST
+    manifest = out_dir / IMAGE_MANIFEST
     # the parts are plain appends, so their permissions are the user's umask
     mode = (manifest if manifest.exists() else parts[0]).stat().st_mode & 0o777
     tally = _Tally()
     write_jsonl(manifest, tally.count(stream), mode, ascii_sorted=True)
-    export_dataset(out_dir, partial(stream_manifest, out_dir), out_dir / SETTINGS, list(tally.slots))
+    export_dataset(out_dir, partial(stream_image_manifest, out_dir), out_dir / SETTINGS, list(tally.slots))
     unrecorded = on_disk[~contains(index.keys, on_disk)]
     if len(unrecorded):
         log.warning(
@@ -141,15 +138,15 @@ class _Tally:
 
 
 def _kept_tiles(out_dir: Path) -> Iterator[tuple[str, Path]]:
-    return (
-        (gallery.group_key(r), out_dir / r["file"]) for r in stream_manifest(out_dir) if "rejected" not in r
-    )
+    kept = (r for r in stream_image_manifest(out_dir) if "rejected" not in r)
+    return ((gallery.group_key(r), out_dir / r["file"]) for r in kept)
 
 
-def stream_manifest(out_dir: Path) -> Iterator[dict[str, Any]]:
-    """The merged records one line at a time (what :func:`read_manifest` returns as a list)."""
-    return gallery.stream_records(Path(out_dir) / MANIFEST)
+def stream_image_manifest(out_dir: Path) -> Iterator[dict[str, Any]]:
+    """The merged records one line at a time (what :func:`read_image_manifest` returns as a list)."""
+    return gallery.image_records(Path(out_dir) / IMAGE_MANIFEST)
 
 
-def read_manifest(out_dir: Path) -> list[dict[str, Any]]:
-    return read_records(Path(out_dir) / MANIFEST)
+def read_image_manifest(out_dir: Path) -> list[dict[str, Any]]:
+    """The merged records as a list (small folders and tests; :func:`stream_image_manifest` at scale)."""
+    return list(stream_image_manifest(out_dir))

@@ -16,7 +16,7 @@ from sdcluster.config import Config, ConfigError, GenerateConfig
 from sdcluster.generate.prompts import Sampling
 from sdcluster.models.load import check_safetensors
 from sdcluster.models.lora import apply_lora, base_source
-from sdcluster.models.schedulers import set_scheduler
+from sdcluster.models.samplers import set_sampler
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +94,9 @@ def load_pipeline(cfg: Config) -> Any:
     lora = paths.generation_lora(cfg)
     if lora is not None:  # a LoRA run's adapters, or generate.lora, on top of the model
         apply_lora(pipe, lora, cfg.generate.lora_scale)
-        if lora == paths.run_paths(cfg).lora and cfg.train.prediction_type:  # what the run learned to predict
-            pipe.scheduler.register_to_config(prediction_type=cfg.train.prediction_type)
-    set_scheduler(pipe, cfg.generate.scheduler)
+        if lora == paths.run_paths(cfg).lora:  # the run's objective says what its adapters learned to predict
+            family.objective(pipe.scheduler, cfg.train.prediction_type).configure(pipe.scheduler)
+    set_sampler(pipe, cfg.generate.scheduler)
     pipe.set_progress_bar_config(disable=True)
     if cfg.generate.batch_size > 1:
         # Decode one image at a time: the VAE decode is the memory peak of a batch (SD 1.x at 512 px: about

@@ -4,7 +4,7 @@
 login node and loads the components training needs; ``hub`` stages a hub model on the login node (resolved
 to a commit, checked, downloaded once) for jobs that read it offline (``python -m sdcluster.models fetch``
 does it alone); ``tiny`` and ``tiny_sdxl`` build the embedded random-weight models offline; ``family`` is what
-differs between SD 1.x/2.x and SDXL; ``schedulers`` maps ``generate.scheduler`` names to diffusers'
-schedulers. Training and generation get the same objects for the tiny model and for SD 1.4: nothing
-downstream knows which one it got. Nothing is imported here, so the login node's checks stay light.
+differs between SD 1.x/2.x and SDXL; ``samplers`` maps ``generate.scheduler`` names to diffusers'
+noise-scheduler classes. Training and generation get the same objects for the tiny model and for SD 1.4:
+nothing downstream knows which one it got. Nothing is imported here, so the login node's checks stay light.
 """

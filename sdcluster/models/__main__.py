@@ -17,25 +17,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sdcluster.config import Config, ConfigError
-
-
-def compose(overrides: list[str]) -> Config:
-    """The config ``launch`` would build from these overrides (package conf/, conf/local/, command line)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from sdcluster.config.store import conf_dir
-    from sdcluster.launch import to_config
-
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-        return to_config(hydra_compose(config_name="config", overrides=overrides))
+from sdcluster.config import ConfigError
 
 
 def fetch(target: str, overrides: list[str]) -> int:
+    from sdcluster.compose import compose  # Hydra: only for this command
+    from sdcluster.model_source import is_hub_id
     from sdcluster.models.hub import stage, stage_vae
     from sdcluster.models.load import check_model_source
-    from sdcluster.models.source import is_hub_id
     from sdcluster.redaction import reject_secrets_in_arguments
 
     reject_secrets_in_arguments([target, *overrides])

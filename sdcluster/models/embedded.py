@@ -15,6 +15,7 @@ from pathlib import Path
 
 from sdcluster import atomic
 from sdcluster.models import tiny, tiny_sdxl
+from sdcluster.models.family import family_of_folder
 from sdcluster.paths import tiny_model_dir
 
 BUILDERS: dict[str, tuple[str, Callable[[Path], Path]]] = {
@@ -49,12 +50,15 @@ def ensure_tiny_model(cache_root: Path | str, name: str = "tiny") -> Path:
 
 
 def is_complete(folder: Path) -> bool:
-    """The marker (written last) and a weights file in every model folder: what a loader will open."""
-    parts = ["unet", "vae", "text_encoder"] + (
-        ["text_encoder_2"] if (folder / "tokenizer_2").is_dir() else []
-    )
-    weights = all(any((folder / sub).glob("*.safetensors")) for sub in parts)
-    return (folder / tiny.MARKER).is_file() and weights
+    """The marker (written last) and a weights file in every folder the model's family loads weights from:
+    what a loader will open."""
+    if not (folder / tiny.MARKER).is_file():
+        return False
+    try:
+        parts = family_of_folder(folder).weighted_parts()
+    except (OSError, ValueError):  # no readable model_index.json: not a copy a loader could open
+        return False
+    return all(any((folder / sub).glob("*.safetensors")) for sub in parts)
 
 
 if __name__ == "__main__":

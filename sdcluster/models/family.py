@@ -5,7 +5,8 @@ loaded model (the :class:`Family` protocol) for these things instead of branchin
 
 - which components it has and the classes they load with (:attr:`Family.tokenizer_classes`,
   :attr:`Family.text_encoder_classes`, :attr:`Family.denoiser_class`, :attr:`Family.noise_scheduler_class`):
-  any number of tokenizers and text encoders, held by their pipeline component names;
+  any number of tokenizers and text encoders, held by their pipeline component names, and which of its
+  folders hold weights (:meth:`Family.weighted_parts`, what the safetensors checks look at);
 - how captions become conditioning: what the encoders make of token ids (:meth:`Family.encode`, one tensor
   per :attr:`Family.text_arrays` name, which are also the latent cache's arrays and the batch keys of cached
   encodings) and the denoiser's keyword arguments (:meth:`Family.conditioning`). SDXL's size and crop
@@ -21,14 +22,16 @@ loaded model (the :class:`Family` protocol) for these things instead of branchin
 The family is read from the model's ``model_index.json`` (``_class_name``), so a local SDXL folder, the hub's
 SDXL and ``tiny_sdxl`` are all SDXL without a setting that could disagree with the weights. Another family
 (a transformer denoiser with a T5 encoder and flow matching) is one more class here and one more entry in
-:data:`FAMILIES`; the loop, the methods and the cache take it as they are. Three places still assume a
-UNet and are next when one comes: the login-node weights check (``models/load.py: WEIGHTED_PARTS``), the
-generation job's dtype (``pipe.unet``) and the trainer registering ``prediction_type`` on the scheduler.
+:data:`FAMILIES`; the loop, the methods, the cache, the weights checks and the export take it as they are
+(its objective also applies ``train.prediction_type``, to the training scheduler and to the exported one).
+The generation job's dtype (``pipe.unet`` in ``generate/job.py``) still assumes a UNet.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # torch is imported where it is used: the login node's checks load this module
@@ -36,7 +39,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: the login node's checks
 
     from sdcluster.config import ModelConfig
     from sdcluster.models.load import Components
-    from sdcluster.train.loss import Objective
+    from sdcluster.models.objectives import Objective
 
 TIME_IDS = "time_ids"
 """The batch key of each example's SDXL size/crop numbers (see :func:`sdcluster.data.dataset.time_ids`)."""
@@ -70,7 +73,8 @@ class Family(Protocol):
     def conditioning(
         self, encoded: Mapping[str, torch.Tensor], time_ids: torch.Tensor | None
     ) -> dict[str, Any]: ...
-    def objective(self, noise_scheduler: Any) -> Objective: ...
+    def weighted_parts(self) -> tuple[str, ...]: ...
+    def objective(self, noise_scheduler: Any, prediction_type: str | None = None) -> Objective: ...
     def frozen_modules(self, comps: Components) -> list[Any]: ...
     def vae_dtype(self, model: ModelConfig, half: torch.dtype | None) -> torch.dtype | None: ...
     def pipeline(self, comps: Components, denoiser: Any, scheduler: Any) -> Any: ...
@@ -126,11 +130,17 @@ class SD1:
         """The denoiser's keyword arguments besides the noisy latents and the timesteps."""
         return {"encoder_hidden_states": encoded["text"]}
 
-    def objective(self, noise_scheduler: Any) -> Objective:
-        """Denoising diffusion: predict the noise or the velocity, as the scheduler's config says."""
-        from sdcluster.train.loss import NoisePrediction
+    def weighted_parts(self) -> tuple[str, ...]:
+        """The pipeline folders that hold weights (each must have safetensors ones): the denoiser, the VAE
+        and every text encoder."""
+        return (self.denoiser_name, "vae", *self.text_encoder_classes)
 
-        return NoisePrediction(noise_scheduler)
+    def objective(self, noise_scheduler: Any, prediction_type: str | None = None) -> Objective:
+        """Denoising diffusion: predict the noise or the velocity, as the scheduler's config says, or as
+        ``prediction_type`` (``train.prediction_type``) overrides it."""
+        from sdcluster.models.objectives import NoisePrediction
+
+        return NoisePrediction(noise_scheduler, prediction_type)
 
     def frozen_modules(self, comps: Components) -> list[Any]:
         return [comps.vae, *comps.text_encoders.values()]
@@ -215,6 +225,23 @@ def family_of_index(index: Mapping[str, Any], where: str) -> Family:
             f"{' and '.join(FAMILIES)} (Stable Diffusion 1.x/2.x and SDXL)"
         )
     return FAMILIES[name]()
+
+
+def family_of_folder(folder: Path) -> Family:
+    """The family of a pipeline folder, read from its ``model_index.json`` with ``json`` (the login node's
+    checks and the embedded model's completeness test do not import diffusers for it)."""
+    index = json.loads((folder / "model_index.json").read_text())
+    return family_of_index(index, str(folder))
+
+
+def family_of_pipeline(pipe: Any) -> Family:
+    """The family of a loaded pipeline, by its class name (as ``model_index.json`` records it)."""
+    return family_of_index({"_class_name": type(pipe).__name__}, type(pipe).__name__)
+
+
+def denoiser_of(pipe: Any) -> Any:
+    """A loaded pipeline's denoiser (its family's :attr:`Family.denoiser_name` component)."""
+    return getattr(pipe, family_of_pipeline(pipe).denoiser_name)
 
 
 def family_of(source: str, revision: str | None = None) -> Family:

@@ -3,8 +3,8 @@
 A compute node often has no internet, a gated model needs a token that must not travel with the job, and a
 typo, a bad revision or a full quota should not wait six hours in a queue to show. So ``launch`` (through
 :func:`stage_for_launch`) resolves the revision to a commit, checks access and free space, downloads once
-only the files the pipeline loads, and pins the config to that commit (``model.commit``); every rank then
-loads the same files from ``model.cache_dir`` with ``HF_HUB_OFFLINE=1`` (:func:`staged_folder`).
+only the files the pipeline loads, and returns the config pinned to that commit (``model.commit``); every
+rank then loads the same files from ``model.cache_dir`` with ``HF_HUB_OFFLINE=1`` (:func:`staged_folder`).
 
 The cache is huggingface_hub's own (``models--org--name/snapshots/<commit>``), written by
 ``snapshot_download``: several launches share it and a second one downloads nothing.
@@ -19,18 +19,18 @@ import json
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from sdcluster import atomic
 from sdcluster.config import Config, ConfigError, ModelConfig
-from sdcluster.models.source import is_hub_id
+from sdcluster.model_source import is_hub_id
+from sdcluster.models.family import family_of_index
 
 # Components of model_index.json that sdcluster never loads (the export passes None for them): the
 # safety checker alone is 1.2 GB in SD 1.x repos.
 NOT_LOADED = frozenset({"safety_checker", "feature_extractor", "image_encoder"})
-WEIGHTED_PARTS = ("unet", "vae", "text_encoder")
 WEIGHT_SUFFIXES = (
     ".safetensors",
     ".bin",
@@ -83,11 +83,15 @@ def select_files(index: dict[str, Any], repo_files: list[str], variant: str | No
     weights = re.compile(rf"^[^.]+{suffix}(-\d{{5}}-of-\d{{5}})?\.safetensors$")
     weight_index = re.compile(rf"^[^.]+\.safetensors\.index{suffix}\.json$")
     parts = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]]
+    try:  # every part that must have safetensors weights: the family's denoiser, VAE and text encoders
+        weighted = family_of_index(index, where).weighted_parts()
+    except ValueError as err:
+        raise ConfigError(f"model.path: {err}. Fix: pick a repo of one of those pipelines") from None
     chosen = [INDEX_FILE]
     for part in (p for p in parts if p not in NOT_LOADED):
         names = [f.split("/", 1)[1] for f in repo_files if f.startswith(f"{part}/") and f.count("/") == 1]
         found = [n for n in names if weights.match(n) or weight_index.match(n)]
-        if part in WEIGHTED_PARTS and not any(n.endswith(".safetensors") for n in found):
+        if part in weighted and not any(n.endswith(".safetensors") for n in found):
             what = f"{variant} safetensors weights" if variant else "safetensors weights"
             fix = (
                 "drop model.variant (or pick a variant the repo has)"
@@ -336,25 +340,29 @@ def needs_staging(cfg: Config) -> bool:
     return hub and _reads_hub_weights(cfg)
 
 
-def stage_for_launch(cfg: Config, dry_run: bool = False, say: Say = print) -> StagedModel | None:
-    """Login-node staging: pins ``cfg.model.commit`` (and ``vae_commit`` for a hub VAE): the run's identity
-    and the jobs' weights follow them.
+def stage_for_launch(
+    cfg: Config, dry_run: bool = False, say: Say = print
+) -> tuple[Config, StagedModel | None]:
+    """Login-node staging: the config pinned to the staged commits (``model.commit``, and ``vae_commit``
+    for a hub VAE), and the staged model (None without a hub model). The run's identity and the jobs'
+    weights follow the pins, so the returned config is the one to submit; ``cfg`` itself is left as it was
+    (a sweep's points and a caller's copy keep what the user typed).
 
     A dry run, and a generation-only launch that reads an export, resolve and check but download nothing.
     """
     if not needs_staging(cfg):
-        return None
+        return cfg, None
     download = not dry_run and (cfg.task != "generate" or _generation_reads_base(cfg))
-    staged = None
-    if is_hub_id(cfg.model.path):
-        staged = stage(cfg.model, download=download, say=say)
-        cfg.model.commit = staged.commit
+    model, staged = cfg.model, None
+    if is_hub_id(model.path):
+        staged = stage(model, download=download, say=say)
+        model = replace(model, commit=staged.commit)
         _said(say, "model", staged)
-    if cfg.model.vae_path and is_hub_id(cfg.model.vae_path):
-        vae = stage_vae(cfg.model, download=download, say=say)
-        cfg.model.vae_commit = vae.commit
+    if model.vae_path and is_hub_id(model.vae_path):
+        vae = stage_vae(model, download=download, say=say)
+        model = replace(model, vae_commit=vae.commit)
         _said(say, "model.vae_path", vae)
-    return staged
+    return replace(cfg, model=model), staged
 
 
 def _said(say: Say, what: str, staged: StagedModel) -> None:

@@ -12,22 +12,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdcluster.config import ConfigError, ModelConfig
-from sdcluster.models.family import Family, family_of
-from sdcluster.models.source import is_embedded, is_hub_id, is_local, looks_like_hub_id
+from sdcluster.model_source import is_embedded, is_hub_id, is_local, looks_like_hub_id
+from sdcluster.models.family import Family, family_of, family_of_folder
 
 if TYPE_CHECKING:  # accelerate and torch are imported by the training job, not by the login node's checks
     import torch
     from accelerate import Accelerator
 
-WEIGHTED_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # those the folder has
 log = logging.getLogger("sdcluster")
 
 
 def check_safetensors(folder: Path, key: str) -> None:
-    """Every weighted component of a pipeline folder has safetensors weights: pickles are never loaded."""
-    for part in WEIGHTED_PARTS:
-        if part == "text_encoder_2" and not (folder / part).is_dir():
-            continue
+    """Every weighted component of a pipeline folder (as its family names them) has safetensors weights:
+    pickles are never loaded."""
+    try:
+        family = family_of_folder(folder)
+    except ValueError as err:  # another pipeline (or an unreadable index): refused here, before any job
+        raise ConfigError(
+            f"{key}: {err}. Fix: point {key} at a Stable Diffusion 1.x/2.x or SDXL pipeline folder"
+        ) from None
+    for part in family.weighted_parts():
         if not any((folder / part).glob("*.safetensors")):
             raise ConfigError(
                 f"{key}: {folder / part} has no .safetensors weights (pickled .bin weights are never "
@@ -137,23 +141,22 @@ def _file_stats(folder: Path, subs: tuple[str, ...]) -> dict[str, list[int]]:
     return files
 
 
-def model_identity(
-    source: str,
-    parts: tuple[str, ...],
-    revision: str | None,
-    variant: str | None,
-    vae_path: str | None = None,
-) -> dict[str, Any]:
-    """Source, revision and (size, mtime) of every file under ``parts`` (:func:`encoder_parts`), the
-    folders the cached numbers come from. The files are keyed by path, so the identity of an existing
-    cache entry does not depend on the order of ``parts``."""
-    folder = Path(source) if Path(source).is_dir() else _hub_snapshot(source, revision, parts)
-    files = _file_stats(folder, parts) if folder else {}
-    identity = {"source": source, "revision": revision, "variant": variant, "files": files}
-    if vae_path:  # another VAE encodes the images: other latents
-        vae_folder = Path(vae_path)
-        identity["vae"] = {"path": vae_path, "files": _file_stats(vae_folder.parent, (vae_folder.name,))}
-    return identity
+def model_files(source: str, parts: tuple[str, ...], revision: str | None) -> dict[str, list[int]]:
+    """(size, mtime) of every file under ``parts`` (:func:`encoder_parts`) of a model folder or of a hub
+    model's cached snapshot, keyed by path (so not by the order of ``parts``): the files the latent cache's
+    numbers come from (its key: :func:`sdcluster.identity.latent_cache_key`). A hub model not in the local
+    cache has none: its id and revision are all that is known."""
+    if is_local(source):
+        folder: Path | None = Path(source)
+    else:
+        folder = _hub_snapshot(source, revision, parts) if is_hub_id(source) else None
+    return _file_stats(folder, parts) if folder else {}
+
+
+def vae_files(vae_path: str) -> dict[str, list[int]]:
+    """(size, mtime) of every file of ``model.vae_path``'s folder, keyed ``<folder name>/<file>``."""
+    folder = Path(vae_path)
+    return _file_stats(folder.parent, (folder.name,))
 
 
 @dataclass

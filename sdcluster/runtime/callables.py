@@ -18,6 +18,7 @@ import submitit
 
 from sdcluster import atomic, paths
 from sdcluster.cluster import backends, records
+from sdcluster.runtime import step_events
 from sdcluster.runtime.distributed import DistInfo, setup, threads_chosen
 from sdcluster.runtime.requeue import PreemptionFlag, requeue_or_stop
 
@@ -61,8 +62,8 @@ def run_job(cfg: Config, task: str, body: Callable[[Config, PreemptionFlag, Dist
     """Wrap a job body with logging, attempt records and the preemption protocol."""
     # Imported here, like the bodies' train and generate: the login side imports this module only to pickle
     # the callables, and the runtime wing sits below models, train and generate.
+    from sdcluster.model_source import is_hub_id
     from sdcluster.models.hub import origin
-    from sdcluster.models.source import is_hub_id
 
     started = time.time()
     staged = is_hub_id(cfg.model.path) and cfg.model.commit
@@ -82,7 +83,8 @@ def run_job(cfg: Config, task: str, body: Callable[[Config, PreemptionFlag, Dist
             records.update(folder, {"model": origin(cfg.model)})
     log.info("%s job %s started (attempt %d)", task, dist.job_id or "-", dist.restart_count + 1)
     try:
-        with atomic.output_umask():  # the outputs follow the user's umask; jobs/<id>/ stays private
+        # the outputs follow the user's umask (jobs/<id>/ stays private); the test pause, when asked for
+        with atomic.output_umask(), step_events.requested_pause():
             outcome = body(cfg, flag, dist)
     except Exception as err:
         if is_main and folder:

@@ -9,13 +9,13 @@ requeued job reuses it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from sdcluster.cluster import backends
+from sdcluster.derive import derive_int
 
 log = logging.getLogger("sdcluster")
 
@@ -51,8 +51,7 @@ def rendezvous_port(job_id: str) -> int:
     wait for it (seen in our own suite). A port below that range is taken only by a listening server.
     """
     low, high = RENDEZVOUS_PORTS
-    digest = hashlib.sha256(job_id.encode()).digest()
-    return low + int.from_bytes(digest[:8], "little") % (high - low + 1)
+    return low + derive_int(job_id, byteorder="little") % (high - low + 1)
 
 
 THREADS_ENV = "OMP_NUM_THREADS"  # where the chosen count is published: accelerate and child processes read it

@@ -11,15 +11,18 @@ handler purely for the requeue (the scheduler's requeue + pickled resubmission),
 A foreground backend (local) has no scheduler, but there is a person at a terminal: its ``stop_signals``
 (Ctrl-C, SIGINT to the whole foreground group, or a SIGTERM) set the same flag, the job stops at the next
 step boundary with a checkpoint, records the attempt as CANCELLED and says that the same command resumes.
+SLURM's SIGTERM (``scancel``, or preemption at the start of the partition's GraceTime) is a stop signal
+too: the job saves at the next step boundary and never requeues itself, so SLURM's own requeue of a
+preempted job is not doubled and a cancelled job stays cancelled. A preempted job waits, saved, for the
+scheduler to end it (:func:`wait_for_the_end`); if it comes back, its next attempt corrects the CANCELLED
+record to PREEMPTED (:mod:`sdcluster.cluster.records`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +85,19 @@ class PreemptionFlag:
         handler(PREEMPT_SIGNAL, None)
 
 
+def wait_for_the_end(poll_s: float = 1.0) -> None:
+    """Idle until the scheduler kills the process: the end of a preemption's grace time.
+
+    A preempted job that exits on its own within its grace time simply ends (FAILED or COMPLETED,
+    whatever its exit code): SLURM requeues (``PreemptMode=REQUEUE``) or cancels (``CANCEL``) only the job it
+    kills itself when the grace time is over. Requeueing ourselves (``scontrol requeue``) would release the
+    node sooner but would bring back a job the site chose to cancel; so the saved job waits for the
+    scheduler's own decision. Bounded by the scheduler: its SIGKILL (after GraceTime + KillWait) ends this.
+    """
+    while True:
+        time.sleep(poll_s)
+
+
 def classify(elapsed_s: float, timeout_min: int, signal_delay_s: int, slack_s: float = 90.0) -> str:
     """``timeout`` when the signal came about when the time-limit warning is due, else ``preempted``.
 
@@ -97,9 +113,17 @@ def requeue_or_stop(
 ) -> None:
     """Rank 0 after the collective save: requeue within budget, else end the job with a clear reason."""
     if flag.stop_signal:
-        if folder:
+        backend = backends.of(cfg)
+        if folder:  # CANCELLED until the job comes back: then the next attempt corrects it to PREEMPTED
             reason = f"stopped by {flag.stop_signal}"
             records.end_attempt(folder, "CANCELLED", step=step, exit_reason=reason, requeued=False)
+        if backend.preempting():
+            log.warning(
+                "%s at step %s: preempted, state saved; waiting for the scheduler to end the job",
+                flag.stop_signal,
+                step,
+            )
+            wait_for_the_end()
         raise JobStopped(
             f"stopped by {flag.stop_signal} at step {step}; state saved. Fix: run the same command to resume"
         )
@@ -119,32 +143,3 @@ def requeue_or_stop(
     raise JobStopped(
         f"{reason} at step {step}; state saved; not requeued ({key}={budget}, used {used}): {hint}"
     )
-
-
-TEST_PAUSE = "SDCLUSTER_TEST_PAUSE"
-# A test signals within seconds of the pause line; a test that died before signalling must not hold the
-# (shared, one-node) test cluster past the waits of the tests after it (5 minutes each), so the pause ends.
-TEST_PAUSE_LIMIT_S = 120.0
-
-
-def hold_for_signal(
-    unit: str, count: int, raised: Callable[[], bool], limit_s: float = TEST_PAUSE_LIMIT_S
-) -> None:
-    """Test hook: hold the job at a named point until a signal arrives, so a test's signal lands mid-run.
-
-    With ``SDCLUSTER_TEST_PAUSE=step:3`` (or ``batch:1``; ``step:3@1`` for array task 1 only) the first
-    attempt of a job logs ``paused at step 3`` there and waits until ``raised()`` (at most ``limit_s``, then
-    it goes on as if never paused). The test waits for that line, then signals. The variable is for tests;
-    nothing else sets it.
-    """
-    wanted = os.environ.get(TEST_PAUSE)
-    env = backends.environment()
-    if not wanted or env.restart_count:
-        return
-    target, _, task = wanted.partition("@")
-    if target != f"{unit}:{count}" or (task and env.array_task != task):
-        return
-    log.info("paused at %s %d until a signal arrives (%s)", unit, count, TEST_PAUSE)
-    deadline = time.monotonic() + limit_s
-    while not raised() and time.monotonic() < deadline:
-        time.sleep(0.05)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sdcluster import paths
+from sdcluster import identity, paths
 from sdcluster.cluster import backends, records
 from sdcluster.cluster.dry_run import dry_run
 from sdcluster.cluster.preflight import preflight
@@ -72,16 +72,19 @@ def _job_ids(planned: list[PlannedJob], count: int) -> list[list[str]]:
 
 def submit_sweep(points: list[Point], say: Say = print) -> int:
     """Validate every point, then submit them all; write the ledger; return at once."""
-    cfgs = [p.cfg for p in points]
     unchecked: list[str] = []
-    for cfg in cfgs:
-        unchecked = preflight(cfg, dry_run=cfg.launch.dry_run)
+    pinned = []
+    for point in points:  # each point as it is submitted: pinned to the staged commits, which name its run
+        cfg, unchecked = preflight(point.cfg, dry_run=point.cfg.launch.dry_run)
+        pinned.append(dataclasses.replace(point, cfg=cfg))
+    points = pinned
+    cfgs = [p.cfg for p in points]
     check_distinct_outputs(points)  # after each point's own checks, which name the more specific problem
     if cfgs[0].launch.dry_run:
         return dry_run(cfgs, say, unchecked)
     for note in unchecked:  # the scheduler answered but could not say everything: submitted all the same
         say(f"# not checked: {note}")
-    sweep_id = time.strftime("%Y%m%d-%H%M%S") + "-" + paths.stable_hash([p.overrides for p in points], 6)
+    sweep_id = time.strftime("%Y%m%d-%H%M%S") + "-" + identity.stable_hash([p.overrides for p in points], 6)
     sweep_dir = paths.sweep_dir(cfgs[0].output_root, sweep_id)
     sweep_dir.mkdir(parents=True)
     values = swept_values(points)
@@ -124,8 +127,7 @@ def resubmit_failed(folder: Path, say: Say = print) -> int:
     if not failed:
         say(f"sweep {record['sweep_id']}: no failed points")
         return 0
-    for _, cfg in failed:
-        preflight(cfg)
+    failed = [(point, preflight(cfg)[0]) for point, cfg in failed]  # the configs as submitted
     planned = submit_configs([cfg for _, cfg in failed], say, extra={"sweep": str(folder)})
     ids = _job_ids(planned or [], len(failed))
     for (point, _), new in zip(failed, ids, strict=True):

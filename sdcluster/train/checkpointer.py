@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from safetensors.torch import load_file, save_file
 
 from sdcluster.config import Config, ConfigError
-from sdcluster.paths import config_hash
+from sdcluster.identity import config_hash
 from sdcluster.runtime import ownership
 from sdcluster.runtime.distributed import rank0_decides
 from sdcluster.train import step_folders

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import torch
 
     from sdcluster.models.family import Family
+    from sdcluster.models.objectives import Objective
     from sdcluster.train.ema import LerpEMA
 
 log = logging.getLogger("sdcluster")
@@ -48,9 +49,8 @@ def _base_pipeline(family: Family, source: str, model: ModelConfig, **parts: Any
     )
 
 
-def _save(pipe: Any, tmp: Path, prediction_type: str | None) -> None:
-    if prediction_type:  # what the denoiser was trained to predict; the source scheduler may say otherwise
-        pipe.scheduler.register_to_config(prediction_type=prediction_type)
+def _save(pipe: Any, tmp: Path, objective: Objective) -> None:
+    objective.configure(pipe.scheduler)  # what the denoiser was trained to predict, not what the source says
     pipe.save_pretrained(tmp, safe_serialization=True)
 
 
@@ -73,19 +73,19 @@ def export_pipeline(
     denoiser: torch.nn.Module,
     ema: LerpEMA | None,
     params: list[Any],
-    prediction_type: str | None,
+    objective: Objective,
     model: ModelConfig,
     origin: dict[str, Any] | None = None,
 ) -> Path:
     """Write the family's pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``) with the
     trained denoiser (its EMA weights when EMA is on).
 
-    ``params`` are the parameters the EMA averages; ``model`` gives the source's revision, variant and
-    ``vae_path``.
+    ``params`` are the parameters the EMA averages; ``objective`` (the run's) configures the exported
+    scheduler; ``model`` gives the source's revision, variant and ``vae_path``.
     """
     with _publishing(dest, origin) as tmp, ema_weights(ema, params):
         parts = {family.denoiser_name: denoiser}
-        _save(_base_pipeline(family, source, model, **parts), tmp, prediction_type)
+        _save(_base_pipeline(family, source, model, **parts), tmp, objective)
     log.info("exported pipeline (%s weights): %s", "EMA" if ema is not None else "trained", dest)
     return dest
 
@@ -128,7 +128,7 @@ def export_fused(
     family: Family,
     source: str,
     lora: Path,
-    prediction_type: str | None,
+    objective: Objective,
     model: ModelConfig,
     origin: dict[str, Any] | None = None,
 ) -> Path:
@@ -142,6 +142,6 @@ def export_fused(
         pipe.load_lora_weights(str(lora))
         pipe.fuse_lora(lora_scale=1.0)
         pipe.unload_lora_weights()
-        _save(pipe, tmp, prediction_type)
+        _save(pipe, tmp, objective)
     log.info("exported pipeline with the LoRA fused: %s", dest)
     return dest

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,9 @@ from sdcluster import atomic, paths
 from sdcluster.config import Config
 from sdcluster.progress import ProgressLog
 from sdcluster.redaction import config_yaml
-from sdcluster.runtime import ownership
+from sdcluster.runtime import ownership, step_events
 from sdcluster.runtime.distributed import rank0_decides
-from sdcluster.runtime.requeue import PreemptionFlag, hold_for_signal
+from sdcluster.runtime.requeue import PreemptionFlag
 from sdcluster.train import metrics, tracking
 from sdcluster.train.checkpointer import Checkpointer
 from sdcluster.train.loss import diffusion_loss, step_generator
@@ -115,7 +114,7 @@ def _validate(t: Trainer) -> None:
         tracking.log_image(t.accelerator, t.cfg, "validation", record["images"] / "grid.png", t.step)
 
 
-def _loop(t: Trainer, ckpt: Checkpointer, flag: PreemptionFlag, stop_at: Callable[[int], bool] | None):
+def _loop(t: Trainer, ckpt: Checkpointer, flag: PreemptionFlag) -> tuple[list[tuple[int, float]], bool]:
     cfg, acc = t.cfg, t.accelerator
     progress = ProgressLog(cfg.train.max_steps, "step", start=t.step)
     losses: list[tuple[int, float]] = []
@@ -135,9 +134,7 @@ def _loop(t: Trainer, ckpt: Checkpointer, flag: PreemptionFlag, stop_at: Callabl
         if t.step % cfg.train.log_every == 0 or t.step == cfg.train.max_steps:
             losses.append((t.step, _log_step(t, progress, loss_sum, count)))
             loss_sum, count = torch.zeros((), device=acc.device), 0
-        if stop_at is not None and stop_at(t.step):
-            flag.forced = True
-        hold_for_signal("step", t.step, lambda: flag.raised)
+        step_events.boundary("step", t.step, flag)  # empty unless a test or benchmark observes the run
         if flag.agreed(acc):  # before validating: the grace period goes to the checkpoint first
             ckpt.save()
             return losses, True
@@ -154,13 +151,13 @@ def _loop(t: Trainer, ckpt: Checkpointer, flag: PreemptionFlag, stop_at: Callabl
 def train(
     cfg: Config,
     flag: PreemptionFlag | None = None,
-    stop_at: Callable[[int], bool] | None = None,
     job_id: str | None = None,
 ) -> TrainResult:
     """Fine-tune the denoiser; resume from the run's newest complete checkpoint; export at the end.
 
-    ``flag`` carries the scheduler's preemption signal; ``stop_at(step)`` lets tests stop at a chosen step
-    exactly the way a preemption does (collective save, then return with ``interrupted=True``).
+    ``flag`` carries the scheduler's preemption signal: at the next step boundary every rank saves and
+    the call returns with ``interrupted=True``. Observers of :mod:`sdcluster.runtime.step_events` see each
+    boundary first and may raise the flag (tests stop at a chosen step so: ``step_events.stop_at``).
     """
     flag = flag or PreemptionFlag()
     t = build_trainer(cfg)
@@ -195,16 +192,14 @@ def train(
     )
     tracking.start(acc, cfg, t.paths, t.step)
     try:
-        return _train_and_export(t, ckpt, flag, stop_at)
+        return _train_and_export(t, ckpt, flag)
     finally:
         tracking.end(acc, cfg)
 
 
-def _train_and_export(
-    t: Trainer, ckpt: Checkpointer, flag: PreemptionFlag, stop_at: Callable[[int], bool] | None
-) -> TrainResult:
+def _train_and_export(t: Trainer, ckpt: Checkpointer, flag: PreemptionFlag) -> TrainResult:
     acc = t.accelerator
-    losses, interrupted = _loop(t, ckpt, flag, stop_at)
+    losses, interrupted = _loop(t, ckpt, flag)
     name = t.comps.family.denoiser_name  # "unet weights checksum": what multi-process tests compare
     log.info("%s weights checksum at step %d: %s", name, t.step, weights_checksum(t.denoiser))
     log.info("trained weights checksum at step %d: %s", t.step, weights_checksum(t.params))

@@ -8,13 +8,14 @@ have drawn, whether or not global RNG states were restored, and ranks draw diffe
 
 from __future__ import annotations
 
-import hashlib
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
+from sdcluster.derive import derive_int
 from sdcluster.models.family import TIME_IDS
+from sdcluster.models.objectives import Objective
 
 if TYPE_CHECKING:
     from sdcluster.models.load import Components
@@ -22,8 +23,8 @@ if TYPE_CHECKING:
 
 def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
     """A CPU generator private to one micro-step of one rank (CPU so results do not depend on the device)."""
-    digest = hashlib.sha256(f"{seed}:{micro_step}:{rank}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    # 63 bits: manual_seed takes a signed 64-bit value
+    return torch.Generator().manual_seed(derive_int(seed, micro_step, rank, bits=63, byteorder="little"))
 
 
 def _randn(shape: tuple[int, ...], gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
@@ -91,81 +92,6 @@ def model_inputs(
     else:
         latents = encode_latents(vae, batch["pixel_values"].to(device), gen)
     return latents, conditioning(comps, batch, device, grad_text)
-
-
-class Objective(Protocol):
-    """What the denoiser is trained to predict, from which noised input: the family's choice
-    (:meth:`sdcluster.models.family.Family.objective`). The loss, its min-SNR weighting and the validation
-    loss ask it; a flow-matching objective is another implementation, the loop does not change."""
-
-    @property
-    def num_timesteps(self) -> int:
-        """The training timesteps are ``0 .. num_timesteps - 1`` (the validation loss's fixed ones too)."""
-        ...
-
-    def sample_timesteps(self, batch: int, gen: torch.Generator) -> torch.Tensor:
-        """One training timestep per example, drawn from ``gen`` only (on the CPU)."""
-        ...
-
-    def noised(
-        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the denoiser's input, its target) for ``latents`` noised with ``noise`` at ``timesteps``."""
-        ...
-
-    def snr_weights(self, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-        """Per-example loss weights of min-SNR-gamma at ``timesteps``."""
-        ...
-
-
-class NoisePrediction:
-    """Denoising diffusion with a DDPM noise schedule: the target is the noise (``epsilon``) or the velocity
-    (``v_prediction``), as the scheduler's config says when it is asked (training may change it with
-    ``train.prediction_type`` after loading)."""
-
-    def __init__(self, noise_scheduler: Any) -> None:
-        self.scheduler = noise_scheduler
-
-    @property
-    def num_timesteps(self) -> int:
-        return self.scheduler.config.num_train_timesteps
-
-    def sample_timesteps(self, batch: int, gen: torch.Generator) -> torch.Tensor:
-        return torch.randint(0, self.num_timesteps, (batch,), generator=gen)
-
-    def noised(
-        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        return noisy, diffusion_target(self.scheduler, latents, noise, timesteps)
-
-    def snr_weights(self, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-        return min_snr_weights(self.scheduler, timesteps, gamma, self.scheduler.config.prediction_type)
-
-
-def min_snr_weights(
-    noise_scheduler: Any, timesteps: torch.Tensor, gamma: float, prediction_type: str
-) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023), using diffusers' ``compute_snr``."""
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(noise_scheduler, timesteps)
-    weights = torch.clamp(snr, max=gamma)
-    if prediction_type == "epsilon":
-        return weights / snr
-    return weights / (snr + 1)  # v_prediction
-
-
-def diffusion_target(
-    noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-) -> torch.Tensor:
-    """What the UNet should predict for ``latents`` noised with ``noise``: the noise, or the velocity."""
-    prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return noise_scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
 
 
 def diffusion_loss(

@@ -50,6 +50,9 @@ class Method(Protocol):
     """What a run trains, saves and exports; see the module docstring for when each part is asked."""
 
     name: ClassVar[str]
+    trains_adapters: ClassVar[bool]
+    """Whether it trains adapters rather than the denoiser's own weights: what the schema says of its name
+    (:attr:`sdcluster.config.TrainConfig.trains_adapters`, read on the login node without this module)."""
     trains_text_encoder: bool
     """Whether text encoders are trained (then the latent cache's encodings would be stale)."""
     models: list[torch.nn.Module]
@@ -81,6 +84,7 @@ class FullFineTune:
     """Every denoiser weight is trained, in float32 (autocast computes in half precision when asked)."""
 
     name: ClassVar[str] = "full"
+    trains_adapters: ClassVar[bool] = False
 
     def __init__(self, cfg: Config, family: Family) -> None:
         self.cfg = cfg
@@ -124,7 +128,7 @@ class FullFineTune:
             t.accelerator.unwrap_model(t.denoiser),
             t.ema,
             params=t.params,
-            prediction_type=self.cfg.train.prediction_type,
+            objective=t.objective,
             model=self.cfg.model,
             origin=t.comps.origin,
         )
@@ -139,6 +143,7 @@ class LoRA:
     """
 
     name: ClassVar[str] = "lora"
+    trains_adapters: ClassVar[bool] = True
 
     def __init__(self, cfg: Config, family: Family) -> None:
         self.cfg = cfg
@@ -253,9 +258,8 @@ class LoRA:
         origin = t.comps.origin
         lora_dir = export_lora(t.paths.lora, self.family, denoiser, text_encoders, t.ema, t.params, origin)
         if self.lora.fuse_export:
-            prediction_type, model = self.cfg.train.prediction_type, self.cfg.model
-            source = t.comps.source
-            export_fused(t.paths.model, self.family, source, lora_dir, prediction_type, model, origin)
+            source, model = t.comps.source, self.cfg.model
+            export_fused(t.paths.model, self.family, source, lora_dir, t.objective, model, origin)
         return lora_dir
 
 

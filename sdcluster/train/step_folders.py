@@ -12,9 +12,10 @@ optimizer, scaler, per-rank RNG, gathered on every rank) and wrap it:
 3. only then does rank 0 prune, keeping at least ``keep`` (>= 2) complete checkpoints.
 
 Folders are listed newest first; one whose manifest is missing, does not agree with itself (digest, folder
-name, step and micro-step: :func:`manifest_problem`) or whose files do not match it is skipped with a warning
-naming it, so a truncated or edited newest checkpoint falls back to the previous one. Which folder a
-run resumes from, and what else it saves, is decided by :mod:`sdcluster.train.checkpointer`.
+name, step and micro-step: :func:`checkpoint_manifest_problem`) or whose files do not match it
+(:func:`sdcluster.sealed.files_problem`) is skipped with a warning naming it, so a truncated or edited
+newest checkpoint falls back to the previous one. Which folder a run resumes from, and what else it saves,
+is decided by :mod:`sdcluster.train.checkpointer`.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdcluster import atomic
+from sdcluster import atomic, sealed
 from sdcluster.config import ConfigError
 
 log = logging.getLogger("sdcluster")
 
 META_NAME = "sdcluster-checkpoint.json"
+"""The checkpoint manifest: a sealed folder's file list (:mod:`sdcluster.sealed`) plus the step it holds."""
 # 2: the manifest carries a digest over itself and where its micro-step count starts (origin_*). A manifest
 # without ``format`` was written before; it is accepted, its own fields checked only against its folder name.
 FORMAT = 2
@@ -72,11 +74,8 @@ class CheckpointMeta:
 
 
 def _file_entries(folder: Path) -> dict[str, dict[str, Any]]:
-    return {
-        str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": atomic.file_sha256(p)}
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != META_NAME
-    }
+    files = (p for p in folder.rglob("*") if p.is_file() and p.name != META_NAME)
+    return sealed.file_entries(folder, files)
 
 
 def _digest(data: dict[str, Any]) -> str:
@@ -97,7 +96,7 @@ def read_meta(folder: Path) -> CheckpointMeta:
     return CheckpointMeta(**{"format": None} | json.loads((folder / META_NAME).read_text()))
 
 
-def manifest_problem(
+def checkpoint_manifest_problem(
     folder: Path, meta: CheckpointMeta, data: dict[str, Any], named: bool = True
 ) -> str | None:
     """Why the manifest ``data`` (read as ``meta``) of ``folder`` does not agree with itself, or None.
@@ -137,21 +136,14 @@ def verify(folder: Path, content: bool = False, named: bool = True) -> str | Non
         return f"no {META_NAME} (save did not finish)"
     except (ValueError, TypeError) as err:
         return f"unreadable {META_NAME}: {err}"
-    problem = manifest_problem(folder, meta, data, named)
+    problem = checkpoint_manifest_problem(folder, meta, data, named)
     if problem:
         return problem
     if not meta.files:
         return "manifest lists no files"
-    for name, entry in meta.files.items():
-        size, sha256 = (entry, None) if isinstance(entry, int) else (entry["bytes"], entry["sha256"])
-        path = folder / name
-        if not path.is_file():
-            return f"missing {name}"
-        if path.stat().st_size != size:
-            return f"{name} is {path.stat().st_size} bytes, manifest says {size} (truncated or corrupt)"
-        if content and sha256 and atomic.file_sha256(path) != sha256:
-            return f"{name} does not match its sha256 (corrupt)"
-    return None
+    # a manifest written before checksums lists a file by its size alone
+    files = {name: {"bytes": e} if isinstance(e, int) else e for name, e in meta.files.items()}
+    return sealed.files_problem(folder, files, content)
 
 
 def resume_folder(resume: str) -> Path:

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from sdcluster.atomic import write_json
 from sdcluster.config import Config, ConfigError
-from sdcluster.paths import RunPaths, semantic_train_config
+from sdcluster.identity import semantic_train_config
+from sdcluster.paths import RunPaths
 from sdcluster.redaction import redact
 
 if TYPE_CHECKING:

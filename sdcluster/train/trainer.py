@@ -20,8 +20,8 @@ from sdcluster.train.method import Method, make_method, method_class, weight_dty
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+    from sdcluster.models.objectives import Objective
     from sdcluster.train.ema import LerpEMA
-    from sdcluster.train.loss import Objective
 
 log = logging.getLogger("sdcluster")
 
@@ -107,8 +107,6 @@ def _prepare_models(cfg: Config, comps: Components, accelerator: Accelerator, me
     method.prepare(comps, accelerator)  # what is trained: the denoiser, or adapters (unfreezing nothing else)
     if cfg.train.gradient_checkpointing:
         comps.denoiser.enable_gradient_checkpointing()
-    if cfg.train.prediction_type:
-        comps.noise_scheduler.register_to_config(prediction_type=cfg.train.prediction_type)
 
 
 def build_trainer(cfg: Config) -> Trainer:
@@ -120,6 +118,9 @@ def build_trainer(cfg: Config) -> Trainer:
     comps = load_components(cfg.model, cfg.cache_root, accelerator)
     method = make_method(cfg, comps.family)
     _prepare_models(cfg, comps, accelerator, method)
+    # The family's objective applies train.prediction_type (to the noise scheduler, which the validation
+    # sampler is built from): a family with another objective needs nothing here.
+    objective = comps.family.objective(comps.noise_scheduler, cfg.train.prediction_type)
     for model in method.models:
         model.to(accelerator.device)
     named = method.named_parameters()
@@ -150,7 +151,7 @@ def build_trainer(cfg: Config) -> Trainer:
         accelerator,
         comps,
         models[0],
-        comps.family.objective(comps.noise_scheduler),
+        objective,
         optimizer,
         lr_scheduler,
         ema,

@@ -163,13 +163,13 @@ def _text_eval(t: Trainer) -> Iterator[None]:
 
 def _pipeline(t: Trainer, denoiser: torch.nn.Module) -> Any:
     """A pipeline around the in-memory components: nothing reloaded from disk, no safety checker, no bars."""
-    from sdcluster.models.schedulers import make_scheduler
+    from sdcluster.models.samplers import make_sampler
 
     comps = t.comps
     with warnings.catch_warnings():  # it fixes old scheduler settings (clip_sample) itself, warning each time
         warnings.filterwarnings("ignore", "The configuration file of this scheduler", FutureWarning)
-        scheduler = make_scheduler(t.cfg.generate.scheduler, comps.noise_scheduler.config)
-        pipe = comps.family.pipeline(comps, denoiser, scheduler)
+        sampler = make_sampler(t.cfg.generate.scheduler, comps.noise_scheduler.config)
+        pipe = comps.family.pipeline(comps, denoiser, sampler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

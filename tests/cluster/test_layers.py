@@ -62,28 +62,52 @@ def _within(names: set[str], prefixes: tuple[str, ...]) -> set[str]:
     return {n for n in names if any(n == p or n.startswith(p + ".") for p in prefixes)}
 
 
+def _default_of_cluster_name(tree: ast.Module) -> set[int]:
+    """The one constant of the schema that may name a backend: the default of ``ClusterConfig.name``."""
+    return {
+        id(stmt.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ClassDef) and node.name == "ClusterConfig"
+        for stmt in node.body
+        if isinstance(stmt, ast.AnnAssign) and ast.unparse(stmt.target) == "name" and stmt.value is not None
+    }
+
+
+# Where "local" means the gitignored ``conf/local`` folder of site settings, not the backend.
+SITE_FOLDER = {PACKAGE / "schema_docs.py", PACKAGE / "config" / "store.py"}
+
+
 def test_nothing_outside_the_backends_names_a_scheduler():
     """No code (docstrings and comments aside) outside ``cluster/backends`` names a backend, a SLURM
-    variable or a SLURM command. The schema (``config/``) is below the backends and names its values;
-    ``schema_docs`` means the ``conf/local`` folder of site settings."""
+    variable or a SLURM command, the schema (``config/``) included: its only backend name is the default of
+    ``cluster.name``, and ``schema_docs``/``config/store`` name the ``conf/local`` folder of site settings."""
     found = []
     for path in PACKAGE.rglob("*.py"):
-        if BACKENDS in path.parents or path.parent.name == "config" or path.name == "schema_docs.py":
+        if BACKENDS in path.parents:
             continue
         tree = ast.parse(path.read_text())
-        docstrings = {
-            id(node.body[0].value)
-            for node in ast.walk(tree)
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-            and node.body
-            and isinstance(node.body[0], ast.Expr)
-        }
+        # docstrings, the schema's field docstrings included: every string that is a statement of its own
+        allowed = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
+        allowed |= _default_of_cluster_name(tree)
         for node in ast.walk(tree):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in allowed:
                 text = node.value
+                if text == "local" and path in SITE_FOLDER:
+                    continue
                 if text in ("slurm", "local") or "SLURM_" in text or set(text.split()) & set(SCHEDULER_WORDS):
                     found.append(f"{path.relative_to(REPO)}:{node.lineno}: {text[:60]!r}")
     assert not found, "\n".join(found)
+
+
+def test_every_cluster_option_has_a_backend_and_every_backend_an_option():
+    """``cluster.name``'s values are the files of ``conf/cluster/``; each must select a registered backend,
+    and each backend must be selectable (``+cluster=NAME``)."""
+    from sdcluster.cluster import backends
+    from sdcluster.config import CLUSTERS
+
+    options = {p.stem for p in (REPO / "conf" / "cluster").glob("*.yaml")}
+    assert options == {b.name for b in backends.registered()}
+    assert set(CLUSTERS) == options
 
 
 def test_the_runtime_and_the_cluster_base_import_only_downward():
@@ -91,7 +115,8 @@ def test_the_runtime_and_the_cluster_base_import_only_downward():
     the runtime nor the login side; data, models, train and generate never import the login side."""
     sources = _sources()
     login = ("sdcluster.cluster.preflight", "sdcluster.cluster.submit", "sdcluster.cluster.dry_run")
-    login += ("sdcluster.cluster.launching", "sdcluster.cluster.interrupts", "sdcluster.cluster.callables")
+    login += ("sdcluster.cluster.submit_and_wait", "sdcluster.cluster.interrupts")
+    login += ("sdcluster.cluster.callables",)
     base = ("sdcluster.cluster.records", "sdcluster.cluster.backends")
     wrong = []
     for name, tree in sources.items():
@@ -142,3 +167,50 @@ def test_a_job_pickled_at_the_old_path_loads(kind):
     old = data.replace(b"sdcluster.runtime.callables", b"sdcluster.cluster.callables")
     loaded = pickle.loads(old)
     assert type(loaded) is getattr(callables, kind) and loaded.cfg == job.cfg
+
+
+def _named_strings(node: ast.AST) -> list[str]:
+    """The string constants of a comparison's operand or a key: one, or a tuple/list/set of them."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return [text for element in node.elts for text in _named_strings(element)]
+    return []
+
+
+def test_nothing_outside_the_registries_branches_on_a_family_method_or_component_name():
+    """Outside the families (``models/family.py``, the tiny builders), the methods (``train/method.py``) and
+    the schema (``config/``), no family name, method name or SD-only component name is compared (``==``,
+    ``in``...) or used as a key (``x["unet"]``, ``{"unet": ...}``, ``.get("unet")``): code asks the family
+    or the method object. A key that is also a schema key (``train.lora``, ``generate.lora``, the blocks of
+    a config turned into a dict) is the schema's word, not a method's name."""
+    from dataclasses import fields
+
+    from sdcluster.config import GenerateConfig, TrainConfig
+    from sdcluster.config.checks import TRAIN_METHODS
+    from sdcluster.models.family import FAMILIES
+
+    names = {family.name for family in FAMILIES.values()} | set(TRAIN_METHODS)
+    names |= {"unet", "text_encoder_2", "tokenizer_2"}
+    schema_keys = {f.name for f in (*fields(TrainConfig), *fields(GenerateConfig))}
+    registries = {"models/family.py", "train/method.py"}
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        where = path.relative_to(PACKAGE).as_posix()
+        if where in registries or where.startswith(("config/", "models/tiny")):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            keys: list[str] = []
+            if isinstance(node, ast.Compare):
+                compared = [t for operand in (node.left, *node.comparators) for t in _named_strings(operand)]
+            else:
+                compared = []
+                if isinstance(node, ast.Subscript):
+                    keys = _named_strings(node.slice)
+                elif isinstance(node, ast.Dict):
+                    keys = [t for key in node.keys if key is not None for t in _named_strings(key)]
+                elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args:
+                    keys = _named_strings(node.args[0]) if node.func.attr in ("get", "pop") else []
+            if set(compared) & names or (set(keys) - schema_keys) & names:
+                found.append(f"{where}:{node.lineno}: {ast.unparse(node)[:80]}")
+    assert not found, "\n".join(found)

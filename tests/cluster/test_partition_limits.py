@@ -48,8 +48,8 @@ def test_a_time_limit_above_the_partitions_is_refused(slurm_cluster, make_cfg):
         r"Fix: cluster.timeout_min=60 or less",
     ):
         preflight(make_cfg(over), dry_run=True)
-    assert preflight(make_cfg([*SLURM, "cluster.partition=short", "cluster.timeout_min=60"])) == []
-    assert preflight(make_cfg([*SLURM, "cluster.timeout_min=100000"])) == []  # debug: MaxTime=INFINITE
+    assert preflight(make_cfg([*SLURM, "cluster.partition=short", "cluster.timeout_min=60"]))[1] == []
+    assert preflight(make_cfg([*SLURM, "cluster.timeout_min=100000"]))[1] == []  # debug: MaxTime=INFINITE
 
 
 @pytest.mark.slurm
@@ -62,7 +62,7 @@ def test_more_memory_per_node_than_a_node_has_is_refused(slurm_cluster, make_cfg
         r"Fix: cluster.mem_gb=",
     ):
         preflight(make_cfg([*SLURM, f"cluster.mem_gb={too_much}"]), dry_run=True)
-    assert preflight(make_cfg([*SLURM, f"cluster.mem_gb={node.memory_mb / 1024}"])) == []
+    assert preflight(make_cfg([*SLURM, f"cluster.mem_gb={node.memory_mb / 1024}"]))[1] == []
 
 
 @pytest.mark.slurm
@@ -86,7 +86,7 @@ def test_more_cpus_per_node_than_a_node_has_are_refused(slurm_cluster, make_cfg,
         preflight(make_cfg([*SLURM, f"cluster.cpus_per_task={n}", "cluster.tasks_per_node=2"]), dry_run=True)
     with pytest.raises(ConfigError, match=rf"^cluster.tasks_per_node: 1 CPU\(s\) per task x {n + 1} task"):
         preflight(make_cfg([*SLURM, f"cluster.tasks_per_node={n + 1}"]))  # one CPU each at the least
-    assert preflight(make_cfg([*SLURM, f"cluster.cpus_per_task={n}"])) == []
+    assert preflight(make_cfg([*SLURM, f"cluster.cpus_per_task={n}"]))[1] == []
 
 
 @pytest.mark.slurm
@@ -110,13 +110,13 @@ def test_limits_that_cannot_be_read_are_listed_as_not_checked(slurm_cluster, mak
     for tool in scheduler.CLIENTS:  # the real clients, all but scontrol
         (bin_dir / tool).symlink_to(shutil.which(tool))
     monkeypatch.setenv("PATH", str(bin_dir))  # bash is found at /bin/bash without PATH
-    (note,) = preflight(make_cfg([*SLURM, "cluster.nodes=1000000"]), dry_run=True)
+    _, (note,) = preflight(make_cfg([*SLURM, "cluster.nodes=1000000"]), dry_run=True)
     assert note.startswith(LIMITS) and "scontrol" in note
 
 
 def test_without_a_controller_the_dry_run_lists_the_limits_as_not_checked(make_cfg, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "no-slurm-here"))
-    (note,) = preflight(make_cfg([*SLURM, "cluster.nodes=1000000"]), dry_run=True)
+    _, (note,) = preflight(make_cfg([*SLURM, "cluster.nodes=1000000"]), dry_run=True)
     assert "the cluster itself" in note and "nodes, time limit, memory, CPUs and GPUs per node" in note
     with pytest.raises(ConfigError, match=r"^cluster=slurm: `sbatch` is not on PATH"):
         preflight(make_cfg([*SLURM, "cluster.nodes=1000000"]))  # a real submission stops here

@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sdcluster.cluster import backends
 from sdcluster.cluster.preflight import check_scripts, preflight
-from sdcluster.config import ClusterConfig, ConfigError
+from sdcluster.config import ClusterConfig, Config, ConfigError
 from sdcluster.data.metadata import validate
 from sdcluster.paths import sample_data_dir
 from tests.conftest import compose
@@ -44,9 +45,14 @@ def test_control_characters_never_reach_the_job_script(override, key):
 @pytest.mark.parametrize("option", ["x y", "--gres", "Gres", "mail_type", "a;b", "gres\n"])
 def test_additional_parameters_keys_are_sbatch_option_names(option):
     """Keys come from YAML too (``conf/local/cluster.yaml``), where any string can be a key."""
+    slurm = backends.get("slurm")
     with pytest.raises(ConfigError, match=r"is not an sbatch option name.*e\.g\. mail-type"):
-        ClusterConfig(name="slurm", additional_parameters={option: 1})
-    ClusterConfig(name="slurm", additional_parameters={"mail-type": "END", "gres": "gpu:2"})
+        slurm.check_config(Config(cluster=ClusterConfig(name="slurm", additional_parameters={option: 1})))
+    slurm.check_config(
+        Config(
+            cluster=ClusterConfig(name="slurm", additional_parameters={"mail-type": "END", "gres": "gpu:2"})
+        )
+    )
 
 
 def test_a_setup_line_that_breaks_the_script_is_refused_before_submission(tmp_path):
@@ -175,8 +181,9 @@ def test_a_warning_signal_after_the_time_limit_is_refused_where_slurm_sends_it()
     """SLURM sends the warning ``signal_delay_s`` before the limit; the local executor sends none, so a short
     local run keeps the default delay (and could not change it without choosing SLURM)."""
     below = r"^cluster.signal_delay_s: got 120, must be below the time limit \(cluster.timeout_min=2: 120 s\)"
+    cfg = compose(["+cluster=slurm", "cluster.timeout_min=2"])
     with pytest.raises(ConfigError, match=rf"{below}.*\. Fix: \S"):
-        compose(["+cluster=slurm", "cluster.timeout_min=2"])
+        backends.of(cfg).check_config(cfg)  # preflight asks it first
     assert compose(["task=train", "cluster.timeout_min=2"]).cluster.signal_delay_s == 120
 
 

@@ -129,12 +129,12 @@ def test_the_launcher_refuses_unknown_keys_with_the_one_meant(tmp_path, override
     "override", ["cluster.partition=gpu", "cluster.account=proj", "cluster.mem_gb=64", "cluster.name=slurm"]
 )
 def test_slurm_settings_without_choosing_slurm_are_refused(tmp_path, override):
-    from sdcluster.config.executor import check_executor
+    from sdcluster.cluster.choice import check_choice
 
     cfg = compose([override])
     with pytest.raises(ConfigError, match=r"is a SLURM setting, but no executor was chosen.*\+cluster=slurm"):
-        check_executor(cfg, None, environ={})
-    check_executor(compose(["+cluster=slurm", override]), "slurm", environ={})  # chosen: fine
+        check_choice(cfg, None, environ={})
+    check_choice(compose(["+cluster=slurm", override]), "slurm", environ={})  # chosen: fine
 
 
 @pytest.mark.parametrize("sweep", [[], ["-m", "optim.lr=1e-4,5e-5"]], ids=["launch", "sweep"])

@@ -12,7 +12,7 @@ import dataclasses
 import pytest
 from omegaconf import OmegaConf
 
-from sdcluster import paths
+from sdcluster import identity, paths
 from sdcluster.config import LR_SCHEDULES, Config, DataConfig, OptimConfig, TrainConfig
 from tests.conftest import compose
 
@@ -33,7 +33,7 @@ EXPECTED = {  # overrides -> (run folder name, config_hash)
 @pytest.mark.parametrize("overrides", sorted(EXPECTED))
 def test_run_folders_keep_their_names(overrides):
     cfg = compose(list(overrides))
-    assert (paths.run_dir(cfg).name, paths.config_hash(cfg)) == EXPECTED[overrides]
+    assert (paths.run_dir(cfg).name, identity.config_hash(cfg)) == EXPECTED[overrides]
 
 
 @pytest.mark.parametrize(
@@ -85,6 +85,6 @@ def test_identity_lists_name_fields_and_stay_out_of_the_composed_config():
     schema = OmegaConf.structured(Config)  # ClassVars are not config keys: nobody can override them
     assert "NOT_IDENTITY" not in schema.train and "NOT_IDENTITY" not in schema.data
     assert "STEPS_FREE_SCHEDULES" not in schema.optim
-    semantic = paths.semantic_train_config(compose([FIXED_DATA]))
+    semantic = identity.semantic_train_config(compose([FIXED_DATA]))
     assert not set(TrainConfig.NOT_IDENTITY) & set(semantic["train"]) and "max_steps" not in semantic["train"]
     assert not set(DataConfig.NOT_IDENTITY) & set(semantic["data"])

@@ -15,7 +15,7 @@ from sdcluster.config import Config
 from tests.conftest import REPO
 
 SCHEMA = REPO / "sdcluster" / "config"
-HYDRA_SIDE = {"store.py"}  # registers the schema with Hydra; not schema itself
+HYDRA_SIDE = {"store.py"}  # registers the schema with Hydra; not schema
 MODULES = sorted(p for p in SCHEMA.glob("*.py") if p.name not in HYDRA_SIDE)
 
 

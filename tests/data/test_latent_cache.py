@@ -201,7 +201,7 @@ def test_shards_of_two_ranks_hold_what_one_rank_encodes(make_cfg, comps, tmp_pat
         latent_build._encode_share(plan, dataset, comps, cfg.train.resolution, "cpu", rank, 2, tmp)
     from sdcluster.data.latent_cache import commit
 
-    commit(tmp, tmp_path / "entry", latent_cache.manifest_of(plan, 2))
+    commit(tmp, tmp_path / "entry", latent_cache.entry_manifest(plan, 2))
     sharded = CachedExamples(tmp_path / "entry", 0, cfg.train.resolution, False, True)
     assert len(np.load(tmp_path / "entry" / "posterior.1.npy")) > 0
     for key in [(i, s) for i in range(3) for s in range(6)]:

@@ -55,7 +55,7 @@ def test_folder_loads_with_caption_and_slot_columns(made: Path, tmp_path: Path) 
     train = loaded["train"]
     assert set(train.column_names) == {"image", "text", "template"} | SLOTS
     assert train.num_rows == 6  # the contact sheet is not an image of the dataset
-    manifest = records.read_manifest(made)
+    manifest = records.read_image_manifest(made)
     by_text = {row["text"]: row for row in train.remove_columns("image")}
     for record in manifest:
         row = by_text[record["prompt"]]
@@ -77,8 +77,8 @@ def test_sdcluster_trains_on_the_folder_as_it_is(made: Path, tmp_path: Path) -> 
     cfg = compose(["data=imagefolder", f"data.path={made}", "data.holdout=1"])
     check_data(cfg)  # the launch-time check
     rows = load_captioned_images(made, cache_dir=tmp_path / "hf")  # what the training loader reads
-    assert rows.num_rows == 6 and rows["file_name"] == [r["file"] for r in records.read_manifest(made)]
-    assert set(rows["text"]) == {r["prompt"] for r in records.read_manifest(made)}
+    assert rows.num_rows == 6 and rows["file_name"] == [r["file"] for r in records.read_image_manifest(made)]
+    assert set(rows["text"]) == {r["prompt"] for r in records.read_image_manifest(made)}
 
 
 def rerun_with_split(made: Path, tiny_model: Path, program: Path, root: Path, **split: object) -> Path:
@@ -121,7 +121,7 @@ def test_split_by_fraction_by_hand_merge(made: Path, tiny_model: Path, program: 
     out = rerun_with_split(made, tiny_model, program, tmp_path, by="fraction", fraction=0.5, seed=3)
     before = {name: (out / name / METADATA_FILE).read_text() for name in ("train", "validation")}
     written = (out / METADATA_FILE).stat().st_mtime_ns
-    records.merge_manifest(out)  # by hand: the split comes from settings.json
+    records.merge_image_manifest(out)  # by hand: the split comes from settings.json
     assert {name: (out / name / METADATA_FILE).read_text() for name in before} == before
     assert (out / METADATA_FILE).stat().st_mtime_ns == written  # unchanged, so datasets' cache stays valid
     loaded = load(out, tmp_path / "hf")

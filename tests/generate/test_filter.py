@@ -44,12 +44,12 @@ def folder(tmp_path: Path) -> Path:
 
 def test_rejects_move_with_their_reason_and_nothing_is_deleted(folder: Path) -> None:
     before = digests(folder)
-    records.merge_manifest(folder, filtered())
+    records.merge_image_manifest(folder, filtered())
     assert digests(folder) == before  # every image still there, byte for byte
     moved = sorted(p.name for p in (folder / rejects.REJECTED).glob("*.png"))
     assert moved == ["p0001-i0000.png", "p0001-i0001.png", "p0002-i0002.png"]
     assert not any((folder / name).exists() for name in moved)
-    rows = {r["file"]: r for r in records.read_manifest(folder)}
+    rows = {r["file"]: r for r in records.read_image_manifest(folder)}
     assert len(rows) == 9  # rejected images stay in the manifest, marked
     assert rows["p0001-i0000.png"]["rejected"] == {"reason": "low_clip", "clip": 0.1, "min_clip": 0.2}
     assert rows["p0001-i0001.png"]["rejected"]["reason"] == "low_clip"
@@ -69,15 +69,16 @@ def test_rejects_move_with_their_reason_and_nothing_is_deleted(folder: Path) -> 
 
 
 def test_a_rejection_is_final_and_merging_again_changes_nothing(folder: Path) -> None:
-    records.merge_manifest(folder, filtered())
-    manifest = (folder / records.MANIFEST).read_text()
+    records.merge_image_manifest(folder, filtered())
+    manifest = (folder / records.IMAGE_MANIFEST).read_text()
     before = digests(folder)
-    records.merge_manifest(folder, filtered())
-    assert (folder / records.MANIFEST).read_text() == manifest
-    records.merge_manifest(folder, filtered(min_clip=None, duplicates=False))  # looser: nothing comes back
-    assert (folder / records.MANIFEST).read_text() == manifest
-    records.merge_manifest(folder)  # by hand, no settings.json: earlier rejections are still marked
-    assert (folder / records.MANIFEST).read_text() == manifest
+    records.merge_image_manifest(folder, filtered())
+    assert (folder / records.IMAGE_MANIFEST).read_text() == manifest
+    # looser: nothing comes back
+    records.merge_image_manifest(folder, filtered(min_clip=None, duplicates=False))
+    assert (folder / records.IMAGE_MANIFEST).read_text() == manifest
+    records.merge_image_manifest(folder)  # by hand, no settings.json: earlier rejections are still marked
+    assert (folder / records.IMAGE_MANIFEST).read_text() == manifest
     assert digests(folder) == before
 
 
@@ -85,14 +86,14 @@ def test_a_merge_killed_between_reason_and_move_is_finished_by_the_next(folder: 
     reasons = folder / rejects.REJECTED / rejects.REASONS
     reasons.parent.mkdir()
     reasons.write_text(json.dumps({"file": "p0000-i0000.png", "rejected": {"reason": "stale"}}) + "\n")
-    records.merge_manifest(folder, filtered())  # the logged decision without a move is not a rejection
-    rows = {r["file"]: r for r in records.read_manifest(folder)}
+    records.merge_image_manifest(folder, filtered())  # the logged decision without a move is not a rejection
+    rows = {r["file"]: r for r in records.read_image_manifest(folder)}
     assert "rejected" not in rows["p0000-i0000.png"] and (folder / "p0000-i0000.png").is_file()
     assert rows["p0001-i0000.png"]["rejected"]["reason"] == "low_clip"
 
 
 def test_a_rejected_image_counts_as_done_unless_redone(folder: Path) -> None:
-    records.merge_manifest(folder, filtered())
+    records.merge_image_manifest(folder, filtered())
     assert rejects.is_done(folder, "p0001-i0001.png") and rejects.is_done(folder, "p0000-i0000.png")
     assert not rejects.is_done(folder, "p0001-i0001.png", redo_rejected=True)
     assert not rejects.is_done(folder, "p0009-i0000.png")
@@ -127,7 +128,7 @@ def test_rerun_keeps_rejects_and_redo_rejected_makes_them_again(tiny_model: Path
     assert sorted(p.name for p in previous.glob("*.png")) == rejected  # the old copies are kept
     assert sorted(rejects.rejected_files(out)) == rejected  # made again, judged again, rejected again
     assert len(list(out.rglob("p*.png"))) == 7  # 4 images + 3 earlier copies: nothing deleted
-    assert sum("rejected" in r for r in records.read_manifest(out)) == 3
+    assert sum("rejected" in r for r in records.read_image_manifest(out)) == 3
 
 
 def test_scores_and_filter_do_not_change_the_folder(tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ def rows() -> list[dict[str, Any]]:
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = make_folder(tmp_path_factory.mktemp("gallery") / "gen", rows())
     gen = GenerateConfig(scores=ScoresConfig(clip=True), filter=FilterConfig(min_clip=0.1))
-    records.merge_manifest(out, gen)
+    records.merge_image_manifest(out, gen)
     gallery.write_gallery(out, page_size=PAGE)  # small pages, so paging is exercised with few images
     return out
 
@@ -208,7 +208,7 @@ def test_gallery_of_a_real_generation_job(tiny_model: Path, tmp_path: Path, page
     page.wait_for_load_state("load")
     widths = page.eval_on_selector_all("img", "els => els.map(e => e.naturalWidth)")
     assert len(widths) == 4 and min(widths) > 0
-    for row, card in zip(records.read_manifest(out), page.query_selector_all(".card"), strict=True):
+    for row, card in zip(records.read_image_manifest(out), page.query_selector_all(".card"), strict=True):
         text = card.inner_text()
         assert row["prompt"] in text and f"seed {row['seed']}" in text and row["scores"]["phash"] in text
         if row.get("remake"):
@@ -225,7 +225,7 @@ def test_template_text_and_slot_values_are_text_never_markup(tmp_path: Path) -> 
         for i in range(2)
     ]
     out = make_folder(tmp_path / "gen", made)
-    records.merge_manifest(out, GenerateConfig())
+    records.merge_image_manifest(out, GenerateConfig())
     gallery.write_gallery(out, page_size=PAGE)
     pages = list((out / gallery.GALLERY).glob("*.html"))
     assert {p.name for p in pages} >= {"index.html", "page-0001.html"}

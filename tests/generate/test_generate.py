@@ -28,7 +28,7 @@ from sdcluster.generate.job import generate_images
 from sdcluster.generate.plan import item_seed, plan_items
 from sdcluster.generate.render import PromptEmbeddings, load_pipeline, render
 from sdcluster.models.family import family_of
-from sdcluster.models.schedulers import SCHEDULER_CLASSES, make_scheduler, set_scheduler
+from sdcluster.models.samplers import SAMPLER_CLASSES, make_sampler, set_sampler
 
 PROMPTS = ["dark blue jeans laid flat", "light wash denim, back view"]
 
@@ -74,7 +74,7 @@ def assert_same_images_at_another_batch_size(one: Path, other: Path) -> None:
     """Two generation folders of the same settings but batch size: what README promises, and no more."""
     from sdcluster.generate.scores import hamming
 
-    rows_one, rows_other = records.read_manifest(one), records.read_manifest(other)
+    rows_one, rows_other = records.read_image_manifest(one), records.read_image_manifest(other)
     scores_one = [row.pop("scores") for row in rows_one]
     scores_other = [row.pop("scores") for row in rows_other]
     assert rows_one == rows_other, "seeds, prompts and settings are the image's, whatever the batch size"
@@ -134,21 +134,21 @@ def test_shards_are_disjoint_and_complete(tmp_path: Path) -> None:
 # diffusers' Euler/DPM schedulers call np.array on torch tensors, which numpy 2 warns about: not ours.
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-def test_every_scheduler_name_builds_and_samples(tiny: Path, tmp_path: Path) -> None:
+def test_every_sampler_name_builds_and_samples(tiny: Path, tmp_path: Path) -> None:
     config = json.loads((tiny / "scheduler" / "scheduler_config.json").read_text())
-    assert tuple(SCHEDULER_CLASSES) == SCHEDULERS
-    for name, (class_name, _) in SCHEDULER_CLASSES.items():
-        scheduler = make_scheduler(name, config)
-        assert type(scheduler).__name__ == class_name
-        assert scheduler.config.beta_schedule == "scaled_linear"  # the model's schedule carries over
-    assert make_scheduler("dpmpp", config).config.algorithm_type == "dpmsolver++"
+    assert tuple(SAMPLER_CLASSES) == SCHEDULERS
+    for name, (class_name, _) in SAMPLER_CLASSES.items():
+        sampler = make_sampler(name, config)
+        assert type(sampler).__name__ == class_name
+        assert sampler.config.beta_schedule == "scaled_linear"  # the model's schedule carries over
+    assert make_sampler("dpmpp", config).config.algorithm_type == "dpmsolver++"
     with pytest.raises(ConfigError, match="euler_a"):
-        make_scheduler("k_lms", config)
+        make_sampler("k_lms", config)
 
     cfg = gen_cfg(tmp_path, tiny)
     pipe = load_pipeline(cfg)
     for name in SCHEDULERS:
-        set_scheduler(pipe, name)
+        set_sampler(pipe, name)
         # Stochastic samplers (euler_a, ddpm) draw fresh noise every step; with one generator per image
         # that noise too belongs to the image, so its neighbour in the batch does not matter.
         first, _ = render(pipe, [PROMPTS[0]] * 2, [11, 12], cfg.generate)
@@ -159,7 +159,7 @@ def test_every_scheduler_name_builds_and_samples(tiny: Path, tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_reference_run_outputs(reference: Path) -> None:
-    rows = records.read_manifest(reference)
+    rows = records.read_image_manifest(reference)
     assert [r["file"] for r in rows] == [f"p000{p}-i000{i}.png" for p in range(2) for i in range(3)]
     assert len({r["seed"] for r in rows}) == 6
     assert rows[4]["prompt"] == PROMPTS[1] and rows[4]["seed"] == item_seed(0, 1, 1)
@@ -190,7 +190,7 @@ def test_batch_size_changes_neither_seeds_nor_images(tiny: Path, tmp_path: Path,
     ones, threes = images(out), images(reference)
 
     # Any one image, reproduced alone from its manifest record:
-    record = records.read_manifest(reference)[4]
+    record = records.read_image_manifest(reference)[4]
     alone = render(load_pipeline(cfg), [record["prompt"]], [record["seed"]], cfg.generate)[0]
     assert np.array_equal(np.asarray(alone), ones[record["file"]])  # same batch shape: exactly
     assert_close(np.asarray(alone).astype(np.int16), threes[record["file"]])  # made in a batch of 3
@@ -238,7 +238,7 @@ def test_deleted_image_is_regenerated_identical(tiny: Path, tmp_path: Path, refe
     for name, (mtime, data) in snapshot(out).items():
         assert data == before[name][1]
         assert (mtime == before[name][0]) == (name != "p0001-i0001.png")
-    assert [r["file"] for r in records.read_manifest(out)] == sorted(before)
+    assert [r["file"] for r in records.read_image_manifest(out)] == sorted(before)
 
 
 @pytest.mark.slow
@@ -246,11 +246,11 @@ def test_two_shards_then_merge_equal_one_shard(tiny: Path, tmp_path: Path, refer
     cfg = gen_cfg(tmp_path, tiny, shards=2)
     first = generate_images(cfg, shard_index=0, num_shards=2)
     out = first.out_dir
-    assert first.generated == 3 and not (out / records.MANIFEST).exists()  # shard 1 still missing
+    assert first.generated == 3 and not (out / records.IMAGE_MANIFEST).exists()  # shard 1 still missing
     second = generate_images(cfg, shard_index=1, num_shards=2)
-    assert second.generated == 3 and (out / records.MANIFEST).exists()  # the last finisher merged
+    assert second.generated == 3 and (out / records.IMAGE_MANIFEST).exists()  # the last finisher merged
     assert main(["merge", str(out)]) == 0  # merging again by hand changes nothing
-    assert records.read_manifest(out) == records.read_manifest(reference)
+    assert records.read_image_manifest(out) == records.read_image_manifest(reference)
     sharded, single = snapshot(out), snapshot(reference)
     assert sharded.keys() == single.keys()
     for name in sharded:  # whole batches are dealt to shards, so the bytes match a 1-shard run
@@ -268,7 +268,8 @@ def test_stop_after_first_batch_then_rerun_finishes(tiny: Path, tmp_path: Path, 
     answers = iter([False, True])
     first = generate_images(cfg, should_stop=lambda: next(answers))
     assert (first.generated, first.interrupted) == (3, True)
-    assert len(records.image_files(first.out_dir)) == 3 and not (first.out_dir / records.MANIFEST).exists()
+    assert len(records.image_files(first.out_dir)) == 3
+    assert not (first.out_dir / records.IMAGE_MANIFEST).exists()
     second = generate_images(cfg)
     assert (second.generated, second.skipped, second.interrupted) == (3, 3, False)
     assert snapshot(second.out_dir).keys() == snapshot(reference).keys()
@@ -285,8 +286,8 @@ def test_lost_and_torn_records_are_repaired(tiny: Path, tmp_path: Path, referenc
     part.write_text("\n".join(lines[:2]) + "\n" + lines[2][:20])  # lose records 3..6, tear record 3
     result = generate_images(cfg)
     assert result.generated == 0
-    records.merge_manifest(out)
-    assert records.read_manifest(out) == records.read_manifest(reference)
+    records.merge_image_manifest(out)
+    assert records.read_image_manifest(out) == records.read_image_manifest(reference)
     shutil.rmtree(out / records.PARTS_DIR)
     assert main(["merge", str(out)]) == 1
 
@@ -310,4 +311,4 @@ def test_edited_prompts_file_goes_to_a_new_folder(tiny: Path, tmp_path: Path) ->
     second = generate_images(cfg)
     assert second.out_dir != first.out_dir and second.generated == 1
     assert snapshot(first.out_dir) == before  # nothing of the first set was touched
-    assert [r["prompt"] for r in records.read_manifest(second.out_dir)] == ["a photo of a cat"]
+    assert [r["prompt"] for r in records.read_image_manifest(second.out_dir)] == ["a photo of a cat"]

@@ -61,7 +61,7 @@ def sdcluster_image(
     gen = GenerateConfig(model=str(model), **SETTINGS, **lora_settings)
     result = generate_images(Config(generate=gen, output_root=str(root)))
     assert (result.generated, result.total) == (1, 1)
-    (record,) = records.read_manifest(result.out_dir)
+    (record,) = records.read_image_manifest(result.out_dir)
     with Image.open(result.out_dir / record["file"]) as image:
         return record, np.asarray(image.convert("RGB")).astype(np.int16)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdcluster.cluster.launching import describe_outputs, launch
+from sdcluster.cluster.submit_and_wait import describe_outputs, launch
 from sdcluster.config import Config, ConfigError, GenerateConfig
 from sdcluster.generate.batches import batch_of, cut_batches, shard
 from sdcluster.generate.manifest_index import file_key

@@ -187,7 +187,7 @@ def pixels(data: Path | bytes) -> np.ndarray:
 
 @pytest.mark.slow
 def test_records_carry_template_labels_and_what_remakes_the_bytes(made: Path, program: Path) -> None:
-    rows = records.read_manifest(made)
+    rows = records.read_image_manifest(made)
     assert [r["file"] for r in rows] == [f"p000{p}-i0000.png" for p in range(6)]
     first, folded = rows[1], rows[4]
     assert (
@@ -222,7 +222,7 @@ def test_template_settings_reach_the_pipeline(
 ) -> None:
     """Template 1's two images, rendered as text prompts with its settings, give the job's pixels."""
     cfg = program_cfg(tmp_path, tiny_model, program)
-    rows = records.read_manifest(made)[4:]
+    rows = records.read_image_manifest(made)[4:]
     pipe = load_pipeline(cfg)
     again = render(
         pipe,
@@ -245,11 +245,12 @@ def test_two_shards_same_bytes_other_batch_same_images(
     cfg = program_cfg(tmp_path / "shards", tiny_model, program, shards=2)
     first, second = generate_images(cfg, 0, 2), generate_images(cfg, 1, 2)
     assert first.generated + second.generated == 6
-    assert records.read_manifest(second.out_dir) == records.read_manifest(made)  # the last shard merged
+    # the last shard merged
+    assert records.read_image_manifest(second.out_dir) == records.read_image_manifest(made)
     assert png_bytes(second.out_dir) == png_bytes(made)  # whole batches are dealt, so the bytes match
 
     two = generate_images(program_cfg(tmp_path / "batch2", tiny_model, program, batch_size=2)).out_dir
-    assert two.name == made.name and records.read_manifest(two) == records.read_manifest(made)
+    assert two.name == made.name and records.read_image_manifest(two) == records.read_image_manifest(made)
     for name in png_bytes(two):
         diff = np.abs(pixels(made / name) - pixels(two / name))
         assert diff.max() <= 2 and (diff > 0).mean() < 0.01, (name, diff.max())
@@ -257,7 +258,7 @@ def test_two_shards_same_bytes_other_batch_same_images(
 
 @pytest.mark.slow
 def test_remake_command_reproduces_the_bytes(made: Path, tmp_path: Path, cache_root: Path) -> None:
-    record = records.read_manifest(made)[5]
+    record = records.read_image_manifest(made)[5]
     words = shlex.split(record["remake"])
     assert words[:3] == ["python", "-m", "sdcluster.launch"]
     cfg = compose([*words[3:], f"output_root={tmp_path}", f"cache_root={cache_root}"])
@@ -266,7 +267,7 @@ def test_remake_command_reproduces_the_bytes(made: Path, tmp_path: Path, cache_r
     assert result.out_dir != made and (result.generated, result.total) == (1, 1)
     assert [p.name for p in records.image_files(result.out_dir)] == [record["file"]]
     assert (result.out_dir / record["file"]).read_bytes() == (made / record["file"]).read_bytes()
-    assert records.read_manifest(result.out_dir) == [record]
+    assert records.read_image_manifest(result.out_dir) == [record]
 
 
 def test_remake_command_survives_quotes_and_interpolation_syntax(tmp_path: Path, tiny_model: Path) -> None:

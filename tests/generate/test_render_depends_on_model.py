@@ -47,7 +47,7 @@ def only_image(cfg: Config) -> tuple[dict, np.ndarray]:
     """Generate the one image of ``cfg``; its manifest record and its pixels as read back from the PNG."""
     result = generate_images(cfg)
     assert (result.generated, result.total) == (1, 1)
-    (record,) = records.read_manifest(result.out_dir)
+    (record,) = records.read_image_manifest(result.out_dir)
     with Image.open(result.out_dir / record["file"]) as image:
         return record, np.asarray(image.convert("RGB")).astype(np.int16)
 

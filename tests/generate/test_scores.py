@@ -107,21 +107,21 @@ def test_merge_fills_missing_scores_once_and_keeps_the_jobs(tmp_path: Path, clip
     rows = [record(0, 0), record(0, 1, scores={"clip": 0.5, "phash": "00000000000000ff"})]
     out = make_folder(tmp_path / "gen", rows)
     gen = GenerateConfig(scores=ScoresConfig(clip=True, clip_model="tiny"))
-    records.merge_manifest(out, gen, clip_root)
-    merged = records.read_manifest(out)
+    records.merge_image_manifest(out, gen, clip_root)
+    merged = records.read_image_manifest(out)
     assert merged[1]["scores"] == {"clip": 0.5, "phash": "00000000000000ff"}  # the job's, untouched
     assert merged[0]["scores"]["phash"] == scores.phash(picture(rows[0]["seed"]))
     assert -1 <= merged[0]["scores"]["clip"] <= 1
     filled = out / records.PARTS_DIR / scores.FILLED
     lines = filled.read_text()
-    records.merge_manifest(out, gen, clip_root)  # a second merge reuses what the first computed
-    assert filled.read_text() == lines and records.read_manifest(out) == merged
+    records.merge_image_manifest(out, gen, clip_root)  # a second merge reuses what the first computed
+    assert filled.read_text() == lines and records.read_image_manifest(out) == merged
 
 
 def test_merge_without_a_model_cache_fills_hashes_only(tmp_path: Path) -> None:
     out = make_folder(tmp_path / "gen", [record(0, 0)])
-    records.merge_manifest(out, GenerateConfig(scores=ScoresConfig(clip=True)), cache_root=None)
-    assert set(records.read_manifest(out)[0]["scores"]) == {"phash"}
+    records.merge_image_manifest(out, GenerateConfig(scores=ScoresConfig(clip=True)), cache_root=None)
+    assert set(records.read_image_manifest(out)[0]["scores"]) == {"phash"}
 
 
 @pytest.mark.slow
@@ -131,7 +131,7 @@ def test_the_job_records_clip_and_phash_of_what_it_rendered(tiny_model: Path, tm
     cfg.generate.scores = ScoresConfig(clip=True, clip_model="tiny")
     cfg.cache_root = str(tmp_path / "cache")
     out = generate_images(cfg).out_dir
-    rows = records.read_manifest(out)
+    rows = records.read_image_manifest(out)
     assert len(rows) == 2 and rows[0]["prompt"] != rows[1]["prompt"]
     for row in rows:
         with Image.open(out / row["file"]) as image:

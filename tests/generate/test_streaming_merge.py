@@ -75,8 +75,8 @@ def test_parts_merge_in_order_with_a_backfilled_record_first_and_each_image_once
     with open(backfill, "a") as fh:
         fh.write('{"file": "p0000-i00')  # a line torn by a kill mid-append: skipped
 
-    records.merge_manifest(out)
-    merged = records.read_manifest(out)
+    records.merge_image_manifest(out)
+    merged = records.read_image_manifest(out)
     assert [r["file"] for r in merged] == [r["file"] for r in rows]
     assert "from" not in merged[1]
     metadata = (out / "metadata.jsonl").read_text().splitlines()
@@ -93,8 +93,8 @@ def test_a_deleted_image_leaves_the_manifest_and_an_unrecorded_one_is_reported(
     extra = make_folder(tmp_path / "other", [record(0, 7)])
     (extra / "p0000-i0007.png").rename(out / "p0000-i0007.png")
     with caplog.at_level(logging.WARNING):
-        records.merge_manifest(out)
-    assert [r["file"] for r in records.read_manifest(out)] == [rows[n]["file"] for n in (0, 1, 3)]
+        records.merge_image_manifest(out)
+    assert [r["file"] for r in records.read_image_manifest(out)] == [rows[n]["file"] for n in (0, 1, 3)]
     assert "1 images have no record (e.g. p0000-i0007.png)" in caplog.text
     assert records.recorded_files(out) == {r["file"] for r in rows}  # the part still holds all four
 

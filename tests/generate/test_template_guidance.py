@@ -54,7 +54,7 @@ def test_a_templates_guidance_scale_is_what_the_pipeline_samples_with(tiny_model
     cfg = program_cfg(tmp_path / "out", tiny_model, program, batch_size=1)
     result = generate_images(cfg)
     assert (result.generated, result.total) == (1, 1)
-    (record,) = records.read_manifest(result.out_dir)
+    (record,) = records.read_image_manifest(result.out_dir)
     assert (record["prompt"], record["guidance_scale"]) == (TEXT, GUIDANCE)
     with Image.open(result.out_dir / record["file"]) as image:
         made = np.asarray(image.convert("RGB")).astype(np.int16)

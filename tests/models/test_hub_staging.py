@@ -8,6 +8,7 @@ In-process tests point huggingface_hub's endpoint constants at it; the CLI test 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -101,7 +102,7 @@ def _cfg(make_cfg, tmp_path: Path, *extra: str):
 def test_staging_fetches_only_what_the_pipeline_loads_once_and_pins_the_commit(hub, make_cfg, tmp_path):
     cfg = _cfg(make_cfg, tmp_path)
     said: list[str] = []
-    staged = stage_for_launch(cfg, say=said.append)
+    cfg, staged = stage_for_launch(cfg, say=said.append)
     assert staged is not None and cfg.model.commit == COMMIT == staged.commit
     expected = {"model_index.json"} | {
         p
@@ -158,11 +159,28 @@ def test_the_fp16_variant_selects_its_own_weights_and_a_missing_one_is_refused()
         select_files(index, repo, "bf16", "r")
 
 
+def test_the_family_says_which_parts_need_safetensors():
+    """SDXL's second text encoder is weighted too: a repo with only pickles there is refused (a fixed list
+    of SD 1.x parts let it through); a pipeline of another family is refused by name."""
+    index = {
+        "_class_name": "StableDiffusionXLPipeline",
+        **{part: ["diffusers", "X"] for part in ("unet", "vae", "text_encoder", "text_encoder_2")},
+    }
+    repo = ["model_index.json", *(f"{p}/model.safetensors" for p in ("unet", "vae", "text_encoder"))]
+    with pytest.raises(ConfigError, match="no safetensors weights for text_encoder_2"):
+        select_files(index, repo, None, "r")
+    assert "text_encoder_2/model.safetensors" in select_files(
+        index, [*repo, "text_encoder_2/model.safetensors"], None, "r"
+    )
+    with pytest.raises(ConfigError, match="FluxPipeline pipeline"):
+        select_files({"_class_name": "FluxPipeline"}, repo, None, "r")
+
+
 def test_the_run_follows_the_commit_not_the_branch_name(hub, make_cfg, tmp_path):
-    from sdcluster import paths
+    from sdcluster import identity, paths
 
     first = _cfg(make_cfg, tmp_path)
-    stage_for_launch(first, dry_run=True, say=lambda _: None)
+    first, _ = stage_for_launch(first, dry_run=True, say=lambda _: None)
     assert hub.downloaded() == {"model_index.json"}, (
         "a dry run reads the index (to size the files), no weight"
     )
@@ -172,11 +190,11 @@ def test_the_run_follows_the_commit_not_the_branch_name(hub, make_cfg, tmp_path)
     )
     hub.repos[REPO_ID].commit, hub.repos[REPO_ID].refs["main"] = NEWER, NEWER  # main moves on
     moved = _cfg(make_cfg, tmp_path)
-    stage_for_launch(moved, dry_run=True, say=lambda _: None)
+    moved, _ = stage_for_launch(moved, dry_run=True, say=lambda _: None)
     assert moved.model.commit == NEWER and paths.run_dir(moved) != paths.run_dir(first)
-    tiny = make_cfg([]).model
-    assert tiny.identity() == {"name": "tiny", "path": "tiny", "revision": None, "variant": None}
-    assert stage_for_launch(make_cfg([])) is None, "the tiny model never touches the hub"
+    tiny = identity.model_identity(make_cfg([]).model)
+    assert tiny == {"name": "tiny", "path": "tiny", "revision": None, "variant": None}
+    assert stage_for_launch(make_cfg([]))[1] is None, "the tiny model never touches the hub"
 
 
 def test_a_pinned_commit_is_what_is_staged_and_loaded_after_main_moves_on(hub, make_cfg, tmp_path):
@@ -186,12 +204,12 @@ def test_a_pinned_commit_is_what_is_staged_and_loaded_after_main_moves_on(hub, m
     later = {**hub.repos[REPO_ID].files, weights: b"the weights of a later commit"}
     hub.repos[REPO_ID].push(later, NEWER)  # main moves on; COMMIT stays on the hub by its id
     cfg = _cfg(make_cfg, tmp_path, f"model.commit={COMMIT}")
-    staged = stage_for_launch(cfg, say=lambda _: None)
+    cfg, staged = stage_for_launch(cfg, say=lambda _: None)
     assert staged is not None and staged.commit == cfg.model.commit == COMMIT
     assert staged.folder.name == COMMIT and (staged.folder / weights).read_bytes() == pinned_bytes
     assert not (staged.folder.parent / NEWER).exists(), "nothing of main's new commit is fetched"
 
-    unpinned = stage_for_launch(_cfg(make_cfg, tmp_path), say=lambda _: None)  # same cache, both now
+    _, unpinned = stage_for_launch(_cfg(make_cfg, tmp_path), say=lambda _: None)  # same cache, both now
     assert unpinned is not None and unpinned.commit == NEWER
     assert (unpinned.folder / weights).read_bytes() == later[weights]
     assert staged_folder(cfg.model) == staged.folder, "ranks load the pinned snapshot, not main's"
@@ -236,7 +254,7 @@ def test_each_hub_refusal_names_cause_and_fix(
 
 def test_a_gated_model_stages_with_an_accepted_token(hub, make_cfg, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    staged = stage_for_launch(_cfg(make_cfg, tmp_path, f"model.path={GATED_ID}"), say=lambda _: None)
+    _, staged = stage_for_launch(_cfg(make_cfg, tmp_path, f"model.path={GATED_ID}"), say=lambda _: None)
     assert staged is not None and staged.commit == COMMIT
     assert all(sent for m, p, sent in hub.requests if GATED_ID in p), "every request carried the token"
 
@@ -253,7 +271,7 @@ def test_too_little_space_is_refused_before_any_weight_is_downloaded(hub, make_c
 def test_without_the_hub_a_cached_model_is_fine_and_an_uncached_one_is_refused(hub, make_cfg, tmp_path):
     staged = stage(_cfg(make_cfg, tmp_path, "model.revision=v1").model)
     hub.close()  # the hub goes away: connections are refused from here on
-    offline = stage_for_launch(_cfg(make_cfg, tmp_path, "model.revision=v1"), say=lambda _: None)
+    _, offline = stage_for_launch(_cfg(make_cfg, tmp_path, "model.revision=v1"), say=lambda _: None)
     assert (
         offline is not None
         and offline.offline
@@ -278,7 +296,7 @@ def test_ranks_load_the_pinned_snapshot_with_the_hub_off(hub, make_cfg, tmp_path
     from sdcluster.models.load import load_components
 
     cfg = _cfg(make_cfg, tmp_path)
-    staged = stage_for_launch(cfg, say=lambda _: None)
+    cfg, staged = stage_for_launch(cfg, say=lambda _: None)
     hub.close()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets in a job
     comps = load_components(cfg.model, cfg.cache_root)
@@ -296,7 +314,7 @@ def test_an_sdxl_repo_stages_both_text_encoders_and_loads_as_sdxl_with_the_hub_o
     from sdcluster.models.load import load_components
 
     cfg = make_cfg([f"model.path={SDXL_ID}", "model.name=sdxl", f"model.cache_dir={tmp_path / 'hf'}"])
-    staged = stage_for_launch(cfg, say=lambda _: None)
+    cfg, staged = stage_for_launch(cfg, say=lambda _: None)
     assert cfg.model.commit == NEWER
     fetched = {p.relative_to(staged.folder).as_posix() for p in staged.folder.rglob("*") if p.is_file()}
     for part in ("text_encoder_2/model.safetensors", "tokenizer_2/tokenizer.json", "unet/config.json"):
@@ -322,7 +340,7 @@ def test_a_hub_vae_is_staged_pinned_and_loaded_with_the_hub_off(hub, make_cfg, t
     cfg = make_cfg(overrides)
     unpinned = paths.run_dir(cfg)
     said: list[str] = []
-    staged = stage_for_launch(cfg, say=said.append)
+    cfg, staged = stage_for_launch(cfg, say=said.append)
     assert staged is None and cfg.model.vae_commit == COMMIT  # no hub model; the VAE pinned
     assert any(line.startswith(f"model.vae_path: {VAE_ID} main -> commit {COMMIT}") for line in said)
     assert paths.run_dir(cfg) != unpinned
@@ -372,7 +390,7 @@ def test_a_job_trains_offline_from_the_staged_copy_and_records_the_commit(
     """
     from huggingface_hub import constants
 
-    from sdcluster.cluster.launching import launch
+    from sdcluster.cluster.submit_and_wait import launch
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setenv("HF_ENDPOINT", hub.url)  # the local job's process reaches the live hub
@@ -385,7 +403,7 @@ def test_a_job_trains_offline_from_the_staged_copy_and_records_the_commit(
     said: list[str] = []
     assert launch(cfg, say=said.append) == 0, "\n".join(said)
     assert hub.requests[asked:] == [], "a rank of the job asked the hub"
-    assert cfg.model.commit == COMMIT
+    assert cfg.model.commit is None, "the launch submits a pinned copy, the caller's config stays as typed"
     (job,) = [p.parent for p in (tmp_path / "jobs").glob("*/job.json")]
     record = json.loads((job / "job.json").read_text())
     assert record["state"] == "COMPLETED" and record["model"]["commit"] == COMMIT
@@ -393,7 +411,8 @@ def test_a_job_trains_offline_from_the_staged_copy_and_records_the_commit(
     assert f"commit {COMMIT}, read from" in log and "HF_HUB_OFFLINE=1" in log
     from sdcluster import paths
 
-    origin = json.loads((paths.run_paths(cfg).model / "sdcluster-model.json").read_text())
+    pinned = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, commit=COMMIT))
+    origin = json.loads((paths.run_paths(pinned).model / "sdcluster-model.json").read_text())
     assert origin == {"path": GATED_ID, "revision": None, "commit": COMMIT, "variant": None}
     for root in (tmp_path / "outputs", tmp_path / "jobs", tmp_path / "hf"):
         for path in (p for p in root.rglob("*") if p.is_file()):

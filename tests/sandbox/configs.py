@@ -15,6 +15,7 @@ CLUSTER = "sdcluster"
 DB_NAME, DB_USER = "slurm_acct_db", "slurm"
 _FIRST_PORT = 16817  # SLURM's defaults are 6817-6819: never collide with a real cluster's daemons
 _N_PORTS = 4  # slurmctld, slurmd, slurmdbd, mariadb
+GRACE_TIME_S = 20  # partition `low`: from preemption's SIGTERM to SIGKILL (a tiny job saves in ~1 s)
 
 
 def _port_free(port: int) -> bool:
@@ -55,21 +56,36 @@ def _node_lines(d: Path, lay: Layout) -> str:
         size = f"CPUs={n.cpus} RealMemory={n.memory_mb}"
         lines.append(f"NodeName={n.name} NodeAddr={n.addr}{hostname} {size} State=UNKNOWN")
     names = ",".join(n.name for n in lay.nodes)
-    lines.append(f"PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP")
-    lines.append(f"PartitionName=short Nodes={names} MaxTime=60 State=UP")
+    # debug and short are never preempted (PreemptMode=OFF), so the cluster-wide REQUEUE below changes
+    # nothing for them; a job on `high` preempts only jobs on `low`, as a site's scavenger partition.
+    lines.append(f"PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP PreemptMode=OFF")
+    lines.append(f"PartitionName=short Nodes={names} MaxTime=60 State=UP PreemptMode=OFF")
+    # SIGCONT + SIGTERM on preemption, then GraceTime seconds before SIGKILL; SLURM requeues the job.
+    lines.append(
+        f"PartitionName=low Nodes={names} MaxTime=INFINITE State=UP PriorityTier=1 "
+        f"GraceTime={GRACE_TIME_S} PreemptMode=REQUEUE"
+    )
+    lines.append(
+        f"PartitionName=high Nodes={names} MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF"
+    )
     return "\n".join(lines) + "\n"
 
 
-def _render_slurm_conf(d: Path, lay: Layout, ctld: int, slurmd: int, dbd: int) -> str:
+def _render_slurm_conf(
+    d: Path, lay: Layout, ctld: int, slurmd: int, dbd: int, cluster: str = CLUSTER, first_job_id: int = 1
+) -> str:
     # linuxproc + task/none: a container without systemd gives slurmd no cgroup tree to manage.
     # SlurmctldHost/NodeAddr on 127.0.0.1 keep all traffic on loopback whatever the hostname resolves to;
     # with namespaced nodes the controller is the bridge's address, the one address every node can reach
     # (slurmctld only starts under the machine's own hostname, whatever address it is given).
     # JobRequeue=1 lets submitit's Checkpointable requeue itself; short MinJobAge/KillWait keep tests fast.
+    # Preemption by partition priority (`high` over `low`), as sites run it: PreemptMode=REQUEUE sends the
+    # preempted job SIGTERM and requeues it itself (partition_prio refuses a cluster-wide PreemptMode=OFF).
     # cred_expire=10 (default 120): a requeued job may only start again after it, so a preempted test job
     # would idle two minutes; 10 s is still ample for a step launch on one machine.
     return f"""\
-ClusterName={CLUSTER}
+ClusterName={cluster}
+FirstJobId={first_job_id}
 SlurmctldHost={node_name()}({lay.controller_addr})
 SlurmctldPort={ctld}
 SlurmdPort={slurmd}
@@ -87,6 +103,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
 SchedulerParameters=bf_interval=2,sched_interval=2
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
 ReturnToService=2
 MpiDefault=none
 JobRequeue=1
@@ -151,14 +169,20 @@ def grant_sql(password: str) -> str:
     )
 
 
-def write_configs(d: Path, lay: Layout, password: str) -> list[int]:
-    """(Re)write every config with ports free right now and a fresh database password."""
+def write_configs(
+    d: Path, lay: Layout, password: str, cluster: str = CLUSTER, first_job_id: int = 1
+) -> list[int]:
+    """(Re)write every config with ports free right now and a fresh database password.
+
+    ``cluster``, ``first_job_id``: a second sandbox beside the first (in its own state dir) gets its own
+    ClusterName, and may start its job ids where the first one's are, so that an id names a job on each.
+    """
     for sub in ("run", "log", "state", "spool", "munge", "mysql"):
         (d / sub).mkdir(parents=True, exist_ok=True)
     for node in lay.nodes if lay.namespaced else ():
         (d / "spool" / node.name).mkdir(exist_ok=True)
     ctld, slurmd, dbd, mysql = ports = _free_ports()
-    (d / "slurm.conf").write_text(_render_slurm_conf(d, lay, ctld, slurmd, dbd))
+    (d / "slurm.conf").write_text(_render_slurm_conf(d, lay, ctld, slurmd, dbd, cluster, first_job_id))
     dbd_conf = d / "slurmdbd.conf"
     dbd_conf.touch(mode=0o600)
     dbd_conf.chmod(0o600)  # slurmdbd refuses a config others can read: it holds the database password

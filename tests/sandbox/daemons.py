@@ -162,12 +162,12 @@ def _start_mariadb(d: Path, db_password: str) -> None:
     _run(d, *sql[:-1], stdin=grant_sql(db_password))  # on stdin: keep the password out of `ps`
 
 
-def _start_slurmdbd(d: Path) -> None:
+def _start_slurmdbd(d: Path, cluster: str = CLUSTER) -> None:
     daemon = BY_NAME["slurmdbd"]
     _spawn(d, daemon, "slurmdbd")
     # slurmctld exits with "no TRES from it" if it starts before slurmdbd can answer.
     _wait(d, daemon, lambda: _ok(d, "sacctmgr", "-n", "show", "cluster"), "answering sacctmgr")
     clusters = _run(d, "sacctmgr", "-n", "-P", "show", "cluster", "format=cluster").stdout.split()
-    if CLUSTER not in clusters:
-        log.info("registering cluster %s in slurmdbd", CLUSTER)
-        _run(d, "sacctmgr", "-i", "add", "cluster", CLUSTER)
+    if cluster not in clusters:
+        log.info("registering cluster %s in slurmdbd", cluster)
+        _run(d, "sacctmgr", "-i", "add", "cluster", cluster)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tests.sandbox import layout as layouts
 from tests.sandbox import netns
-from tests.sandbox.configs import write_configs
+from tests.sandbox.configs import CLUSTER, write_configs
 from tests.sandbox.daemons import (
     _alive,
     _ok,
@@ -123,10 +123,14 @@ def _check_binaries(lay: Layout) -> None:
         )
 
 
-def start(state_dir: Path | str | None = None, nodes: int = 1) -> SandboxInfo:
+def start(
+    state_dir: Path | str | None = None, nodes: int = 1, cluster: str = CLUSTER, first_job_id: int = 1
+) -> SandboxInfo:
     """Bring the sandbox up (or reuse it when healthy) and return how to reach it.
 
     ``nodes > 1`` gives every node its own network namespace and hostname (``netns.py``; needs root).
+    ``cluster`` and ``first_job_id`` (a fresh state dir only: SLURM keeps both in its state) make a second
+    cluster beside the first, under its own ClusterName.
     """
     d = resolve_dir(state_dir, nodes)
     lay = layouts.layout(nodes)
@@ -143,11 +147,11 @@ def start(state_dir: Path | str | None = None, nodes: int = 1) -> SandboxInfo:
             netns.up(lay)
         layouts.save(d, lay)
         password = secrets.token_hex(16)
-        ports = write_configs(d, lay, password)
+        ports = write_configs(d, lay, password, cluster, first_job_id)
         log.info("wrote %s (ports %s)", d / "slurm.conf", ports)
         _start_munge(d)
         _start_mariadb(d, password)
-        _start_slurmdbd(d)
+        _start_slurmdbd(d, cluster)
         _start_slurm(d, lay)
         log.info("SLURM sandbox up in %.1f s: export SLURM_CONF=%s", time.monotonic() - t0, d / "slurm.conf")
     return _info(d, lay)

@@ -15,6 +15,7 @@ import pytest
 
 from sdcluster.atomic import file_sha256
 from sdcluster.config import ConfigError
+from sdcluster.runtime.step_events import stop_at
 from sdcluster.train import step_folders
 from sdcluster.train.loop import train
 
@@ -254,7 +255,8 @@ def test_an_edited_or_renamed_newest_checkpoint_is_skipped_and_the_run_resumes_f
 def test_a_resume_that_changes_the_accumulation_keeps_its_manifests_consistent(make_cfg, tmp_path, caplog):
     """accelerate's micro-step counter would cut the first step after the change short; the manifest then
     could not prove its micro-step. Every step after the change is ``grad_accum`` micro-steps."""
-    first = train(make_cfg([*FAST, *QUIET, "train.grad_accum=2"]), stop_at=lambda step: step == 2)
+    with stop_at(lambda step: step == 2):
+        first = train(make_cfg([*FAST, *QUIET, "train.grad_accum=2"]))
     resume = f"train.resume={first.run_dir / 'checkpoints' / 'step-00000002'}"
     cfg = make_cfg([*FAST, *QUIET, "train.grad_accum=3", "train.allow_resume_change=true", resume])
     with caplog.at_level(logging.WARNING, logger="sdcluster"):

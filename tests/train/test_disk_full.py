@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from sdcluster.atomic import DiskFullError
+from sdcluster.runtime.step_events import stop_at
 from sdcluster.train import step_folders
 from sdcluster.train.loop import train
 
@@ -43,7 +44,8 @@ def _fill(disk: Path, leave_bytes: int) -> Path:
 
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint_and_resumes(make_cfg, small_disk, caplog):
     cfg = make_cfg([*FAST, f"output_root={small_disk / 'outputs'}", "train.validation_prompts=[]"])
-    first = train(cfg, stop_at=lambda step: step == 2)  # a preemption after the step-2 checkpoint
+    with stop_at(lambda step: step == 2):  # a preemption after the step-2 checkpoint
+        first = train(cfg)
     checkpoints = first.run_dir / "checkpoints"
     assert first.interrupted and step_folders.verify(checkpoints / "step-00000002", content=True) is None
 
@@ -90,7 +92,7 @@ def test_disk_full_while_generating_keeps_finished_images_and_the_rerun_fills_th
 
 def _launch_failure(cfg, monkeypatch, tmp_path) -> str:
     """The line the launcher prints about the failed job (local: a process of its own, as on a cluster)."""
-    from sdcluster.cluster.launching import launch
+    from sdcluster.cluster.submit_and_wait import launch
 
     monkeypatch.setenv("SDCLUSTER_HOME", str(tmp_path / "home"))
     said: list[str] = []

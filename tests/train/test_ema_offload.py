@@ -74,6 +74,7 @@ def test_training_with_offloaded_ema_resumes_to_the_plain_ema(make_cfg, tmp_path
     """The option on, through the real job: stopped, resumed, it ends with the EMA a plain run has."""
     from safetensors.torch import load_file
 
+    from sdcluster.runtime.step_events import stop_at
     from sdcluster.train import step_folders
     from sdcluster.train.checkpointer import EMA_FILE
     from sdcluster.train.loop import train
@@ -82,7 +83,8 @@ def test_training_with_offloaded_ema_resumes_to_the_plain_ema(make_cfg, tmp_path
     base += ["train.log_every=1", "train.validate_every=0", "train.validation_prompts=[]"]
     plain = train(make_cfg([*base, f"output_root={tmp_path / 'plain'}"]))
     cfg = make_cfg([*base, "train.ema_offload=true", f"output_root={tmp_path / 'offloaded'}"])
-    assert train(cfg, stop_at=lambda step: step == 2).interrupted
+    with stop_at(lambda step: step == 2):
+        assert train(cfg).interrupted
     offloaded = train(cfg)
 
     def final_ema(run_dir) -> dict[str, torch.Tensor]:

@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import ast
 import json
+import shutil
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import torch
 
 import sdcluster
+from sdcluster.config import ConfigError, TrainConfig
+from sdcluster.config.checks import TRAIN_METHODS
 from sdcluster.models import family as family_module
+from sdcluster.models.embedded import ensure_tiny_model, is_complete
 from sdcluster.models.family import SD1, SDXL, Family
+from sdcluster.models.load import check_safetensors
 from sdcluster.train.loop import train
 from sdcluster.train.method import METHODS, Method
 from tests.conftest import compose
@@ -71,14 +77,15 @@ def test_both_families_and_both_methods_implement_their_protocols():
 
 
 class RectifiedFlow:
-    """Flow matching (rectified flow), written here only against the :class:`~sdcluster.train.loss.Objective`
-    protocol: input ``(1 - s) x + s n`` at ``s = t / T``, target the velocity ``n - x``."""
+    """Flow matching (rectified flow), written here only against the
+    :class:`~sdcluster.models.objectives.Objective` protocol: input ``(1 - s) x + s n`` at ``s = t / T``, target the velocity ``n - x``."""
 
     num_timesteps = 1000
 
     def __init__(self) -> None:
         self.sampled: list[torch.Tensor] = []
         self.noised_calls = 0
+        self.configured: list[object] = []
 
     def sample_timesteps(self, batch: int, gen: torch.Generator) -> torch.Tensor:
         timesteps = torch.randint(0, self.num_timesteps, (batch,), generator=gen)
@@ -93,25 +100,71 @@ class RectifiedFlow:
     def snr_weights(self, timesteps, gamma):
         return torch.ones(len(timesteps), device=timesteps.device)
 
+    def configure(self, scheduler) -> None:
+        self.configured.append(scheduler)  # a flow-matching sampler has no prediction_type to set
+
 
 @pytest.mark.slow
 def test_another_objective_trains_through_the_unchanged_loop(make_cfg, monkeypatch):
     """A family whose objective is flow matching: the loop's steps, the min-SNR weighting and the validation
-    loss all go through the family's objective, and the run trains and exports as any other."""
+    loss all go through the family's objective, and the run trains and exports as any other. What
+    ``train.prediction_type`` means is the objective's to apply: neither the trainer nor the export writes
+    it into a scheduler behind the objective's back."""
     objective = RectifiedFlow()
+    given: list[str | None] = []
 
     class FlowSD1(SD1):
-        def objective(self, noise_scheduler):
+        def objective(self, noise_scheduler, prediction_type=None):
+            given.append(prediction_type)
             return objective
 
     monkeypatch.setitem(family_module.FAMILIES, SD1.pipeline_name, FlowSD1)
     overrides = ["train.log_every=1", "train.validation_prompts=[]", "train.max_steps=2"]
-    result = train(make_cfg([*overrides, "train.snr_gamma=5.0"]))
+    result = train(make_cfg([*overrides, "train.snr_gamma=5.0", "train.prediction_type=v_prediction"]))
 
     assert result.step == 2 and result.model_dir is not None
+    assert given == ["v_prediction"], "the family's objective is told the configured prediction type"
+    assert len(objective.configured) == 1, "the export asks the objective to configure its scheduler"
+    exported = json.loads((result.model_dir / "scheduler" / "scheduler_config.json").read_text())
+    assert exported["prediction_type"] == "epsilon", "the source's, untouched: the objective set nothing"
     assert len(objective.sampled) == 2  # one draw per micro-step
     training_calls = len(objective.sampled)
     assert objective.noised_calls > training_calls, "the validation loss must use the family's objective"
     records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in record for record in records)
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.losses)
+
+
+def test_the_schema_and_the_methods_name_the_same_methods():
+    """``train.method`` is checked on the login node against :data:`TRAIN_METHODS` and run through
+    :data:`METHODS`: the same names, and each agrees on whether it trains adapters (what run identity, the
+    dry run and the generation model ask the schema)."""
+    assert set(TRAIN_METHODS) == set(METHODS)
+    for name, cls in METHODS.items():
+        assert cls.name == name
+        assert cls.trains_adapters == (TRAIN_METHODS[name] is not None), name
+        assert TrainConfig(method=name).trains_adapters == cls.trains_adapters, name
+    for block in filter(None, TRAIN_METHODS.values()):
+        assert block in {f.name for f in fields(TrainConfig)}, f"train.{block} is not a schema block"
+
+
+def _sdxl_copy(cache_root: Path, dest: Path) -> Path:
+    """A copy of the embedded SDXL model (built once per session), whose family has two text encoders."""
+    return Path(shutil.copytree(ensure_tiny_model(cache_root, "tiny_sdxl"), dest))
+
+
+def test_the_weights_check_asks_the_family_which_folders_hold_weights(tmp_path, cache_root):
+    """SDXL's second text encoder is one of its weighted parts: a folder without it is refused on the login
+    node (it was skipped when missing), and a pipeline of no known family is refused naming the fix."""
+    folder = _sdxl_copy(cache_root, tmp_path / "sdxl")
+    check_safetensors(folder, "model.path")  # whole: accepted
+    assert "text_encoder_2" in SDXL().weighted_parts() and SD1().weighted_parts()[0] == SD1.denoiser_name
+    shutil.rmtree(folder / "text_encoder_2")
+    with pytest.raises(ConfigError, match=r"model\.path: .*text_encoder_2 has no \.safetensors weights"):
+        check_safetensors(folder, "model.path")
+    assert not is_complete(folder), "an embedded copy without it is rebuilt"
+
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    with pytest.raises(ConfigError, match=r"generate\.model: .*FluxPipeline.*Fix: point generate\.model"):
+        check_safetensors(folder, "generate.model")

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from sdcluster.config import ConfigError
 from sdcluster.paths import sample_data_dir
+from sdcluster.runtime.step_events import stop_at
 from sdcluster.train import step_folders
 from sdcluster.train.loop import train
 
@@ -104,7 +105,8 @@ def test_interrupted_run_resumes_bitwise(make_cfg, tmp_path, stop, extra):
     straight = train(make_cfg([*overrides, f"output_root={tmp_path / 'a'}"]))
 
     cfg = make_cfg([*overrides, f"output_root={tmp_path / 'b'}"])
-    first = train(cfg, stop_at=lambda step: step == stop)
+    with stop_at(lambda step: step == stop):
+        first = train(cfg)
     assert first.interrupted and first.step == stop
     assert [s for s, _ in first.losses] == list(range(1, stop + 1))
     second = train(cfg)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from sdcluster import paths
 from sdcluster.config import ConfigError
+from sdcluster.runtime.step_events import stop_at
 from sdcluster.train import step_folders
 from sdcluster.train.loop import TrainResult, train
 from tests.conftest import compose, copy_sample
@@ -208,7 +209,8 @@ def test_preempted_run_resumes_to_bitwise_identical_trainable_weights(make_cfg, 
     straight = train(make_cfg([*overrides, f"output_root={tmp_path / 'a'}"]))
 
     cfg = make_cfg([*overrides, f"output_root={tmp_path / 'b'}"])
-    first = train(cfg, stop_at=lambda step: step == 2)
+    with stop_at(lambda step: step == 2):
+        first = train(cfg)
     assert first.interrupted and first.step == 2
     torch.rand(7)  # the resumed process's global stream is wherever it is; nothing may depend on it
     second = train(cfg)
@@ -439,7 +441,7 @@ def test_a_vae_path_that_holds_no_vae_is_refused_before_the_queue(tmp_path):
 
 
 def test_launch_names_what_each_method_exports():
-    from sdcluster.cluster.launching import describe_outputs
+    from sdcluster.cluster.submit_and_wait import describe_outputs
 
     def said(overrides: list[str]) -> dict[str, str]:
         lines: list[str] = []

@@ -109,7 +109,7 @@ def test_fp16_on_cpu_is_refused_before_anything_is_written(make_cfg, monkeypatch
 def test_diffusion_target_is_the_velocity_under_v_prediction(tiny_model):
     from diffusers import DDPMScheduler
 
-    from sdcluster.train.loss import diffusion_target
+    from sdcluster.models.objectives import diffusion_target
 
     scheduler = DDPMScheduler.from_pretrained(tiny_model, subfolder="scheduler")
     scheduler.register_to_config(prediction_type="v_prediction")

@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from sdcluster.config import ConfigError
+from sdcluster.runtime.step_events import stop_at
 from sdcluster.train.loop import train
 from sdcluster.train.tracking import check_installed
 from tests.conftest import tensorboard_images, tensorboard_scalars
@@ -24,7 +25,8 @@ def test_tensorboard_curve_continues_across_a_preemption(make_cfg, monkeypatch):
         make_cfg([*tracked, f"model.revision={secret}"])  # a launch refuses it before anything is written
     cfg = make_cfg(tracked)
     cfg.model.revision = secret  # past the launch's check all the same: the tracker still masks it
-    stopped = train(cfg, stop_at=lambda step: step == 3)
+    with stop_at(lambda step: step == 3):
+        stopped = train(cfg)
     assert stopped.interrupted
     folder = stopped.run_dir / "tensorboard"
     first = tensorboard_scalars(folder, "loss")
@@ -59,7 +61,8 @@ def test_wandb_run_is_resumed_not_split(make_cfg, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = make_cfg([*QUICK, "train.tracker=wandb"])
-    stopped = train(cfg, stop_at=lambda step: step == 2)
+    with stop_at(lambda step: step == 2):
+        stopped = train(cfg)
     run_id = json.loads((stopped.run_dir / "tracker.json").read_text())["wandb_run_id"]
     train(cfg)
     runs = sorted((stopped.run_dir / "wandb").glob("offline-run-*"))

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from sdcluster.data.dataset import load_captioned_images
 from sdcluster.data.split import holdout_split
 from sdcluster.paths import sample_data_dir
+from sdcluster.runtime.step_events import stop_at
 from sdcluster.train import validation
 from sdcluster.train.checkpointer import Checkpointer
 from sdcluster.train.loop import train
@@ -186,7 +187,8 @@ def test_training_validates_on_schedule_without_changing_training(tmp_path, make
     assert _val_steps(straight_cfg) == [2, 4, 6]  # 2 and 4 inside the loop, 6 at the end
 
     cfg = make_cfg([*validating, *roots("preempted")])
-    stopped = train(cfg, stop_at=lambda step: step == 2)
+    with stop_at(lambda step: step == 2):
+        stopped = train(cfg)
     assert stopped.interrupted and _val_steps(cfg) == []  # the save comes first, validation after resume
     resumed = train(cfg)
     assert _val_steps(cfg) == [2, 4, 6]

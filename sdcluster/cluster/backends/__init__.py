@@ -2,19 +2,20 @@
 
 ``local`` runs jobs as subprocesses of the launcher; ``slurm`` submits them with sbatch through submitit.
 On the login and job sides this package is the only place that names a scheduler, its commands or its
-environment variables, and :func:`of` picks the backend from ``cluster.name``. (The config layer below it
-still knows the two names: ``config/executor.py`` refuses SLURM-only keys without SLURM and recognises a
-login node, and ``config/__init__.py`` checks per executor; the loop and the generation job read
-``cluster.name`` for log lines.) It sits at the base of the cluster wing: it may
-import :mod:`sdcluster.config` and submitit, nothing else of sdcluster; the login side
-(:mod:`sdcluster.cluster`) and the job (:mod:`sdcluster.runtime`) both ask it.
+environment variables, and :func:`of` picks the backend from ``cluster.name``. The config layer below it
+names none: the values of ``cluster.name`` are the option files of ``conf/cluster/``, and what a config
+needs of its executor (keys only one backend reads, a login node, one local process, GPUs for mixed
+precision, a signal before the time limit) each backend checks (:mod:`sdcluster.cluster.choice`, preflight).
+It sits at the base of the cluster wing: it may import :mod:`sdcluster.config` and submitit, nothing else
+of sdcluster; the login side (:mod:`sdcluster.cluster`) and the job (:mod:`sdcluster.runtime`) both ask it.
 
-Adding a scheduler (PBS, LSF, Kubernetes): write ``backends/<name>.py`` with a class that has the
-attributes and methods of :class:`.base.Backend` (an executor from submitit or a plugin of it, the state
-queries, the checks before queueing, the job's environment), register it in ``_BACKENDS`` below, add
-``conf/cluster/<name>.yaml`` and the name to ``CLUSTERS`` in :mod:`sdcluster.config.checks` (and its
-scheduler-only keys to ``config/executor.py``). Submission, dry run, records, logs, status, sweeps and the
-requeue protocol ask the backend and need no change.
+Adding a scheduler (PBS, LSF, Kubernetes) touches three files: write ``backends/<name>.py`` with a class
+that has the attributes and methods of :class:`.base.Backend` (an executor from submitit or a plugin of
+it, the state queries, the keys only it reads, how its login node looks, the checks before queueing, the
+job's environment), register it in ``_BACKENDS`` below, and add ``conf/cluster/<name>.yaml`` (which makes
+``+cluster=<name>`` and ``cluster.name=<name>`` valid; a test keeps the two lists in step). Submission,
+dry run, records, logs, status, sweeps, the launch's cluster-choice checks and the requeue protocol ask
+the backend and need no change.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from sdcluster.cluster.backends.slurm import SlurmBackend
 if TYPE_CHECKING:
     from sdcluster.config import Config
 
-__all__ = ["LIVE", "Backend", "JobEnvironment", "environment", "get", "job_state", "of"]
+__all__ = ["LIVE", "Backend", "JobEnvironment", "environment", "get", "job_state", "of", "registered"]
 
 _BACKENDS: dict[str, Backend] = {b.name: b for b in (LocalBackend(), SlurmBackend())}
 
@@ -39,6 +40,11 @@ def get(name: str) -> Backend:
         return _BACKENDS[name]
     except KeyError:
         raise ValueError(f"no cluster backend {name!r}; known: {', '.join(_BACKENDS)}") from None
+
+
+def registered() -> tuple[Backend, ...]:
+    """Every backend, in registration order (the checks of a launch's cluster choice ask each)."""
+    return tuple(_BACKENDS.values())
 
 
 def of(cfg: Config) -> Backend:
@@ -53,6 +59,12 @@ def job_state(job_id: str) -> tuple[str, str] | None:
         if state:
             return state
     return None
+
+
+def clusters_here() -> set[str]:
+    """The clusters this machine reaches (each backend's ``cluster_name`` where its scheduler answers):
+    a job indexed on one of them is the one meant by its id."""
+    return {name for backend in _BACKENDS.values() if (name := backend.cluster_name())}
 
 
 def environment() -> JobEnvironment:

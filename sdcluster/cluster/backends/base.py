@@ -9,6 +9,7 @@ which signals stop it. Everything above asks a backend and never names one.
 from __future__ import annotations
 
 import signal
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -49,7 +50,8 @@ class JobEnvironment:
 class Backend(Protocol):
     """One scheduler (or none): the login side submits and asks through it, the job reads its environment."""
 
-    name: str  # the value of ``cluster.name`` that selects it
+    name: str  # the value of ``cluster.name`` that selects it (and the option ``conf/cluster/<name>.yaml``)
+    title: str  # how messages name its scheduler: "a SLURM setting", "a SLURM login node"
     foreground: bool  # jobs are processes of the launching machine: run one at a time, waited for, Ctrl-C
     requeues: bool  # a preempted or timed-out job is requeued in place (else it stops and says how to resume)
     resume_hint: str  # what a user does to resume a job that stopped early
@@ -66,6 +68,20 @@ class Backend(Protocol):
 
     def check_script(self, kind: str, script: str) -> None:
         """Refuse (``ConfigError``) a rendered job script that would not run as meant."""
+        ...
+
+    def own_keys(self) -> tuple[str, ...]:
+        """The ``cluster.*`` keys only this backend reads: set without choosing it, they would be ignored."""
+        ...
+
+    def login_node(self, environ: Mapping[str, str]) -> str | None:
+        """Why this machine looks like a login node of this scheduler (and not inside one of its jobs), or
+        None: a job heavier than the demo then needs an explicit choice to run here."""
+        ...
+
+    def check_config(self, cfg: Config) -> None:
+        """Refuse (``ConfigError``) what this backend cannot run, from the config alone (no scheduler query):
+        preflight asks it right after the schema's cross-group checks, before staging or queries."""
         ...
 
     def check(self, cfg: Config, dry_run: bool) -> list[str]:
@@ -86,6 +102,17 @@ class Backend(Protocol):
 
     def stop_hint(self, job_id: str) -> str:
         """How a user stops a running job."""
+        ...
+
+    def cluster_name(self) -> str | None:
+        """The name of the cluster this machine submits to (job ids are unique only within it), or None
+        when no scheduler answers. Recorded with each id in the user's job index, whose home directory
+        may be shared between clusters."""
+        ...
+
+    def preempting(self) -> bool:
+        """Inside a job that got a stop signal: whether the scheduler is preempting it, and so ends it itself
+        (requeued or cancelled, as the site chose) when its grace time is over."""
         ...
 
     def job_environment(self) -> JobEnvironment:

@@ -7,6 +7,8 @@ waits for each; a person at the terminal stops a job with Ctrl-C (or SIGTERM), a
 from __future__ import annotations
 
 import signal
+import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
 
 class LocalBackend:
     name = "local"
+    title = "local"
     foreground = True
     requeues = False
     resume_hint = "rerun the same command to resume"
@@ -36,6 +39,22 @@ class LocalBackend:
     def check_script(self, kind: str, script: str) -> None:
         return None  # nothing is rendered: the job is a plain subprocess
 
+    def own_keys(self) -> tuple[str, ...]:
+        return ()  # timeout_min and gpus_per_node, which schedulers read too
+
+    def login_node(self, environ: Mapping[str, str]) -> str | None:
+        return None  # any machine runs local jobs
+
+    def check_config(self, cfg: Config) -> None:
+        # imported when asked, as the SLURM backend's checks: the job imports this module for its environment
+        from sdcluster.config.checks import ConfigError
+
+        if cfg.cluster.world_size > 1:  # the executor above is given one task
+            raise ConfigError(
+                f"cluster.tasks_per_node/nodes: the local executor runs one process, got world size "
+                f"{cfg.cluster.world_size}. Fix: use +cluster=slurm for several processes"
+            )
+
     def check(self, cfg: Config, dry_run: bool) -> list[str]:
         return []
 
@@ -51,5 +70,11 @@ class LocalBackend:
     def stop_hint(self, job_id: str) -> str:
         return "Ctrl-C in its terminal"
 
+    def preempting(self) -> bool:
+        return False  # no scheduler: a stop signal comes from a person
+
     def job_environment(self) -> JobEnvironment:
         return JobEnvironment()  # one task, never requeued, no array
+
+    def cluster_name(self) -> str:
+        return f"local@{socket.gethostname()}"  # a local job's id is a process id of this machine

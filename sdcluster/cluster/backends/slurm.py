@@ -8,7 +8,9 @@ and CPUs. Cluster facts come only from ``cfg.cluster``; nothing site-specific is
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,10 +81,16 @@ def _int(name: str) -> int | None:
 
 class SlurmBackend:
     name = "slurm"
+    title = "SLURM"
     foreground = False
     requeues = True
     resume_hint = "resubmit to resume"
-    stop_signals = ()  # scancel ends the job; the preemption warning (USR2) goes through the requeue protocol
+    # SIGTERM is how SLURM ends a job: scancel, and preemption (PreemptMode=REQUEUE/CANCEL) at the start of
+    # the partition's GraceTime. submitit's own handler only logs "Bypassing signal SIGTERM", so the job would
+    # train on until the SIGKILL; the requeue protocol installs its handler after submitit's (inside the
+    # job's callable), so the save at the next step wins. USR2 (the time-limit warning, or preemption with
+    # PreemptParameters=send_user_signal) still goes through the requeue protocol.
+    stop_signals = (signal.SIGTERM,)
 
     def executor(
         self, cfg: Config, folder: Path, name: str, after: str | None, preview: bool = False
@@ -109,6 +117,21 @@ class SlurmBackend:
         from sdcluster.cluster.backends import slurm_checks
 
         slurm_checks.check_script(kind, script)
+
+    def own_keys(self) -> tuple[str, ...]:
+        from sdcluster.cluster.backends import slurm_checks
+
+        return slurm_checks.SLURM_ONLY
+
+    def login_node(self, environ: Mapping[str, str]) -> str | None:
+        from sdcluster.cluster.backends import slurm_checks
+
+        return slurm_checks.login_node(environ)
+
+    def check_config(self, cfg: Config) -> None:
+        from sdcluster.cluster.backends import slurm_checks
+
+        slurm_checks.check_config(cfg)
 
     def check(self, cfg: Config, dry_run: bool) -> list[str]:
         from sdcluster.cluster.backends import slurm_checks
@@ -138,6 +161,23 @@ class SlurmBackend:
 
     def stop_hint(self, job_id: str) -> str:
         return f"scancel {job_id}"
+
+    def cluster_name(self) -> str | None:
+        return slurm_queries.cluster_name()
+
+    def preempting(self) -> bool:
+        """True when SLURM chose this job for preemption (``PreemptTime`` set): it ends the job itself when
+        the grace time is over, and requeues or cancels it as the partition's PreemptMode says."""
+        job_id = os.environ.get("SLURM_JOB_ID")
+        if not job_id:
+            return False
+        cmd = ["scontrol", "show", "job", job_id, "--oneliner"]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=False)
+        except (FileNotFoundError, subprocess.TimeoutExpired):
+            return False
+        fields = dict(field.partition("=")[::2] for field in out.stdout.split())
+        return fields.get("JobState") == "RUNNING" and fields.get("PreemptTime", "None") not in ("None", "")
 
     def job_environment(self) -> JobEnvironment:
         return JobEnvironment(

@@ -1,12 +1,17 @@
-"""What the SLURM backend checks on the login node before anything is queued: the job script keeps its shape,
-sbatch is there, the controller answers, the partition exists and can run the job. Each check names the fix.
+"""What the SLURM backend checks on the login node before anything is queued: the keys only it reads, whether
+this is a login node, what the config asks of SLURM, the job script keeps its shape, sbatch is there, the
+controller answers, the partition exists and can run the job. Each check names the fix.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import re
 import shutil
 import subprocess
+from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sdcluster.cluster.backends import slurm_queries as queries
@@ -14,6 +19,68 @@ from sdcluster.config.checks import ConfigError
 
 if TYPE_CHECKING:
     from sdcluster.config import ClusterConfig, Config
+
+SLURM_ONLY = (
+    "partition",
+    "account",
+    "qos",
+    "nodes",
+    "tasks_per_node",
+    "cpus_per_task",
+    "mem_gb",
+    "constraint",
+    "exclude",
+    "signal_delay_s",
+    "max_requeues",
+    "max_timeouts",
+    "setup",
+    "additional_parameters",
+    "array_parallelism",
+)
+"""``cluster.*`` keys only a SLURM job uses (the local executor reads timeout_min and gpus_per_node)."""
+
+SLURM_CONF = "/etc/slurm/slurm.conf"
+"""Where SLURM's clients read the cluster's config when ``SLURM_CONF`` is not set."""
+
+
+def login_node(environ: Mapping[str, str]) -> str | None:
+    """Why this machine looks like a SLURM login node (sbatch and a readable SLURM config, not inside a job),
+    or None."""
+    if environ.get("SLURM_JOB_ID"):
+        return None
+    sbatch = shutil.which("sbatch", path=environ.get("PATH", os.defpath))
+    conf = environ.get("SLURM_CONF") or SLURM_CONF
+    if sbatch is None or not (Path(conf).is_file() and os.access(conf, os.R_OK)):
+        return None
+    return f"sbatch is {sbatch}, the SLURM config {conf} is readable, and this is not a SLURM job"
+
+
+_SBATCH_OPTION = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)*")  # sbatch's long options: mail-type, gres
+
+
+def check_config(cfg: Config) -> None:
+    """What SLURM needs of the config alone: sbatch option names in ``additional_parameters`` (keys come
+    from YAML too, where any string can be a key), a warning signal due before the time limit (SLURM sends
+    it; one due at or before the start never leaves time to checkpoint), and GPUs for mixed precision."""
+    c = cfg.cluster
+    for option in c.additional_parameters:
+        if not (isinstance(option, str) and _SBATCH_OPTION.fullmatch(option)):
+            raise ConfigError(
+                f"cluster.additional_parameters.{option}: is not an sbatch option name. Fix: use sbatch's "
+                "long option name without the leading dashes, e.g. mail-type or gres"
+            )
+    limit_s = c.timeout_min * 60
+    if c.signal_delay_s >= limit_s:
+        raise ConfigError(
+            f"cluster.signal_delay_s: got {c.signal_delay_s}, must be below the time limit "
+            f"(cluster.timeout_min={c.timeout_min}: {limit_s} s). Fix: a few minutes under it, e.g. "
+            f"cluster.signal_delay_s={min(120, limit_s // 2)}, or a longer cluster.timeout_min"
+        )
+    if cfg.train.mixed_precision != "no" and c.gpus_per_node == 0:
+        raise ConfigError(
+            f"train.mixed_precision={cfg.train.mixed_precision} needs GPUs but cluster.gpus_per_node=0. "
+            "Fix: set cluster.gpus_per_node, or train.mixed_precision=no on CPU nodes"
+        )
 
 
 def check_script(kind: str, script: str) -> None:

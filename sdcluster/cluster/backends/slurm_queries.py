@@ -7,6 +7,8 @@ the controller is down: the login-node commands must answer even then.
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 import shutil
 import subprocess
@@ -50,6 +52,28 @@ def job_state(job_id: str) -> tuple[str, str] | None:
 def job_states(job_id: str) -> list[str] | None:
     """The state of every task of a job, or None when SLURM knows nothing of it."""
     return [state for state, _ in _records(job_id)] or None
+
+
+def cluster_name() -> str | None:
+    """The ``ClusterName`` of the cluster the SLURM clients here talk to, or None when none answers.
+
+    Asked once per process and config: ``sdcluster logs`` asks for every job it lists, and the answer
+    changes only with ``SLURM_CONF`` (a test, or a user, may point one process at two clusters in turn).
+    """
+    return _cluster_name(os.environ.get("SLURM_CONF"))
+
+
+@functools.lru_cache(maxsize=8)
+def _cluster_name(slurm_conf: str | None) -> str | None:
+    # The controller's view, not a slurm.conf read here: a configless login node has no file to read.
+    if slurm_conf and not os.path.isfile(slurm_conf):
+        return None  # the clients would look for a controller in DNS for about a minute, then fail
+    try:
+        out = _run(["scontrol", "show", "config"], timeout=20)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return None
+    found = re.search(r"^ClusterName\s*=\s*(\S+)", out.stdout, re.MULTILINE)
+    return found.group(1) if out.returncode == 0 and found else None
 
 
 def partitions() -> list[str]:

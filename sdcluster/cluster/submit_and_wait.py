@@ -65,7 +65,7 @@ def wait_for(cfg: Config, job: submitit.Job, kind: str, say: Say) -> bool:
 
 def launch(cfg: Config, say: Say = print) -> int:
     """Validate, submit, report. Returns the process exit code."""
-    unchecked = preflight(cfg, dry_run=cfg.launch.dry_run)
+    cfg, unchecked = preflight(cfg, dry_run=cfg.launch.dry_run)  # cfg: pinned to the staged commits
     if cfg.launch.dry_run:
         return dry_run([cfg], say, unchecked)
     for note in unchecked:  # the scheduler answered but could not say everything: submitted all the same

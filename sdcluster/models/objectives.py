@@ -1,0 +1,100 @@
+"""Training objectives: what the denoiser learns to predict, from which noised input.
+
+A family (:meth:`sdcluster.models.family.Family.objective`) chooses its objective: DDPM noise or velocity
+prediction for SD 1.x/2.x and SDXL today; flow matching is another implementation of :class:`Objective`.
+Here, in the models wing, because the family builds it; the loss, the min-SNR weighting, the validation
+loss and the export (:mod:`sdcluster.train`) ask it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+
+class Objective(Protocol):
+    """What the denoiser is trained to predict, from which noised input: the family's choice
+    (:meth:`sdcluster.models.family.Family.objective`). The loss, its min-SNR weighting and the validation
+    loss ask it; a flow-matching objective is another implementation, the loop does not change."""
+
+    @property
+    def num_timesteps(self) -> int:
+        """The training timesteps are ``0 .. num_timesteps - 1`` (the validation loss's fixed ones too)."""
+        ...
+
+    def sample_timesteps(self, batch: int, gen: torch.Generator) -> torch.Tensor:
+        """One training timestep per example, drawn from ``gen`` only (on the CPU)."""
+        ...
+
+    def noised(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the denoiser's input, its target) for ``latents`` noised with ``noise`` at ``timesteps``."""
+        ...
+
+    def snr_weights(self, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Per-example loss weights of min-SNR-gamma at ``timesteps``."""
+        ...
+
+    def configure(self, scheduler: Any) -> None:
+        """Make a sampler's config say what the denoiser was trained to predict (an exported pipeline's
+        scheduler), so that generation reads it from the export; nothing when it has nothing to say."""
+        ...
+
+
+class NoisePrediction:
+    """Denoising diffusion with a DDPM noise schedule: the target is the noise (``epsilon``) or the velocity
+    (``v_prediction``), as the scheduler's config says, or ``prediction_type`` (``train.prediction_type``)
+    when set: it is written into the noise scheduler's config at once, so the training target, the min-SNR
+    weights and the validation sampler (built from that config) all agree."""
+
+    def __init__(self, noise_scheduler: Any, prediction_type: str | None = None) -> None:
+        self.scheduler = noise_scheduler
+        self.prediction_type = prediction_type
+        self.configure(noise_scheduler)
+
+    def configure(self, scheduler: Any) -> None:
+        if self.prediction_type:  # the source's scheduler may say otherwise than what was trained
+            scheduler.register_to_config(prediction_type=self.prediction_type)
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    def sample_timesteps(self, batch: int, gen: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, self.num_timesteps, (batch,), generator=gen)
+
+    def noised(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        return noisy, diffusion_target(self.scheduler, latents, noise, timesteps)
+
+    def snr_weights(self, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+        return min_snr_weights(self.scheduler, timesteps, gamma, self.scheduler.config.prediction_type)
+
+
+def min_snr_weights(
+    noise_scheduler: Any, timesteps: torch.Tensor, gamma: float, prediction_type: str
+) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023), using diffusers' ``compute_snr``."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.clamp(snr, max=gamma)
+    if prediction_type == "epsilon":
+        return weights / snr
+    return weights / (snr + 1)  # v_prediction
+
+
+def diffusion_target(
+    noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet should predict for ``latents`` noised with ``noise``: the noise, or the velocity."""
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")

@@ -1,0 +1,134 @@
+"""SIGTERM, as real sites send it: preemption by a higher partition (after which SLURM requeues the job
+itself) and ``scancel``. The job saves at the next step or batch boundary and never requeues itself.
+
+The sandbox preempts by partition priority: a job on ``high`` that needs the whole node preempts jobs on
+``low`` (``PreemptMode=REQUEUE``, ``GraceTime=60``); ``debug`` and ``short`` are never preempted.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdcluster.train import step_folders
+from tests.slurm_helpers import (
+    job_record,
+    launch,
+    live_jobs_under,
+    logs_cli,
+    preempt_node,
+    sacct_history,
+    wait_for,
+    wait_for_line,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slurm
+
+# checkpoint_every far beyond max_steps: the only checkpoint before the end is the one SIGTERM asks for
+TRAIN = ["task=train", "train.log_every=1", "train.checkpoint_every=100", "train.max_steps=10"]
+LOW = "cluster.partition=low"
+
+
+def _final_weights(run_dir: str) -> dict[str, torch.Tensor]:
+    newest = step_folders.complete_checkpoints(Path(run_dir) / "checkpoints")[0]
+    return load_file(str(newest / "model.safetensors"))
+
+
+def test_preempted_training_resumes_at_the_step_sigterm_came(slurm_cluster, tmp_path, cache_root):
+    shape = ["cluster.tasks_per_node=2", "cluster.cpus_per_task=1", "train.grad_accum=2"]
+    proc, ids = launch(tmp_path / "a", cache_root, *TRAIN, *shape)
+    assert proc.returncode == 0, proc.stderr
+    (straight_id,) = ids["train"]
+    assert wait_for(straight_id)[0] == "COMPLETED"  # the node is free for the preempted run alone
+
+    pause = {"SDCLUSTER_TEST_PAUSE": "step:3"}  # held at step 3 until a signal: preempted mid-run
+    proc, ids = launch(tmp_path / "b", cache_root, *TRAIN, *shape, LOW, env=pause)
+    assert proc.returncode == 0, proc.stderr
+    (job_id,) = ids["train"]
+    log = tmp_path / "b" / "jobs" / job_id / f"{job_id}_0_log.out"
+    wait_for_line(log, r"paused at step 3 ")
+    preemptor = preempt_node(tmp_path)
+    assert wait_for(job_id, timeout_s=240)[0] == "COMPLETED"
+    assert wait_for(preemptor)[0] == "COMPLETED"
+
+    # SLURM requeued it itself (PREEMPTED, then the finished run), once: the job did not requeue itself
+    assert sacct_history(job_id) == ["PREEMPTED", "COMPLETED"]
+    record = job_record(tmp_path / "b", job_id)
+    first, second = record["attempts"]
+    assert (first["state"], first["requeued"], first["step"]) == ("PREEMPTED", True, 3)
+    assert first["exit_reason"] == "preempted (stopped by SIGTERM)"
+    assert (second["state"], second["restart_count"], second["step"]) == ("COMPLETED", 1, 10)
+    assert f"resumed from {record['run_dir']}/checkpoints/step-00000003" in log.read_text()
+    shown = logs_cli(tmp_path / "b", job_id).stdout
+    assert "attempt 1 (restart 0): state PREEMPTED" in shown
+    assert "attempt 2 (restart 1): state COMPLETED" in shown
+
+    straight_run = job_record(tmp_path / "a", straight_id)["run_dir"]
+    a, b = _final_weights(straight_run), _final_weights(record["run_dir"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resume was not exact"
+
+
+def test_preempted_generation_shard_loses_and_repeats_nothing(
+    slurm_cluster, tmp_path, cache_root, tiny_model
+):
+    gen = [
+        "task=generate",
+        f"generate.model={tiny_model}",
+        "generate.num_images=12",
+        "generate.batch_size=2",
+        "generate.steps=4",
+        "generate.shards=2",
+        LOW,
+    ]
+    proc, ids = launch(tmp_path, cache_root, *gen, env={"SDCLUSTER_TEST_PAUSE": "batch:2@0"})
+    assert proc.returncode == 0, proc.stderr
+    shard0, shard1 = ids["generate"]
+    log = tmp_path / "jobs" / shard0 / f"{shard0}_0_log.out"
+    wait_for_line(log, r"paused at batch 2 ")
+    preemptor = preempt_node(tmp_path)
+    assert wait_for(shard0, timeout_s=240)[0] == "COMPLETED"
+    assert wait_for(shard1, timeout_s=240)[0] == "COMPLETED"
+    assert wait_for(preemptor)[0] == "COMPLETED"
+
+    assert sacct_history(shard0) == ["PREEMPTED", "COMPLETED"]
+    record = job_record(tmp_path, shard0)
+    first, second = record["attempts"]
+    assert (first["state"], first["step"]) == ("PREEMPTED", 4)  # the batch under way was finished
+    assert second["state"] == "COMPLETED"
+    assert f"{first['step']} already done" in log.read_text()
+    out = Path(record["outputs"]["images"])
+    files = [json.loads(ln)["file"] for ln in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(files) == 24 == len(set(files)) == len(list(out.glob("p*-i*.png")))
+
+
+def test_scancel_saves_and_the_same_command_resumes(slurm_cluster, tmp_path, cache_root):
+    proc, ids = launch(tmp_path, cache_root, *TRAIN, env={"SDCLUSTER_TEST_PAUSE": "step:3"})
+    assert proc.returncode == 0, proc.stderr
+    (job_id,) = ids["train"]
+    log = tmp_path / "jobs" / job_id / f"{job_id}_0_log.out"
+    wait_for_line(log, r"paused at step 3 ")
+    subprocess.run(["scancel", job_id], check=True, timeout=30)  # SIGTERM, then SIGKILL after KillWait
+    assert wait_for(job_id)[0] == "CANCELLED"  # at once: the job itself may still be saving
+    assert wait_until(lambda: not live_jobs_under(tmp_path, slurm_cluster.slurm_conf), timeout_s=60)
+    record = job_record(tmp_path, job_id)
+    (attempt,) = record["attempts"]
+    assert (attempt["state"], attempt["step"]) == ("CANCELLED", 3)
+    assert attempt["exit_reason"] == "stopped by SIGTERM"
+    saved = step_folders.complete_checkpoints(Path(record["run_dir"]) / "checkpoints")
+    assert [step_folders.read_meta(folder).step for folder in saved] == [3]
+    assert "attempt 1 (restart 0): state CANCELLED" in logs_cli(tmp_path, job_id).stdout
+
+    proc, ids = launch(tmp_path, cache_root, *TRAIN)  # the same command
+    assert proc.returncode == 0, proc.stderr
+    (again,) = ids["train"]
+    assert wait_for(again)[0] == "COMPLETED"
+    resumed = job_record(tmp_path, again)
+    assert resumed["run_dir"] == record["run_dir"] and resumed["attempts"][-1]["step"] == 10
+    again_log = (tmp_path / "jobs" / again / f"{again}_0_log.out").read_text()
+    assert f"resumed from {record['run_dir']}/checkpoints/step-00000003" in again_log
