@@ -78,7 +78,8 @@ def test_both_families_and_both_methods_implement_their_protocols():
 
 class RectifiedFlow:
     """Flow matching (rectified flow), written here only against the
-    :class:`~sdcluster.models.objectives.Objective` protocol: input ``(1 - s) x + s n`` at ``s = t / T``, target the velocity ``n - x``."""
+    :class:`~sdcluster.models.objectives.Objective` protocol: input ``(1 - s) x + s n`` at ``s = t / T``,
+    target the velocity ``n - x``."""
 
     num_timesteps = 1000
 
