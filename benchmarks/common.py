@@ -201,7 +201,7 @@ def spread(values: Sequence[float], fmt: str = "{:.3f}") -> tuple[str, str]:
 
 
 def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A Markdown table (pastes into the README as is); printed and returned."""
+    """A Markdown table (pastes into docs/performance.md as is); printed and returned."""
     lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     text = "\n".join(lines) + "\n"

@@ -7,8 +7,8 @@ Same model, prompts, seeds, 20 steps, guidance 7.5 and scheduler (PNDM, the mode
 
 * **batch-1 loop**: what the seed's ``inference.py`` does: one ``pipe(prompt, generator=...)`` call per
   image, each image saved as PNG.
-* **sdcluster, batch B**: :func:`sdcluster.generate.generate_images` itself: one pipeline call per batch of
-  B, text embeddings once per prompt, sliced VAE decode, PNG + manifest record per image, contact sheet.
+* **sdcluster, batch B**: :func:`sdcluster.generate.job.generate_images` itself: one pipeline call per batch
+  of B, text embeddings once per prompt, sliced VAE decode, PNG + manifest record per image, contact sheet.
 
 Each (variant, repeat) runs in a fresh process, variants in rotating order; the clock starts after the
 imports (start-up is :mod:`benchmarks.startup`'s business) and covers loading the pipeline and writing every

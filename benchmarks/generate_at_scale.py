@@ -22,7 +22,7 @@ c) **Merge scaling**: folders of 10,000 and 100,000 records built from the array
    records (hard links, renumbered records in 16 parts), each merged twice, each time in a fresh child:
    time and peak RSS, to show memory flat in the number of images.
 
-Results: ``benchmarks/results/generate_at_scale.json`` and Markdown tables on stdout (README: Performance).
+Results: ``benchmarks/results/generate_at_scale.json`` and Markdown tables on stdout (docs/performance.md).
 """
 
 from __future__ import annotations

@@ -3,13 +3,13 @@
     python -m benchmarks.methods                               # small + small_sdxl, 3 repeats of 10 steps
     python -m benchmarks.methods --models small_sdxl --repeats 5
 
-Every row is :func:`sdcluster.train.train` itself with the seed's settings (batch 4, EMA, lr 1e-5 constant,
-clipping at 1, latent cache on, built beforehand), only ``train.method`` differing: ``full`` trains the whole
-UNet, ``lora`` rank-8 adapters on its attention projections (``to_q``/``to_k``/``to_v``/``to_out.0``). Each
-(model, method, repeat) runs in its own process, methods in rotating order. A repeat reports the mean time
-between its optimizer steps after ``--warmup`` steps, the process's peak RSS, the trainable parameters, and
-the size of the checkpoint it then writes (weights or adapters, optimizer moments, EMA, RNG and loader state:
-what a preemption leaves on disk).
+Every row is :func:`sdcluster.train.loop.train` itself with the seed's settings (batch 4, EMA, lr 1e-5
+constant, clipping at 1, latent cache on, built beforehand), only ``train.method`` differing: ``full`` trains
+the whole UNet, ``lora`` rank-8 adapters on its attention projections
+(``to_q``/``to_k``/``to_v``/``to_out.0``). Each (model, method, repeat) runs in its own process, methods in
+rotating order. A repeat reports the mean time between its optimizer steps after ``--warmup`` steps, the
+process's peak RSS, the trainable parameters, and the size of the checkpoint it then writes (weights or
+adapters, optimizer moments, EMA, RNG and loader state: what a preemption leaves on disk).
 """
 
 from __future__ import annotations

@@ -4,10 +4,10 @@
     python -m benchmarks.startup --importtime    # plus where one start's import time goes
 
 Each repeat starts a fresh interpreter that runs what a SLURM task runs after unpickling its job:
-:func:`sdcluster.jobs.run_job` (logging, torch threads, job record) around :func:`sdcluster.train.train`,
-stopped at step 1 by a ``stop_at`` observer. The clock starts just before the parent spawns the process, so
-interpreter start-up and every import count. The latent cache and the tiny model are built beforehand
-(a cache build is a one-off per dataset, not start-up).
+:func:`sdcluster.runtime.callables.run_job` (logging, torch threads, job record) around
+:func:`sdcluster.train.loop.train`, stopped at step 1 by a ``stop_at`` observer. The clock starts just before
+the parent spawns the process, so interpreter start-up and every import count. The latent cache and the tiny
+model are built beforehand (a cache build is a one-off per dataset, not start-up).
 """
 
 from __future__ import annotations

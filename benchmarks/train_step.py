@@ -5,10 +5,10 @@
 
 * **floor**: UNet forward + backward + fused AdamW + one ``torch._foreach_lerp_`` EMA update, on
   precomputed latents and text embeddings: nothing a step cannot do without.
-* **sdcluster**: :func:`sdcluster.train.train` itself, timed between its optimizer steps (``step_events``),
-  cache built beforehand: everything the real loop does (data loader, posterior sampling, grad clipping,
-  LR scheduler, the EMA (one fused lerp, :mod:`sdcluster.train.ema`), the loss reduced for logging every 10
-  steps).
+* **sdcluster**: :func:`sdcluster.train.loop.train` itself, timed between its optimizer steps
+  (``step_events``), cache built beforehand: everything the real loop does (data loader, posterior sampling,
+  grad clipping, LR scheduler, the EMA (one fused lerp, :mod:`sdcluster.train.ema`), the loss reduced for
+  logging every 10 steps).
 * **reference**: what diffusers' ``train_text_to_image.py`` does per step: images augmented and VAE-encoded
   every step, the text encoder every step, ``AdamW`` with torch's defaults, clipping, ``EMAModel`` with its
   default per-parameter loop, and the loss read back (``.item()``) every step.

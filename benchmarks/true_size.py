@@ -17,7 +17,7 @@ memory is its own:
   ``steps - 1`` optimizer steps the way a preemption stops it: a collective checkpoint save.
 * **resume**: the same call again (a new job): it resumes from that checkpoint, trains the last step, saves
   the final checkpoint and exports the pipeline (EMA weights).
-* **generate**: :func:`sdcluster.generate.generate_images` (the generation job) on the export: one prompt,
+* **generate**: :func:`sdcluster.generate.job.generate_images` (the generation job) on the export: one prompt,
   two 512 px images in one batch.
 
 Seconds per optimizer step come from ``metrics.jsonl`` (``train.log_every=1``): the gaps between steps after
@@ -130,7 +130,7 @@ def _child(phase: str, args: argparse.Namespace, model_dir: str | None) -> dict[
 
 
 def table_rows(record: dict[str, Any]) -> list[list[str]]:
-    """What the README shows: one row per measurement, "pending" for what was not measured."""
+    """What docs/performance.md shows: one row per measurement, "pending" for what was not measured."""
     res = record["results"]
 
     def get(phase: str, key: str, fmt: str = "{:.1f}") -> str:

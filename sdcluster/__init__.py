@@ -1,7 +1,33 @@
 """sdcluster: fine-tune Stable Diffusion and mass-produce images as SLURM batch jobs.
 
-``sdcluster --help`` lists the commands (``launch``, ``logs``, ``sweep``, ...); the package's modules are
-described in README.md (Development).
+``sdcluster --help`` lists the commands (``launch``, ``logs``, ``sweep``, ...); docs/architecture.md (Module
+map) says what every module does.
+
+The package is eight wings (``config``, ``models``, ``data``, ``generate``, ``train``, ``runtime``,
+``cluster``, ``sweep``, each ``__init__`` saying what lives there and what it may import) and the top-level
+modules below, in floors: imports go only downward. At the bottom, importing nothing of sdcluster:
+``atomic`` (crash-safe writes), ``derive`` (numbers from a hash of their inputs), ``identity`` (what a run's,
+a generation's and a latent-cache entry's hash covers; it reads the schema's classes only for type checks),
+``model_source`` (what kind of source a model path names) and ``progress`` (log lines). Beside the schema:
+``paths`` (where every file goes), ``redaction`` (tokens kept out), ``sealed`` (folders that list their own
+files), ``schema_docs`` (every key's meaning) and ``compose`` (conf/ to a checked config). Then ``status``
+(every recent job at a glance), and on top the entry points: ``launch``, ``logs``, ``cli`` (with
+``__main__``) and ``completion``.
+
+May import (bottom: atomic, derive, identity, model_source, progress): nothing of sdcluster.
+
+May import (beside the schema: paths, redaction, sealed, schema_docs): ``config``, ``atomic``,
+``identity``, ``model_source``.
+
+May import (composition: compose): ``config``, ``paths``, ``redaction``, ``generate.prompts`` (whether a
+prompts file is a program: the parser alone, without the generation chain).
+
+May import (job table: status): ``cluster.backends``, ``cluster.records``, ``train.metrics``, ``atomic``,
+``paths``.
+
+May import (entry points: launch, logs, cli, __main__, completion): ``cluster``, ``sweep``, ``status``,
+``config``, ``compose``, ``schema_docs``, ``train.metrics``, ``data.__main__``, ``generate.__main__``,
+``models.__main__``, ``atomic``, ``paths``, ``redaction``.
 
 Words that mean one thing each in the code (config keys keep the names users type):
 

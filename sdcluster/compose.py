@@ -39,9 +39,24 @@ def build_config(dcfg: DictConfig) -> Config:
         raise cause or ConfigError(str(err)) from None
     assert isinstance(cfg, Config)
     cfg = absolutize(cfg)
+    _program_replaces_default_prompts(cfg)
     # before anything is written: a sweep hands every point here before any of them runs or is submitted
     reject_secrets(dataclasses.asdict(cfg))
     return cfg
+
+
+def _program_replaces_default_prompts(cfg: Config) -> None:
+    """With a prompt program (``generate.prompts_file=PROGRAM.yaml``) the schema's sample prompts are dropped.
+
+    The composed tree cannot say whether ``generate.prompts`` was typed or is the default: only a value
+    equal to the schema's default (the demo's jeans prompts) counts as not asked for, so prompts typed on the
+    command line (or set in ``conf/local/``) still join the program as literal templates.
+    """
+    from sdcluster.config.data import SAMPLE_PROMPTS
+    from sdcluster.generate.prompts import is_program_file  # light: the parser, not the generation chain
+
+    if is_program_file(cfg.generate.prompts_file) and cfg.generate.prompts == list(SAMPLE_PROMPTS):
+        cfg.generate.prompts = []
 
 
 def compose(overrides: list[str]) -> Config:

@@ -93,6 +93,9 @@ def generation_hash(cfg: Config, model: Path | str, lora: Path | None) -> str:
         gen.pop(key)
     identity: dict[str, Any] = {"generate": gen, "model": str(model)}
     gen.pop("lora")  # the resolved path instead; none: folders made before LoRA keep their names
+    for key in ("model_commit", "lora_commit"):  # a hub model's or LoRA's pin; unset: folders keep names
+        if gen[key] is None:
+            gen.pop(key)
     if lora is None:
         gen.pop("lora_scale")
     else:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sdcluster import identity
-from sdcluster.model_source import is_local
+from sdcluster.model_source import is_hub_id, is_local
 
 if TYPE_CHECKING:  # only for annotations: paths sits just above config and below everything else
     from sdcluster.config import Config
@@ -92,9 +92,10 @@ def run_paths(cfg: Config) -> RunPaths:
 
 def generation_model(cfg: Config) -> Path | str:
     """The model a generation job uses: ``generate.model``, the run's exported pipeline, or after a LoRA
-    run the run's base model as configured (``model.path``: a folder, hub id or ``tiny``)."""
+    run the run's base model as configured (``model.path``: a folder, hub id or ``tiny``). A folder is a
+    ``Path``; a model named by id (a hub ``generate.model``, or the base model) a ``str``."""
     if cfg.generate.model:
-        return Path(cfg.generate.model)
+        return cfg.generate.model if is_hub_id(cfg.generate.model) else Path(cfg.generate.model)
     if cfg.train.trains_adapters:  # its adapters (generation_lora) go on the model it started from
         return cfg.model.path
     return run_paths(cfg).model
@@ -196,9 +197,11 @@ def absolutize(cfg: Config, base: Path | None = None) -> Config:
     cfg.data.path = absolute(cfg.data.path)
     if cfg.generate.prompts_file:
         cfg.generate.prompts_file = absolute(cfg.generate.prompts_file)
-    if cfg.generate.model:
+    from sdcluster.config.generate import is_hub_lora  # a hub id stays one (staged at launch)
+
+    if cfg.generate.model and not is_hub_id(cfg.generate.model):
         cfg.generate.model = absolute(cfg.generate.model)
-    if cfg.generate.lora:
+    if cfg.generate.lora and not is_hub_lora(cfg.generate.lora):
         cfg.generate.lora = absolute(cfg.generate.lora)
     if is_local(cfg.model.path):
         cfg.model.path = absolute(cfg.model.path)

@@ -37,8 +37,28 @@ def describe_outputs(cfg: Config, say: Say) -> None:
             say(line)
 
 
-def dry_run(cfgs: list[Config], say: Say, unchecked: list[str]) -> int:
-    """Print the resolved config(s) and exactly what would be submitted; submit nothing."""
+def describe_points(cfgs: list[Config], say: Say, labels: list[str] | None = None) -> None:
+    """A sweep's points, two or three lines each: the run folder, the image folder and how many images.
+
+    Every point, not only the first: points differ in what they write. ``labels`` (what each point sweeps)
+    head each point's lines.
+    """
+    from sdcluster.generate.plan_count import count_plan  # see describe_outputs: generate loads late
+
+    for i, cfg in enumerate(cfgs):
+        say(f"point {i}" + (f" {labels[i]}" if labels else ""))
+        if cfg.task != "generate":
+            say(f"  run folder: {paths.run_dir(cfg)}")
+        if cfg.task != "train":
+            count = count_plan(cfg.generate)
+            total = 1 if cfg.generate.only else count.total
+            shards = f" over {len(count.shards)} shards" if len(count.shards) > 1 else ""
+            say(f"  images:     {paths.generation_dir(cfg)} ({total:,} images{shards})")
+
+
+def dry_run(cfgs: list[Config], say: Say, unchecked: list[str], labels: list[str] | None = None) -> int:
+    """Print the resolved config(s) and exactly what would be submitted; submit nothing. A sweep's points
+    (``labels``: what each one sweeps) are listed each with its folders and image count."""
     say("# resolved config (nothing submitted: launch.dry_run=true)")
     say(config_yaml(cfgs[0]))
     describe_dry_run(cfgs, say)
@@ -46,4 +66,6 @@ def dry_run(cfgs: list[Config], say: Say, unchecked: list[str]) -> int:
         say(f"# not checked: {note}")
     if len(cfgs) == 1:
         describe_outputs(cfgs[0], say)
+    else:
+        describe_points(cfgs, say, labels)
     return 0

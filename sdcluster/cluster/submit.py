@@ -2,7 +2,8 @@
 
 ``launch`` is N=1, a sweep is N points; both come here. Which jobs a config means is one table,
 :data:`TASK_JOBS`: training (one job array over the points whose cluster settings agree), then per point its
-generation (an array of ``generate.shards`` tasks) waiting on that point's training. How a job is
+generation (an array of ``generate.shards`` tasks) waiting on that point's training. Each kind is sized on
+its own (``ClusterConfig.for_job``: a generation shard is not the training's nodes x GPUs). How a job is
 submitted, and how it waits, is the backend's (:mod:`sdcluster.cluster.backends`): a scheduler holds the
 dependency (and drops the generation job if its training fails); a foreground backend has no scheduler,
 so there every job is waited for before the next starts. Cluster facts come only from ``cfg.cluster``;
@@ -25,18 +26,12 @@ from sdcluster import atomic, paths
 from sdcluster.cluster import backends, records
 from sdcluster.cluster.interrupts import children_ignore_sigint, sigint_interrupts, stop_local
 from sdcluster.config import Config, ConfigError
+from sdcluster.config.cluster import TASK_JOBS, GenerationResources
 from sdcluster.redaction import config_yaml
 from sdcluster.runtime import ownership
 from sdcluster.runtime.callables import GenerateJob, TrainJob
 
 Say = Callable[[str], None]
-
-# task -> the jobs it means, in submission order; a later job waits on the earlier one of its point.
-TASK_JOBS: dict[str, tuple[str, ...]] = {
-    "train": ("train",),
-    "generate": ("generate",),
-    "train_generate": ("train", "generate"),
-}
 
 
 @dataclass
@@ -65,7 +60,7 @@ def plan_jobs(cfgs: list[Config]) -> list[PlannedJob]:
     if "train" in kinds:
         groups: list[list[int]] = []  # one array per group of points whose cluster settings agree
         for i, cfg in enumerate(cfgs):
-            group = next((g for g in groups if cfgs[g[0]].cluster == cfg.cluster), None)
+            group = next((g for g in groups if _train_size(cfgs[g[0]]) == _train_size(cfg)), None)
             if group is None:
                 groups.append([i])
             else:
@@ -76,7 +71,10 @@ def plan_jobs(cfgs: list[Config]) -> list[PlannedJob]:
             )
     if "generate" in kinds:
         after = "train" if "train" in kinds else None
-        for i, cfg in enumerate(cfgs):
+        for i, point in enumerate(cfgs):
+            # the job carries the settings it runs with: the script is rendered from them, and inside the
+            # job they say its GPUs and time limit (to tell a time-out from a preemption)
+            cfg = dataclasses.replace(point, cluster=point.cluster.for_job("generate"))
             shards = range(cfg.generate.shards)
             planned.append(
                 PlannedJob(
@@ -88,6 +86,12 @@ def plan_jobs(cfgs: list[Config]) -> list[PlannedJob]:
                 )
             )
     return planned
+
+
+def _train_size(cfg: Config) -> Any:
+    """What a training job asks of the scheduler: points that differ only in the generation job's sizes
+    still train as one array."""
+    return dataclasses.replace(cfg.cluster.for_job("train"), generate=GenerationResources())
 
 
 def job_script(job: PlannedJob, after_id: str | None) -> str:
@@ -226,5 +230,21 @@ def describe_dry_run(cfgs: list[Config], say: Say) -> None:
             f"# job {n}: {job.kind}, {shape}, points {points}"
             + (f", afterok on the {after}" if after else "")
         )
+        say(f"# each {'task' if job.is_array else 'job'} asks for {_resources(job.cfgs[0])}")
         placeholder = f"TRAIN-JOB-OF-POINT-{points[0]}"  # the real id exists once training is queued
         say(job_script(job, placeholder if after else None))
+
+
+def _resources(cfg: Config) -> str:
+    """The size of one job (or array task) in words, as its script asks for it; unset values are left to
+    the scheduler's defaults and not named."""
+    c = cfg.cluster
+    per_node = f"{c.gpus_per_node} GPU(s)" if c.gpus_per_node else f"{c.tasks_per_node} process(es)"
+    words = [f"{c.nodes} node(s) x {per_node} ({c.world_size} process(es) in all)", f"{c.timeout_min} min"]
+    if c.cpus_per_task:
+        words.append(f"{c.cpus_per_task} CPU(s) per process")
+    if c.mem_gb:
+        words.append(f"{c.mem_gb} GB per node")
+    if c.partition:
+        words.append(f"partition {c.partition}")
+    return ", ".join(words)

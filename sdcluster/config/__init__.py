@@ -11,6 +11,11 @@ at composition. Value checks live in ``__post_init__`` (they run when ``OmegaCon
 objects) and raise :class:`ConfigError` naming the key and the fix. Checks that need several groups at once
 are in :func:`check_config`. Nothing here imports Hydra or torch: job functions receive these plain objects
 (:mod:`.store` is the one module that registers the schema with Hydra).
+
+The bottom wing: the schema asks only what kind of source a model path names; ``store`` imports Hydra
+inside its functions.
+
+May import: ``model_source``.
 """
 
 from __future__ import annotations

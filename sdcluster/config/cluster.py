@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,8 +18,73 @@ two in step)."""
 _MAX_SIGNAL_DELAY_S = 65535  # sbatch --signal: "sig_time must have an integer value between 0 and 65535"
 
 
+TASK_JOBS: dict[str, tuple[str, ...]] = {
+    "train": ("train",),
+    "generate": ("generate",),
+    "train_generate": ("train", "generate"),
+}
+"""``task`` -> the kinds of job it submits, in submission order; a later job waits on the earlier one of its
+point. Each kind runs with its own resources (:meth:`ClusterConfig.for_job`)."""
+
+
 def _at_least(value: int, key: str, low: int, fix: str) -> None:
     _require(value >= low, key, f"got {value}, must be >= {low}", fix)
+
+
+def _check_mem_gb(value: float | None, key: str) -> None:
+    if value is not None:
+        # sbatch reads --mem=0 as "all the node's memory", and submit writes whole MB: under 1 MB is 0
+        _require(
+            math.isfinite(value) and value * 1024 >= 1,
+            key,
+            f"got {value}, must be > 0 GB per node (at least 1 MB, 1/1024)",
+            "e.g. 64, or null for the partition's default",
+        )
+
+
+def job_key(kind: str, name: str) -> str:
+    """The key a user sets for setting ``name`` of the job of ``kind`` (``cluster.generate.nodes`` for the
+    generation job's nodes, ``cluster.account`` for anyone's account): what the checks name in a fix."""
+    own = kind == "generate" and name in {f.name for f in dataclasses.fields(GenerationResources)}
+    return f"cluster.generate.{name}" if own else f"cluster.{name}"
+
+
+@dataclass
+class GenerationResources:
+    """What each shard of the generation job asks for (``cluster.generate.*``): sized for rendering images,
+    not like the training job. Account, qos, constraint, exclude, setup lines, the warning signal and the
+    requeue budgets are the training's (``cluster.*``)."""
+
+    nodes: int = 1
+    """Nodes per generation shard (each array task); its processes split the shard's images."""
+    gpus_per_node: int | None = None
+    """GPUs per node of a generation shard, one process each; null: 1 when the training asks for GPUs
+    (cluster.gpus_per_node > 0), else 0 (CPU nodes)."""
+    tasks_per_node: int = 1
+    """Processes per node of a generation shard on CPU nodes; with GPUs there is one per GPU."""
+    cpus_per_task: int | None = None
+    """CPUs per generation process; null: cluster.cpus_per_task, what one training process gets (on CPU
+    nodes also the torch thread count, which the generated images' bytes depend on)."""
+    mem_gb: float | None = None
+    """Memory per node of a generation shard in GB (> 0); null: the partition's default (cluster.mem_gb is
+    sized for the training's processes and is not inherited)."""
+    timeout_min: int | None = None
+    """Time limit of each generation shard in minutes; null: cluster.timeout_min."""
+    partition: str | None = None
+    """SLURM partition of the generation job; null: cluster.partition."""
+
+    def __post_init__(self) -> None:
+        key = "cluster.generate."
+        _at_least(self.nodes, f"{key}nodes", 1, "e.g. 1")
+        _at_least(self.tasks_per_node, f"{key}tasks_per_node", 1, "e.g. 1")
+        if self.gpus_per_node is not None:
+            _at_least(self.gpus_per_node, f"{key}gpus_per_node", 0, "e.g. 1, or null: as the training")
+        if self.cpus_per_task is not None:
+            _at_least(self.cpus_per_task, f"{key}cpus_per_task", 1, "e.g. 8, or null: as the training")
+        _check_mem_gb(self.mem_gb, f"{key}mem_gb")
+        if self.timeout_min is not None:
+            _at_least(self.timeout_min, f"{key}timeout_min", 1, "minutes, e.g. 240, or null: as the training")
+        _no_control(self.partition, f"{key}partition")
 
 
 @dataclass
@@ -71,6 +137,8 @@ class ClusterConfig:
     """At most this many tasks of a job array (sweep points, generation shards) run at once (>= 1)."""
     share_jobs_with_group: bool = False
     """jobs/ (scripts, logs, the pickles submitit loads) readable by your group too (0750), not only you."""
+    generate: GenerationResources = field(default_factory=GenerationResources)
+    """What each generation shard asks for (cluster.generate.*); the keys above size the training job."""
 
     def __post_init__(self) -> None:
         _choice(self.name, "cluster.name", CLUSTERS)
@@ -94,14 +162,7 @@ class ClusterConfig:
             _at_least(
                 self.cpus_per_task, "cluster.cpus_per_task", 1, "e.g. 8, or null for the partition's default"
             )
-        if self.mem_gb is not None:
-            # sbatch reads --mem=0 as "all the node's memory", and submit writes whole MB: under 1 MB is 0
-            _require(
-                math.isfinite(self.mem_gb) and self.mem_gb * 1024 >= 1,
-                "cluster.mem_gb",
-                f"got {self.mem_gb}, must be > 0 GB per node (at least 1 MB, 1/1024)",
-                "e.g. 64, or null for the partition's default",
-            )
+        _check_mem_gb(self.mem_gb, "cluster.mem_gb")
         _at_least(self.timeout_min, "cluster.timeout_min", 1, "minutes, e.g. 1440")
         _at_least(self.array_parallelism, "cluster.array_parallelism", 1, "e.g. 16")
         _at_least(self.signal_delay_s, "cluster.signal_delay_s", 0, "seconds, e.g. 120")
@@ -122,3 +183,25 @@ class ClusterConfig:
     @property
     def world_size(self) -> int:
         return self.nodes * self.processes_per_node
+
+    def for_job(self, kind: str) -> ClusterConfig:
+        """The settings the job of ``kind`` runs with: the training's are these; the generation job's take
+        :attr:`generate`'s sizes over them (null ones as documented there). Applied twice, the same."""
+        if kind != "generate":
+            return self
+        g = self.generate
+        gpus = (1 if self.gpus_per_node > 0 else 0) if g.gpus_per_node is None else g.gpus_per_node
+        return dataclasses.replace(
+            self,
+            nodes=g.nodes,
+            tasks_per_node=g.tasks_per_node,
+            gpus_per_node=gpus,
+            cpus_per_task=self.cpus_per_task if g.cpus_per_task is None else g.cpus_per_task,
+            mem_gb=g.mem_gb,
+            timeout_min=self.timeout_min if g.timeout_min is None else g.timeout_min,
+            partition=self.partition if g.partition is None else g.partition,
+        )
+
+    def jobs(self, task: str) -> dict[str, ClusterConfig]:
+        """Each kind of job ``task`` submits -> the settings it runs with, in submission order."""
+        return {kind: self.for_job(kind) for kind in TASK_JOBS[task]}

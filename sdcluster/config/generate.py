@@ -9,7 +9,18 @@ from typing import ClassVar
 
 from sdcluster.config.checks import MIXED_PRECISION, SCHEDULERS, _choice, _require
 from sdcluster.config.data import SAMPLE_PROMPTS
-from sdcluster.model_source import looks_like_hub_id
+from sdcluster.model_source import is_hub_id, looks_like_hub_id
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def _check_commit(value: str | None, key: str, repo_key: str) -> None:
+    _require(
+        value is None or bool(_COMMIT.match(value)),
+        key,
+        f"{value!r} is not a full commit sha (40 lowercase hex digits)",
+        f"copy the full sha, or drop {key} (launch pins what {repo_key}'s main points at)",
+    )
 
 
 @dataclass
@@ -19,7 +30,11 @@ class ScoresConfig:
     clip: bool = False
     """Record the CLIP image-text similarity of each image with its prompt (loads a CLIP model)."""
     clip_model: str = "openai/clip-vit-base-patch32"
-    """The CLIP model: a hub id or folder (transformers' CLIPModel); ``tiny``: the built-in test one."""
+    """The CLIP model: a hub id or folder (transformers' CLIPModel); ``tiny``: the built-in test one. A hub id
+    is staged at launch like the base model (``model.cache_dir``) and read by the job with the hub off."""
+    clip_commit: str | None = None
+    """The hub commit a hub ``clip_model`` is pinned to; launch fills it in (from ``main``) and points the
+    job at that snapshot's folder."""
     phash: bool = True
     """Record a 64-bit DCT perceptual hash of each image (cheap; finds near-duplicates at merge)."""
     duplicate_distance: int = 4
@@ -34,6 +49,7 @@ class ScoresConfig:
             f"{self.clip_model!r} is neither a folder nor a hub id (owner/name)",
             "e.g. openai/clip-vit-base-patch32, a folder saved by CLIPModel.save_pretrained, or tiny",
         )
+        _check_commit(self.clip_commit, "generate.scores.clip_commit", "generate.scores.clip_model")
         _require(
             0 <= self.duplicate_distance <= 64,
             "generate.scores.duplicate_distance",
@@ -104,7 +120,9 @@ class GenerateConfig:
     """Batched generation: P prompts x ``num_images`` each, in batches of ``batch_size``."""
 
     prompts: list[str] = field(default_factory=lambda: list(SAMPLE_PROMPTS))
-    """Prompts to render, each num_images times; the defaults describe the shipped sample data."""
+    """Prompts to render, each num_images times; the defaults describe the shipped sample data. With a prompt
+    program as ``prompts_file`` (``.yaml``) the defaults are dropped; prompts given here join the program as
+    literal templates (a list equal to the defaults counts as the defaults)."""
     prompts_file: str | None = None
     """A text file of prompts, one a line, added after ``prompts``; for long lists."""
     negative_prompt: str | None = None
@@ -126,10 +144,18 @@ class GenerateConfig:
     seed: int = 0
     """Base seed of every image's own seed, so an image can be reproduced alone."""
     model: str | None = None
-    """A diffusers pipeline folder to generate from; null: this run's exported fine-tuned model."""
+    """A diffusers pipeline to generate from: a folder, or a hub id (``owner/name``, staged at launch like
+    the base model, into ``model.cache_dir``); null: this run's exported fine-tuned model."""
+    model_commit: str | None = None
+    """The hub commit a hub ``model`` is pinned to; launch fills it in (from ``main``); set it to pin one you
+    know. Names the images' folder in place of ``main``."""
     lora: str | None = None
-    """LoRA weights put on the model: a folder holding ``pytorch_lora_weights.safetensors``, or a
-    ``.safetensors`` file; null: none, except after a ``train.method=lora`` run (its own adapters)."""
+    """LoRA weights put on the model: a folder holding ``pytorch_lora_weights.safetensors``, a
+    ``.safetensors`` file, or a hub id (its ``pytorch_lora_weights.safetensors``, or its one ``.safetensors``
+    file; staged at launch); null: none, except after a ``train.method=lora`` run (its own adapters)."""
+    lora_commit: str | None = None
+    """The hub commit a hub ``lora`` is pinned to; launch fills it in (from ``main``). Names the images'
+    folder."""
     lora_scale: float = 1.0
     """How strongly the LoRA acts: 1 as trained, 0 the base model alone, in between a blend."""
     mixed_precision: str = "no"
@@ -186,6 +212,15 @@ class GenerateConfig:
             "give an image file's name from the folder, e.g. p0003-i0007",
         )
         _check_lora_file(self.lora)
+        _check_commit(self.model_commit, "generate.model_commit", "generate.model")
+        _check_commit(self.lora_commit, "generate.lora_commit", "generate.lora")
+        for key, repo in (("model", self.model), ("lora", self.lora)):
+            _require(  # a pin of a folder would be silently ignored
+                getattr(self, f"{key}_commit") is None or (repo is not None and looks_like_hub_id(repo)),
+                f"generate.{key}_commit",
+                f"pins a hub repo, but generate.{key} is {repo!r}",
+                f"drop generate.{key}_commit, or set generate.{key} to a hub id (owner/name)",
+            )
         _require(
             self.filter.min_clip is None or self.scores.clip,
             "generate.filter.min_clip",
@@ -204,9 +239,15 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 """The file name diffusers' ``save_lora_weights`` writes and ``load_lora_weights`` looks for in a folder."""
 
 
+def is_hub_lora(lora: str | None) -> bool:
+    """``generate.lora`` names a hub repo (``owner/name``); a name ending in ``.safetensors`` is a file."""
+    return lora is not None and is_hub_id(lora) and not lora.endswith(".safetensors")
+
+
 def _check_lora_file(lora: str | None) -> None:
-    """``generate.lora`` names safetensors weights that exist (pickled LoRA files are never loaded)."""
-    if lora is None:
+    """``generate.lora`` names safetensors weights that exist (pickled LoRA files are never loaded); a hub
+    repo is checked when launch stages it."""
+    if lora is None or is_hub_lora(lora):
         return
     path = Path(lora).expanduser()
     weights = path / LORA_WEIGHTS if path.is_dir() else path

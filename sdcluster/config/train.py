@@ -31,7 +31,7 @@ class LoraConfig:
     """Dropout on the adapters' input while training, against overfitting very small datasets; 0: none."""
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     """Names of the UNet modules that get adapters (peft matches the end of each module's name); mixing
-    attention and other layers makes a file diffusers 0.42 loads only partly (see README)."""
+    attention and other layers makes a file diffusers 0.42 loads only partly (docs/reference/training.md)."""
     text_encoder_lr: float | None = None
     """Also adapt the text encoder's attention, at this learning rate (e.g. 5e-5); null: it stays frozen."""
     fuse_export: bool = False

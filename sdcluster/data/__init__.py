@@ -8,7 +8,14 @@ job), ``dataset`` loads a folder with ``datasets`` and augments, ``split`` holds
 encoder outputs and their on-disk format (``latent_build`` fills an entry), ``loader`` gives the training
 loop its batches, and ``sample`` draws the shipped sample set. The models that encode live in
 :mod:`sdcluster.models`; the loss in :mod:`sdcluster.train`. ``dataset`` and ``sampler`` are imported lazily
-on first use, for the same reason as above.
+on first use: they import torch and datasets, which the login node's checks do without.
+
+Above models (the family encodes, the cache keys the model) and the runtime's base (which rank builds a
+cache entry), below generate and train.
+
+May import: ``config``, ``models``, ``runtime.distributed``, ``runtime.ownership``, ``runtime.requeue``,
+``runtime.step_events``, ``atomic``, ``derive``, ``identity``, ``model_source``, ``paths``, ``progress``,
+``sealed``.
 """
 
 from __future__ import annotations

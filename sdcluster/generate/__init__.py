@@ -7,4 +7,11 @@ here, validation grids in training), ``scores``/``duplicates``/``filter`` judge 
 composes them into the job function. Submission lives in :mod:`sdcluster.cluster`, the model loading in
 :mod:`sdcluster.models`. Nothing is imported here, so ``python -m sdcluster.generate`` and the login node
 stay light.
+
+Above models and data (a finished folder is written as a dataset), with the runtime's base (the folder's
+holder, the batch boundaries); below train, whose validation draws its images with ``render``.
+
+May import: ``config``, ``models``, ``data``, ``runtime.distributed``, ``runtime.ownership``,
+``runtime.requeue``, ``runtime.step_events``, ``atomic``, ``derive``, ``identity``, ``model_source``,
+``paths``, ``progress``, ``sealed``.
 """

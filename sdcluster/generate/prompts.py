@@ -3,7 +3,8 @@
 ``generate.prompts`` and a plain ``generate.prompts_file`` (one prompt a line) are programs too: every line
 is a template without slots, with the ``generate`` settings. A ``.yaml``/``.yml`` file adds ``slots:`` (value
 lists, or ``value: weight`` mappings) and ``templates:`` that name them as ``{slot}``, each with optional
-``images``, ``count``, ``negative``, ``guidance_scale`` and ``steps`` (README: "Prompt programs").
+``images``, ``count``, ``negative``, ``guidance_scale`` and ``steps`` (docs/reference/generation.md: "Prompt
+programs and synthetic datasets").
 
 Without ``count`` a template makes the full product of the slots it uses (each value once, so weights do not
 matter there). Expansion is a pure function of the program and ``generate.seed``: draws come from sha256
@@ -112,7 +113,10 @@ def parse_program(path: Path) -> Program:
         raise ConfigError(f"{path}: not valid YAML{at} ({problem}). Fix: correct the file's syntax") from None
     where = f"generate.prompts_file {path}"
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping with `templates:` (and `slots:`). Fix: see README")
+        raise ConfigError(
+            f"{where}: expected a mapping with `templates:` (and `slots:`). "
+            "Fix: see docs/reference/generation.md"
+        )
     unknown = set(data) - {"slots", "templates"}
     _require(
         not unknown, where, f"unknown key(s) {sorted(map(str, unknown))}", "use only slots and templates"
@@ -130,7 +134,12 @@ def _require(ok: bool, where: str, problem: str, fix: str) -> None:
 
 
 def _parse_slots(raw: Any, where: str) -> dict[str, dict[str, float]]:
-    _require(isinstance(raw, dict), where, "`slots:` must be a mapping of name -> values", "see README")
+    _require(
+        isinstance(raw, dict),
+        where,
+        "`slots:` must be a mapping of name -> values",
+        "see docs/reference/generation.md",
+    )
     slots: dict[str, dict[str, float]] = {}
     for name, values in raw.items():
         at = f"{where}, slot {name!r}"
@@ -138,7 +147,10 @@ def _parse_slots(raw: Any, where: str) -> dict[str, dict[str, float]]:
         _require(name not in RESERVED_SLOTS, at, "is a dataset column name", "rename the slot")
         values = [] if values is None else values
         _require(
-            isinstance(values, dict | list), at, "must be a list or a value: weight mapping", "see README"
+            isinstance(values, dict | list),
+            at,
+            "must be a list or a value: weight mapping",
+            "see docs/reference/generation.md",
         )
         pairs = values.items() if isinstance(values, dict) else ((v, 1) for v in values)
         weighted: dict[str, float] = {}
@@ -198,7 +210,9 @@ def _positive_int(raw: dict[str, Any], key: str, where: str) -> int | None:
 def _parse_template(raw: Any, slots: dict[str, dict[str, float]], where: str) -> Template:
     if isinstance(raw, str):  # a bare string is a template with only `text`
         raw = {"text": raw}
-    _require(isinstance(raw, dict), where, "must be a mapping with `text:`", "see README")
+    _require(
+        isinstance(raw, dict), where, "must be a mapping with `text:`", "see docs/reference/generation.md"
+    )
     unknown = set(raw) - TEMPLATE_KEYS
     _require(
         not unknown, where, f"unknown key(s) {sorted(map(str, unknown))}", f"use {sorted(TEMPLATE_KEYS)}"

@@ -15,7 +15,7 @@ from sdcluster import paths
 from sdcluster.config import Config, ConfigError, GenerateConfig
 from sdcluster.generate.prompts import Sampling
 from sdcluster.models.load import check_safetensors
-from sdcluster.models.lora import apply_lora, base_source
+from sdcluster.models.lora import apply_lora, base_source, lora_weights
 from sdcluster.models.samplers import set_sampler
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def load_pipeline(cfg: Config) -> Any:
     source, pinned = (str(model), {}) if isinstance(model, Path) else base_source(cfg)
     family = family_of(source, pinned.get("revision"))
     parts: dict[str, Any] = {}
-    if not isinstance(model, Path) and cfg.model.vae_path:  # the base model with the VAE the run used
+    if model == cfg.model.path and cfg.model.vae_path:  # the base model with the VAE the run used
         parts["vae"] = load_vae_override(cfg.model, dtype)
     pipe = family.pipeline_class.from_pretrained(
         source,
@@ -93,7 +93,7 @@ def load_pipeline(cfg: Config) -> Any:
     )
     lora = paths.generation_lora(cfg)
     if lora is not None:  # a LoRA run's adapters, or generate.lora, on top of the model
-        apply_lora(pipe, lora, cfg.generate.lora_scale)
+        apply_lora(pipe, lora_weights(cfg, lora), cfg.generate.lora_scale)
         if lora == paths.run_paths(cfg).lora:  # the run's objective says what its adapters learned to predict
             family.objective(pipe.scheduler, cfg.train.prediction_type).configure(pipe.scheduler)
     set_sampler(pipe, cfg.generate.scheduler)

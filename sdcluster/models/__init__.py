@@ -7,4 +7,10 @@ does it alone); ``tiny`` and ``tiny_sdxl`` build the embedded random-weight mode
 differs between SD 1.x/2.x and SDXL; ``samplers`` maps ``generate.scheduler`` names to diffusers'
 noise-scheduler classes. Training and generation get the same objects for the tiny model and for SD 1.4:
 nothing downstream knows which one it got. Nothing is imported here, so the login node's checks stay light.
+
+Just above the schema; ``python -m sdcluster.models fetch`` (``__main__``) composes a config like the launch.
+
+May import (command: __main__): ``models``, ``compose``, ``config``, ``model_source``, ``redaction``.
+
+May import (the rest): ``config``, ``atomic``, ``derive``, ``identity``, ``model_source``, ``paths``.
 """

@@ -109,7 +109,7 @@ class SD1:
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """What ``from_pretrained`` and the constructor need besides the components: no safety checker (a
-        research tool's choice, said in the README)."""
+        research tool's choice, said in docs/reference/training.md)."""
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
     def tokenizers(self, comps: Components) -> dict[str, Any]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import glob
 import json
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -26,25 +25,15 @@ from typing import Any
 from sdcluster import atomic
 from sdcluster.config import Config, ConfigError, ModelConfig
 from sdcluster.model_source import is_hub_id
-from sdcluster.models.family import family_of_index
-
-# Components of model_index.json that sdcluster never loads (the export passes None for them): the
-# safety checker alone is 1.2 GB in SD 1.x repos.
-NOT_LOADED = frozenset({"safety_checker", "feature_extractor", "image_encoder"})
-WEIGHT_SUFFIXES = (
-    ".safetensors",
-    ".bin",
-    ".ckpt",
-    ".pt",
-    ".pth",
-    ".msgpack",
-    ".h5",
-    ".onnx",
-    ".pb",
-    ".onnx_data",
+from sdcluster.models.hub_files import (  # re-exported: the staging's file choices, one module below
+    CONFIG_FILE,
+    INDEX_FILE,
+    select_clip_files,
+    select_component_files,
+    select_files,
+    select_lora_files,
 )
-INDEX_FILE = "model_index.json"
-CONFIG_FILE = "config.json"  # of a repo holding one model (a VAE for model.vae_path)
+
 Say = Callable[[str], None]
 
 
@@ -73,54 +62,6 @@ def cache_dir(model: ModelConfig) -> Path:
 def origin(model: ModelConfig) -> dict[str, Any]:
     """What a run was trained from, for job.json and the export: the hub id, revision asked, commit loaded."""
     return {"path": model.path, "revision": model.revision, "commit": model.commit, "variant": model.variant}
-
-
-def select_files(index: dict[str, Any], repo_files: list[str], variant: str | None, where: str) -> list[str]:
-    """The files a pipeline load reads: model_index.json, then per loaded component its configs, tokenizer
-    and scheduler files, and the safetensors weights of ``variant`` (never pickles, checkpoints, EMA or
-    full-precision twins). ``where`` names the repo in errors."""
-    suffix = re.escape(f".{variant}") if variant else ""
-    weights = re.compile(rf"^[^.]+{suffix}(-\d{{5}}-of-\d{{5}})?\.safetensors$")
-    weight_index = re.compile(rf"^[^.]+\.safetensors\.index{suffix}\.json$")
-    parts = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]]
-    try:  # every part that must have safetensors weights: the family's denoiser, VAE and text encoders
-        weighted = family_of_index(index, where).weighted_parts()
-    except ValueError as err:
-        raise ConfigError(f"model.path: {err}. Fix: pick a repo of one of those pipelines") from None
-    chosen = [INDEX_FILE]
-    for part in (p for p in parts if p not in NOT_LOADED):
-        names = [f.split("/", 1)[1] for f in repo_files if f.startswith(f"{part}/") and f.count("/") == 1]
-        found = [n for n in names if weights.match(n) or weight_index.match(n)]
-        if part in weighted and not any(n.endswith(".safetensors") for n in found):
-            what = f"{variant} safetensors weights" if variant else "safetensors weights"
-            fix = (
-                "drop model.variant (or pick a variant the repo has)"
-                if variant
-                else "pick a repo that has them"
-            )
-            raise ConfigError(
-                f"model.path: {where} has no {what} for {part} (pickled .bin weights are never loaded: "
-                f"loading them can run code). Fix: {fix}"
-            )
-        others = [n for n in names if not n.endswith(WEIGHT_SUFFIXES) and ".index" not in n]
-        chosen += [f"{part}/{n}" for n in sorted(others + found)]
-    return chosen
-
-
-def select_component_files(repo_files: list[str], where: str) -> list[str]:
-    """The files ``from_pretrained`` of a one-model repo (a VAE) reads: its ``config.json`` and the
-    safetensors weights at the top of the repo (no variants, no pickles)."""
-    # diffusers' and transformers' weight names only: VAE repos also carry single-file copies for other
-    # tools (sdxl_vae.safetensors) that from_pretrained never reads
-    name = r"(diffusion_pytorch_model|model)"
-    weights = re.compile(rf"^{name}(-\d{{5}}-of-\d{{5}})?\.safetensors$|^{name}\.safetensors\.index\.json$")
-    found = sorted(f for f in repo_files if weights.match(f))
-    if not any(f.endswith(".safetensors") for f in found):
-        raise ConfigError(
-            f"model.path: {where} has no safetensors weights at its top level (pickled .bin weights are "
-            "never loaded: loading them can run code). Fix: pick a repo that has them"
-        )
-    return [CONFIG_FILE, *found]
 
 
 def _explain(err: Exception, model: ModelConfig, revision: str) -> ConfigError:
@@ -220,17 +161,23 @@ def _check_space(model: ModelConfig, needed: int, count: int, commit: str) -> No
         )
 
 
+PIPELINE, COMPONENT, LORA, CLIP = "pipeline", "component", "lora", "clip"
+"""What a repo holds: a diffusers pipeline, one diffusers model (a VAE), LoRA weights, a transformers CLIP."""
+_FIRST = {PIPELINE: INDEX_FILE, COMPONENT: CONFIG_FILE, CLIP: CONFIG_FILE}  # the file that says what it is
+_WHAT = {PIPELINE: "a diffusers pipeline", COMPONENT: "a single model (such as a VAE)", CLIP: "a CLIP model"}
+
+
 def stage(
-    model: ModelConfig, download: bool = True, say: Say | None = None, component: bool = False
+    model: ModelConfig, download: bool = True, say: Say | None = None, kind: str = PIPELINE
 ) -> StagedModel:
     """Resolve ``model`` (a hub id) to a commit and, with ``download``, make its files complete in the cache.
 
     Pinned to ``model.commit`` when set (a resumed or resubmitted run keeps its weights), else to what
     ``model.revision`` (default ``main``) points at now. Without the hub (no network, ``HF_HUB_OFFLINE=1``,
-    the hub down) the cache answers alone, or a ConfigError says what to stage where. ``component``: a repo
-    holding one model (``config.json``, a VAE), not a pipeline.
+    the hub down) the cache answers alone, or a ConfigError says what to stage where. ``kind``: what the
+    repo holds (:data:`PIPELINE`, :data:`COMPONENT`, :data:`LORA`, :data:`CLIP`), which says its files.
     """
-    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     revision = model.commit or model.revision or "main"
@@ -240,21 +187,13 @@ def stage(
         reason, (commit, sizes) = listing, _cached_listing(model, revision, listing)
     else:
         reason, (commit, sizes) = "the connection dropped", listing
-    first = CONFIG_FILE if component else INDEX_FILE
-    if first not in sizes:
-        what = "a single model (such as a VAE)" if component else "a diffusers pipeline"
-        raise ConfigError(f"model.path: {model.path} has no {first}: not {what}. Fix: use one")
+    first = _FIRST.get(kind)
+    if first is not None and first not in sizes:
+        raise ConfigError(f"model.path: {model.path} has no {first}: not {_WHAT[kind]}. Fix: use one")
     cache = cache_dir(model)
+    folder = _snapshot(cache, model.path, commit)
     try:
-        index_path = hf_hub_download(
-            model.path, first, revision=commit, cache_dir=cache, local_files_only=offline
-        )
-        if component:
-            files = select_component_files(list(sizes), model.path)
-        else:
-            index = json.loads(Path(index_path).read_text())
-            files = select_files(index, list(sizes), model.variant, model.path)
-        folder = Path(index_path).parent
+        files = _choose_files(model, kind, list(sizes), commit, offline)
         missing = [f for f in files if not (folder / f).is_file()]
         needed = sum(sizes[f] for f in missing)
         if not offline:
@@ -282,6 +221,33 @@ def stage(
     return StagedModel(model.path, revision, commit, tuple(files), folder, needed, offline)
 
 
+def _snapshot(cache: Path, repo_id: str, commit: str) -> Path:
+    """huggingface_hub's snapshot folder of ``commit`` in ``cache`` (where snapshot_download puts it)."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    return cache / repo_folder_name(repo_id=repo_id, repo_type="model") / "snapshots" / commit
+
+
+def _choose_files(
+    model: ModelConfig, kind: str, repo_files: list[str], commit: str, offline: bool
+) -> list[str]:
+    """The files of ``kind`` jobs load; a pipeline's are read from its ``model_index.json`` (fetched, also in
+    a dry run: it is small and says which weights to size)."""
+    from huggingface_hub import hf_hub_download
+
+    if kind == COMPONENT:
+        return select_component_files(repo_files, model.path)
+    if kind == LORA:
+        return select_lora_files(repo_files, model.path)
+    if kind == CLIP:
+        return select_clip_files(repo_files, model.path)
+    index_path = hf_hub_download(
+        model.path, INDEX_FILE, revision=commit, cache_dir=cache_dir(model), local_files_only=offline
+    )
+    index = json.loads(Path(index_path).read_text())
+    return select_files(index, repo_files, model.variant, model.path)
+
+
 def _explain_full(model: ModelConfig, err: Exception) -> ConfigError:
     return ConfigError(
         f"model.cache_dir: {cache_dir(model)} ran out of space (or quota) while downloading {model.path} "
@@ -303,17 +269,32 @@ def vae_model(model: ModelConfig) -> ModelConfig:
     )
 
 
+def stage_as(
+    model: ModelConfig,
+    key: str,
+    commit_key: str,
+    kind: str,
+    download: bool = True,
+    say: Say | None = None,
+    fetch_fix: str | None = None,
+) -> StagedModel:
+    """Stage ``model`` (another key's hub id, as a model of its own) with errors that name that ``key`` and
+    its ``commit_key``; ``fetch_fix``: the staging command the errors suggest (default: ``python -m
+    sdcluster.models fetch`` with ``key``)."""
+    try:
+        return stage(model, download=download, say=say, kind=kind)
+    except ConfigError as err:
+        text = str(err).replace("model.path", key).replace("model.commit", commit_key)
+        text = text.replace("model.revision", commit_key)
+        fetch = f"python -m sdcluster.models fetch {model.path}"  # the fix names the key
+        raise ConfigError(
+            text.replace(fetch, fetch_fix or f"{fetch.rsplit(' ', 1)[0]} {key}={model.path}")
+        ) from None
+
+
 def stage_vae(model: ModelConfig, download: bool = True, say: Say | None = None) -> StagedModel:
     """Stage the VAE of ``model.vae_path`` like a model; errors name the VAE's keys."""
-    try:
-        return stage(vae_model(model), download=download, say=say, component=True)
-    except ConfigError as err:
-        text = str(err).replace("model.path", "model.vae_path").replace("model.commit", "model.vae_commit")
-        text = text.replace("model.revision", "model.vae_commit")
-        fetch = f"python -m sdcluster.models fetch {model.vae_path}"  # the fix names the VAE's key
-        raise ConfigError(
-            text.replace(fetch, f"{fetch.rsplit(' ', 1)[0]} model.vae_path={model.vae_path}")
-        ) from None
+    return stage_as(vae_model(model), "model.vae_path", "model.vae_commit", COMPONENT, download, say)
 
 
 def staged_vae_folder(model: ModelConfig) -> Path:
@@ -343,13 +324,22 @@ def needs_staging(cfg: Config) -> bool:
 def stage_for_launch(
     cfg: Config, dry_run: bool = False, say: Say = print
 ) -> tuple[Config, StagedModel | None]:
-    """Login-node staging: the config pinned to the staged commits (``model.commit``, and ``vae_commit``
-    for a hub VAE), and the staged model (None without a hub model). The run's identity and the jobs'
-    weights follow the pins, so the returned config is the one to submit; ``cfg`` itself is left as it was
-    (a sweep's points and a caller's copy keep what the user typed).
+    """Login-node staging: the config pinned to the staged commits (``model.commit``, ``vae_commit`` for a
+    hub VAE, and the hub models generation loads: see :func:`sdcluster.models.hub_generate.pin_generation`),
+    and the staged model (None without a hub model). The run's identity and the jobs' weights follow the
+    pins, so the returned config is the one to submit; ``cfg`` itself is left as it was (a sweep's points
+    and a caller's copy keep what the user typed).
 
     A dry run, and a generation-only launch that reads an export, resolve and check but download nothing.
     """
+    from sdcluster.models.hub_generate import pin_generation  # it stages through this module
+
+    cfg, staged = _stage_model(cfg, dry_run, say)
+    return pin_generation(cfg, dry_run, say), staged
+
+
+def _stage_model(cfg: Config, dry_run: bool, say: Say) -> tuple[Config, StagedModel | None]:
+    """``model.path`` and ``model.vae_path`` (hub ids), pinned."""
     if not needs_staging(cfg):
         return cfg, None
     download = not dry_run and (cfg.task != "generate" or _generation_reads_base(cfg))
@@ -357,14 +347,15 @@ def stage_for_launch(
     if is_hub_id(model.path):
         staged = stage(model, download=download, say=say)
         model = replace(model, commit=staged.commit)
-        _said(say, "model", staged)
+        said(say, "model", staged)
     if model.vae_path and is_hub_id(model.vae_path):
         vae = stage_vae(model, download=download, say=say)
         model = replace(model, vae_commit=vae.commit)
-        _said(say, "model.vae_path", vae)
+        said(say, "model.vae_path", vae)
     return replace(cfg, model=model), staged
 
 
-def _said(say: Say, what: str, staged: StagedModel) -> None:
+def said(say: Say, what: str, staged: StagedModel) -> None:
+    """The line a launch prints for each staged repo: the key, what was asked, the commit and the folder."""
     where = "from the cache, hub unreachable" if staged.offline else "checked on the hub"
     say(f"{what}: {staged.repo_id} {staged.revision} -> commit {staged.commit} ({where}): {staged.folder}")

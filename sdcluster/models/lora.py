@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from sdcluster.config import Config, ConfigError
-from sdcluster.config.generate import LORA_WEIGHTS
+from sdcluster.config.generate import LORA_WEIGHTS, is_hub_lora
+from sdcluster.model_source import is_hub_id
 
 ADAPTER = "lora"  # the adapter's name on the pipeline (set_adapters refers to it)
 
@@ -22,7 +23,10 @@ def lora_file(lora: Path) -> Path:
 
 
 def require_lora(lora: Path) -> None:
-    """Fail with the fix when the LoRA weights are missing (a LoRA run that has not finished yet)."""
+    """Fail with the fix when the LoRA weights are missing (a LoRA run that has not finished yet). A hub
+    LoRA was checked when launch staged it; the job reads the staged file (:func:`lora_weights`)."""
+    if is_hub_lora(str(lora)):
+        return
     weights = lora_file(lora)
     if not weights.is_file() or weights.suffix != ".safetensors":
         raise ConfigError(
@@ -31,9 +35,25 @@ def require_lora(lora: Path) -> None:
         )
 
 
+def lora_weights(cfg: Config, lora: Path) -> Path:
+    """Where the LoRA of ``paths.generation_lora`` is read from: a hub ``generate.lora``'s staged file
+    (pinned at launch, read from the cache with the hub off), else ``lora`` itself."""
+    if is_hub_lora(str(lora)):
+        from sdcluster.models.hub_generate import staged_lora_file
+
+        return staged_lora_file(cfg)
+    return lora
+
+
 def base_source(cfg: Config) -> tuple[str, dict[str, Any]]:
-    """Where the run's base model loads from, and the revision/variant ``from_pretrained`` needs for it."""
+    """Where a model named by id loads from, and the revision/variant ``from_pretrained`` needs for it: a
+    hub ``generate.model``'s staged snapshot (pinned at launch), else the run's base model."""
     from sdcluster.models.load import resolve_model_path
+
+    if cfg.generate.model and is_hub_id(cfg.generate.model):
+        from sdcluster.models.hub_generate import staged_generate_folder
+
+        return str(staged_generate_folder(cfg)), {}
 
     source = resolve_model_path(cfg.model, cfg.cache_root)
     pinned = {"variant": cfg.model.variant}

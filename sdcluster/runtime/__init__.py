@@ -8,10 +8,16 @@ claims and checks it before queueing, the job enters it when it starts. ``step_e
 loops' step and batch boundaries: observers that production never registers (tests, benchmarks, and the
 ``SDCLUSTER_TEST_PAUSE`` hold the callables register only when that variable is set).
 
-May import: :mod:`sdcluster.config`, ``atomic``, ``paths``, and the base of the cluster wing
-(:mod:`sdcluster.cluster.records`, the job's record; :mod:`sdcluster.cluster.backends`, the scheduler's
-environment, answers and requeue; neither imports anything above config). data, models, train and generate
-import this wing (a rank's decision, the preemption flag, the folder's holder); ``callables`` reaches up to
-models, train and generate only inside the job (function-level imports), since the login side imports it
-to pickle the callables.
+Two floors. The base (everything but ``callables``) reads the base of the cluster wing (the job's record
+in ``cluster.records``; the scheduler's environment, answers and requeue in ``cluster.backends``; neither
+imports anything above config), and data, generate and train import it (a rank's decision, the preemption
+flag, the folder's holder, the step events). ``callables``, the job's entry point, reaches up to models,
+train and generate only inside the job (function-level imports), since the login side imports it to pickle
+the callables.
+
+May import (job entry: callables): ``runtime``, ``train``, ``generate``, ``data``, ``models``,
+``cluster.records``, ``cluster.backends``, ``config``, ``atomic``, ``derive``, ``model_source``, ``paths``.
+
+May import (base): ``cluster.records``, ``cluster.backends``, ``config``, ``atomic``, ``derive``,
+``identity``, ``model_source``, ``paths``.
 """

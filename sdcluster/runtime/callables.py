@@ -68,7 +68,9 @@ def run_job(cfg: Config, task: str, body: Callable[[Config, PreemptionFlag, Dist
     started = time.time()
     staged = is_hub_id(cfg.model.path) and cfg.model.commit
     staged_vae = bool(cfg.model.vae_path and is_hub_id(cfg.model.vae_path) and cfg.model.vae_commit)
-    if staged or staged_vae:  # launch staged the weights; set before any hub import: no rank reaches the hub
+    gen = cfg.generate  # generate.model, generate.lora, the CLIP scorer: pinned when launch staged them
+    staged_gen = bool(gen.model_commit or gen.lora_commit or gen.scores.clip_commit)
+    if staged or staged_vae or staged_gen:  # set before any hub import: no rank reaches the hub
         os.environ["HF_HUB_OFFLINE"] = "1"
     backend = backends.of(cfg)
     setup_logging(backends.environment().rank)
@@ -76,7 +78,7 @@ def run_job(cfg: Config, task: str, body: Callable[[Config, PreemptionFlag, Dist
     folder = paths.job_dir(cfg, dist.job_id) if dist.job_id else None
     is_main = dist.rank == 0
     flag = PreemptionFlag()
-    flag.install(backend.stop_signals)
+    flag.install(backend.stop_signals, backend.end_time())  # the end time: the job keeps its own clock
     if is_main and folder:
         records.start_attempt(folder, dist.restart_count, threads_chosen())
         if staged:

@@ -16,6 +16,12 @@ too: the job saves at the next step boundary and never requeues itself, so SLURM
 preempted job is not doubled and a cancelled job stays cancelled. A preempted job waits, saved, for the
 scheduler to end it (:func:`wait_for_the_end`); if it comes back, its next attempt corrects the CANCELLED
 record to PREEMPTED (:mod:`sdcluster.cluster.records`).
+
+A time limit may also come without a warning the job hears (a site that blocks user signals, a
+``signal_delay_s`` shorter than a step and a save, a signal sent to the batch shell only), so the job keeps
+its own clock (:class:`JobClock`): given the scheduler's end time, it raises the flag at the boundary after
+which the next step (or batch) and a save would no longer fit, and the job saves and requeues as on a
+time-out, within ``cluster.max_timeouts``.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +37,7 @@ from sdcluster.cluster import backends, records
 
 if TYPE_CHECKING:  # annotations only: the protocol reads a few cluster.* fields, never builds a config
     from sdcluster.config import Config
+    from sdcluster.runtime.step_events import Flag
 
 log = logging.getLogger("sdcluster")
 
@@ -40,6 +48,65 @@ class JobStopped(RuntimeError):
     """The job stopped early with its state saved and is not requeued; the message says how to resume."""
 
 
+# Kept free beyond the next step and a save: the requeue itself (every rank exits, rank 0 asks the
+# scheduler) and the play of a step slower than any seen so far.
+CLOCK_MARGIN_S = 20.0
+
+
+class JobClock:
+    """Whether the next unit of work (a training step, a generation batch) and a save fit before ``end_time``.
+
+    Each interval between two boundaries is one unit, the saves inside it left out (they are timed on their
+    own); the next unit is expected to take as long as the longest so far (a step that validated included:
+    the clock errs early, never late), the next save as long as the longest timed in this attempt, or
+    :meth:`expect_save`'s guess before the first. The first interval holds the job's start-up (model load,
+    resume), so it stands in for a unit only until a real one is timed.
+    """
+
+    def __init__(
+        self,
+        end_time: float | None,
+        margin_s: float = CLOCK_MARGIN_S,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self.end_time = end_time
+        self.margin_s = margin_s
+        self._now = now
+        self._last = now()
+        self._laps = 0
+        self._saving_s = 0.0  # time spent saving since the last boundary
+        self._save_timed = False
+        self.unit_s = 0.0
+        self.save_s = 0.0
+
+    def expect_save(self, seconds: float) -> None:
+        """How long a save should take, until one is timed."""
+        if not self._save_timed:
+            self.save_s = seconds
+
+    def saved(self, seconds: float) -> None:
+        """A save took ``seconds``."""
+        self.save_s = max(self.save_s, seconds) if self._save_timed else seconds
+        self._save_timed = True
+        self._saving_s += seconds
+
+    def lap(self) -> None:
+        """A unit ended: time it."""
+        now = self._now()
+        interval = now - self._last - self._saving_s
+        self._laps += 1
+        self.unit_s = interval if self._laps <= 2 else max(self.unit_s, interval)
+        self._last, self._saving_s = now, 0.0
+
+    def left_s(self) -> float:
+        """Seconds until the end time (infinite without one)."""
+        return float("inf") if self.end_time is None else self.end_time - self._now()
+
+    def fits(self) -> bool:
+        """Whether one more unit and then a save still end before the end time, with the margin."""
+        return self.left_s() > self.unit_s + self.save_s + self.margin_s
+
+
 class PreemptionFlag:
     """Records the scheduler's warning signal (or a local stop); no I/O and no lock in the handler."""
 
@@ -48,13 +115,44 @@ class PreemptionFlag:
         self.stop_signal: str | None = None  # SIGINT/SIGTERM of a local job: a person asked it to stop
         self._submitit_handler: Any = None
         self.forced = False
+        self.out_of_time = False  # the job's own clock: the next step and a save would not fit
+        self.clock = JobClock(None)
 
-    def install(self, stop_signals: tuple[signal.Signals, ...] = ()) -> None:
-        """Take over USR2 from submitit, and the backend's ``stop_signals`` (a person stopping a job)."""
+    def install(self, stop_signals: tuple[signal.Signals, ...] = (), end_time: float | None = None) -> None:
+        """Take over USR2 from submitit, and the backend's ``stop_signals`` (a person stopping a job); with
+        the scheduler's ``end_time``, keep the job's own clock at every step or batch boundary (for the rest
+        of the process, as the signal handlers)."""
         self._submitit_handler = signal.getsignal(PREEMPT_SIGNAL)
         signal.signal(PREEMPT_SIGNAL, self._on_signal)
         for signum in stop_signals:
             signal.signal(signum, self._on_stop)
+        if end_time is not None:
+            # imported here: at the top it would add a level to every import chain through this module
+            from sdcluster.runtime import step_events
+
+            self.clock = JobClock(end_time)
+            step_events.observe(self.keep_time)
+
+    def keep_time(self, unit: str, count: int, flag: Flag | None = None) -> None:
+        """A step-events observer: time the unit that ended, and raise the flag if the next would not fit."""
+        self.clock.lap()
+        self.check_clock(f"after {unit} {count}", unit)
+
+    def check_clock(self, where: str, unit: str = "step") -> None:
+        """Raise the flag when the next unit and a save would no longer fit before the end time."""
+        if self.out_of_time or self.clock.fits():
+            return
+        self.out_of_time = True
+        c = self.clock
+        log.warning(
+            "%s: %.0f s left before the time limit, a %s takes up to %.1f s and a save %.1f s: "
+            "stopping here to save and requeue",
+            where,
+            c.left_s(),
+            unit,
+            c.unit_s,
+            c.save_s,
+        )
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.signal_time = time.time()
@@ -66,16 +164,22 @@ class PreemptionFlag:
 
     @property
     def raised(self) -> bool:
-        return self.forced or self.signal_time is not None
+        return self.forced or self.signal_time is not None or self.out_of_time
 
     def agreed(self, accelerator: Any) -> bool:
-        """True on every rank as soon as any rank got the signal (one tiny all-reduce per step)."""
+        """True on every rank as soon as any rank got the signal or ran out of time (one tiny all-reduce
+        per step); every rank then also knows whether it was the clock (rank 0 records why)."""
+        self.check_clock("before the next step")  # keep_time checked at the boundary; time may have passed
         if accelerator.num_processes == 1:
             return self.raised
         import torch
 
-        flag = torch.tensor([1.0 if self.raised else 0.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        flags = [1.0 if self.raised else 0.0, 1.0 if self.out_of_time else 0.0]
+        raised, out_of_time = accelerator.reduce(
+            torch.tensor(flags, device=accelerator.device), reduction="sum"
+        ).tolist()
+        self.out_of_time = self.out_of_time or out_of_time > 0
+        return raised > 0
 
     def requeue_through_submitit(self) -> None:
         """Let submitit dump the resubmission and requeue the job with the scheduler; it exits the process."""
@@ -127,8 +231,11 @@ def requeue_or_stop(
         raise JobStopped(
             f"stopped by {flag.stop_signal} at step {step}; state saved. Fix: run the same command to resume"
         )
-    reason = classify(time.time() - started, cfg.cluster.timeout_min, cfg.cluster.signal_delay_s)
-    state = "TIMEOUT" if reason == "timeout" else "PREEMPTED"
+    if flag.out_of_time:  # no warning came in time: the job's own clock said the limit was near
+        reason, state = "timeout (the job's own clock)", "TIMEOUT"
+    else:
+        reason = classify(time.time() - started, cfg.cluster.timeout_min, cfg.cluster.signal_delay_s)
+        state = "TIMEOUT" if reason == "timeout" else "PREEMPTED"
     budget = cfg.cluster.max_timeouts if state == "TIMEOUT" else cfg.cluster.max_requeues
     used = records.count_attempts(folder, state) if folder else 0
     backend = backends.of(cfg)

@@ -6,11 +6,15 @@ the job's preemption flag, at the point where the loop is about to ask that flag
 flag there (``flag.forced = True``, training only) stops the run exactly the way a scheduler's signal does:
 collective save, then ``interrupted=True``.
 
-Production code never registers an observer, so a boundary costs one test of an empty list. Two users:
+Production code registers one observer, and only in a job with a time limit: the job's own clock
+(:class:`~.requeue.JobClock`, through :func:`observe`), which times each step or batch and raises the flag
+when the next one and a save would not fit. Without it a boundary costs one test of an empty list. Else
+only tests and benchmarks observe:
 
-- tests and benchmarks stop a run at a chosen step (:func:`stop_at`), or time the steps between boundaries;
-- ``SDCLUSTER_TEST_PAUSE`` (:func:`requested_pause`): the job callables register it at job start when the
-  variable is set, so that a SLURM test can hold a job at a known step or batch until its signal lands.
+- they stop a run at a chosen step (:func:`stop_at`), or time the steps between boundaries;
+- ``SDCLUSTER_TEST_PAUSE`` and ``SDCLUSTER_TEST_SLOW`` (:func:`requested_pause`): the job callables register
+  them at job start when the variables are set, so that a SLURM test can hold a job at a known step or batch
+  until its signal lands, or slow every step so that a time limit falls mid-run.
 """
 
 from __future__ import annotations
@@ -56,6 +60,11 @@ def boundary(unit: str, count: int, flag: Flag) -> None:
         observer(unit, count, flag)
 
 
+def observe(observer: Observer) -> None:
+    """Call ``observer`` at every boundary for the rest of the process (the job's own clock: one per job)."""
+    _observers.append(observer)
+
+
 @contextlib.contextmanager
 def observing(*observers: Observer) -> Iterator[None]:
     """Call ``observers`` at every boundary inside the block (in this order, after those already there)."""
@@ -82,26 +91,51 @@ def stop_at(when: Callable[[int], bool]) -> contextlib.AbstractContextManager[No
 
 
 TEST_PAUSE = "SDCLUSTER_TEST_PAUSE"
+TEST_SLOW = "SDCLUSTER_TEST_SLOW"
 # A test signals within seconds of the pause line; a test that died before signalling must not hold the
 # (shared, one-node) test cluster past the waits of the tests after it (5 minutes each), so the pause ends.
 TEST_PAUSE_LIMIT_S = 120.0
 
 
 def requested_pause(limit_s: float = TEST_PAUSE_LIMIT_S) -> contextlib.AbstractContextManager[None]:
-    """The pause ``SDCLUSTER_TEST_PAUSE`` asks for, observed inside the block; a no-op when it is unset.
+    """The pause ``SDCLUSTER_TEST_PAUSE`` and the slowness ``SDCLUSTER_TEST_SLOW`` ask for, observed inside
+    the block; a no-op when both are unset, and in any attempt but the first.
 
     With ``SDCLUSTER_TEST_PAUSE=step:3`` (or ``batch:1``; ``step:3@1`` for array task 1 only) the first
     attempt of a job logs ``paused at step 3`` there and waits until its flag is raised (at most ``limit_s``,
-    then it goes on as if never paused). The test waits for that line, then signals. The variable is for
-    tests; nothing else sets it.
+    then it goes on as if never paused). The test waits for that line, then signals. With
+    ``SDCLUSTER_TEST_SLOW=step:2.5`` (or ``batch:2.5``) every step (batch) of the first attempt takes 2.5 s
+    longer: a short time limit then falls mid-run, and the requeued attempt runs at full speed. The
+    variables are for tests; nothing else sets them.
     """
-    wanted = os.environ.get(TEST_PAUSE)
     env = backends.environment()
-    if not wanted or env.restart_count:
+    if env.restart_count:
         return contextlib.nullcontext()
+    pause = _pause(os.environ.get(TEST_PAUSE), env.array_task, limit_s)
+    observers = [o for o in (pause, _slow(os.environ.get(TEST_SLOW))) if o is not None]
+    return observing(*observers) if observers else contextlib.nullcontext()
+
+
+def _slow(wanted: str | None) -> Observer | None:
+    """The observer that sleeps at every boundary of ``SDCLUSTER_TEST_SLOW``'s unit, or None."""
+    if not wanted:
+        return None
+    slow_unit, _, seconds = wanted.partition(":")
+
+    def sleep(unit: str, count: int, flag: Flag) -> None:
+        if unit == slow_unit:
+            time.sleep(float(seconds))
+
+    return sleep
+
+
+def _pause(wanted: str | None, array_task: str | None, limit_s: float) -> Observer | None:
+    """The observer that holds the job at ``SDCLUSTER_TEST_PAUSE``'s boundary, or None."""
+    if not wanted:
+        return None
     target, _, task = wanted.partition("@")
-    if task and env.array_task != task:
-        return contextlib.nullcontext()
+    if task and array_task != task:
+        return None
 
     def hold(unit: str, count: int, flag: Flag) -> None:
         if f"{unit}:{count}" != target:
@@ -111,4 +145,4 @@ def requested_pause(limit_s: float = TEST_PAUSE_LIMIT_S) -> contextlib.AbstractC
         while not flag.raised and time.monotonic() < deadline:
             time.sleep(0.05)
 
-    return observing(hold)
+    return hold

@@ -6,4 +6,9 @@ validated on the login node first, then all are handed to the one submission pat
 (:func:`sdcluster.cluster.submit.submit_configs`) and recorded in ``outputs/sweeps/<id>/sweep.json``
 (``ledger``). ``report`` tabulates and plots the points from their runs' own files; ``python -m
 sdcluster.sweep report|resubmit`` is the command line.
+
+Above the login side of the cluster wing; only ``logs`` and the command line import it.
+
+May import: ``cluster``, ``config``, ``status``, ``train.metrics``, ``atomic``, ``identity``, ``paths``,
+``progress``.
 """

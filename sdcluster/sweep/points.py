@@ -81,7 +81,7 @@ def submit_sweep(points: list[Point], say: Say = print) -> int:
     cfgs = [p.cfg for p in points]
     check_distinct_outputs(points)  # after each point's own checks, which name the more specific problem
     if cfgs[0].launch.dry_run:
-        return dry_run(cfgs, say, unchecked)
+        return dry_run(cfgs, say, unchecked, [str(v) for v in swept_values(points)])
     for note in unchecked:  # the scheduler answered but could not say everything: submitted all the same
         say(f"# not checked: {note}")
     sweep_id = time.strftime("%Y%m%d-%H%M%S") + "-" + identity.stable_hash([p.overrides for p in points], 6)

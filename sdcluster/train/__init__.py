@@ -12,4 +12,11 @@ saved. ``loss`` is the denoising loss and the objectives, ``ema`` the moving ave
 ``tracking`` TensorBoard/W&B. What the loop reads comes from :mod:`sdcluster.data`; submission lives in
 :mod:`sdcluster.cluster`, signals and requeue inside a job in :mod:`sdcluster.runtime`. Nothing is
 imported here, so importing the wing does not import torch.
+
+The top of the job's work: above models, data, generate (validation images) and the runtime's base; only
+the job callables, the login side and the entry points import it.
+
+May import: ``config``, ``models``, ``data``, ``generate``, ``runtime.distributed``, ``runtime.ownership``,
+``runtime.requeue``, ``runtime.step_events``, ``atomic``, ``derive``, ``identity``, ``model_source``,
+``paths``, ``progress``, ``redaction``, ``sealed``.
 """

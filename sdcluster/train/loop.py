@@ -114,9 +114,24 @@ def _validate(t: Trainer) -> None:
         tracking.log_image(t.accelerator, t.cfg, "validation", record["images"] / "grid.png", t.step)
 
 
+# Until a save of this attempt is timed, the job's clock guesses one: four copies of the trained parameters
+# (weights, two Adam moments, EMA) written at a pessimistic 100 MB/s, plus a few seconds of bookkeeping.
+_GUESS_WRITE_BYTES_PER_S = 100e6
+_GUESS_SAVE_OVERHEAD_S = 5.0
+
+
+def _save(ckpt: Checkpointer, flag: PreemptionFlag) -> None:
+    """Save (collective) and tell the job's clock how long it took: its next save is expected as long."""
+    started = time.monotonic()
+    ckpt.save()
+    flag.clock.saved(time.monotonic() - started)
+
+
 def _loop(t: Trainer, ckpt: Checkpointer, flag: PreemptionFlag) -> tuple[list[tuple[int, float]], bool]:
     cfg, acc = t.cfg, t.accelerator
     progress = ProgressLog(cfg.train.max_steps, "step", start=t.step)
+    state_bytes = 4 * sum(p.numel() * p.element_size() for p in t.params)
+    flag.clock.expect_save(_GUESS_SAVE_OVERHEAD_S + state_bytes / _GUESS_WRITE_BYTES_PER_S)
     losses: list[tuple[int, float]] = []
     loss_sum, count = torch.zeros((), device=acc.device), 0
     if _validation_due(t):  # resumed at a validation step the preempted job saved before validating
@@ -134,16 +149,19 @@ def _loop(t: Trainer, ckpt: Checkpointer, flag: PreemptionFlag) -> tuple[list[tu
         if t.step % cfg.train.log_every == 0 or t.step == cfg.train.max_steps:
             losses.append((t.step, _log_step(t, progress, loss_sum, count)))
             loss_sum, count = torch.zeros((), device=acc.device), 0
-        step_events.boundary("step", t.step, flag)  # empty unless a test or benchmark observes the run
+        # observers: the job's own clock when it has a time limit, else only tests and benchmarks
+        step_events.boundary("step", t.step, flag)
         if flag.agreed(acc):  # before validating: the grace period goes to the checkpoint first
-            ckpt.save()
+            _save(ckpt, flag)
             return losses, True
         if t.step % cfg.train.checkpoint_every == 0 and t.step < cfg.train.max_steps:
-            ckpt.save()
+            _save(ckpt, flag)
+            if flag.agreed(acc):  # the save used the time a step had left (or a signal came): stop, saved
+                return losses, True
         if _validation_due(t):
             _validate(t)
             if flag.agreed(acc):  # a signal that came while validating: save now, not a step later
-                ckpt.save()
+                _save(ckpt, flag)
                 return losses, True
     return losses, False
 

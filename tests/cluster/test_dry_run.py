@@ -59,21 +59,20 @@ def test_sweep_dry_run_shows_arrays_dependencies_and_every_cluster_key(tmp_path)
         assert "#SBATCH --array=0-3%3" in gen, "each point's 4 generation shards are one array, 3 at a time"
         assert f"#SBATCH --dependency=afterok:TRAIN-JOB-OF-POINT-{point}\n" in gen
         assert "#SBATCH --kill-on-invalid-dep=yes" in gen
+    sizes = ["--mem=4096MB", "--nodes=2", "--gpus-per-node=2", "--ntasks-per-node=2"]  # a GPU, a process
     for script in scripts.values():
         for line in (
             "--account=proj42",
             "--qos=long",
-            "--mem=4096MB",
-            "--nodes=2",
-            "--gpus-per-node=2",
-            "--ntasks-per-node=2",  # one process per GPU
             "--constraint=a100",
             "--time=90",
             "--signal=USR2@300",
             "--mail-type=END",
+            *(sizes if script is train else ["--nodes=1", "--gpus-per-node=1", "--ntasks-per-node=1"]),
         ):
             assert f"#SBATCH {line}\n" in script, (line, script)
         assert "module load cuda" in script
+    assert "--mem=" not in gen0, "generation shards are sized on their own (cluster.generate.*)"
     assert "# not checked: the cluster itself" in proc.stdout
     assert not (tmp_path / "jobs").exists() and not (tmp_path / "outputs" / "sweeps").exists()
 

@@ -28,7 +28,8 @@ from tests.slurm_helpers import job_record, launch, logs_cli, wait_for, wait_for
 
 pytestmark = pytest.mark.slurm
 
-# cpus_per_task=1 on both layouts: the thread count is part of what a CPU run's bits depend on (README).
+# cpus_per_task=1 on both layouts: the thread count is part of what a CPU run's bits depend on
+# (docs/reference/sandbox.md).
 TRAIN = [
     "task=train",
     "train.max_steps=8",

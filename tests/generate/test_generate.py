@@ -62,16 +62,17 @@ def assert_close(a: np.ndarray, b: np.ndarray) -> None:
     assert diff.max() <= 2 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
 
 
-# README (Generation) for a batch of another size: the same seeds, prompts and settings per image, pixels
-# within this bound; the perceptual hash follows the pixels, so it is compared within the bits such rounding
-# moves (measured on x86 CPUs: at most 1 level, 0.001 on average, 2 bits), not for equality.
+# docs/reference/generation.md for a batch of another size: the same seeds, prompts and settings per
+# image, pixels within this bound; the perceptual hash follows the pixels, so it is compared within the bits
+# such rounding moves (measured on x86 CPUs: at most 1 level, 0.001 on average, 2 bits), not for equality.
 BATCH_MAX_LEVELS = 4  # grey levels of 255, any one value
 BATCH_MEAN_LEVELS = 0.05  # grey levels of 255, averaged over the image
 BATCH_PHASH_BITS = 4  # of 64: the default generate.scores.duplicate_distance, still "the same image"
 
 
 def assert_same_images_at_another_batch_size(one: Path, other: Path) -> None:
-    """Two generation folders of the same settings but batch size: what README promises, and no more."""
+    """Two generation folders of the same settings but batch size: what docs/reference/generation.md
+    promises, and no more."""
     from sdcluster.generate.scores import hamming
 
     rows_one, rows_other = records.read_image_manifest(one), records.read_image_manifest(other)

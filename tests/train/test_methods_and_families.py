@@ -251,7 +251,8 @@ def test_latent_cache_follows_the_loss_curve_of_encoding_every_step(make_cfg, tm
 @each_combination
 def test_same_seed_same_image_at_any_batch_size(make_cfg, method, family):
     """Generation after the run (its export, or the base model with its LoRA): each image is its seed's,
-    whether made in a batch of 3 or alone, within README's bound for a batch of another size."""
+    whether made in a batch of 3 or alone, within the bound docs/reference/generation.md states for a
+    batch of another size."""
     from sdcluster.generate.job import generate_images
     from tests.generate.test_generate import assert_same_images_at_another_batch_size, images
 

@@ -37,6 +37,17 @@ LIVE = (
 
 
 @dataclass(frozen=True)
+class BoundGpus:
+    """The GPUs the scheduler bound to one task, as it set them for the task (before anything in the process
+    rewrote them: submitit's distributed helper, for one, sets ``CUDA_VISIBLE_DEVICES`` to the local rank)."""
+
+    visible: tuple[str, ...]  # what the task may use, as CUDA_VISIBLE_DEVICES names them, in order
+    on_node: int | None  # the step's GPUs on this node: more than ``visible`` when each task has its own
+    local_id: int  # the task's index among the tasks of its node
+    tasks_on_node: int  # the tasks of the step on this node
+
+
+@dataclass(frozen=True)
 class JobEnvironment:
     """What the scheduler tells a process of a job (read on the compute node); defaults outside a job."""
 
@@ -45,6 +56,7 @@ class JobEnvironment:
     array_task: str | None = None  # the task's index in its array, as the scheduler spells it
     rank: int = 0  # the process's global rank, known before torch's rendezvous
     cpus_per_task: int | None = None  # the CPUs the scheduler gave each task, when it says
+    gpus: BoundGpus | None = None  # the GPUs bound to this task; None when the scheduler bound none
 
 
 class Backend(Protocol):
@@ -117,4 +129,9 @@ class Backend(Protocol):
 
     def job_environment(self) -> JobEnvironment:
         """What this process's environment says of the job it runs in."""
+        ...
+
+    def end_time(self) -> float | None:
+        """Inside a job: when the scheduler will end it (its time limit, in seconds since the epoch), or
+        None when it has no limit or cannot say. Asked once per attempt: a requeued job has a new one."""
         ...

@@ -48,12 +48,15 @@ class LocalBackend:
     def check_config(self, cfg: Config) -> None:
         # imported when asked, as the SLURM backend's checks: the job imports this module for its environment
         from sdcluster.config.checks import ConfigError
+        from sdcluster.config.cluster import job_key
 
-        if cfg.cluster.world_size > 1:  # the executor above is given one task
-            raise ConfigError(
-                f"cluster.tasks_per_node/nodes: the local executor runs one process, got world size "
-                f"{cfg.cluster.world_size}. Fix: use +cluster=slurm for several processes"
-            )
+        for kind, job in cfg.cluster.jobs(cfg.task).items():  # the executor above is given one task
+            if job.world_size > 1:
+                raise ConfigError(
+                    f"{job_key(kind, 'tasks_per_node')}/nodes: the local executor runs one process, got "
+                    f"world size {job.world_size} for the {kind} job. Fix: use +cluster=slurm for several "
+                    "processes"
+                )
 
     def check(self, cfg: Config, dry_run: bool) -> list[str]:
         return []
@@ -75,6 +78,9 @@ class LocalBackend:
 
     def job_environment(self) -> JobEnvironment:
         return JobEnvironment()  # one task, never requeued, no array
+
+    def end_time(self) -> float | None:
+        return None  # no scheduler: submitit's local controller warns before its own timeout; no requeue
 
     def cluster_name(self) -> str:
         return f"local@{socket.gethostname()}"  # a local job's id is a process id of this machine

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import submitit
 
 from sdcluster.cluster.backends import slurm_queries
-from sdcluster.cluster.backends.base import JobEnvironment
+from sdcluster.cluster.backends.base import BoundGpus, JobEnvironment
 
 if TYPE_CHECKING:
     from sdcluster.config import Config
@@ -77,6 +77,45 @@ _JOB_VARIABLES = (
 def _int(name: str) -> int | None:
     value = os.environ.get(name, "")
     return int(value) if value.isdigit() else None
+
+
+def _ids(value: str | None) -> tuple[str, ...]:
+    """A SLURM device list ("4,5,6,7"; UUIDs and MIG names pass as they are) as a tuple."""
+    return tuple(part for part in (value or "").replace(" ", "").split(",") if part)
+
+
+def _tasks_on_node(environ: Mapping[str, str]) -> int:
+    """The step's tasks on this node, from SLURM's per-node counts ("4(x2)" or "3,1"), indexed by node."""
+    counts: list[int] = []
+    for entry in _ids(environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")):
+        count, _, repeat = entry.partition("(x")
+        if count.isdigit():
+            counts += [int(count)] * int(repeat.rstrip(")") or 1)
+    node = int(environ.get("SLURM_NODEID", "0") or 0)
+    return counts[node] if node < len(counts) else max(1, int(environ.get("SLURM_NTASKS_PER_NODE", "1") or 1))
+
+
+def bound_gpus(environ: Mapping[str, str]) -> BoundGpus | None:
+    """The GPUs SLURM bound to this task, as it set them for the task; None when it bound none.
+
+    SLURM sets ``CUDA_VISIBLE_DEVICES`` and ``GPU_DEVICE_ORDINAL`` (the same list) for each task: the
+    step's GPUs of the node, or only the task's own with ``--gpu-bind`` / ``--gpus-per-task``, numbered
+    as the task sees them (from 0 under cgroup device confinement, the node's own numbers without it).
+    ``GPU_DEVICE_ORDINAL`` comes first: nothing in Python rewrites it, while submitit's distributed helper
+    rewrites ``CUDA_VISIBLE_DEVICES``. ``SLURM_STEP_GPUS``/``SLURM_JOB_GPUS`` (the node's numbers, never
+    renumbered) stand in where a site sets neither, and with ``SLURM_GPUS_ON_NODE`` say how many GPUs the
+    step has here. Without any of them SLURM bound no GPU, and a ``CUDA_VISIBLE_DEVICES`` is the user's.
+    """
+    allocated = _ids(environ.get("SLURM_STEP_GPUS") or environ.get("SLURM_JOB_GPUS"))
+    on_node = environ.get("SLURM_GPUS_ON_NODE", "")
+    count = int(on_node) if on_node.isdigit() else len(allocated) or None
+    if not count:
+        return None
+    visible = _ids(environ.get("GPU_DEVICE_ORDINAL") or environ.get("CUDA_VISIBLE_DEVICES")) or allocated
+    if not visible:
+        return None
+    local_id = int(environ.get("SLURM_LOCALID", "0") or 0)
+    return BoundGpus(visible, count, local_id, _tasks_on_node(environ))
 
 
 class SlurmBackend:
@@ -179,6 +218,10 @@ class SlurmBackend:
         fields = dict(field.partition("=")[::2] for field in out.stdout.split())
         return fields.get("JobState") == "RUNNING" and fields.get("PreemptTime", "None") not in ("None", "")
 
+    def end_time(self) -> float | None:
+        job_id = os.environ.get("SLURM_JOB_ID")
+        return slurm_queries.end_time(job_id) if job_id else None
+
     def job_environment(self) -> JobEnvironment:
         return JobEnvironment(
             inside=any(name in os.environ for name in _JOB_VARIABLES),
@@ -186,4 +229,5 @@ class SlurmBackend:
             array_task=os.environ.get("SLURM_ARRAY_TASK_ID"),
             rank=_int("SLURM_PROCID") or 0,
             cpus_per_task=_int("SLURM_CPUS_PER_TASK"),
+            gpus=bound_gpus(os.environ),
         )

@@ -5,17 +5,19 @@ controller answers, the partition exists and can run the job. Each check names t
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
 import shutil
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sdcluster.cluster.backends import slurm_queries as queries
 from sdcluster.config.checks import ConfigError
+from sdcluster.config.cluster import job_key
 
 if TYPE_CHECKING:
     from sdcluster.config import ClusterConfig, Config
@@ -37,7 +39,8 @@ SLURM_ONLY = (
     "additional_parameters",
     "array_parallelism",
 )
-"""``cluster.*`` keys only a SLURM job uses (the local executor reads timeout_min and gpus_per_node)."""
+"""``cluster.*`` keys only a SLURM job uses (the local executor reads timeout_min and gpus_per_node, the
+generation job's too: ``cluster.generate`` is not listed)."""
 
 SLURM_CONF = "/etc/slurm/slurm.conf"
 """Where SLURM's clients read the cluster's config when ``SLURM_CONF`` is not set."""
@@ -61,7 +64,8 @@ _SBATCH_OPTION = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)*")  # sbatch's long opt
 def check_config(cfg: Config) -> None:
     """What SLURM needs of the config alone: sbatch option names in ``additional_parameters`` (keys come
     from YAML too, where any string can be a key), a warning signal due before the time limit (SLURM sends
-    it; one due at or before the start never leaves time to checkpoint), and GPUs for mixed precision."""
+    it; one due at or before the start never leaves time to checkpoint: each job's own limit), and GPUs for
+    mixed precision."""
     c = cfg.cluster
     for option in c.additional_parameters:
         if not (isinstance(option, str) and _SBATCH_OPTION.fullmatch(option)):
@@ -69,13 +73,14 @@ def check_config(cfg: Config) -> None:
                 f"cluster.additional_parameters.{option}: is not an sbatch option name. Fix: use sbatch's "
                 "long option name without the leading dashes, e.g. mail-type or gres"
             )
-    limit_s = c.timeout_min * 60
-    if c.signal_delay_s >= limit_s:
-        raise ConfigError(
-            f"cluster.signal_delay_s: got {c.signal_delay_s}, must be below the time limit "
-            f"(cluster.timeout_min={c.timeout_min}: {limit_s} s). Fix: a few minutes under it, e.g. "
-            f"cluster.signal_delay_s={min(120, limit_s // 2)}, or a longer cluster.timeout_min"
-        )
+    for kind, job in c.jobs(cfg.task).items():
+        limit_s, key = job.timeout_min * 60, _key(c, kind, "timeout_min")
+        if c.signal_delay_s >= limit_s:
+            raise ConfigError(
+                f"cluster.signal_delay_s: got {c.signal_delay_s}, must be below the time limit "
+                f"({key}={job.timeout_min}: {limit_s} s). Fix: a few minutes under it, e.g. "
+                f"cluster.signal_delay_s={min(120, limit_s // 2)}, or a longer {key}"
+            )
     if cfg.train.mixed_precision != "no" and c.gpus_per_node == 0:
         raise ConfigError(
             f"train.mixed_precision={cfg.train.mixed_precision} needs GPUs but cluster.gpus_per_node=0. "
@@ -129,22 +134,36 @@ def check_slurm(cfg: Config) -> list[str]:
         raise ConfigError(
             f"cluster=slurm: {err}. Fix: check SLURM_CONF and that slurmctld is up (`scontrol ping`)"
         ) from None
-    if cfg.cluster.partition and cfg.cluster.partition not in partitions:
-        raise ConfigError(
-            f"cluster.partition: {cfg.cluster.partition!r} is not a partition of this cluster. "
-            f"Fix: use one of {', '.join(partitions)}"
-        )
-    try:
-        limits = queries.partition(cfg.cluster.partition)
-    except queries.SchedulerUnavailable as err:
-        return [f"{LIMITS}: {err}"]
-    if limits is None:  # sbatch would refuse the job: "No partition specified or system default partition"
-        raise ConfigError(
-            f"cluster.partition: not set and this cluster has no default partition. "
-            f"Fix: cluster.partition=NAME, one of {', '.join(partitions)}"
-        )
-    check_partition_limits(cfg.cluster, limits)
-    return []
+    unchecked: list[str] = []
+    for kind, job in cfg.cluster.jobs(cfg.task).items():  # each job with its own size and partition
+        key = _key(cfg.cluster, kind, "partition")
+        if job.partition and job.partition not in partitions:
+            raise ConfigError(
+                f"{key}: {job.partition!r} is not a partition of this cluster. "
+                f"Fix: use one of {', '.join(partitions)}"
+            )
+        try:
+            limits = queries.partition(job.partition)
+        except queries.SchedulerUnavailable as err:
+            unchecked.append(f"{LIMITS}: {err}")
+            continue
+        if limits is None:  # sbatch would refuse it: "No partition specified or system default partition"
+            raise ConfigError(
+                f"{key}: not set and this cluster has no default partition. "
+                f"Fix: {key}=NAME, one of {', '.join(partitions)}"
+            )
+        check_partition_limits(job, limits, kind)
+    return list(dict.fromkeys(unchecked))  # once, though both jobs could not be checked
+
+
+def _key(c: ClusterConfig, kind: str, name: str) -> str:
+    """The key that set ``name`` of the job of ``kind``: a generation job's null inherits the training's
+    value (partition, time limit, CPUs), so the key the user set is the training's."""
+    inherited = kind == "generate" and getattr(c.generate, name, None) is None and name in _INHERITED
+    return f"cluster.{name}" if inherited else job_key(kind, name)
+
+
+_INHERITED = ("partition", "timeout_min", "cpus_per_task")  # what cluster.generate.* null takes as is
 
 
 LIMITS = "the job against the partition's limits (nodes, time limit, memory, CPUs and GPUs per node)"
@@ -154,36 +173,41 @@ def _refuse(key: str, asked: str, limit: str, fix: str) -> None:
     raise ConfigError(f"{key}: {asked}, but {limit}. Fix: {fix}")
 
 
-def check_partition_limits(c: ClusterConfig, part: queries.Partition) -> None:
+def check_partition_limits(c: ClusterConfig, part: queries.Partition, kind: str = "train") -> None:
     """Refuse a job the partition can never run: sbatch would refuse some, and the others would pend for
-    ever, holding the run folder. Every job of a launch asks for the same resources (``slurm_parameters``)."""
-    where, other = f"partition {part.name!r}", "or another partition (cluster.partition=NAME)"
+    ever, holding the run folder. ``c`` is the job of ``kind`` as submitted (``ClusterConfig.for_job``):
+    the generation job is checked with its own sizes, and its fixes name ``cluster.generate.*``."""
+    k = functools.partial(job_key, kind)  # the key each refusal and fix names, for this job
+    where = f"partition {part.name!r}" + (" (the generation job's)" if kind == "generate" else "")
+    other = f"or another partition ({k('partition')}=NAME)"
     if c.nodes > part.total_nodes:
         _refuse(
-            "cluster.nodes",
+            k("nodes"),
             f"got {c.nodes}",
             f"{where} has {part.total_nodes} node(s) (TotalNodes)",
-            f"cluster.nodes={part.total_nodes} or fewer, {other}",
+            f"{k('nodes')}={part.total_nodes} or fewer, {other}",
         )
     if part.max_nodes is not None and c.nodes > part.max_nodes:
         _refuse(
-            "cluster.nodes",
+            k("nodes"),
             f"got {c.nodes}",
             f"{where} allows {part.max_nodes} per job (MaxNodes)",
-            f"cluster.nodes={part.max_nodes} or fewer, {other}",
+            f"{k('nodes')}={part.max_nodes} or fewer, {other}",
         )
     if part.max_time_s is not None and c.timeout_min * 60 > part.max_time_s:
         most = part.max_time_s // 60
         _refuse(
-            "cluster.timeout_min",
+            k("timeout_min"),
             f"got {c.timeout_min}",
             f"{where} allows {most} minutes (MaxTime)",
-            f"cluster.timeout_min={most} or less (a job requeues itself at the limit), {other}",
+            f"{k('timeout_min')}={most} or less (a job requeues itself at the limit), {other}",
         )
-    _check_node_size(c, part, where, other)
+    _check_node_size(c, part, where, other, k)
 
 
-def _check_node_size(c: ClusterConfig, part: queries.Partition, where: str, other: str) -> None:
+def _check_node_size(
+    c: ClusterConfig, part: queries.Partition, where: str, other: str, k: Callable[[str], str]
+) -> None:
     """What one node must hold: its GPUs, CPUs (per task x tasks) and memory, against the partition's
     biggest node, then against how many of its nodes hold all of it at once."""
     cpus = (c.cpus_per_task or 1) * c.processes_per_node  # SLURM gives a task 1 CPU unless told more
@@ -196,18 +220,18 @@ def _check_node_size(c: ClusterConfig, part: queries.Partition, where: str, othe
     )
     if c.gpus_per_node > most.gpus:
         _refuse(
-            "cluster.gpus_per_node",
+            k("gpus_per_node"),
             f"got {c.gpus_per_node}",
             f"no node of {where} has more than {most.gpus} GPU(s) (Gres)",
-            f"cluster.gpus_per_node={most.gpus} or fewer, {other} with GPUs",
+            f"{k('gpus_per_node')}={most.gpus} or fewer, {other} with GPUs",
         )
     if cpus > most.cpus:
-        key = "cluster.cpus_per_task" if c.cpus_per_task else _tasks_key(c)
+        key = k("cpus_per_task") if c.cpus_per_task else k(_tasks_name(c))
         _refuse(
             key,
             f"{c.cpus_per_task or 1} CPU(s) per task x {c.processes_per_node} task(s) per node = {cpus}",
             f"no node of {where} has more than {most.cpus} CPUs",
-            f"at most {most.cpus} CPUs per node in all (cluster.cpus_per_task x tasks), {other}",
+            f"at most {most.cpus} CPUs per node in all ({k('cpus_per_task')} x tasks), {other}",
         )
     mem_limits = [(most.memory_mb, "its largest node's RealMemory")]
     if part.max_mem_per_node_mb is not None:
@@ -217,21 +241,21 @@ def _check_node_size(c: ClusterConfig, part: queries.Partition, where: str, othe
     for limit_mb, name in mem_limits:
         if mem_mb > limit_mb:
             _refuse(
-                "cluster.mem_gb",
+                k("mem_gb"),
                 f"got {c.mem_gb} ({mem_mb} MB per node)",
                 f"{where} allows {limit_mb} MB per node ({name})",
-                f"cluster.mem_gb={math.floor(limit_mb / 1024 * 100) / 100} or less "
+                f"{k('mem_gb')}={math.floor(limit_mb / 1024 * 100) / 100} or less "
                 f"(null: the partition's default), {other}",
             )
     fit = [n for n in part.nodes if n.cpus >= cpus and n.memory_mb >= mem_mb and n.gpus >= c.gpus_per_node]
     if len(fit) < c.nodes:
         _refuse(
-            "cluster.nodes",
+            k("nodes"),
             f"got {c.nodes} of {cpus} CPUs, {mem_mb} MB and {c.gpus_per_node} GPUs each",
             f"only {len(fit)} node(s) of {where} have that much",
-            f"cluster.nodes={len(fit)} or fewer, smaller nodes, {other}",
+            f"{k('nodes')}={len(fit)} or fewer, smaller nodes, {other}",
         )
 
 
-def _tasks_key(c: ClusterConfig) -> str:
-    return "cluster.gpus_per_node" if c.gpus_per_node else "cluster.tasks_per_node"
+def _tasks_name(c: ClusterConfig) -> str:
+    return "gpus_per_node" if c.gpus_per_node else "tasks_per_node"

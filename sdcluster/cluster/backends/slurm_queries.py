@@ -1,5 +1,5 @@
 """What SLURM knows (the SLURM backend's queries), asked through its own commands: a job's state (sacct,
-else squeue), the partitions and their limits (scontrol, sinfo).
+else squeue) and end time (squeue), the partitions and their limits (scontrol, sinfo).
 
 Every call has a time-out and returns None (or raises :class:`SchedulerUnavailable`) instead of hanging when
 the controller is down: the login-node commands must answer even then.
@@ -52,6 +52,33 @@ def job_state(job_id: str) -> tuple[str, str] | None:
 def job_states(job_id: str) -> list[str] | None:
     """The state of every task of a job, or None when SLURM knows nothing of it."""
     return [state for state, _ in _records(job_id)] or None
+
+
+def end_time(job_id: str) -> float | None:
+    """When SLURM will end job ``job_id`` (its time limit, seconds since the epoch), or None when it has none
+    or SLURM does not answer.
+
+    ``SLURM_JOB_END_TIME`` says it without a query where SLURM sets it (23.02 and later); else squeue's
+    ``%e``, printed as epoch seconds (``SLURM_TIME_FORMAT=%s``) so that no time zone is parsed.
+    """
+    given = os.environ.get("SLURM_JOB_END_TIME", "")
+    if given.isdigit():
+        return float(given)
+    env = {**os.environ, "SLURM_TIME_FORMAT": "%s"}
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-o", "%e"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+            env=env,
+        )
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return None
+    answer = out.stdout.strip()
+    # "Unknown" or "NONE" with no time limit; only a plain number is an end time
+    return float(answer) if out.returncode == 0 and answer.isdigit() else None
 
 
 def cluster_name() -> str | None:
