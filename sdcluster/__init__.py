@@ -19,8 +19,7 @@ May import (bottom: atomic, derive, identity, model_source, progress): nothing o
 May import (beside the schema: paths, redaction, sealed, schema_docs): ``config``, ``atomic``,
 ``identity``, ``model_source``.
 
-May import (composition: compose): ``config``, ``paths``, ``redaction``, ``generate.prompts`` (whether a
-prompts file is a program: the parser alone, without the generation chain).
+May import (composition: compose): ``config``, ``paths``, ``redaction``.
 
 May import (job table: status): ``cluster.backends``, ``cluster.records``, ``train.metrics``, ``atomic``,
 ``paths``.

@@ -53,7 +53,7 @@ def _program_replaces_default_prompts(cfg: Config) -> None:
     command line (or set in ``conf/local/``) still join the program as literal templates.
     """
     from sdcluster.config.data import SAMPLE_PROMPTS
-    from sdcluster.generate.prompts import is_program_file  # light: the parser, not the generation chain
+    from sdcluster.config.generate import is_program_file
 
     if is_program_file(cfg.generate.prompts_file) and cfg.generate.prompts == list(SAMPLE_PROMPTS):
         cfg.generate.prompts = []

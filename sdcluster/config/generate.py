@@ -115,6 +115,15 @@ class SplitConfig:
             )
 
 
+PROGRAM_SUFFIXES = (".yaml", ".yml")
+"""A ``generate.prompts_file`` with one of these suffixes is a prompt program; else one prompt a line."""
+
+
+def is_program_file(path: str | Path | None) -> bool:
+    """Whether ``generate.prompts_file`` names a prompt program (:mod:`sdcluster.generate.prompts`)."""
+    return path is not None and Path(path).suffix.lower() in PROGRAM_SUFFIXES
+
+
 @dataclass
 class GenerateConfig:
     """Batched generation: P prompts x ``num_images`` each, in batches of ``batch_size``."""

@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdcluster.config.checks import ConfigError
+from sdcluster.config.generate import is_program_file
 from sdcluster.derive import derive_unit
 
 if TYPE_CHECKING:
     from sdcluster.config import GenerateConfig
 
-PROGRAM_SUFFIXES = (".yaml", ".yml")
 TEMPLATE_KEYS = frozenset({"text", "images", "count", "negative", "guidance_scale", "steps"})
 # Columns of the exported dataset that a slot must not shadow (see dataset_export).
 RESERVED_SLOTS = frozenset({"file_name", "text", "image", "template"})
@@ -75,10 +75,6 @@ class Prompt:
     labels: tuple[tuple[str, str], ...]
     images: int
     sampling: Sampling
-
-
-def is_program_file(path: str | Path | None) -> bool:
-    return path is not None and Path(path).suffix.lower() in PROGRAM_SUFFIXES
 
 
 def load_program(gen: GenerateConfig) -> Program:
