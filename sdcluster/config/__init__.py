@@ -31,6 +31,7 @@ from sdcluster.config.checks import (
     TASKS,
     TRACKERS,
     ConfigError,
+    Schema,
     _choice,
     _no_control,
     check_root,
@@ -66,7 +67,7 @@ __all__ = [
 
 
 @dataclass
-class LaunchConfig:
+class LaunchConfig(Schema):
     """How the login-node process behaves: wait or not, submit or only print."""
 
     wait: bool | None = None
@@ -76,7 +77,7 @@ class LaunchConfig:
 
 
 @dataclass
-class Config:
+class Config(Schema):
     """The whole resolved configuration a job receives."""
 
     task: str = "train_generate"

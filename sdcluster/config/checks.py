@@ -7,7 +7,9 @@ job exists) and its message names the key, the problem and the fix, e.g.
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -81,3 +83,20 @@ def check_root(value: str | None, key: str) -> None:
         f"so the folder would not be the one you meant. Fix: write the path literally, or let Hydra fill "
         f"it in: {key}='{literal}'"
     )
+
+
+class Schema:
+    """Base of every schema dataclass: a config pickled by an earlier sdcluster loads with the fields added
+    since at their defaults. submitit pickles a job's callable, config included, when it is queued and
+    unpickles it at each start: a job queued (or requeued) before an upgrade would otherwise stop with an
+    ``AttributeError`` on the first new field it reads."""
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            if f.name in state:
+                continue
+            if f.default is not dataclasses.MISSING:
+                state[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                state[f.name] = f.default_factory()
+        self.__dict__.update(state)

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from sdcluster.config.checks import _choice, _no_control, _require
+from sdcluster.config.checks import Schema, _choice, _no_control, _require
 from sdcluster.config.store import options
 
 CLUSTERS = options("cluster")
@@ -50,7 +50,7 @@ def job_key(kind: str, name: str) -> str:
 
 
 @dataclass
-class GenerationResources:
+class GenerationResources(Schema):
     """What each shard of the generation job asks for (``cluster.generate.*``): sized for rendering images,
     not like the training job. Account, qos, constraint, exclude, setup lines, the warning signal and the
     requeue budgets are the training's (``cluster.*``)."""
@@ -88,7 +88,7 @@ class GenerationResources:
 
 
 @dataclass
-class ClusterConfig:
+class ClusterConfig(Schema):
     """Where jobs run. ``local`` runs them in subprocesses here; ``slurm`` submits with sbatch.
 
     Site facts (partition, account, setup lines) belong in ``conf/cluster/*.yaml`` or the gitignored

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from omegaconf import MISSING
 
-from sdcluster.config.checks import _require
+from sdcluster.config.checks import Schema, _require
 
 SAMPLE_PROMPTS = (
     "A single pair of denim jeans laid flat on a white background, viewed from the front.",
@@ -17,7 +17,7 @@ SAMPLE_PROMPTS = (
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Schema):
     """A captioned image folder in the ``datasets`` imagefolder layout (images + ``metadata.jsonl``)."""
 
     name: str = "sample"

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from sdcluster.config.checks import MIXED_PRECISION, SCHEDULERS, _choice, _require
+from sdcluster.config.checks import MIXED_PRECISION, SCHEDULERS, Schema, _choice, _require
 from sdcluster.config.data import SAMPLE_PROMPTS
 from sdcluster.model_source import is_hub_id, looks_like_hub_id
 
@@ -24,7 +24,7 @@ def _check_commit(value: str | None, key: str, repo_key: str) -> None:
 
 
 @dataclass
-class ScoresConfig:
+class ScoresConfig(Schema):
     """Per-image scores recorded in the manifest (``generate.scores``), computed batched in the job."""
 
     clip: bool = False
@@ -59,7 +59,7 @@ class ScoresConfig:
 
 
 @dataclass
-class FilterConfig:
+class FilterConfig(Schema):
     """Which images are set aside in ``rejected/`` at merge (``generate.filter``); nothing is deleted."""
 
     min_clip: float | None = None
@@ -82,7 +82,7 @@ _IMAGE_ID = re.compile(r"^p\d{4,}-i\d{4,}(\.png)?$")
 
 
 @dataclass
-class SplitConfig:
+class SplitConfig(Schema):
     """How the finished folder is also written as train/ and validation/ splits (links to the images)."""
 
     by: str = "none"
@@ -125,7 +125,7 @@ def is_program_file(path: str | Path | None) -> bool:
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(Schema):
     """Batched generation: P prompts x ``num_images`` each, in batches of ``batch_size``."""
 
     prompts: list[str] = field(default_factory=lambda: list(SAMPLE_PROMPTS))

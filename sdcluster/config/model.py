@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from sdcluster.config.checks import _require
+from sdcluster.config.checks import Schema, _require
 from sdcluster.model_source import EMBEDDED  # re-exported: the schema names the embedded models
 
 __all__ = ["EMBEDDED", "ModelConfig"]
@@ -14,7 +14,7 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Schema):
     """Which Stable Diffusion to start from.
 
     ``path`` is a local diffusers folder or a hub id; the special values ``tiny`` and ``tiny_sdxl`` build the

@@ -6,11 +6,11 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from sdcluster.config.checks import LR_SCHEDULES, _choice, _require
+from sdcluster.config.checks import LR_SCHEDULES, Schema, _choice, _require
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Schema):
     """AdamW and its learning-rate schedule."""
 
     name: str = "adamw"

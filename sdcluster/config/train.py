@@ -10,6 +10,7 @@ from sdcluster.config.checks import (
     PREDICTION_TYPES,
     TRACKERS,
     TRAIN_METHODS,
+    Schema,
     _choice,
     _require,
 )
@@ -20,7 +21,7 @@ LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 
 
 @dataclass
-class LoraConfig:
+class LoraConfig(Schema):
     """Low-rank adapters (``peft``) trained instead of the UNet's weights, with ``train.method=lora``."""
 
     rank: int = 4
@@ -69,7 +70,7 @@ class LoraConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Schema):
     """The fine-tuning loop: what the seed passed as ``train_text_to_image.py`` flags."""
 
     max_steps: int = 40
