@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -118,3 +119,30 @@ def fresh_accelerate_state():
     reset()
     yield
     reset()
+
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's (make browser-packages); playwright drives it
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Chromium for the pages the suite opens (the gallery, the docs site), one per module."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("Playwright is missing. Fix: pip install -e '.[test]' (make install-test)")
+    if not CHROMIUM.is_file():
+        pytest.fail(f"{CHROMIUM} is missing. Fix: make browser-packages (apt-get install chromium)")
+    args = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-quic",
+    ]
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=args)
+        yield launched
+        launched.close()

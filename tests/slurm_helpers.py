@@ -178,3 +178,12 @@ def sacct_history(job_id: str) -> list[str]:
         check=False,
     )
     return [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
+
+
+PREEMPTIBLE_GENERATION = (
+    "task=generate",
+    "generate.num_images=12",
+    "generate.batch_size=2",
+    "generate.steps=4",
+)
+"""Six batches (with generate.model=the tiny model): long enough for a signal to land mid-way."""

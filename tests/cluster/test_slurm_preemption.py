@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from sdcluster.train import step_folders
 from tests.conftest import tensorboard_scalars
-from tests.slurm_helpers import job_record, launch, logs_cli, wait_for, wait_for_line
+from tests.slurm_helpers import PREEMPTIBLE_GENERATION, job_record, launch, logs_cli, wait_for, wait_for_line
 
 pytestmark = pytest.mark.slurm
 
@@ -122,11 +122,8 @@ def test_time_limit_requeues_within_budget_then_stops(slurm_cluster, tmp_path, c
 
 def test_preempted_generation_finishes_only_whats_missing(slurm_cluster, tmp_path, cache_root, tiny_model):
     gen = [
-        "task=generate",
+        *PREEMPTIBLE_GENERATION,
         f"generate.model={tiny_model}",
-        "generate.num_images=12",
-        "generate.batch_size=2",
-        "generate.steps=4",
     ]
     proc, ids = launch(tmp_path, cache_root, *gen, env={"SDCLUSTER_TEST_PAUSE": "batch:2"})
     assert proc.returncode == 0, proc.stderr

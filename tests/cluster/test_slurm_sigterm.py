@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from sdcluster.train import step_folders
 from tests.slurm_helpers import (
+    PREEMPTIBLE_GENERATION,
     job_record,
     launch,
     live_jobs_under,
@@ -78,11 +79,8 @@ def test_preempted_generation_shard_loses_and_repeats_nothing(
     slurm_cluster, tmp_path, cache_root, tiny_model
 ):
     gen = [
-        "task=generate",
+        *PREEMPTIBLE_GENERATION,
         f"generate.model={tiny_model}",
-        "generate.num_images=12",
-        "generate.batch_size=2",
-        "generate.steps=4",
         "generate.shards=2",
         LOW,
     ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,6 @@ import pytest
 
 from tests.conftest import REPO
 
-CHROMIUM = Path("/usr/bin/chromium")
 GUIDES = sorted((REPO / "docs" / "guides").glob("*.md"))
 
 
@@ -38,21 +36,6 @@ def test_every_page_is_in_the_nav_and_built(site: Path) -> None:
     nav = (REPO / "mkdocs.yml").read_text()
     missing = [str(p.with_suffix(".md")) for p in pages if str(p.with_suffix(".md")) not in nav]
     assert not missing, f"pages not in mkdocs.yml's nav: {missing}"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("Playwright is missing. Fix: pip install -e '.[test]' (make install-test)")
-    if not CHROMIUM.is_file():
-        pytest.fail(f"{CHROMIUM} is missing. Fix: make browser-packages (apt-get install chromium)")
-    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=args)
-        yield launched
-        launched.close()
 
 
 @pytest.mark.parametrize("guide", GUIDES, ids=lambda p: p.stem)

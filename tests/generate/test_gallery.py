@@ -23,7 +23,6 @@ from sdcluster.generate.job import generate_images
 from tests.generate.folders import make_folder, record
 from tests.generate.test_generate import gen_cfg
 
-CHROMIUM = Path("/usr/bin/chromium")
 COLORS, FITS = ("blue", "black", "white"), ("slim", "wide")
 PAGE = 8
 
@@ -83,29 +82,6 @@ def test_contact_sheet_samples_every_group_at_scale() -> None:
     assert picked[:3] == [Path("0-0.png"), Path("0-10.png"), Path("0-20.png")]  # spread over the group
     many = [(g, Path(f"{g}.png")) for g in range(1000)]  # more groups than tiles: groups sampled too
     assert len(sample_per_group(many, max_tiles=50)) == 50
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("Playwright is missing. Fix: pip install -e '.[test]' (make install-test)")
-    if not CHROMIUM.is_file():
-        pytest.fail(f"{CHROMIUM} is missing. Fix: make browser-packages (apt-get install chromium)")
-    args = [
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--disable-quic",
-    ]
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=args)
-        yield launched
-        launched.close()
 
 
 @pytest.fixture
