@@ -20,8 +20,10 @@ from sdcluster.cluster import backends, records
 from sdcluster.train import metrics
 
 _PROGRESS = re.compile(r"(step \d+/\d+ \|.*)$")
-# host: where rank 0 ran; cpu_threads: a CPU run repeats bit for bit only at the same thread count.
-_ATTEMPT_FIELDS = ("state", "step", "exit_reason", "requeued", "host", "cpu_threads")
+# host: where rank 0 ran; cpu_threads: a CPU run repeats bit for bit only at the same thread count;
+# failed_node/failed_rank: where a failure happened, error: what rank 0 caught of it.
+_ATTEMPT_FIELDS = ("state", "step", "exit_reason", "requeued", "failed_node", "failed_rank", "error")
+_ATTEMPT_FIELDS += ("host", "cpu_threads")
 
 
 def last_progress(path: Path) -> str | None:

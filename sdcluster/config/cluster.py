@@ -129,6 +129,10 @@ class ClusterConfig(Schema):
     """Requeues after preemption a job may use before it stops."""
     max_timeouts: int = 3
     """Requeues after reaching the time limit a job may use before it stops."""
+    max_failures: int = 2
+    """Requeues after a failure (a rank that died, a node that failed, an error in the job) a job may use
+    before it stops; each resumes from the newest complete checkpoint. A failure at the same step as the
+    previous one (a bug, bad data) is not requeued. 0: a failed job stays failed."""
     setup: list[str] = field(default_factory=list)
     """Shell lines the job script runs before Python, e.g. ["module load cuda", "source env/bin/activate"]."""
     additional_parameters: dict[str, Any] = field(default_factory=dict)
@@ -174,6 +178,7 @@ class ClusterConfig(Schema):
         )
         _at_least(self.max_requeues, "cluster.max_requeues", 0, "e.g. 3")
         _at_least(self.max_timeouts, "cluster.max_timeouts", 0, "e.g. 3")
+        _at_least(self.max_failures, "cluster.max_failures", 0, "e.g. 2, or 0: never requeue a failed job")
 
     @property
     def processes_per_node(self) -> int:

@@ -12,9 +12,10 @@ when the next one and a save would not fit. Without it a boundary costs one test
 only tests and benchmarks observe:
 
 - they stop a run at a chosen step (:func:`stop_at`), or time the steps between boundaries;
-- ``SDCLUSTER_TEST_PAUSE`` and ``SDCLUSTER_TEST_SLOW`` (:func:`requested_pause`): the job callables register
-  them at job start when the variables are set, so that a SLURM test can hold a job at a known step or batch
-  until its signal lands, or slow every step so that a time limit falls mid-run.
+- ``SDCLUSTER_TEST_PAUSE``, ``SDCLUSTER_TEST_SLOW`` and ``SDCLUSTER_TEST_FAIL`` (:func:`requested_pause`):
+  the job callables register them at job start when the variables are set, so that a SLURM test can hold a
+  job at a known step or batch until its signal lands, slow every step so that a time limit falls mid-run,
+  or fail at a known step on every attempt.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def stop_at(when: Callable[[int], bool]) -> contextlib.AbstractContextManager[No
 
 TEST_PAUSE = "SDCLUSTER_TEST_PAUSE"
 TEST_SLOW = "SDCLUSTER_TEST_SLOW"
+TEST_FAIL = "SDCLUSTER_TEST_FAIL"
 # A test signals within seconds of the pause line; a test that died before signalling must not hold the
 # (shared, one-node) test cluster past the waits of the tests after it (5 minutes each), so the pause ends.
 TEST_PAUSE_LIMIT_S = 120.0
@@ -105,14 +107,17 @@ def requested_pause(limit_s: float = TEST_PAUSE_LIMIT_S) -> contextlib.AbstractC
     attempt of a job logs ``paused at step 3`` there and waits until its flag is raised (at most ``limit_s``,
     then it goes on as if never paused). The test waits for that line, then signals. With
     ``SDCLUSTER_TEST_SLOW=step:2.5`` (or ``batch:2.5``) every step (batch) of the first attempt takes 2.5 s
-    longer: a short time limit then falls mid-run, and the requeued attempt runs at full speed. The
-    variables are for tests; nothing else sets them.
+    longer: a short time limit then falls mid-run, and the requeued attempt runs at full speed. With
+    ``SDCLUSTER_TEST_FAIL=step:3@1`` global rank 1 (``step:3``: rank 0) raises at step 3 in *every*
+    attempt, as a bug or bad data would (the failure budget's tests). The variables are for tests; nothing
+    else sets them.
     """
     env = backends.environment()
-    if env.restart_count:
-        return contextlib.nullcontext()
-    pause = _pause(os.environ.get(TEST_PAUSE), env.array_task, limit_s)
-    observers = [o for o in (pause, _slow(os.environ.get(TEST_SLOW))) if o is not None]
+    fail = _fail(os.environ.get(TEST_FAIL), env.rank)
+    first = not env.restart_count
+    pause = _pause(os.environ.get(TEST_PAUSE), env.array_task, limit_s) if first else None
+    slow = _slow(os.environ.get(TEST_SLOW)) if first else None
+    observers = [o for o in (fail, pause, slow) if o is not None]
     return observing(*observers) if observers else contextlib.nullcontext()
 
 
@@ -127,6 +132,19 @@ def _slow(wanted: str | None) -> Observer | None:
             time.sleep(float(seconds))
 
     return sleep
+
+
+def _fail(wanted: str | None, rank: int) -> Observer | None:
+    """The observer that raises at ``SDCLUSTER_TEST_FAIL``'s boundary on its rank, or None."""
+    target, _, on_rank = (wanted or "").partition("@")
+    if not target or int(on_rank or 0) != rank:
+        return None
+
+    def fail(unit: str, count: int, flag: Flag) -> None:
+        if f"{unit}:{count}" == target:
+            raise RuntimeError(f"failing at {unit} {count} on rank {rank} ({TEST_FAIL})")
+
+    return fail
 
 
 def _pause(wanted: str | None, array_task: str | None, limit_s: float) -> Observer | None:

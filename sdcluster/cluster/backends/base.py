@@ -59,6 +59,16 @@ class JobEnvironment:
     gpus: BoundGpus | None = None  # the GPUs bound to this task; None when the scheduler bound none
 
 
+@dataclass(frozen=True)
+class TaskFailure:
+    """Which task of a job's work failed first, and how, as the scheduler's launcher said it (every field
+    None where it did not say: a node that died may take the launcher's words with it)."""
+
+    node: str | None = None  # the node the task ran on
+    rank: int | None = None  # the task's global rank
+    how: str | None = None  # the launcher's words: "Killed", "Exited with exit code 3"
+
+
 class Backend(Protocol):
     """One scheduler (or none): the login side submits and asks through it, the job reads its environment."""
 
@@ -134,4 +144,16 @@ class Backend(Protocol):
     def end_time(self) -> float | None:
         """Inside a job: when the scheduler will end it (its time limit, in seconds since the epoch), or
         None when it has no limit or cannot say. Asked once per attempt: a requeued job has a new one."""
+        ...
+
+    def after_failure(self, log_text: str) -> TaskFailure | None:
+        """Inside a job whose work just ended with a non-zero status: which task failed first and where
+        (read from the launcher's lines in ``log_text``, the job script's stderr since the last failure),
+        or None when the scheduler itself is ending the job (a cancel, the time limit, a preemption, a
+        requeue already asked for): that is no failure to retry."""
+        ...
+
+    def requeue(self) -> None:
+        """Inside a job: put it back in the queue under the same id (it starts again from the top and
+        resumes from its run folder). Raises ``RuntimeError`` with the scheduler's answer if refused."""
         ...

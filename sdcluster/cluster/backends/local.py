@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import submitit
 
-from sdcluster.cluster.backends.base import JobEnvironment
+from sdcluster.cluster.backends.base import JobEnvironment, TaskFailure
 
 if TYPE_CHECKING:
     from sdcluster.config import Config
@@ -81,6 +81,12 @@ class LocalBackend:
 
     def end_time(self) -> float | None:
         return None  # no scheduler: submitit's local controller warns before its own timeout; no requeue
+
+    def after_failure(self, log_text: str) -> TaskFailure | None:
+        return None  # never asked: a local job fails in front of the person who launched it
+
+    def requeue(self) -> None:
+        raise RuntimeError("a local job has no queue to go back to: rerun the same command to resume")
 
     def cluster_name(self) -> str:
         return f"local@{socket.gethostname()}"  # a local job's id is a process id of this machine

@@ -8,8 +8,10 @@ and CPUs. Cluster facts come only from ``cfg.cluster``; nothing site-specific is
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import submitit
 
 from sdcluster.cluster.backends import slurm_queries
-from sdcluster.cluster.backends.base import BoundGpus, JobEnvironment
+from sdcluster.cluster.backends.base import BoundGpus, JobEnvironment, TaskFailure
 
 if TYPE_CHECKING:
     from sdcluster.config import Config
@@ -52,6 +54,25 @@ def slurm_parameters(cfg: Config, name: str, dependency: str | None = None) -> d
         "srun_args": ["--kill-on-bad-exit=1"],
     }
     return {k: v for k, v in params.items() if v is not None}
+
+
+def failure_trap(cfg: Config, folder: Path) -> str:
+    """The job script's line (before srun) that hands a failed srun to ``sdcluster.runtime.failures``.
+
+    When one task dies, srun kills the others (SIGTERM, then SIGKILL after KillWait: no handler of theirs
+    can be relied on), and the script ends: the batch shell is what survives, so it runs the check from a
+    bash EXIT trap, given srun's exit status (``$?`` on entry: the last command's). The script keeps that
+    status. A cancel, a time-out or a requeue (submitit's, or SLURM's on preemption) also ends the script;
+    the module asks the scheduler (:meth:`SlurmBackend.after_failure`) and leaves those alone.
+    """
+    command = shlex.join(
+        [
+            sys.executable,  # the interpreter submitit's own command line runs (its _submitit_command_str)
+            *("-m", "sdcluster.runtime.failures", "--backend", "slurm"),
+            *("--folder", str(folder), "--max-failures", str(cfg.cluster.max_failures)),
+        ]
+    )
+    return f"trap {shlex.quote(f'status=$?; {command} --status $status; exit $status')} EXIT"
 
 
 class _PreviewExecutor(submitit.SlurmExecutor):
@@ -139,7 +160,10 @@ class SlurmBackend:
         budget = cfg.cluster.max_timeouts + cfg.cluster.max_requeues + 1
         executor_class = _PreviewExecutor if preview else submitit.SlurmExecutor
         executor = executor_class(folder=folder, max_num_timeout=budget)
-        executor.update_parameters(**slurm_parameters(cfg, name, f"afterok:{after}" if after else None))
+        params = slurm_parameters(cfg, name, f"afterok:{after}" if after else None)
+        # after the site's setup lines (a module load or a venv may be what makes the interpreter run)
+        params["setup"] = [*params.get("setup", []), failure_trap(cfg, folder)]
+        executor.update_parameters(**params)
         return executor
 
     def script(self, cfg: Config, folder: Path, name: str, after: str | None, array_size: int | None) -> str:
@@ -208,15 +232,23 @@ class SlurmBackend:
         """True when SLURM chose this job for preemption (``PreemptTime`` set): it ends the job itself when
         the grace time is over, and requeues or cancels it as the partition's PreemptMode says."""
         job_id = os.environ.get("SLURM_JOB_ID")
-        if not job_id:
-            return False
-        cmd = ["scontrol", "show", "job", job_id, "--oneliner"]
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=False)
-        except (FileNotFoundError, subprocess.TimeoutExpired):
-            return False
-        fields = dict(field.partition("=")[::2] for field in out.stdout.split())
+        fields = slurm_queries.job_fields(job_id) if job_id else {}
         return fields.get("JobState") == "RUNNING" and fields.get("PreemptTime", "None") not in ("None", "")
+
+    def after_failure(self, log_text: str) -> TaskFailure | None:
+        """A failure when SLURM still runs the job (the batch shell is ending on its own) and is not
+        preempting it; else None: scancel, the time limit, preemption and any requeue (submitit's at a
+        time-out, SLURM's at preemption) change JobState before the script ends. Unanswered: None too,
+        since requeueing a job that SLURM cancelled would bring it back against the user's word."""
+        job_id = os.environ.get("SLURM_JOB_ID")
+        fields = slurm_queries.job_fields(job_id) if job_id else {}
+        if fields.get("JobState") != "RUNNING" or fields.get("PreemptTime", "None") not in ("None", ""):
+            return None
+        told = slurm_queries.failed_task(log_text)
+        return TaskFailure(*told) if told else TaskFailure(node=os.environ.get("SLURMD_NODENAME"))
+
+    def requeue(self) -> None:
+        slurm_queries.requeue(os.environ["SLURM_JOB_ID"])  # an array task's own id: only that task
 
     def end_time(self) -> float | None:
         job_id = os.environ.get("SLURM_JOB_ID")

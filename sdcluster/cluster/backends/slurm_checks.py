@@ -35,6 +35,7 @@ SLURM_ONLY = (
     "signal_delay_s",
     "max_requeues",
     "max_timeouts",
+    "max_failures",
     "setup",
     "additional_parameters",
     "array_parallelism",

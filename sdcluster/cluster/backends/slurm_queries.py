@@ -1,5 +1,6 @@
 """What SLURM knows (the SLURM backend's queries), asked through its own commands: a job's state (sacct,
-else squeue) and end time (squeue), the partitions and their limits (scontrol, sinfo).
+else squeue), end time (squeue) and live fields (scontrol), the partitions and their limits (scontrol,
+sinfo); and the one thing a job asks of it, a requeue (scontrol), with srun's word on a failed task.
 
 Every call has a time-out and returns None (or raises :class:`SchedulerUnavailable`) instead of hanging when
 the controller is down: the login-node commands must answer even then.
@@ -79,6 +80,39 @@ def end_time(job_id: str) -> float | None:
     answer = out.stdout.strip()
     # "Unknown" or "NONE" with no time limit; only a plain number is an end time
     return float(answer) if out.returncode == 0 and answer.isdigit() else None
+
+
+def job_fields(job_id: str) -> dict[str, str]:
+    """``scontrol show job``'s ``Key=Value`` fields of a job (JobState, PreemptTime...); {} when SLURM does
+    not answer. scontrol, not sacct: it is the controller's view of this moment, accounting lags it."""
+    try:
+        out = _run(["scontrol", "show", "job", job_id, "--oneliner"], timeout=20)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return {}
+    return dict(field.partition("=")[::2] for field in out.stdout.split()) if out.returncode == 0 else {}
+
+
+def requeue(job_id: str) -> None:
+    """``scontrol requeue``: the job goes back to PENDING under its id (it must be requeueable: the
+    cluster's JobRequeue=1 or sbatch --requeue; submitit's own requeue asks the same)."""
+    try:
+        out = _run(["scontrol", "requeue", job_id], timeout=60)
+    except (FileNotFoundError, subprocess.TimeoutExpired) as err:
+        raise RuntimeError(f"scontrol requeue {job_id} did not answer ({err})") from None
+    if out.returncode != 0:
+        raise RuntimeError(f"scontrol requeue {job_id} refused: {out.stderr.strip() or out.stdout.strip()}")
+
+
+# srun's line for a task that ended badly: "srun: error: node3: task 1: Killed", or "tasks 0-3: Exited
+# with exit code 2" for several at once. The first one is the task that failed: with --kill-on-bad-exit
+# srun kills the others after it, and their lines follow.
+_TASK_ERROR = re.compile(r"^srun: error: (?P<node>[^:\s]+): tasks? (?P<rank>\d+)[-,\d]*: (?P<how>.+)$", re.M)
+
+
+def failed_task(log_text: str) -> tuple[str, int, str] | None:
+    """(node, rank, how) of the first task srun reported as failed in ``log_text``, or None."""
+    found = _TASK_ERROR.search(log_text)
+    return (found["node"], int(found["rank"]), found["how"].strip()) if found else None
 
 
 def cluster_name() -> str | None:
