@@ -20,6 +20,8 @@ from sdcluster.cluster.backends import slurm_queries
 from sdcluster.cluster.backends.base import TaskFailure
 from sdcluster.config import ConfigError
 from sdcluster.runtime import failures
+from tests.sandbox import layout, netns
+from tests.sandbox.layout import Node
 from tests.slurm_helpers import job_record, launch, logs_cli, wait_for, wait_for_line
 
 TRAIN = ["task=train", "train.log_every=1", "train.checkpoint_every=2", "train.max_steps=6"]
@@ -127,10 +129,15 @@ def test_a_negative_failure_budget_is_refused(make_cfg):
         make_cfg(["cluster.max_failures=-1"])
 
 
-def _rank_pids(job_id: str, rank: int) -> list[int]:
-    """The processes of global rank ``rank`` of the job's step 0, as slurmd tracks them."""
+def _rank_pids(job_id: str, rank: int, node: Node | None = None) -> list[int]:
+    """The processes of global rank ``rank`` of the job's step 0, as slurmd tracks them.
+
+    ``scontrol listpids`` asks the slurmstepds of the node it runs on, found by hostname; for a namespaced
+    node of the two-node sandbox it runs inside that node's namespaces (the pids are this machine's).
+    """
+    argv = ["scontrol", "listpids", job_id]
     out = subprocess.run(
-        ["scontrol", "listpids", job_id], capture_output=True, text=True, timeout=30, check=True
+        netns.inside(node, argv) if node else argv, capture_output=True, text=True, timeout=30, check=True
     )
     rows = [line.split() for line in out.stdout.splitlines()[1:]]
     return [int(r[0]) for r in rows if len(r) == 5 and r[2] == "0" and r[4] == str(rank)]
@@ -189,3 +196,37 @@ def test_a_failure_at_the_same_step_is_retried_once_then_stops(slurm_cluster, tm
     assert "checkpoints/step-00000002" in log  # the retry resumed before it failed again
     shown = logs_cli(tmp_path, job_id).stdout
     assert "Exited with exit code 1 (rank 0 on node" in shown and "failed at step 3 too" in shown
+
+
+@pytest.mark.slurm
+def test_a_rank_killed_on_the_second_node_is_requeued_and_resumes(slurm_two_nodes, tmp_path, cache_root):
+    """The same on two nodes: rank 1 dies on n2, srun on n1 names it, and the batch shell on n1 requeues."""
+    shape = ["cluster.nodes=2", "cluster.tasks_per_node=1", "cluster.cpus_per_task=1"]
+    fast = ["train.validation_prompts=[]"]  # the held-out loss only: validation images cost seconds here
+    proc, ids = launch(tmp_path, cache_root, *TRAIN, *shape, *fast, env={"SDCLUSTER_TEST_PAUSE": "step:3"})
+    assert proc.returncode == 0, proc.stderr
+    (job_id,) = ids["train"]
+    folder = tmp_path / "jobs" / job_id
+    wait_for_line(folder / f"{job_id}_1_log.out", r"paused at step 3 ")
+    second = layout.saved(slurm_two_nodes.state_dir).nodes[1]
+    assert second.name == "n2"
+    pids = _rank_pids(job_id, 1, second)
+    assert pids, "slurmd on n2 tracks no process of rank 1"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    assert wait_for(job_id, timeout_s=240)[0] == "COMPLETED"
+
+    assert [state for state, _ in _sacct_runs(job_id)] == ["REQUEUED", "COMPLETED"]
+    record = job_record(tmp_path, job_id)
+    first, again = record["attempts"]
+    assert (first["state"], first["step"], first["requeued"]) == ("FAILED", 3, True)
+    assert (first["failed_rank"], first["failed_node"], first["host"]) == (1, "n2", "n1")
+    assert (again["state"], again["restart_count"], again["step"]) == ("COMPLETED", 1, 6)
+    log = (folder / f"{job_id}_0_log.out").read_text()
+    assert f"resumed from {record['run_dir']}/checkpoints/step-00000002" in log
+    task1 = (folder / f"{job_id}_1_log.out").read_text()
+    assert task1.count("hostname=n2,") == 2  # rank 1 came back on its own node
+    shown = logs_cli(tmp_path, job_id).stdout
+    failed = "attempt 1 (restart 0): state FAILED, step 3, exit_reason Killed (rank 1 on node n2) at step 3"
+    assert failed in shown
+    assert "attempt 2 (restart 1): state COMPLETED" in shown

@@ -117,8 +117,10 @@ def test_no_gpu_bound_leaves_the_users_devices_alone() -> None:
 
 @pytest.fixture
 def slurm_task(monkeypatch: pytest.MonkeyPatch):
-    """Make this process a task of a SLURM step that submitit started (restored afterwards, with what setup
-    exports)."""
+    """Make this process a task of a SLURM step that submitit started; the environment is restored
+    afterwards as a whole (setup exports MASTER_ADDR, RANK... that monkeypatch never saw: a leftover
+    MASTER_ADDR would send every later local job of the suite to that host's rendezvous)."""
+    saved = dict(os.environ)
     for key in list(os.environ):
         if key.startswith(("SLURM_", "SUBMITIT_")) or key in ("CUDA_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL"):
             monkeypatch.delenv(key)
@@ -130,7 +132,9 @@ def slurm_task(monkeypatch: pytest.MonkeyPatch):
         for key, value in {**env, "SUBMITIT_EXECUTOR": "slurm"}.items():  # as submitit's sbatch script sets
             monkeypatch.setenv(key, value)
 
-    return enter
+    yield enter
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_setup_exports_slurms_devices_and_the_tasks_index(slurm_task) -> None:
