@@ -125,7 +125,7 @@ def test_diffusion_target_is_the_velocity_under_v_prediction(tiny_model):
 
 @pytest.mark.slow
 def test_v_prediction_trains_on_the_velocity_and_exports_it(make_cfg, baseline, monkeypatch):
-    from sdcluster.train import loss as loss_module
+    from sdcluster.models import objectives as loss_module  # where NoisePrediction finds its target
 
     targets = []
     real = loss_module.diffusion_target
