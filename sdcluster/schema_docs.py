@@ -4,7 +4,8 @@ The schema documents each field with a docstring right under it (``name: type = 
 a string literal). Python keeps no trace of such attribute docstrings at runtime, so they are read
 from the class's source with ``ast`` (the same parse ``tests/config/test_schema_docs.py`` checks for
 completeness). ``sdcluster launch --help`` prints them and shell completion offers the keys and options.
-Imports only the schema (no Hydra, no torch): completion runs this on every <Tab>.
+Imports only the schema and its `conf/` reader `config.store` (no Hydra, no torch): completion runs this on
+every <Tab>.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ import json
 import textwrap
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 from typing import Any
 
-from sdcluster.config import Config
+from sdcluster.config import Config, store  # store imports Hydra only when it registers
 
 
 @dataclass(frozen=True)
@@ -81,21 +81,19 @@ def leaf_keys(schema: type = Config, prefix: str = "") -> list[Key]:
     return found
 
 
-def group_options(group: str, conf: Path | None = None) -> list[str]:
+def group_options(group: str) -> list[str]:
     """The options of a config group: the YAML files of ``conf/<group>/`` (``conf/model/sd15.yaml``)."""
-    folder = (conf or _conf_dir()) / group
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    return list(store.options(group))
 
 
-def groups(conf: Path | None = None) -> list[str]:
+def groups() -> list[str]:
     """The config groups of ``conf/`` (``local/``, the site's own settings, is not one)."""
-    root = conf or _conf_dir()
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "local")
+    return store.config_groups()
 
 
-def option_doc(group: str, option: str, conf: Path | None = None) -> str:
+def option_doc(group: str, option: str) -> str:
     """The first comment sentence of ``conf/<group>/<option>.yaml`` (what the option is), or ''."""
-    path = (conf or _conf_dir()) / group / f"{option}.yaml"
+    path = store.conf_dir() / group / f"{option}.yaml"
     lines = []
     for line in path.read_text().splitlines():
         if not line.startswith("#"):
@@ -107,15 +105,7 @@ def option_doc(group: str, option: str, conf: Path | None = None) -> str:
     return text.split(". ")[0].rstrip(".") if text else ""
 
 
-def _conf_dir() -> Path:
-    # The package's own tree, found without importing Hydra (sdcluster.config.store would): a checkout's
-    # conf/ beside the package, else the copy shipped inside it. Mirrors store.conf_dir, which tests compare.
-    package = Path(__file__).resolve().parent
-    checkout = package.parent / "conf"
-    return checkout if (checkout / "config.yaml").is_file() else package / "conf"
-
-
-def sections(conf: Path | None = None) -> list[Section]:
+def sections() -> list[Section]:
     """The top-level scalar keys as one section named ``""``, then one section per node of the schema."""
     docs = field_docs(Config)
     top = []
@@ -123,7 +113,7 @@ def sections(conf: Path | None = None) -> list[Section]:
     for f in dataclasses.fields(Config):
         default = default_of(f)
         if dataclasses.is_dataclass(default):
-            options = tuple(group_options(f.name, conf))
+            options = tuple(group_options(f.name))
             nodes.append(
                 Section(f.name, docs.get(f.name, ""), tuple(leaf_keys(type(default), f"{f.name}.")), options)
             )
@@ -147,7 +137,7 @@ def _default_cell(default: str) -> str:
     return f"`{_cell(default)}`"
 
 
-def markdown(conf: Path | None = None) -> str:
+def markdown() -> str:
     """The options reference page: override bundles, then each section with its options and key table.
 
     Built from the same extraction as ``sdcluster launch --help``, so the page, the help and shell
@@ -163,13 +153,13 @@ def markdown(conf: Path | None = None) -> str:
         "(`model=sd15`), or put either in `conf/local/<group>.yaml` (see the site setup guide).",
         "",
     ]
-    found = sections(conf)
+    found = sections()
     used = {section.name for section in found}
-    for group in (g for g in groups(conf) if g not in used):  # experiment/, debug/: override bundles
+    for group in (g for g in groups() if g not in used):  # experiment/, debug/: override bundles
         lines += [f"## `{group}`", "", f"Override bundles in `conf/{group}/`.", ""]
         lines += ["| option | what it is |", "| --- | --- |"]
-        for option in group_options(group, conf):
-            lines.append(f"| `{group}={option}` | {_cell(option_doc(group, option, conf))} |")
+        for option in group_options(group):
+            lines.append(f"| `{group}={option}` | {_cell(option_doc(group, option))} |")
         lines.append("")
     for section in found:
         lines += [f"## `{section.name}`" if section.name else "## Top level", "", _cell(section.doc), ""]

@@ -219,8 +219,13 @@ def test_zsh_completion_offers_keys_and_group_options(tmp_path):
 
 
 def test_help_and_completion_read_the_config_tree_launch_composes():
-    """schema_docs finds conf/ without importing Hydra (completion runs on every <Tab>): the same folder."""
+    """schema_docs reads the config tree through config.store (the one reader launch composes with),
+    without importing Hydra: completion runs on every <Tab>."""
     from sdcluster import schema_docs
-    from sdcluster.config.store import conf_dir, config_groups
+    from sdcluster.config.store import config_groups
 
-    assert schema_docs._conf_dir() == conf_dir() and schema_docs.groups() == config_groups()
+    assert schema_docs.groups() == config_groups() and "model" in config_groups()
+    code = "import sys; from sdcluster import schema_docs as s; s.groups(); s.group_options('model'); "
+    code += "print(any(m.split('.')[0] == 'hydra' for m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False", done.stderr
