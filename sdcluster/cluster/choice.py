@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 from sdcluster.cluster import backends
 from sdcluster.config import ClusterConfig, Config, ConfigError, TrainConfig
-from sdcluster.config.model import EMBEDDED
+from sdcluster.model_source import is_embedded
 
 
 def check_own_keys_need_their_backend(cfg: Config, chosen: str | None) -> None:
@@ -49,7 +49,7 @@ def heavier_than_demo(cfg: Config) -> list[str]:
     """What makes the launch more than the demo (the tiny model on the sample data at the schema's sizes)."""
     demo = TrainConfig()
     heavier = []
-    if cfg.model.path not in EMBEDDED:
+    if not is_embedded(cfg.model.path):
         heavier.append(f"model.path={cfg.model.path} is not an embedded tiny model")
     if cfg.task != "generate":
         if cfg.train.max_steps > demo.max_steps:
