@@ -7,6 +7,10 @@ TORCH ?= torch==2.13.0
 SLURM_PACKAGES = slurm-wlm slurmdbd munge mariadb-server iproute2 util-linux
 # Real headless Chromium for the generation gallery's browser tests (Playwright drives it; no playwright install)
 BROWSER_PACKAGES = chromium chromium-driver
+# Parallel test processes (pytest-xdist). More than the 2 cores CI has: the SLURM tests mostly wait (for the
+# scheduler, time limits, grace times), so their waits overlap; --dist loadgroup keeps the tests that need
+# the SLURM node alone, or the two-node sandbox, on one worker each (tests/conftest.py).
+TEST_WORKERS ?= 3
 
 .PHONY: help install install-test slurm-packages browser-packages run test test-fast lint format cluster docs
 
@@ -33,7 +37,7 @@ run: install  ## fine-tune the tiny model on the sample data and generate images
 	$(PYTHON) -m sdcluster.launch
 
 test: install-test slurm-packages browser-packages  ## install everything and run the whole suite (starts a real single-node SLURM)
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: install-test browser-packages  ## the suite without the SLURM tests and the whole-job runs (marked slow)
 	$(PYTHON) -m pytest -m "not slurm and not slow"

@@ -21,6 +21,8 @@ May import (beside the schema: paths, redaction, sealed, schema_docs): ``config`
 
 May import (composition: compose): ``config``, ``paths``, ``redaction``.
 
+May import (memory plan: plan): ``config``, ``models``, ``compose``, ``model_source``, ``paths``.
+
 May import (job table: status): ``cluster.backends``, ``cluster.records``, ``train.metrics``, ``atomic``,
 ``paths``.
 

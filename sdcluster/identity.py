@@ -56,6 +56,9 @@ def semantic_train_config(cfg: Config) -> dict[str, Any]:
     train = dataclasses.asdict(cfg.train)
     for key in cfg.train.NOT_IDENTITY:
         train.pop(key)
+    for key in cfg.train.IDENTITY_WHEN_SET:  # at their default: the hash of runs from before they existed
+        if train[key] == getattr(type(cfg.train), key):
+            train.pop(key)
     if not cfg.train.trains_adapters:  # full runs keep the folder names they had before LoRA
         train.pop("method")
         train.pop("lora")
@@ -67,6 +70,9 @@ def semantic_train_config(cfg: Config) -> dict[str, Any]:
     data = dataclasses.asdict(cfg.data)
     for key in cfg.data.NOT_IDENTITY:
         data.pop(key)
+    for key in cfg.data.IDENTITY_WHEN_SET:  # at their default: the hash of runs from before they existed
+        if data[key] == getattr(type(cfg.data), key):
+            data.pop(key)
     return {
         "model": model_identity(cfg.model),  # a hub branch counts as the commit it resolved to
         "data": data,
@@ -174,6 +180,7 @@ def latent_cache_key(
     vae_files: dict[str, list[int]] | None,
     dtypes: list[str],
     images: list[list[str]],
+    empty_caption: bool = False,
 ) -> str:
     """The key of a latent-cache entry: everything its numbers depend on.
 
@@ -181,7 +188,9 @@ def latent_cache_key(
     and crop/flip policy); what only the job can see comes in: the entry format ``version``, the model's
     ``family`` name, the resolved ``source`` folder or hub id, the (size, mtime) of the encoder ``files``
     and of ``model.vae_path``'s (``models.load.model_files`` / ``vae_files``), the encoders' ``dtypes``,
-    and each training image's sha256 and caption in row order.
+    and each training image's sha256 and caption in row order; ``empty_caption``: the entry also holds the
+    empty caption's encodings (``data.caption_dropout``), named only when set so other keys stay as they
+    were.
     """
     model = {"source": source, "revision": cfg.model.revision, "variant": cfg.model.variant, "files": files}
     if cfg.model.vae_path:  # another VAE encodes the images: other latents
@@ -196,4 +205,6 @@ def latent_cache_key(
         "random_flip": cfg.train.random_flip,
         "images": images,
     }
+    if empty_caption:
+        identity["empty_caption"] = True
     return stable_hash(identity, 24)

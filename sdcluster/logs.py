@@ -70,9 +70,14 @@ def summary(job_id: str, folder: Path, task: int = 0, ask: bool = True) -> list[
     never = _never_ran(record, sched)
     if never:
         lines.append(never)
-    for i, attempt in enumerate(record.get("attempts", []), 1):
+    attempts = record.get("attempts", [])
+    for i, attempt in enumerate(attempts, 1):
         details = ", ".join(f"{k} {attempt[k]}" for k in _ATTEMPT_FIELDS if k in attempt)
         lines.append(f"  attempt {i} (restart {attempt.get('restart_count', 0)}): {details}")
+    if attempts and attempts[-1].get("state") == "CANCELLED" and "step" in attempts[-1]:
+        # only the job itself records a step: it stopped at a boundary and saved (scancel, or preempted
+        # where the site cancels); the scheduler's own CANCELLED (before a start, a kill) has none
+        lines.append("  stopped early, its work saved: the same command resumes it")
     progress = last_progress(paths.job_log(folder, job_id, task))
     if progress:
         lines.append(f"  last progress:   {progress}")

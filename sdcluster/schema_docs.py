@@ -57,6 +57,16 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def inherited_docs(cls: type) -> dict[str, str]:
+    """:func:`field_docs` of ``cls`` and of its dataclass bases (``optim.lr`` is documented once, on the base
+    every optimizer's schema extends), a subclass's own docstring winning."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(field_docs(klass))
+    return docs
+
+
 def default_of(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
@@ -71,7 +81,7 @@ def _shown(value: Any) -> str:
 def leaf_keys(schema: type = Config, prefix: str = "") -> list[Key]:
     """Every leaf key under ``schema``, dotted, in the schema's order (nested dataclasses walked)."""
     found = []
-    docs = field_docs(schema)
+    docs = inherited_docs(schema)
     for f in dataclasses.fields(schema):
         default = default_of(f)
         if dataclasses.is_dataclass(default):
@@ -103,6 +113,20 @@ def option_doc(group: str, option: str) -> str:
             lines.append(text)
     text = " ".join(lines)
     return text.split(". ")[0].rstrip(".") if text else ""
+
+
+def option_sections(default: Any, prefix: str) -> list[Section]:
+    """For a group whose options have their own schemas (``OPTIONS``, as ``optim``'s): one section per option
+    besides the default's, with the keys it adds or whose default it changes."""
+    if not getattr(default, "OPTIONS", None):
+        return []
+    shown = set(leaf_keys(type(default), prefix))
+    found = []
+    for option, schema in getattr(default, "OPTIONS", {}).items():
+        if schema is not type(default):
+            keys = tuple(k for k in leaf_keys(schema, prefix) if k not in shown)
+            found.append(Section(option, inspect.getdoc(schema) or "", keys, ()))
+    return found
 
 
 def sections() -> list[Section]:
@@ -170,6 +194,13 @@ def markdown() -> str:
         lines += ["| key | default | meaning |", "| --- | --- | --- |"]
         lines += [f"| `{k.name}` | {_default_cell(k.default)} | {_cell(k.doc)} |" for k in section.keys]
         lines.append("")
+        default = getattr(Config(), section.name, None) if section.name else None
+        for option in option_sections(default, f"{section.name}."):  # optim=adafactor: its own keys
+            doc = " ".join(option.doc.split())
+            lines += [f"### `{section.name}={option.name}`", "", _cell(doc), ""]
+            lines += ["| key | default | meaning |", "| --- | --- | --- |"]
+            lines += [f"| `{k.name}` | {_default_cell(k.default)} | {_cell(k.doc)} |" for k in option.keys]
+            lines.append("")
     return "\n".join(lines)
 
 

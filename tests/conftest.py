@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -14,8 +15,41 @@ import pytest
 pytest_plugins = ["tests.slurm_cluster"]
 
 
+# Parallel workers (``make test``: ``pytest -n N --dist loadgroup``) run each group below on one worker, one
+# test after another. Every other test may run beside any other: each has its own tmp folder, and its
+# SLURM jobs log under it (tests/slurm_cluster.py cancels exactly those).
+_GROUP_OF_FIXTURE = {
+    # the two-node sandbox: one per machine (fixed namespace names), started and stopped as a whole
+    "_two_node_sandbox": "slurm_two_nodes",
+}
+SERIAL_GROUP = "slurm_serial"
+"""``slurm_serial`` tests: they also hold the single node alone (tests/slurm_cluster.py); grouped, they
+queue on one worker instead of each blocking a worker while another has the node."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Parallel workers only with ``--dist loadgroup``: the groups below are what keep one two-node sandbox
+    per machine and the node-alone tests off the other workers, not a speed-up."""
+    workers = config.getoption("numprocesses", default=None)
+    dist = config.getoption("dist", default="no")
+    if workers and dist != "loadgroup" and not hasattr(config, "workerinput"):
+        raise pytest.UsageError(
+            f"pytest -n {workers} with --dist {dist}: the SLURM tests need their groups kept on one worker "
+            "each. Fix: add --dist loadgroup (as make test does)"
+        )
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups and ``-m`` deselects
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """``gpu`` tests are deselected, not skipped, without a CUDA device: a skip would read as coverage."""
+    """Groups for parallel workers, from markers and fixtures, so a new test needs nothing special; and
+    ``gpu`` tests are deselected, not skipped, without a CUDA device: a skip would read as coverage."""
+    for item in items:
+        if item.get_closest_marker("slurm_serial"):
+            item.add_marker(pytest.mark.slurm)  # it holds the SLURM node, so it is a SLURM test
+            item.add_marker(pytest.mark.xdist_group(SERIAL_GROUP))
+        for fixture, group in _GROUP_OF_FIXTURE.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(group))
     import torch
 
     if torch.cuda.is_available():
@@ -48,15 +82,37 @@ def compose(overrides: list[str] | None = None):
 
 @pytest.fixture(scope="session")
 def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One model cache for the whole session: the tiny model is built once (~10 s)."""
+    """One model cache for the whole run: the tiny model is built once (~10 s), not once per worker.
+
+    Parallel workers share the run's folder (their own tmp folders are ``popen-gwN`` inside it); the
+    cache is made for concurrent jobs (built under a temporary name, published by rename).
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = tmp_path_factory.getbasetemp().parent / "cache"
+        shared.mkdir(exist_ok=True)
+        return shared
     return tmp_path_factory.mktemp("cache")
 
 
 @pytest.fixture(scope="session")
 def tiny_model(cache_root: Path) -> Path:
+    """The tiny SD 1.x model in ``cache_root``; the first worker builds it, the others wait on a lock
+    (``ensure_tiny_model`` is safe without one, but every racing worker would build a copy)."""
     from sdcluster.models.embedded import ensure_tiny_model
 
-    return ensure_tiny_model(cache_root)
+    with open(cache_root / ".tiny-model.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return ensure_tiny_model(cache_root)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sdcluster_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The index of job folders (``$SDCLUSTER_HOME/jobs.tsv``) in this session's tmp folder, not the
+    user's ``~/.sdcluster``: in-process jobs record themselves there, and workers must not read one
+    another's entries. Tests that look at the index set their own."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SDCLUSTER_HOME", str(tmp_path_factory.mktemp("sdcluster-home")))
+        yield
 
 
 @pytest.fixture

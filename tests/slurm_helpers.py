@@ -152,10 +152,23 @@ def cancel_jobs_under(root: Path, slurm_conf: Path, timeout_s: float = 60) -> se
     return jobs
 
 
+node_held_alone = False
+"""True while a ``slurm_serial`` test runs (tests/slurm_cluster.py): no other test has a job on the node."""
+
+
 def preempt_node(tmp: Path, partition: str = "high") -> str:
     """Submit a job on ``partition`` that needs whole nodes (``--exclusive``): it can start only when every
     job of a preemptable partition on them has gone, so SLURM preempts them. Logs under ``tmp`` (the
-    test's folder), so the test's cleanup cancels it whatever happens."""
+    test's folder), so the test's cleanup cancels it whatever happens.
+
+    Only from a ``slurm_serial`` test: another test's job on an unpreemptable partition would hold the
+    node, and the preemptor would wait for it instead of preempting when the test means it to.
+    """
+    if not node_held_alone:
+        raise AssertionError(
+            "preempt_node needs the node to itself, but the test may share it with parallel workers' jobs. "
+            "Fix: mark the test @pytest.mark.slurm_serial"
+        )
     log = str(tmp / "preemptor-%j.out")
     out = subprocess.run(
         ["sbatch", "--parsable", "-p", partition, "--exclusive", "-o", log, "--wrap", "true"],

@@ -50,8 +50,9 @@ def _owners(schema: type, prefix: str = "") -> dict[str, str]:
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
             found.update(_owners(type(default), f"{prefix}{f.name}."))
-        else:
-            found[f"{prefix}{f.name}"] = schema.__name__
+        else:  # the class whose body declares it: a base's field is documented there (optim.lr)
+            owner = next(c for c in schema.__mro__ if f.name in vars(c).get("__annotations__", {}))
+            found[f"{prefix}{f.name}"] = owner.__name__
     return found
 
 

@@ -19,6 +19,6 @@ May import (base: records, backends): ``config``, ``atomic``, ``derive``, ``iden
 ``paths``.
 
 May import (login side): ``cluster.records``, ``cluster.backends``, ``config``, ``models``, ``data``,
-``generate``, ``train``, ``runtime``, ``atomic``, ``derive``, ``identity``, ``model_source``, ``paths``,
-``progress``, ``redaction``, ``sealed``.
+``generate``, ``train``, ``runtime``, ``plan``, ``atomic``, ``derive``, ``identity``, ``model_source``,
+``paths``, ``progress``, ``redaction``, ``sealed``.
 """

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 
 from sdcluster.cluster import backends
 from sdcluster.config import ClusterConfig, Config, ConfigError, TrainConfig
+from sdcluster.config.train import DEFAULT_MAX_STEPS
 from sdcluster.model_source import is_embedded
 
 
@@ -52,8 +53,10 @@ def heavier_than_demo(cfg: Config) -> list[str]:
     if not is_embedded(cfg.model.path):
         heavier.append(f"model.path={cfg.model.path} is not an embedded tiny model")
     if cfg.task != "generate":
-        if cfg.train.max_steps > demo.max_steps:
-            heavier.append(f"train.max_steps={cfg.train.max_steps} > {demo.max_steps}")
+        if cfg.train.max_steps is None:  # train.epochs: its steps are counted from the data at submission
+            heavier.append(f"train.epochs={cfg.train.epochs} (an unknown number of steps)")
+        elif cfg.train.max_steps > DEFAULT_MAX_STEPS:
+            heavier.append(f"train.max_steps={cfg.train.max_steps} > {DEFAULT_MAX_STEPS}")
         if cfg.train.resolution > demo.resolution:
             heavier.append(f"train.resolution={cfg.train.resolution} > {demo.resolution}")
     return heavier

@@ -37,6 +37,19 @@ def describe_outputs(cfg: Config, say: Say) -> None:
             say(line)
 
 
+def describe_memory(cfg: Config, say: Say) -> None:
+    """The training job's memory plan per GPU (:mod:`sdcluster.plan`), for a job on GPUs or with
+    ``cluster.gpu_mem_gb`` set: planning imports torch and diffusers (seconds on a login node), which a
+    dry run of a CPU job does not need."""
+    if cfg.task == "generate" or (cfg.cluster.gpus_per_node == 0 and cfg.cluster.gpu_mem_gb is None):
+        return
+    from sdcluster.plan.fit import describe, plan_config  # see describe_outputs: torch loads late
+
+    planned = plan_config(cfg)
+    for line in describe(planned) if planned else ["memory plan: not made, the model is not staged here"]:
+        say(line)
+
+
 def describe_points(cfgs: list[Config], say: Say, labels: list[str] | None = None) -> None:
     """A sweep's points, two or three lines each: the run folder, the image folder and how many images.
 
@@ -66,6 +79,7 @@ def dry_run(cfgs: list[Config], say: Say, unchecked: list[str], labels: list[str
         say(f"# not checked: {note}")
     if len(cfgs) == 1:
         describe_outputs(cfgs[0], say)
+        describe_memory(cfgs[0], say)
     else:
         describe_points(cfgs, say, labels)
     return 0

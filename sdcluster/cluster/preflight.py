@@ -75,11 +75,11 @@ def check_scripts(cfgs: list[Config]) -> None:
 def preflight(cfg: Config, dry_run: bool = False) -> tuple[Config, list[str]]:
     """Everything that can be checked before submission, in the order a user would fix it.
 
-    Returns the config to submit (``cfg`` pinned to the staged hub commits, which name the run folders;
-    ``cfg`` itself is left unchanged) and the checks that could not run. Without a reachable scheduler only
-    a dry run goes on (it prints what would be submitted and says what it could not check); a real
-    submission stops there. Where the scheduler answers but cannot say a partition's limits, both go on
-    and print what was not checked.
+    Returns the config to submit (``cfg`` pinned to the staged hub commits and with ``train.epochs``
+    counted as ``train.max_steps``, which name the run folders; ``cfg`` itself is left unchanged) and the
+    checks that could not run. Without a reachable scheduler only a dry run goes on (it prints what would
+    be submitted and says what it could not check); a real submission stops there. Where the scheduler
+    answers but cannot say a partition's limits, both go on and print what was not checked.
     """
     backend = backends.of(cfg)
     check_config(cfg)
@@ -93,13 +93,22 @@ def preflight(cfg: Config, dry_run: bool = False) -> tuple[Config, list[str]]:
             from sdcluster.train.step_folders import resume_folder
 
             resume_folder(cfg.train.resume)
+    if cfg.task != "generate" or not cfg.generate.model:  # the run's folder is named by its step count
+        from sdcluster.data.epochs import resolve_length
+
+        cfg = resolve_length(cfg)  # train.epochs as train.max_steps, counted from the data
     check_generation_inputs(cfg)
     # last of the checks (a typo in the data should not wait for a download); pins model.commit, which
     # names the run folders below
     cfg, _ = stage_for_launch(cfg, dry_run=dry_run)
+    # after staging, which brings the model's configs here: the plan reads them (and imports torch only
+    # when cluster.gpu_mem_gb asks for the check)
+    from sdcluster.plan.fit import check_fits  # late: the plan's chain (config, models) is deep
+
+    unplanned = check_fits(cfg)
     if cfg.task != "generate":
         ownership.check_free(paths.run_dir(cfg), "run")
     if cfg.task != "train":
         ownership.check_free(paths.generation_dir(cfg), "generate")
     check_scripts([cfg])
-    return cfg, backend.check(cfg, dry_run)
+    return cfg, unplanned + backend.check(cfg, dry_run)

@@ -84,9 +84,9 @@ def _process_start(pid: int) -> str | None:
 def _came_back(attempts: list[dict[str, Any]], restart_count: int) -> None:
     """Correct the previous attempt to PREEMPTED when a job recorded CANCELLED comes back requeued.
 
-    A stop signal (SLURM's SIGTERM) is the same for ``scancel`` and for preemption; the job cannot know at
-    exit whether the scheduler will requeue it, so it records CANCELLED. A later attempt of the same job
-    with a higher restart count is the scheduler's answer: it was requeued, i.e. preempted.
+    A job that got a stop signal (SLURM's SIGTERM) asks the scheduler whether it is being preempted and how
+    the site ends preempted jobs; where the scheduler did not say, it records CANCELLED. A later attempt of
+    the same job with a higher restart count is the scheduler's answer: it was requeued, i.e. preempted.
     """
     last = attempts[-1] if attempts else {}
     if (
@@ -124,7 +124,8 @@ def start_attempt(folder: Path, restart_count: int, cpu_threads: int | None = No
 
 
 def end_attempt(folder: Path, state: str, **details: Any) -> None:
-    """Close the current attempt: ``state`` is COMPLETED, FAILED, PREEMPTED or TIMEOUT (+ reason, step...)."""
+    """Close the current attempt: ``state`` is COMPLETED, FAILED, PREEMPTED, TIMEOUT or CANCELLED (+ reason,
+    step...)."""
     record = read(folder)
     attempts = record.setdefault("attempts", [{"started": None}])
     attempts[-1].update(ended=now(), state=state, **details)

@@ -40,7 +40,7 @@ from sdcluster.config.cluster import CLUSTERS, ClusterConfig
 from sdcluster.config.data import SAMPLE_PROMPTS, DataConfig
 from sdcluster.config.generate import GenerateConfig
 from sdcluster.config.model import ModelConfig
-from sdcluster.config.optim import OptimConfig
+from sdcluster.config.optim import OptimBase, OptimConfig
 from sdcluster.config.train import TrainConfig
 
 __all__ = [
@@ -59,6 +59,7 @@ __all__ = [
     "GenerateConfig",
     "LaunchConfig",
     "ModelConfig",
+    "OptimBase",
     "OptimConfig",
     "TrainConfig",
     "check_config",
@@ -94,8 +95,8 @@ class Config(Schema):
     """Which Stable Diffusion to start from (``conf/model/``)."""
     data: DataConfig = field(default_factory=DataConfig)
     """The captioned images to train on (``conf/data/``)."""
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    """The optimizer and its learning-rate schedule (``conf/optim/``)."""
+    optim: OptimBase = field(default_factory=OptimConfig)  # each option's own schema: config.optim
+    """The optimizer and its learning-rate schedule (``conf/optim/``); default: AdamW."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The fine-tuning loop (``conf/train/``)."""
     generate: GenerateConfig = field(default_factory=GenerateConfig)
@@ -107,6 +108,7 @@ class Config(Schema):
 
     def __post_init__(self) -> None:
         _choice(self.task, "task", TASKS)
+        self.train.default_length()
         for key in ("run_name", "output_root", "jobs_root", "cache_root"):  # paths reach the job script
             _no_control(getattr(self, key), key)
         for key in ROOTS:

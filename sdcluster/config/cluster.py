@@ -116,6 +116,10 @@ class ClusterConfig(Schema):
     bit for bit only at the same count, so set it when runs or layouts must compare bit for bit."""
     mem_gb: float | None = None
     """Memory per node in GB (> 0; sbatch reads 0 as all of the node's); null: the partition's default."""
+    gpu_mem_gb: float | None = None
+    """Memory of each GPU in GiB (e.g. 80): a training job whose memory plan (python -m sdcluster.plan) is
+    above it is refused before the queue, with the cheapest change that fits; null: no check. The plan
+    leaves out the CUDA context and the allocator's slack (about 1 GiB): give a little less than the card."""
     timeout_min: int = 600
     """Time limit of each job in minutes; a SLURM job reaching it checkpoints and requeues itself."""
     constraint: str | None = None
@@ -167,6 +171,12 @@ class ClusterConfig(Schema):
                 self.cpus_per_task, "cluster.cpus_per_task", 1, "e.g. 8, or null for the partition's default"
             )
         _check_mem_gb(self.mem_gb, "cluster.mem_gb")
+        _require(
+            self.gpu_mem_gb is None or (math.isfinite(self.gpu_mem_gb) and self.gpu_mem_gb > 0),
+            "cluster.gpu_mem_gb",
+            f"got {self.gpu_mem_gb}, must be > 0 GiB",
+            "each GPU's memory, e.g. 80 (or 79 to leave room for the CUDA context), or null for no check",
+        )
         _at_least(self.timeout_min, "cluster.timeout_min", 1, "minutes, e.g. 1440")
         _at_least(self.array_parallelism, "cluster.array_parallelism", 1, "e.g. 16")
         _at_least(self.signal_delay_s, "cluster.signal_delay_s", 0, "seconds, e.g. 120")

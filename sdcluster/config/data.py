@@ -36,9 +36,17 @@ class DataConfig(Schema):
     """A latent cache up to this size is held in RAM, a larger one is memory-mapped; 0 reads it from disk."""
     holdout: int = 0
     """Images kept out of training for the validation loss; 0 trains on all (validates on training ones)."""
+    max_samples: int | None = None
+    """Train on only the first N images (by file name) of the training split; null: all of them."""
+    caption_dropout: float = 0.0
+    """Probability that an example's caption is dropped for the unconditional one (what the pipeline uses
+    for an empty prompt), so classifier-free guidance keeps working on the fine-tuned model; 0: never."""
 
     NOT_IDENTITY: ClassVar[tuple[str, ...]] = ("num_workers", "cache", "cache_memory_mb", "max_pixels")
     """Keys that do not change what a run learns: changing one keeps the run folder (and so resumes it)."""
+    IDENTITY_WHEN_SET: ClassVar[tuple[str, ...]] = ("max_samples", "caption_dropout")
+    """Keys that join the run's identity only when set to something other than their default, so that runs
+    from before the key existed keep their folders."""
 
     def __post_init__(self) -> None:
         _require(self.max_pixels > 0, "data.max_pixels", "must be > 0", "set a positive pixel limit")
@@ -48,4 +56,16 @@ class DataConfig(Schema):
         )
         _require(
             self.holdout >= 0, "data.holdout", "must be >= 0", "images kept out of training for validation"
+        )
+        _require(
+            self.max_samples is None or self.max_samples > 0,
+            "data.max_samples",
+            f"must be > 0, got {self.max_samples}",
+            "the number of training images to use, or null for all",
+        )
+        _require(
+            0 <= self.caption_dropout < 1,
+            "data.caption_dropout",
+            f"must be in [0, 1), got {self.caption_dropout}",
+            "e.g. 0.1 (kohya's and SimpleTuner's usual value), or 0 to keep every caption",
         )

@@ -30,7 +30,11 @@ def _schema_keys(schema: type, prefix: str = "") -> dict[str, tuple[str, ...]]:
     for f in dataclasses.fields(schema):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
-            found.update(_schema_keys(type(default), f"{prefix}.{f.name}" if prefix else f.name))
+            path = f"{prefix}.{f.name}" if prefix else f.name
+            found.update(_schema_keys(type(default), path))
+            # a group whose options have their own schemas (optim=adafactor): any option's keys are known
+            for option in getattr(default, "OPTIONS", {}).values():
+                found[path] += tuple(o.name for o in dataclasses.fields(option) if o.name not in found[path])
     return found
 
 

@@ -15,6 +15,14 @@ from sdcluster.config.checks import (
     _require,
 )
 from sdcluster.config.data import SAMPLE_PROMPTS
+from sdcluster.config.export_formats import check_export_formats
+
+DEFAULT_MAX_STEPS = 40
+"""``train.max_steps`` when neither it nor ``train.epochs`` is set."""
+
+TRAIN_STRATEGIES = {"ddp": False, "fsdp": True}
+"""``train.strategy`` -> whether it shards the trained weights over the ranks. The one place the schema names
+strategies; :data:`sdcluster.train.strategy.STRATEGIES` implements each (a test keeps them in step)."""
 
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 """The UNet's attention projections (query, key, value, output): where diffusers' LoRA examples adapt it."""
@@ -73,8 +81,12 @@ class LoraConfig(Schema):
 class TrainConfig(Schema):
     """The fine-tuning loop: what the seed passed as ``train_text_to_image.py`` flags."""
 
-    max_steps: int = 40
-    """Optimizer steps to train for (the seed trained 15,000)."""
+    max_steps: int | None = None
+    """Optimizer steps to train for (the seed trained 15,000); null: what train.epochs makes, else 40."""
+    epochs: int | None = None
+    """Train for this many passes over the training split instead of train.max_steps (then null): counted
+    in optimizer steps at submission, from the images after data.holdout and data.max_samples, the batch
+    size, grad_accum and the world size; null: train.max_steps decides."""
     batch_size: int = 2
     """Images per device per micro-step; the effective batch is batch_size x grad_accum x world size."""
     grad_accum: int = 1
@@ -94,6 +106,13 @@ class TrainConfig(Schema):
     less GPU memory (3.2 GiB for SD 1.x), two copies over the bus a step; on CPU-only nodes a no-op."""
     gradient_checkpointing: bool = False
     """Recompute UNet activations in the backward pass: much less GPU memory for some more time."""
+    strategy: str = "ddp"
+    """How the trained weights live on the ranks: ddp (a whole copy of weights, gradients, optimizer state
+    and EMA on every GPU) or fsdp (all four sharded over every GPU of every node, torch's FSDP2: a GPU holds
+    1/N of them; docs/performance.md says when to pick it). Full fine-tuning only."""
+    fsdp_offload: bool = False
+    """With train.strategy=fsdp: keep the parameter shards and the optimizer state in CPU memory, on the GPU
+    only for each block's forward and backward (less GPU memory, much slower steps); a no-op on CPU nodes."""
     mixed_precision: str = "no"
     """Train in fp16 or bf16 (GPUs only, faster and lighter); no: float32."""
     allow_tf32: bool = True
@@ -130,6 +149,9 @@ class TrainConfig(Schema):
     """full: train every UNet weight; lora: train small adapters (train.lora), a small file for any base."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """The adapters of ``train.method=lora`` (setting one with method=full is refused)."""
+    export_formats: list[str] = field(default_factory=lambda: ["diffusers"])
+    """What the export writes: diffusers (always: a pipeline, or ``pytorch_lora_weights.safetensors``); add
+    kohya for a LoRA run's ``<run>_kohya.safetensors`` that ComfyUI and A1111 load (``[diffusers,kohya]``)."""
 
     NOT_IDENTITY: ClassVar[tuple[str, ...]] = (
         "log_every",
@@ -143,8 +165,29 @@ class TrainConfig(Schema):
         "tracker",
         "tracker_project",
         "ema_offload",
+        "epochs",  # counted into max_steps before submission: the same steps are the same run
+        "fsdp_offload",
+        "export_formats",
     )
     """Keys that do not change what a run learns: changing one keeps the run folder (and so resumes it)."""
+    IDENTITY_WHEN_SET: ClassVar[tuple[str, ...]] = ("strategy",)
+    """Keys that join the run's identity only when set to something other than their default, so that runs
+    from before the key existed keep their folders. ``strategy``: FSDP sums gradients in another order than
+    DDP (weights apart in the last bits, so a resume could not be bit-exact across the change) and its
+    checkpoints are in another format, so an FSDP run is a run of its own."""
+
+    def default_length(self) -> None:
+        """Neither ``max_steps`` nor ``epochs`` set: ``max_steps`` is what it has always defaulted to. Not
+        in ``__post_init__``: OmegaConf makes the schema's defaults by calling this class, so a default
+        filled in there would read as a ``max_steps`` set next to ``train.epochs``."""
+        if self.max_steps is None and self.epochs is None:
+            self.max_steps = DEFAULT_MAX_STEPS
+
+    @property
+    def shards(self) -> bool:
+        """Whether ``strategy`` shards the trained weights over the ranks (FSDP) rather than replicating
+        them: what checks ask instead of comparing strategy names."""
+        return TRAIN_STRATEGIES[self.strategy]
 
     @property
     def trains_adapters(self) -> bool:
@@ -158,8 +201,31 @@ class TrainConfig(Schema):
         when fused on export."""
         return not self.trains_adapters or self.lora.fuse_export
 
+    def _check_sharding(self) -> None:
+        """What FSDP does not do (yet), refused before the queue rather than in the job."""
+        _require(
+            self.shards or not self.fsdp_offload,
+            "train.fsdp_offload",
+            "offloads FSDP shards, but train.strategy=ddp shards nothing",
+            "add train.strategy=fsdp, or drop train.fsdp_offload",
+        )
+        _require(
+            not (self.shards and self.trains_adapters),
+            "train.strategy",
+            f"fsdp shards a full fine-tune; train.method={self.method} trains adapters only a few MB large",
+            "use train.strategy=ddp with train.method=lora",
+        )
+        _require(
+            not (self.shards and self.mixed_precision == "fp16"),
+            "train.mixed_precision",
+            "fp16 needs a loss scaler, which train.strategy=fsdp does not run",
+            "use train.mixed_precision=bf16 with fsdp",
+        )
+
     def __post_init__(self) -> None:
-        _require(self.max_steps > 0, "train.max_steps", f"must be > 0, got {self.max_steps}", "e.g. 1000")
+        for key, fix in (("max_steps", "e.g. 1000"), ("epochs", "e.g. 10, or null to train for max_steps")):
+            value = getattr(self, key)
+            _require(value is None or value > 0, f"train.{key}", f"must be > 0, got {value}", fix)
         _require(
             self.batch_size > 0, "train.batch_size", f"must be > 0, got {self.batch_size}", "per-device batch"
         )
@@ -183,6 +249,8 @@ class TrainConfig(Schema):
             "set train.use_ema=true, or drop train.ema_offload",
         )
         _choice(self.mixed_precision, "train.mixed_precision", MIXED_PRECISION)
+        _choice(self.strategy, "train.strategy", tuple(TRAIN_STRATEGIES))
+        self._check_sharding()
         _require(self.log_every > 0, "train.log_every", "must be > 0", "e.g. 10")
         _require(self.checkpoint_every > 0, "train.checkpoint_every", "must be > 0", "e.g. 500")
         _require(
@@ -213,6 +281,7 @@ class TrainConfig(Schema):
             "is set, but train.method=full trains no adapters",
             "add train.method=lora to train adapters, or drop the train.lora.* settings for a full fine-tune",
         )
+        check_export_formats(self)
         _require(
             self.resume in ("auto", "never") or bool(self.resume),
             "train.resume",

@@ -3,7 +3,9 @@
 ``reader`` is the one reader of ``metadata.jsonl`` (for validate, prepare and the job alike), ``metadata``
 prepares and validates a folder (Pillow only, so the login node checks it without torch; also
 ``python -m sdcluster.data``), ``image_checks`` says which files may be read at all (the same rule in the
-job), ``dataset`` loads a folder with ``datasets`` and augments, ``split`` holds images out for validation,
+job), ``dataset`` loads a folder with ``datasets`` and augments, ``split`` holds images out for validation
+(and cuts the training split to ``data.max_samples``), ``epochs`` counts ``train.epochs`` into optimizer steps
+before submission,
 ``sampler`` fixes which example each micro-step reads (so resume is exact), ``latent_cache`` owns the cached
 encoder outputs and their on-disk format (``latent_build`` fills an entry), ``loader`` gives the training
 loop its batches, and ``sample`` draws the shipped sample set. The models that encode live in

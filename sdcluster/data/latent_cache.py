@@ -22,7 +22,10 @@ What is stored, and why:
   images or ``center_crop``); if the dataset averages more than :data:`MAX_MEAN_CROPS`, caching would cost
   more than it saves, and training encodes every step instead (one log line says so).
 * Text: the hidden states of each distinct caption, once (SDXL: both encoders' penultimate hidden states,
-  concatenated as the UNet takes them, and the pooled embedding, in ``pooled.r.npy``).
+  concatenated as the UNet takes them, and the pooled embedding, in ``pooled.r.npy``). With
+  ``data.caption_dropout`` the empty caption is one more row (``empty_row`` in the manifest; the key says
+  so, and an entry without dropout keeps the key and the rows it always had), and every example carries its
+  encodings too, for the loss to put in a dropped caption's place.
 * SDXL's size and crop conditioning: each image's original (upright) size is in the manifest, and each row's
   crop offsets are its variant, so an example's ``time_ids`` are exactly what the image path computes.
 
@@ -56,7 +59,7 @@ from sdcluster import atomic, sealed
 from sdcluster.config import Config
 from sdcluster.data.dataset import crop_and_flip, resized_size, time_ids, upright_size
 from sdcluster.identity import latent_cache_key
-from sdcluster.models.family import TIME_IDS
+from sdcluster.models.family import TIME_IDS, empty_caption_key
 from sdcluster.models.load import encoder_parts, model_files, vae_files
 
 if TYPE_CHECKING:
@@ -80,6 +83,7 @@ class Plan:
     caption_rows: list[int]
     originals: list[tuple[int, int]]  # upright sizes before resizing (SDXL's conditioning)
     text_arrays: tuple[str, ...] = ("text",)  # the family's caption arrays
+    empty_row: int | None = None  # the empty caption's row (data.caption_dropout), else not stored
 
 
 def _crop_offsets(size: tuple[int, int], resolution: int, center_crop: bool) -> list[tuple[int, int]]:
@@ -106,6 +110,7 @@ def plan_variants(
 def make_plan(cfg: Config, dataset: Any, comps: Components) -> Plan | None:
     """The entry this run needs, or None (with one log line) when its crop policy is not worth caching."""
     res, center, flip = cfg.train.resolution, cfg.train.center_crop, cfg.train.random_flip
+    dropout = cfg.data.caption_dropout > 0
     folder = Path(cfg.data.path)
     names = list(dataset["file_name"])
     captions = list(dataset[cfg.data.caption_column])
@@ -133,18 +138,25 @@ def make_plan(cfg: Config, dataset: Any, comps: Components) -> Plan | None:
         vae_files=vae_files(cfg.model.vae_path) if cfg.model.vae_path else None,
         dtypes=[str(comps.vae.dtype), *(str(encoder.dtype) for encoder in encoders)],
         images=[[atomic.file_sha256(folder / n), c] for n, c in zip(names, captions, strict=True)],
+        empty_caption=dropout,
     )
     unique = list(dict.fromkeys(captions))
     row_of = {caption: row for row, caption in enumerate(unique)}
     variants = plan_variants(sizes, res, center, flip)
     rows = [row_of[c] for c in captions]
-    return Plan(key, sizes, variants, unique, rows, originals, family.text_arrays)
+    empty_row = None
+    if dropout:  # a row of its own unless a caption is empty already; after the others, which keep theirs
+        empty_row = row_of.get("", len(unique))
+        unique += [] if "" in row_of else [""]
+    return Plan(key, sizes, variants, unique, rows, originals, family.text_arrays, empty_row)
 
 
 def entry_manifest(plan: Plan, world: int) -> dict[str, Any]:
     """The entry manifest without its file list (:func:`commit` adds it): what readers need besides the
-    arrays, which crop/flip each row is and which caption row each image has."""
+    arrays, which crop/flip each row is and which caption row each image has (and the empty caption's)."""
+    empty = {} if plan.empty_row is None else {"empty_row": plan.empty_row}
     return {
+        **empty,
         "version": CACHE_VERSION,
         "key": plan.key,
         "world_size": world,
@@ -253,6 +265,7 @@ class CachedExamples(torch.utils.data.Dataset):
         self.sizes = [tuple(size) for size in manifest["sizes"]]
         self.originals = [tuple(size) for size in manifest["originals"]]
         self.caption_rows = manifest["caption_rows"]
+        self.empty_row: int | None = manifest.get("empty_row")
         self.rows = {
             (i, left, top, bool(f)): row for row, (i, left, top, f) in enumerate(manifest["variants"])
         }
@@ -280,4 +293,6 @@ class CachedExamples(torch.utils.data.Dataset):
         }
         # each caption array under its own name: the batch keys the family's conditioning reads
         example.update({kind: rows[caption] for kind, rows in self.text.items()})
+        if self.empty_row is not None:  # what a dropped caption is trained on (train.loss.caption_drops)
+            example.update({empty_caption_key(k): rows[self.empty_row] for k, rows in self.text.items()})
         return example

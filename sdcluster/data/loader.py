@@ -19,14 +19,14 @@ log = logging.getLogger("sdcluster")
 
 
 def training_rows(cfg: Config) -> Any:
-    """The training split of the image folder: every row but the ``data.holdout`` ones."""
+    """The training split of the image folder: every row but the ``data.holdout`` ones, the first
+    ``data.max_samples`` of them when set."""
     from sdcluster.data.dataset import load_captioned_images
-    from sdcluster.data.split import holdout_split
+    from sdcluster.data.split import training_indices
 
     cache = paths.datasets_cache(cfg)
     dataset = load_captioned_images(cfg.data.path, cfg.data.caption_column, cache_dir=cache)
-    train_indices, _ = holdout_split(len(dataset), cfg.data.holdout)
-    return dataset.select(train_indices)
+    return dataset.select(training_indices(len(dataset), cfg.data.holdout, cfg.data.max_samples))
 
 
 def training_examples(cfg: Config, comps: Any, accelerator: Any) -> torch.utils.data.Dataset:

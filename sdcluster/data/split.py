@@ -22,3 +22,10 @@ def holdout_split(num_images: int, holdout: int) -> tuple[list[int], list[int]]:
     random.Random(SPLIT_SEED).shuffle(order)
     held = sorted(order[:holdout])
     return sorted(set(range(num_images)) - set(held)), held
+
+
+def training_indices(num_images: int, holdout: int, max_samples: int | None = None) -> list[int]:
+    """The rows a run trains on: the training split, cut to its first ``max_samples`` (``data.max_samples``)
+    in row order (file names), so the same folder and settings always train on the same images."""
+    train, _ = holdout_split(num_images, holdout)
+    return train if max_samples is None else train[:max_samples]

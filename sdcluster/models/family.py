@@ -45,6 +45,12 @@ TIME_IDS = "time_ids"
 """The batch key of each example's SDXL size/crop numbers (see :func:`sdcluster.data.dataset.time_ids`)."""
 
 
+def empty_caption_key(kind: str) -> str:
+    """The batch key of the empty caption's cached encoding of a :attr:`Family.text_arrays` array (what
+    ``data.caption_dropout`` puts in a dropped caption's place): ``text`` -> ``empty_caption.text``."""
+    return f"empty_caption.{kind}"
+
+
 @runtime_checkable
 class Family(Protocol):
     """What a model family owns; :class:`SD1` and :class:`SDXL` implement it."""
@@ -73,6 +79,7 @@ class Family(Protocol):
     def conditioning(
         self, encoded: Mapping[str, torch.Tensor], time_ids: torch.Tensor | None
     ) -> dict[str, Any]: ...
+    def unconditional(self, empty: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
     def weighted_parts(self) -> tuple[str, ...]: ...
     def objective(self, noise_scheduler: Any, prediction_type: str | None = None) -> Objective: ...
     def frozen_modules(self, comps: Components) -> list[Any]: ...
@@ -129,6 +136,13 @@ class SD1:
     ) -> dict[str, Any]:
         """The denoiser's keyword arguments besides the noisy latents and the timesteps."""
         return {"encoder_hidden_states": encoded["text"]}
+
+    def unconditional(self, empty: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the family's pipelines condition on for an unconditional prompt, given the encodings of the
+        empty caption (``empty``, by :attr:`text_arrays` name): a dropped caption (``data.caption_dropout``)
+        is trained on it, so classifier-free guidance keeps working. ``StableDiffusionPipeline`` encodes
+        ``""``."""
+        return dict(empty)
 
     def weighted_parts(self) -> tuple[str, ...]:
         """The pipeline folders that hold weights (each must have safetensors ones): the denoiser, the VAE
@@ -202,6 +216,14 @@ class SDXL(SD1):
         like = {"device": hidden.device, "dtype": hidden.dtype}
         added = {"text_embeds": pooled.to(**like), "time_ids": time_ids.to(**like)}
         return {"encoder_hidden_states": hidden, "added_cond_kwargs": added}
+
+    def unconditional(self, empty: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Zeros, not the encodings of ``""``: ``StableDiffusionXLPipeline`` zeroes both the hidden states
+        and the pooled embedding of a missing negative prompt (``force_zeros_for_empty_prompt``, true in
+        SDXL's published ``model_index.json`` and the pipeline's default)."""
+        import torch
+
+        return {kind: torch.zeros_like(tensor) for kind, tensor in empty.items()}
 
     def vae_dtype(self, model: ModelConfig, half: torch.dtype | None) -> torch.dtype | None:
         # SDXL's own VAE produces NaNs in fp16 (diffusers' SDXL examples keep it in fp32 for this reason);

@@ -11,11 +11,14 @@ handler purely for the requeue (the scheduler's requeue + pickled resubmission),
 A foreground backend (local) has no scheduler, but there is a person at a terminal: its ``stop_signals``
 (Ctrl-C, SIGINT to the whole foreground group, or a SIGTERM) set the same flag, the job stops at the next
 step boundary with a checkpoint, records the attempt as CANCELLED and says that the same command resumes.
-SLURM's SIGTERM (``scancel``, or preemption at the start of the partition's GraceTime) is a stop signal
-too: the job saves at the next step boundary and never requeues itself, so SLURM's own requeue of a
-preempted job is not doubled and a cancelled job stays cancelled. A preempted job waits, saved, for the
-scheduler to end it (:func:`wait_for_the_end`); if it comes back, its next attempt corrects the CANCELLED
-record to PREEMPTED (:mod:`sdcluster.cluster.records`).
+SLURM's SIGTERM is a stop signal too, and the job saves at the next step boundary; then the backend
+says whether the scheduler is preempting it (``PreemptTime`` set; a ``scancel`` sets none) and how the
+site ends preempted jobs, and the job leaves well within the partition's GraceTime: under
+``PreemptMode=REQUEUE`` rank 0 records PREEMPTED and requeues the job itself (within
+``cluster.max_requeues``; SLURM requeues only a job it kills at the end of the grace time, so nothing is
+doubled, and accounting says REQUEUED); under ``CANCEL`` it records CANCELLED and cancels the job itself
+(accounting says CANCELLED); after a ``scancel`` it records CANCELLED. A cancelled job resumes by the same
+command.
 
 A time limit may also come without a warning the job hears (a site that blocks user signals, a
 ``signal_delay_s`` shorter than a step and a save, a signal sent to the batch shell only), so the job keeps
@@ -31,7 +34,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from sdcluster.cluster import backends, records
 
@@ -189,19 +192,6 @@ class PreemptionFlag:
         handler(PREEMPT_SIGNAL, None)
 
 
-def wait_for_the_end(poll_s: float = 1.0) -> None:
-    """Idle until the scheduler kills the process: the end of a preemption's grace time.
-
-    A preempted job that exits on its own within its grace time simply ends (FAILED or COMPLETED,
-    whatever its exit code): SLURM requeues (``PreemptMode=REQUEUE``) or cancels (``CANCEL``) only the job it
-    kills itself when the grace time is over. Requeueing ourselves (``scontrol requeue``) would release the
-    node sooner but would bring back a job the site chose to cancel; so the saved job waits for the
-    scheduler's own decision. Bounded by the scheduler: its SIGKILL (after GraceTime + KillWait) ends this.
-    """
-    while True:
-        time.sleep(poll_s)
-
-
 def classify(elapsed_s: float, timeout_min: int, signal_delay_s: int, slack_s: float = 90.0) -> str:
     """``timeout`` when the signal came about when the time-limit warning is due, else ``preempted``.
 
@@ -212,33 +202,49 @@ def classify(elapsed_s: float, timeout_min: int, signal_delay_s: int, slack_s: f
     return "timeout" if elapsed_s >= due - slack_s else "preempted"
 
 
+def _stopped(
+    backend: backends.Backend, folder: Path | None, stop_signal: str, mode: str | None, step: Any
+) -> NoReturn:
+    """End a job whose stop is not requeued: a person's (``scancel``, Ctrl-C; ``mode`` None) or a preemption
+    the site ends (``CANCEL``), or one whose end the scheduler did not say (``mode`` "")."""
+    reason = f"stopped by {stop_signal}"
+    if mode == "CANCEL":
+        reason = f"preempted, cancelled by the site ({reason})"
+    elif mode is not None:
+        reason += " while preempted"
+    if folder:  # CANCELLED; should the scheduler bring the job back after all, its next attempt corrects it
+        records.end_attempt(folder, "CANCELLED", step=step, exit_reason=reason, requeued=False)
+    if mode == "CANCEL":  # SLURM would cancel it at the end of the grace time: do it now, and say so
+        log.warning("%s at step %s: preempted, state saved; the site cancels it", stop_signal, step)
+        try:
+            backend.cancel()
+        except RuntimeError as err:  # the scheduler still ends it at the end of the grace time
+            log.warning("could not cancel the job itself (%s)", err)
+    raise JobStopped(f"{reason} at step {step}; state saved. Fix: run the same command to resume")
+
+
 def requeue_or_stop(
     cfg: Config, folder: Path | None, flag: PreemptionFlag, step: Any, started: float
 ) -> None:
-    """Rank 0 after the collective save: requeue within budget, else end the job with a clear reason."""
+    """Rank 0 after the collective save: requeue within budget, else end the job with a clear reason.
+
+    A stop signal is a preemption when the backend says so: where the site requeues preempted jobs, the
+    job requeues itself now, as on a warning signal (the scheduler requeues only a job it kills at the end
+    of the grace time, so the requeue is never doubled); where it cancels them, the job ends CANCELLED.
+    """
+    backend = backends.of(cfg)
     if flag.stop_signal:
-        backend = backends.of(cfg)
-        if folder:  # CANCELLED until the job comes back: then the next attempt corrects it to PREEMPTED
-            reason = f"stopped by {flag.stop_signal}"
-            records.end_attempt(folder, "CANCELLED", step=step, exit_reason=reason, requeued=False)
-        if backend.preempting():
-            log.warning(
-                "%s at step %s: preempted, state saved; waiting for the scheduler to end the job",
-                flag.stop_signal,
-                step,
-            )
-            wait_for_the_end()
-        raise JobStopped(
-            f"stopped by {flag.stop_signal} at step {step}; state saved. Fix: run the same command to resume"
-        )
-    if flag.out_of_time:  # no warning came in time: the job's own clock said the limit was near
+        mode = backend.preemption()
+        if mode != "REQUEUE":
+            _stopped(backend, folder, flag.stop_signal, mode, step)
+        reason, state = f"preempted (stopped by {flag.stop_signal})", "PREEMPTED"
+    elif flag.out_of_time:  # no warning came in time: the job's own clock said the limit was near
         reason, state = "timeout (the job's own clock)", "TIMEOUT"
     else:
         reason = classify(time.time() - started, cfg.cluster.timeout_min, cfg.cluster.signal_delay_s)
         state = "TIMEOUT" if reason == "timeout" else "PREEMPTED"
     budget = cfg.cluster.max_timeouts if state == "TIMEOUT" else cfg.cluster.max_requeues
     used = records.count_attempts(folder, state) if folder else 0
-    backend = backends.of(cfg)
     requeue = backend.requeues and used < budget
     if folder:
         records.end_attempt(folder, state, step=step, exit_reason=reason, requeued=requeue)

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from sdcluster import atomic, paths
 from sdcluster.cluster import backends, records
-from sdcluster.config import Config, ConfigError
+from sdcluster.config import Config, ConfigError, store
 
 SWEEP_JSON = "sweep.json"
 FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "LOST"}
@@ -45,7 +45,7 @@ def load(folder: Path) -> dict[str, Any]:
 
 def point_config(point: dict[str, Any]) -> Config:
     """Rebuild a point's typed config from the ledger (checks run again as at launch)."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), point["config"]))
+    return OmegaConf.to_object(OmegaConf.merge(store.schema_for(point["config"]), point["config"]))
 
 
 def _queued(record: dict) -> bool:

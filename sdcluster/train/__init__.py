@@ -6,7 +6,9 @@ and save (it owns choosing, verifying, loading, saving, pruning and setting asid
 on-disk format). ``method`` is what a run trains (every denoiser weight, or LoRA adapters: two siblings
 behind one protocol), chosen once and asked by the others; the model's family (SD 1.x/2.x or SDXL,
 :mod:`sdcluster.models.family`) says how it is conditioned, which objective it is trained on and how it is
-saved. ``loss`` is the denoising loss and the objectives, ``ema`` the moving average and its weight swap,
+saved. ``strategy`` is how the trained weights live on the ranks (whole on each, DDP, or sharded,
+FSDP), asked the same way. ``loss`` is the denoising loss and the objectives, ``ema`` the moving
+average and its weight swap,
 ``validation`` the held-out loss and images,
 ``export`` the diffusers pipeline or LoRA file at the end, ``metrics`` the run's ``metrics.jsonl`` and
 ``tracking`` TensorBoard/W&B. What the loop reads comes from :mod:`sdcluster.data`; submission lives in

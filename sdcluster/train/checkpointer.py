@@ -38,16 +38,20 @@ EMA_FILE = "ema.safetensors"
 STATE_FILE = "train_state.json"
 
 
-def write_extra(folder: Path, param_names: list[str], ema: Any, lr_scheduler: Any) -> dict[str, Any]:
+def write_extra(
+    folder: Path, param_names: list[str], ema: Any, lr_scheduler: Any, ema_file: bool = True
+) -> dict[str, Any]:
     """Write EMA weights and scheduler state into a checkpoint folder being built; return meta extras.
 
     The EMA averages what the run trains (:mod:`sdcluster.train.method`): the denoiser, or only its adapters.
+    ``ema_file=False``: the strategy keeps the EMA weights in its own (sharded) state; only its step is here.
     """
     extra: dict[str, Any] = {"lr": lr_scheduler.get_last_lr()[0]}
     if ema is not None:
-        pairs = zip(param_names, ema.shadow_params, strict=True)
-        tensors = {name: p.detach().cpu().contiguous() for name, p in pairs}
-        save_file(tensors, str(folder / EMA_FILE))
+        if ema_file:
+            pairs = zip(param_names, ema.shadow_params, strict=True)
+            tensors = {name: p.detach().cpu().contiguous() for name, p in pairs}
+            save_file(tensors, str(folder / EMA_FILE))
         extra["ema_optimization_step"] = ema.optimization_step
     state = {"lr_scheduler": lr_scheduler.state_dict()}
     (folder / STATE_FILE).write_text(json.dumps(state, default=_jsonable))
@@ -58,21 +62,35 @@ def _jsonable(value: Any) -> Any:
     return None if callable(value) else str(value)
 
 
-def load_extra(folder: Path, meta: step_folders.CheckpointMeta, param_names: list[str], ema: Any, sched: Any):
+def load_extra(
+    folder: Path,
+    meta: step_folders.CheckpointMeta,
+    param_names: list[str],
+    ema: Any,
+    sched: Any,
+    ema_file: bool = True,
+) -> None:
     state = json.loads((folder / STATE_FILE).read_text())
     sched_state = state["lr_scheduler"]
     sched_state.pop("lr_lambdas", None)  # functions are rebuilt from the config, not stored
     sched.load_state_dict({**sched.state_dict(), **sched_state})
-    if ema is not None:
-        if not (folder / EMA_FILE).is_file():
-            raise ConfigError(
-                f"train.use_ema: {folder} was saved without EMA. Fix: resume with train.use_ema=false, "
-                "or start a new run"
-            )
+    if ema is None:
+        return
+    check_ema(folder, meta)
+    if ema_file:  # else the strategy loaded the EMA weights with its own (sharded) state
         tensors = load_file(str(folder / EMA_FILE))
         for name, shadow in zip(param_names, ema.shadow_params, strict=True):
             shadow.data.copy_(tensors[name].to(shadow.device, shadow.dtype))
-        ema.optimization_step = meta.extra["ema_optimization_step"]
+    ema.optimization_step = meta.extra["ema_optimization_step"]
+
+
+def check_ema(folder: Path, meta: step_folders.CheckpointMeta) -> None:
+    """Refuse to resume an EMA run from a checkpoint saved without one (by its manifest: EMA's step)."""
+    if "ema_optimization_step" not in meta.extra:
+        raise ConfigError(
+            f"train.use_ema: {folder} was saved without EMA. Fix: resume with train.use_ema=false, "
+            "or start a new run"
+        )
 
 
 def check_compatible(meta: step_folders.CheckpointMeta, cfg: Config, world_size: int, folder: Path) -> None:
@@ -129,9 +147,13 @@ class Checkpointer:
                 continue
             meta = step_folders.read_meta(folder)
             check_compatible(meta, t.cfg, world, folder)
+            if t.ema is not None:
+                check_ema(folder, meta)
             try:
                 t.accelerator.load_state(str(folder))
-                load_extra(folder, meta, t.param_names, t.ema, t.lr_scheduler)
+                t.strategy.load(t, folder)  # collective: what save_state does not hold (FSDP's shards)
+                ema_file = not t.strategy.keeps_ema
+                load_extra(folder, meta, t.param_names, t.ema, t.lr_scheduler, ema_file)
             except ConfigError:
                 raise
             except Exception as err:  # any decoding error of any file: the next older checkpoint may be fine
@@ -208,8 +230,11 @@ class Checkpointer:
             t.accelerator,
             self.root,
             meta,
-            lambda folder: write_extra(folder, t.param_names, t.ema, t.lr_scheduler),
+            lambda folder: write_extra(
+                folder, t.param_names, t.ema, t.lr_scheduler, ema_file=not t.strategy.keeps_ema
+            ),
             t.cfg.train.checkpoints_keep,
+            write_shards=lambda folder: t.strategy.save(t, folder),
         )
 
     def save_unless_saved(self) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdcluster import atomic
 from sdcluster.config import ModelConfig
+from sdcluster.train import lora_formats, model_card
 from sdcluster.train.ema import ema_weights
 
 if TYPE_CHECKING:
@@ -86,6 +87,7 @@ def export_pipeline(
     with _publishing(dest, origin) as tmp, ema_weights(ema, params):
         parts = {family.denoiser_name: denoiser}
         _save(_base_pipeline(family, source, model, **parts), tmp, objective)
+        model_card.write_card(tmp, dest.parent, family)  # the run folder (dest's parent) describes it
     log.info("exported pipeline (%s weights): %s", "EMA" if ema is not None else "trained", dest)
     return dest
 
@@ -119,6 +121,8 @@ def export_lora(
             layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(state)
             layers[f"{name}_lora_adapter_metadata"] = module.peft_config[_ADAPTER].to_dict()
         family.pipeline_class.save_lora_weights(tmp, safe_serialization=True, **layers)
+        lora_formats.write_run_formats(tmp, dest.parent)  # train.export_formats, made from that file
+        model_card.write_card(tmp, dest.parent, family)
     log.info("exported LoRA (%s adapters): %s", "EMA" if ema is not None else "trained", dest)
     return dest
 
@@ -143,5 +147,6 @@ def export_fused(
         pipe.fuse_lora(lora_scale=1.0)
         pipe.unload_lora_weights()
         _save(pipe, tmp, objective)
+        model_card.write_card(tmp, dest.parent, family)
     log.info("exported pipeline with the LoRA fused: %s", dest)
     return dest

@@ -108,7 +108,8 @@ def _validate(t: Trainer) -> None:
     done = t.step in metrics.validated_steps(t.paths.metrics) if acc.is_main_process else None
     if rank0_decides(acc, done):
         return
-    record = run_validation(t, t.step)
+    with t.strategy.gathered(t) as whole:  # sharded weights gathered whole on each rank (FSDP), else as is
+        record = run_validation(whole, t.step)
     tracking.log(t.accelerator, t.cfg, {"val_loss": record["val_loss"]}, t.step)
     if record["images"] is not None:
         tracking.log_image(t.accelerator, t.cfg, "validation", record["images"] / "grid.png", t.step)
@@ -227,7 +228,8 @@ def _train_and_export(t: Trainer, ckpt: Checkpointer, flag: PreemptionFlag) -> T
     ckpt.save_unless_saved()
     _validate(t)
     acc.wait_for_everyone()
-    if acc.is_main_process:  # a pipeline, or the LoRA file (and a fused pipeline with fuse_export)
-        result.model_dir = t.method.export(t)
+    with t.strategy.gathered(t) as whole:  # collective: every rank gives its shards
+        if acc.is_main_process:  # a pipeline, or the LoRA file (and a fused pipeline with fuse_export)
+            result.model_dir = t.method.export(whole)
     acc.wait_for_everyone()
     return result

@@ -1,20 +1,22 @@
 """The denoising loss of one micro-batch, as in Stable Diffusion's training recipe, and the objective it
 trains (:class:`Objective`: what the denoiser predicts from which noised input).
 
-All randomness of a step (VAE posterior sample, noise, offset noise, timesteps) comes from one generator
-seeded from (seed, micro-step, rank). A resumed job therefore draws exactly what the uninterrupted job would
-have drawn, whether or not global RNG states were restored, and ranks draw different noise.
+All randomness of a step (VAE posterior sample, caption dropout, noise, offset noise, timesteps) comes from
+one generator seeded from (seed, micro-step, rank), drawn in that order. A resumed job therefore draws
+exactly what the uninterrupted job would have drawn, whether or not global RNG states were restored, and
+ranks draw different noise.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from sdcluster.derive import derive_int
-from sdcluster.models.family import TIME_IDS
+from sdcluster.models.family import TIME_IDS, empty_caption_key
 from sdcluster.models.objectives import Objective
 
 if TYPE_CHECKING:
@@ -54,22 +56,77 @@ def encode_latents(vae: Any, pixel_values: torch.Tensor, gen: torch.Generator) -
     return sample_posterior(parameters, gen, vae.config.scaling_factor)
 
 
+def caption_drops(batch_size: int, caption_dropout: float, gen: torch.Generator) -> torch.Tensor | None:
+    """Which examples of a micro-batch train on the unconditional caption (``data.caption_dropout``): one
+    draw per example from the step's generator, so a cached run and an encoding one drop the same captions,
+    and a resumed job the ones the uninterrupted job dropped. None (and nothing drawn, so runs without
+    dropout keep their noise) when the probability is 0."""
+    if not caption_dropout:
+        return None
+    return torch.rand(batch_size, generator=gen) < caption_dropout
+
+
+def _where(
+    drop: torch.Tensor, dropped: Mapping[str, torch.Tensor], kept: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Per example, ``dropped``'s rows where ``drop`` is set, else ``kept``'s."""
+    out = {}
+    for kind, tensor in kept.items():
+        mask = drop.to(tensor.device).view(-1, *[1] * (tensor.ndim - 1))
+        out[kind] = torch.where(mask, dropped[kind].to(tensor.device, tensor.dtype), tensor)
+    return out
+
+
+def _cached_encodings(
+    comps: Components, batch: dict[str, torch.Tensor], device: Any, drop: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    """The batch's cached caption encodings, the empty caption's cached rows where ``drop`` is set."""
+    family = comps.family
+    # The first parameter's dtype: a model's ``.dtype`` walks all its modules, at every step.
+    dtype = next(next(iter(comps.text_encoders.values())).parameters()).dtype
+    encoded = {kind: batch[kind].to(device, dtype, non_blocking=True) for kind in family.text_arrays}
+    if drop is None or not drop.any():
+        return encoded
+    keys = [empty_caption_key(kind) for kind in family.text_arrays]
+    if not all(key in batch for key in keys):
+        raise RuntimeError(
+            "data.caption_dropout is set, but the latent cache entry holds no empty caption: it was built "
+            "for another data.caption_dropout; delete the entry to rebuild it"
+        )
+    empty = {kind: batch[key] for kind, key in zip(family.text_arrays, keys, strict=True)}
+    return _where(drop, empty, encoded)
+
+
 def conditioning(
-    comps: Components, batch: dict[str, torch.Tensor], device: Any, grad: bool = False
+    comps: Components,
+    batch: dict[str, torch.Tensor],
+    device: Any,
+    grad: bool = False,
+    drop: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """The denoiser's conditioning of a batch, as the model's family builds it
     (:mod:`sdcluster.models.family`): from cached encodings when the batch carries them (the family's
     ``text_arrays``), else by running the text encoders on the token ids, with autograd only when ``grad``
-    (a text encoder that is trained)."""
+    (a text encoder that is trained).
+
+    Examples where ``drop`` is set (:func:`caption_drops`) get the family's unconditional conditioning, made
+    from the empty caption: its cached rows, or its token ids in the batch's place, so that a trained text
+    encoder (LoRA) runs on ``""`` there, as it would for a caption emptied before tokenizing."""
     family = comps.family
+    dropping = drop is not None and bool(drop.any())
     if all(kind in batch for kind in family.text_arrays):
-        # The first parameter's dtype: a model's ``.dtype`` walks all its modules, at every step.
-        dtype = next(next(iter(comps.text_encoders.values())).parameters()).dtype
-        encoded = {kind: batch[kind].to(device, dtype, non_blocking=True) for kind in family.text_arrays}
+        encoded = _cached_encodings(comps, batch, device, drop)
     else:
         ids = {key: batch[key] for key in family.tokenizers(comps)}
+        if dropping:
+            from sdcluster.data.dataset import tokenize_captions
+
+            empty_ids = tokenize_captions(family.tokenizers(comps), [""])
+            ids = _where(drop, {key: empty_ids[key][0] for key in ids}, ids)
         with torch.set_grad_enabled(grad):
             encoded = family.encode(comps, ids, device)
+    if dropping:  # the empty caption's encodings -> what the family's pipelines use for no prompt
+        encoded = _where(drop, family.unconditional(encoded), encoded)
     time_ids = batch.get(TIME_IDS)
     return family.conditioning(encoded, None if time_ids is None else time_ids.to(device))
 
@@ -80,10 +137,12 @@ def model_inputs(
     device: Any,
     gen: torch.Generator,
     grad_text: bool = False,
+    caption_dropout: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """(scaled latents, the denoiser's conditioning) of a batch: from cached encoder outputs when the batch
     carries them (``posterior`` and the family's text arrays), else by running the frozen VAE on
-    ``pixel_values`` and the text encoders on the token ids."""
+    ``pixel_values`` and the text encoders on the token ids; with ``caption_dropout``, each example's
+    caption is dropped with that probability (:func:`caption_drops`, drawn after the posterior sample)."""
     vae = comps.vae
     if "posterior" in batch:
         vae_dtype = next(vae.parameters()).dtype
@@ -91,7 +150,8 @@ def model_inputs(
         latents = sample_posterior(parameters, gen, vae.config.scaling_factor)
     else:
         latents = encode_latents(vae, batch["pixel_values"].to(device), gen)
-    return latents, conditioning(comps, batch, device, grad_text)
+    drop = caption_drops(latents.shape[0], caption_dropout, gen)
+    return latents, conditioning(comps, batch, device, grad_text, drop)
 
 
 def diffusion_loss(

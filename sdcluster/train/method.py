@@ -53,6 +53,7 @@ class Method(Protocol):
     trains_adapters: ClassVar[bool]
     """Whether it trains adapters rather than the denoiser's own weights: what the schema says of its name
     (:attr:`sdcluster.config.TrainConfig.trains_adapters`, read on the login node without this module)."""
+    cfg: Config
     trains_text_encoder: bool
     """Whether text encoders are trained (then the latent cache's encodings would be stale)."""
     models: list[torch.nn.Module]
@@ -73,11 +74,13 @@ def _inputs(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """(latents, the denoiser's conditioning) of a batch from the encoders (or the latent cache); text
     encoders whose adapters are trained run with autograd, through their prepared (DDP) wrappers: a forward
-    that bypasses the wrapper leaves their gradients unaveraged, and the ranks drift apart."""
+    that bypasses the wrapper leaves their gradients unaveraged, and the ranks drift apart. Captions are
+    dropped at ``data.caption_dropout`` whatever the method (a trained text encoder then sees ``""``)."""
     if method.trains_text_encoder:
         encoders = dict(zip(comps.text_encoders, method.prepared[1:], strict=True))
         comps = dataclasses.replace(comps, text_encoders=encoders)
-    return model_inputs(comps, batch, device, gen, grad_text=method.trains_text_encoder)
+    dropout = method.cfg.data.caption_dropout
+    return model_inputs(comps, batch, device, gen, method.trains_text_encoder, dropout)
 
 
 class FullFineTune:

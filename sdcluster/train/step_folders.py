@@ -183,8 +183,14 @@ def save(
     meta: CheckpointMeta,
     write_extra: Callable[[Path], dict[str, Any]],
     keep: int,
+    write_shards: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Save on every rank (accelerate requires it), commit on rank 0. Returns the final folder."""
+    """Save on every rank (accelerate requires it), commit on rank 0. Returns the final folder.
+
+    ``write_shards`` runs on every rank after ``save_state``: each writes its own files of a sharded state
+    (``torch.distributed.checkpoint``) into the same temporary folder, so the manifest lists and checksums
+    them like any other file and they are published, or not, with the rest.
+    """
     final = root / step_name(meta.step)
     tmp = root / f".tmp-{step_name(meta.step)}"
     if accelerator.is_main_process:
@@ -197,6 +203,8 @@ def save(
     # the previous checkpoint stays untouched
     with atomic.explain_disk_full(final, partial, resume, setting="output_root"):
         accelerator.save_state(str(tmp), safe_serialization=True)
+        if write_shards is not None:
+            write_shards(tmp)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             meta.extra = write_extra(tmp)

@@ -16,6 +16,8 @@ from sdcluster.config import Config, ConfigError
 from sdcluster.models.load import Components, load_components
 from sdcluster.paths import RunPaths, run_paths
 from sdcluster.train.method import Method, make_method, method_class, weight_dtype
+from sdcluster.train.optimizers import make_optimizer
+from sdcluster.train.strategy import DDP, Strategy, make_strategy
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -33,7 +35,7 @@ class Trainer:
     cfg: Config
     accelerator: Accelerator
     comps: Components
-    denoiser: torch.nn.Module  # as accelerate prepared it (a DDP wrapper on N processes)
+    denoiser: torch.nn.Module  # as the strategy prepared it (a DDP wrapper, or FSDP's sharded module)
     objective: Objective  # what the denoiser learns to predict (the family's)
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -45,6 +47,7 @@ class Trainer:
     step: int = 0
     micro_step: int = 0
     params: list[torch.nn.Parameter] = field(default_factory=list)  # listed once: iterating is not free
+    strategy: Strategy = field(default_factory=lambda: DDP(None))  # how the weights live on the ranks
 
 
 def weights_checksum(model: torch.nn.Module | list[torch.nn.Parameter]) -> str:
@@ -78,24 +81,6 @@ def _make_accelerator(cfg: Config, paths: RunPaths) -> Accelerator:
     )
 
 
-def _make_optimizer(cfg: Config, method: Method, world_size: int) -> torch.optim.Optimizer:
-    lr = cfg.optim.lr
-    if cfg.optim.scale_lr:
-        lr *= cfg.train.batch_size * cfg.train.grad_accum * world_size
-    groups = method.param_groups(lr)
-    fused = cfg.optim.fused
-    if fused is None:  # fused AdamW is one kernel per step instead of one per parameter (3.6x on CPU)
-        fused = groups[0]["params"][0].device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(
-        groups,
-        lr=lr,
-        betas=tuple(cfg.optim.betas),
-        weight_decay=cfg.optim.weight_decay,
-        eps=cfg.optim.eps,
-        fused=fused,
-    )
-
-
 def _prepare_models(cfg: Config, comps: Components, accelerator: Accelerator, method: Method) -> None:
     dtype = weight_dtype(accelerator)
     for frozen in comps.family.frozen_modules(comps):
@@ -123,6 +108,8 @@ def build_trainer(cfg: Config) -> Trainer:
     objective = comps.family.objective(comps.noise_scheduler, cfg.train.prediction_type)
     for model in method.models:
         model.to(accelerator.device)
+    strategy = make_strategy(cfg)
+    strategy.shard(method.models, accelerator)  # before the EMA and the optimizer take the parameters
     named = method.named_parameters()
     ema = None
     if cfg.train.use_ema:
@@ -134,7 +121,7 @@ def build_trainer(cfg: Config) -> Trainer:
             foreach=True,  # what store/copy_to/restore use; the update itself is LerpEMA's one fused lerp
             offload=cfg.train.ema_offload,
         )
-    optimizer = _make_optimizer(cfg, method, accelerator.num_processes)
+    optimizer = make_optimizer(cfg, method, accelerator.num_processes)  # optim=NAME: train.optimizers
     # Not passed to accelerator.prepare: a prepared scheduler is stepped once per process, the multi-GPU
     # learning-rate bug users keep hitting. We step it once per optimizer step and checkpoint it as JSON.
     lr_scheduler = get_scheduler(
@@ -144,7 +131,7 @@ def build_trainer(cfg: Config) -> Trainer:
         num_training_steps=cfg.train.max_steps,
     )
     method.register_checkpoint_hooks(accelerator)
-    *models, optimizer = accelerator.prepare(*method.models, optimizer)
+    models, optimizer = strategy.prepare(accelerator, method.models, optimizer)
     method.prepared = models  # what forward passes go through (DDP averages gradients only through them)
     return Trainer(
         cfg,
@@ -160,4 +147,5 @@ def build_trainer(cfg: Config) -> Trainer:
         method,
         models=models,
         params=[p for _, p in named],
+        strategy=strategy,
     )

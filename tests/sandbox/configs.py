@@ -15,7 +15,7 @@ CLUSTER = "sdcluster"
 DB_NAME, DB_USER = "slurm_acct_db", "slurm"
 _FIRST_PORT = 16817  # SLURM's defaults are 6817-6819: never collide with a real cluster's daemons
 _N_PORTS = 4  # slurmctld, slurmd, slurmdbd, mariadb
-GRACE_TIME_S = 20  # partition `low`: from preemption's SIGTERM to SIGKILL (a tiny job saves in ~1 s)
+GRACE_TIME_S = 20  # `low`, `lowcancel`: from preemption's SIGTERM to SIGKILL (a tiny job saves in ~1 s)
 
 
 def _port_free(port: int) -> bool:
@@ -65,6 +65,11 @@ def _node_lines(d: Path, lay: Layout) -> str:
         f"PartitionName=low Nodes={names} MaxTime=INFINITE State=UP PriorityTier=1 "
         f"GraceTime={GRACE_TIME_S} PreemptMode=REQUEUE"
     )
+    # The same, but SLURM cancels the preempted job instead of requeueing it (sites that do not requeue).
+    lines.append(
+        f"PartitionName=lowcancel Nodes={names} MaxTime=INFINITE State=UP PriorityTier=1 "
+        f"GraceTime={GRACE_TIME_S} PreemptMode=CANCEL"
+    )
     lines.append(
         f"PartitionName=high Nodes={names} MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF"
     )
@@ -83,6 +88,8 @@ def _render_slurm_conf(
     # preempted job SIGTERM and requeues it itself (partition_prio refuses a cluster-wide PreemptMode=OFF).
     # cred_expire=10 (default 120): a requeued job may only start again after it, so a preempted test job
     # would idle two minutes; 10 s is still ample for a step launch on one machine.
+    # config_overrides: the one-node sandbox declares more CPUs than the machine has (layout.py says why);
+    # without it slurmctld drains a node that registers fewer CPUs than slurm.conf gives it.
     return f"""\
 ClusterName={cluster}
 FirstJobId={first_job_id}
@@ -106,6 +113,7 @@ SchedulerParameters=bf_interval=2,sched_interval=2
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 ReturnToService=2
+SlurmdParameters=config_overrides
 MpiDefault=none
 JobRequeue=1
 MinJobAge=30

@@ -56,6 +56,14 @@ class Layout:
         return self.daemons[len(BASE_DAEMONS) + self.nodes.index(node)]
 
 
+# The one-node sandbox declares at least this many CPUs, more than a small machine has. Its test jobs mostly
+# wait (for a signal, a time limit, a grace time), so the suite runs several at once on parallel workers;
+# with the machine's 2 CPUs declared, SLURM would queue every other worker's 2-task job behind the running one
+# and the workers would wait on the queue instead of overlapping. The CPUs are shared as any overloaded
+# machine's are (no binding: TaskPlugin=task/none); slurm.conf's config_overrides keeps the node in service.
+SINGLE_NODE_MIN_CPUS = 8
+
+
 def _cpus() -> int:
     return len(os.sched_getaffinity(0))  # `nproc`: the CPUs this process may use
 
@@ -66,11 +74,12 @@ def _memory_mb() -> int:
 
 
 def layout(count: int = 1) -> Layout:
-    """One node under this machine's hostname, or ``count`` namespaced nodes n1..nN sharing its CPUs."""
+    """One node under this machine's hostname (at least ``SINGLE_NODE_MIN_CPUS``), or ``count`` namespaced
+    nodes n1..nN sharing the machine's CPUs."""
     if count < 1:
         raise SandboxError(f"a sandbox needs at least one node, not {count}")
     if count == 1:
-        node = Node(node_name(), "127.0.0.1", None, _cpus(), _memory_mb())
+        node = Node(node_name(), "127.0.0.1", None, max(_cpus(), SINGLE_NODE_MIN_CPUS), _memory_mb())
         return Layout((node,), "127.0.0.1")
     if _cpus() < count:
         raise SandboxError(f"{count} nodes need at least {count} CPUs; this machine has {_cpus()}")

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from tests.sandbox import layout as layouts
 from tests.sandbox import netns
-from tests.sandbox.configs import CLUSTER, write_configs
+from tests.sandbox.configs import CLUSTER, _render_slurm_conf, write_configs
 from tests.sandbox.daemons import (
     _alive,
     _ok,
@@ -83,6 +84,23 @@ def is_running(state_dir: Path | str | None = None, nodes: int | None = None) ->
     return all(_node_state(d, n.name) in HEALTHY_NODE_STATES for n in lay.nodes)
 
 
+def _conf_is_current(d: Path, lay: Layout) -> bool:
+    """Whether slurm.conf is what this checkout writes (with the ports, cluster name and first job id it
+    was started with): a sandbox that older code started lacks a partition or setting that tests now rely
+    on, and is restarted instead of reused."""
+    try:
+        text = (d / "slurm.conf").read_text()
+    except OSError:
+        return False
+    fields = dict(re.findall(r"^(\w+)=(\S*)$", text, re.MULTILINE))
+    try:
+        ports = (int(fields[k]) for k in ("SlurmctldPort", "SlurmdPort", "AccountingStoragePort"))
+        expected = _render_slurm_conf(d, lay, *ports, fields["ClusterName"], int(fields["FirstJobId"]))
+    except (KeyError, ValueError):
+        return False
+    return text == expected
+
+
 def _start_slurm(d: Path, lay: Layout) -> None:
     ctld = BY_NAME["slurmctld"]
     _spawn(d, ctld, "slurmctld")
@@ -135,11 +153,11 @@ def start(
     d = resolve_dir(state_dir, nodes)
     lay = layouts.layout(nodes)
     _check_binaries(lay)
-    if is_running(d, nodes):  # unlocked fast path: read-only checks
+    if is_running(d, nodes) and _conf_is_current(d, lay):  # unlocked fast path: read-only checks
         log.info("SLURM sandbox already running in %s", d)
         return _info(d, lay)
     with _locked(d):
-        if is_running(d, nodes):
+        if is_running(d, nodes) and _conf_is_current(d, lay):
             return _info(d, lay)
         t0 = time.monotonic()
         _stop(d)  # whatever is half up from an earlier session: restart from a known state

@@ -132,9 +132,10 @@ class Backend(Protocol):
         may be shared between clusters."""
         ...
 
-    def preempting(self) -> bool:
-        """Inside a job that got a stop signal: whether the scheduler is preempting it, and so ends it itself
-        (requeued or cancelled, as the site chose) when its grace time is over."""
+    def preemption(self) -> str | None:
+        """Inside a job that got a stop signal: None when the scheduler is not preempting it (a person
+        cancelled it), else what the site does with a preempted job, in SLURM's words: ``REQUEUE`` (it
+        comes back), ``CANCEL`` (it ends), or "" when the scheduler does not say."""
         ...
 
     def job_environment(self) -> JobEnvironment:
@@ -156,4 +157,10 @@ class Backend(Protocol):
     def requeue(self) -> None:
         """Inside a job: put it back in the queue under the same id (it starts again from the top and
         resumes from its run folder). Raises ``RuntimeError`` with the scheduler's answer if refused."""
+        ...
+
+    def cancel(self) -> None:
+        """Inside a job: end it as cancelled, so that the scheduler's accounting says so (a job that left on
+        its own would read COMPLETED or FAILED). Raises ``RuntimeError`` with the scheduler's answer if
+        refused."""
         ...

@@ -73,8 +73,8 @@ class LocalBackend:
     def stop_hint(self, job_id: str) -> str:
         return "Ctrl-C in its terminal"
 
-    def preempting(self) -> bool:
-        return False  # no scheduler: a stop signal comes from a person
+    def preemption(self) -> str | None:
+        return None  # no scheduler: a stop signal comes from a person
 
     def job_environment(self) -> JobEnvironment:
         return JobEnvironment()  # one task, never requeued, no array
@@ -87,6 +87,9 @@ class LocalBackend:
 
     def requeue(self) -> None:
         raise RuntimeError("a local job has no queue to go back to: rerun the same command to resume")
+
+    def cancel(self) -> None:
+        return None  # never asked: only a preempted job is cancelled by its own hand
 
     def cluster_name(self) -> str:
         return f"local@{socket.gethostname()}"  # a local job's id is a process id of this machine

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import submitit
 
-from sdcluster.cluster.backends import slurm_queries
+from sdcluster.cluster.backends import slurm_preemption, slurm_queries
 from sdcluster.cluster.backends.base import BoundGpus, JobEnvironment, TaskFailure
 
 if TYPE_CHECKING:
@@ -62,8 +62,8 @@ def failure_trap(cfg: Config, folder: Path) -> str:
     When one task dies, srun kills the others (SIGTERM, then SIGKILL after KillWait: no handler of theirs
     can be relied on), and the script ends: the batch shell is what survives, so it runs the check from a
     bash EXIT trap, given srun's exit status (``$?`` on entry: the last command's). The script keeps that
-    status. A cancel, a time-out or a requeue (submitit's, or SLURM's on preemption) also ends the script;
-    the module asks the scheduler (:meth:`SlurmBackend.after_failure`) and leaves those alone.
+    status. A cancel, a time-out or a requeue (the job's own, at a time-out or a preemption) also ends the
+    script; the module asks the scheduler (:meth:`SlurmBackend.after_failure`) and leaves those alone.
     """
     command = shlex.join(
         [
@@ -228,18 +228,22 @@ class SlurmBackend:
     def cluster_name(self) -> str | None:
         return slurm_queries.cluster_name()
 
-    def preempting(self) -> bool:
-        """True when SLURM chose this job for preemption (``PreemptTime`` set): it ends the job itself when
-        the grace time is over, and requeues or cancels it as the partition's PreemptMode says."""
-        job_id = os.environ.get("SLURM_JOB_ID")
+    def preemption(self) -> str | None:
+        """None unless SLURM chose this job for preemption (``PreemptTime`` set while it runs: a ``scancel``
+        sets none); then what the job's PreemptMode does with it (``REQUEUE``, ``CANCEL``), or "" when
+        SLURM does not say."""
+        job_id = os.environ.get("SLURM_JOB_ID", "")
         fields = slurm_queries.job_fields(job_id) if job_id else {}
-        return fields.get("JobState") == "RUNNING" and fields.get("PreemptTime", "None") not in ("None", "")
+        if fields.get("JobState") != "RUNNING" or fields.get("PreemptTime", "None") in ("None", ""):
+            return None
+        return slurm_preemption.preempt_mode(fields.get("Partition", ""), fields.get("QOS", "")) or ""
 
     def after_failure(self, log_text: str) -> TaskFailure | None:
         """A failure when SLURM still runs the job (the batch shell is ending on its own) and is not
-        preempting it; else None: scancel, the time limit, preemption and any requeue (submitit's at a
-        time-out, SLURM's at preemption) change JobState before the script ends. Unanswered: None too,
-        since requeueing a job that SLURM cancelled would bring it back against the user's word."""
+        preempting it; else None: scancel, the time limit, preemption and any requeue or cancel the job
+        asked for itself (at a time-out or a preemption) change JobState before the script ends.
+        Unanswered: None too, since requeueing a job that SLURM cancelled would bring it back against the
+        user's word."""
         job_id = os.environ.get("SLURM_JOB_ID")
         fields = slurm_queries.job_fields(job_id) if job_id else {}
         if fields.get("JobState") != "RUNNING" or fields.get("PreemptTime", "None") not in ("None", ""):
@@ -249,6 +253,9 @@ class SlurmBackend:
 
     def requeue(self) -> None:
         slurm_queries.requeue(os.environ["SLURM_JOB_ID"])  # an array task's own id: only that task
+
+    def cancel(self) -> None:
+        slurm_queries.cancel(os.environ["SLURM_JOB_ID"])  # an array task's own id: only that task
 
     def end_time(self) -> float | None:
         job_id = os.environ.get("SLURM_JOB_ID")

@@ -1,6 +1,7 @@
 """What SLURM knows (the SLURM backend's queries), asked through its own commands: a job's state (sacct,
 else squeue), end time (squeue) and live fields (scontrol), the partitions and their limits (scontrol,
-sinfo); and the one thing a job asks of it, a requeue (scontrol), with srun's word on a failed task.
+sinfo); and what a job asks of it: a requeue (scontrol), a cancel (scancel), with srun's word on a failed
+task (how a preemption ends a job: :mod:`.slurm_preemption`).
 
 Every call has a time-out and returns None (or raises :class:`SchedulerUnavailable`) instead of hanging when
 the controller is down: the login-node commands must answer even then.
@@ -101,6 +102,16 @@ def requeue(job_id: str) -> None:
         raise RuntimeError(f"scontrol requeue {job_id} did not answer ({err})") from None
     if out.returncode != 0:
         raise RuntimeError(f"scontrol requeue {job_id} refused: {out.stderr.strip() or out.stdout.strip()}")
+
+
+def cancel(job_id: str) -> None:
+    """``scancel``: the job ends CANCELLED (its steps get SIGTERM, then SIGKILL after KillWait)."""
+    try:
+        out = _run(["scancel", job_id], timeout=60)
+    except (FileNotFoundError, subprocess.TimeoutExpired) as err:
+        raise RuntimeError(f"scancel {job_id} did not answer ({err})") from None
+    if out.returncode != 0:
+        raise RuntimeError(f"scancel {job_id} refused: {out.stderr.strip() or out.stdout.strip()}")
 
 
 # srun's line for a task that ended badly: "srun: error: node3: task 1: Killed", or "tasks 0-3: Exited

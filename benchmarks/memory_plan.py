@@ -1,0 +1,247 @@
+"""The memory plan, measured: activation bytes for its table, and its prediction against a real step's peak.
+
+    python -m benchmarks.memory_plan activations   # measure, write sdcluster/assets/memory/activations.json
+    python -m benchmarks.memory_plan compare       # predicted vs measured peak, a Markdown table
+
+What is measured, on CPU: the **sum of the bytes of every live tensor** (torch's ``MemTracker``, a
+``TorchDispatchMode`` that sees each tensor created and freed), not peak RSS, which also holds the Python
+heap, the libraries and the allocator's free lists. On CPU torch has no allocator counters (no
+``torch.cuda.max_memory_allocated``), so this is the closest to what a GPU's allocator would report.
+
+``activations``: for each model (``tiny``, ``tiny_sdxl``, ``small``, ``small_sdxl``, see
+:mod:`benchmarks.common`) at two resolutions, with gradient checkpointing off and on, at micro-batch 1 and 2:
+one forward and backward of the denoiser with its family's real conditioning (the text encoders' outputs
+for a caption, SDXL's pooled embedding and size/crop numbers), float32. Activation bytes are the peak of
+that pass are its peak minus the weights and the gradients it ends with: what a micro-step needs above
+them (the activations peak while the gradients are still being made, so the two are not simply added; this
+is the same definition as ``benchmarks/true_size.py``'s 0.84 GiB for SD 1.x at 512 px). The plan scales them
+by the rule in :mod:`sdcluster.plan.activations`.
+
+``compare``: the training job's own objects (:func:`sdcluster.train.trainer.build_trainer`, the loop's
+micro-step, the EMA update) for three optimizer steps, the latent cache built beforehand and read from disk
+(``data.cache_memory_mb=0``, so no cached array sits in memory as a tensor; on a GPU it would sit in host
+memory anyway). Predicted is :mod:`sdcluster.plan` for the same config; the error is (predicted - measured) /
+measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks import common
+
+MODELS = ("tiny", "tiny_sdxl", "small", "small_sdxl")
+RESOLUTIONS = {"tiny": (64, 128), "tiny_sdxl": (64, 128), "small": (128, 256), "small_sdxl": (128, 256)}
+TABLE = Path(__file__).resolve().parents[1] / "sdcluster" / "assets" / "memory" / "activations.json"
+
+
+def model_folder(size: str) -> Path:
+    """The pipeline folder of a benchmark model (the embedded ``tiny_sdxl`` too)."""
+    if size == "tiny_sdxl":  # embedded, like tiny: built once in the benchmarks' cache
+        from sdcluster.models.embedded import ensure_tiny_model
+
+        return ensure_tiny_model(common.CACHE_ROOT, "tiny_sdxl")
+    return common.model_path(size)
+
+
+def _tracker(*external: Any) -> Any:
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    tracker.track_external(*external)
+    return tracker
+
+
+def _peak(tracker: Any) -> dict[str, int]:
+    """The categories of the tracker's peak snapshot on the CPU, by name, and ``Total``."""
+    snapshot = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    return {getattr(k, "value", k): v for k, v in snapshot.items()}
+
+
+def _conditioning(comps: Any, batch: int, resolution: int) -> dict[str, Any]:
+    """The denoiser's keyword arguments for ``batch`` copies of a caption, as the training loop makes them."""
+    import torch
+
+    family, caption = comps.family, ["a pair of denim jeans on a white background"] * batch
+    pad = {"padding": "max_length", "return_tensors": "pt"}
+    ids = {
+        key: tok(caption, max_length=tok.model_max_length, **pad).input_ids
+        for key, tok in family.tokenizers(comps).items()
+    }
+    with torch.no_grad():
+        encoded = family.encode(comps, ids, "cpu")
+    size = [resolution, resolution, 0, 0, resolution, resolution]  # original size, crop, target size
+    return family.conditioning(encoded, torch.tensor([size] * batch, dtype=torch.float32))
+
+
+def measure_activations(comps: Any, resolution: int, batch: int, checkpointing: bool) -> int:
+    """Peak bytes of one forward + backward above the denoiser's weights and the gradients it ends with."""
+    import torch
+    import torch.nn.functional as F
+
+    denoiser = comps.denoiser.train()
+    denoiser.zero_grad(set_to_none=True)
+    if checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    else:
+        denoiser.disable_gradient_checkpointing()
+    cond = _conditioning(comps, batch, resolution)
+    gen = torch.Generator().manual_seed(0)
+    channels, side = comps.vae.config.latent_channels, resolution // 8
+    latents = torch.randn(batch, channels, side, side, generator=gen)
+    timesteps = torch.full((batch,), 500)
+    tracker = _tracker(denoiser)
+    with tracker:
+        out = denoiser(latents, timesteps, **cond, return_dict=False)[0]
+        F.mse_loss(out, latents).backward()
+    peak = _peak(tracker)
+    return max(peak["Total"] - peak["Parameter"] - peak["Buffer"] - peak["Gradient"], 0)
+
+
+def activations(args: argparse.Namespace) -> None:
+    from sdcluster.config import ModelConfig
+    from sdcluster.models.load import load_components
+    from sdcluster.plan.sizes import model_sizes
+
+    kept = json.loads(TABLE.read_text())["entries"] if TABLE.is_file() else []
+    entries = [e for e in kept if e["model"] not in args.models]  # models not measured this time stay
+    for size in args.models:
+        folder = model_folder(size)
+        comps = load_components(ModelConfig(name=size, path=str(folder)), common.CACHE_ROOT)
+        with tempfile.TemporaryDirectory() as out:
+            sizes = model_sizes(_config(size, Path(out), "full"), folder)
+        for resolution in RESOLUTIONS[size]:
+            for checkpointing in (False, True):
+                measured = {str(b): measure_activations(comps, resolution, b, checkpointing) for b in (1, 2)}
+                entry = {
+                    "model": size,
+                    "family": sizes.family,
+                    "denoiser_params": sizes.denoiser,
+                    "width": sizes.denoiser_width,
+                    "resolution": resolution,
+                    "gradient_checkpointing": checkpointing,
+                    "bytes": measured,
+                }
+                print(json.dumps(entry), flush=True)
+                entries.append(entry)
+    record = {
+        "what": "bytes of one denoiser forward + backward above its weights and gradients, float32, by "
+        "micro-batch (python -m benchmarks.memory_plan activations; sum of live tensor bytes, MemTracker)",
+        "machine": common.machine(),
+        "entries": entries,
+    }
+    TABLE.parent.mkdir(parents=True, exist_ok=True)
+    TABLE.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {TABLE}")
+
+
+def _config(size: str, out: Path, variant: str) -> Any:
+    """The seed's run (batch 4, EMA) at the model's resolution, as the variant changes it."""
+    import dataclasses
+
+    from sdcluster.config.train import LoraConfig
+
+    changes: dict[str, Any] = {"max_steps": 3, "validate_every": 0}
+    if "lora" in variant:
+        changes |= {"method": "lora", "lora": LoraConfig(rank=8)}
+    if "ckpt" in variant:
+        changes["gradient_checkpointing"] = True
+    cfg = common.seed_config("tiny" if size == "tiny_sdxl" else size, out, **changes)
+    cfg.model.path, cfg.model.name = str(model_folder(size)), size  # tiny_sdxl: at tiny's 64 px
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_memory_mb=0))
+
+
+def measure_peak(cfg: Any) -> int:
+    """Peak tensor bytes of three optimizer steps of the training job's own objects."""
+    from sdcluster.train.loop import _loader, _micro_step
+    from sdcluster.train.trainer import build_trainer
+
+    t = build_trainer(cfg)
+    batches = iter(_loader(t))  # builds the latent cache first, outside the measurement
+    frozen = [t.comps.vae, *t.comps.text_encoders.values()]
+    shadows = list(t.ema.shadow_params) if t.ema is not None else []
+    # tensors, not modules: MemTracker hooks a module's parameters' gradients, which frozen ones do not have
+    tensors = [x for m in (*t.method.models, *frozen) for x in (*m.parameters(), *m.buffers())]
+    tracker = _tracker(*tensors, t.optimizer, *shadows)
+    with tracker:
+        while t.step < cfg.train.max_steps:
+            _micro_step(t, next(batches))
+            tracker.reset_mod_stats()  # per-module statistics cover one call; the overall peak stays
+            if t.accelerator.sync_gradients:
+                t.step += 1
+                t.lr_scheduler.step()
+                if t.ema is not None:
+                    t.ema.step(t.params)
+    return _peak(tracker)["Total"]
+
+
+def compare_one(size: str, variant: str) -> dict[str, Any]:
+    from sdcluster.plan.fit import plan_config
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = _config(size, Path(out), variant)
+        planned = plan_config(cfg)
+        assert planned is not None
+        measured = measure_peak(cfg)
+    predicted = planned.plan.total
+    return {
+        "model": size,
+        "variant": variant,
+        "parts": planned.plan.parts,
+        "predicted": predicted,
+        "measured": measured,
+        "error": (predicted - measured) / measured,
+    }
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Each (model, variant) in a child process, so that nothing of one row is alive in the next."""
+    rows, results = [], []
+    for size in args.models:
+        for variant in args.variants:
+            res = common.child_json(["benchmarks.memory_plan", "one", size, variant])
+            results.append(res)
+            mib = 1024**2
+            rows.append(
+                [
+                    size,
+                    variant,
+                    f"{res['predicted'] / mib:.1f}",
+                    f"{res['measured'] / mib:.1f}",
+                    f"{100 * res['error']:+.1f}%",
+                    f"{res['parts']['activations'] / mib:.1f}",
+                ]
+            )
+    header = ["model", "variant", "predicted MiB", "measured MiB", "error", "of which activations MiB"]
+    title = f"Memory plan vs measured peak tensor bytes ({common.machine()})"
+    table = common.print_table(title, header, rows)
+    common.save("memory_plan", {"machine": common.machine(), "results": results, "table": table})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.memory_plan", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    act = sub.add_parser("activations", help="measure the activation table the plan ships")
+    act.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    cmp_ = sub.add_parser("compare", help="predicted vs measured peak")
+    cmp_.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    cmp_.add_argument("--variants", nargs="+", default=["full", "full+ckpt", "lora"])
+    one = sub.add_parser("one", help="one row of compare, in this process (JSON on the last line)")
+    one.add_argument("size", choices=MODELS)
+    one.add_argument("variant")
+    args = parser.parse_args(argv)
+    common.set_threads()
+    if args.command == "activations":
+        activations(args)
+    elif args.command == "compare":
+        compare(args)
+    else:
+        print(json.dumps(compare_one(args.size, args.variant)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""``train.epochs`` as optimizer steps, counted on the login node where the dataset is readable.
+
+The loop, the LR schedule, checkpoints and the run's identity all speak in optimizer steps
+(``train.max_steps``); ``train.epochs`` is another way to say how many. It is converted once, before
+submission, from the number of training images (after ``data.holdout`` and ``data.max_samples``) and the
+effective batch (``train.batch_size`` x ``train.grad_accum`` x the world size), and the config that is
+submitted carries the result in ``train.max_steps``: the job, its records (``jobs/<id>/config.yaml``, the
+run folder's ``config.yaml``) and the run's folder name all see the number it trains for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+
+from sdcluster.config import Config, ConfigError
+from sdcluster.data.reader import scan
+from sdcluster.data.split import training_indices
+
+log = logging.getLogger("sdcluster")
+
+
+def training_size(cfg: Config) -> int:
+    """How many images the run trains on: the rows the job's reader accepts, less the holdout, at most
+    ``data.max_samples``."""
+    rows, _ = scan(Path(cfg.data.path), cfg.data.caption_column)
+    try:
+        return len(training_indices(len(rows), cfg.data.holdout, cfg.data.max_samples))
+    except ValueError as err:  # the holdout leaves nothing: its message names the fix
+        raise ConfigError(str(err)) from None
+
+
+def steps_for_epochs(epochs: int, images: int, effective_batch: int) -> int:
+    """Optimizer steps that read every training image ``epochs`` times: the sampler never drops a partial
+    batch (epochs straddle steps instead), so the last step of an epoch is counted, not dropped."""
+    return max(1, math.ceil(epochs * images / effective_batch))
+
+
+def resolve_length(cfg: Config) -> Config:
+    """``cfg`` with ``train.max_steps`` counted from ``train.epochs`` (``cfg`` itself is left as it is);
+    ``cfg`` when no epochs are set. A ``train.max_steps`` set to another number is refused: exactly one of
+    the two decides the length."""
+    train = cfg.train
+    if train.epochs is None:
+        return cfg
+    images = training_size(cfg)
+    world = cfg.cluster.world_size
+    effective = train.batch_size * train.grad_accum * world
+    steps = steps_for_epochs(train.epochs, images, effective)
+    if train.max_steps is not None and train.max_steps != steps:
+        raise ConfigError(
+            f"train.max_steps={train.max_steps} and train.epochs={train.epochs} both set the length, and "
+            f"{train.epochs} epochs of {images} images at an effective batch of {effective} are {steps} "
+            "steps. Fix: add train.max_steps=null to train by epochs (an experiment may set max_steps), "
+            "or drop train.epochs"
+        )
+    log.info(
+        "train.epochs=%d: %d images x %d epochs / effective batch %d (%d x %d x %d processes) = "
+        "train.max_steps=%d",
+        train.epochs,
+        images,
+        train.epochs,
+        effective,
+        train.batch_size,
+        train.grad_accum,
+        world,
+        steps,
+    )
+    return dataclasses.replace(cfg, train=dataclasses.replace(train, max_steps=steps))
