@@ -11,7 +11,11 @@ heap, the libraries and the allocator's free lists. On CPU torch has no allocato
 ``activations``: for each model (``tiny``, ``tiny_sdxl``, ``small``, ``small_sdxl``, see
 :mod:`benchmarks.common`) at two resolutions, with gradient checkpointing off and on, at micro-batch 1 and 2:
 one forward and backward of the denoiser with its family's real conditioning (the text encoders' outputs
-for a caption, SDXL's pooled embedding and size/crop numbers), float32. Activation bytes are the peak of
+for a caption, SDXL's pooled embedding and size/crop numbers), float32. ``sd1_true`` is SD 1.x's published
+UNet at its true size (:data:`benchmarks.true_size_model.SD1_UNET`, random weights) at 256 px, the largest
+resolution this CPU affords without checkpointing (about 10 GiB of memory, a few minutes); its conditioning
+is random text states of CLIP ViT-L's shape (77 x 768): the activations depend on the shapes, not the values,
+and the pipeline's 4 GiB folder, VAE and text encoder are not needed. Activation bytes are the peak of
 that pass are its peak minus the weights and the gradients it ends with: what a micro-step needs above
 them (the activations peak while the gradients are still being made, so the two are not simply added; this
 is the same definition as ``benchmarks/true_size.py``'s 0.84 GiB for SD 1.x at 512 px). The plan scales them
@@ -34,8 +38,15 @@ from typing import Any
 
 from benchmarks import common
 
-MODELS = ("tiny", "tiny_sdxl", "small", "small_sdxl")
-RESOLUTIONS = {"tiny": (64, 128), "tiny_sdxl": (64, 128), "small": (128, 256), "small_sdxl": (128, 256)}
+MODELS = ("tiny", "tiny_sdxl", "small", "small_sdxl", "sd1_true")
+RESOLUTIONS = {
+    "tiny": (64, 128),
+    "tiny_sdxl": (64, 128),
+    "small": (128, 256),
+    "small_sdxl": (128, 256),
+    "sd1_true": (256,),  # 512 px without checkpointing is beyond this CPU's memory
+}
+PIPELINES = MODELS[:-1]  # what `compare` trains: sd1_true is a bare UNet
 TABLE = Path(__file__).resolve().parents[1] / "sdcluster" / "assets" / "memory" / "activations.json"
 
 
@@ -80,26 +91,82 @@ def _conditioning(comps: Any, batch: int, resolution: int) -> dict[str, Any]:
 
 def measure_activations(comps: Any, resolution: int, batch: int, checkpointing: bool) -> int:
     """Peak bytes of one forward + backward above the denoiser's weights and the gradients it ends with."""
+    cond = _conditioning(comps, batch, resolution)
+    return measure_pass(comps.denoiser, cond, comps.vae.config.latent_channels, resolution, checkpointing)
+
+
+def measure_pass(
+    denoiser: Any, cond: dict[str, Any], channels: int, resolution: int, checkpointing: bool
+) -> int:
+    """:func:`measure_activations` for a bare denoiser and its keyword arguments (whose batch it takes)."""
     import torch
     import torch.nn.functional as F
 
-    denoiser = comps.denoiser.train()
+    denoiser = denoiser.train()
     denoiser.zero_grad(set_to_none=True)
     if checkpointing:
         denoiser.enable_gradient_checkpointing()
     else:
         denoiser.disable_gradient_checkpointing()
-    cond = _conditioning(comps, batch, resolution)
+    batch = cond["encoder_hidden_states"].shape[0]
     gen = torch.Generator().manual_seed(0)
-    channels, side = comps.vae.config.latent_channels, resolution // 8
-    latents = torch.randn(batch, channels, side, side, generator=gen)
+    latents = torch.randn(batch, channels, resolution // 8, resolution // 8, generator=gen)
     timesteps = torch.full((batch,), 500)
     tracker = _tracker(denoiser)
     with tracker:
         out = denoiser(latents, timesteps, **cond, return_dict=False)[0]
         F.mse_loss(out, latents).backward()
     peak = _peak(tracker)
+    denoiser.zero_grad(set_to_none=True)  # the next pass starts without this one's gradients
     return max(peak["Total"] - peak["Parameter"] - peak["Buffer"] - peak["Gradient"], 0)
+
+
+def true_size_entries(resolutions: tuple[int, ...]) -> list[dict[str, Any]]:
+    """The ``sd1_true`` entries: SD 1.x's published UNet, random weights, CLIP ViT-L-shaped text states."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from benchmarks.true_size_model import SD1_TEXT, SD1_UNET
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(SD1_UNET)
+    params = sum(p.numel() for p in unet.parameters())
+    tokens, hidden = SD1_TEXT["max_position_embeddings"], SD1_TEXT["hidden_size"]
+    entries = []
+    for resolution in resolutions:
+        for checkpointing in (False, True):
+            measured = {}
+            for batch in (1, 2):
+                cond = {"encoder_hidden_states": torch.randn(batch, tokens, hidden)}
+                channels = SD1_UNET["in_channels"]
+                measured[str(batch)] = measure_pass(unet, cond, channels, resolution, checkpointing)
+            entries.append(
+                _entry(
+                    "sd1_true",
+                    "sd1",
+                    params,
+                    SD1_UNET["block_out_channels"][0],
+                    resolution,
+                    checkpointing,
+                    measured,
+                )
+            )
+            print(json.dumps(entries[-1]), flush=True)
+    return entries
+
+
+def _entry(
+    model: str, family: str, params: int, width: int | None, resolution: int, ckpt: bool, measured: dict
+) -> dict[str, Any]:
+    return {
+        "model": model,
+        "family": family,
+        "denoiser_params": params,
+        "width": width,
+        "resolution": resolution,
+        "gradient_checkpointing": ckpt,
+        "bytes": measured,
+    }
 
 
 def activations(args: argparse.Namespace) -> None:
@@ -110,6 +177,9 @@ def activations(args: argparse.Namespace) -> None:
     kept = json.loads(TABLE.read_text())["entries"] if TABLE.is_file() else []
     entries = [e for e in kept if e["model"] not in args.models]  # models not measured this time stay
     for size in args.models:
+        if size == "sd1_true":  # no pipeline folder: the UNet alone (see the module)
+            entries += true_size_entries(RESOLUTIONS[size])
+            continue
         folder = model_folder(size)
         comps = load_components(ModelConfig(name=size, path=str(folder)), common.CACHE_ROOT)
         with tempfile.TemporaryDirectory() as out:
@@ -117,15 +187,15 @@ def activations(args: argparse.Namespace) -> None:
         for resolution in RESOLUTIONS[size]:
             for checkpointing in (False, True):
                 measured = {str(b): measure_activations(comps, resolution, b, checkpointing) for b in (1, 2)}
-                entry = {
-                    "model": size,
-                    "family": sizes.family,
-                    "denoiser_params": sizes.denoiser,
-                    "width": sizes.denoiser_width,
-                    "resolution": resolution,
-                    "gradient_checkpointing": checkpointing,
-                    "bytes": measured,
-                }
+                entry = _entry(
+                    size,
+                    sizes.family,
+                    sizes.denoiser,
+                    sizes.denoiser_width,
+                    resolution,
+                    checkpointing,
+                    measured,
+                )
                 print(json.dumps(entry), flush=True)
                 entries.append(entry)
     record = {
@@ -228,10 +298,10 @@ def main(argv: list[str] | None = None) -> None:
     act = sub.add_parser("activations", help="measure the activation table the plan ships")
     act.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     cmp_ = sub.add_parser("compare", help="predicted vs measured peak")
-    cmp_.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    cmp_.add_argument("--models", nargs="+", default=list(PIPELINES), choices=PIPELINES)
     cmp_.add_argument("--variants", nargs="+", default=["full", "full+ckpt", "lora"])
     one = sub.add_parser("one", help="one row of compare, in this process (JSON on the last line)")
-    one.add_argument("size", choices=MODELS)
+    one.add_argument("size", choices=PIPELINES)
     one.add_argument("variant")
     args = parser.parse_args(argv)
     common.set_threads()

@@ -34,13 +34,14 @@ from sdcluster.config.checks import (
     Schema,
     _choice,
     _no_control,
+    _require,
     check_root,
 )
 from sdcluster.config.cluster import CLUSTERS, ClusterConfig
 from sdcluster.config.data import SAMPLE_PROMPTS, DataConfig
 from sdcluster.config.generate import GenerateConfig
 from sdcluster.config.model import ModelConfig
-from sdcluster.config.optim import OptimBase, OptimConfig
+from sdcluster.config.optim import OPTIMIZERS, OptimBase, OptimConfig
 from sdcluster.config.train import TrainConfig
 
 __all__ = [
@@ -109,10 +110,24 @@ class Config(Schema):
     def __post_init__(self) -> None:
         _choice(self.task, "task", TASKS)
         self.train.default_length()
+        check_sharding(self.optim, self.train.shards)
         for key in ("run_name", "output_root", "jobs_root", "cache_root"):  # paths reach the job script
             _no_control(getattr(self, key), key)
         for key in ROOTS:
             check_root(getattr(self, key), key)
+
+
+def check_sharding(optim: OptimBase, shards: bool) -> None:
+    """Refuse an optimizer (or its settings) that cannot step ``train.strategy=fsdp``'s sharded parameters
+    before the queue (in the job its first step would fail), asking the schema, not naming it."""
+    problem = optim.sharding_problem() if shards else None
+    shardable = " or ".join(f"optim={name}" for name, opt in OPTIMIZERS.items() if opt.UNSHARDABLE is None)
+    _require(
+        not problem,
+        "optim",
+        f"optim={optim.name} cannot train with train.strategy=fsdp: {problem}",
+        f"use {shardable} (default settings) with train.strategy=fsdp, or train.strategy=ddp",
+    )
 
 
 RECIPES = {512: ("sd15", ("sd15_full", "sd15_lora")), 1024: ("sdxl", ("sdxl_lora",))}

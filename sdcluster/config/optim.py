@@ -44,6 +44,8 @@ class OptimBase(Schema):
     """Schedules whose LR does not depend on train.max_steps, which is then not part of the run's identity."""
     REQUIRES: ClassVar[tuple[str, str] | None] = None
     """(module, the command that installs it) where the optimizer needs a package sdcluster does not."""
+    UNSHARDABLE: ClassVar[str | None] = None
+    """Why it cannot step FSDP's sharded (``DTensor``) parameters whatever its settings; None: it can."""
     OPTIONS: ClassVar[dict[str, type[OptimBase]]] = {}
     """``optim=NAME`` -> its schema (filled below, :data:`OPTIMIZERS`): where the key checks and the options
     reference find the keys of every option, not only the default's."""
@@ -69,6 +71,10 @@ class OptimBase(Schema):
                 f"{install} (in the environment the jobs run in), or choose another optimizer, e.g. "
                 "optim=adamw"
             )
+
+    def sharding_problem(self) -> str | None:
+        """Why these settings cannot train with ``train.strategy=fsdp`` (a cross-group check asks)."""
+        return self.UNSHARDABLE
 
     def state_bytes(self, shape: tuple[int, ...], dtype_bytes: int) -> int:
         """Bytes of state the optimizer keeps for one trained tensor of ``shape`` whose elements take
@@ -142,6 +148,8 @@ class AdamW8bitConfig(OptimBase):
     """Elements per quantization block on every device (bitsandbytes' block-wise optimizers)."""
     REQUIRES: ClassVar[tuple[str, str] | None] = ("bitsandbytes", "pip install 'sdcluster[adamw8bit]'")
     """The 8-bit kernels (CPU and CUDA) come from bitsandbytes, an optional extra."""
+    UNSHARDABLE: ClassVar[str | None] = "bitsandbytes' 8-bit kernels take plain tensors, not DTensor shards"
+    """Its first step on FSDP2's parameters fails: the kernels refuse a DTensor next to plain tensors."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -181,6 +189,8 @@ class AdafactorConfig(OptimBase):
     """Weight decay, scaled by the LR."""
     scale_parameter: bool = False
     """Scale the step by each weight's root mean square (Adafactor's relative scale); off: lr is the step."""
+    UNSHARDABLE: ClassVar[str | None] = "its row and column means are of whole weights, not of DTensor shards"
+    """Its first step on FSDP2's parameters fails (plain tensors next to DTensors); a shard's means differ."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -263,6 +273,10 @@ class ProdigyConfig(OptimBase):
         _require(self.d0 > 0, "optim.d0", "must be > 0", "e.g. 1e-6")
         _require(self.d_coef > 0, "optim.d_coef", "must be > 0", "e.g. 1.0")
         _require(self.slice_p >= 1, "optim.slice_p", "must be >= 1", "1 (every element) or e.g. 11")
+
+    def sharding_problem(self) -> str | None:
+        sliced = f"optim.slice_p={self.slice_p} gathers whole weights, then summed once per rank (use 1)"
+        return sliced if self.slice_p > 1 else None
 
     def state_bytes(self, shape: tuple[int, ...], dtype_bytes: int) -> int:
         n = math.prod(shape)

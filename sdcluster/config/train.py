@@ -109,7 +109,7 @@ class TrainConfig(Schema):
     strategy: str = "ddp"
     """How the trained weights live on the ranks: ddp (a whole copy of weights, gradients, optimizer state
     and EMA on every GPU) or fsdp (all four sharded over every GPU of every node, torch's FSDP2: a GPU holds
-    1/N of them; docs/performance.md says when to pick it). Full fine-tuning only."""
+    1/N of them, a LoRA run's frozen base too; docs/performance.md says when to pick it)."""
     fsdp_offload: bool = False
     """With train.strategy=fsdp: keep the parameter shards and the optimizer state in CPU memory, on the GPU
     only for each block's forward and backward (less GPU memory, much slower steps); a no-op on CPU nodes."""
@@ -210,10 +210,10 @@ class TrainConfig(Schema):
             "add train.strategy=fsdp, or drop train.fsdp_offload",
         )
         _require(
-            not (self.shards and self.trains_adapters),
-            "train.strategy",
-            f"fsdp shards a full fine-tune; train.method={self.method} trains adapters only a few MB large",
-            "use train.strategy=ddp with train.method=lora",
+            not (self.shards and self.trains_adapters and self.lora.text_encoder_lr is not None),
+            "train.lora.text_encoder_lr",
+            "trains the text encoders' adapters, which train.strategy=fsdp does not shard (only the UNet)",
+            "drop train.lora.text_encoder_lr to train the UNet's adapters sharded, or use train.strategy=ddp",
         )
         _require(
             not (self.shards and self.mixed_precision == "fp16"),

@@ -13,14 +13,25 @@ The scaling rule for what was not measured, stated where it is applied:
   gradient checkpointing); where they are of the same size the peak moves from the end of the backward pass
   to its start as the batch grows, and the excess grows faster than linearly from batch 1 to 2 (the tiny
   model at 128 px: 1.6 MB, then 11.6 MB): beyond the measured batches the line is an estimate.
-- **resolution**: a power law between the two nearest measured resolutions of the same model
-  (``bytes ~ resolution^k``, ``k`` fitted to them; ``k = 2`` — linear in pixels — with one resolution
-  measured). Above the largest measured one the last ``k`` is extrapolated, which is honest for convolutions
-  (linear in pixels) and for memory-efficient attention; CPU attention that materialises the score matrix
-  grows faster, which ``k`` fitted on CPU then carries.
-- **another denoiser of the same family** (a fine-tune's architecture is its base's, so this is rare): the
-  measured one nearest in parameter count, scaled by the ratio of their first blocks' channels (activations
-  are dominated by the full-resolution blocks), and labelled an estimate.
+- **resolution**: between two measured resolutions of the same model, a power law through them
+  (``bytes ~ resolution^k``, ``k`` fitted to the two, applied from the nearer one). Outside the measured
+  range (above the largest, below the smallest, or with one resolution measured): ``k = 2``, linear in
+  pixels, from the nearest measured one. Convolutions, group norms and memory-efficient attention (the
+  GPU path, torch's ``scaled_dot_product_attention``) all hold activations linear in pixels; a ``k``
+  fitted on a tiny model is not extrapolated, because there the batch-independent part and the attention
+  maps of its few channels weigh more than at true size (the tiny model's 64 -> 128 px fit, ``k = 5.6``,
+  would put SD 1.x at 512 px at 229 GiB). The figure is the excess over the gradients a pass ends with;
+  where the gradients outweigh the activations (SD 1.x at 256 px: 3.2 GiB against 0.1 GiB of excess) the
+  peak sits late in the backward pass, and at larger sizes it can move earlier and grow faster than the
+  pixels: the scaled figure is an estimate, checked against a true-size measurement in
+  ``docs/performance.md`` ("The memory plan").
+- **another denoiser** (a fine-tune's architecture is its base's, so within a family this is rare): the
+  measured one with the same first-block width (activations are dominated by the full-resolution blocks,
+  whose width that is), then of the same family, then nearest in parameter count, scaled by the ratio of
+  their first blocks' channels, and labelled an estimate. So SDXL (true size not measurable on a CPU
+  machine: 10 GiB of weights and 10 GiB of gradients) is estimated from SD 1.x's true-size entries (the
+  same first block, 320 channels), not from the tiny SDXL model. A family with no entry at all gets 0
+  and says so.
 - **mixed precision**: not scaled. The table is float32; autocast keeps some activations in half precision,
   so under fp16/bf16 the figure is an upper bound.
 """
@@ -37,6 +48,8 @@ from typing import Any
 from sdcluster.paths import ASSETS
 
 TABLE = ASSETS / "memory" / "activations.json"
+PIXELS_K = 2.0
+"""``bytes ~ resolution^2``: linear in pixels, the rule outside the measured resolutions."""
 
 
 @dataclass(frozen=True)
@@ -65,16 +78,29 @@ def _at_resolution(points: list[tuple[int, float]], resolution: int) -> tuple[fl
     exact = [b for r, b in points if r == resolution]
     if exact:
         return exact[0], "measured"
-    if len(points) == 1:
-        (r0, b0), k = points[0], 2.0
-    else:
-        below = [p for p in points if p[0] < resolution] or points[:1]
-        above = [p for p in points if p[0] > resolution] or points[-1:]
-        (r0, b0), (r1, b1) = (below[-1], above[0]) if below[-1] != above[0] else (points[-2], points[-1])
-        k = math.log(b1 / b0) / math.log(r1 / r0) if b0 > 0 and b1 > 0 and r1 != r0 else 2.0
+    below = [p for p in points if p[0] < resolution]
+    above = [p for p in points if p[0] > resolution]
+    if below and above:  # between measured points: the power law they show
+        (r0, b0), (r1, b1) = below[-1], above[0]
+        k = math.log(b1 / b0) / math.log(r1 / r0) if b0 > 0 and b1 > 0 else PIXELS_K
+        fitted = f", fitted between {r0} and {r1} px"
         if abs(resolution - r1) < abs(resolution - r0):  # from the nearer measured point
             r0, b0 = r1, b1
-    return b0 * (resolution / r0) ** k, f"scaled from {r0} px (bytes ~ resolution^{k:.2f})"
+    else:  # outside them: linear in pixels, from the nearest
+        (r0, b0), k, fitted = (below[-1] if below else above[0]), PIXELS_K, ", linear in pixels"
+    return b0 * (resolution / r0) ** k, f"scaled from {r0} px (bytes ~ resolution^{k:.2f}{fitted})"
+
+
+def _nearest(entries: list[dict[str, Any]], family: str, params: int, width: int | None) -> dict[str, Any]:
+    """The measured model to scale from: same first-block width, then same family, then size (the module)."""
+    return min(
+        entries,
+        key=lambda e: (
+            width is None or e.get("width") != width,
+            e["family"] != family,
+            abs(math.log(e["denoiser_params"] / max(params, 1))),
+        ),
+    )
 
 
 def activation_bytes(
@@ -87,16 +113,14 @@ def activation_bytes(
     path: Path = TABLE,
 ) -> Activations:
     """Activation bytes of one micro-step of ``batch`` images at ``resolution`` for this denoiser."""
-    same = [
-        e for e in _entries(path) if e["family"] == family and e["gradient_checkpointing"] == checkpointing
-    ]
-    if not same:
+    same = [e for e in _entries(path) if e["gradient_checkpointing"] == checkpointing]
+    if not any(e["family"] == family for e in same):
         return Activations(0, "not measured for this family: the plan is a lower bound")
-    nearest = min(same, key=lambda e: abs(math.log(e["denoiser_params"] / max(denoiser_params, 1))))
-    model = [e for e in same if e["denoiser_params"] == nearest["denoiser_params"]]
+    nearest = _nearest(same, family, denoiser_params, width)
+    model = [e for e in same if e["model"] == nearest["model"]]
     points = [(e["resolution"], _at_batch(e, batch)) for e in model]
     value, basis = _at_resolution(points, resolution)
-    if nearest["denoiser_params"] != denoiser_params:
+    if nearest["denoiser_params"] != denoiser_params or nearest["family"] != family:
         ratio = width / nearest["width"] if width and nearest.get("width") else 1.0
         value *= ratio
         basis = f"estimated from the measured {nearest['model']} ({basis}, x{ratio:.2f} channels)"

@@ -60,6 +60,7 @@ class Method(Protocol):
     prepared: list[torch.nn.Module]  # ``models`` as accelerate prepared them (DDP wrappers on N processes)
 
     def prepare(self, comps: Components, accelerator: Accelerator) -> None: ...
+    def adapt(self, denoiser: torch.nn.Module) -> None: ...
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]: ...
     def param_groups(self, lr: float) -> list[dict[str, Any]]: ...
     def model_inputs(
@@ -105,6 +106,9 @@ class FullFineTune:
     def prepare(self, comps: Components, accelerator: Accelerator) -> None:
         comps.denoiser.train()
         self.models = [comps.denoiser]
+
+    def adapt(self, denoiser: torch.nn.Module) -> None:
+        """Nothing to add to a fresh copy of the denoiser (FSDP's gathered one): its weights are trained."""
 
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """The denoiser's parameters by their own names (the EMA file of full runs has always used them)."""
@@ -194,7 +198,7 @@ class LoRA:
         # left as it was.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.train.seed)
-            comps.denoiser.add_adapter(self._adapter_config(self.lora.target_modules))
+            self.adapt(comps.denoiser)
             for encoder in encoders.values():
                 # peft's own injection, not transformers' add_adapter: that one refuses peft < 0.22 under
                 # transformers 5, for the same layers and the same state dict.
@@ -208,6 +212,10 @@ class LoRA:
         self.prefixes = [f"{name}." for name in encoders]  # names each encoder's tensors in the EMA file
         count = sum(p.numel() for _, p in self.named_parameters())
         log.info("LoRA rank %d on %s: %d trainable parameters", self.lora.rank, self._where(), count)
+
+    def adapt(self, denoiser: torch.nn.Module) -> None:
+        """Give a fresh copy of the denoiser (FSDP's gathered one) this run's adapters, to load into."""
+        denoiser.add_adapter(self._adapter_config(self.lora.target_modules))
 
     def _where(self) -> str:
         where = self.family.denoiser_name

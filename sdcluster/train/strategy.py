@@ -50,6 +50,8 @@ class Strategy(Protocol):
     """How the trained weights live on the ranks; see the module docstring for when each part is asked."""
 
     name: ClassVar[str]
+    shards: ClassVar[bool]
+    """Whether the trained parameters are shards (``DTensor``): what the optimizer builders ask."""
     keeps_ema: ClassVar[bool]
     """Whether its checkpoint holds the EMA itself (sharded); else rank 0 writes ``ema.safetensors``."""
 
@@ -66,6 +68,7 @@ class DDP:
     """Every rank holds the whole model; accelerate's DDP wrapper averages the gradients."""
 
     name: ClassVar[str] = "ddp"
+    shards: ClassVar[bool] = False
     keeps_ema: ClassVar[bool] = False
 
     def __init__(self, cfg: Config | None = None) -> None:
@@ -99,6 +102,7 @@ class FSDP:
     """
 
     name: ClassVar[str] = "fsdp"
+    shards: ClassVar[bool] = True
     keeps_ema: ClassVar[bool] = True
 
     def __init__(self, cfg: Config) -> None:
@@ -141,12 +145,18 @@ class FSDP:
         return models, AcceleratedOptimizer(optimizer, device_placement=False, scaler=None)
 
     def _state(self, t: Trainer) -> dict[str, Any]:
-        """What DCP writes and reads: the denoiser's and the optimizer's shards, and the EMA's."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        """What DCP writes and reads: the shards of what the method trains (the denoiser's weights, or only
+        its adapters: a LoRA checkpoint leaves out the frozen base, which the run reloads from the model),
+        of the optimizer and of the EMA."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
         model = t.models[0]
         state: dict[str, Any] = {
-            "model": get_model_state_dict(model),
+            "model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)),
             # a fresh optimizer gets its (zero) state here first, so a load has tensors to load into
             "optim": get_optimizer_state_dict(model, t.optimizer.optimizer),
         }
@@ -162,13 +172,19 @@ class FSDP:
     def load(self, t: Trainer, folder: Path) -> None:
         """Load into this run's shards; DCP re-shards a checkpoint written by another number of ranks."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         if not (folder / SHARDED_DIR).is_dir():
             raise FileNotFoundError(f"no {SHARDED_DIR}/ (saved with train.strategy=ddp?)")
         state = self._state(t)
         dcp.load(state, checkpoint_id=str(folder / SHARDED_DIR))  # EMA shards are loaded in place
-        set_model_state_dict(t.models[0], state["model"])
+        # not strict: the keys are the trained ones _state asked DCP for (DCP refuses a checkpoint lacking
+        # any), the frozen ones are left out on purpose
+        set_model_state_dict(t.models[0], state["model"], options=StateDictOptions(strict=False))
         set_optimizer_state_dict(t.models[0], t.optimizer.optimizer, state["optim"])
 
     @contextlib.contextmanager
@@ -184,6 +200,7 @@ class FSDP:
         sharded = t.models[0]
         full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
         plain = self.plain[id(sharded)].from_config(sharded.config)
+        t.method.adapt(plain)  # the same adapters as the sharded denoiser, if the method adds any
         plain.load_state_dict(full)
         plain.to(t.accelerator.device)
         del full

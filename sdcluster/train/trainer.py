@@ -121,7 +121,7 @@ def build_trainer(cfg: Config) -> Trainer:
             foreach=True,  # what store/copy_to/restore use; the update itself is LerpEMA's one fused lerp
             offload=cfg.train.ema_offload,
         )
-    optimizer = make_optimizer(cfg, method, accelerator.num_processes)  # optim=NAME: train.optimizers
+    optimizer = make_optimizer(cfg, method, accelerator.num_processes, sharded=strategy.shards)
     # Not passed to accelerator.prepare: a prepared scheduler is stepped once per process, the multi-GPU
     # learning-rate bug users keep hitting. We step it once per optimizer step and checkpoint it as JSON.
     lr_scheduler = get_scheduler(

@@ -137,7 +137,7 @@ def _fix(err: ConfigError) -> list[str]:
     [
         (["train.use_ema=true"], ["train.ema_offload=true"]),
         (
-            ["cluster.gpus_per_node=1", "optim=adafactor", "train.gradient_checkpointing=true"],
+            ["cluster.gpus_per_node=1", "optim=prodigy", "train.gradient_checkpointing=true"],
             ["train.strategy=fsdp", "train.fsdp_offload=true"],
         ),
     ],
@@ -146,8 +146,8 @@ def test_a_plan_above_the_gpu_is_refused_with_the_cheapest_change_planned_to_fit
     make_cfg, overrides, cheapest
 ) -> None:
     """The budget is what the cheapest change needs: nothing cheaper fits it (gradient checkpointing saves
-    little at 64 px, and there is no leaner optimizer than adafactor), and the suggestion, typed as it is
-    printed, passes the check."""
+    little at 64 px, and a leaner optimizer keeps the weights and gradients whole), and the suggestion, typed
+    as it is printed, passes the check (prodigy: adafactor and adamw8bit cannot step FSDP's shards)."""
     needs = plan_config(make_cfg([*overrides, *cheapest])).plan.total
     budget = f"cluster.gpu_mem_gb={(needs + 1) / GIB:.9f}"
     with pytest.raises(ConfigError) as err:

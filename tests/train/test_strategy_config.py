@@ -30,7 +30,11 @@ def test_fsdp_is_a_run_of_its_own_and_ddp_keeps_the_folders_of_before():
     [
         (["train.strategy=zero3"], "train.strategy", "ddp, fsdp"),
         (["train.fsdp_offload=true"], "train.fsdp_offload", "train.strategy=fsdp"),
-        (["train.strategy=fsdp", "train.method=lora"], "train.strategy", "train.strategy=ddp"),
+        (
+            ["train.strategy=fsdp", "train.method=lora", "train.lora.text_encoder_lr=1e-5"],
+            "train.lora.text_encoder_lr",
+            "train.strategy=ddp",
+        ),
         (["train.strategy=fsdp", "train.mixed_precision=fp16"], "train.mixed_precision", "bf16"),
     ],
 )
