@@ -150,6 +150,18 @@ def test_preempted_generation_shard_loses_and_repeats_nothing(
     assert len(files) == 24 == len(set(files)) == len(list(out.glob("p*-i*.png")))
 
 
+def _the_same_command_resumes_at_step_3(tmp_path, cache_root, record, *extra: str) -> None:
+    """The command that launched the stopped run, typed again, finishes it from its step-3 checkpoint."""
+    proc, ids = launch(tmp_path, cache_root, *TRAIN, *extra)
+    assert proc.returncode == 0, proc.stderr
+    (again,) = ids["train"]
+    assert wait_for(again)[0] == "COMPLETED"
+    resumed = job_record(tmp_path, again)
+    assert resumed["run_dir"] == record["run_dir"] and resumed["attempts"][-1]["step"] == 10
+    again_log = (tmp_path / "jobs" / again / f"{again}_0_log.out").read_text()
+    assert f"resumed from {record['run_dir']}/checkpoints/step-00000003" in again_log
+
+
 def test_scancel_saves_and_the_same_command_resumes(slurm_cluster, tmp_path, cache_root):
     proc, ids = launch(tmp_path, cache_root, *TRAIN, env={"SDCLUSTER_TEST_PAUSE": "step:3"})
     assert proc.returncode == 0, proc.stderr
@@ -169,14 +181,7 @@ def test_scancel_saves_and_the_same_command_resumes(slurm_cluster, tmp_path, cac
     assert "attempt 1 (restart 0): state CANCELLED" in shown
     assert "stopped early, its work saved: the same command resumes it" in shown
 
-    proc, ids = launch(tmp_path, cache_root, *TRAIN)  # the same command
-    assert proc.returncode == 0, proc.stderr
-    (again,) = ids["train"]
-    assert wait_for(again)[0] == "COMPLETED"
-    resumed = job_record(tmp_path, again)
-    assert resumed["run_dir"] == record["run_dir"] and resumed["attempts"][-1]["step"] == 10
-    again_log = (tmp_path / "jobs" / again / f"{again}_0_log.out").read_text()
-    assert f"resumed from {record['run_dir']}/checkpoints/step-00000003" in again_log
+    _the_same_command_resumes_at_step_3(tmp_path, cache_root, record)
 
 
 @pytest.mark.slurm_serial  # preempt_node: the preemptor needs the node to itself
@@ -206,11 +211,4 @@ def test_preempted_where_the_site_cancels_saves_and_the_same_command_resumes(
     assert "preempted, cancelled by the site" in shown
     assert "stopped early, its work saved: the same command resumes it" in shown
 
-    proc, ids = launch(tmp_path, cache_root, *TRAIN, cancel)  # the same command
-    assert proc.returncode == 0, proc.stderr
-    (again,) = ids["train"]
-    assert wait_for(again)[0] == "COMPLETED"
-    resumed = job_record(tmp_path, again)
-    assert resumed["run_dir"] == record["run_dir"] and resumed["attempts"][-1]["step"] == 10
-    again_log = (tmp_path / "jobs" / again / f"{again}_0_log.out").read_text()
-    assert f"resumed from {record['run_dir']}/checkpoints/step-00000003" in again_log
+    _the_same_command_resumes_at_step_3(tmp_path, cache_root, record, cancel)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,15 +17,9 @@ from sdcluster.train import step_folders
 from sdcluster.train.loop import train
 from sdcluster.train.loss import caption_drops, conditioning, step_generator
 from tests.conftest import copy_sample
+from tests.data.test_latent_cache import ONE_PROCESS  # the latent cache's builder on one CPU process
 
 FAST = ["train.log_every=1", "train.checkpoint_every=100", "train.batch_size=2", "train.max_steps=4"]
-ONE_PROCESS = SimpleNamespace(
-    num_processes=1,
-    process_index=0,
-    is_main_process=True,
-    device=torch.device("cpu"),
-    wait_for_everyone=lambda: None,
-)
 
 
 def _data(tmp_path: Path, suffix: str) -> Path:
