@@ -100,4 +100,14 @@ def config_yaml(cfg: Any) -> str:
 
     from omegaconf import OmegaConf
 
-    return redact(OmegaConf.to_yaml(OmegaConf.structured(dataclasses.asdict(cfg))))
+    # Masked value by value, before dumping: a mask put into the YAML text would be read back as an
+    # alias (`revision: ***`), and the next attempt, the rerun script and the model card read this file.
+    return OmegaConf.to_yaml(OmegaConf.create(_redacted(dataclasses.asdict(cfg))))
+
+
+def _redacted(node: Any) -> Any:
+    if isinstance(node, Mapping):
+        return {key: _redacted(value) for key, value in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_redacted(value) for value in node]
+    return redact(node) if isinstance(node, str) else node

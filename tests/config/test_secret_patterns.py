@@ -67,3 +67,20 @@ def test_written_text_masks_every_shape():
     text = redact(f"a x{HF} b {HF}_x c WANDB_API_KEY={WANDB} d HF_TOKEN=$HF_TOKEN", environ={})
     assert HF not in text and WANDB not in text
     assert f"WANDB_API_KEY={MASK}" in text and "HF_TOKEN=$HF_TOKEN" in text
+
+
+def test_a_masked_config_file_reads_back_as_the_same_config(monkeypatch):
+    """The mask goes into values, not into the YAML text: ``revision: ***`` would read back as an alias."""
+    import yaml
+
+    from sdcluster.redaction import config_yaml
+
+    cfg = compose([])
+    cfg.model.revision = HF  # past the launch's check, as a job's later write would see it
+    cfg.generate.negative_prompt = "blurry, *, &anchor"  # YAML's own punctuation stays a plain string
+    text = config_yaml(cfg)
+    assert HF not in text
+    loaded = yaml.safe_load(text)
+    assert loaded["model"]["revision"] == MASK
+    assert loaded["generate"]["negative_prompt"] == "blurry, *, &anchor"
+    assert loaded["train"]["max_steps"] == cfg.train.max_steps and loaded["optim"]["lr"] == cfg.optim.lr

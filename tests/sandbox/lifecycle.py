@@ -11,6 +11,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,6 +124,9 @@ def _start_slurm(d: Path, lay: Layout) -> None:
         _wait(d, lay.daemon(node), node_ready, "idle in sinfo", timeout=90)
 
 
+_PORTS_LOCK_DIR = Path(tempfile.gettempdir()) / "sdcluster-sandbox-ports"
+
+
 @contextlib.contextmanager
 def _locked(d: Path) -> Iterator[None]:
     """Serialise start/stop between processes (e.g. two pytest sessions starting at once)."""
@@ -165,12 +169,15 @@ def start(
             netns.up(lay)
         layouts.save(d, lay)
         password = secrets.token_hex(16)
-        ports = write_configs(d, lay, password, cluster, first_job_id)
-        log.info("wrote %s (ports %s)", d / "slurm.conf", ports)
-        _start_munge(d)
-        _start_mariadb(d, password)
-        _start_slurmdbd(d, cluster)
-        _start_slurm(d, lay)
+        # Ports are free when chosen and taken only when the daemons bind them: two sandboxes starting at
+        # once (the one-node and two-node ones, from two test workers) would pick the same ones.
+        with _locked(_PORTS_LOCK_DIR):
+            ports = write_configs(d, lay, password, cluster, first_job_id)
+            log.info("wrote %s (ports %s)", d / "slurm.conf", ports)
+            _start_munge(d)
+            _start_mariadb(d, password)
+            _start_slurmdbd(d, cluster)
+            _start_slurm(d, lay)
         log.info("SLURM sandbox up in %.1f s: export SLURM_CONF=%s", time.monotonic() - t0, d / "slurm.conf")
     return _info(d, lay)
 
