@@ -5,7 +5,7 @@
     sdcluster logs [--cluster NAME] [JOB_ID]                 # every recent job and sweep, or one job's story
     sdcluster sweep list|report|resubmit
     sdcluster data prepare|validate DIR
-    sdcluster models fetch TARGET
+    sdcluster models fetch TARGET | push RUN --repo OWNER/NAME
     sdcluster completion bash|zsh                            # a shell completion script
 
 Each command hands its arguments to the module that already implements it (``sdcluster.launch``,
@@ -103,7 +103,7 @@ COMMANDS: dict[str, tuple[Handler, str]] = {
     "logs": (_logs, "every recent job and sweep at a glance, or one job's state, attempts and log"),
     "sweep": (_sweep, "list your sweeps; report or resubmit the failed points of one"),
     "data": (_data, "prepare and validate a captioned image folder before submitting"),
-    "models": (_models, "stage a hub model ahead of time (for compute nodes without internet)"),
+    "models": (_models, "stage a hub model ahead of time (fetch); publish a finished run (push)"),
     "completion": (_completion, "print a bash or zsh completion script"),
 }
 

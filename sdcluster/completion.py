@@ -23,7 +23,7 @@ HYDRA_FLAGS = ("-m", "--multirun", "--cfg", "--resolve", "--info", "--help", "--
 SUBCOMMANDS = {
     "sweep": ("list", "report", "resubmit"),
     "data": ("prepare", "validate"),
-    "models": ("fetch",),
+    "models": ("fetch", "push"),
     "completion": ("bash", "zsh"),
     "generate": ("merge",),
 }

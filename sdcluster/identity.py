@@ -73,6 +73,8 @@ def semantic_train_config(cfg: Config) -> dict[str, Any]:
     for key in cfg.data.IDENTITY_WHEN_SET:  # at their default: the hash of runs from before they existed
         if data[key] == getattr(type(cfg.data), key):
             data.pop(key)
+    if not cfg.data.buckets.enabled:  # off, as every run before buckets existed: those folders stay
+        data.pop("buckets")
     return {
         "model": model_identity(cfg.model),  # a hub branch counts as the commit it resolved to
         "data": data,
@@ -99,7 +101,8 @@ def generation_hash(cfg: Config, model: Path | str, lora: Path | None) -> str:
         gen.pop(key)
     identity: dict[str, Any] = {"generate": gen, "model": str(model)}
     gen.pop("lora")  # the resolved path instead; none: folders made before LoRA keep their names
-    for key in ("model_commit", "lora_commit"):  # a hub model's or LoRA's pin; unset: folders keep names
+    # a hub model's or LoRA's pin, a single file's config folder; unset: folders keep their names
+    for key in ("model_commit", "lora_commit", "model_config"):
         if gen[key] is None:
             gen.pop(key)
     if lora is None:
@@ -181,6 +184,7 @@ def latent_cache_key(
     dtypes: list[str],
     images: list[list[str]],
     empty_caption: bool = False,
+    buckets: dict[str, Any] | None = None,
 ) -> str:
     """The key of a latent-cache entry: everything its numbers depend on.
 
@@ -190,7 +194,7 @@ def latent_cache_key(
     and of ``model.vae_path``'s (``models.load.model_files`` / ``vae_files``), the encoders' ``dtypes``,
     and each training image's sha256 and caption in row order; ``empty_caption``: the entry also holds the
     empty caption's encodings (``data.caption_dropout``), named only when set so other keys stay as they
-    were.
+    were; ``buckets``: the aspect-ratio bucket settings (``data.buckets``, with the resolved side), when on.
     """
     model = {"source": source, "revision": cfg.model.revision, "variant": cfg.model.variant, "files": files}
     if cfg.model.vae_path:  # another VAE encodes the images: other latents
@@ -207,4 +211,6 @@ def latent_cache_key(
     }
     if empty_caption:
         identity["empty_caption"] = True
+    if buckets is not None:  # each image is stored at its bucket's size: other rows
+        identity["buckets"] = buckets
     return stable_hash(identity, 24)

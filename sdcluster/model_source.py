@@ -31,6 +31,16 @@ def is_local(path: str) -> bool:
     return path.startswith(("/", ".", "~")) or Path(path).expanduser().exists()
 
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+"""A local model path ending in one of these is a single-file checkpoint (the original Stable Diffusion
+layout), not a diffusers folder; a ``.ckpt`` is recognised only to be refused (a pickle)."""
+
+
+def is_single_file(path: str) -> bool:
+    """A local single-file checkpoint (:data:`SINGLE_FILE_SUFFIXES`), as ComfyUI and A1111 load them."""
+    return is_local(path) and Path(path).suffix.lower() in SINGLE_FILE_SUFFIXES
+
+
 def looks_like_hub_id(path: str) -> bool:
     """``owner/name`` as the hub spells repository ids (whether it exists is the staging's question)."""
     return bool(_HUB_ID.match(path))

@@ -38,6 +38,7 @@ class Repo:
     refs: dict[str, str] = field(default_factory=lambda: {"main": "0123456789abcdef0123456789abcdef01234567"})
     gated: bool = False
     accepted_tokens: set[str] = field(default_factory=set)
+    private: bool = False  # only its owner's token sees it (tests.hub_upload; the API reports it)
     # sizes the API reports instead of the real ones (a file too big for the disk, without sending it)
     claimed_sizes: dict[str, int] = field(default_factory=dict)
     # earlier commits by id: the hub keeps serving a commit after its branch moved on
@@ -91,13 +92,17 @@ class HubServer:
     def __init__(self, repos: dict[str, Repo]) -> None:
         self.repos = repos
         self.requests: list[tuple[str, str, bool]] = []
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
+
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        """The request handler class (:mod:`tests.hub_upload` extends it with the upload protocol)."""
+        return _handler(self)
 
     def downloaded(self) -> set[str]:
         """Repo paths whose bytes were sent (GET on resolve), whichever repo and revision."""
@@ -189,7 +194,7 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                         "id": repo_id,
                         "modelId": repo_id,
                         "sha": commit,
-                        "private": False,
+                        "private": repo.private,
                         "gated": "manual" if repo.gated else False,
                         "siblings": siblings,
                     }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from omegaconf import MISSING
@@ -14,6 +14,42 @@ SAMPLE_PROMPTS = (
     "A pair of faded denim jeans laid flat on a white background with a small black square marker.",
 )
 """Captions in the style of the shipped sample data: the default validation and generation prompts."""
+
+
+@dataclass
+class BucketConfig(Schema):
+    """Aspect-ratio buckets (``data.buckets``): each image is trained at the bucket size closest to its
+    aspect ratio instead of one square crop (``sdcluster.data.buckets``; kohya's ``enable_bucket``)."""
+
+    enabled: bool = False
+    """Train each image at its aspect-ratio bucket; false: every image is cropped to one square."""
+    side: int | None = None
+    """The target area as a square's side (1024: buckets of at most 1024x1024 pixels); null:
+    train.resolution."""
+    step: int = 64
+    """Bucket widths and heights are multiples of this (kohya's bucket_reso_steps); a multiple of 8."""
+    max_aspect: float = 2.0
+    """The aspect-ratio range: buckets from 1:max_aspect (portrait) to max_aspect:1 (landscape)."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.step > 0 and self.step % 8 == 0,
+            "data.buckets.step",
+            f"must be a positive multiple of 8 (the VAE downsamples by 8), got {self.step}",
+            "64 (kohya's and SimpleTuner's value), or 16 for tiny test models",
+        )
+        _require(
+            self.side is None or self.side >= self.step,
+            "data.buckets.side",
+            f"must be at least data.buckets.step={self.step}, got {self.side}",
+            "e.g. 512 or 1024, or null for train.resolution",
+        )
+        _require(
+            self.max_aspect >= 1,
+            "data.buckets.max_aspect",
+            f"must be >= 1, got {self.max_aspect}",
+            "e.g. 2.0 (buckets from 1:2 to 2:1); 1 keeps only the square",
+        )
 
 
 @dataclass
@@ -41,6 +77,8 @@ class DataConfig(Schema):
     caption_dropout: float = 0.0
     """Probability that an example's caption is dropped for the unconditional one (what the pipeline uses
     for an empty prompt), so classifier-free guidance keeps working on the fine-tuned model; 0: never."""
+    buckets: BucketConfig = field(default_factory=BucketConfig)
+    """Aspect-ratio buckets (off by default: every image is cropped to one train.resolution square)."""
 
     NOT_IDENTITY: ClassVar[tuple[str, ...]] = ("num_workers", "cache", "cache_memory_mb", "max_pixels")
     """Keys that do not change what a run learns: changing one keeps the run folder (and so resumes it)."""

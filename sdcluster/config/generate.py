@@ -9,7 +9,7 @@ from typing import ClassVar
 
 from sdcluster.config.checks import MIXED_PRECISION, SCHEDULERS, Schema, _choice, _require
 from sdcluster.config.data import SAMPLE_PROMPTS
-from sdcluster.model_source import is_hub_id, looks_like_hub_id
+from sdcluster.model_source import is_hub_id, is_single_file, looks_like_hub_id
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
@@ -154,14 +154,21 @@ class GenerateConfig(Schema):
     """Base seed of every image's own seed, so an image can be reproduced alone."""
     model: str | None = None
     """A diffusers pipeline to generate from: a folder, or a hub id (``owner/name``, staged at launch like
-    the base model, into ``model.cache_dir``); null: this run's exported fine-tuned model."""
+    the base model, into ``model.cache_dir``), or a single-file checkpoint (a local ``.safetensors`` in the
+    original Stable Diffusion layout, as ComfyUI and A1111 load; see ``model_config``); null: this run's
+    exported fine-tuned model."""
+    model_config: str | None = None
+    """With a single-file ``model``: the diffusers pipeline folder of the same family whose configs,
+    tokenizers and scheduler go with its weights (e.g. the base model's folder); null: the base model
+    (``model.path``, e.g. ``model=sd15`` or ``model=sdxl``, staged at launch when it is a hub model)."""
     model_commit: str | None = None
     """The hub commit a hub ``model`` is pinned to; launch fills it in (from ``main``); set it to pin one you
     know. Names the images' folder in place of ``main``."""
     lora: str | None = None
     """LoRA weights put on the model: a folder holding ``pytorch_lora_weights.safetensors``, a
-    ``.safetensors`` file, or a hub id (its ``pytorch_lora_weights.safetensors``, or its one ``.safetensors``
-    file; staged at launch); null: none, except after a ``train.method=lora`` run (its own adapters)."""
+    ``.safetensors`` file (diffusers' or kohya's key names, as ComfyUI/A1111 LoRAs have), or a hub id (its
+    ``pytorch_lora_weights.safetensors``, or its one ``.safetensors`` file; staged at launch); null: none,
+    except after a ``train.method=lora`` run (its own adapters)."""
     lora_commit: str | None = None
     """The hub commit a hub ``lora`` is pinned to; launch fills it in (from ``main``). Names the images'
     folder."""
@@ -221,6 +228,7 @@ class GenerateConfig(Schema):
             "give an image file's name from the folder, e.g. p0003-i0007",
         )
         _check_lora_file(self.lora)
+        _check_model_config(self.model, self.model_config)
         _check_commit(self.model_commit, "generate.model_commit", "generate.model")
         _check_commit(self.lora_commit, "generate.lora_commit", "generate.lora")
         for key, repo in (("model", self.model), ("lora", self.lora)):
@@ -265,4 +273,23 @@ def _check_lora_file(lora: str | None) -> None:
         "generate.lora",
         f"{weights} is not a .safetensors file",
         f"give a folder holding {LORA_WEIGHTS} (a LoRA run's lora/ folder) or a .safetensors file",
+    )
+
+
+def _check_model_config(model: str | None, model_config: str | None) -> None:
+    """``generate.model_config`` goes with a single-file ``generate.model``, and is a pipeline folder."""
+    if model_config is None:
+        return
+    _require(
+        model is not None and is_single_file(model),
+        "generate.model_config",
+        f"describes a single-file checkpoint, but generate.model is {model!r}",
+        "drop generate.model_config, or set generate.model to a .safetensors checkpoint file",
+    )
+    _require(
+        (Path(model_config).expanduser() / "model_index.json").is_file(),
+        "generate.model_config",
+        f"{model_config} is not a diffusers pipeline folder (no model_index.json)",
+        "give the folder of a pipeline of the checkpoint's family (saved by save_pretrained, or a staged "
+        "hub model), or drop it to use model.path's",
     )

@@ -151,7 +151,12 @@ class TrainConfig(Schema):
     """The adapters of ``train.method=lora`` (setting one with method=full is refused)."""
     export_formats: list[str] = field(default_factory=lambda: ["diffusers"])
     """What the export writes: diffusers (always: a pipeline, or ``pytorch_lora_weights.safetensors``); add
-    kohya for a LoRA run's ``<run>_kohya.safetensors`` that ComfyUI and A1111 load (``[diffusers,kohya]``)."""
+    kohya for a LoRA run's ``<run>_kohya.safetensors`` that ComfyUI and A1111 load (``[diffusers,kohya]``), or
+    single_file for the model as one ``model/<run>.safetensors`` in the original Stable Diffusion layout
+    (``[diffusers,single_file]``: a full run, or a LoRA run with ``train.lora.fuse_export=true``)."""
+    export_fp16: bool = False
+    """Write the single-file checkpoint in fp16 (half the size, as most shared checkpoints are); false: in
+    the dtype the pipeline is saved in (float32)."""
 
     NOT_IDENTITY: ClassVar[tuple[str, ...]] = (
         "log_every",
@@ -168,6 +173,7 @@ class TrainConfig(Schema):
         "epochs",  # counted into max_steps before submission: the same steps are the same run
         "fsdp_offload",
         "export_formats",
+        "export_fp16",
     )
     """Keys that do not change what a run learns: changing one keeps the run folder (and so resumes it)."""
     IDENTITY_WHEN_SET: ClassVar[tuple[str, ...]] = ("strategy",)

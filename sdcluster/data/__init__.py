@@ -5,12 +5,13 @@ prepares and validates a folder (Pillow only, so the login node checks it withou
 ``python -m sdcluster.data``), ``image_checks`` says which files may be read at all (the same rule in the
 job), ``dataset`` loads a folder with ``datasets`` and augments, ``split`` holds images out for validation
 (and cuts the training split to ``data.max_samples``), ``epochs`` counts ``train.epochs`` into optimizer steps
-before submission,
+before submission, ``buckets`` makes the aspect-ratio buckets and assigns each image one (Pillow only),
 ``sampler`` fixes which example each micro-step reads (so resume is exact), ``latent_cache`` owns the cached
-encoder outputs and their on-disk format (``latent_build`` fills an entry), ``loader`` gives the training
-loop its batches, and ``sample`` draws the shipped sample set. The models that encode live in
-:mod:`sdcluster.models`; the loss in :mod:`sdcluster.train`. ``dataset`` and ``sampler`` are imported lazily
-on first use: they import torch and datasets, which the login node's checks do without.
+encoder outputs and their on-disk format (``latent_plan`` plans an entry, ``latent_build`` fills it),
+``loader`` gives the training loop its batches, and ``sample`` draws the shipped sample set. The models
+that encode live in :mod:`sdcluster.models`; the loss in :mod:`sdcluster.train`. ``dataset`` and
+``sampler`` are imported lazily on first use: they import torch and datasets, which the login node's checks
+do without.
 
 Above models (the family encodes, the cache keys the model) and the runtime's base (which rank builds a
 cache entry), below generate and train.
@@ -39,7 +40,7 @@ from sdcluster.data.reader import IMAGE_EXTENSIONS, Problem, Row, scan
 
 if TYPE_CHECKING:
     from sdcluster.data.dataset import TrainImages, augment, collate, load_captioned_images
-    from sdcluster.data.sampler import StepSampler, aug_seed_of, position_to_epoch
+    from sdcluster.data.sampler import BucketSampler, StepSampler, aug_seed_of, position_to_epoch
 
 _LAZY = {
     "TrainImages": "dataset",
@@ -47,6 +48,7 @@ _LAZY = {
     "collate": "dataset",
     "load_captioned_images": "dataset",
     "StepSampler": "sampler",
+    "BucketSampler": "sampler",
     "aug_seed_of": "sampler",
     "position_to_epoch": "sampler",
 }
@@ -54,6 +56,7 @@ _LAZY = {
 __all__ = [
     "IMAGE_EXTENSIONS",
     "METADATA_FILE",
+    "BucketSampler",
     "MetadataError",
     "PrepareReport",
     "Problem",

@@ -5,6 +5,7 @@ queue wait and a failed job.
 
     python -m sdcluster.data prepare DIR                     # list every image in DIR/metadata.jsonl
     python -m sdcluster.data validate DIR [--max-pixels N]   # every problem, one per line; exit 1 if any
+    python -m sdcluster.data validate DIR --buckets 1024     # and how many images go to each bucket
 """
 
 from __future__ import annotations
@@ -45,6 +46,29 @@ def _validate(args: argparse.Namespace) -> int:
     from sdcluster.data.metadata import read_metadata
 
     print(f"OK: {len(read_metadata(args.dir))} images")
+    if args.buckets is not None:
+        return _bucket_histogram(args)
+    return 0
+
+
+def _bucket_histogram(args: argparse.Namespace) -> int:
+    """The images per aspect-ratio bucket, as ``data.buckets`` with these settings would train them."""
+    from pathlib import Path
+
+    from sdcluster.config import ConfigError
+    from sdcluster.config.data import BucketConfig
+    from sdcluster.data.buckets import histogram_lines, make_buckets, upright_size
+    from sdcluster.data.reader import scan
+
+    try:
+        settings = BucketConfig(True, args.buckets, args.bucket_step, args.bucket_max_aspect)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rows, _ = scan(Path(args.dir), args.caption_column)
+    sizes = [upright_size(Path(args.dir) / row.file_name) for row in rows]
+    buckets = make_buckets(args.buckets, settings.step, settings.max_aspect)
+    print("\n".join(histogram_lines(sizes, buckets, args.batch)))
     return 0
 
 
@@ -59,8 +83,21 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("dir", help="the image folder (images + metadata.jsonl)")
         cmd.add_argument("--caption-column", default="text", help="the caption key (data.caption_column)")
         cmd.set_defaults(func=func)
-    sub.choices["validate"].add_argument(
+    validate_cmd = sub.choices["validate"]
+    validate_cmd.add_argument(
         "--max-pixels", type=int, default=40_000_000, help="largest width*height accepted (data.max_pixels)"
+    )
+    validate_cmd.add_argument(
+        "--buckets",
+        type=int,
+        metavar="SIDE",
+        help="also count the images of each aspect-ratio bucket of about SIDE x SIDE pixels "
+        "(data.buckets.enabled=true data.buckets.side=SIDE; usually train.resolution)",
+    )
+    validate_cmd.add_argument("--bucket-step", type=int, default=64, help="data.buckets.step")
+    validate_cmd.add_argument("--bucket-max-aspect", type=float, default=2.0, help="data.buckets.max_aspect")
+    validate_cmd.add_argument(
+        "--batch", type=int, default=1, help="the global batch, to flag buckets with fewer images than it"
     )
     args = parser.parse_args(argv)
     return args.func(args)

@@ -18,8 +18,9 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-from PIL import ExifTags, Image, ImageOps
+from PIL import Image, ImageOps
 
+from sdcluster.data.buckets import Bucket, Size, assign, cover_size, upright_size_of
 from sdcluster.data.metadata import METADATA_FILE, MetadataError, natural_key
 from sdcluster.data.reader import scan
 from sdcluster.models.family import TIME_IDS
@@ -89,68 +90,65 @@ def load_captioned_images(
         )
 
 
-def resized_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
-    """The size an upright image of ``size`` has once its shorter side is ``resolution``."""
-    width, height = size
-    scale = resolution / min(width, height)
-    # Same rounding as torchvision's Resize(int) in the seed: the long side is truncated, never below R.
-    return max(resolution, int(width * scale)), max(resolution, int(height * scale))
+Target = int | Size
+"""What an image is cropped to: ``train.resolution`` (a square) or a bucket's ``(width, height)``."""
 
 
-def upright_size(path: Path | str) -> tuple[int, int]:
-    """An image file's size after EXIF rotation, read from its header (no pixels are decoded)."""
-    with Image.open(path) as image:
-        return upright_size_of(image)
+def target_size(target: Target) -> Size:
+    """``(width, height)`` of a crop target: an int is a square."""
+    return (target, target) if isinstance(target, int) else (int(target[0]), int(target[1]))
 
 
-def upright_size_of(image: Image.Image) -> tuple[int, int]:
-    """``(width, height)`` of an opened image once EXIF rotation is applied."""
-    width, height = image.size
-    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+def resized_size(size: Size, resolution: Target) -> Size:
+    """The size an upright image of ``size`` is resized to before it is cropped to ``resolution``: the
+    shorter side equal to it for a square, the smallest size that covers a bucket's."""
+    return cover_size(size, target_size(resolution))
 
 
 def time_ids(
-    original: tuple[int, int], resized: tuple[int, int], resolution: int, left: int, top: int, flip: bool
+    original: Size, resized: Size, resolution: Target, left: int, top: int, flip: bool
 ) -> torch.Tensor:
     """SDXL's size and crop conditioning (``add_time_ids``) of one example: original height and width, crop
-    top and left, target height and width.
+    top and left, target height and width (a bucket's, with buckets on).
 
     As in diffusers' SDXL training script, which flips before it crops: the crop's left edge is measured in
-    the mirrored image, so a mirrored crop reports ``width - resolution - left``.
+    the mirrored image, so a mirrored crop reports ``width - target width - left``.
     """
-    crop_left = resized[0] - resolution - left if flip else left
-    numbers = [original[1], original[0], top, crop_left, resolution, resolution]
+    width, height = target_size(resolution)
+    crop_left = resized[0] - width - left if flip else left
+    numbers = [original[1], original[0], top, crop_left, height, width]
     return torch.tensor(numbers, dtype=torch.float32)
 
 
-def resize_for_crop(image: Image.Image, resolution: int) -> Image.Image:
-    """Upright RGB image whose shorter side is ``resolution`` (the first half of :func:`augment`)."""
+def resize_for_crop(image: Image.Image, resolution: Target) -> Image.Image:
+    """Upright RGB image resized to cover ``resolution`` (the first half of :func:`augment`)."""
     image = ImageOps.exif_transpose(image).convert("RGB")
     return image.resize(resized_size(image.size, resolution), Image.Resampling.BILINEAR)
 
 
 def crop_and_flip(
-    size: tuple[int, int], resolution: int, center_crop: bool, random_flip: bool, aug_seed: int
+    size: Size, resolution: Target, center_crop: bool, random_flip: bool, aug_seed: int
 ) -> tuple[int, int, bool]:
     """``(left, top, flip)`` that :func:`augment` applies to a resized image of ``size``.
 
     A function of its own so the latent cache can tell which cached variant an ``aug_seed`` selects
     without decoding the image: the two can never disagree.
     """
+    width, height = target_size(resolution)
     rng = random.Random(aug_seed)
     if center_crop:
-        left = round((size[0] - resolution) / 2.0)
-        top = round((size[1] - resolution) / 2.0)
+        left = round((size[0] - width) / 2.0)
+        top = round((size[1] - height) / 2.0)
     else:
-        left = rng.randint(0, size[0] - resolution)
-        top = rng.randint(0, size[1] - resolution)
+        left = rng.randint(0, size[0] - width)
+        top = rng.randint(0, size[1] - height)
     return left, top, random_flip and rng.random() < 0.5
 
 
-def crop_to_tensor(resized: Image.Image, resolution: int, left: int, top: int, flip: bool) -> torch.Tensor:
-    """A float32 ``(3, R, R)`` tensor in [-1, 1] of one crop (mirrored when ``flip``) of a resized image."""
-    image = resized.crop((left, top, left + resolution, top + resolution))
+def crop_to_tensor(resized: Image.Image, resolution: Target, left: int, top: int, flip: bool) -> torch.Tensor:
+    """A float32 ``(3, H, W)`` tensor in [-1, 1] of one crop (mirrored when ``flip``) of a resized image."""
+    width, height = target_size(resolution)
+    image = resized.crop((left, top, left + width, top + height))
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
@@ -158,9 +156,9 @@ def crop_to_tensor(resized: Image.Image, resolution: int, left: int, top: int, f
 
 
 def augment(
-    image: Image.Image, resolution: int, center_crop: bool, random_flip: bool, aug_seed: int
+    image: Image.Image, resolution: Target, center_crop: bool, random_flip: bool, aug_seed: int
 ) -> torch.Tensor:
-    """A float32 ``(3, R, R)`` tensor in [-1, 1]; the same arguments always give the same tensor."""
+    """A float32 ``(3, H, W)`` tensor in [-1, 1]; the same arguments always give the same tensor."""
     resized = resize_for_crop(image, resolution)
     left, top, flip = crop_and_flip(resized.size, resolution, center_crop, random_flip, aug_seed)
     return crop_to_tensor(resized, resolution, left, top, flip)
@@ -190,7 +188,8 @@ class TrainImages(torch.utils.data.Dataset):
     Captions are tokenized once here (they never change), so workers only decode and augment images,
     and the tokenizer does not have to be pickled into DataLoader workers. ``tokenizer`` is one tokenizer or
     a family's mapping of them (SDXL's two). Every example carries its ``time_ids`` (SDXL's size and crop
-    conditioning, ignored by SD 1.x).
+    conditioning, ignored by SD 1.x). With ``buckets`` (``data.buckets``) each image is cropped to the
+    bucket closest to its aspect ratio instead of the ``resolution`` square.
     """
 
     def __init__(
@@ -201,6 +200,7 @@ class TrainImages(torch.utils.data.Dataset):
         center_crop: bool,
         random_flip: bool,
         caption_column: str = "text",
+        buckets: tuple[Bucket, ...] | None = None,
     ) -> None:
         if caption_column not in dataset.column_names:
             raise ValueError(
@@ -214,6 +214,7 @@ class TrainImages(torch.utils.data.Dataset):
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
+        self.buckets = buckets
         self.token_ids = tokenize_captions(tokenizer, captions)
 
     def __len__(self) -> int:
@@ -227,8 +228,10 @@ class TrainImages(torch.utils.data.Dataset):
         index, aug_seed = key
         image = self.dataset[int(index)]["image"]
         original = upright_size_of(image)
-        resized = resize_for_crop(image, self.resolution)
-        res = self.resolution
+        res: Target = self.resolution
+        if self.buckets is not None:
+            res = self.buckets[assign(original, self.buckets)].size
+        resized = resize_for_crop(image, res)
         left, top, flip = crop_and_flip(resized.size, res, self.center_crop, self.random_flip, aug_seed)
         example = {
             "pixel_values": crop_to_tensor(resized, res, left, top, flip),

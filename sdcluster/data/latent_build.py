@@ -24,6 +24,7 @@ from sdcluster.config import Config
 from sdcluster.data.dataset import (
     crop_to_tensor,
     resize_for_crop,
+    target_size,
     tokenize_captions,
 )
 from sdcluster.data.latent_cache import (
@@ -90,27 +91,30 @@ def _write_rows(
 def _encode_share(
     plan: Plan, dataset: Any, comps: Components, res: int, device: Any, rank: int, world: int, dest: Path
 ):
-    """Encode this rank's block of posterior rows and of caption rows into ``dest``."""
+    """Encode this rank's block of each posterior array's rows and of caption rows into ``dest``."""
     vae, family = comps.vae, comps.family
-    lo, hi = _share(len(plan.variants), rank, world)
-    side = res // 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
-    def posterior_batches() -> Iterable[torch.Tensor]:
+    def posterior_batches(lo: int, hi: int) -> Iterable[torch.Tensor]:
         current, resized = -1, None
         for start in range(lo, hi, ENCODE_BATCH):
             pixels = []
             for image, left, top, flip in plan.variants[start : min(start + ENCODE_BATCH, hi)]:
                 if image != current:
-                    current, resized = image, resize_for_crop(dataset[image]["image"], res)
+                    target = plan.target(image, res)  # its bucket's size, or the square
+                    current, resized = image, resize_for_crop(dataset[image]["image"], target)
                     if resized.size != plan.sizes[image]:
                         raise RuntimeError(
                             f"image {image}: size {resized.size} != header {plan.sizes[image]}"
                         )
-                pixels.append(crop_to_tensor(resized, res, left, top, flip))
+                pixels.append(crop_to_tensor(resized, plan.target(image, res), left, top, flip))
             yield (vae.encode(torch.stack(pixels).to(device, vae.dtype)).latent_dist.parameters,)
 
-    shape = (2 * vae.config.latent_channels, side, side)
-    _write_rows({dest / f"posterior.{rank}.npy": shape}, hi - lo, posterior_batches())
+    for name, first, end in plan.posterior_arrays():  # one array without buckets, one per bucket with
+        lo, hi = (first + k for k in _share(end - first, rank, world))
+        width, height = target_size(plan.target(plan.variants[first][0], res))
+        shape = (2 * vae.config.latent_channels, height // factor, width // factor)
+        _write_rows({dest / f"{name}.{rank}.npy": shape}, hi - lo, posterior_batches(lo, hi))
     clo, chi = _share(len(plan.captions), rank, world)
     ids = tokenize_captions(family.tokenizers(comps), plan.captions[clo:chi]) if chi > clo else {}
     with torch.no_grad():  # the row shape of each array, from one caption
@@ -138,8 +142,9 @@ def _build(
         tmp = str(atomic.staging_dir(entry))
     tmp = Path(rank0_decides(acc, tmp))
     rank, world = acc.process_index, acc.num_processes
-    lo, hi = _share(len(plan.variants), rank, world)
-    log.info("latent cache: encoding rows %d-%d of %d into %s", lo, hi, len(plan.variants), entry)
+    shares = [_share(end - first, rank, world) for _, first, end in plan.posterior_arrays()]
+    mine = sum(hi - lo for lo, hi in shares)
+    log.info("latent cache: encoding rows (%d of %d) into %s", mine, len(plan.variants), entry)
     with atomic.explain_disk_full(entry, tmp if acc.is_main_process else None, ": it builds the cache again"):
         _encode_share(plan, dataset, comps, cfg.train.resolution, acc.device, rank, world, tmp)
     acc.wait_for_everyone()

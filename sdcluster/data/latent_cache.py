@@ -1,7 +1,8 @@
 """The latent cache: what an entry holds, its key, and its on-disk format (publish, verify, read).
 
 With ``data.cache=true`` the frozen VAE and text encoder run once per dataset, not at every step
-(:mod:`~sdcluster.data.latent_build` fills an entry), into ``<cache_root>/latents/<key>/``, where the key
+(:mod:`~sdcluster.data.latent_plan` plans an entry's rows and key, :mod:`~sdcluster.data.latent_build`
+fills it), into ``<cache_root>/latents/<key>/``, where the key
 (:func:`sdcluster.identity.latent_cache_key`) hashes everything the stored numbers depend on: the model
 (source, revision, variant, and size + mtime of every vae/text_encoder/tokenizer file), the encoders'
 dtypes, the resolution, the crop/flip policy, and the dataset contents (each training image's file bytes
@@ -28,6 +29,10 @@ What is stored, and why:
   encodings too, for the loss to put in a dropped caption's place.
 * SDXL's size and crop conditioning: each image's original (upright) size is in the manifest, and each row's
   crop offsets are its variant, so an example's ``time_ids`` are exactly what the image path computes.
+* Aspect-ratio buckets (``data.buckets``): each image is stored at its bucket's size, so rows of different
+  buckets have different shapes and live in one posterior array per bucket (``posterior.WxH.r.npy``, the
+  manifest's ``posterior_arrays`` and each image's ``targets``); the bucket settings are in the key. Cropped
+  to cover the bucket, an image has few distinct random crops, so random crops stay cacheable.
 
 On disk an entry is a ``manifest.json`` (which crop/flip each row is, which caption row each image has, and
 the size and sha256 of every file) plus, per building rank ``r``, ``posterior.r.npy`` (rows of posterior
@@ -47,125 +52,40 @@ from __future__ import annotations
 
 import bisect
 import json
-import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from sdcluster import atomic, sealed
-from sdcluster.config import Config
-from sdcluster.data.dataset import crop_and_flip, resized_size, time_ids, upright_size
-from sdcluster.identity import latent_cache_key
+from sdcluster.data.dataset import Target, crop_and_flip, time_ids
+from sdcluster.data.latent_plan import (
+    CACHE_VERSION,
+    MAX_MEAN_CROPS,
+    Plan,
+    Variant,
+    entry_manifest,
+    make_plan,
+    plan_variants,
+)
 from sdcluster.models.family import TIME_IDS, empty_caption_key
-from sdcluster.models.load import encoder_parts, model_files, vae_files
 
-if TYPE_CHECKING:
-    from sdcluster.models.load import Components
-
-log = logging.getLogger("sdcluster")
-
-CACHE_VERSION = 2  # bump when what an entry holds changes: old entries then get new keys (2: time ids)
-MAX_MEAN_CROPS = 32  # distinct random crops per image (on average) beyond which the cache is not used
-Variant = tuple[int, int, int, bool]  # (image row, crop left, crop top, mirrored)
-
-
-@dataclass
-class Plan:
-    """What an entry holds: ``variants[row]`` is the crop/flip of one posterior row."""
-
-    key: str
-    sizes: list[tuple[int, int]]  # resized, what the crops are taken from
-    variants: list[Variant]
-    captions: list[str]
-    caption_rows: list[int]
-    originals: list[tuple[int, int]]  # upright sizes before resizing (SDXL's conditioning)
-    text_arrays: tuple[str, ...] = ("text",)  # the family's caption arrays
-    empty_row: int | None = None  # the empty caption's row (data.caption_dropout), else not stored
-
-
-def _crop_offsets(size: tuple[int, int], resolution: int, center_crop: bool) -> list[tuple[int, int]]:
-    if center_crop:
-        left, top, _ = crop_and_flip(size, resolution, True, False, 0)
-        return [(left, top)]
-    width, height = size
-    return [(left, top) for top in range(height - resolution + 1) for left in range(width - resolution + 1)]
-
-
-def plan_variants(
-    sizes: list[tuple[int, int]], resolution: int, center_crop: bool, random_flip: bool
-) -> list[Variant]:
-    """Every (image, crop, flip) the augmentation can produce, image by image (each image decoded once)."""
-    flips = (False, True) if random_flip else (False,)
-    return [
-        (image, left, top, flip)
-        for image, size in enumerate(sizes)
-        for left, top in _crop_offsets(size, resolution, center_crop)
-        for flip in flips
-    ]
-
-
-def make_plan(cfg: Config, dataset: Any, comps: Components) -> Plan | None:
-    """The entry this run needs, or None (with one log line) when its crop policy is not worth caching."""
-    res, center, flip = cfg.train.resolution, cfg.train.center_crop, cfg.train.random_flip
-    dropout = cfg.data.caption_dropout > 0
-    folder = Path(cfg.data.path)
-    names = list(dataset["file_name"])
-    captions = list(dataset[cfg.data.caption_column])
-    if not all(isinstance(c, str) for c in captions):
-        raise ValueError("some rows have no caption string; run `python -m sdcluster.data validate`")
-    originals = [upright_size(folder / name) for name in names]
-    sizes = [resized_size(size, res) for size in originals]
-    crops = len(sizes) if center else sum((w - res + 1) * (h - res + 1) for w, h in sizes)
-    if crops > MAX_MEAN_CROPS * len(sizes):
-        log.info(
-            "latent cache off: random crops of these images give %.0f distinct crops per image on average "
-            "(more than %d), so the VAE encodes every step. Fix: train.center_crop=true, or square images",
-            crops / len(sizes),
-            MAX_MEAN_CROPS,
-        )
-        return None
-    family = comps.family
-    encoders = comps.text_encoders.values()
-    key = latent_cache_key(
-        cfg,
-        version=CACHE_VERSION,
-        family=family.name,
-        source=comps.source,
-        files=model_files(comps.source, encoder_parts(family), cfg.model.revision),
-        vae_files=vae_files(cfg.model.vae_path) if cfg.model.vae_path else None,
-        dtypes=[str(comps.vae.dtype), *(str(encoder.dtype) for encoder in encoders)],
-        images=[[atomic.file_sha256(folder / n), c] for n, c in zip(names, captions, strict=True)],
-        empty_caption=dropout,
-    )
-    unique = list(dict.fromkeys(captions))
-    row_of = {caption: row for row, caption in enumerate(unique)}
-    variants = plan_variants(sizes, res, center, flip)
-    rows = [row_of[c] for c in captions]
-    empty_row = None
-    if dropout:  # a row of its own unless a caption is empty already; after the others, which keep theirs
-        empty_row = row_of.get("", len(unique))
-        unique += [] if "" in row_of else [""]
-    return Plan(key, sizes, variants, unique, rows, originals, family.text_arrays, empty_row)
-
-
-def entry_manifest(plan: Plan, world: int) -> dict[str, Any]:
-    """The entry manifest without its file list (:func:`commit` adds it): what readers need besides the
-    arrays, which crop/flip each row is and which caption row each image has (and the empty caption's)."""
-    empty = {} if plan.empty_row is None else {"empty_row": plan.empty_row}
-    return {
-        **empty,
-        "version": CACHE_VERSION,
-        "key": plan.key,
-        "world_size": world,
-        "sizes": plan.sizes,
-        "originals": plan.originals,
-        "variants": plan.variants,
-        "caption_rows": plan.caption_rows,
-        "text_arrays": list(plan.text_arrays),
-    }
+__all__ = [  # the plan's names too: what an entry holds is planned in latent_plan, read here
+    "CACHE_VERSION",
+    "ENTRY_MANIFEST",
+    "MAX_MEAN_CROPS",
+    "MISSING",
+    "CachedExamples",
+    "Plan",
+    "ShardedRows",
+    "Variant",
+    "commit",
+    "entry_manifest",
+    "make_plan",
+    "plan_variants",
+    "verify",
+]
 
 
 ENTRY_MANIFEST = "manifest.json"
@@ -184,7 +104,8 @@ def verify(entry: Path, key: str, version: int) -> str | None:
     try:
         manifest = json.loads((entry / ENTRY_MANIFEST).read_text())
         files = manifest["files"]
-        kinds = ("posterior", *manifest["text_arrays"])
+        posteriors = [array[0] for array in manifest.get("posterior_arrays", [["posterior"]])]
+        kinds = (*posteriors, *manifest["text_arrays"])
         expected = {f"{kind}.{r}.npy" for kind in kinds for r in range(manifest["world_size"])}
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"no readable manifest ({type(err).__name__})"
@@ -257,7 +178,11 @@ class CachedExamples(torch.utils.data.Dataset):
         self.nbytes = sum(f["bytes"] for f in manifest["files"].values())
         self.in_memory = self.nbytes <= budget_bytes
         shards = range(manifest["world_size"])
-        self.posterior = ShardedRows([entry / f"posterior.{r}.npy" for r in shards], self.in_memory)
+        arrays = manifest.get("posterior_arrays", [["posterior", 0, len(manifest["variants"])]])
+        self.posterior = {
+            name: ShardedRows([entry / f"{name}.{r}.npy" for r in shards], self.in_memory)
+            for name, _, _ in arrays
+        }
         self.text = {
             kind: ShardedRows([entry / f"{kind}.{r}.npy" for r in shards], self.in_memory)
             for kind in manifest["text_arrays"]
@@ -266,8 +191,11 @@ class CachedExamples(torch.utils.data.Dataset):
         self.originals = [tuple(size) for size in manifest["originals"]]
         self.caption_rows = manifest["caption_rows"]
         self.empty_row: int | None = manifest.get("empty_row")
-        self.rows = {
-            (i, left, top, bool(f)): row for row, (i, left, top, f) in enumerate(manifest["variants"])
+        self.targets = [tuple(t) for t in manifest["targets"]] if "targets" in manifest else None
+        array_of = [(name, start) for name, start, stop in arrays for _ in range(start, stop)]
+        self.rows = {  # variant -> (posterior array, row in it)
+            (i, left, top, bool(f)): (array_of[row][0], row - array_of[row][1])
+            for row, (i, left, top, f) in enumerate(manifest["variants"])
         }
         self.resolution = resolution
         self.center_crop = center_crop
@@ -276,20 +204,25 @@ class CachedExamples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.sizes)
 
+    def target(self, index: int) -> Target:
+        """What image ``index`` is cropped to: its bucket's size, or the square."""
+        return self.resolution if self.targets is None else self.targets[index]
+
     def variant(self, index: int, aug_seed: int) -> tuple[int, int, int, bool]:
         """The ``(image, left, top, flip)`` that ``augment`` would apply for this key."""
-        size = self.sizes[index]
-        left, top, flip = crop_and_flip(size, self.resolution, self.center_crop, self.random_flip, aug_seed)
+        size, target = self.sizes[index], self.target(index)
+        left, top, flip = crop_and_flip(size, target, self.center_crop, self.random_flip, aug_seed)
         return index, left, top, flip
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         index, aug_seed = key
         variant = self.variant(int(index), aug_seed)
-        row, caption = self.rows[variant], self.caption_rows[index]
+        (array, row), caption = self.rows[variant], self.caption_rows[index]
         _, left, top, flip = variant
+        target = self.target(index)
         example = {
-            "posterior": self.posterior[row],
-            TIME_IDS: time_ids(self.originals[index], self.sizes[index], self.resolution, left, top, flip),
+            "posterior": self.posterior[array][row],
+            TIME_IDS: time_ids(self.originals[index], self.sizes[index], target, left, top, flip),
         }
         # each caption array under its own name: the batch keys the family's conditioning reads
         example.update({kind: rows[caption] for kind, rows in self.text.items()})

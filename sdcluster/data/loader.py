@@ -8,6 +8,7 @@ batch into the denoiser's inputs.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,12 +30,28 @@ def training_rows(cfg: Config) -> Any:
     return dataset.select(training_indices(len(dataset), cfg.data.holdout, cfg.data.max_samples))
 
 
-def training_examples(cfg: Config, comps: Any, accelerator: Any) -> torch.utils.data.Dataset:
+def bucket_ids(cfg: Config, dataset: Any) -> list[int] | None:
+    """Each training row's bucket (an index into :func:`~sdcluster.data.buckets.buckets_of`), from the image
+    headers; None when ``data.buckets`` is off."""
+    from sdcluster.data.buckets import assign, buckets_of, upright_size
+
+    buckets = buckets_of(cfg)
+    if buckets is None:
+        return None
+    folder = Path(cfg.data.path)
+    return [assign(upright_size(folder / name), buckets) for name in dataset["file_name"]]
+
+
+def training_examples(
+    cfg: Config, comps: Any, accelerator: Any, dataset: Any = None
+) -> torch.utils.data.Dataset:
     """The training split, from the latent cache (built on first use) or as images to encode every step
-    when caching is off or not worth it for this crop policy."""
+    when caching is off or not worth it for this crop policy. ``dataset``: :func:`training_rows`, read
+    here when not given."""
+    from sdcluster.data.buckets import buckets_of
     from sdcluster.data.dataset import TrainImages
 
-    dataset = training_rows(cfg)
+    dataset = training_rows(cfg) if dataset is None else dataset
     if cfg.data.cache:
         from sdcluster.data.latent_build import open_or_build
 
@@ -49,19 +66,21 @@ def training_examples(cfg: Config, comps: Any, accelerator: Any) -> torch.utils.
         train.center_crop,
         train.random_flip,
         cfg.data.caption_column,
+        buckets_of(cfg),
     )
 
 
 def make_loader(cfg: Config, comps: Any, accelerator: Any, micro_step: int) -> torch.utils.data.DataLoader:
     """An endless loader of this rank's batches from ``micro_step`` on (one batch per micro-step)."""
     from sdcluster.data.dataset import collate
-    from sdcluster.data.sampler import StepSampler
+    from sdcluster.data.sampler import BucketSampler, StepSampler
 
     acc = accelerator
-    examples = training_examples(cfg, comps, acc)
-    sampler = StepSampler(
-        len(examples), cfg.train.batch_size, acc.num_processes, acc.process_index, cfg.train.seed, micro_step
-    )
+    rows = training_rows(cfg)
+    examples = training_examples(cfg, comps, acc, rows)
+    args = (cfg.train.batch_size, acc.num_processes, acc.process_index, cfg.train.seed, micro_step)
+    buckets = bucket_ids(cfg, rows)
+    sampler = StepSampler(len(examples), *args) if buckets is None else BucketSampler(buckets, *args)
     first = [sampler.key(p)[0] for p in sampler.positions(micro_step)]
     log.info(
         "data: %d images, epoch %d, this rank's next samples %s",
@@ -69,6 +88,8 @@ def make_loader(cfg: Config, comps: Any, accelerator: Any, micro_step: int) -> t
         sampler.epoch_of(micro_step),
         first,
     )
+    if isinstance(sampler, BucketSampler):
+        _log_buckets(cfg, sampler)
     return torch.utils.data.DataLoader(
         examples,
         batch_size=cfg.train.batch_size,
@@ -77,4 +98,18 @@ def make_loader(cfg: Config, comps: Any, accelerator: Any, micro_step: int) -> t
         num_workers=cfg.data.num_workers,
         persistent_workers=cfg.data.num_workers > 0,
         pin_memory=acc.device.type == "cuda",  # page-locked batches copy to the GPU asynchronously
+    )
+
+
+def _log_buckets(cfg: Config, sampler: Any) -> None:
+    """One line of the bucket histogram and the epoch's length (padding makes it longer than N / batch)."""
+    from sdcluster.data.buckets import buckets_of
+
+    buckets = buckets_of(cfg) or ()
+    counts = ", ".join(f"{buckets[b]}: {len(rows)}" for b, rows in sampler.members.items())
+    log.info(
+        "data.buckets: %s images per bucket; %d micro-steps an epoch at a global batch of %d",
+        counts,
+        sampler.steps_per_epoch,
+        sampler.global_batch,
     )

@@ -8,11 +8,16 @@ diffusers script dropped its skip logic and replays the whole epoch instead).
 
 Epochs straddle micro-steps when ``B*W`` does not divide the dataset size; that is deliberate, so every
 example is seen equally often and no partial batch is ever dropped or padded.
+
+With aspect-ratio buckets (``data.buckets``) a batch must hold images of one size, so
+:class:`BucketSampler` cuts each epoch into whole global batches of one bucket each (see there), still a
+pure function of ``(seed, micro-step, rank)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -99,3 +104,68 @@ class StepSampler(torch.utils.data.Sampler[tuple[int, int]]):
             for position in self.positions(micro_step):
                 yield self.key(position)
             micro_step += 1
+
+
+class BucketSampler(StepSampler):
+    """:class:`StepSampler` for aspect-ratio buckets: every global batch (all ranks' samples of one
+    micro-step) holds images of one bucket, so every rank steps on the same bucket and each rank's batch
+    stacks into tensors of one shape.
+
+    Epoch ``e``, as kohya sd-scripts' bucket manager does it: each bucket's images in a shuffled order, cut
+    into global batches of ``B*W``, and the list of all buckets' batches shuffled; micro-step ``s`` reads
+    batch ``s % L`` of epoch ``s // L`` (``L``: :attr:`steps_per_epoch`), rank ``r`` its ``B`` slots from
+    ``r*B``. Everything comes from ``(seed, e)``, so resume needs only the micro-step, as without buckets.
+
+    A bucket whose images do not fill its last batch (or, with fewer images than ``B*W``, its only one)
+    has that batch filled by going round its own shuffled order again: a bucket of 3 images with a global
+    batch of 4 gives one batch with one image twice. Every batch is full and of one size, no image is
+    dropped, and each image is read at least once an epoch; those of such a bucket up to ``B*W - 1`` times
+    more (kohya yields a short batch instead, SimpleTuner drops the bucket: a short batch would change the
+    gradient's scale and, across ranks, the shapes).
+    """
+
+    def __init__(
+        self,
+        bucket_of: Sequence[int],
+        per_rank_batch: int,
+        world_size: int,
+        rank: int,
+        seed: int,
+        start_micro_step: int = 0,
+    ) -> None:
+        super().__init__(len(bucket_of), per_rank_batch, world_size, rank, seed, start_micro_step)
+        members: dict[int, list[int]] = {}
+        for index, bucket in enumerate(bucket_of):
+            members.setdefault(int(bucket), []).append(index)
+        self.members = dict(sorted(members.items()))
+        self.steps_per_epoch = sum(math.ceil(len(rows) / self.global_batch) for rows in self.members.values())
+        self._epoch: tuple[int, list[tuple[int, list[int]]]] | None = None
+
+    def epoch_batches(self, epoch: int) -> list[tuple[int, list[int]]]:
+        """``(bucket, indices)`` of every global batch of ``epoch``, in the order they are read."""
+        if self._epoch is not None and self._epoch[0] == epoch:
+            return self._epoch[1]
+        generator = torch.Generator().manual_seed(self.seed * _EPOCH_SEED_STRIDE + epoch)
+        size, batches = self.global_batch, []
+        for bucket, rows in self.members.items():
+            order = [rows[i] for i in torch.randperm(len(rows), generator=generator).tolist()]
+            filled = [order[i % len(order)] for i in range(math.ceil(len(order) / size) * size)]
+            batches += [(bucket, filled[k : k + size]) for k in range(0, len(filled), size)]
+        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        self._epoch = (epoch, shuffled)
+        return shuffled
+
+    def _batch(self, micro_step: int) -> tuple[int, list[int]]:
+        epoch, k = divmod(micro_step, self.steps_per_epoch)
+        return self.epoch_batches(epoch)[k]
+
+    def bucket_at(self, micro_step: int) -> int:
+        """The bucket every rank reads at ``micro_step``."""
+        return self._batch(micro_step)[0]
+
+    def epoch_of(self, micro_step: int) -> int:
+        return micro_step // self.steps_per_epoch
+
+    def key(self, position: int) -> tuple[int, int]:
+        micro_step, slot = divmod(position, self.global_batch)
+        return self._batch(micro_step)[1][slot], aug_seed_of(self.seed, position)

@@ -3,7 +3,8 @@
 ``generate.prompts`` and a plain ``generate.prompts_file`` (one prompt a line) are programs too: every line
 is a template without slots, with the ``generate`` settings. A ``.yaml``/``.yml`` file adds ``slots:`` (value
 lists, or ``value: weight`` mappings) and ``templates:`` that name them as ``{slot}``, each with optional
-``images``, ``count``, ``negative``, ``guidance_scale`` and ``steps`` (docs/reference/generation.md: "Prompt
+``images``, ``count``, ``negative``, ``guidance_scale``, ``steps``, ``width`` and ``height``
+(docs/reference/generation.md: "Prompt
 programs and synthetic datasets").
 
 Without ``count`` a template makes the full product of the slots it uses (each value once, so weights do not
@@ -29,7 +30,9 @@ from sdcluster.derive import derive_unit
 if TYPE_CHECKING:
     from sdcluster.config import GenerateConfig
 
-TEMPLATE_KEYS = frozenset({"text", "images", "count", "negative", "guidance_scale", "steps"})
+TEMPLATE_KEYS = frozenset(
+    {"text", "images", "count", "negative", "guidance_scale", "steps", "width", "height"}
+)
 # Columns of the exported dataset that a slot must not shadow (see dataset_export).
 RESERVED_SLOTS = frozenset({"file_name", "text", "image", "template"})
 
@@ -41,6 +44,8 @@ class Sampling:
     negative_prompt: str | None
     guidance_scale: float
     steps: int
+    width: int | None = None  # pixels, a multiple of 8; None: generate.width (or the model's default)
+    height: int | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,8 @@ class Template:
     guidance_scale: float | None = None
     steps: int | None = None
     literal: bool = False
+    width: int | None = None
+    height: int | None = None
 
 
 @dataclass(frozen=True)
@@ -234,7 +241,22 @@ def _parse_template(raw: Any, slots: dict[str, dict[str, float]], where: str) ->
         has_negative="negative" in raw,
         guidance_scale=None if guidance is None else float(guidance),
         steps=_positive_int(raw, "steps", where),
+        width=_multiple_of_8(raw, "width", where),
+        height=_multiple_of_8(raw, "height", where),
     )
+
+
+def _multiple_of_8(raw: dict, key: str, where: str) -> int | None:
+    """A template's image side: the pipeline's VAE scales by 8, so any multiple of 8 (an aspect-ratio
+    bucket's size, e.g. 832 x 1216) works."""
+    value = _positive_int(raw, key, where)
+    _require(
+        value is None or value % 8 == 0,
+        where,
+        f"{key} must be a multiple of 8, got {value}",
+        f"e.g. {key}: 832",
+    )
+    return value
 
 
 def _unit(*parts: object) -> float:
@@ -282,6 +304,8 @@ def sampling_of(template: Template, gen: GenerateConfig) -> Sampling:
         negative_prompt=template.negative if template.has_negative else gen.negative_prompt,
         guidance_scale=gen.guidance_scale if template.guidance_scale is None else template.guidance_scale,
         steps=template.steps or gen.steps,
+        width=template.width or gen.width,
+        height=template.height or gen.height,
     )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from sdcluster import paths
 from sdcluster.config import Config, ConfigError, GenerateConfig
 from sdcluster.generate.prompts import Sampling
+from sdcluster.model_source import is_single_file
 from sdcluster.models.load import check_safetensors
 from sdcluster.models.lora import apply_lora, base_source, lora_weights
 from sdcluster.models.samplers import set_sampler
@@ -47,6 +48,11 @@ def require_model(path: Path | str, lora: Path | None = None) -> None:
         require_lora(lora)
     if isinstance(path, str):
         return
+    if is_single_file(str(path)):  # a checkpoint in the original layout (models.single_file)
+        from sdcluster.models.single_file import check_single_file
+
+        check_single_file(Path(path))
+        return
     if not (Path(path) / "model_index.json").is_file():
         raise ConfigError(
             f"generate.model: no diffusers pipeline at {path} (no model_index.json). Fix: train first "
@@ -68,9 +74,6 @@ def _dtype_keyword() -> str:
 def load_pipeline(cfg: Config) -> Any:
     """The model's pipeline (SD 1.x/2.x or SDXL, read from its ``model_index.json``) with our scheduler, no
     safety checker and no tqdm bars (they garble SLURM log files)."""
-    from sdcluster.models.family import family_of
-    from sdcluster.models.load import load_vae_override
-
     model = paths.generation_model(cfg)
     require_model(model)
     device, dtype = choose_device_dtype(cfg.generate.mixed_precision)
@@ -78,19 +81,12 @@ def load_pipeline(cfg: Config) -> Any:
         log.info(
             "generate.mixed_precision=%s ignored on CPU: generating in float32", cfg.generate.mixed_precision
         )
-    source, pinned = (str(model), {}) if isinstance(model, Path) else base_source(cfg)
-    family = family_of(source, pinned.get("revision"))
-    parts: dict[str, Any] = {}
-    if model == cfg.model.path and cfg.model.vae_path:  # the base model with the VAE the run used
-        parts["vae"] = load_vae_override(cfg.model, dtype)
-    pipe = family.pipeline_class.from_pretrained(
-        source,
-        **{_dtype_keyword(): dtype},
-        **pinned,
-        **parts,
-        **family.pipeline_kwargs(),
-        use_safetensors=True,
-    )
+    if is_single_file(str(model)):  # its own weights, the configs of generate.model_config (or model.path)
+        from sdcluster.models.single_file import load_single_file
+
+        pipe, family = load_single_file(cfg, Path(model), dtype, _dtype_keyword())
+    else:
+        pipe, family = _load_folder(cfg, model, dtype)
     lora = paths.generation_lora(cfg)
     if lora is not None:  # a LoRA run's adapters, or generate.lora, on top of the model
         apply_lora(pipe, lora_weights(cfg, lora), cfg.generate.lora_scale)
@@ -106,6 +102,27 @@ def load_pipeline(cfg: Config) -> Any:
         # the VAE's own method exists in every version we support.
         pipe.vae.enable_slicing()
     return pipe.to(device)
+
+
+def _load_folder(cfg: Config, model: Path | str, dtype: Any) -> tuple[Any, Any]:
+    """The pipeline of a diffusers folder or of the model named by id, and its family."""
+    from sdcluster.models.family import family_of
+    from sdcluster.models.load import load_vae_override
+
+    source, pinned = (str(model), {}) if isinstance(model, Path) else base_source(cfg)
+    family = family_of(source, pinned.get("revision"))
+    parts: dict[str, Any] = {}
+    if model == cfg.model.path and cfg.model.vae_path:  # the base model with the VAE the run used
+        parts["vae"] = load_vae_override(cfg.model, dtype)
+    pipe = family.pipeline_class.from_pretrained(
+        source,
+        **{_dtype_keyword(): dtype},
+        **pinned,
+        **parts,
+        **family.pipeline_kwargs(),
+        use_safetensors=True,
+    )
+    return pipe, family
 
 
 class PromptEmbeddings:
@@ -202,6 +219,6 @@ def render(
         generator=generators,
         num_inference_steps=sampling.steps,
         guidance_scale=sampling.guidance_scale,
-        height=gen.height,
-        width=gen.width,
+        height=sampling.height or gen.height,  # a template's size, else generate's
+        width=sampling.width or gen.width,
     ).images

@@ -9,8 +9,10 @@ noise-scheduler classes. Training and generation get the same objects for the ti
 nothing downstream knows which one it got. Nothing is imported here, so the login node's checks stay light.
 
 Just above the schema; ``python -m sdcluster.models fetch`` (``__main__``) composes a config like the launch.
+``push`` publishes a finished run's export on the hub (``python -m sdcluster.models push``).
 
-May import (command: __main__): ``models``, ``compose``, ``config``, ``model_source``, ``redaction``.
+May import (command: __main__, push): ``models``, ``compose``, ``config``, ``model_source``,
+``redaction``, ``paths``.
 
 May import (the rest): ``config``, ``atomic``, ``derive``, ``identity``, ``model_source``, ``paths``.
 """

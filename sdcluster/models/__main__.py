@@ -10,6 +10,11 @@ a node with internet before launching from one without, or to warm a shared ``mo
 
 It prints the commit the revision resolved to and the local folder (of the model, and of a hub VAE). Exit 2
 on a configuration error.
+
+    python -m sdcluster.models push outputs/runs/NAME-HASH --repo you/my-lora   # publish a finished run
+
+``push`` (:mod:`sdcluster.models.push`) uploads a run's export and model card with the token of the
+environment; exit 2, before anything is uploaded, when something stops it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import sys
 
 from sdcluster.config import ConfigError
+from sdcluster.models import push
 
 
 def fetch(target: str, overrides: list[str]) -> int:
@@ -53,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     cmd = sub.add_parser("fetch", help="resolve, check and download a hub model into model.cache_dir")
     cmd.add_argument("target", help="a hub id (owner/name) or model=NAME")
     cmd.add_argument("overrides", nargs="*", help="more config overrides, e.g. model.revision=REV")
+    push.add_command(sub)
     args = parser.parse_args(argv)
+    if args.command == "push":
+        return push.command(args)
     try:
         return fetch(args.target, args.overrides)
     except ConfigError as err:

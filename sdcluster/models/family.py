@@ -11,7 +11,8 @@ loaded model (the :class:`Family` protocol) for these things instead of branchin
   per :attr:`Family.text_arrays` name, which are also the latent cache's arrays and the batch keys of cached
   encodings) and the denoiser's keyword arguments (:meth:`Family.conditioning`). SDXL's size and crop
   conditioning comes from each image's original size and crop offsets, which every training example carries
-  as ``time_ids`` (original height, width, crop top, left, target height, width: ``add_time_ids``);
+  as ``time_ids`` (original height, width, crop top, left, target height, width: ``add_time_ids``; the
+  target is the image's aspect-ratio bucket with ``data.buckets``, else the ``train.resolution`` square);
 - the denoiser (today a UNet; a transformer is another :attr:`Family.denoiser_name`) and its training
   objective (:meth:`Family.objective`: epsilon or v-prediction today, flow matching is another object);
 - the text encoders' LoRA target modules (:attr:`Family.text_encoder_targets`);

@@ -24,7 +24,7 @@ from typing import Any
 
 from sdcluster import atomic
 from sdcluster.config import Config, ConfigError, ModelConfig
-from sdcluster.model_source import is_hub_id
+from sdcluster.model_source import is_hub_id, is_single_file
 from sdcluster.models.hub_files import (  # re-exported: the staging's file choices, one module below
     CONFIG_FILE,
     INDEX_FILE,
@@ -303,10 +303,13 @@ def staged_vae_folder(model: ModelConfig) -> Path:
 
 
 def _generation_reads_base(cfg: Config) -> bool:
-    """A generation job that loads the configured model itself (e.g. the base model of a LoRA run)."""
+    """A generation job that loads the configured model itself (e.g. the base model of a LoRA run), or its
+    configs (a single-file ``generate.model`` without ``generate.model_config``)."""
     from sdcluster.paths import generation_model
 
-    return cfg.task != "train" and str(generation_model(cfg)) == cfg.model.path
+    model = str(generation_model(cfg))
+    configs = is_single_file(model) and not cfg.generate.model_config
+    return cfg.task != "train" and (model == cfg.model.path or configs)
 
 
 def _reads_hub_weights(cfg: Config) -> bool:

@@ -1,4 +1,5 @@
-"""Export what a run trained so that it loads without sdcluster: a diffusers pipeline, or a LoRA file.
+"""Export what a run trained so that it loads without sdcluster: a diffusers pipeline, or a LoRA file (and the
+other tools' formats ``train.export_formats`` asks for: kohya LoRA keys, a single-file checkpoint).
 
 Every export is written to a temporary folder and published in one rename, so the destination is either
 the previous or the new export. Frozen components (VAE, text encoder, tokenizer, scheduler) are read again
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdcluster import atomic
 from sdcluster.config import ModelConfig
-from sdcluster.train import lora_formats, model_card
+from sdcluster.train import lora_formats, model_card, single_file
 from sdcluster.train.ema import ema_weights
 
 if TYPE_CHECKING:
@@ -87,6 +88,7 @@ def export_pipeline(
     with _publishing(dest, origin) as tmp, ema_weights(ema, params):
         parts = {family.denoiser_name: denoiser}
         _save(_base_pipeline(family, source, model, **parts), tmp, objective)
+        single_file.write_run_single_file(tmp, dest.parent)  # train.export_formats, made from that folder
         model_card.write_card(tmp, dest.parent, family)  # the run folder (dest's parent) describes it
     log.info("exported pipeline (%s weights): %s", "EMA" if ema is not None else "trained", dest)
     return dest
@@ -147,6 +149,7 @@ def export_fused(
         pipe.fuse_lora(lora_scale=1.0)
         pipe.unload_lora_weights()
         _save(pipe, tmp, objective)
+        single_file.write_run_single_file(tmp, dest.parent)
         model_card.write_card(tmp, dest.parent, family)
     log.info("exported pipeline with the LoRA fused: %s", dest)
     return dest

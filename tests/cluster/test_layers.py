@@ -179,8 +179,8 @@ def _named_strings(node: ast.AST) -> list[str]:
 
 
 def test_nothing_outside_the_registries_branches_on_a_family_method_or_component_name():
-    """Outside the families (``models/family.py``, the tiny builders), the methods (``train/method.py``) and
-    the schema (``config/``), no family name, method name or SD-only component name is compared (``==``,
+    """Outside the families (``models/family.py``, the tiny builders), the methods (``train/method.py``), the
+    single-file layouts (``train/single_file.py``) and the schema (``config/``), no family name, method name or SD-only component name is compared (``==``,
     ``in``...) or used as a key (``x["unet"]``, ``{"unet": ...}``, ``.get("unet")``): code asks the family
     or the method object. A key that is also a schema key (``train.lora``, ``generate.lora``, the blocks of
     a config turned into a dict) is the schema's word, not a method's name."""
@@ -193,7 +193,9 @@ def test_nothing_outside_the_registries_branches_on_a_family_method_or_component
     names = {family.name for family in FAMILIES.values()} | set(TRAIN_METHODS)
     names |= {"unet", "text_encoder_2", "tokenizer_2"}
     schema_keys = {f.name for f in (*fields(TrainConfig), *fields(GenerateConfig))}
-    registries = {"models/family.py", "train/method.py"}
+    # train/single_file.py: the original checkpoint layouts, one table keyed by pipeline class (a
+    # family's ``pipeline_name``), whose entries are the component folders that layout is made of.
+    registries = {"models/family.py", "train/method.py", "train/single_file.py"}
     found = []
     for path in PACKAGE.rglob("*.py"):
         where = path.relative_to(PACKAGE).as_posix()
