@@ -180,9 +180,10 @@ def _named_strings(node: ast.AST) -> list[str]:
 
 def test_nothing_outside_the_registries_branches_on_a_family_method_or_component_name():
     """Outside the families (``models/family.py``, the tiny builders), the methods (``train/method.py``), the
-    single-file layouts (``train/single_file.py``) and the schema (``config/``), no family name, method name or SD-only component name is compared (``==``,
-    ``in``...) or used as a key (``x["unet"]``, ``{"unet": ...}``, ``.get("unet")``): code asks the family
-    or the method object. A key that is also a schema key (``train.lora``, ``generate.lora``, the blocks of
+    single-file layouts (``train/single_file.py``) and the schema (``config/``), no family name, method name
+    or SD-only component name is compared (``==``, ``in``...) or used as a key (``x["unet"]``,
+    ``{"unet": ...}``, ``.get("unet")``): code asks the family or the method object. A key that is also a
+    schema key (``train.lora``, ``generate.lora``, the blocks of
     a config turned into a dict) is the schema's word, not a method's name."""
     from dataclasses import fields
 
