@@ -75,12 +75,27 @@ def semantic_train_config(cfg: Config) -> dict[str, Any]:
             data.pop(key)
     if not cfg.data.buckets.enabled:  # off, as every run before buckets existed: those folders stay
         data.pop("buckets")
+    data_source_identity(data, cfg.data.HUB_ONLY)
     return {
         "model": model_identity(cfg.model),  # a hub branch counts as the commit it resolved to
         "data": data,
         "optim": dataclasses.asdict(cfg.optim),
         "train": train,
     }
+
+
+def data_source_identity(data: dict[str, Any], hub_only: tuple[str, ...]) -> None:
+    """Edit one data source's identity (``asdict`` of ``DataConfig``) in place: a folder keeps the hash it
+    had before hub datasets (their keys dropped); a hub dataset is its id, split, columns and commit (the
+    commit replaces a branch, as for models), not the staged folder's path, which says where the cache is."""
+    if not data.get("hub"):
+        for key in hub_only:
+            data.pop(key, None)
+        return
+    data.pop("path")
+    commit = data.pop("commit")
+    if commit:
+        data["revision"] = commit
 
 
 def config_hash(cfg: Config) -> str:

@@ -37,12 +37,6 @@ def pytest_configure(config: pytest.Config) -> None:
             f"pytest -n {workers} with --dist {dist}: the SLURM tests need their groups kept on one worker "
             "each. Fix: add --dist loadgroup (as make test does)"
         )
-    if hasattr(config, "workerinput"):
-        # A worker's in-process training uses one torch thread: torch's default (every core, per process)
-        # has N workers spin-waiting on each other's cores. Jobs and child processes choose their own.
-        import torch
-
-        torch.set_num_threads(1)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups and ``-m`` deselects

@@ -5,6 +5,8 @@ endpoint constants in-process) and sdcluster's staging runs unchanged. Served, a
 
 - ``GET /api/models/{repo}[/revision/{rev}]``: model info (``sha``, ``siblings`` with sizes);
 - ``GET /api/models/{repo}/tree/{rev}``: the file listing snapshot_download downloads from;
+- the same for dataset repos under ``/api/datasets/`` and ``/datasets/{repo}/resolve/``: a dataset repo is
+  keyed ``datasets/owner/name`` in the server's ``repos`` (a model and a dataset may share an id);
 - ``HEAD|GET /{repo}/resolve/{rev}/{path}``: a file, with ``X-Repo-Commit``, ``ETag`` (``X-Linked-Etag`` and
   ``X-Linked-Size`` for weights, stored in LFS on the real hub) and ``Content-Length``;
 - errors as status + ``X-Error-Code``, the header huggingface_hub maps to its exceptions
@@ -151,6 +153,8 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             hub.requests.append((self.command, path, token is not None))
             if path.startswith("/api/models/"):
                 self._api(path[len("/api/models/") :], token)
+            elif path.startswith("/api/datasets/"):  # keyed "datasets/owner/name", as its resolve URLs are
+                self._api(path[len("/api/datasets/") :], token, prefix="datasets/")
             elif "/resolve/" in path:
                 repo_id, rest = path.lstrip("/").split("/resolve/", 1)
                 rev, _, file = rest.partition("/")
@@ -170,9 +174,9 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 return repo
             return None
 
-        def _api(self, rest: str, token: str | None) -> None:
+        def _api(self, rest: str, token: str | None, prefix: str = "") -> None:
             parts = rest.split("/")
-            repo_id, tail = "/".join(parts[:2]), parts[2:]
+            repo_id, tail = prefix + "/".join(parts[:2]), parts[2:]
             repo = self._repo(repo_id, token)
             if repo is None:
                 return
@@ -191,7 +195,7 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 ]
                 self._json(
                     {
-                        "id": repo_id,
+                        "id": repo_id.removeprefix(prefix),
                         "modelId": repo_id,
                         "sha": commit,
                         "private": repo.private,

@@ -11,6 +11,7 @@ from pathlib import Path
 from sdcluster import paths
 from sdcluster.cluster import backends
 from sdcluster.config import Config, ConfigError, check_config
+from sdcluster.data.hub import stage_data_for_launch
 from sdcluster.models.hub import stage_for_launch
 from sdcluster.models.load import check_model_source
 from sdcluster.redaction import reject_secrets
@@ -86,9 +87,15 @@ def preflight(cfg: Config, dry_run: bool = False) -> tuple[Config, list[str]]:
     backend.check_config(cfg)  # what the chosen executor needs of the config: before staging or queries
     reject_secrets(dataclasses.asdict(cfg))
     check_model_source(cfg.model)
+    unchecked: list[str] = []
     if cfg.task in ("train", "train_generate"):
         check_installed(cfg)
-        check_data(cfg)
+        # data=hub: pinned to its commit, data.path its staged folder, checked below as any folder is
+        cfg = stage_data_for_launch(cfg, dry_run=dry_run)
+        if Path(cfg.data.path).is_dir() or not cfg.data.hub:
+            check_data(cfg)
+        else:
+            unchecked.append(f"the images of {cfg.data.name} (a dry run does not download a hub dataset)")
         if cfg.train.resume not in ("auto", "never"):
             from sdcluster.train.step_folders import resume_folder
 
@@ -111,4 +118,4 @@ def preflight(cfg: Config, dry_run: bool = False) -> tuple[Config, list[str]]:
     if cfg.task != "train":
         ownership.check_free(paths.generation_dir(cfg), "generate")
     check_scripts([cfg])
-    return cfg, unplanned + backend.check(cfg, dry_run)
+    return cfg, unchecked + unplanned + backend.check(cfg, dry_run)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -57,11 +58,12 @@ class DataConfig(Schema):
     """A captioned image folder in the ``datasets`` imagefolder layout (images + ``metadata.jsonl``)."""
 
     name: str = "sample"
-    """Short name of the dataset (the ``conf/data/`` option); part of the run's identity."""
+    """Short name of the dataset (the ``conf/data/`` option), or with data.hub its hub id (owner/name); part
+    of the run's identity."""
     path: str = MISSING
     """The folder of images + ``metadata.jsonl``; no default (``data=sample`` ships one): data.path=DIR."""
     caption_column: str = "text"
-    """The key of ``metadata.jsonl`` that holds each image's caption."""
+    """The key of ``metadata.jsonl`` that holds each image's caption (with data.hub: the dataset's column)."""
     max_pixels: int = 40_000_000
     """Larger images are refused at launch (huge or decompression-bomb files); raise it for big photos."""
     num_workers: int = 0
@@ -79,12 +81,35 @@ class DataConfig(Schema):
     for an empty prompt), so classifier-free guidance keeps working on the fine-tuned model; 0: never."""
     buckets: BucketConfig = field(default_factory=BucketConfig)
     """Aspect-ratio buckets (off by default: every image is cropped to one train.resolution square)."""
+    hub: bool = False
+    """data.name is a dataset on the Hugging Face hub (``data=hub data.name=owner/name``): launch stages it
+    and sets data.path to the staged folder; false: data.path is a local folder."""
+    revision: str = "main"
+    """With data.hub: the branch, tag or commit of the dataset repo to train on."""
+    commit: str | None = None
+    """With data.hub: the commit launch resolved data.revision to (set by launch; names the run)."""
+    split: str = "train"
+    """With data.hub: the split of the dataset to train on (as ``datasets`` names it)."""
+    image_column: str = "image"
+    """With data.hub: the column that holds the images (a ``datasets`` Image feature)."""
+    cache_dir: str | None = None
+    """With data.hub: where launch stages the dataset and jobs read it (storage every node sees); null:
+    Hugging Face's hub cache (``HF_HUB_CACHE``)."""
 
-    NOT_IDENTITY: ClassVar[tuple[str, ...]] = ("num_workers", "cache", "cache_memory_mb", "max_pixels")
+    NOT_IDENTITY: ClassVar[tuple[str, ...]] = (
+        "num_workers",
+        "cache",
+        "cache_memory_mb",
+        "max_pixels",
+        "cache_dir",
+    )
     """Keys that do not change what a run learns: changing one keeps the run folder (and so resumes it)."""
     IDENTITY_WHEN_SET: ClassVar[tuple[str, ...]] = ("max_samples", "caption_dropout")
     """Keys that join the run's identity only when set to something other than their default, so that runs
     from before the key existed keep their folders."""
+    HUB_ONLY: ClassVar[tuple[str, ...]] = ("hub", "revision", "commit", "split", "image_column")
+    """Keys of a hub dataset: in the identity of a hub run only (a folder run's hash stays as it was), where
+    ``commit`` stands for ``revision`` and ``path`` (the staged folder: where the cache lives) is left out."""
 
     def __post_init__(self) -> None:
         _require(self.max_pixels > 0, "data.max_pixels", "must be > 0", "set a positive pixel limit")
@@ -106,4 +131,10 @@ class DataConfig(Schema):
             "data.caption_dropout",
             f"must be in [0, 1), got {self.caption_dropout}",
             "e.g. 0.1 (kohya's and SimpleTuner's usual value), or 0 to keep every caption",
+        )
+        _require(
+            not self.hub or re.fullmatch(r"[\w.-]+/[\w.-]+", self.name) is not None,
+            "data.name",
+            f"with data=hub it is the dataset's hub id, got {self.name!r}",
+            "data=hub data.name=owner/name (as on huggingface.co/datasets/owner/name)",
         )

@@ -5,11 +5,12 @@ prepares and validates a folder (Pillow only, so the login node checks it withou
 ``python -m sdcluster.data``), ``image_checks`` says which files may be read at all (the same rule in the
 job), ``dataset`` loads a folder with ``datasets`` and augments, ``split`` holds images out for validation
 (and cuts the training split to ``data.max_samples``), ``epochs`` counts ``train.epochs`` into optimizer steps
-before submission, ``buckets`` makes the aspect-ratio buckets and assigns each image one (Pillow only),
-``sampler`` fixes which example each micro-step reads (so resume is exact), ``latent_cache`` owns the cached
-encoder outputs and their on-disk format (``latent_plan`` plans an entry, ``latent_build`` fills it),
-``loader`` gives the training loop its batches, and ``sample`` draws the shipped sample set. The models
-that encode live in :mod:`sdcluster.models`; the loss in :mod:`sdcluster.train`. ``dataset`` and
+before submission, ``hub`` stages a hub dataset at launch and ``hub_folder`` writes it out as a folder
+(so everything below reads a folder), ``buckets`` makes the aspect-ratio buckets and assigns each image one
+(Pillow only), ``sampler`` fixes which example each micro-step reads (so resume is exact), ``latent_cache``
+owns the cached encoder outputs and their on-disk format (``latent_plan`` plans an entry, ``latent_build``
+fills it), ``loader`` gives the training loop its batches, and ``sample`` draws the shipped sample set. The
+models that encode live in :mod:`sdcluster.models`; the loss in :mod:`sdcluster.train`. ``dataset`` and
 ``sampler`` are imported lazily on first use: they import torch and datasets, which the login node's checks
 do without.
 

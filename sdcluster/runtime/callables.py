@@ -70,7 +70,8 @@ def run_job(cfg: Config, task: str, body: Callable[[Config, PreemptionFlag, Dist
     staged_vae = bool(cfg.model.vae_path and is_hub_id(cfg.model.vae_path) and cfg.model.vae_commit)
     gen = cfg.generate  # generate.model, generate.lora, the CLIP scorer: pinned when launch staged them
     staged_gen = bool(gen.model_commit or gen.lora_commit or gen.scores.clip_commit)
-    if staged or staged_vae or staged_gen:  # set before any hub import: no rank reaches the hub
+    staged_data = bool(cfg.data.hub and cfg.data.commit)  # data=hub: jobs read the staged folder
+    if staged or staged_vae or staged_gen or staged_data:  # before any hub import: no rank reaches the hub
         os.environ["HF_HUB_OFFLINE"] = "1"
     backend = backends.of(cfg)
     setup_logging(backends.environment().rank)
@@ -83,6 +84,10 @@ def run_job(cfg: Config, task: str, body: Callable[[Config, PreemptionFlag, Dist
         records.start_attempt(folder, dist.restart_count, threads_chosen())
         if staged:
             records.update(folder, {"model": origin(cfg.model)})
+        if staged_data:
+            from sdcluster.data.hub import origin as data_origin
+
+            records.update(folder, {"data": data_origin(cfg.data)})
     log.info("%s job %s started (attempt %d)", task, dist.job_id or "-", dist.restart_count + 1)
     try:
         # the outputs follow the user's umask (jobs/<id>/ stays private); the test pause, when asked for

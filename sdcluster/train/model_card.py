@@ -147,13 +147,16 @@ def _pinned(cfg: Config) -> str:
 def _usage(cfg: Config, family: Family, adapter: bool, extra_files: list[str]) -> list[str]:
     pipeline = family.pipeline_class.__name__
     if not adapter:
-        return [
+        lines = [
             "```python",
             f"from diffusers import {pipeline}",
             "",
             f'pipe = {pipeline}.from_pretrained(".")',
             "```",
         ]
+        for name in extra_files:  # train.export_formats=single_file
+            lines += ["", f"For ComfyUI and AUTOMATIC1111/Forge, `{name}` is the whole model in one file."]
+        return lines
     lines = [
         "```python",
         f"from diffusers import {pipeline}",
@@ -171,7 +174,8 @@ def _usage(cfg: Config, family: Family, adapter: bool, extra_files: list[str]) -
 def _body(run: RunPaths, export: Path, cfg: Config, family: Family, facts: dict[str, Any]) -> list[str]:
     """The card's text: what the export is, its base model, data, results, use, command and settings."""
     adapter = (export / LORA_WEIGHTS).is_file()
-    extra = sorted(p.name for p in export.glob("*.safetensors") if adapter and p.name != LORA_WEIGHTS)
+    # beside a LoRA's own file: its kohya file; at a pipeline's top level: its single-file checkpoint
+    extra = sorted(p.name for p in export.glob("*.safetensors") if p.name != LORA_WEIGHTS)
     data, losses = facts["dataset"], _losses(run)
     what = "LoRA adapters" if adapter else "a fine-tuned pipeline"
     return [

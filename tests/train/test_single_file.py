@@ -103,6 +103,7 @@ def test_the_export_writes_one_file_that_from_single_file_reads_back(make_cfg, m
     # 32, where SDXL has 768 and 1280): its second one is checked on the wide model below.
     _assert_same(expected, loaded, ("unet", "vae", "text_encoder"))
     assert _patterns(_keys(file)) == _patterns(recorded(PUBLISHED_OF[model]))
+    assert f"`{file.name}` is the whole model in one file" in (folder / "README.md").read_text()
 
 
 @pytest.fixture
