@@ -41,6 +41,8 @@ def model_identity(model: ModelConfig) -> dict[str, Any]:
     for key in ("vae_path", "vae_commit"):  # absent from runs made before they existed: folders stay
         if fields[key] is None:
             fields.pop(key)
+    if model.flow_matching == type(model.flow_matching)():  # at its defaults: run folders stay
+        fields.pop("flow_matching")
     commit = fields.pop("commit")
     if commit:
         fields["revision"] = commit

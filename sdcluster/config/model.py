@@ -3,30 +3,67 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from sdcluster.config.checks import Schema, _require
+from sdcluster.config.checks import Schema, _choice, _require
 from sdcluster.model_source import EMBEDDED  # re-exported: the schema names the embedded models
 
-__all__ = ["EMBEDDED", "ModelConfig"]
+__all__ = ["EMBEDDED", "FlowConfig", "ModelConfig"]
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+TIMESTEP_SAMPLING = ("logit_normal", "mode", "none")
+"""``model.flow_matching.timestep_sampling``: the density of diffusers'
+``compute_density_for_timestep_sampling`` (``none``: uniform)."""
+FLOW_LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
+"""``model.flow_matching.loss_weighting``: the weights of diffusers' ``compute_loss_weighting_for_sd3``."""
+
+
+@dataclass
+class FlowConfig(Schema):
+    """The flow-matching objective of a rectified-flow model (Stable Diffusion 3.x): how training timesteps
+    are drawn and how the loss is weighted, as in diffusers' SD3 training examples (their
+    ``--weighting_scheme``, ``--logit_mean``, ``--logit_std``, ``--mode_scale``). The schedule's shift is
+    the model's own (its scheduler config). Ignored by the DDPM families (SD 1.x/2.x, SDXL)."""
+
+    timestep_sampling: str = "logit_normal"
+    """How each example's noise level is drawn: ``logit_normal`` (the sigmoid of a normal draw, SD3's
+    choice), ``mode`` (mode sampling with ``mode_scale``), ``none`` (uniform)."""
+    logit_mean: float = 0.0
+    """Mean of the normal draw of ``logit_normal``."""
+    logit_std: float = 1.0
+    """Standard deviation of the normal draw of ``logit_normal``."""
+    mode_scale: float = 1.29
+    """Scale of ``mode`` sampling (1.29 is the SD3 paper's value)."""
+    loss_weighting: str = "none"
+    """Per-example loss weights: ``none``, ``sigma_sqrt`` (1 / sigma^2) or ``cosmap``."""
+
+    def __post_init__(self) -> None:
+        _choice(self.timestep_sampling, "model.flow_matching.timestep_sampling", TIMESTEP_SAMPLING)
+        _choice(self.loss_weighting, "model.flow_matching.loss_weighting", FLOW_LOSS_WEIGHTING)
+        _require(
+            self.logit_std > 0,
+            "model.flow_matching.logit_std",
+            f"must be > 0, got {self.logit_std}",
+            "e.g. 1.0",
+        )
 
 
 @dataclass
 class ModelConfig(Schema):
     """Which Stable Diffusion to start from.
 
-    ``path`` is a local diffusers folder or a hub id; the special values ``tiny`` and ``tiny_sdxl`` build the
-    embedded random-weight Stable Diffusion and SDXL offline (tests and the default run), so no code path
-    knows which one it got. The family (SD 1.x/2.x or SDXL) is read from the model's ``model_index.json``.
+    ``path`` is a local diffusers folder or a hub id; the special values ``tiny``, ``tiny_sdxl`` and
+    ``tiny_sd3`` build the embedded random-weight Stable Diffusion, SDXL and SD3 offline (tests and the
+    default run), so no code path knows which one it got. The family (SD 1.x/2.x, SDXL or SD 3.x) is read
+    from the model's ``model_index.json``.
     """
 
     name: str = "tiny"
     """Short name of the model; names the run folder (``outputs/runs/<name>-<hash>``) unless run_name does."""
     path: str = "tiny"
-    """A local diffusers folder or a hub id to fine-tune; ``tiny`` / ``tiny_sdxl``: the random-weight Stable
-    Diffusion / SDXL built offline."""
+    """A local diffusers folder or a hub id to fine-tune; ``tiny`` / ``tiny_sdxl`` / ``tiny_sd3``: the
+    random-weight Stable Diffusion / SDXL / SD3 built offline."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) to pin the weights to, for a reproducible run; null: main."""
     variant: str | None = None
@@ -51,6 +88,9 @@ class ModelConfig(Schema):
     commit: str | None = None
     """The hub commit (40 hex digits) the weights are pinned to. Launch fills it in from ``revision``;
     set it to pin a run to a commit you know. Part of the run's identity in place of ``revision``."""
+    flow_matching: FlowConfig = field(default_factory=FlowConfig)
+    """The flow-matching objective's settings (Stable Diffusion 3.x); part of the run's identity when
+    changed from the defaults."""
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "model.path", "is empty", "give a local diffusers folder or a hub id")

@@ -15,6 +15,7 @@ from sdcluster import paths
 from sdcluster.config import Config, ConfigError, GenerateConfig
 from sdcluster.generate.prompts import Sampling
 from sdcluster.model_source import is_single_file
+from sdcluster.models.family import family_of_pipeline
 from sdcluster.models.load import check_safetensors
 from sdcluster.models.lora import apply_lora, base_source, lora_weights
 from sdcluster.models.samplers import set_sampler
@@ -159,6 +160,7 @@ class PromptEmbeddings:
                 num_images_per_prompt=1,
                 do_classifier_free_guidance=guidance,
                 negative_prompt=negative,
+                **family_of_pipeline(self.pipe).prompt_kwargs(),  # SD3's other encoders' prompts
             )
         self.encoded += 1
         self.cache[key] = embeds

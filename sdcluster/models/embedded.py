@@ -1,9 +1,9 @@
-"""The embedded models (``model.path=tiny``, ``tiny_sdxl``): found in the cache, or built once and published.
+"""The embedded models (``model.path=tiny``, ``tiny_sdxl``, ``tiny_sd3``): found in the cache, or built once.
 
-The builders are :mod:`sdcluster.models.tiny` (Stable Diffusion 1.x-shaped) and
-:mod:`sdcluster.models.tiny_sdxl`; this module only decides where each lives and makes a copy appear whole.
+The builders are :mod:`sdcluster.models.tiny` (Stable Diffusion 1.x-shaped), :mod:`sdcluster.models.tiny_sdxl`
+and :mod:`sdcluster.models.tiny_sd3`; this module only decides where each lives and makes a copy appear whole.
 
-    python -m sdcluster.models.embedded [CACHE_ROOT] [tiny|tiny_sdxl]   # build or find it, print where
+    python -m sdcluster.models.embedded [CACHE_ROOT] [tiny|tiny_sdxl|tiny_sd3]   # build or find; print where
 """
 
 from __future__ import annotations
@@ -14,18 +14,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sdcluster import atomic
-from sdcluster.models import tiny, tiny_sdxl
+from sdcluster.models import tiny, tiny_sd3, tiny_sdxl
 from sdcluster.models.family import family_of_folder
 from sdcluster.paths import tiny_model_dir
 
 BUILDERS: dict[str, tuple[str, Callable[[Path], Path]]] = {
     "tiny": (tiny.TINY_VERSION, tiny.build_tiny_pipeline),
     "tiny_sdxl": (tiny_sdxl.TINY_SDXL_VERSION, tiny_sdxl.build_tiny_sdxl),
+    "tiny_sd3": (tiny_sd3.TINY_SD3_VERSION, tiny_sd3.build_tiny_sd3),
 }
 
 
 def ensure_tiny_model(cache_root: Path | str, name: str = "tiny") -> Path:
-    """Return the cached embedded model ``name`` (``tiny`` or ``tiny_sdxl``), building it first if needed.
+    """Return the cached embedded model ``name`` (one of :data:`BUILDERS`), building it first if needed.
 
     Built under a temporary name and published in one rename, so concurrent jobs (ranks, sweep points) never
     see a half-written model; a loser of the race keeps the winner's copy and discards its own.

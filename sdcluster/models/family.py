@@ -1,4 +1,4 @@
-"""Model families: what differs between Stable Diffusion 1.x/2.x and SDXL, in one small object each.
+"""Model families: what differs between Stable Diffusion 1.x/2.x, SDXL and SD 3.x, in one small object each.
 
 The training loop, the method, the latent cache, validation, the export and generation ask the family of the
 loaded model (the :class:`Family` protocol) for these things instead of branching on it:
@@ -13,8 +13,8 @@ loaded model (the :class:`Family` protocol) for these things instead of branchin
   conditioning comes from each image's original size and crop offsets, which every training example carries
   as ``time_ids`` (original height, width, crop top, left, target height, width: ``add_time_ids``; the
   target is the image's aspect-ratio bucket with ``data.buckets``, else the ``train.resolution`` square);
-- the denoiser (today a UNet; a transformer is another :attr:`Family.denoiser_name`) and its training
-  objective (:meth:`Family.objective`: epsilon or v-prediction today, flow matching is another object);
+- the denoiser (a UNet, SD3's transformer: :attr:`Family.denoiser_name`) and its training objective
+  (:meth:`Family.objective`: epsilon or v-prediction, or SD3's flow matching);
 - the text encoders' LoRA target modules (:attr:`Family.text_encoder_targets`);
 - the pipeline class that builds, saves and loads it (and the keywords only one of them takes);
 - the VAE's dtype under mixed precision: SDXL's published VAE overflows in fp16, so it stays in fp32 unless
@@ -73,6 +73,7 @@ class Family(Protocol):
     @property
     def pipeline_class(self) -> Any: ...
     def pipeline_kwargs(self) -> dict[str, Any]: ...
+    def prompt_kwargs(self) -> dict[str, Any]: ...
     def tokenizers(self, comps: Components) -> dict[str, Any]: ...
     def encode(
         self, comps: Components, ids: Mapping[str, torch.Tensor], device: Any
@@ -82,8 +83,11 @@ class Family(Protocol):
     ) -> dict[str, Any]: ...
     def unconditional(self, empty: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
     def weighted_parts(self) -> tuple[str, ...]: ...
-    def objective(self, noise_scheduler: Any, prediction_type: str | None = None) -> Objective: ...
+    def objective(
+        self, noise_scheduler: Any, prediction_type: str | None = None, flow: Any = None
+    ) -> Objective: ...
     def frozen_modules(self, comps: Components) -> list[Any]: ...
+    def sampler(self, name: str, config: Any) -> Any: ...
     def vae_dtype(self, model: ModelConfig, half: torch.dtype | None) -> torch.dtype | None: ...
     def pipeline(self, comps: Components, denoiser: Any, scheduler: Any) -> Any: ...
 
@@ -120,6 +124,11 @@ class SD1:
         research tool's choice, said in docs/reference/training.md)."""
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
+    def prompt_kwargs(self) -> dict[str, Any]:
+        """What the pipeline's ``encode_prompt`` needs besides the prompt, the negative prompt and the
+        guidance switch (generation encodes each prompt once, ahead of the pipeline call)."""
+        return {}
+
     def tokenizers(self, comps: Components) -> dict[str, Any]:
         """The tokenizers by the batch key of their ids."""
         return {batch_key(name): tokenizer for name, tokenizer in comps.tokenizers.items()}
@@ -150,15 +159,25 @@ class SD1:
         and every text encoder."""
         return (self.denoiser_name, "vae", *self.text_encoder_classes)
 
-    def objective(self, noise_scheduler: Any, prediction_type: str | None = None) -> Objective:
+    def objective(
+        self, noise_scheduler: Any, prediction_type: str | None = None, flow: Any = None
+    ) -> Objective:
         """Denoising diffusion: predict the noise or the velocity, as the scheduler's config says, or as
-        ``prediction_type`` (``train.prediction_type``) overrides it."""
+        ``prediction_type`` (``train.prediction_type``) overrides it; ``flow`` (``model.flow_matching``) is
+        for flow-matching families."""
         from sdcluster.models.objectives import NoisePrediction
 
         return NoisePrediction(noise_scheduler, prediction_type)
 
     def frozen_modules(self, comps: Components) -> list[Any]:
         return [comps.vae, *comps.text_encoders.values()]
+
+    def sampler(self, name: str, config: Any) -> Any:
+        """The noise scheduler that samples as ``generate.scheduler`` ``name``, configured like ``config``
+        (the model's own scheduler config): any of :data:`sdcluster.models.samplers.SAMPLER_CLASSES`."""
+        from sdcluster.models.samplers import make_sampler
+
+        return make_sampler(name, config)
 
     def vae_dtype(self, model: ModelConfig, half: torch.dtype | None) -> torch.dtype | None:
         """The VAE's dtype when mixed precision computes in ``half`` (None: leave it as loaded)."""
@@ -236,7 +255,119 @@ class SDXL(SD1):
         return torch.float32
 
 
-FAMILIES: dict[str, type[Family]] = {SD1.pipeline_name: SD1, SDXL.pipeline_name: SDXL}
+class SD3(SD1):
+    """Stable Diffusion 3.x: an MMDiT transformer trained by flow matching, conditioned on two CLIP text
+    encoders and T5. As ``StableDiffusion3Pipeline.encode_prompt`` builds it: the CLIP encoders'
+    penultimate hidden states, concatenated and zero-padded to the T5 width, followed (along the sequence)
+    by T5's last hidden states; the two CLIP pooled projections concatenated. Both are cached text arrays,
+    so a cached run's steps never run T5 (it is still loaded, for the cache's key, validation and
+    generation). Written here on token ids rather than called: the pipeline's encoders take prompts and
+    tokenize them themselves (tests/train/test_sd3.py compares the two)."""
+
+    name: ClassVar[str] = "sd3"
+    pipeline_name: ClassVar[str] = "StableDiffusion3Pipeline"
+    tokenizer_classes: ClassVar[Mapping[str, str]] = {
+        "tokenizer": "CLIPTokenizer",
+        "tokenizer_2": "CLIPTokenizer",
+        "tokenizer_3": "T5TokenizerFast",
+    }
+    text_encoder_classes: ClassVar[Mapping[str, str]] = {
+        "text_encoder": "CLIPTextModelWithProjection",
+        "text_encoder_2": "CLIPTextModelWithProjection",
+        "text_encoder_3": "T5EncoderModel",
+    }
+    denoiser_name: ClassVar[str] = "transformer"
+    denoiser_class: ClassVar[str] = "SD3Transformer2DModel"
+    noise_scheduler_class: ClassVar[str] = "FlowMatchEulerDiscreteScheduler"
+    text_arrays: ClassVar[tuple[str, ...]] = ("text", "pooled")
+    t5_tokens: ClassVar[int] = 77
+    """T5's sequence length in training: diffusers' SD3 training examples' ``--max_sequence_length``."""
+
+    # The VAE stays in fp32 under mixed precision, as diffusers' SD3 examples keep it (its published config
+    # says force_upcast), unless model.vae_path names one made for half precision: SDXL's rule.
+    vae_dtype = SDXL.vae_dtype
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        return {}  # no safety checker in SD3 pipelines
+
+    def prompt_kwargs(self) -> dict[str, Any]:
+        """The second and third encoders' prompts, which SD3's ``encode_prompt`` requires: None, the prompt
+        itself for every encoder, as the pipeline's own call does."""
+        return {"prompt_2": None, "prompt_3": None}
+
+    def tokenizers(self, comps: Components) -> dict[str, Any]:
+        """CLIP's 77 tokens each, T5's :attr:`t5_tokens` (its tokenizer's own length, 512, would encode
+        mostly padding)."""
+        found = super().tokenizers(comps)
+        t5 = found[batch_key("tokenizer_3")]
+        t5.model_max_length = min(t5.model_max_length, self.t5_tokens)
+        return found
+
+    def encode(
+        self, comps: Components, ids: Mapping[str, torch.Tensor], device: Any
+    ) -> dict[str, torch.Tensor]:
+        import torch
+        import torch.nn.functional as F
+
+        hidden, pooled = [], []
+        clip_pairs = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+        for encoder, tokenizer in clip_pairs:
+            out = comps.text_encoders[encoder](
+                ids[batch_key(tokenizer)].to(device), output_hidden_states=True
+            )
+            pooled.append(out[0])  # the projected pooled output
+            hidden.append(out.hidden_states[-2])
+        t5 = comps.text_encoders["text_encoder_3"](ids[batch_key("tokenizer_3")].to(device))[0]
+        clip = torch.cat(hidden, dim=-1)
+        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return {"text": torch.cat([clip, t5.to(clip.dtype)], dim=-2), "pooled": torch.cat(pooled, dim=-1)}
+
+    def conditioning(
+        self, encoded: Mapping[str, torch.Tensor], time_ids: torch.Tensor | None
+    ) -> dict[str, Any]:
+        """The transformer's text sequence and pooled projection (no size or crop conditioning)."""
+        hidden = encoded["text"]
+        return {"encoder_hidden_states": hidden, "pooled_projections": encoded["pooled"].to(hidden.dtype)}
+
+    def objective(
+        self, noise_scheduler: Any, prediction_type: str | None = None, flow: Any = None
+    ) -> Objective:
+        """Flow matching (:class:`sdcluster.models.objectives.FlowMatching`), with ``model.flow_matching``'s
+        timestep sampling and loss weighting; there is no prediction type to choose."""
+        from sdcluster.config import ConfigError
+        from sdcluster.models.objectives import FlowMatching
+
+        if prediction_type is not None:
+            raise ConfigError(
+                f"train.prediction_type={prediction_type}: a {self.pipeline_name} model is trained by flow "
+                "matching (it predicts the velocity noise - latents). Fix: drop train.prediction_type"
+            )
+        return FlowMatching(noise_scheduler, flow)
+
+    flow_samplers: ClassVar[tuple[str, ...]] = ("ddim", "euler")
+    """The ``generate.scheduler`` names that sample a rectified flow: deterministic DDIM and Euler are one
+    and the same step on it, the model's own ``FlowMatchEulerDiscreteScheduler``."""
+
+    def sampler(self, name: str, config: Any) -> Any:
+        """The model's flow-matching Euler sampler, for ``ddim`` (the default) and ``euler``; the DDPM
+        samplers (their betas and noise predictions) cannot sample a flow-matching model: refused."""
+        import diffusers
+
+        from sdcluster.config import ConfigError
+
+        if name not in self.flow_samplers:
+            raise ConfigError(
+                f"generate.scheduler={name}: a {self.pipeline_name} model samples a rectified flow, which "
+                f"the DDPM samplers cannot. Fix: use generate.scheduler={' or '.join(self.flow_samplers)}"
+            )
+        return getattr(diffusers, self.noise_scheduler_class).from_config(config)
+
+
+FAMILIES: dict[str, type[Family]] = {
+    SD1.pipeline_name: SD1,
+    SDXL.pipeline_name: SDXL,
+    SD3.pipeline_name: SD3,
+}
 
 
 def family_of_index(index: Mapping[str, Any], where: str) -> Family:
@@ -245,7 +376,7 @@ def family_of_index(index: Mapping[str, Any], where: str) -> Family:
     if name not in FAMILIES:
         raise ValueError(
             f"{where} is a {name} pipeline; sdcluster trains and generates with "
-            f"{' and '.join(FAMILIES)} (Stable Diffusion 1.x/2.x and SDXL)"
+            f"{', '.join(FAMILIES)} (Stable Diffusion 1.x/2.x, SDXL and 3.x)"
         )
     return FAMILIES[name]()
 

@@ -1,7 +1,8 @@
 """Training objectives: what the denoiser learns to predict, from which noised input.
 
 A family (:meth:`sdcluster.models.family.Family.objective`) chooses its objective: DDPM noise or velocity
-prediction for SD 1.x/2.x and SDXL today; flow matching is another implementation of :class:`Objective`.
+prediction for SD 1.x/2.x and SDXL (:class:`NoisePrediction`), rectified-flow matching for SD 3.x
+(:class:`FlowMatching`).
 Here, in the models wing, because the family builds it; the loss, the min-SNR weighting, the validation
 loss and the export (:mod:`sdcluster.train`) ask it.
 """
@@ -35,6 +36,10 @@ class Objective(Protocol):
 
     def snr_weights(self, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
         """Per-example loss weights of min-SNR-gamma at ``timesteps``."""
+        ...
+
+    def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        """The objective's own per-example loss weights at ``timesteps``; None: an unweighted mean."""
         ...
 
     def configure(self, scheduler: Any) -> None:
@@ -74,6 +79,9 @@ class NoisePrediction:
     def snr_weights(self, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
         return min_snr_weights(self.scheduler, timesteps, gamma, self.scheduler.config.prediction_type)
 
+    def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        return None  # plain MSE (train.snr_gamma weights it, through snr_weights)
+
 
 def min_snr_weights(
     noise_scheduler: Any, timesteps: torch.Tensor, gamma: float, prediction_type: str
@@ -98,3 +106,74 @@ def diffusion_target(
     if prediction_type == "v_prediction":
         return noise_scheduler.get_velocity(latents, noise, timesteps)
     raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+
+class FlowMatching:
+    """Rectified flow (Stable Diffusion 3.x), as diffusers' ``train_dreambooth_lora_sd3.py`` trains it: the
+    input is ``(1 - sigma) * latents + sigma * noise``, the target the velocity ``noise - latents``; each
+    example's timestep is the scheduler's training timestep at ``u * num_train_timesteps``, with ``u``
+    drawn by ``compute_density_for_timestep_sampling`` (``flow``:
+    :class:`sdcluster.config.model.FlowConfig`), so the schedule's shift (the scheduler config's ``shift``)
+    applies; the loss is weighted per example by ``compute_loss_weighting_for_sd3``.
+
+    ``sigma = timestep / num_train_timesteps``: how ``FlowMatchEulerDiscreteScheduler`` makes its training
+    timesteps from its sigmas (the reference looks the sigma up in the scheduler's table instead; they agree
+    to float rounding). Computed rather than looked up, so any timestep has its sigma: the validation loss's
+    fixed timesteps too.
+    """
+
+    def __init__(self, noise_scheduler: Any, flow: Any = None) -> None:
+        from sdcluster.config.model import FlowConfig
+
+        # An own copy at the training schedule: set_timesteps (validation images) rewrites a scheduler's
+        # tables, as diffusers' example keeps a copy for the same reason.
+        self.scheduler = type(noise_scheduler).from_config(noise_scheduler.config)
+        self.flow = flow if flow is not None else FlowConfig()
+
+    def configure(self, scheduler: Any) -> None:
+        """Nothing to say: a flow-matching sampler has no prediction type to set."""
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    def sample_timesteps(self, batch: int, gen: torch.Generator) -> torch.Tensor:
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        flow = self.flow
+        u = compute_density_for_timestep_sampling(
+            weighting_scheme=flow.timestep_sampling,
+            batch_size=batch,
+            logit_mean=flow.logit_mean,
+            logit_std=flow.logit_std,
+            mode_scale=flow.mode_scale,
+            device="cpu",
+            generator=gen,
+        )
+        # a sigmoid that rounds to 1.0 would index past the table: the last timestep instead
+        indices = (u * self.num_timesteps).long().clamp(0, self.num_timesteps - 1)
+        return self.scheduler.timesteps[indices]
+
+    def sigmas(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Each timestep's noise level, one per example."""
+        return timesteps.float() / self.num_timesteps
+
+    def noised(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        sigmas = self.sigmas(timesteps).to(latents.device, latents.dtype)
+        sigmas = sigmas.view(-1, *[1] * (latents.ndim - 1))
+        return (1.0 - sigmas) * latents + sigmas * noise, noise - latents
+
+    def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        if self.flow.loss_weighting == "none":
+            return None  # ones: the plain mean, as the reference's weighted mean of ones is
+        return compute_loss_weighting_for_sd3(self.flow.loss_weighting, sigmas=self.sigmas(timesteps))
+
+    def snr_weights(self, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+        raise ValueError(
+            "train.snr_gamma: min-SNR weighting is for DDPM noise schedules; this model trains by flow "
+            "matching. Fix: drop train.snr_gamma, and weight the loss with model.flow_matching.loss_weighting"
+        )

@@ -46,4 +46,6 @@ def make_sampler(name: str, config: Any) -> Any:
 def set_sampler(pipe: Any, name: str) -> None:
     """Make ``pipe`` sample as ``name``: its noise scheduler (``pipe.scheduler``, diffusers' attribute) is
     replaced by the sampler's, configured like the one it had."""
-    pipe.scheduler = make_sampler(name, pipe.scheduler.config)
+    from sdcluster.models.family import family_of_pipeline
+
+    pipe.scheduler = family_of_pipeline(pipe).sampler(name, pipe.scheduler.config)  # the family's samplers

@@ -33,8 +33,11 @@ def _randn(shape: tuple[int, ...], gen: torch.Generator, like: torch.Tensor) -> 
     return torch.randn(shape, generator=gen).to(device=like.device, dtype=like.dtype)
 
 
-def sample_posterior(parameters: torch.Tensor, gen: torch.Generator, scaling_factor: float) -> torch.Tensor:
-    """Sample the VAE posterior given its parameters (mean and log-variance stacked on dim 1).
+def sample_posterior(
+    parameters: torch.Tensor, gen: torch.Generator, scaling_factor: float, shift_factor: float | None = None
+) -> torch.Tensor:
+    """Sample the VAE posterior given its parameters (mean and log-variance stacked on dim 1), shifted (SD3's
+    VAE has a ``shift_factor``) and scaled as the denoiser takes latents.
 
     Used on encoder output and on cached parameters alike, so a cached run draws the very same noise from
     the step's generator as a run that encodes images: the cache changes where the parameters come from,
@@ -46,6 +49,14 @@ def sample_posterior(parameters: torch.Tensor, gen: torch.Generator, scaling_fac
         dist = DiagonalGaussianDistribution(parameters)
         noise = _randn(tuple(dist.mean.shape), gen, dist.mean)
         latents = dist.mean + dist.std * noise
+    return scale_latents(latents, scaling_factor, shift_factor)
+
+
+def scale_latents(latents: torch.Tensor, scaling_factor: float, shift_factor: float | None) -> torch.Tensor:
+    """VAE latents as the denoiser takes them: ``(latents - shift) * scale`` (the SD3 pipelines' own
+    inverse of their decode); a VAE without a shift (SD 1.x, SDXL) is only scaled."""
+    if shift_factor is not None:
+        latents = latents - shift_factor
     return latents * scaling_factor
 
 
@@ -53,7 +64,7 @@ def encode_latents(vae: Any, pixel_values: torch.Tensor, gen: torch.Generator) -
     """Sample the VAE posterior and scale it the way the UNet was trained to expect."""
     with torch.no_grad():
         parameters = vae.encode(pixel_values.to(vae.dtype)).latent_dist.parameters
-    return sample_posterior(parameters, gen, vae.config.scaling_factor)
+    return sample_posterior(parameters, gen, vae.config.scaling_factor, vae.config.shift_factor)
 
 
 def caption_drops(batch_size: int, caption_dropout: float, gen: torch.Generator) -> torch.Tensor | None:
@@ -147,7 +158,7 @@ def model_inputs(
     if "posterior" in batch:
         vae_dtype = next(vae.parameters()).dtype
         parameters = batch["posterior"].to(device, vae_dtype, non_blocking=True)
-        latents = sample_posterior(parameters, gen, vae.config.scaling_factor)
+        latents = sample_posterior(parameters, gen, vae.config.scaling_factor, vae.config.shift_factor)
     else:
         latents = encode_latents(vae, batch["pixel_values"].to(device), gen)
     drop = caption_drops(latents.shape[0], caption_dropout, gen)
@@ -171,8 +182,13 @@ def diffusion_loss(
         noise = noise + noise_offset * _randn((batch, latents.shape[1], 1, 1), gen, latents)
     timesteps = objective.sample_timesteps(batch, gen).to(latents.device)
     noisy, target = objective.noised(latents, noise, timesteps)
-    pred = denoiser(noisy, timesteps, **cond, return_dict=False)[0]
-    if snr_gamma is None:
+    # the timestep by keyword: a UNet takes it second, a transformer (SD3) after its conditioning
+    pred = denoiser(noisy, timestep=timesteps, **cond, return_dict=False)[0]
+    weights = objective.loss_weights(timesteps)  # the objective's own (flow matching's), or None
+    if snr_gamma is not None:
+        snr = objective.snr_weights(timesteps, snr_gamma)
+        weights = snr if weights is None else weights * snr
+    if weights is None:
         return F.mse_loss(pred.float(), target.float(), reduction="mean")
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * objective.snr_weights(timesteps, snr_gamma)).mean()
+    return (per_sample * weights.to(per_sample.device)).mean()

@@ -105,7 +105,9 @@ def build_trainer(cfg: Config) -> Trainer:
     _prepare_models(cfg, comps, accelerator, method)
     # The family's objective applies train.prediction_type (to the noise scheduler, which the validation
     # sampler is built from): a family with another objective needs nothing here.
-    objective = comps.family.objective(comps.noise_scheduler, cfg.train.prediction_type)
+    objective = comps.family.objective(
+        comps.noise_scheduler, cfg.train.prediction_type, flow=cfg.model.flow_matching
+    )
     for model in method.models:
         model.to(accelerator.device)
     strategy = make_strategy(cfg)

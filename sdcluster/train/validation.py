@@ -34,7 +34,7 @@ from sdcluster.generate.images import full_size_grid, save_png_atomic
 from sdcluster.generate.plan import item_seed
 from sdcluster.train import metrics
 from sdcluster.train.ema import ema_weights
-from sdcluster.train.loss import conditioning, step_generator
+from sdcluster.train.loss import conditioning, scale_latents, step_generator
 
 if TYPE_CHECKING:
     from sdcluster.config import Config
@@ -106,7 +106,8 @@ def _encode(t: Trainer, images: LossImages, pos: int) -> tuple[torch.Tensor, dic
     denoiser's conditioning (text, and SDXL's size and crop)."""
     vae, device = t.comps.vae, t.accelerator.device
     pixels = images.pixel_values[pos : pos + 1].to(device, vae.dtype)
-    latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+    mean = vae.encode(pixels).latent_dist.mean
+    latents = scale_latents(mean, vae.config.scaling_factor, vae.config.shift_factor)
     return latents, conditioning(t.comps, {k: v[pos : pos + 1] for k, v in images.text.items()}, device)
 
 
@@ -123,7 +124,7 @@ def _pair_loss(
     timesteps = torch.tensor([step], device=latents.device)
     noisy, target = t.objective.noised(latents, noise, timesteps)
     with t.accelerator.autocast():
-        pred = denoiser(noisy, timesteps, **cond, return_dict=False)[0]
+        pred = denoiser(noisy, timestep=timesteps, **cond, return_dict=False)[0]
     return F.mse_loss(pred.float(), target.float()).double()
 
 
@@ -163,12 +164,10 @@ def _text_eval(t: Trainer) -> Iterator[None]:
 
 def _pipeline(t: Trainer, denoiser: torch.nn.Module) -> Any:
     """A pipeline around the in-memory components: nothing reloaded from disk, no safety checker, no bars."""
-    from sdcluster.models.samplers import make_sampler
-
     comps = t.comps
     with warnings.catch_warnings():  # it fixes old scheduler settings (clip_sample) itself, warning each time
         warnings.filterwarnings("ignore", "The configuration file of this scheduler", FutureWarning)
-        sampler = make_sampler(t.cfg.generate.scheduler, comps.noise_scheduler.config)
+        sampler = comps.family.sampler(t.cfg.generate.scheduler, comps.noise_scheduler.config)
         pipe = comps.family.pipeline(comps, denoiser, sampler)
     pipe.set_progress_bar_config(disable=True)
     return pipe

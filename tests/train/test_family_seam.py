@@ -101,6 +101,9 @@ class RectifiedFlow:
     def snr_weights(self, timesteps, gamma):
         return torch.ones(len(timesteps), device=timesteps.device)
 
+    def loss_weights(self, timesteps):
+        return None  # no weighting of its own
+
     def configure(self, scheduler) -> None:
         self.configured.append(scheduler)  # a flow-matching sampler has no prediction_type to set
 
@@ -115,7 +118,7 @@ def test_another_objective_trains_through_the_unchanged_loop(make_cfg, monkeypat
     given: list[str | None] = []
 
     class FlowSD1(SD1):
-        def objective(self, noise_scheduler, prediction_type=None):
+        def objective(self, noise_scheduler, prediction_type=None, flow=None):
             given.append(prediction_type)
             return objective
 
