@@ -3,9 +3,10 @@
     python -m benchmarks.memory_plan activations   # measure, write sdcluster/assets/memory/activations.json
     python -m benchmarks.memory_plan compare       # predicted vs measured peak, a Markdown table
 
-What is measured, on CPU: the **sum of the bytes of every live tensor** (torch's ``MemTracker``, a
-``TorchDispatchMode`` that sees each tensor created and freed), not peak RSS, which also holds the Python
-heap, the libraries and the allocator's free lists. On CPU torch has no allocator counters (no
+What is measured, on CPU: the **sum of the bytes of every live tensor**
+(:class:`benchmarks.live_bytes.LiveBytes`, a ``TorchDispatchMode`` that sees each tensor created and freed;
+it gives torch's ``MemTracker``'s total, which cannot follow frozen weights), not peak RSS, which also holds
+the Python heap, the libraries and the allocator's free lists. On CPU torch has no allocator counters (no
 ``torch.cuda.max_memory_allocated``), so this is the closest to what a GPU's allocator would report.
 
 ``activations``: for each model (``tiny``, ``tiny_sdxl``, ``small``, ``small_sdxl``, see
@@ -15,11 +16,11 @@ for a caption, SDXL's pooled embedding and size/crop numbers), float32. ``sd1_tr
 UNet at its true size (:data:`benchmarks.true_size_model.SD1_UNET`, random weights) at 256 px, the largest
 resolution this CPU affords without checkpointing (about 10 GiB of memory, a few minutes); its conditioning
 is random text states of CLIP ViT-L's shape (77 x 768): the activations depend on the shapes, not the values,
-and the pipeline's 4 GiB folder, VAE and text encoder are not needed. Activation bytes are the peak of
-that pass are its peak minus the weights and the gradients it ends with: what a micro-step needs above
-them (the activations peak while the gradients are still being made, so the two are not simply added; this
-is the same definition as ``benchmarks/true_size.py``'s 0.84 GiB for SD 1.x at 512 px). The plan scales them
-by the rule in :mod:`sdcluster.plan.activations`.
+and the pipeline's 4 GiB folder, VAE and text encoder are not needed. Two numbers per pass: ``bytes``, its
+peak minus the weights and the gradients it ends with (the activations are freed while the gradients are
+made, so the two are not simply added; the definition of ``benchmarks/true_size.py``'s 0.84 GiB for SD 1.x
+at 512 px), and ``forward``, what the forward leaves alive above the weights (where a LoRA step, whose
+gradients are small, peaks). The plan scales them by the rule in :mod:`sdcluster.plan.activations`.
 
 ``compare``: the training job's own objects (:func:`sdcluster.train.trainer.build_trainer`, the loop's
 micro-step, the EMA update) for three optimizer steps, the latent cache built beforehand and read from disk
@@ -59,20 +60,6 @@ def model_folder(size: str) -> Path:
     return common.model_path(size)
 
 
-def _tracker(*external: Any) -> Any:
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    tracker = MemTracker()
-    tracker.track_external(*external)
-    return tracker
-
-
-def _peak(tracker: Any) -> dict[str, int]:
-    """The categories of the tracker's peak snapshot on the CPU, by name, and ``Total``."""
-    snapshot = next(iter(tracker.get_tracker_snapshot("peak").values()))
-    return {getattr(k, "value", k): v for k, v in snapshot.items()}
-
-
 def _conditioning(comps: Any, batch: int, resolution: int) -> dict[str, Any]:
     """The denoiser's keyword arguments for ``batch`` copies of a caption, as the training loop makes them."""
     import torch
@@ -89,18 +76,24 @@ def _conditioning(comps: Any, batch: int, resolution: int) -> dict[str, Any]:
     return family.conditioning(encoded, torch.tensor([size] * batch, dtype=torch.float32))
 
 
-def measure_activations(comps: Any, resolution: int, batch: int, checkpointing: bool) -> int:
-    """Peak bytes of one forward + backward above the denoiser's weights and the gradients it ends with."""
+def measure_activations(comps: Any, resolution: int, batch: int, checkpointing: bool) -> dict[str, int]:
+    """:func:`measure_pass` of the components' denoiser with its family's real conditioning."""
     cond = _conditioning(comps, batch, resolution)
     return measure_pass(comps.denoiser, cond, comps.vae.config.latent_channels, resolution, checkpointing)
 
 
 def measure_pass(
     denoiser: Any, cond: dict[str, Any], channels: int, resolution: int, checkpointing: bool
-) -> int:
-    """:func:`measure_activations` for a bare denoiser and its keyword arguments (whose batch it takes)."""
+) -> dict[str, int]:
+    """One forward and backward of a bare denoiser with its keyword arguments (whose batch it takes):
+    ``bytes``, the pass's peak above the weights and the gradients it ends with, and ``forward``, the
+    bytes the forward leaves alive above the weights (what autograd saved, and the output). A full
+    fine-tune peaks in the backward pass with its gradients (``bytes``); a LoRA step, whose gradients are
+    small, at the forward's end (``forward``)."""
     import torch
     import torch.nn.functional as F
+
+    from benchmarks.live_bytes import LiveBytes
 
     denoiser = denoiser.train()
     denoiser.zero_grad(set_to_none=True)
@@ -112,13 +105,15 @@ def measure_pass(
     gen = torch.Generator().manual_seed(0)
     latents = torch.randn(batch, channels, resolution // 8, resolution // 8, generator=gen)
     timesteps = torch.full((batch,), 500)
-    tracker = _tracker(denoiser)
-    with tracker:
+    with LiveBytes(*denoiser.parameters(), *denoiser.buffers()) as counter:
+        weights = counter.current
         out = denoiser(latents, timesteps, **cond, return_dict=False)[0]
+        forward = counter.current - weights
         F.mse_loss(out, latents).backward()
-    peak = _peak(tracker)
+        del out
+    grads = sum(p.grad.untyped_storage().nbytes() for p in denoiser.parameters() if p.grad is not None)
     denoiser.zero_grad(set_to_none=True)  # the next pass starts without this one's gradients
-    return max(peak["Total"] - peak["Parameter"] - peak["Buffer"] - peak["Gradient"], 0)
+    return {"bytes": max(counter.peak - weights - grads, 0), "forward": forward}
 
 
 def true_size_entries(resolutions: tuple[int, ...]) -> list[dict[str, Any]]:
@@ -139,7 +134,7 @@ def true_size_entries(resolutions: tuple[int, ...]) -> list[dict[str, Any]]:
             for batch in (1, 2):
                 cond = {"encoder_hidden_states": torch.randn(batch, tokens, hidden)}
                 channels = SD1_UNET["in_channels"]
-                measured[str(batch)] = measure_pass(unet, cond, channels, resolution, checkpointing)
+                measured[batch] = measure_pass(unet, cond, channels, resolution, checkpointing)
             entries.append(
                 _entry(
                     "sd1_true",
@@ -158,6 +153,7 @@ def true_size_entries(resolutions: tuple[int, ...]) -> list[dict[str, Any]]:
 def _entry(
     model: str, family: str, params: int, width: int | None, resolution: int, ckpt: bool, measured: dict
 ) -> dict[str, Any]:
+    """A table entry from :func:`measure_pass`'s results by micro-batch."""
     return {
         "model": model,
         "family": family,
@@ -165,7 +161,8 @@ def _entry(
         "width": width,
         "resolution": resolution,
         "gradient_checkpointing": ckpt,
-        "bytes": measured,
+        "bytes": {str(b): m["bytes"] for b, m in measured.items()},
+        "forward": {str(b): m["forward"] for b, m in measured.items()},
     }
 
 
@@ -186,7 +183,7 @@ def activations(args: argparse.Namespace) -> None:
             sizes = model_sizes(_config(size, Path(out), "full"), folder)
         for resolution in RESOLUTIONS[size]:
             for checkpointing in (False, True):
-                measured = {str(b): measure_activations(comps, resolution, b, checkpointing) for b in (1, 2)}
+                measured = {b: measure_activations(comps, resolution, b, checkpointing) for b in (1, 2)}
                 entry = _entry(
                     size,
                     sizes.family,
@@ -199,8 +196,9 @@ def activations(args: argparse.Namespace) -> None:
                 print(json.dumps(entry), flush=True)
                 entries.append(entry)
     record = {
-        "what": "bytes of one denoiser forward + backward above its weights and gradients, float32, by "
-        "micro-batch (python -m benchmarks.memory_plan activations; sum of live tensor bytes, MemTracker)",
+        "what": "bytes of one denoiser forward + backward above its weights and gradients (bytes) and left "
+        "alive by the forward above its weights (forward), float32, by micro-batch (python -m "
+        "benchmarks.memory_plan activations; sum of live tensor bytes)",
         "machine": common.machine(),
         "entries": entries,
     }
@@ -226,7 +224,9 @@ def _config(size: str, out: Path, variant: str) -> Any:
 
 
 def measure_peak(cfg: Any) -> int:
-    """Peak tensor bytes of three optimizer steps of the training job's own objects."""
+    """Peak tensor bytes of three optimizer steps of the training job's own objects (:class:`LiveBytes`:
+    ``MemTracker`` cannot follow a LoRA step's frozen weights; on the full rows both give the same bytes)."""
+    from benchmarks.live_bytes import LiveBytes, optimizer_tensors
     from sdcluster.train.loop import _loader, _micro_step
     from sdcluster.train.trainer import build_trainer
 
@@ -234,19 +234,16 @@ def measure_peak(cfg: Any) -> int:
     batches = iter(_loader(t))  # builds the latent cache first, outside the measurement
     frozen = [t.comps.vae, *t.comps.text_encoders.values()]
     shadows = list(t.ema.shadow_params) if t.ema is not None else []
-    # tensors, not modules: MemTracker hooks a module's parameters' gradients, which frozen ones do not have
     tensors = [x for m in (*t.method.models, *frozen) for x in (*m.parameters(), *m.buffers())]
-    tracker = _tracker(*tensors, t.optimizer, *shadows)
-    with tracker:
+    with LiveBytes(*tensors, *optimizer_tensors(t.optimizer), *shadows) as counter:
         while t.step < cfg.train.max_steps:
             _micro_step(t, next(batches))
-            tracker.reset_mod_stats()  # per-module statistics cover one call; the overall peak stays
             if t.accelerator.sync_gradients:
                 t.step += 1
                 t.lr_scheduler.step()
                 if t.ema is not None:
                     t.ema.step(t.params)
-    return _peak(tracker)["Total"]
+    return counter.peak
 
 
 def compare_one(size: str, variant: str) -> dict[str, Any]:

@@ -2,9 +2,14 @@
 
 ``sdcluster/assets/memory/activations.json`` is written by ``python -m benchmarks.memory_plan activations``:
 for each measured denoiser (by family and parameter count), resolution, gradient checkpointing off and on,
-the bytes a forward and backward pass needs above the weights and the gradients it ends with, at
-micro-batch 1 and 2 (measured on CPU in float32 with torch's ``MemTracker``, which counts every live
-tensor's bytes).
+at micro-batch 1 and 2, two numbers (measured on CPU in float32 as the sum of every live tensor's bytes):
+
+- ``bytes``: what a forward and backward pass needs at its peak above the weights and the gradients it
+  ends with. The gradients grow while the activations are freed, so a full fine-tune, whose gradients are
+  as large as its weights, peaks late in the backward pass with this excess;
+- ``forward``: what the forward leaves alive above the weights (what autograd saved for the backward).
+  A LoRA step's gradients are small, so it peaks here, at the forward's end
+  (:meth:`Activations.above_gradients` takes the higher of the two).
 
 The scaling rule for what was not measured, stated where it is applied:
 
@@ -12,7 +17,7 @@ The scaling rule for what was not measured, stated where it is applied:
   floored at 0). Exact where activations dominate the gradients (a real model at its resolution without
   gradient checkpointing); where they are of the same size the peak moves from the end of the backward pass
   to its start as the batch grows, and the excess grows faster than linearly from batch 1 to 2 (the tiny
-  model at 128 px: 1.6 MB, then 11.6 MB): beyond the measured batches the line is an estimate.
+  model at 128 px: 0.65 MB, then 5.9 MB): beyond the measured batches the line is an estimate.
 - **resolution**: between two measured resolutions of the same model, a power law through them
   (``bytes ~ resolution^k``, ``k`` fitted to the two, applied from the nearer one). Outside the measured
   range (above the largest, below the smallest, or with one resolution measured): ``k = 2``, linear in
@@ -55,8 +60,21 @@ PIXELS_K = 2.0
 @dataclass(frozen=True)
 class Activations:
     bytes: int
+    """The pass's peak above the weights and the gradients it ends with (the table's ``bytes``)."""
     basis: str
     """Where the number comes from: measured, scaled from a measurement, or not measured at all."""
+    forward: int | None = None
+    """What the forward leaves alive above the weights (the table's ``forward``); None: not in the table."""
+
+    def above_gradients(self, gradients: int, held_in_forward: int) -> Activations:
+        """What a micro-step needs above weights and ``gradients``: the backward pass's excess, or, when the
+        forward's end is higher (LoRA: small gradients), what the forward saved less the gradients not yet
+        made then (all but ``held_in_forward``: those of earlier micro-steps of an accumulation, and
+        DDP's buckets, which live across steps)."""
+        if self.forward is None or self.forward + held_in_forward - gradients <= self.bytes:
+            return self
+        at_forward = self.forward + held_in_forward - gradients
+        return Activations(at_forward, f"at the forward's end; {self.basis}", self.forward)
 
 
 @cache
@@ -66,8 +84,8 @@ def _entries(path: Path = TABLE) -> tuple[dict[str, Any], ...]:
     return tuple(json.loads(path.read_text())["entries"])
 
 
-def _at_batch(entry: dict[str, Any], batch: int) -> float:
-    one, two = entry["bytes"]["1"], entry["bytes"]["2"]
+def _at_batch(entry: dict[str, Any], batch: int, key: str = "bytes") -> float:
+    one, two = entry[key]["1"], entry[key]["2"]
     per_image = max(two - one, 0)
     return max(one - per_image, 0) + batch * per_image
 
@@ -118,10 +136,17 @@ def activation_bytes(
         return Activations(0, "not measured for this family: the plan is a lower bound")
     nearest = _nearest(same, family, denoiser_params, width)
     model = [e for e in same if e["model"] == nearest["model"]]
-    points = [(e["resolution"], _at_batch(e, batch)) for e in model]
-    value, basis = _at_resolution(points, resolution)
-    if nearest["denoiser_params"] != denoiser_params or nearest["family"] != family:
-        ratio = width / nearest["width"] if width and nearest.get("width") else 1.0
-        value *= ratio
+    estimated = nearest["denoiser_params"] != denoiser_params or nearest["family"] != family
+    ratio = width / nearest["width"] if estimated and width and nearest.get("width") else 1.0
+    found: dict[str, float] = {}
+    basis = ""
+    for key in ("bytes", "forward"):
+        if not all(key in e for e in model):  # a table from before ``forward`` was measured
+            continue
+        points = [(e["resolution"], _at_batch(e, batch, key)) for e in model]
+        found[key], basis_of_key = _at_resolution(points, resolution)
+        basis = basis or basis_of_key
+    if estimated:
         basis = f"estimated from the measured {nearest['model']} ({basis}, x{ratio:.2f} channels)"
-    return Activations(round(value), basis)
+    forward = round(found["forward"] * ratio) if "forward" in found else None
+    return Activations(round(found["bytes"] * ratio), basis, forward)

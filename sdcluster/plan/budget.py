@@ -16,8 +16,10 @@ by planning again with each change, not by a rule of thumb. Per part, as the tra
   them, so the trainer loads them whether or not the latent cache is used), in the half type under mixed
   precision except a VAE its family keeps in float32;
 - **activations**: what a micro-step needs above the weights and gradients at its peak
-  (:mod:`sdcluster.plan.activations`): the gradients grow while the activations are freed, so this is
-  the measured excess, not the activations' own size (which partly shares the gradients' memory).
+  (:mod:`sdcluster.plan.activations`): the gradients grow while the activations are freed, so a full
+  fine-tune's is the measured excess late in the backward pass, not the activations' own size (which partly
+  shares the gradients' memory); a LoRA step, whose gradients are small, peaks at the forward's end, with
+  what the forward saved.
 
 A sharded strategy (``train.strategy=fsdp``) divides weights, gradients, optimizer state and EMA of the
 trained module by the number of processes and gathers one block at a time (two, with the next one
@@ -56,6 +58,9 @@ class Setup:
     checkpointing: bool
     resolution: int
     batch: int
+    accumulation: bool = False
+    """Gradient accumulation (``train.grad_accum`` > 1): a micro-step's forward runs with the gradients of
+    the earlier ones alive."""
 
     def but(self, **changes: object) -> Setup:
         return replace(self, **changes)
@@ -122,9 +127,12 @@ def plan(setup: Setup) -> Plan:
         setup.batch,
         setup.checkpointing,
     )
+    gradients = resident * trained * FP32 // share
+    buckets = gradients if not setup.shards and setup.processes > 1 else 0  # DDP's copy, across steps
+    acts = acts.above_gradients(gradients + buckets, buckets + (gradients if setup.accumulation else 0))
     parts = {
         "weights": weights,
-        "gradients": resident * trained * FP32 // share * (1 if setup.shards or setup.processes == 1 else 2),
+        "gradients": gradients + buckets,
         "optimizer state": resident * setup.optimizer_state // share,
         "EMA": 0 if not setup.ema or setup.ema_offload else trained * FP32 // share,
         "frozen parts": _frozen(setup),

@@ -51,6 +51,7 @@ def setup_of(cfg: Config, sizes: ModelSizes) -> Setup:
         checkpointing=train.gradient_checkpointing,
         resolution=train.resolution,
         batch=train.batch_size,
+        accumulation=train.grad_accum > 1,
     )
 
 

@@ -126,6 +126,25 @@ def test_activations_are_measured_and_scaled_by_the_stated_rule(make_cfg) -> Non
     assert "scaled from 128 px" in bigger.basis and bigger.bytes > plain.bytes
 
 
+def test_a_lora_step_is_planned_at_the_forward_s_end_and_a_full_one_late_in_the_backward(make_cfg) -> None:
+    """LoRA's gradients are small, so its step peaks when the forward has saved everything: the plan adds
+    what the forward leaves alive, not the backward pass's excess over gradients it does not have; with
+    accumulation the earlier micro-steps' gradients are alive then too. A full fine-tune's gradients are as
+    large as its weights, and its plan keeps the backward pass's excess."""
+    full = plan_config(make_cfg())
+    sizes = full.sizes
+    measured = activation_bytes("sd1", sizes.denoiser, sizes.denoiser_width, 64, 2, False)
+    assert measured.forward is not None and measured.forward > measured.bytes
+    assert full.plan.parts["activations"] == measured.bytes
+
+    lora = plan_config(make_cfg(["train.method=lora"]))
+    grads = lora.plan.parts["gradients"]
+    assert lora.plan.parts["activations"] == measured.forward - grads
+    assert lora.plan.activations.basis.startswith("at the forward's end")
+    accumulating = lora.again(make_cfg(["train.method=lora", "train.grad_accum=2"]))
+    assert accumulating.parts["activations"] == measured.forward
+
+
 def _fix(err: ConfigError) -> list[str]:
     """The overrides the refusal proposes (what follows ``Fix:``, before the planned size)."""
     fix = str(err).split("Fix: ", 1)[1]
