@@ -15,6 +15,7 @@ config's schema classes, never imports them at run time: nothing of sdcluster is
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from collections.abc import Iterator
@@ -77,7 +78,11 @@ def semantic_train_config(cfg: Config) -> dict[str, Any]:
             data.pop(key)
     if not cfg.data.buckets.enabled:  # off, as every run before buckets existed: those folders stay
         data.pop("buckets")
+    sources = data.pop("sources")  # empty, as every run before sources existed: those folders stay
     data_source_identity(data, cfg.data.HUB_ONLY)
+    if sources:
+        data.pop("path", None)  # not read with sources (data=sources leaves it empty)
+        data["sources"] = [source_identity(source, cfg.data.HUB_ONLY) for source in sources]
     return {
         "model": model_identity(cfg.model),  # a hub branch counts as the commit it resolved to
         "data": data,
@@ -98,6 +103,43 @@ def data_source_identity(data: dict[str, Any], hub_only: tuple[str, ...]) -> Non
     commit = data.pop("commit")
     if commit:
         data["revision"] = commit
+
+
+SOURCE_METADATA = "metadata.jsonl"  # sdcluster.data.reader.METADATA_FILE: identity sits below the data wing
+
+
+@functools.cache
+def _file_digest(path: str, mtime_ns: int, size: int) -> str:
+    """sha256 of one file, read once per version of it (the stat keys the cache)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def folder_contents(folder: str) -> str | None:
+    """A folder source's contents identity: the sha256 of its ``metadata.jsonl`` (which images, with which
+    captions); None when it cannot be read (launch refuses such a source before this names a run). An image
+    replaced under its old name keeps the run, as with data.path; the latent cache key hashes pixels."""
+    meta = Path(folder) / SOURCE_METADATA
+    try:
+        stat = meta.stat()
+        return _file_digest(str(meta), stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        return None
+
+
+def source_identity(source: dict[str, Any], hub_only: tuple[str, ...]) -> dict[str, Any]:
+    """One ``data.sources`` entry (``asdict`` of ``SourceConfig``) in the run's identity: a folder is its
+    contents (:func:`folder_contents`, not its path: a moved or copied folder is the same data), a hub
+    dataset its id, split, columns and commit; with each, its caption column, repeats and holdout (when
+    set). The list keeps its order: rows are numbered source by source, so another order is another run."""
+    source = dict(source)
+    if source["holdout"] is None:
+        source.pop("holdout")
+    if not source["hub"]:
+        source["contents"] = folder_contents(source["path"])
+        source.pop("path")
+        source.pop("name")  # a label
+    data_source_identity(source, hub_only)
+    return source
 
 
 def config_hash(cfg: Config) -> str:

@@ -195,6 +195,8 @@ def absolutize(cfg: Config, base: Path | None = None) -> Config:
     cfg.jobs_root = absolute(cfg.jobs_root)
     cfg.cache_root = absolute(cfg.cache_root)
     cfg.data.path = absolute(cfg.data.path)
+    for source in cfg.data.sources:  # a hub source's path is set by launch, to an absolute folder
+        source.path = absolute(source.path) if source.path else source.path
     if cfg.generate.prompts_file:
         cfg.generate.prompts_file = absolute(cfg.generate.prompts_file)
     from sdcluster.config.generate import is_hub_lora  # a hub id stays one (staged at launch)

@@ -11,6 +11,7 @@ from pathlib import Path
 from sdcluster import paths
 from sdcluster.cluster import backends
 from sdcluster.config import Config, ConfigError, check_config
+from sdcluster.data import sources
 from sdcluster.data.hub import stage_data_for_launch
 from sdcluster.models.hub import stage_for_launch
 from sdcluster.models.load import check_model_source
@@ -92,7 +93,11 @@ def preflight(cfg: Config, dry_run: bool = False) -> tuple[Config, list[str]]:
         check_installed(cfg)
         # data=hub: pinned to its commit, data.path its staged folder, checked below as any folder is
         cfg = stage_data_for_launch(cfg, dry_run=dry_run)
-        if Path(cfg.data.path).is_dir() or not cfg.data.hub:
+        cfg = sources.stage_sources_for_launch(cfg, dry_run=dry_run)  # each hub source, as data=hub
+        if cfg.data.sources:
+            sources.check_sources(cfg)  # every source, each named in its problems
+            unchecked += [f"the images of {s} (a dry run downloads none)" for s in sources.unstaged(cfg)]
+        elif Path(cfg.data.path).is_dir() or not cfg.data.hub:
             check_data(cfg)
         else:
             unchecked.append(f"the images of {cfg.data.name} (a dry run does not download a hub dataset)")

@@ -54,6 +54,39 @@ class BucketConfig(Schema):
 
 
 @dataclass
+class SourceConfig(Schema):
+    """One source of ``data.sources`` (``conf/data/sources.yaml``): a local imagefolder (images +
+    ``metadata.jsonl``) or, with ``hub``, a hub dataset staged at launch like ``data=hub``; its images are
+    read ``repeats`` times an epoch (``sdcluster.data.sources``)."""
+
+    name: str = ""
+    """A label that errors and logs name the source by (empty: its folder); with hub, its hub id
+    (owner/name)."""
+    path: str = ""
+    """The source's folder of images + ``metadata.jsonl``; with hub, set by launch to the staged folder."""
+    caption_column: str = "text"
+    """The key of this source's ``metadata.jsonl`` (or its hub dataset's column) that holds the captions."""
+    repeats: int = 1
+    """Times each of the source's images is read an epoch (kohya's num_repeats): 2 doubles its weight."""
+    holdout: int | None = None
+    """Images of this source kept out of training for the validation loss; null: data.holdout."""
+    hub: bool = False
+    """name is a dataset on the Hugging Face hub, staged at launch; false: path is a local folder."""
+    revision: str = "main"
+    """With hub: the branch, tag or commit of the dataset repo."""
+    commit: str | None = None
+    """With hub: the commit launch resolved revision to (set by launch; names the run)."""
+    split: str = "train"
+    """With hub: the split of the dataset to train on."""
+    image_column: str = "image"
+    """With hub: the column that holds the images."""
+
+    def label(self, index: int) -> str:
+        """How errors name the source: ``data.sources[1] (reg)``."""
+        return f"data.sources[{index}] ({self.name or self.path or 'unnamed'})"
+
+
+@dataclass
 class DataConfig(Schema):
     """A captioned image folder in the ``datasets`` imagefolder layout (images + ``metadata.jsonl``)."""
 
@@ -95,6 +128,9 @@ class DataConfig(Schema):
     cache_dir: str | None = None
     """With data.hub: where launch stages the dataset and jobs read it (storage every node sees); null:
     Hugging Face's hub cache (``HF_HUB_CACHE``)."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Several sources, each a folder or a hub dataset with its own repeats and caption column
+    (``data=sources``, docs/reference/data.md); empty: the one folder data.path (or hub dataset)."""
 
     NOT_IDENTITY: ClassVar[tuple[str, ...]] = (
         "num_workers",
@@ -138,3 +174,42 @@ class DataConfig(Schema):
             f"with data=hub it is the dataset's hub id, got {self.name!r}",
             "data=hub data.name=owner/name (as on huggingface.co/datasets/owner/name)",
         )
+        _require(
+            not (self.sources and self.hub),
+            "data.sources",
+            "is set together with data.hub (one hub dataset in place of the sources)",
+            "list the hub dataset as a source (hub: true, name: owner/name) and drop data=hub",
+        )
+        for index, source in enumerate(self.sources):
+            _check_source(source, index)
+
+
+def _check_source(source: SourceConfig, index: int) -> None:
+    """Each source's settings, named by its place in the list (``data.sources[1] (reg)``)."""
+    if not isinstance(source, SourceConfig):  # a plain dict where the schema was bypassed
+        return
+    where = source.label(index)
+    _require(
+        source.repeats >= 1,
+        f"{where}.repeats",
+        f"must be >= 1, got {source.repeats}",
+        "1 reads each image once an epoch, 2 twice; drop the source to leave it out",
+    )
+    _require(
+        source.holdout is None or source.holdout >= 0,
+        f"{where}.holdout",
+        f"must be >= 0 or null, got {source.holdout}",
+        "images of this source kept out of training, or null for data.holdout",
+    )
+    _require(
+        bool(source.path) or source.hub,
+        f"{where}.path",
+        "is empty: the source names no folder",
+        "path: DIR (images + metadata.jsonl), or hub: true with name: owner/name",
+    )
+    _require(
+        not source.hub or re.fullmatch(r"[\w.-]+/[\w.-]+", source.name) is not None,
+        f"{where}.name",
+        f"with hub: true it is the dataset's hub id, got {source.name!r}",
+        "name: owner/name (as on huggingface.co/datasets/owner/name)",
+    )

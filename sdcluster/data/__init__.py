@@ -5,21 +5,24 @@ prepares and validates a folder (Pillow only, so the login node checks it withou
 ``python -m sdcluster.data``), ``image_checks`` says which files may be read at all (the same rule in the
 job), ``dataset`` loads a folder with ``datasets`` and augments, ``split`` holds images out for validation
 (and cuts the training split to ``data.max_samples``), ``epochs`` counts ``train.epochs`` into optimizer steps
-before submission, ``hub`` stages a hub dataset at launch and ``hub_folder`` writes it out as a folder
-(so everything below reads a folder), ``buckets`` makes the aspect-ratio buckets and assigns each image one
-(Pillow only), ``sampler`` fixes which example each micro-step reads (so resume is exact), ``latent_cache``
-owns the cached encoder outputs and their on-disk format (``latent_plan`` plans an entry, ``latent_build``
-fills it), ``loader`` gives the training loop its batches, and ``sample`` draws the shipped sample set. The
-models that encode live in :mod:`sdcluster.models`; the loss in :mod:`sdcluster.train`. ``dataset`` and
-``sampler`` are imported lazily on first use: they import torch and datasets, which the login node's checks
-do without.
+before submission, ``hub`` stages a hub dataset at launch and ``hub_folder`` writes it out as a folder (so
+everything below reads a folder), ``sources`` reads several folders and hub datasets as one table
+(``data.sources``: repeats, per-source holdout and checks), ``buckets`` makes the aspect-ratio buckets and
+assigns each image one (Pillow only), ``sampler`` fixes which example each micro-step reads (so resume is
+exact), ``latent_cache`` owns the cached encoder outputs and their on-disk format (``latent_plan`` plans an
+entry, ``latent_build`` fills it), ``loader`` gives the training loop its batches, and ``sample`` draws the
+shipped sample set. The models that encode live in :mod:`sdcluster.models`; the loss in
+:mod:`sdcluster.train`. ``dataset`` and ``sampler`` are imported lazily on first use: they import torch and
+datasets, which the login node's checks do without.
 
 Above models (the family encodes, the cache keys the model) and the runtime's base (which rank builds a
 cache entry), below generate and train.
 
-May import: ``config``, ``models``, ``runtime.distributed``, ``runtime.ownership``, ``runtime.requeue``,
-``runtime.step_events``, ``atomic``, ``derive``, ``identity``, ``model_source``, ``paths``, ``progress``,
-``sealed``.
+May import (command: __main__): ``data``, ``compose``, ``config``.
+
+May import (the rest): ``config``, ``models``, ``runtime.distributed``, ``runtime.ownership``,
+``runtime.requeue``, ``runtime.step_events``, ``atomic``, ``derive``, ``identity``, ``model_source``,
+``paths``, ``progress``, ``sealed``.
 """
 
 from __future__ import annotations

@@ -6,12 +6,14 @@ queue wait and a failed job.
     python -m sdcluster.data prepare DIR                     # list every image in DIR/metadata.jsonl
     python -m sdcluster.data validate DIR [--max-pixels N]   # every problem, one per line; exit 1 if any
     python -m sdcluster.data validate DIR --buckets 1024     # and how many images go to each bucket
+    python -m sdcluster.data validate data=sources [OVERRIDES...]  # every source of data.sources, by name
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from sdcluster.data.metadata import METADATA_FILE, MetadataError, prepare, validate
 
@@ -36,7 +38,37 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validate_sources(args: argparse.Namespace) -> int:
+    """``validate`` with launch's overrides: every source of ``data.sources`` (or the one folder), each
+    problem named by its source, as launch's preflight names it."""
+    from sdcluster.compose import compose
+    from sdcluster.config import ConfigError
+    from sdcluster.data.sources import row_counts, source_problems, sources_of
+
+    try:
+        cfg = compose([args.dir, *args.overrides])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not cfg.data.sources:  # one folder: what `validate DIR` says
+        args.dir, args.overrides = cfg.data.path, []
+        args.caption_column, args.max_pixels = cfg.data.caption_column, cfg.data.max_pixels
+        return _validate(args)
+    problems = source_problems(cfg)
+    for label, problem in problems:
+        print(f"{label}: {problem}")
+    if problems:
+        print(f"{len(problems)} problem(s) in data.sources", file=sys.stderr)
+        return 1
+    counts = row_counts(cfg)
+    for index, (source, count) in enumerate(zip(sources_of(cfg.data), counts, strict=True)):
+        print(f"OK: {source.label(index)}: {count} images x {source.repeats} repeats")
+    return 0
+
+
 def _validate(args: argparse.Namespace) -> int:
+    if ("=" in args.dir and not Path(args.dir).is_dir()) or args.overrides:  # launch's overrides
+        return _validate_sources(args)
     problems = validate(args.dir, max_pixels=args.max_pixels, caption_column=args.caption_column)
     for problem in problems:
         print(problem)
@@ -53,8 +85,6 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _bucket_histogram(args: argparse.Namespace) -> int:
     """The images per aspect-ratio bucket, as ``data.buckets`` with these settings would train them."""
-    from pathlib import Path
-
     from sdcluster.config import ConfigError
     from sdcluster.config.data import BucketConfig
     from sdcluster.data.buckets import histogram_lines, make_buckets, upright_size
@@ -84,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("--caption-column", default="text", help="the caption key (data.caption_column)")
         cmd.set_defaults(func=func)
     validate_cmd = sub.choices["validate"]
+    validate_cmd.add_argument(
+        "overrides",
+        nargs="*",
+        help="with DIR an override (data=sources ...): the launch's overrides; every source is checked",
+    )
     validate_cmd.add_argument(
         "--max-pixels", type=int, default=40_000_000, help="largest width*height accepted (data.max_pixels)"
     )

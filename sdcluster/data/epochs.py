@@ -13,23 +13,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from pathlib import Path
 
 from sdcluster.config import Config, ConfigError
-from sdcluster.data.reader import scan
-from sdcluster.data.split import training_indices
+from sdcluster.data import sources
 
 log = logging.getLogger("sdcluster")
 
 
 def training_size(cfg: Config) -> int:
-    """How many images the run trains on: the rows the job's reader accepts, less the holdout, at most
-    ``data.max_samples``."""
-    rows, _ = scan(Path(cfg.data.path), cfg.data.caption_column)
-    try:
-        return len(training_indices(len(rows), cfg.data.holdout, cfg.data.max_samples))
-    except ValueError as err:  # the holdout leaves nothing: its message names the fix
-        raise ConfigError(str(err)) from None
+    """How many images an epoch reads: the rows the job's reader accepts, less the holdout, at most
+    ``data.max_samples``; with ``data.sources`` each counted its source's ``repeats`` times."""
+    return sources.training_size(cfg)
 
 
 def steps_for_epochs(epochs: int, images: int, effective_batch: int) -> int:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdcluster import atomic
 from sdcluster.config import Config
 from sdcluster.data.buckets import Size, assign, buckets_of, identity_of, upright_size
 from sdcluster.data.dataset import Target, crop_and_flip, resized_size, target_size
+from sdcluster.data.sources import image_files
 from sdcluster.identity import latent_cache_key
 from sdcluster.models.load import encoder_parts, model_files, vae_files
 
@@ -96,12 +96,11 @@ def make_plan(cfg: Config, dataset: Any, comps: Components) -> Plan | None:
     """The entry this run needs, or None (with one log line) when its crop policy is not worth caching."""
     res, center, flip = cfg.train.resolution, cfg.train.center_crop, cfg.train.random_flip
     dropout = cfg.data.caption_dropout > 0
-    folder = Path(cfg.data.path)
-    names = list(dataset["file_name"])
+    files = image_files(cfg, dataset)  # each row's file in its source's folder
     captions = list(dataset[cfg.data.caption_column])
     if not all(isinstance(c, str) for c in captions):
         raise ValueError("some rows have no caption string; run `python -m sdcluster.data validate`")
-    originals = [upright_size(folder / name) for name in names]
+    originals = [upright_size(path) for path in files]
     buckets = buckets_of(cfg)
     targets = None if buckets is None else [buckets[assign(size, buckets)].size for size in originals]
     crop_sizes = [(res, res)] * len(originals) if targets is None else targets
@@ -127,7 +126,7 @@ def make_plan(cfg: Config, dataset: Any, comps: Components) -> Plan | None:
         files=model_files(comps.source, encoder_parts(family), cfg.model.revision),
         vae_files=vae_files(cfg.model.vae_path) if cfg.model.vae_path else None,
         dtypes=[str(comps.vae.dtype), *(str(encoder.dtype) for encoder in encoders)],
-        images=[[atomic.file_sha256(folder / n), c] for n, c in zip(names, captions, strict=True)],
+        images=[[atomic.file_sha256(path), c] for path, c in zip(files, captions, strict=True)],
         empty_caption=dropout,
         buckets=identity_of(cfg),
     )

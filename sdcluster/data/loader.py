@@ -8,7 +8,6 @@ batch into the denoiser's inputs.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,26 +19,25 @@ log = logging.getLogger("sdcluster")
 
 
 def training_rows(cfg: Config) -> Any:
-    """The training split of the image folder: every row but the ``data.holdout`` ones, the first
-    ``data.max_samples`` of them when set."""
-    from sdcluster.data.dataset import load_captioned_images
-    from sdcluster.data.split import training_indices
+    """The training split of the image folder (or of every source of ``data.sources``, source after
+    source): every row but the held-out ones, the first ``data.max_samples`` of them when set."""
+    from sdcluster.data.sources import counts_of, load_rows, split_rows
 
-    cache = paths.datasets_cache(cfg)
-    dataset = load_captioned_images(cfg.data.path, cfg.data.caption_column, cache_dir=cache)
-    return dataset.select(training_indices(len(dataset), cfg.data.holdout, cfg.data.max_samples))
+    table = load_rows(cfg, paths.datasets_cache(cfg))
+    train, _ = split_rows(cfg.data, counts_of(cfg, table))
+    return table.select(train)
 
 
 def bucket_ids(cfg: Config, dataset: Any) -> list[int] | None:
     """Each training row's bucket (an index into :func:`~sdcluster.data.buckets.buckets_of`), from the image
     headers; None when ``data.buckets`` is off."""
     from sdcluster.data.buckets import assign, buckets_of, upright_size
+    from sdcluster.data.sources import image_files
 
     buckets = buckets_of(cfg)
     if buckets is None:
         return None
-    folder = Path(cfg.data.path)
-    return [assign(upright_size(folder / name), buckets) for name in dataset["file_name"]]
+    return [assign(upright_size(path), buckets) for path in image_files(cfg, dataset)]
 
 
 def training_examples(
@@ -74,17 +72,27 @@ def make_loader(cfg: Config, comps: Any, accelerator: Any, micro_step: int) -> t
     """An endless loader of this rank's batches from ``micro_step`` on (one batch per micro-step)."""
     from sdcluster.data.dataset import collate
     from sdcluster.data.sampler import BucketSampler, StepSampler
+    from sdcluster.data.sources import repeats_of, stream_rows
 
     acc = accelerator
     rows = training_rows(cfg)
     examples = training_examples(cfg, comps, acc, rows)
     args = (cfg.train.batch_size, acc.num_processes, acc.process_index, cfg.train.seed, micro_step)
+    stream = stream_rows(repeats_of(cfg, rows))  # data.sources' repeats: rows listed again, not stored again
+    items = len(examples) if stream is None else len(stream)
     buckets = bucket_ids(cfg, rows)
-    sampler = StepSampler(len(examples), *args) if buckets is None else BucketSampler(buckets, *args)
+    if buckets is not None and stream is not None:
+        buckets = [buckets[row] for row in stream]
+    sampler = (
+        StepSampler(items, *args, rows=stream)
+        if buckets is None
+        else BucketSampler(buckets, *args, rows=stream)
+    )
     first = [sampler.key(p)[0] for p in sampler.positions(micro_step)]
     log.info(
-        "data: %d images, epoch %d, this rank's next samples %s",
+        "data: %d images (%d examples an epoch), epoch %d, this rank's next samples %s",
         len(examples),
+        items,
         sampler.epoch_of(micro_step),
         first,
     )

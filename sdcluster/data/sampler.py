@@ -48,7 +48,9 @@ class StepSampler(torch.utils.data.Sampler[tuple[int, int]]):
     """An endless stream of ``(index, aug_seed)`` keys for one rank, starting at ``start_micro_step``.
 
     Use it with ``DataLoader(TrainImages(...), batch_size=per_rank_batch, sampler=..., collate_fn=collate)``
-    and pull exactly one batch per micro-step; the loop decides when to stop.
+    and pull exactly one batch per micro-step; the loop decides when to stop. ``num_examples`` counts the
+    epoch's stream items; with ``rows`` (:func:`sdcluster.data.sources.stream_rows`) item ``i`` reads dataset
+    row ``rows[i]``, so an image with ``repeats`` is read that many times an epoch but stored once.
     """
 
     def __init__(
@@ -59,7 +61,10 @@ class StepSampler(torch.utils.data.Sampler[tuple[int, int]]):
         rank: int,
         seed: int,
         start_micro_step: int = 0,
+        rows: Sequence[int] | None = None,
     ) -> None:
+        if rows is not None and len(rows) != num_examples:
+            raise ValueError(f"rows lists {len(rows)} stream items, num_examples says {num_examples}")
         if num_examples <= 0:
             raise ValueError(f"num_examples must be > 0, got {num_examples}: the dataset is empty")
         if per_rank_batch <= 0 or world_size <= 0:
@@ -75,6 +80,7 @@ class StepSampler(torch.utils.data.Sampler[tuple[int, int]]):
         self.rank = rank
         self.seed = seed
         self.start_micro_step = start_micro_step
+        self.rows = rows
         self._cached: tuple[int, list[int]] | None = None  # only the current epoch: the stream is endless
 
     @property
@@ -91,12 +97,17 @@ class StepSampler(torch.utils.data.Sampler[tuple[int, int]]):
         """The epoch at the start of ``micro_step`` (the same on every rank, for the training log)."""
         return position_to_epoch(micro_step * self.global_batch, self.num_examples)
 
+    def row(self, item: int) -> int:
+        """The dataset row of stream item ``item``: itself, or with ``rows`` (``data.sources``' repeats list
+        a row several times an epoch) the row it stands for."""
+        return item if self.rows is None else self.rows[item]
+
     def key(self, position: int) -> tuple[int, int]:
         """The ``(index, aug_seed)`` at one global position."""
         epoch, offset = divmod(position, self.num_examples)
         if self._cached is None or self._cached[0] != epoch:
             self._cached = (epoch, epoch_permutation(self.seed, epoch, self.num_examples).tolist())
-        return self._cached[1][offset], aug_seed_of(self.seed, position)
+        return self.row(self._cached[1][offset]), aug_seed_of(self.seed, position)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         micro_step = self.start_micro_step
@@ -115,6 +126,7 @@ class BucketSampler(StepSampler):
     into global batches of ``B*W``, and the list of all buckets' batches shuffled; micro-step ``s`` reads
     batch ``s % L`` of epoch ``s // L`` (``L``: :attr:`steps_per_epoch`), rank ``r`` its ``B`` slots from
     ``r*B``. Everything comes from ``(seed, e)``, so resume needs only the micro-step, as without buckets.
+    ``bucket_of`` is per stream item: with ``rows`` (repeats), each item's bucket is its row's.
 
     A bucket whose images do not fill its last batch (or, with fewer images than ``B*W``, its only one)
     has that batch filled by going round its own shuffled order again: a bucket of 3 images with a global
@@ -132,8 +144,9 @@ class BucketSampler(StepSampler):
         rank: int,
         seed: int,
         start_micro_step: int = 0,
+        rows: Sequence[int] | None = None,
     ) -> None:
-        super().__init__(len(bucket_of), per_rank_batch, world_size, rank, seed, start_micro_step)
+        super().__init__(len(bucket_of), per_rank_batch, world_size, rank, seed, start_micro_step, rows)
         members: dict[int, list[int]] = {}
         for index, bucket in enumerate(bucket_of):
             members.setdefault(int(bucket), []).append(index)
@@ -168,4 +181,4 @@ class BucketSampler(StepSampler):
 
     def key(self, position: int) -> tuple[int, int]:
         micro_step, slot = divmod(position, self.global_batch)
-        return self._batch(micro_step)[1][slot], aug_seed_of(self.seed, position)
+        return self.row(self._batch(micro_step)[1][slot]), aug_seed_of(self.seed, position)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib
+import typing
 from pathlib import Path
 
 from sdcluster.config import Config
@@ -91,6 +92,9 @@ def test_every_group_of_the_config_lives_in_a_parsed_module():
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             if dataclasses.is_dataclass(default) and type(default) not in seen:
                 pending.append(type(default))
+        for hint in typing.get_type_hints(cls).values():  # a typed list of schemas (data.sources)
+            items = typing.get_args(hint) if typing.get_origin(hint) is list else ()
+            pending += [c for c in items if dataclasses.is_dataclass(c) and c not in (*seen, *pending)]
         # a group whose options have their own schemas (optim=adafactor), and the base they extend
         related = [*getattr(cls, "OPTIONS", {}).values(), *cls.__mro__[1:]]
         pending += [c for c in related if dataclasses.is_dataclass(c) and c not in seen and c not in pending]
