@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-EMBEDDED = ("tiny", "tiny_sdxl", "tiny_sd3")
+EMBEDDED = ("tiny", "tiny_sdxl", "tiny_sd3", "tiny_flux")
 """The ``model.path`` values that build a random-weight model offline (``models/tiny.py``,
-``models/tiny_sdxl.py``, ``models/tiny_sd3.py``) instead of loading one."""
+``models/tiny_sdxl.py``, ``models/tiny_sd3.py``, ``models/tiny_flux.py``) instead of loading one."""
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

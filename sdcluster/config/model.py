@@ -21,10 +21,11 @@ FLOW_LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
 
 @dataclass
 class FlowConfig(Schema):
-    """The flow-matching objective of a rectified-flow model (Stable Diffusion 3.x): how training timesteps
-    are drawn and how the loss is weighted, as in diffusers' SD3 training examples (their
-    ``--weighting_scheme``, ``--logit_mean``, ``--logit_std``, ``--mode_scale``). The schedule's shift is
-    the model's own (its scheduler config). Ignored by the DDPM families (SD 1.x/2.x, SDXL)."""
+    """The flow-matching objective of a rectified-flow model (Stable Diffusion 3.x, FLUX.1): how training
+    timesteps are drawn and how the loss is weighted, as in diffusers' SD3 and FLUX training examples (their
+    ``--weighting_scheme``, ``--logit_mean``, ``--logit_std``, ``--mode_scale``, and FLUX's
+    ``--guidance_scale``). The schedule's shift is the model's own (its scheduler config). Ignored by the
+    DDPM families (SD 1.x/2.x, SDXL)."""
 
     timestep_sampling: str = "logit_normal"
     """How each example's noise level is drawn: ``logit_normal`` (the sigmoid of a normal draw, SD3's
@@ -37,6 +38,10 @@ class FlowConfig(Schema):
     """Scale of ``mode`` sampling (1.29 is the SD3 paper's value)."""
     loss_weighting: str = "none"
     """Per-example loss weights: ``none``, ``sigma_sqrt`` (1 / sigma^2) or ``cosmap``."""
+    guidance_scale: float = 3.5
+    """The guidance value a transformer with a guidance embedding (FLUX.1-dev, guidance-distilled) is
+    trained with, as diffusers' FLUX training example's ``--guidance_scale``; unused by models without one
+    (FLUX.1-schnell, SD 3.x)."""
 
     def __post_init__(self) -> None:
         _choice(self.timestep_sampling, "model.flow_matching.timestep_sampling", TIMESTEP_SAMPLING)
@@ -47,23 +52,29 @@ class FlowConfig(Schema):
             f"must be > 0, got {self.logit_std}",
             "e.g. 1.0",
         )
+        _require(
+            self.guidance_scale >= 0,
+            "model.flow_matching.guidance_scale",
+            f"must be >= 0, got {self.guidance_scale}",
+            "e.g. 3.5, FLUX.1-dev's",
+        )
 
 
 @dataclass
 class ModelConfig(Schema):
     """Which Stable Diffusion to start from.
 
-    ``path`` is a local diffusers folder or a hub id; the special values ``tiny``, ``tiny_sdxl`` and
-    ``tiny_sd3`` build the embedded random-weight Stable Diffusion, SDXL and SD3 offline (tests and the
-    default run), so no code path knows which one it got. The family (SD 1.x/2.x, SDXL or SD 3.x) is read
-    from the model's ``model_index.json``.
+    ``path`` is a local diffusers folder or a hub id; the special values ``tiny``, ``tiny_sdxl``,
+    ``tiny_sd3`` and ``tiny_flux`` build the embedded random-weight Stable Diffusion, SDXL, SD3 and FLUX
+    offline (tests and the default run), so no code path knows which one it got. The family (SD 1.x/2.x,
+    SDXL, SD 3.x or FLUX.1) is read from the model's ``model_index.json``.
     """
 
     name: str = "tiny"
     """Short name of the model; names the run folder (``outputs/runs/<name>-<hash>``) unless run_name does."""
     path: str = "tiny"
-    """A local diffusers folder or a hub id to fine-tune; ``tiny`` / ``tiny_sdxl`` / ``tiny_sd3``: the
-    random-weight Stable Diffusion / SDXL / SD3 built offline."""
+    """A local diffusers folder or a hub id to fine-tune; ``tiny`` / ``tiny_sdxl`` / ``tiny_sd3`` /
+    ``tiny_flux``: the random-weight Stable Diffusion / SDXL / SD3 / FLUX built offline."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) to pin the weights to, for a reproducible run; null: main."""
     variant: str | None = None

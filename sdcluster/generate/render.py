@@ -129,8 +129,9 @@ def _load_folder(cfg: Config, model: Path | str, dtype: Any) -> tuple[Any, Any]:
 class PromptEmbeddings:
     """Text embeddings per unique (prompt, negative prompt), computed once and reused by every batch.
 
-    ``encode_prompt`` of either pipeline family, by keyword: SD 1.x/2.x gives the prompt's and the negative
-    prompt's embeddings, SDXL also their pooled embeddings; each is passed back under its call keyword.
+    The pipeline's ``encode_prompt`` as the family calls it (``Family.prompt_embeds``), by keyword: SD 1.x/2.x
+    gives the prompt's and the negative prompt's embeddings, SDXL and SD3 also their pooled embeddings, FLUX
+    its T5 sequence and CLIP pooled output; each is passed back under its call keyword.
 
     Items are in prompt-major order, so a small LRU holds every prompt a shard is still working on. The
     negative prompt is part of the key because a program's templates each carry their own; the constructor's
@@ -143,10 +144,10 @@ class PromptEmbeddings:
         self.pipe = pipe
         self.default = Sampling(negative_prompt, guidance_scale, 0)
         self.size = size
-        self.cache: OrderedDict[tuple[str, str | None, bool], tuple[Any, Any]] = OrderedDict()
+        self.cache: OrderedDict[tuple[str, str | None, bool], dict[str, Any]] = OrderedDict()
         self.encoded = 0  # how many text-encoder calls were made (tests check the reuse)
 
-    def encode(self, prompt: str, negative: str | None, guidance: bool) -> tuple[Any, Any]:
+    def encode(self, prompt: str, negative: str | None, guidance: bool) -> dict[str, Any]:
         import torch
 
         key = (prompt, negative, guidance)
@@ -154,14 +155,8 @@ class PromptEmbeddings:
             self.cache.move_to_end(key)
             return self.cache[key]
         with torch.no_grad():  # unlike the pipeline call, encode_prompt does not turn autograd off itself
-            embeds = self.pipe.encode_prompt(
-                prompt=prompt,
-                device=self.pipe.device,
-                num_images_per_prompt=1,
-                do_classifier_free_guidance=guidance,
-                negative_prompt=negative,
-                **family_of_pipeline(self.pipe).prompt_kwargs(),  # SD3's other encoders' prompts
-            )
+            # by the call's keywords, as the family's pipeline encodes (FLUX's encode_prompt is another's)
+            embeds = family_of_pipeline(self.pipe).prompt_embeds(self.pipe, prompt, negative, guidance)
         self.encoded += 1
         self.cache[key] = embeds
         if len(self.cache) > self.size:
@@ -175,15 +170,8 @@ class PromptEmbeddings:
         sampling = sampling or self.default
         guidance = sampling.guidance_scale > 1.0  # the pipeline's own test for classifier-free guidance
         encoded = [self.encode(p, sampling.negative_prompt, guidance) for p in prompts]
-        kwargs = {}
-        for k, name in enumerate(_EMBEDS[: len(encoded[0])]):
-            if encoded[0][k] is not None and (guidance or not name.startswith("negative")):
-                kwargs[name] = torch.cat([e[k] for e in encoded])
-        return kwargs
-
-
-_EMBEDS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
-"""What ``encode_prompt`` returns, in order, as the pipeline call's keywords (SD 1.x: the first two)."""
+        names = [name for name in encoded[0] if guidance or not name.startswith("negative")]
+        return {name: torch.cat([e[name] for e in encoded]) for name in names}
 
 
 def render(

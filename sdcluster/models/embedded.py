@@ -1,9 +1,11 @@
-"""The embedded models (``model.path=tiny``, ``tiny_sdxl``, ``tiny_sd3``): found in the cache, or built once.
+"""The embedded models (``model.path=tiny``, ``tiny_sdxl``, ``tiny_sd3``, ``tiny_flux``): found in the cache,
+or built once.
 
-The builders are :mod:`sdcluster.models.tiny` (Stable Diffusion 1.x-shaped), :mod:`sdcluster.models.tiny_sdxl`
-and :mod:`sdcluster.models.tiny_sd3`; this module only decides where each lives and makes a copy appear whole.
+The builders are :mod:`sdcluster.models.tiny` (Stable Diffusion 1.x-shaped),
+:mod:`sdcluster.models.tiny_sdxl`, :mod:`sdcluster.models.tiny_sd3` and :mod:`sdcluster.models.tiny_flux`;
+this module only decides where each lives and makes a copy appear whole.
 
-    python -m sdcluster.models.embedded [CACHE_ROOT] [tiny|tiny_sdxl|tiny_sd3]   # build or find; print where
+    python -m sdcluster.models.embedded [CACHE_ROOT] [tiny|tiny_sdxl|tiny_sd3|tiny_flux]   # build or find
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sdcluster import atomic
-from sdcluster.models import tiny, tiny_sd3, tiny_sdxl
+from sdcluster.models import tiny, tiny_flux, tiny_sd3, tiny_sdxl
 from sdcluster.models.family import family_of_folder
 from sdcluster.paths import tiny_model_dir
 
@@ -22,6 +24,7 @@ BUILDERS: dict[str, tuple[str, Callable[[Path], Path]]] = {
     "tiny": (tiny.TINY_VERSION, tiny.build_tiny_pipeline),
     "tiny_sdxl": (tiny_sdxl.TINY_SDXL_VERSION, tiny_sdxl.build_tiny_sdxl),
     "tiny_sd3": (tiny_sd3.TINY_SD3_VERSION, tiny_sd3.build_tiny_sd3),
+    "tiny_flux": (tiny_flux.TINY_FLUX_VERSION, tiny_flux.build_tiny_flux),
 }
 
 

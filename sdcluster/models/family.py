@@ -1,4 +1,4 @@
-"""Model families: what differs between Stable Diffusion 1.x/2.x, SDXL and SD 3.x, in one small object each.
+"""Model families: what differs between Stable Diffusion 1.x/2.x, SDXL, SD 3.x and FLUX.1, one object each.
 
 The training loop, the method, the latent cache, validation, the export and generation ask the family of the
 loaded model (the :class:`Family` protocol) for these things instead of branching on it:
@@ -13,8 +13,9 @@ loaded model (the :class:`Family` protocol) for these things instead of branchin
   conditioning comes from each image's original size and crop offsets, which every training example carries
   as ``time_ids`` (original height, width, crop top, left, target height, width: ``add_time_ids``; the
   target is the image's aspect-ratio bucket with ``data.buckets``, else the ``train.resolution`` square);
-- the denoiser (a UNet, SD3's transformer: :attr:`Family.denoiser_name`) and its training objective
-  (:meth:`Family.objective`: epsilon or v-prediction, or SD3's flow matching);
+- the denoiser (a UNet, SD3's or FLUX's transformer: :attr:`Family.denoiser_name`) and its training
+  objective (:meth:`Family.objective`: epsilon or v-prediction, SD3's flow matching, or FLUX's on packed
+  latents, which also calls the denoiser: ``Objective.predict``);
 - the text encoders' LoRA target modules (:attr:`Family.text_encoder_targets`);
 - the pipeline class that builds, saves and loads it (and the keywords only one of them takes);
 - the VAE's dtype under mixed precision: SDXL's published VAE overflows in fp16, so it stays in fp32 unless
@@ -74,6 +75,9 @@ class Family(Protocol):
     def pipeline_class(self) -> Any: ...
     def pipeline_kwargs(self) -> dict[str, Any]: ...
     def prompt_kwargs(self) -> dict[str, Any]: ...
+    def prompt_embeds(
+        self, pipe: Any, prompt: str, negative: str | None, guidance: bool
+    ) -> dict[str, Any]: ...
     def tokenizers(self, comps: Components) -> dict[str, Any]: ...
     def encode(
         self, comps: Components, ids: Mapping[str, torch.Tensor], device: Any
@@ -90,6 +94,16 @@ class Family(Protocol):
     def sampler(self, name: str, config: Any) -> Any: ...
     def vae_dtype(self, model: ModelConfig, half: torch.dtype | None) -> torch.dtype | None: ...
     def pipeline(self, comps: Components, denoiser: Any, scheduler: Any) -> Any: ...
+
+
+PROMPT_EMBEDS = (
+    "prompt_embeds",
+    "negative_prompt_embeds",
+    "pooled_prompt_embeds",
+    "negative_pooled_prompt_embeds",
+)
+"""What ``encode_prompt`` of the SD 1.x/2.x, SDXL and SD3 pipelines returns, in order, as the pipeline
+call's keywords (SD 1.x: the first two)."""
 
 
 def batch_key(tokenizer: str) -> str:
@@ -128,6 +142,20 @@ class SD1:
         """What the pipeline's ``encode_prompt`` needs besides the prompt, the negative prompt and the
         guidance switch (generation encodes each prompt once, ahead of the pipeline call)."""
         return {}
+
+    def prompt_embeds(self, pipe: Any, prompt: str, negative: str | None, guidance: bool) -> dict[str, Any]:
+        """One prompt's embeddings by the pipeline call's keywords (``prompt_embeds``, and the negative
+        prompt's under classifier-free ``guidance``; SDXL's and SD3's pooled ones too), from the pipeline's
+        own ``encode_prompt``; None entries are left out. Call it under ``no_grad``."""
+        embeds = pipe.encode_prompt(
+            prompt=prompt,
+            device=pipe.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=guidance,
+            negative_prompt=negative,
+            **self.prompt_kwargs(),
+        )
+        return {key: e for key, e in zip(PROMPT_EMBEDS, embeds, strict=False) if e is not None}
 
     def tokenizers(self, comps: Components) -> dict[str, Any]:
         """The tokenizers by the batch key of their ids."""
@@ -282,6 +310,8 @@ class SD3(SD1):
     text_arrays: ClassVar[tuple[str, ...]] = ("text", "pooled")
     t5_tokens: ClassVar[int] = 77
     """T5's sequence length in training: diffusers' SD3 training examples' ``--max_sequence_length``."""
+    t5_tokenizer: ClassVar[str] = "tokenizer_3"
+    """The pipeline component name of the T5 tokenizer."""
 
     # The VAE stays in fp32 under mixed precision, as diffusers' SD3 examples keep it (its published config
     # says force_upcast), unless model.vae_path names one made for half precision: SDXL's rule.
@@ -299,7 +329,7 @@ class SD3(SD1):
         """CLIP's 77 tokens each, T5's :attr:`t5_tokens` (its tokenizer's own length, 512, would encode
         mostly padding)."""
         found = super().tokenizers(comps)
-        t5 = found[batch_key("tokenizer_3")]
+        t5 = found[batch_key(self.t5_tokenizer)]
         t5.model_max_length = min(t5.model_max_length, self.t5_tokens)
         return found
 
@@ -363,10 +393,82 @@ class SD3(SD1):
         return getattr(diffusers, self.noise_scheduler_class).from_config(config)
 
 
+class FLUX(SD3):
+    """FLUX.1 (dev, schnell): a rectified-flow transformer on 2x2-packed latents with rotary image and text
+    ids, conditioned on T5's last hidden states (the sequence) and one CLIP encoder's pooled output, and, in
+    the guidance-distilled dev model, on a guidance value. As ``FluxPipeline.encode_prompt`` builds it (on
+    token ids; tests/train/test_flux.py compares the two); the packing, the ids and the guidance are the
+    objective's (:class:`sdcluster.models.objectives.PackedFlowMatching`), as diffusers'
+    ``train_dreambooth_lora_flux.py`` calls the transformer. Both text arrays are cached: a cached run's
+    steps never run T5."""
+
+    name: ClassVar[str] = "flux"
+    pipeline_name: ClassVar[str] = "FluxPipeline"
+    tokenizer_classes: ClassVar[Mapping[str, str]] = {
+        "tokenizer": "CLIPTokenizer",
+        "tokenizer_2": "T5TokenizerFast",
+    }
+    text_encoder_classes: ClassVar[Mapping[str, str]] = {
+        "text_encoder": "CLIPTextModel",
+        "text_encoder_2": "T5EncoderModel",
+    }
+    denoiser_class: ClassVar[str] = "FluxTransformer2DModel"
+    t5_tokens: ClassVar[int] = 512
+    """T5's sequence length in training: ``train_dreambooth_lora_flux.py``'s ``--max_sequence_length``
+    and ``FluxPipeline``'s default (so training and generation see the same length)."""
+    t5_tokenizer: ClassVar[str] = "tokenizer_2"
+
+    def prompt_kwargs(self) -> dict[str, Any]:
+        """The T5 prompt: None, the prompt itself, as the pipeline's own call does."""
+        return {"prompt_2": None}
+
+    def prompt_embeds(self, pipe: Any, prompt: str, negative: str | None, guidance: bool) -> dict[str, Any]:
+        """The prompt's T5 sequence and CLIP pooled output; no negative ones: FLUX.1 is not sampled with
+        classifier-free guidance (``FluxPipeline`` ignores a negative prompt unless ``true_cfg_scale`` > 1,
+        which generation never sets); ``generate.guidance_scale`` is dev's embedded guidance."""
+        embeds, pooled, _ = pipe.encode_prompt(
+            prompt=prompt, device=pipe.device, num_images_per_prompt=1, **self.prompt_kwargs()
+        )
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def encode(
+        self, comps: Components, ids: Mapping[str, torch.Tensor], device: Any
+    ) -> dict[str, torch.Tensor]:
+        """``text``: T5's last hidden states; ``pooled``: CLIP's pooled output (``_get_t5_prompt_embeds``,
+        ``_get_clip_prompt_embeds``)."""
+        clip = comps.text_encoders["text_encoder"](ids[batch_key("tokenizer")].to(device))
+        t5 = comps.text_encoders["text_encoder_2"](ids[batch_key(self.t5_tokenizer)].to(device))[0]
+        return {"text": t5, "pooled": clip.pooler_output}
+
+    def conditioning(
+        self, encoded: Mapping[str, torch.Tensor], time_ids: torch.Tensor | None
+    ) -> dict[str, Any]:
+        """The text sequence, the pooled projection and the text's ids: zeros, one row per token, as
+        ``FluxPipeline.encode_prompt`` makes them (the image's ids are the objective's: they follow the
+        latents' size)."""
+        import torch
+
+        hidden = encoded["text"]
+        txt_ids = torch.zeros(hidden.shape[1], 3, device=hidden.device, dtype=hidden.dtype)
+        pooled = encoded["pooled"].to(hidden.dtype)
+        return {"encoder_hidden_states": hidden, "pooled_projections": pooled, "txt_ids": txt_ids}
+
+    def objective(
+        self, noise_scheduler: Any, prediction_type: str | None = None, flow: Any = None
+    ) -> Objective:
+        """SD3's flow matching on packed latents, with the guidance value ``model.flow_matching`` gives
+        (for a transformer with a guidance embedding: FLUX.1-dev)."""
+        from sdcluster.models.objectives import PackedFlowMatching
+
+        super().objective(noise_scheduler, prediction_type, flow)  # SD3's refusals
+        return PackedFlowMatching(noise_scheduler, flow)
+
+
 FAMILIES: dict[str, type[Family]] = {
     SD1.pipeline_name: SD1,
     SDXL.pipeline_name: SDXL,
     SD3.pipeline_name: SD3,
+    FLUX.pipeline_name: FLUX,
 }
 
 
@@ -376,7 +478,7 @@ def family_of_index(index: Mapping[str, Any], where: str) -> Family:
     if name not in FAMILIES:
         raise ValueError(
             f"{where} is a {name} pipeline; sdcluster trains and generates with "
-            f"{', '.join(FAMILIES)} (Stable Diffusion 1.x/2.x, SDXL and 3.x)"
+            f"{', '.join(FAMILIES)} (Stable Diffusion 1.x/2.x, SDXL, 3.x and FLUX.1)"
         )
     return FAMILIES[name]()
 

@@ -29,7 +29,8 @@ def check_safetensors(folder: Path, key: str) -> None:
         family = family_of_folder(folder)
     except ValueError as err:  # another pipeline (or an unreadable index): refused here, before any job
         raise ConfigError(
-            f"{key}: {err}. Fix: point {key} at a Stable Diffusion 1.x/2.x, SDXL or SD 3.x pipeline folder"
+            f"{key}: {err}. Fix: point {key} at a Stable Diffusion 1.x/2.x, SDXL, SD 3.x or FLUX.1 pipeline "
+            "folder"
         ) from None
     for part in family.weighted_parts():
         if not any((folder / part).glob("*.safetensors")):

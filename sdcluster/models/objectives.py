@@ -2,7 +2,8 @@
 
 A family (:meth:`sdcluster.models.family.Family.objective`) chooses its objective: DDPM noise or velocity
 prediction for SD 1.x/2.x and SDXL (:class:`NoisePrediction`), rectified-flow matching for SD 3.x
-(:class:`FlowMatching`).
+(:class:`FlowMatching`) and, on packed latents with FLUX's ids and guidance, for FLUX.1
+(:class:`PackedFlowMatching`).
 Here, in the models wing, because the family builds it; the loss, the min-SNR weighting, the validation
 loss and the export (:mod:`sdcluster.train`) ask it.
 """
@@ -38,6 +39,13 @@ class Objective(Protocol):
         """Per-example loss weights of min-SNR-gamma at ``timesteps``."""
         ...
 
+    def predict(
+        self, denoiser: Any, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]
+    ) -> torch.Tensor:
+        """The denoiser's prediction for ``noisy`` latents at ``timesteps`` given its conditioning ``cond``
+        (the family's), in the latents' shape."""
+        ...
+
     def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
         """The objective's own per-example loss weights at ``timesteps``; None: an unweighted mean."""
         ...
@@ -46,6 +54,14 @@ class Objective(Protocol):
         """Make a sampler's config say what the denoiser was trained to predict (an exported pipeline's
         scheduler), so that generation reads it from the export; nothing when it has nothing to say."""
         ...
+
+
+def call_denoiser(
+    denoiser: Any, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]
+) -> torch.Tensor:
+    """The denoiser called on the latents as they are: the timestep by keyword, since a UNet takes it
+    second and a transformer (SD3) after its conditioning."""
+    return denoiser(noisy, timestep=timesteps, **cond, return_dict=False)[0]
 
 
 class NoisePrediction:
@@ -81,6 +97,8 @@ class NoisePrediction:
 
     def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
         return None  # plain MSE (train.snr_gamma weights it, through snr_weights)
+
+    predict = staticmethod(call_denoiser)
 
 
 def min_snr_weights(
@@ -177,3 +195,47 @@ class FlowMatching:
             "train.snr_gamma: min-SNR weighting is for DDPM noise schedules; this model trains by flow "
             "matching. Fix: drop train.snr_gamma, and weight the loss with model.flow_matching.loss_weighting"
         )
+
+    predict = staticmethod(call_denoiser)
+
+
+class PackedFlowMatching(FlowMatching):
+    """FLUX.1's flow matching: :class:`FlowMatching` (same noising, target, timesteps and weights), with the
+    transformer called as diffusers' ``train_dreambooth_lora_flux.py`` calls it: the noisy latents packed
+    into 2x2 patches (``FluxPipeline._pack_latents``) with their image ids
+    (``FluxPipeline._prepare_latent_image_ids``, the pipeline's own, at the packed size), the timestep as a
+    fraction (``timesteps / 1000``: the transformer scales it back), the guidance value
+    (``model.flow_matching.guidance_scale``) when the transformer embeds one (FLUX.1-dev, not schnell), and
+    the prediction unpacked to the latents' shape, where the loss is taken."""
+
+    def predict(
+        self, denoiser: Any, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]
+    ) -> torch.Tensor:
+        from accelerate.utils import extract_model_from_parallel
+        from diffusers import FluxPipeline
+
+        batch, channels, height, width = noisy.shape
+        if height % 2 or width % 2:
+            raise ValueError(
+                f"latents of {height}x{width} cannot be packed into 2x2 patches: each image side must be a "
+                "multiple of 16 pixels for FLUX.1. Fix: set train.resolution (and data.buckets) to multiples "
+                "of 16"
+            )
+        packed = FluxPipeline._pack_latents(noisy, batch, channels, height, width)
+        img_ids = FluxPipeline._prepare_latent_image_ids(
+            batch, height // 2, width // 2, noisy.device, noisy.dtype
+        )
+        guidance = None
+        if extract_model_from_parallel(denoiser).config.guidance_embeds:  # DDP's wrapper has no config
+            guidance = torch.full((batch,), self.flow.guidance_scale, device=noisy.device)
+        pred = denoiser(
+            hidden_states=packed,
+            timestep=timesteps / self.num_timesteps,
+            guidance=guidance,
+            img_ids=img_ids,
+            **cond,
+            return_dict=False,
+        )[0]
+        # _unpack_latents takes the image's pixel size and the VAE's factor; the latents' own size with a
+        # factor of 1 is the same computation without knowing the VAE
+        return FluxPipeline._unpack_latents(pred, height, width, 1)

@@ -182,8 +182,7 @@ def diffusion_loss(
         noise = noise + noise_offset * _randn((batch, latents.shape[1], 1, 1), gen, latents)
     timesteps = objective.sample_timesteps(batch, gen).to(latents.device)
     noisy, target = objective.noised(latents, noise, timesteps)
-    # the timestep by keyword: a UNet takes it second, a transformer (SD3) after its conditioning
-    pred = denoiser(noisy, timestep=timesteps, **cond, return_dict=False)[0]
+    pred = objective.predict(denoiser, noisy, timesteps, cond)  # FLUX's packs and unpacks the latents
     weights = objective.loss_weights(timesteps)  # the objective's own (flow matching's), or None
     if snr_gamma is not None:
         snr = objective.snr_weights(timesteps, snr_gamma)

@@ -70,12 +70,11 @@ def loss_images(cfg: Config, tokenizers: Any) -> LossImages:
     The crop is the center one and there is no flip whatever ``train.center_crop/random_flip`` say, so the
     pixels do not depend on an augmentation seed.
     """
-    from sdcluster.data.dataset import TrainImages, collate, load_captioned_images
-    from sdcluster.data.split import holdout_split
+    from sdcluster.data.dataset import TrainImages, collate
+    from sdcluster.data.sources import counts_of, load_rows, split_rows
 
-    cache = paths.datasets_cache(cfg)
-    dataset = load_captioned_images(cfg.data.path, cfg.data.caption_column, cache_dir=cache)
-    _, held = holdout_split(len(dataset), cfg.data.holdout)
+    dataset = load_rows(cfg, paths.datasets_cache(cfg))  # data.path, or every source of data.sources
+    _, held = split_rows(cfg.data, counts_of(cfg, dataset))  # each source's own held-out images
     indices = held or list(range(min(FALLBACK_IMAGES, len(dataset))))
     subset = dataset.select(indices)
     images = TrainImages(subset, tokenizers, cfg.train.resolution, True, False, cfg.data.caption_column)
@@ -124,7 +123,7 @@ def _pair_loss(
     timesteps = torch.tensor([step], device=latents.device)
     noisy, target = t.objective.noised(latents, noise, timesteps)
     with t.accelerator.autocast():
-        pred = denoiser(noisy, timestep=timesteps, **cond, return_dict=False)[0]
+        pred = t.objective.predict(denoiser, noisy, timesteps, cond)
     return F.mse_loss(pred.float(), target.float()).double()
 
 

@@ -172,8 +172,8 @@ def test_the_family_says_which_parts_need_safetensors():
     assert "text_encoder_2/model.safetensors" in select_files(
         index, [*repo, "text_encoder_2/model.safetensors"], None, "r"
     )
-    with pytest.raises(ConfigError, match="FluxPipeline pipeline"):
-        select_files({"_class_name": "FluxPipeline"}, repo, None, "r")
+    with pytest.raises(ConfigError, match="PixArtAlphaPipeline pipeline"):
+        select_files({"_class_name": "PixArtAlphaPipeline"}, repo, None, "r")
 
 
 def test_the_run_follows_the_commit_not_the_branch_name(hub, make_cfg, tmp_path):
