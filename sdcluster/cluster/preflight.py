@@ -74,6 +74,27 @@ def check_scripts(cfgs: list[Config]) -> None:
         backends.of(job.cfgs[0]).check_script(job.kind, job_script(job, "1" if job.after else None))
 
 
+def check_family_settings(cfg: Config) -> list[str]:
+    """Refuse a training setting the model's family cannot train with (read from the staged model's
+    ``model_index.json``); returns what could not be checked (a hub model a dry run did not stage)."""
+    if cfg.task == "generate":
+        return []
+    from sdcluster.model_source import is_embedded
+    from sdcluster.models.embedded import embedded_family
+    from sdcluster.models.family import family_of_folder
+    from sdcluster.plan.sizes import model_folder
+
+    if is_embedded(cfg.model.path):  # known without building it: a dry run writes nothing
+        family = embedded_family(cfg.model.path)
+    else:
+        folder = model_folder(cfg)
+        if folder is None:
+            return [f"the settings {cfg.model.path}'s family supports (its configs are not staged here)"]
+        family = family_of_folder(folder)
+    family.refuse_settings(cfg.train)
+    return []
+
+
 def preflight(cfg: Config, dry_run: bool = False) -> tuple[Config, list[str]]:
     """Everything that can be checked before submission, in the order a user would fix it.
 
@@ -117,7 +138,7 @@ def preflight(cfg: Config, dry_run: bool = False) -> tuple[Config, list[str]]:
     # when cluster.gpu_mem_gb asks for the check)
     from sdcluster.plan.fit import check_fits  # late: the plan's chain (config, models) is deep
 
-    unplanned = check_fits(cfg)
+    unplanned = check_fits(cfg) + check_family_settings(cfg)
     if cfg.task != "generate":
         ownership.check_free(paths.run_dir(cfg), "run")
     if cfg.task != "train":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sdcluster import atomic
 from sdcluster.models import tiny, tiny_flux, tiny_sd3, tiny_sdxl
-from sdcluster.models.family import family_of_folder
+from sdcluster.models.family import Family, family_of_folder, family_of_index
 from sdcluster.paths import tiny_model_dir
 
 BUILDERS: dict[str, tuple[str, Callable[[Path], Path]]] = {
@@ -26,6 +26,20 @@ BUILDERS: dict[str, tuple[str, Callable[[Path], Path]]] = {
     "tiny_sd3": (tiny_sd3.TINY_SD3_VERSION, tiny_sd3.build_tiny_sd3),
     "tiny_flux": (tiny_flux.TINY_FLUX_VERSION, tiny_flux.build_tiny_flux),
 }
+
+PIPELINES: dict[str, str] = {
+    "tiny": "StableDiffusionPipeline",
+    "tiny_sdxl": "StableDiffusionXLPipeline",
+    "tiny_sd3": "StableDiffusion3Pipeline",
+    "tiny_flux": "FluxPipeline",
+}
+"""The pipeline class each builder writes into ``model_index.json``: its family is known without building
+it (a dry run writes nothing)."""
+
+
+def embedded_family(name: str) -> Family:
+    """The family of the embedded model ``name``, as its built folder would say."""
+    return family_of_index({"_class_name": PIPELINES[name]}, name)
 
 
 def ensure_tiny_model(cache_root: Path | str, name: str = "tiny") -> Path:

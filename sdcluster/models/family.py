@@ -73,6 +73,11 @@ class Family(Protocol):
 
     @property
     def pipeline_class(self) -> Any: ...
+    def refuse_settings(self, train: Any) -> None:
+        """Raise a ``ConfigError`` for a ``train`` setting this family cannot train with (run on the login
+        node before the queue, and again when training starts)."""
+        ...
+
     def pipeline_kwargs(self) -> dict[str, Any]: ...
     def prompt_kwargs(self) -> dict[str, Any]: ...
     def prompt_embeds(
@@ -132,6 +137,9 @@ class SD1:
         import diffusers
 
         return getattr(diffusers, self.pipeline_name)
+
+    def refuse_settings(self, train: Any) -> None:
+        """Every ``train`` setting applies to the DDPM families."""
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """What ``from_pretrained`` and the constructor need besides the components: no safety checker (a
@@ -358,6 +366,27 @@ class SD3(SD1):
         """The transformer's text sequence and pooled projection (no size or crop conditioning)."""
         hidden = encoded["text"]
         return {"encoder_hidden_states": hidden, "pooled_projections": encoded["pooled"].to(hidden.dtype)}
+
+    def refuse_settings(self, train: Any) -> None:
+        """The DDPM settings (``train.prediction_type``, ``train.snr_gamma``) have nothing to act on in flow
+        matching, and peft cannot adapt T5 the way the CLIP encoders' LoRA targets name (diffusers' SD3 and
+        FLUX LoRA formats hold no T5 adapters): refused with the fix."""
+        from sdcluster.config import ConfigError
+
+        what = {
+            "train.prediction_type": (train.prediction_type, "it predicts the velocity noise - latents"),
+            "train.snr_gamma": (train.snr_gamma, "weight the loss with model.flow_matching.loss_weighting"),
+            "train.lora.text_encoder_lr": (
+                train.lora.text_encoder_lr if train.trains_adapters else None,
+                "train the transformer's adapters only (the text encoders stay frozen)",
+            ),
+        }
+        for key, (value, fix) in what.items():
+            if value is not None:
+                raise ConfigError(
+                    f"{key}={value}: not supported for a {self.pipeline_name} model (trained by flow "
+                    f"matching). Fix: drop {key}; {fix}"
+                )
 
     def objective(
         self, noise_scheduler: Any, prediction_type: str | None = None, flow: Any = None

@@ -101,6 +101,7 @@ def build_trainer(cfg: Config) -> Trainer:
     paths = run_paths(cfg)
     accelerator = _make_accelerator(cfg, paths)
     comps = load_components(cfg.model, cfg.cache_root, accelerator)
+    comps.family.refuse_settings(cfg.train)  # the launch checked it too: a library caller may not have
     method = make_method(cfg, comps.family)
     _prepare_models(cfg, comps, accelerator, method)
     # The family's objective applies train.prediction_type (to the noise scheduler, which the validation

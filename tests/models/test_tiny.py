@@ -21,3 +21,15 @@ def test_a_copy_with_an_empty_weights_folder_is_rebuilt(tmp_path, tiny_model):
     )
     assert not list(dest.parent.glob(".tmp-*")) and not list(dest.parent.glob(".old-*")), "no leftovers"
     shutil.rmtree(dest)
+
+
+def test_each_embedded_model_s_family_is_known_without_building_it(cache_root):
+    """The launch reads an embedded model's family from a table (a dry run builds nothing): the table must
+    say what each builder writes into ``model_index.json``."""
+    from sdcluster.models.embedded import BUILDERS, PIPELINES, embedded_family
+    from sdcluster.models.family import family_of_folder
+
+    assert PIPELINES.keys() == BUILDERS.keys()
+    for name in BUILDERS:
+        built = family_of_folder(ensure_tiny_model(cache_root, name))
+        assert type(embedded_family(name)) is type(built), name

@@ -401,6 +401,37 @@ def test_the_sdxl_recipe_composes_and_is_its_own_run():
     assert paths.run_dir(cfg) != paths.run_dir(sd14)
 
 
+@pytest.mark.parametrize(
+    ("experiment", "repo", "timesteps", "guidance"),
+    [
+        ("jeans_sd35_lora", "stabilityai/stable-diffusion-3.5-medium", "logit_normal", 7.0),
+        ("jeans_flux_lora", "black-forest-labs/FLUX.1-dev", "none", 3.5),
+    ],
+)
+def test_the_flow_matching_recipes_are_the_reference_scripts_defaults(experiment, repo, timesteps, guidance):
+    """diffusers' train_dreambooth_lora_sd3.py / _flux.py: rank 4, lr 1e-4 constant, 512 px, batch 1 x 4,
+    bf16; SD3 draws logit-normal timesteps, FLUX uniform ones with guidance 3.5. Accepted by the launch's
+    checks (512 px is below the families' native 1024, which the recipe says it means)."""
+    from sdcluster.config import check_config
+
+    cfg = compose([f"experiment={experiment}", "data=imagefolder", "data.path=/tmp"])
+    check_config(cfg)
+    assert cfg.model.path == repo
+    train = cfg.train
+    assert (train.method, train.lora.rank, train.resolution, train.batch_size, train.grad_accum) == (
+        "lora",
+        4,
+        512,
+        1,
+        4,
+    )
+    assert (cfg.optim.lr, cfg.optim.lr_schedule, train.mixed_precision) == (1e-4, "constant", "bf16")
+    assert cfg.model.flow_matching.timestep_sampling == timesteps
+    assert (cfg.generate.guidance_scale, cfg.generate.height) == (guidance, 512)
+    sdxl = compose(["experiment=jeans_sdxl_lora", "data=imagefolder", "data.path=/tmp"])
+    assert paths.run_dir(cfg) != paths.run_dir(sdxl)
+
+
 @pytest.mark.slow
 def test_sdxl_vae_stays_float32_under_mixed_precision_unless_vae_path_names_one(
     make_cfg, tmp_path, fresh_accelerate_state

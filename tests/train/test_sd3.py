@@ -12,6 +12,7 @@ scheduler's table (its ``get_sigmas``), ``(1 - sigma) * latents + sigma * noise`
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -234,3 +235,24 @@ def test_flow_settings_name_the_run_only_when_changed():
     weighted = compose([*base, "model.flow_matching.loss_weighting=sigma_sqrt"])
     assert identity.model_identity(weighted.model)["flow_matching"]["loss_weighting"] == "sigma_sqrt"
     assert paths.run_dir(weighted) != paths.run_dir(default)
+
+
+@pytest.mark.parametrize(
+    ("model", "setting"),
+    [
+        ("tiny_sd3", "train.snr_gamma=5.0"),
+        ("tiny_sd3", "train.prediction_type=v_prediction"),
+        ("tiny_sd3", "train.lora.text_encoder_lr=5e-6"),
+        ("tiny_flux", "train.lora.text_encoder_lr=5e-6"),
+    ],
+)
+def test_a_ddpm_or_text_encoder_setting_is_refused_before_the_queue(make_cfg, model, setting):
+    """The launch reads the family from the model's index and refuses what flow matching cannot train
+    with, naming the key and the fix; the same settings pass on SD 1.x."""
+    from sdcluster.cluster.preflight import preflight
+
+    lora = ["train.method=lora"] if "lora." in setting else []
+    key = setting.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}=.*not supported .* Fix: drop {re.escape(key)}"):
+        preflight(make_cfg([f"model={model}", *lora, setting]), dry_run=True)
+    preflight(make_cfg(["model=tiny", *lora, setting]), dry_run=True)
