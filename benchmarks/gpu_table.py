@@ -12,10 +12,13 @@ Each row runs in a fresh process.
   latent cache) through :func:`sdcluster.train.loop.train` with ``train.mixed_precision`` fp16, bf16, and bf16
   with ``train.ema_offload=true``; ``--warmup`` steps, then ``--steps`` timed ones (the gaps between
   ``metrics.jsonl`` lines; the run then stops with a checkpoint, as if preempted). Peak GPU memory is
-  ``torch.cuda.max_memory_allocated``. Model FLOP utilisation (MFU): the FLOPs of one optimizer step counted
-  by ``torch.utils.flop_counter.FlopCounterMode`` on a real forward + backward (without the recomputation of
-  gradient checkpointing: that is hardware work, not model work; it is reported too), divided by the
-  seconds per step and ``--peak-tflops`` (H200: 989 dense bf16).
+  ``torch.cuda.max_memory_allocated``; beside it the memory plan's prediction for the same config (what
+  the launch compares with ``cluster.gpu_mem_gb``) and its error. Model FLOP utilisation (MFU): the FLOPs
+  of one optimizer step counted by ``torch.utils.flop_counter.FlopCounterMode`` on a real forward +
+  backward (without the recomputation of gradient checkpointing: that is hardware work, not model work; it
+  is reported too), divided by the seconds per step and ``--peak-tflops`` (H200: 989 dense bf16).
+  ``--variants "bf16 batch 8 x 1" --merge`` adds rows to the saved table: the same images per step in one
+  micro-step of 8, with gradient checkpointing and without.
 * **generation**: 2 prompts x 8 images, 50 steps (the seed's), fp16: the seed's batch-1 loop (one pipeline
   call and one PNG per image, as :mod:`benchmarks.generate`'s reference) against sdcluster's generation job in
   batches of 8. Both load the pipeline inside the clock, after one untimed warm-up image.
@@ -47,7 +50,15 @@ TRAIN_VARIANTS = {
     "fp16": ("fp16", []),
     "bf16": ("bf16", []),
     "bf16 + ema_offload": ("bf16", ["train.ema_offload=true"]),
+    # The same work per image as batch 1 x 4, in one micro-step of 8 images: what batch 1 loses to kernel
+    # launches (one 512 px SD 1.x image is too small a micro-step to fill an H200).
+    "bf16 batch 8 x 1": ("bf16", ["train.batch_size=8", "train.grad_accum=1"]),
+    "bf16 batch 8 x 1 no checkpointing": (
+        "bf16",
+        ["train.batch_size=8", "train.grad_accum=1", "train.gradient_checkpointing=false"],
+    ),
 }
+BASE_VARIANTS = ["fp16", "bf16", "bf16 + ema_offload"]
 
 
 def _device() -> Any:
@@ -67,6 +78,7 @@ def _peak_memory_gib() -> float:
 
 def run_train(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.true_size_phases import _step_times
+    from sdcluster.plan.fit import plan_config
     from sdcluster.runtime.step_events import stop_at
     from sdcluster.train.loop import train
 
@@ -78,6 +90,7 @@ def run_train(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.workdir) / variant.replace(" ", "").replace("+", "-")
     total = args.warmup + args.steps
     cfg = compose(args.model, out, total, 2, precision, extra)
+    planned = plan_config(cfg)  # the launch's prediction for this very config, made before the run
     with stop_at(lambda step: step == total):
         result = train(cfg)
     times = _step_times(result.run_dir)
@@ -88,6 +101,10 @@ def run_train(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         "s_per_step": statistics.median(gaps),
         "gaps": gaps,
         "peak_gib": _peak_memory_gib(),
+        "images_per_step": cfg.train.batch_size * cfg.train.grad_accum,
+        "checkpointing": cfg.train.gradient_checkpointing,
+        "plan_gib": planned.plan.total / 1024**3 if planned else None,
+        "plan_parts_gib": {k: v / 1024**3 for k, v in planned.plan.parts.items()} if planned else None,
     }
 
 
@@ -215,15 +232,21 @@ def _rows(record: dict[str, Any], peak_tflops: float) -> tuple[list[list[str]], 
     train_rows = []
     for variant, r in record["train"].items():
         if "failed" in r:
-            train_rows.append([variant, "failed", "", "", "", ""])
+            train_rows.append([variant, "failed", "", "", "", "", ""])
             continue
-        model = flops.get("model_flops_per_step", float("nan")) / r["s_per_step"]
-        hardware = flops.get("hw_flops_per_step", float("nan")) / r["s_per_step"]
+        planned = r.get("plan_gib")
+        error = f"{planned:.1f} ({100 * (planned - r['peak_gib']) / r['peak_gib']:+.0f}%)" if planned else ""
+        # FLOPs were counted for the seed's 1 x 4 step: scaled per image to the variant's step
+        images = r.get("images_per_step", 4) / 4
+        model = images * flops.get("model_flops_per_step", float("nan")) / r["s_per_step"]
+        hardware = images * flops.get("hw_flops_per_step", float("nan")) / r["s_per_step"]
+        hardware = hardware if r.get("checkpointing", True) else model  # nothing recomputed
         train_rows.append(
             [
                 variant,
                 f"{r['s_per_step']:.3f}",
                 f"{r['peak_gib']:.1f}",
+                error,
                 f"{model / 1e12:.3g}",
                 f"{100 * model / (peak_tflops * 1e12):.3g}%",
                 f"{100 * hardware / (peak_tflops * 1e12):.3g}%",
@@ -253,6 +276,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=8, help="sdcluster's generation batch")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H200: 989)")
     parser.add_argument("--workdir", default=str(common.CACHE_ROOT / "gpu-table-run"))
+    parser.add_argument("--variants", nargs="+", choices=list(TRAIN_VARIANTS), default=BASE_VARIANTS)
+    parser.add_argument(
+        "--merge", action="store_true", help="add these training rows to the saved table (no generation)"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -277,13 +304,19 @@ def main(argv: list[str] | None = None) -> None:
     args.passthrough += ["--dry-run"] if args.dry_run else []
     model_folder(args.model)  # built once, outside every measurement
     name = "gpu_table" if args.device == "cuda" else "gpu_table_dryrun"  # a CPU check is not the GPU table
-    record: dict[str, Any] = {"machine": common.machine(), "args": {k: v for k, v in vars(args).items()}}
-    record["flops"] = _child("flops", "-", args)
-    variants = ["bf16"] if args.dry_run else list(TRAIN_VARIANTS)
-    record["train"] = {v: _child("train", v, args) for v in variants}
-    record["generate"] = {
-        v: _child("generate", v, args) for v in ("batch-1 loop", f"sdcluster batch {args.batch}")
-    }
+    saved = Path(__file__).resolve().parent / "results" / f"{name}.json"
+    if args.merge:  # the FLOPs, the generation rows and the other variants as the saved run measured them
+        record = json.loads(saved.read_text())
+    else:
+        record = {"machine": common.machine(), "args": {k: v for k, v in vars(args).items()}}
+        record["flops"] = _child("flops", "-", args)
+        record["train"] = {}
+    variants = ["bf16"] if args.dry_run else args.variants
+    record["train"].update({v: _child("train", v, args) for v in variants})
+    if not args.merge:
+        record["generate"] = {
+            v: _child("generate", v, args) for v in ("batch-1 loop", f"sdcluster batch {args.batch}")
+        }
     shutil.rmtree(args.workdir, ignore_errors=True)
     train_rows, gen_rows = _rows(record, args.peak_tflops)
     shape = "512 px" if args.model == "sd1" else f"{args.model} model"
@@ -291,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     memory = "GPU" if args.device == "cuda" else "RSS"  # max_memory_allocated, or on CPU the process's peak
     text = common.print_table(
         f"Training, the seed's recipe ({shape}, batch 1 x 4, EMA), {timed} ({record['machine']})",
-        ["variant", "s/step", f"peak {memory} GiB", "model TFLOP/s", "MFU", "with recompute"],
+        ["variant", "s/step", f"peak {memory} GiB", "plan GiB", "model TFLOP/s", "MFU", "with recompute"],
         train_rows,
     )
     images = f"{args.prompts} prompts x {args.per_prompt} images, {args.gen_steps} steps"
