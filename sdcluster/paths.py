@@ -194,7 +194,8 @@ def absolutize(cfg: Config, base: Path | None = None) -> Config:
     cfg.output_root = absolute(cfg.output_root)
     cfg.jobs_root = absolute(cfg.jobs_root)
     cfg.cache_root = absolute(cfg.cache_root)
-    cfg.data.path = absolute(cfg.data.path)
+    # empty: no folder (data=sources, whose sources name theirs; a hub dataset before staging), not this one
+    cfg.data.path = absolute(cfg.data.path) if cfg.data.path else cfg.data.path
     for source in cfg.data.sources:  # a hub source's path is set by launch, to an absolute folder
         source.path = absolute(source.path) if source.path else source.path
     if cfg.generate.prompts_file:

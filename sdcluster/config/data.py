@@ -180,6 +180,12 @@ class DataConfig(Schema):
             "is set together with data.hub (one hub dataset in place of the sources)",
             "list the hub dataset as a source (hub: true, name: owner/name) and drop data=hub",
         )
+        _require(
+            not (self.sources and self.path),
+            "data.path",
+            f"is not read when data.sources is set (each source names its own folder), got {self.path!r}",
+            f"list it as a source ('data.sources=[..., {{path: {self.path}}}]') or drop data.path",
+        )
         for index, source in enumerate(self.sources):
             _check_source(source, index)
 

@@ -76,15 +76,53 @@ def _base_license(cfg: Config) -> str | None:
 
 
 def _dataset(cfg: Config) -> dict[str, Any]:
-    """Name, path, image count and the sha256 of ``metadata.jsonl`` (captions and file list)."""
+    """Name, path, image count and the sha256 of ``metadata.jsonl`` (captions and file list); with
+    ``data.sources``, the same for each source (with its repeats and hub commit) under ``sources``."""
+    from sdcluster.data.sources import holdout_of, sources_of
+
+    if not cfg.data.sources:
+        return _folder(cfg.data.name, cfg.data.path, cfg.data.caption_column) | {"holdout": cfg.data.holdout}
+    sources = []
+    for index, source in enumerate(sources_of(cfg.data)):
+        found = _folder(source.name or f"source {index}", source.path, source.caption_column)
+        found |= {"repeats": source.repeats, "holdout": holdout_of(cfg.data, source)}
+        sources.append(found | ({"commit": source.commit} if source.hub else {}))
+    return {
+        "name": cfg.data.name,
+        "images": sum(s["images"] for s in sources),
+        "holdout": sum(s["holdout"] for s in sources),
+        "sources": sources,
+    }
+
+
+def _folder(name: str, path: str, caption_column: str) -> dict[str, Any]:
+    """One imagefolder's name, path, image count and ``metadata.jsonl`` sha256."""
     from sdcluster.data.reader import scan
 
-    meta = Path(cfg.data.path) / "metadata.jsonl"
-    rows, _ = scan(cfg.data.path, cfg.data.caption_column)
-    found = {"name": cfg.data.name, "path": cfg.data.path, "images": len(rows), "holdout": cfg.data.holdout}
+    meta = Path(path) / "metadata.jsonl"
+    rows, _ = scan(path, caption_column)
+    found: dict[str, Any] = {"name": name, "path": path, "images": len(rows)}
     if meta.is_file():
         found["metadata_sha256"] = hashlib.sha256(meta.read_bytes()).hexdigest()
     return found
+
+
+def _dataset_lines(data: dict[str, Any]) -> list[str]:
+    """The card's Dataset section: the folder, or one line per source."""
+    held = f"{data['holdout']} held out for the validation loss"
+    if "sources" not in data:
+        return [
+            f"`{data['name']}` at `{data['path']}`: {data['images']} images ({held}), `metadata.jsonl` "
+            f"sha256 `{data.get('metadata_sha256')}`."
+        ]
+    lines = [f"{len(data['sources'])} sources, {data['images']} images ({held}):", ""]
+    for s in data["sources"]:
+        commit = f" at commit `{s['commit']}`" if "commit" in s else ""
+        lines.append(
+            f"- `{s['name']}` at `{s['path']}`{commit}: {s['images']} images x {s['repeats']} repeats "
+            f"({s['holdout']} held out), `metadata.jsonl` sha256 `{s.get('metadata_sha256')}`"
+        )
+    return lines
 
 
 def _losses(run: RunPaths) -> dict[str, Any]:
@@ -190,8 +228,7 @@ def _body(run: RunPaths, export: Path, cfg: Config, family: Family, facts: dict[
         "",
         "## Dataset",
         "",
-        f"`{data['name']}` at `{data['path']}`: {data['images']} images ({data['holdout']} held out for the "
-        f"validation loss), `metadata.jsonl` sha256 `{data.get('metadata_sha256')}`.",
+        *_dataset_lines(data),
         "",
         "## Results",
         "",

@@ -114,6 +114,8 @@ def test_every_problem_names_its_source_before_anything_is_queued(make_cfg, two,
     with pytest.raises(ConfigError, match=r"data\.sources\[0\] \(product\): holdout=3 leaves nothing"):
         check_sources(make_cfg(held))
     check_sources(make_cfg(_two(two)))  # both fine
+    with pytest.raises(ConfigError, match=r"data\.path: is not read when data\.sources is set.*\{path: "):
+        make_cfg([*_two(two), f"data.path={product}"])  # silently unused before: now named, with the fix
 
     assert data_cli.main(["validate", *no_column]) == 1
     out = capsys.readouterr().out

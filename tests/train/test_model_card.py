@@ -73,10 +73,14 @@ def test_a_lora_run_writes_a_card_with_each_export(make_cfg):
     assert 'from_pretrained(".")' in fused.text
 
 
-def _run_folder(make_cfg, tmp_path: Path, overrides: list[str]) -> tuple[RunPaths, Path]:
-    """A LoRA run's folder as training leaves it (config, metrics, a validation grid) and its export."""
-    data = copy_sample(tmp_path / "data", count=4)
-    cfg = make_cfg(["train.method=lora", f"data.path={data}", "data.holdout=1", *overrides])
+def _run_folder(
+    make_cfg, tmp_path: Path, overrides: list[str], data: list[str] | None = None
+) -> tuple[RunPaths, Path]:
+    """A LoRA run's folder as training leaves it (config, metrics, a validation grid) and its export;
+    ``data``: the data overrides (default: 4 sample images, 1 held out)."""
+    if data is None:
+        data = [f"data.path={copy_sample(tmp_path / 'data', count=4)}", "data.holdout=1"]
+    cfg = make_cfg(["train.method=lora", *data, *overrides])
     run = RunPaths(Path(cfg.output_root) / "runs" / "sd15-lora")
     (run.validation / "step-00000040").mkdir(parents=True)
     (run.validation / "step-00000040" / "grid.png").write_bytes(b"png")
@@ -106,6 +110,25 @@ def test_a_lora_card_names_the_hub_base_model_its_commit_and_license(make_cfg, t
     assert facts["dataset"]["images"] == 4 and len(facts["dataset"]["metadata_sha256"]) == 64
     assert (export / GRID_FILE).read_bytes() == b"png"
     assert "| `train.lora.rank` | `4` |" in card.text  # the settings that define the run
+
+
+def test_a_card_of_a_run_on_several_sources_names_each(make_cfg, tmp_path, monkeypatch):
+    product = copy_sample(tmp_path / "product", 3)
+    reg = copy_sample(tmp_path / "reg", 5, lambda r: {"file_name": r["file_name"], "caption": r["text"]})
+    sources = f"data.sources=[{{name: product, path: {product}, repeats: 2, holdout: 1}}, "
+    sources += f"{{name: reg, path: {reg}, caption_column: caption}}]"
+    run, export = _run_folder(make_cfg, tmp_path, [], data=["data=sources", sources, "data.holdout=0"])
+    monkeypatch.chdir(copy_sample(tmp_path / "elsewhere", 2))  # a folder the card must not describe
+
+    card = ModelCard.load(write_card(export, run.root, SD1()))
+    data = card.data.sdcluster["dataset"]
+    assert [(s["name"], s["path"], s["images"]) for s in data["sources"]] == [
+        ("product", str(product), 3),
+        ("reg", str(reg), 5),
+    ]
+    assert [(s["repeats"], s["holdout"]) for s in data["sources"]] == [(2, 1), (1, 0)]
+    assert (data["images"], data["holdout"]) == (8, 1) and len(data["sources"][1]["metadata_sha256"]) == 64
+    assert f"- `product` at `{product}`: 3 images x 2 repeats (1 held out)" in card.text
 
 
 def test_no_token_reaches_the_card(make_cfg, tmp_path, monkeypatch):
