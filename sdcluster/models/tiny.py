@@ -143,7 +143,8 @@ def text_config(vocab_size: int, tokenizer: Any, shape: dict[str, Any]) -> Any:
 
 def make_vae(shape: dict[str, Any], **extra: Any) -> Any:
     """SD's 4-block VAE (downsampling by 8, 4 latent channels) of ``shape``, seeded; ``extra``: config keys
-    such as SDXL's ``scaling_factor``."""
+    such as SDXL's ``scaling_factor`` or SD3's and FLUX's 16 ``latent_channels``, shift and no quant
+    convolutions."""
     import torch
     from diffusers import AutoencoderKL
 
@@ -153,10 +154,9 @@ def make_vae(shape: dict[str, Any], **extra: Any) -> Any:
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
         norm_num_groups=8,
         **shape,
-        **extra,
+        **{"latent_channels": 4, **extra},
     )
 
 

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from sdcluster.models.tiny import MARKER, TINY_TEXT, TINY_VAE, text_config, tokenizers
+from sdcluster.models.tiny import MARKER, TINY_TEXT, TINY_VAE, make_vae, text_config, tokenizers
 from sdcluster.models.tiny_sd3 import TINY_T5, t5_encoder
 from sdcluster.models.tiny_t5 import write_t5_tokenizer
 
@@ -66,19 +66,7 @@ def build_tiny_flux(dest: Path) -> Path:
 
 def flux_vae(shape: dict[str, Any]) -> Any:
     """FLUX's VAE (16 latent channels, shift and scale, no quant convolutions) of ``shape``, seeded."""
-    import torch
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=8,
-        **shape,
-        **FLUX_VAE,
-    )
+    return make_vae(shape, **FLUX_VAE)
 
 
 def build_flux_pipeline(

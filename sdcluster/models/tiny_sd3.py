@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from sdcluster.models.tiny import MARKER, TINY_TEXT, TINY_VAE, text_config, tokenizers
+from sdcluster.models.tiny import MARKER, TINY_TEXT, TINY_VAE, make_vae, text_config, tokenizers
 from sdcluster.models.tiny_t5 import write_t5_tokenizer
 
 TINY_SD3_VERSION = "1"
@@ -78,19 +78,7 @@ def t5_encoder(tokenizer: Any, shape: dict[str, Any]) -> Any:
 
 def sd3_vae(shape: dict[str, Any]) -> Any:
     """SD3's VAE (16 latent channels, shift and scale, no quant convolutions) of ``shape``, seeded."""
-    import torch
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=8,
-        **shape,
-        **SD3_VAE,
-    )
+    return make_vae(shape, **SD3_VAE)
 
 
 def build_sd3_pipeline(
