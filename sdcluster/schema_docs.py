@@ -91,6 +91,21 @@ def leaf_keys(schema: type = Config, prefix: str = "") -> list[Key]:
     return found
 
 
+def entry_keys(schema: type, prefix: str) -> list[tuple[str, list[Key]]]:
+    """For each list-of-dataclasses field under ``schema`` (``data.sources``): its dotted name and the keys
+    of one entry, named as an entry's keys are written (``path``, ``repeats``)."""
+    import typing
+
+    found = []
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        hint = hints.get(f.name)
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) is list and args and dataclasses.is_dataclass(args[0]):
+            found.append((f"{prefix}{f.name}", leaf_keys(args[0])))
+    return found
+
+
 def group_options(group: str) -> list[str]:
     """The options of a config group: the YAML files of ``conf/<group>/`` (``conf/model/sd15.yaml``)."""
     return list(store.options(group))
@@ -195,6 +210,10 @@ def markdown() -> str:
         lines += [f"| `{k.name}` | {_default_cell(k.default)} | {_cell(k.doc)} |" for k in section.keys]
         lines.append("")
         default = getattr(Config(), section.name, None) if section.name else None
+        for name, keys in entry_keys(type(default), f"{section.name}.") if default is not None else []:
+            lines += [f"### Each entry of `{name}`", "", "| key | default | meaning |", "| --- | --- | --- |"]
+            lines += [f"| `{k.name}` | {_default_cell(k.default)} | {_cell(k.doc)} |" for k in keys]
+            lines.append("")
         for option in option_sections(default, f"{section.name}."):  # optim=adafactor: its own keys
             doc = " ".join(option.doc.split())
             lines += [f"### `{section.name}={option.name}`", "", _cell(doc), ""]

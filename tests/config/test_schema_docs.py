@@ -118,3 +118,15 @@ def test_schema_modules_stay_plain_and_short():
                 continue
             heavy = [n for n in names if n.split(".")[0] in ("hydra", "torch")]
             assert not heavy, f"{path.name}:{node.lineno} imports {heavy}"
+
+
+def test_the_options_reference_lists_the_keys_of_each_source_entry():
+    """``data.sources`` is a list of entries with keys of their own: the reference has a table of them."""
+    from sdcluster.config.data import SourceConfig
+    from sdcluster.schema_docs import markdown
+
+    page = markdown()
+    table = page.split("### Each entry of `data.sources`", 1)[1].split("\n#", 1)[0]
+    for f in dataclasses.fields(SourceConfig):
+        assert f"| `{f.name}` |" in table, f"{f.name} missing from the sources entry table"
+    assert "| `repeats` | `1` |" in table
