@@ -5,8 +5,9 @@ PIP ?= $(PYTHON) -m pip
 TORCH ?= torch==2.13.0
 # iproute2 (ip) and util-linux (nsenter, unshare): the two-node sandbox's network namespaces
 SLURM_PACKAGES = slurm-wlm slurmdbd munge mariadb-server iproute2 util-linux
-# Real headless Chromium for the generation gallery's browser tests (Playwright drives it; no playwright install)
-BROWSER_PACKAGES = chromium chromium-driver
+# Real headless Chromium for the generation gallery's browser tests (Playwright drives it; no playwright install),
+# and zsh, whose completion script the CLI tests run in a real zsh
+BROWSER_PACKAGES = chromium chromium-driver zsh
 # Parallel test processes (pytest-xdist). More than the 2 cores CI has: the SLURM tests mostly wait (for the
 # scheduler, time limits, grace times), so their waits overlap; --dist loadgroup keeps the tests that need
 # the SLURM node alone, or the two-node sandbox, on one worker each (tests/conftest.py).
@@ -28,8 +29,8 @@ slurm-packages:  ## install Debian's SLURM, munge and MariaDB (root) for the rea
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SLURM_PACKAGES) >/dev/null; \
 	fi
 
-browser-packages:  ## install Debian's Chromium (root) for the gallery's browser tests
-	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+browser-packages:  ## install Debian's Chromium (root) for the gallery's browser tests, and zsh
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null || ! command -v zsh >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BROWSER_PACKAGES) >/dev/null; \
 	fi
 

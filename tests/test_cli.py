@@ -10,7 +10,6 @@ import dataclasses
 import importlib.metadata
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -191,7 +190,6 @@ def test_bash_completion_offers_commands_keys_and_group_options(tmp_path):
     ]
 
 
-@pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")
 def test_zsh_completion_offers_keys_and_group_options(tmp_path):
     """zsh's completion system runs only inside the line editor: ``compadd`` is replaced by a function that
     prints what it was given (a function shadows a builtin in zsh), ``words``/``CURRENT`` set as zsh sets

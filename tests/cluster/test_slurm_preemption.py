@@ -39,12 +39,15 @@ SDXL_LORA = (
     "train.lora.dropout=0.1",
     "train.lora.text_encoder_lr=1e-3",
 )
+# FLUX.1 on two processes: flow matching's timestep draws, packed latents and the guidance embedding through a
+# real requeue, resumed mid-accumulation like the others.
+FLUX_LORA = ("model=tiny_flux", "train.method=lora", "train.lora.dropout=0.1")
 
 
 @pytest.mark.parametrize(
     ("tasks", "run"),
-    [(1, ()), (2, ()), (2, SDXL_LORA)],
-    ids=["1-process", "2-process", "2-process-sdxl-lora"],
+    [(1, ()), (2, ()), (2, SDXL_LORA), (2, FLUX_LORA)],
+    ids=["1-process", "2-process", "2-process-sdxl-lora", "2-process-flux-lora"],
 )
 def test_preempted_training_requeues_and_matches_uninterrupted(
     slurm_cluster, tmp_path, cache_root, tasks, run
