@@ -43,12 +43,20 @@ def _validate_sources(args: argparse.Namespace) -> int:
     problem named by its source, as launch's preflight names it."""
     from sdcluster.compose import compose
     from sdcluster.config import ConfigError
-    from sdcluster.data.sources import row_counts, source_problems, sources_of
+    from sdcluster.data.reader import scan
+    from sdcluster.data.sources import source_problems, sources_of, unstaged
 
     try:
         cfg = compose([args.dir, *args.overrides])
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    staged_at_launch = "launch stages a hub dataset and checks it then (its access, split and columns); "
+    staged_at_launch += "a dry run checks the same without downloading: python -m sdcluster.launch "
+    staged_at_launch += "launch.dry_run=true with these overrides"
+    if cfg.data.hub and not (cfg.data.path and Path(cfg.data.path).is_dir()):
+        spec = f"data=hub data.name={cfg.data.name}"
+        print(f"error: {spec}: no folder here to check; {staged_at_launch}", file=sys.stderr)
         return 2
     if not cfg.data.sources:  # one folder: what `validate DIR` says
         args.dir, args.overrides = cfg.data.path, []
@@ -60,8 +68,12 @@ def _validate_sources(args: argparse.Namespace) -> int:
     if problems:
         print(f"{len(problems)} problem(s) in data.sources", file=sys.stderr)
         return 1
-    counts = row_counts(cfg)
-    for index, (source, count) in enumerate(zip(sources_of(cfg.data), counts, strict=True)):
+    waiting = set(unstaged(cfg))
+    for label in sorted(waiting):
+        print(f"not checked: {label}: {staged_at_launch}")
+    here = [(i, s) for i, s in enumerate(sources_of(cfg.data)) if s.label(i) not in waiting]
+    for index, source in here:
+        count = len(scan(Path(source.path), source.caption_column)[0])
         print(f"OK: {source.label(index)}: {count} images x {source.repeats} repeats")
     return 0
 

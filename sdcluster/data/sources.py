@@ -158,7 +158,7 @@ def source_problems(cfg: Config) -> list[tuple[str, Problem]]:
 
     found = []
     for index, source in enumerate(cfg.data.sources):
-        if source.hub and not Path(source.path).is_dir():
+        if source.hub and not _here(source):
             continue  # not staged (a dry run): :func:`unstaged` names it among what was not checked
         label = source.label(index)
         if not Path(source.path).is_dir():  # the reader's message names data.path, the one-folder key
@@ -226,4 +226,10 @@ def stage_sources_for_launch(
 
 def unstaged(cfg: Config) -> list[str]:
     """Hub sources whose images are not here yet (a dry run downloads nothing): their checks wait."""
-    return [s.label(i) for i, s in enumerate(cfg.data.sources) if s.hub and not Path(s.path).is_dir()]
+    return [s.label(i) for i, s in enumerate(cfg.data.sources) if s.hub and not _here(s)]
+
+
+def _here(source: SourceConfig) -> bool:
+    """Whether the source's folder is on this machine (an empty path, a hub source not staged yet, is not
+    the working directory)."""
+    return bool(source.path) and Path(source.path).is_dir()

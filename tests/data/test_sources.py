@@ -125,6 +125,21 @@ def test_every_problem_names_its_source_before_anything_is_queued(make_cfg, two,
     assert "data.sources[0] (product): 3 images x 2 repeats" in capsys.readouterr().out
 
 
+def test_validate_names_the_hub_datasets_it_cannot_check_here(two, tmp_path, monkeypatch, capsys):
+    """A hub dataset is checked when launch stages it: ``data validate`` says so and checks the rest (an
+    unstaged hub source's empty path is not the working directory, whose files it used to scan)."""
+    product, _ = two
+    monkeypatch.chdir(copy_sample(tmp_path / "here", 2))
+    assert data_cli.main(["validate", "data=hub", "data.name=someone/jeans"]) == 2
+    assert "data.name=someone/jeans: no folder here to check; launch stages" in capsys.readouterr().err
+    mixed = _sources(f"{{name: product, path: {product}}}", "{hub: true, name: someone/jeans}")
+    assert data_cli.main(["validate", *mixed]) == 0
+    out = capsys.readouterr().out
+    assert "not checked: data.sources[1] (someone/jeans): launch stages a hub dataset" in out
+    assert "OK: data.sources[0] (product): 3 images x 1 repeats" in out
+    assert "OK: data.sources[1]" not in out
+
+
 # --- repeats, holdout ---------------------------------------------------------------------------------------
 
 
