@@ -42,12 +42,14 @@ SDXL_LORA = (
 # FLUX.1 on two processes: flow matching's timestep draws, packed latents and the guidance embedding through a
 # real requeue, resumed mid-accumulation like the others.
 FLUX_LORA = ("model=tiny_flux", "train.method=lora", "train.lora.dropout=0.1")
+# SD 3.5 fully fine-tuned on two processes: the whole transformer and its AdamW moments through a requeue.
+SD3_FULL = ("model=tiny_sd3",)
 
 
 @pytest.mark.parametrize(
     ("tasks", "run"),
-    [(1, ()), (2, ()), (2, SDXL_LORA), (2, FLUX_LORA)],
-    ids=["1-process", "2-process", "2-process-sdxl-lora", "2-process-flux-lora"],
+    [(1, ()), (2, ()), (2, SDXL_LORA), (2, FLUX_LORA), (2, SD3_FULL)],
+    ids=["1-process", "2-process", "2-process-sdxl-lora", "2-process-flux-lora", "2-process-sd3-full"],
 )
 def test_preempted_training_requeues_and_matches_uninterrupted(
     slurm_cluster, tmp_path, cache_root, tasks, run
@@ -88,7 +90,7 @@ def test_preempted_training_requeues_and_matches_uninterrupted(
     assert len(set(sums)) == 1, sums
     a, b = _final_weights(straight_run), _final_weights(record["run_dir"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resume was not exact"
-    assert all("lora_" in k for k in a) == bool(run)  # a LoRA checkpoint holds the adapters only
+    assert all("lora_" in k for k in a) == ("train.method=lora" in run)  # a LoRA checkpoint: adapters only
     assert _losses(straight_run) == _losses(record["run_dir"])
     # One TensorBoard run across the requeue: both attempts' event files, one curve, each step once.
     board = Path(record["run_dir"]) / "tensorboard"
