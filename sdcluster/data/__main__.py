@@ -68,8 +68,8 @@ def _validate_sources(args: argparse.Namespace) -> int:
     if problems:
         print(f"{len(problems)} problem(s) in data.sources", file=sys.stderr)
         return 1
-    waiting = set(unstaged(cfg))
-    for label in sorted(waiting):
+    waiting = unstaged(cfg)  # in the list's order
+    for label in waiting:
         print(f"not checked: {label}: {staged_at_launch}")
     here = [(i, s) for i, s in enumerate(sources_of(cfg.data)) if s.label(i) not in waiting]
     for index, source in here:
