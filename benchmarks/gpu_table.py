@@ -17,8 +17,8 @@ Each row runs in a fresh process.
   of one optimizer step counted by ``torch.utils.flop_counter.FlopCounterMode`` on a real forward +
   backward (without the recomputation of gradient checkpointing: that is hardware work, not model work; it
   is reported too), divided by the seconds per step and ``--peak-tflops`` (H200: 989 dense bf16).
-  ``--variants "bf16 batch 8 x 1" --merge`` adds rows to the saved table: the same images per step in one
-  micro-step of 8, with gradient checkpointing and without.
+  ``--variants "bf16 batch 8 x 1" --merge`` adds rows to the saved table: one micro-step of 8 images per
+  optimizer step (twice the seed's 4; FLOPs scaled per image), with gradient checkpointing and without.
 * **generation**: 2 prompts x 8 images, 50 steps (the seed's), fp16: the seed's batch-1 loop (one pipeline
   call and one PNG per image, as :mod:`benchmarks.generate`'s reference) against sdcluster's generation job in
   batches of 8. Both load the pipeline inside the clock, after one untimed warm-up image.
