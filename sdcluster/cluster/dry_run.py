@@ -20,14 +20,16 @@ Say = Callable[[str], None]
 
 
 def describe_outputs(cfg: Config, say: Say) -> None:
-    if cfg.task != "generate":
+    if cfg.task == "cache":
+        say(f"latent cache: {paths.latent_cache_dir(cfg)}/<key> (the key: logged by the job)")
+    if cfg.trains:
         say(f"run folder:   {paths.run_dir(cfg)}")
         run = paths.run_paths(cfg)
         if cfg.train.trains_adapters:  # the adapters file, and a fused pipeline when asked for
             say(f"lora:         {run.lora}")
         if cfg.train.exports_pipeline:
             say(f"model:        {run.model}")
-    if cfg.task != "train":
+    if cfg.generates:
         # Here, not at the top: the login side sits above generate, but only a dry run of generation
         # needs its plan, and generate's own import chain is long (plan -> records -> gallery -> ...).
         from sdcluster.generate.plan_count import describe_counts
@@ -41,7 +43,7 @@ def describe_memory(cfg: Config, say: Say) -> None:
     """The training job's memory plan per GPU (:mod:`sdcluster.plan`), for a job on GPUs or with
     ``cluster.gpu_mem_gb`` set: planning imports torch and diffusers (seconds on a login node), which a
     dry run of a CPU job does not need."""
-    if cfg.task == "generate" or (cfg.cluster.gpus_per_node == 0 and cfg.cluster.gpu_mem_gb is None):
+    if not cfg.trains or (cfg.cluster.gpus_per_node == 0 and cfg.cluster.gpu_mem_gb is None):
         return
     from sdcluster.plan.fit import describe, plan_config  # see describe_outputs: torch loads late
 
@@ -60,9 +62,9 @@ def describe_points(cfgs: list[Config], say: Say, labels: list[str] | None = Non
 
     for i, cfg in enumerate(cfgs):
         say(f"point {i}" + (f" {labels[i]}" if labels else ""))
-        if cfg.task != "generate":
+        if cfg.trains:
             say(f"  run folder: {paths.run_dir(cfg)}")
-        if cfg.task != "train":
+        if cfg.generates:
             count = count_plan(cfg.generate)
             total = 1 if cfg.generate.only else count.total
             shards = f" over {len(count.shards)} shards" if len(count.shards) > 1 else ""

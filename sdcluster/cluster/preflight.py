@@ -55,7 +55,7 @@ def check_generation_inputs(cfg: Config) -> None:
     from sdcluster.generate.prompts import check_program
 
     check_program(cfg.generate)
-    if cfg.task != "train":  # counted, never expanded: refuses a plan above generate.max_images
+    if cfg.generates:  # counted, never expanded: refuses a plan above generate.max_images
         from sdcluster.generate.plan_count import check_plan_size
 
         check_plan_size(cfg.generate)
@@ -110,7 +110,7 @@ def preflight(cfg: Config, dry_run: bool = False) -> tuple[Config, list[str]]:
     reject_secrets(dataclasses.asdict(cfg))
     check_model_source(cfg.model)
     unchecked: list[str] = []
-    if cfg.task in ("train", "train_generate"):
+    if cfg.reads_training_data:
         check_installed(cfg)
         # data=hub: pinned to its commit, data.path its staged folder, checked below as any folder is
         cfg = stage_data_for_launch(cfg, dry_run=dry_run)
@@ -139,9 +139,9 @@ def preflight(cfg: Config, dry_run: bool = False) -> tuple[Config, list[str]]:
     from sdcluster.plan.fit import check_fits  # late: the plan's chain (config, models) is deep
 
     unplanned = check_fits(cfg) + check_family_settings(cfg)
-    if cfg.task != "generate":
+    if cfg.trains:
         ownership.check_free(paths.run_dir(cfg), "run")
-    if cfg.task != "train":
+    if cfg.generates:
         ownership.check_free(paths.generation_dir(cfg), "generate")
     check_scripts([cfg])
     return cfg, unchecked + unplanned + backend.check(cfg, dry_run)

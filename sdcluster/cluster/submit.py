@@ -29,7 +29,7 @@ from sdcluster.config import Config, ConfigError
 from sdcluster.config.cluster import TASK_JOBS, GenerationResources
 from sdcluster.redaction import config_yaml
 from sdcluster.runtime import ownership
-from sdcluster.runtime.callables import GenerateJob, TrainJob
+from sdcluster.runtime.callables import CacheJob, GenerateJob, TrainJob
 
 Say = Callable[[str], None]
 
@@ -57,6 +57,15 @@ def plan_jobs(cfgs: list[Config]) -> list[PlannedJob]:
         raise ConfigError(f"task: the points ask for different tasks {sorted(tasks)}. Fix: sweep one task")
     kinds = TASK_JOBS[tasks.pop()]
     planned: list[PlannedJob] = []
+    if "cache" in kinds:  # one array per point: its data.cache_shards tasks build one entry together
+        for i, point in enumerate(cfgs):
+            cfg = dataclasses.replace(point, cluster=point.cluster.for_job("cache"))
+            shards = range(cfg.data.cache_shards)
+            planned.append(
+                PlannedJob(
+                    "cache", [cfg] * len(shards), [CacheJob(cfg, k) for k in shards], [i] * len(shards)
+                )
+            )
     if "train" in kinds:
         groups: list[list[int]] = []  # one array per group of points whose cluster settings agree
         for i, cfg in enumerate(cfgs):
@@ -157,6 +166,8 @@ def _submit_one(job: PlannedJob, after_id: str | None, extra: dict[str, Any]) ->
             folder = record_submission(
                 element_cfg, sjob, job.kind, {**extra, "array_index": array_index, "after": after_id}
             )
+        if job.kind == "cache":  # no output folder to own: pieces and the entry publish by rename, locked
+            continue
         writes = paths.run_dir(element_cfg) if job.kind == "train" else paths.generation_dir(element_cfg)
         shards = job.kind == "generate"  # the tasks of a generation array fill one folder together
         with atomic.explain_disk_full(writes, resume=queued, setting="output_root"):

@@ -83,7 +83,8 @@ class Config(Schema):
     """The whole resolved configuration a job receives."""
 
     task: str = "train_generate"
-    """train, generate (from generate.model or a finished run), or train_generate: train, then generate."""
+    """train, generate (from generate.model or a finished run), train_generate: train, then generate; or
+    cache: build the latent cache of the training data as an array of data.cache_shards tasks."""
     run_name: str | None = None
     """Names the run folder instead of model.name (the hash stays); null: the model's name."""
     output_root: str = "outputs"
@@ -106,6 +107,21 @@ class Config(Schema):
     """Where the jobs run (``conf/cluster/``, appended with +cluster=slurm); default: locally."""
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     """How the login-node process behaves (command line only)."""
+
+    @property
+    def trains(self) -> bool:
+        """Whether a training job is submitted (``task=train`` or ``train_generate``)."""
+        return self.task in ("train", "train_generate")
+
+    @property
+    def generates(self) -> bool:
+        """Whether a generation job is submitted (``task=generate`` or ``train_generate``)."""
+        return self.task in ("generate", "train_generate")
+
+    @property
+    def reads_training_data(self) -> bool:
+        """Whether a job reads the training data: training, and a latent-cache build (``task=cache``)."""
+        return self.trains or self.task == "cache"
 
     def __post_init__(self) -> None:
         _choice(self.task, "task", TASKS)
@@ -138,7 +154,7 @@ def check_resolution(cfg: Config) -> None:
     """A pretrained model fine-tuned at another size than its own relearns its details (``model=sd15`` alone
     keeps the tiny model's 64 px): refuse, naming the recipe made for the model."""
     native, size = cfg.model.native_resolution, cfg.train.resolution
-    if cfg.task == "generate" or native is None or size == native:
+    if not cfg.reads_training_data or native is None or size == native:
         return
     use = ""
     if native in RECIPES:
@@ -161,7 +177,12 @@ def check_config(cfg: Config) -> None:
     What a config needs of the executor it chose (one process locally, GPUs for mixed precision on a
     cluster) its backend checks next (``check_config`` of :mod:`sdcluster.cluster.backends`)."""
     check_resolution(cfg)
-    if cfg.task != "train" and not cfg.generate.prompts and not cfg.generate.prompts_file:
+    if cfg.task == "cache" and not cfg.data.cache:
+        raise ConfigError(
+            "task=cache builds the latent cache, but data.cache=false. Fix: data.cache=true (training jobs "
+            "then read the cache), or task=train to train without one"
+        )
+    if cfg.generates and not cfg.generate.prompts and not cfg.generate.prompts_file:
         raise ConfigError(
             "generate.prompts: no prompts for a generation task. Fix: set generate.prompts='[\"a photo\"]' "
             "or generate.prompts_file=FILE (one prompt a line), or use task=train"

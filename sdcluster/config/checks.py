@@ -25,8 +25,9 @@ def _choice(value: str | None, key: str, choices: tuple[str, ...]) -> None:
     _require(value in choices, key, f"got {value!r}", f"use one of {', '.join(map(str, choices))}")
 
 
-TASKS = ("train", "generate", "train_generate")
-"""``task``: train only, generate only, or train and then generate from the run's exported model."""
+TASKS = ("train", "generate", "train_generate", "cache")
+"""``task``: train only, generate only, train and then generate from the run's exported model, or only
+build the training data's latent cache (an array of ``data.cache_shards`` tasks) for training jobs to read."""
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 """``train.mixed_precision`` and ``generate.mixed_precision``: float32, or a half-precision type on GPUs."""

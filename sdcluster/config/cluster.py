@@ -22,6 +22,7 @@ TASK_JOBS: dict[str, tuple[str, ...]] = {
     "train": ("train",),
     "generate": ("generate",),
     "train_generate": ("train", "generate"),
+    "cache": ("cache",),
 }
 """``task`` -> the kinds of job it submits, in submission order; a later job waits on the earlier one of its
 point. Each kind runs with its own resources (:meth:`ClusterConfig.for_job`)."""
@@ -52,7 +53,8 @@ def job_key(kind: str, name: str) -> str:
 @dataclass
 class GenerationResources(Schema):
     """What each shard of the generation job asks for (``cluster.generate.*``): sized for rendering images,
-    not like the training job. Account, qos, constraint, exclude, setup lines, the warning signal and the
+    not like the training job. The tasks of a latent-cache build (``task=cache``) run frozen encoders and are
+    sized by these too. Account, qos, constraint, exclude, setup lines, the warning signal and the
     requeue budgets are the training's (``cluster.*``)."""
 
     nodes: int = 1
@@ -202,7 +204,7 @@ class ClusterConfig(Schema):
     def for_job(self, kind: str) -> ClusterConfig:
         """The settings the job of ``kind`` runs with: the training's are these; the generation job's take
         :attr:`generate`'s sizes over them (null ones as documented there). Applied twice, the same."""
-        if kind != "generate":
+        if kind not in ("generate", "cache"):  # a cache shard runs frozen encoders: sized like generation
             return self
         g = self.generate
         gpus = (1 if self.gpus_per_node > 0 else 0) if g.gpus_per_node is None else g.gpus_per_node

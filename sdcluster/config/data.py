@@ -105,6 +105,9 @@ class DataConfig(Schema):
     """Encode latents and caption embeddings once per dataset and reuse them (those encoders are frozen)."""
     cache_memory_mb: int = 1024
     """A latent cache up to this size is held in RAM, a larger one is memory-mapped; 0 reads it from disk."""
+    cache_shards: int = 1
+    """With task=cache: the array tasks that build the latent cache, each a share of the images (a killed
+    or preempted build keeps the shares it finished); training jobs then read the finished cache."""
     holdout: int = 0
     """Images kept out of training for the validation loss; 0 trains on all (validates on training ones)."""
     max_samples: int | None = None
@@ -136,6 +139,7 @@ class DataConfig(Schema):
         "num_workers",
         "cache",
         "cache_memory_mb",
+        "cache_shards",
         "max_pixels",
         "cache_dir",
     )
@@ -153,6 +157,7 @@ class DataConfig(Schema):
         _require(
             self.cache_memory_mb >= 0, "data.cache_memory_mb", "must be >= 0", "0 reads the cache from disk"
         )
+        _require(self.cache_shards >= 1, "data.cache_shards", "must be >= 1", "e.g. 16 array tasks")
         _require(
             self.holdout >= 0, "data.holdout", "must be >= 0", "images kept out of training for validation"
         )

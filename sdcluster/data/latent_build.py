@@ -12,7 +12,7 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,14 +88,33 @@ def _write_rows(
             os.fsync(fh.fileno())
 
 
-def _encode_share(
-    plan: Plan, dataset: Any, comps: Components, res: int, device: Any, rank: int, world: int, dest: Path
-):
-    """Encode this rank's block of each posterior array's rows and of caption rows into ``dest``."""
+def share_rows(plan: Plan, rank: int, world: int) -> int:
+    """How many posterior rows share ``rank`` of ``world`` encodes (each array split the same way)."""
+    return sum(
+        hi - lo for lo, hi in (_share(end - first, rank, world) for _, first, end in plan.posterior_arrays())
+    )
+
+
+def encode_share(
+    plan: Plan,
+    dataset: Any,
+    comps: Components,
+    res: int,
+    device: Any,
+    rank: int,
+    world: int,
+    dest: Path,
+    after_batch: Callable[[int], None] | None = None,
+) -> None:
+    """Encode share ``rank`` of ``world`` of each posterior array's rows and of the caption rows into
+    ``dest`` (``<array>.<rank>.npy``). ``after_batch(rows)`` is called after each batch of posterior rows
+    with the share's rows done so far: progress lines, and the place a build may stop (by raising)."""
     vae, family = comps.vae, comps.family
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    done = 0
 
     def posterior_batches(lo: int, hi: int) -> Iterable[torch.Tensor]:
+        nonlocal done
         current, resized = -1, None
         for start in range(lo, hi, ENCODE_BATCH):
             pixels = []
@@ -109,6 +128,9 @@ def _encode_share(
                         )
                 pixels.append(crop_to_tensor(resized, plan.target(image, res), left, top, flip))
             yield (vae.encode(torch.stack(pixels).to(device, vae.dtype)).latent_dist.parameters,)
+            done += len(pixels)
+            if after_batch is not None:
+                after_batch(done)
 
     for name, first, end in plan.posterior_arrays():  # one array without buckets, one per bucket with
         lo, hi = (first + k for k in _share(end - first, rank, world))
@@ -142,11 +164,10 @@ def _build(
         tmp = str(atomic.staging_dir(entry))
     tmp = Path(rank0_decides(acc, tmp))
     rank, world = acc.process_index, acc.num_processes
-    shares = [_share(end - first, rank, world) for _, first, end in plan.posterior_arrays()]
-    mine = sum(hi - lo for lo, hi in shares)
+    mine = share_rows(plan, rank, world)
     log.info("latent cache: encoding rows (%d of %d) into %s", mine, len(plan.variants), entry)
     with atomic.explain_disk_full(entry, tmp if acc.is_main_process else None, ": it builds the cache again"):
-        _encode_share(plan, dataset, comps, cfg.train.resolution, acc.device, rank, world, tmp)
+        encode_share(plan, dataset, comps, cfg.train.resolution, acc.device, rank, world, tmp)
     acc.wait_for_everyone()
     if acc.is_main_process:
         commit(tmp, entry, entry_manifest(plan, world))
@@ -203,15 +224,17 @@ def open_or_build(cfg: Config, dataset: Any, comps: Components, acc: Accelerator
         return None
     entry = latent_cache_dir(cfg) / plan.key
 
+    budget = cfg.data.cache_memory_mb * 2**20
+
     def check() -> str | None:
-        return rank0_decides(acc, verify(entry, plan.key, CACHE_VERSION) if acc.is_main_process else None)
+        problem = verify(entry, plan.key, CACHE_VERSION, budget) if acc.is_main_process else None
+        return rank0_decides(acc, problem)
 
     if check() is not None:  # checked without the lock first: jobs that find it complete never queue up
         with build_lock(entry, acc):
             problem = check()  # again: the job we waited for may have built it
             if problem is not None:
                 _build(cfg, plan, dataset, comps, acc, entry, problem)
-    budget = cfg.data.cache_memory_mb * 2**20
     examples = CachedExamples(
         entry, budget, cfg.train.resolution, cfg.train.center_crop, cfg.train.random_flip
     )

@@ -34,12 +34,18 @@ What is stored, and why:
   manifest's ``posterior_arrays`` and each image's ``targets``); the bucket settings are in the key. Cropped
   to cover the bucket, an image has few distinct random crops, so random crops stay cacheable.
 
+An entry held in RAM (``data.cache_memory_mb``) is checksummed at every start, as it is read; a larger one,
+memory-mapped, has its file sizes checked at start (its checksums were computed from the files when it
+was published), so a start reads the entry's manifest, not the entry.
+
 On disk an entry is a ``manifest.json`` (which crop/flip each row is, which caption row each image has, and
 the size and sha256 of every file) plus, per building rank ``r``, ``posterior.r.npy`` (rows of posterior
 parameters, float32) and ``text.r.npy`` (rows of hidden states, float32; SDXL adds ``pooled.r.npy``);
 shard ``r``'s rows follow shard ``r-1``'s. It is built in a temporary folder and published in one rename once
 the manifest is written, so it is complete or absent; at every start the files are checked against the
-manifest, and a missing, partial or corrupt entry is named in a warning and rebuilt, never trained on.
+manifest (as said above), and a missing, partial or corrupt entry is named in a warning and rebuilt, never
+trained on. ``task=cache`` builds the same entry as an array job (:mod:`~sdcluster.data.latent_array`),
+its ``N`` pieces being the shards.
 
 Plain ``.npy`` files because ``np.load(mmap_mode="r")`` gives random access to one row without reading the
 rest, and the page cache (shared by all processes of a node) does the caching when the entry is too big for
@@ -94,10 +100,14 @@ ENTRY_MANIFEST = "manifest.json"
 MISSING = "missing"
 
 
-def verify(entry: Path, key: str, version: int) -> str | None:
+def verify(entry: Path, key: str, version: int, checksum_up_to: int | None = None) -> str | None:
     """None when ``entry`` is complete and intact, else what is wrong (:data:`MISSING` if absent).
 
-    Every file is hashed: a size check catches a partial write, only a checksum catches a flipped byte.
+    Every file is hashed (a size check catches a partial write, only a checksum catches a flipped byte)
+    when the entry holds at most ``checksum_up_to`` bytes (None: any size). A training job passes its RAM
+    budget: an entry it loads whole is read whole anyway, while hashing a memory-mapped one (at 100,000
+    images, gigabytes) at every start would read the whole dataset before step 1; that one's sizes are
+    checked, and its checksums were computed from the files when it was published.
     """
     if not entry.exists():
         return MISSING
@@ -113,7 +123,8 @@ def verify(entry: Path, key: str, version: int) -> str | None:
         return "manifest of another key or version"
     if set(files) != expected:
         return f"manifest lists {sorted(files)}, expected {sorted(expected)}"
-    return sealed.files_problem(entry, files, content=True)
+    size = sum(f.get("bytes", 0) for f in files.values())
+    return sealed.files_problem(entry, files, content=checksum_up_to is None or size <= checksum_up_to)
 
 
 def commit(tmp: Path, entry: Path, manifest: dict[str, Any]) -> None:
@@ -139,10 +150,15 @@ class ShardedRows:
 
     def _open(self) -> list[Any]:
         if self._arrays is None:
-            mode = None if self.in_memory else "r"
-            arrays = [np.load(f, mmap_mode=mode) for f in self.files]
+            arrays = [np.load(f, mmap_mode="r") for f in self.files]
             if self.in_memory:  # one tensor, so a batch is a gather from one block of memory
-                arrays = [torch.from_numpy(np.concatenate(arrays))]
+                whole = np.empty((sum(len(a) for a in arrays), *arrays[0].shape[1:]), arrays[0].dtype)
+                start = 0
+                for path, array in zip(self.files, arrays, strict=True):
+                    # shard by shard into the block: a concatenation held every shard and the block at once
+                    whole[start : start + len(array)] = np.load(path)
+                    start += len(array)
+                arrays = [torch.from_numpy(whole)]
             starts, total = [], 0
             for array in arrays:
                 starts.append(total)

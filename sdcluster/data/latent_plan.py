@@ -11,11 +11,11 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sdcluster import atomic
 from sdcluster.config import Config
-from sdcluster.data.buckets import Size, assign, buckets_of, identity_of, upright_size
+from sdcluster.data.buckets import Size, assign, buckets_of, identity_of
 from sdcluster.data.dataset import Target, crop_and_flip, resized_size, target_size
-from sdcluster.data.sources import image_files
+from sdcluster.data.file_facts import facts_of
+from sdcluster.data.sources import column, image_files
 from sdcluster.identity import latent_cache_key
 from sdcluster.models.load import encoder_parts, model_files, vae_files
 
@@ -97,10 +97,11 @@ def make_plan(cfg: Config, dataset: Any, comps: Components) -> Plan | None:
     res, center, flip = cfg.train.resolution, cfg.train.center_crop, cfg.train.random_flip
     dropout = cfg.data.caption_dropout > 0
     files = image_files(cfg, dataset)  # each row's file in its source's folder
-    captions = list(dataset[cfg.data.caption_column])
+    captions = column(dataset, cfg.data.caption_column)
     if not all(isinstance(c, str) for c in captions):
         raise ValueError("some rows have no caption string; run `python -m sdcluster.data validate`")
-    originals = [upright_size(path) for path in files]
+    facts = facts_of(files, cfg.cache_root)  # read once per version of each file, then from the index
+    originals = [fact.upright for fact in facts]
     buckets = buckets_of(cfg)
     targets = None if buckets is None else [buckets[assign(size, buckets)].size for size in originals]
     crop_sizes = [(res, res)] * len(originals) if targets is None else targets
@@ -126,7 +127,7 @@ def make_plan(cfg: Config, dataset: Any, comps: Components) -> Plan | None:
         files=model_files(comps.source, encoder_parts(family), cfg.model.revision),
         vae_files=vae_files(cfg.model.vae_path) if cfg.model.vae_path else None,
         dtypes=[str(comps.vae.dtype), *(str(encoder.dtype) for encoder in encoders)],
-        images=[[atomic.file_sha256(path), c] for path, c in zip(files, captions, strict=True)],
+        images=[[fact.sha256, c] for fact, c in zip(facts, captions, strict=True)],
         empty_caption=dropout,
         buckets=identity_of(cfg),
     )

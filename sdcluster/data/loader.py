@@ -31,13 +31,14 @@ def training_rows(cfg: Config) -> Any:
 def bucket_ids(cfg: Config, dataset: Any) -> list[int] | None:
     """Each training row's bucket (an index into :func:`~sdcluster.data.buckets.buckets_of`), from the image
     headers; None when ``data.buckets`` is off."""
-    from sdcluster.data.buckets import assign, buckets_of, upright_size
+    from sdcluster.data.buckets import assign, buckets_of
+    from sdcluster.data.file_facts import facts_of
     from sdcluster.data.sources import image_files
 
     buckets = buckets_of(cfg)
     if buckets is None:
         return None
-    return [assign(upright_size(path), buckets) for path in image_files(cfg, dataset)]
+    return [assign(fact.upright, buckets) for fact in facts_of(image_files(cfg, dataset), cfg.cache_root)]
 
 
 def training_examples(

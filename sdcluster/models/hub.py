@@ -309,7 +309,7 @@ def _generation_reads_base(cfg: Config) -> bool:
 
     model = str(generation_model(cfg))
     configs = is_single_file(model) and not cfg.generate.model_config
-    return cfg.task != "train" and (model == cfg.model.path or configs)
+    return cfg.generates and (model == cfg.model.path or configs)
 
 
 def _reads_hub_weights(cfg: Config) -> bool:

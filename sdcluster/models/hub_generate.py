@@ -74,7 +74,7 @@ def pin_generation(cfg: Config, dry_run: bool = False, say: Say = print) -> Conf
     model cache's location.
     """
     gen = cfg.generate
-    if cfg.task == "train":
+    if not cfg.generates:
         return cfg
     download = not dry_run
     if gen.model and is_hub_id(gen.model):

@@ -173,7 +173,8 @@ class Components:
     tokenizers: dict[str, Any]
     text_encoders: dict[str, Any]
     vae: Any
-    denoiser: torch.nn.Module  # the family's denoiser_name component: a UNet (or a transformer)
+    denoiser: torch.nn.Module  # the family's denoiser_name component: a UNet (or a transformer); None
+    # only where load_components was asked to leave it out
     noise_scheduler: Any
     source: str
     origin: dict[str, Any] | None = None  # hub id, revision and commit of a hub model (see models.hub)
@@ -187,10 +188,14 @@ def _load_class(module: str, name: str) -> Any:
 
 
 def load_components(
-    model: ModelConfig, cache_root: str | Path, accelerator: Accelerator | None = None
+    model: ModelConfig,
+    cache_root: str | Path,
+    accelerator: Accelerator | None = None,
+    denoiser: bool = True,
 ) -> Components:
     """Load each component the family names the way diffusers' own training examples do (one
-    ``from_pretrained`` each).
+    ``from_pretrained`` each). ``denoiser=False`` leaves out the one part a latent-cache build never runs
+    (``Components.denoiser`` is then None): FLUX's is 12B parameters.
 
     With several processes the embedded tiny model is built by global rank 0 while the others wait:
     transformers (5.x) writes weights only on rank 0 once torch.distributed is up, so a copy built on
@@ -229,11 +234,25 @@ def load_components(
         tokenizers=tokenizers,
         text_encoders=encoders,
         vae=load_vae(model, source, weights),
-        denoiser=load("diffusers", family.denoiser_class, family.denoiser_name, **weights),
+        denoiser=load("diffusers", family.denoiser_class, family.denoiser_name, **weights)
+        if denoiser
+        else None,
         noise_scheduler=load("diffusers", family.noise_scheduler_class, "scheduler", **common),
         source=source,
         origin=origin(model) if is_hub_id(model.path) else None,
     )
+
+
+def prepare_frozen(model: ModelConfig, comps: Components, device: Any, half: torch.dtype | None) -> None:
+    """The frozen parts (VAE, text encoders) as training runs them: eval, no gradients, on ``device``, in
+    the ``half`` type mixed precision computes in (the family may keep its VAE in float32). The latent-cache
+    build runs them exactly so too: the cache key holds their dtypes."""
+    for frozen in comps.family.frozen_modules(comps):
+        frozen.requires_grad_(False)
+        frozen.eval()
+        cast = comps.family.vae_dtype(model, half) if frozen is comps.vae else half
+        # Only cast when mixed precision asks for it: a no-op cast still trips diffusers' fp32-module warning.
+        frozen.to(device, dtype=cast) if cast else frozen.to(device)
 
 
 def load_vae(model: ModelConfig, source: str, weights: dict[str, Any]) -> Any:

@@ -222,7 +222,7 @@ def check_fits(cfg: Config) -> list[str]:
     """Refuse a training job whose plan is above ``cluster.gpu_mem_gb``, naming the parts and the cheapest
     change that fits (a :class:`ConfigError`). Returns what could not be checked (a hub model a dry run did
     not stage has no configs here); nothing is planned, and torch is not imported, without a budget."""
-    if cfg.cluster.gpu_mem_gb is None or cfg.task == "generate":
+    if cfg.cluster.gpu_mem_gb is None or not cfg.trains:
         return []
     planned = plan_config(cfg)
     if planned is None:

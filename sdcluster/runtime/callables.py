@@ -128,6 +128,15 @@ def _generate_body(cfg: Config, flag: PreemptionFlag, dist: DistInfo, array_task
     return Outcome(result.interrupted, result.generated + result.skipped, outputs)
 
 
+def _cache_body(cfg: Config, flag: PreemptionFlag, dist: DistInfo, array_task: int) -> Outcome:
+    from sdcluster.data.latent_array import build_piece
+
+    piece, count = array_task * dist.world_size + dist.rank, cfg.data.cache_shards * dist.world_size
+    result = build_piece(cfg, piece, count, should_stop=lambda: flag.raised)
+    outputs = {"latent_cache": str(result.entry)} if result.entry else {}
+    return Outcome(result.interrupted, result.rows, outputs)
+
+
 class TrainJob(submitit.helpers.Checkpointable):
     """Checkpointable so that submitit requeues it; its state lives in the run folder, not the pickle."""
 
@@ -151,3 +160,16 @@ class GenerateJob(submitit.helpers.Checkpointable):
         return run_job(
             self.cfg, "generate", lambda cfg, flag, dist: _generate_body(cfg, flag, dist, self.shard)
         )
+
+
+class CacheJob(submitit.helpers.Checkpointable):
+    """Task ``shard`` of a latent-cache build (``task=cache``, ``data.cache_shards`` tasks); rank r of W in
+    it encodes piece ``shard * W + r`` of ``shards * W``. A requeued task keeps the pieces it finished
+    (:mod:`sdcluster.data.latent_array`), so the resubmitted callable is simply itself."""
+
+    def __init__(self, cfg: Config, shard: int = 0) -> None:
+        self.cfg = cfg
+        self.shard = shard
+
+    def __call__(self) -> dict:
+        return run_job(self.cfg, "cache", lambda cfg, flag, dist: _cache_body(cfg, flag, dist, self.shard))

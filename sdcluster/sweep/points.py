@@ -48,7 +48,7 @@ def check_distinct_outputs(points: list[Point]) -> None:
     would train the same run concurrently; generation points likewise share an image folder."""
     seen: dict[Path, int] = {}
     for i, point in enumerate(points):
-        training = point.cfg.task in ("train", "train_generate")
+        training = point.cfg.trains
         folder = paths.run_dir(point.cfg) if training else paths.generation_dir(point.cfg)
         if folder in seen:
             j, values = seen[folder], swept_values(points)

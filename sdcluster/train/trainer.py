@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from sdcluster.config import Config, ConfigError
-from sdcluster.models.load import Components, load_components
+from sdcluster.models.load import Components, load_components, prepare_frozen
 from sdcluster.paths import RunPaths, run_paths
 from sdcluster.train.method import Method, make_method, method_class, weight_dtype
 from sdcluster.train.optimizers import make_optimizer
@@ -82,13 +82,7 @@ def _make_accelerator(cfg: Config, paths: RunPaths) -> Accelerator:
 
 
 def _prepare_models(cfg: Config, comps: Components, accelerator: Accelerator, method: Method) -> None:
-    dtype = weight_dtype(accelerator)
-    for frozen in comps.family.frozen_modules(comps):
-        frozen.requires_grad_(False)
-        frozen.eval()
-        cast = comps.family.vae_dtype(cfg.model, dtype) if frozen is comps.vae else dtype
-        # Only cast when mixed precision asks for it: a no-op cast still trips diffusers' fp32-module warning.
-        frozen.to(accelerator.device, dtype=cast) if cast else frozen.to(accelerator.device)
+    prepare_frozen(cfg.model, comps, accelerator.device, weight_dtype(accelerator))
     method.prepare(comps, accelerator)  # what is trained: the denoiser, or adapters (unfreezing nothing else)
     if cfg.train.gradient_checkpointing:
         comps.denoiser.enable_gradient_checkpointing()

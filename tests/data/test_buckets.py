@@ -278,7 +278,7 @@ def test_a_bucketed_entry_built_by_two_ranks_reads_as_one_built_alone(make_cfg, 
         tmp, entry = tmp_path / f"build{world}", tmp_path / f"entry{world}"
         tmp.mkdir()
         for rank in range(world):
-            latent_build._encode_share(plan, dataset, comps, 64, torch.device("cpu"), rank, world, tmp)
+            latent_build.encode_share(plan, dataset, comps, 64, torch.device("cpu"), rank, world, tmp)
         latent_cache.commit(tmp, entry, latent_cache.entry_manifest(plan, world))
         assert latent_cache.verify(entry, plan.key, latent_cache.CACHE_VERSION) is None
         entries[world] = latent_cache.CachedExamples(entry, 0, 64, True, False)  # budget 0: memory-mapped

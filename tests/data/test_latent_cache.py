@@ -149,8 +149,8 @@ def test_key_follows_captions_image_bytes_and_resolution(make_cfg, comps, tmp_pa
 def test_second_run_and_sweep_point_reuse_without_rebuilding(make_cfg, tmp_path, monkeypatch):
     folder = _copy_sample(tmp_path / "data", caption_suffix=f" {tmp_path.name}")
     builds = []
-    real = latent_build._encode_share
-    monkeypatch.setattr(latent_build, "_encode_share", lambda *a, **k: builds.append(1) or real(*a, **k))
+    real = latent_build.encode_share
+    monkeypatch.setattr(latent_build, "encode_share", lambda *a, **k: builds.append(1) or real(*a, **k))
     common = [*FAST, "train.max_steps=1", "data=imagefolder", f"data.path={folder}"]
     train(make_cfg([*common, f"output_root={tmp_path / 'a'}"]))
     assert len(builds) == 1
@@ -198,7 +198,7 @@ def test_shards_of_two_ranks_hold_what_one_rank_encodes(make_cfg, comps, tmp_pat
     tmp = tmp_path / "two-ranks"
     tmp.mkdir()
     for rank in (0, 1):
-        latent_build._encode_share(plan, dataset, comps, cfg.train.resolution, "cpu", rank, 2, tmp)
+        latent_build.encode_share(plan, dataset, comps, cfg.train.resolution, "cpu", rank, 2, tmp)
     from sdcluster.data.latent_cache import commit
 
     commit(tmp, tmp_path / "entry", latent_cache.entry_manifest(plan, 2))
@@ -276,3 +276,31 @@ def test_a_job_waits_for_the_job_building_its_entry_instead_of_encoding_again(ma
     assert f"latent cache: {entry}" in rest
     assert verify(entry, plan.key, latent_cache.CACHE_VERSION) is None
     assert not list(entry.parent.glob(f".tmp-{entry.name}-*")), "a build folder was left behind"
+
+
+def test_a_start_on_a_built_entry_reads_no_image_and_no_entry_byte(make_cfg, comps, tmp_path, monkeypatch):
+    """What makes a job's start flat in the number of images: the images' sha256 and headers come from the
+    facts index (a stat each), a memory-mapped entry's files are checked by size; an image changed since
+    is read again, and changes the key."""
+    from PIL import Image as PILImage
+
+    from sdcluster import sealed
+    from sdcluster.data import file_facts
+
+    folder = _copy_sample(tmp_path / "data", count=3, caption_suffix=" facts")
+    cfg = make_cfg(["data=imagefolder", f"data.path={folder}", "data.cache_memory_mb=0"])
+    built = _open(cfg, comps)
+    assert file_facts.index_file(cfg.cache_root, folder).is_file()
+    hashed, opened = [], []
+    real_hash, real_open = sealed.file_sha256, PILImage.open
+    monkeypatch.setattr(sealed, "file_sha256", lambda p: hashed.append(p) or real_hash(p))
+    monkeypatch.setattr(file_facts.atomic, "file_sha256", lambda p: hashed.append(p) or real_hash(p))
+    monkeypatch.setattr(PILImage, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    again = _open(cfg, comps)
+    assert again.entry == built.entry and not again.in_memory
+    assert hashed == [] and opened == []
+    first = folder / json.loads((folder / "metadata.jsonl").read_text().splitlines()[0])["file_name"]
+    PILImage.new("RGB", (70, 64), "red").save(first)  # another image under the same name
+    changed = _open(cfg, comps)
+    assert [Path(p).name for p in hashed if Path(p).parent == folder] == [first.name]
+    assert changed.entry != built.entry

@@ -194,3 +194,41 @@ def test_cli_prepare_reports_missing_captions(tmp_path: Path) -> None:
     assert "1 entries" in result.stdout
     assert "needs a caption: 11 (1).JPG" in result.stdout
     assert _run_cli("validate", str(tmp_path)).returncode == 1  # the caption is still empty
+
+
+def test_validate_decodes_a_large_folder_over_processes_and_says_the_same(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Above ``PARALLEL_FROM`` images the decoding is split over worker processes: the problems (which line,
+    which file, in file order) are exactly those of decoding in this process."""
+    from sdcluster.data import reader
+
+    count = reader.PARALLEL_FROM + 100
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(count):
+        name = f"{i:05d}.png"
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / name)
+        lines.append({"file_name": name, "text": "" if i == 7 else f"image {i}"})
+    write_metadata(tmp_path, lines)
+    for broken in (1500, count - 1):  # truncated: opens, fails on its pixels
+        path = tmp_path / f"{broken:05d}.png"
+        path.write_bytes(path.read_bytes()[:-40])
+    import concurrent.futures
+
+    pools = []
+    real = concurrent.futures.ProcessPoolExecutor
+    monkeypatch.setattr(reader.os, "sched_getaffinity", lambda pid: {0, 1})  # two CPUs, whatever runs this
+    monkeypatch.setattr(
+        concurrent.futures, "ProcessPoolExecutor", lambda *a, **k: pools.append(a) or real(*a, **k)
+    )
+    parallel = [(p.kind, p.line, p.file_name) for p in validate(tmp_path)]
+    assert pools and pools[0][0] >= 2  # the workers did decode
+    monkeypatch.setattr(reader, "PARALLEL_FROM", 10**9)
+    serial = [(p.kind, p.line, p.file_name) for p in validate(tmp_path)]
+    assert parallel == serial
+    assert [(kind, line) for kind, line, _ in parallel] == [
+        ("empty_caption", 8),
+        ("unreadable", 1501),
+        ("unreadable", count),
+    ]

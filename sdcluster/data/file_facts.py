@@ -1,0 +1,87 @@
+"""What the latent cache and the buckets need of each image file (its sha256 and upright size), read once
+per version of the file and kept in an index beside the cache.
+
+Every job start used to hash every training image (the cache key holds each file's bytes) and open every
+header (the crops, the buckets): at 100,000 images that is a read of the whole dataset before step 1, in
+every process of every task. A file's facts change only when the file does, so they are kept per folder in
+``<cache_root>/image_facts/<folder hash>.json``, keyed by name with the file's size and modification time
+(nanoseconds), the test ``make`` and ``rsync`` use: a start then stats each file and reads only the ones
+whose stat changed. A file rewritten in place within the same nanosecond and at the same size would keep
+its old facts; nothing in sdcluster writes images in place (generation writes a new file and renames it).
+
+The index is a cache: written atomically (a new file renamed over the old) by whichever process computed
+something new, never trusted beyond the stat that keys each entry, and safe to delete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdcluster import atomic
+from sdcluster.identity import stable_hash
+
+log = logging.getLogger("sdcluster")
+
+INDEX_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Facts:
+    """One image file's sha256 and its ``(width, height)`` once EXIF rotation is applied."""
+
+    sha256: str
+    upright: tuple[int, int]
+
+
+def index_file(cache_root: Path | str, folder: Path) -> Path:
+    """The index of ``folder``'s images (its absolute path names it: each dataset folder has its own)."""
+    return Path(cache_root) / "image_facts" / f"{stable_hash(str(folder.resolve()), 16)}.json"
+
+
+def _read(index: Path) -> dict[str, list]:
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != INDEX_VERSION:
+        return {}
+    files = data.get("files")
+    return files if isinstance(files, dict) else {}
+
+
+def facts_of(paths: Sequence[Path], cache_root: Path | str | None) -> list[Facts]:
+    """The facts of each file of ``paths`` (in order), from the index of its folder where its stat still
+    matches, else read from the file (and the index rewritten). ``cache_root`` None: no index, all read."""
+    from sdcluster.data.buckets import upright_size
+
+    by_folder: dict[Path, dict[str, list]] = {}
+    changed: set[Path] = set()
+    out: list[Facts] = []
+    for path in paths:
+        folder = path.parent
+        if folder not in by_folder:
+            by_folder[folder] = _read(index_file(cache_root, folder)) if cache_root else {}
+        known = by_folder[folder]
+        stat = os.stat(path)
+        entry = known.get(path.name)
+        if entry is None or entry[0] != stat.st_size or entry[1] != stat.st_mtime_ns:
+            entry = [stat.st_size, stat.st_mtime_ns, atomic.file_sha256(path), *upright_size(path)]
+            known[path.name] = entry
+            changed.add(folder)
+        out.append(Facts(entry[2], (entry[3], entry[4])))
+    for folder in changed if cache_root else ():
+        index = index_file(cache_root, folder)
+        try:
+            index.parent.mkdir(parents=True, exist_ok=True)
+            record = {"version": INDEX_VERSION, "folder": str(folder), "files": by_folder[folder]}
+            atomic.write_text(index, json.dumps(record, separators=(",", ":")))
+        except OSError as err:  # a read-only cache root: the facts were read all the same
+            log.warning(
+                "image facts index %s not written (%s): the next start reads the images again", index, err
+            )
+    return out
