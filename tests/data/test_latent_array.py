@@ -151,3 +151,23 @@ def test_a_killed_cache_job_keeps_its_finished_pieces_and_launch_finishes_the_en
     assert "every piece done; published" in logs
     entries = [p for p in Path(cfg.cache_root, "latents").iterdir() if not p.name.startswith(".")]
     assert len(entries) == 1 and verify(entries[0], entries[0].name, latent_array.CACHE_VERSION) is None
+
+
+def test_half_precision_training_reads_the_entry_a_cache_task_built(
+    make_cfg, tmp_path, tiny_model, monkeypatch, fresh_accelerate_state
+):
+    """The key holds the encoders' dtypes: the cache task casts them as training does under bf16, so the
+    training job encodes nothing (and a float32 build is another entry)."""
+    from sdcluster.train.loop import train
+
+    run = ["train.max_steps=1", "train.checkpoint_every=100", f"output_root={tmp_path / 'out'}"]
+    cfg = _cfg(make_cfg, tmp_path, extra=[*run, "train.mixed_precision=bf16"])
+    _link_model(cfg, tiny_model)
+    half = latent_array.build_piece(cfg, 0, 1)
+    assert half.published
+    assert latent_array.build_piece(_cfg(make_cfg, tmp_path, extra=run), 0, 1).entry != half.entry
+    builds = []
+    real = latent_build.encode_share
+    monkeypatch.setattr(latent_build, "encode_share", lambda *a, **k: builds.append(1) or real(*a, **k))
+    assert train(cfg).step == 1
+    assert builds == []
