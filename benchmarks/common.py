@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 CACHE_ROOT = Path(os.environ.get("SDCLUSTER_BENCH_CACHE", Path(tempfile.gettempdir()) / "sdcluster-bench"))
-RESOLUTION = {"tiny": 64, "small": 128, "small_sdxl": 256}
+RESOLUTION = {"tiny": 64, "small": 128, "small_sdxl": 256, "sdxl": 1024}
 SMALL_VERSION = "1"
 SMALL_SDXL_VERSION = "1"
 

@@ -59,6 +59,14 @@ TRAIN_VARIANTS = {
     ),
 }
 BASE_VARIANTS = ["fp16", "bf16", "bf16 + ema_offload"]
+# SDXL base at 1024 px, the seed's batch 1 x 4 with EMA (full) in bf16: DDP (every rank holds everything) and
+# FSDP on one GPU (nothing to shard across, so what FSDP itself adds: its gathered blocks and bookkeeping),
+# and diffusers' LoRA recipe (rank 4, no EMA).
+SDXL_VARIANTS = {
+    "sdxl lora": ("bf16", ["train.method=lora", "train.lora.rank=4", "train.use_ema=false"]),
+    "sdxl full, ddp": ("bf16", []),
+    "sdxl full, fsdp": ("bf16", ["train.strategy=fsdp"]),
+}
 
 
 def _device() -> Any:
@@ -79,33 +87,78 @@ def _peak_memory_gib() -> float:
 def run_train(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.true_size_phases import _step_times
     from sdcluster.plan.fit import plan_config
-    from sdcluster.runtime.step_events import stop_at
+    from sdcluster.runtime.step_events import observing, stop_at
     from sdcluster.train.loop import train
 
-    precision, extra = TRAIN_VARIANTS[variant]
+    sdxl = variant in SDXL_VARIANTS
+    precision, extra = SDXL_VARIANTS[variant] if sdxl else TRAIN_VARIANTS[variant]
     if args.dry_run:
         precision = (
             "bf16"  # fp16 needs a GPU; bf16 autocast runs (slowly) on CPU: the path is what is checked
         )
-    out = Path(args.workdir) / variant.replace(" ", "").replace("+", "-")
+    out = Path(args.workdir) / variant.replace(" ", "").replace("+", "-").replace(",", "-")
     total = args.warmup + args.steps
     cfg = compose(args.model, out, total, 2, precision, extra)
     planned = plan_config(cfg)  # the launch's prediction for this very config, made before the run
+
+    def row(gaps: list[float]) -> dict[str, Any]:
+        return {
+            "precision": precision,
+            "s_per_step": statistics.median(gaps),
+            "gaps": gaps,
+            "peak_gib": _peak_memory_gib(),
+            "images_per_step": cfg.train.batch_size * cfg.train.grad_accum,
+            "checkpointing": cfg.train.gradient_checkpointing,
+            "overrides": [f"train.mixed_precision={precision}", *extra],
+            "plan_gib": planned.plan.total / 1024**3 if planned else None,
+            "plan_parts_gib": {k: v / 1024**3 for k, v in planned.plan.parts.items()} if planned else None,
+        }
+
+    if sdxl:
+        # A full SDXL checkpoint is 40 GiB (weights, AdamW, EMA): its write is not what is measured, so the
+        # row is printed at the last step and the process ends there, before the preemption's save.
+        # Two peaks: up to the first step's end (loading, the latent cache's build, one step) and over the
+        # steps after it (what the plan predicts).
+        stamps: dict[int, float] = {}
+        peaks: dict[str, float] = {}
+
+        def last_step(unit: str, count: int, flag: object) -> None:
+            if unit != "step":
+                return
+            _synchronize()
+            stamps[count] = time.perf_counter()
+            if count == 1:
+                peaks["start_peak_gib"] = _peak_memory_gib()
+                _reset_peak()
+            if count == total:
+                peaks["steps_peak_gib"] = _peak_memory_gib()
+                gaps = [stamps[s] - stamps[s - 1] for s in range(args.warmup + 1, total + 1)]
+                print(json.dumps({**row(gaps), **peaks}))
+                sys.stdout.flush()
+                os._exit(0)
+
+        with observing(last_step):
+            train(cfg)
+        raise RuntimeError(f"training ended before step {total}")
     with stop_at(lambda step: step == total):
         result = train(cfg)
     times = _step_times(result.run_dir)
-    gaps = [times[s] - times[s - 1] for s in range(args.warmup + 1, total + 1)]
     shutil.rmtree(out, ignore_errors=True)  # a checkpoint of SD 1.x is 13 GiB
-    return {
-        "precision": precision,
-        "s_per_step": statistics.median(gaps),
-        "gaps": gaps,
-        "peak_gib": _peak_memory_gib(),
-        "images_per_step": cfg.train.batch_size * cfg.train.grad_accum,
-        "checkpointing": cfg.train.gradient_checkpointing,
-        "plan_gib": planned.plan.total / 1024**3 if planned else None,
-        "plan_parts_gib": {k: v / 1024**3 for k, v in planned.plan.parts.items()} if planned else None,
-    }
+    return row([times[s] - times[s - 1] for s in range(args.warmup + 1, total + 1)])
+
+
+def _reset_peak() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def run_flops(args: argparse.Namespace) -> dict[str, Any]:
@@ -263,11 +316,41 @@ def _rows(record: dict[str, Any], peak_tflops: float) -> tuple[list[list[str]], 
     return train_rows, gen_rows
 
 
+def _plan_error(r: dict[str, Any], measured: float) -> str:
+    planned = r.get("plan_gib")
+    return f"{planned:.1f} ({100 * (planned - measured) / measured:+.0f}%)" if planned else ""
+
+
+def _sdxl_rows(rows: dict[str, dict[str, Any]]) -> list[list[str]]:
+    table = []
+    for variant, r in rows.items():
+        if "failed" in r:
+            table.append([variant, "failed", "", "", "", ""])
+            continue
+        images = r["images_per_step"] / r["s_per_step"]
+        steps, start = r.get("steps_peak_gib", r["peak_gib"]), r.get("start_peak_gib")
+        start_text = f"{start:.1f}" if start is not None else ""
+        table.append(
+            [
+                variant,
+                f"{r['s_per_step']:.3f}",
+                f"{images:.2f}",
+                f"{steps:.1f}",
+                _plan_error(r, steps),
+                start_text,
+            ]
+        )
+    return table
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, small model, 2+1 steps, 2 images")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--model", choices=["sd1", "small", "tiny"], default="sd1")
+    parser.add_argument("--model", choices=["sd1", "small", "tiny", "sdxl", "small_sdxl"], default="sd1")
+    parser.add_argument(
+        "--sdxl", action="store_true", help="the SDXL rows only, added to the saved table (true-size SDXL)"
+    )
     parser.add_argument("--warmup", type=int, default=5, help="optimizer steps not timed")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps timed")
     parser.add_argument("--gen-steps", type=int, default=50)
@@ -280,17 +363,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--merge", action="store_true", help="add these training rows to the saved table (no generation)"
     )
+    parser.add_argument(
+        "--replan", action="store_true", help="only the plan column of the saved table again (no GPU needed)"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.sdxl:
+        args.model = "small_sdxl" if args.dry_run else "sdxl"
     if args.dry_run:
-        args.device, args.model, args.warmup, args.steps = "cpu", "small", 1, 1
+        args.device, args.model, args.warmup, args.steps = "cpu", args.model.replace("sd1", "small"), 1, 1
         args.gen_steps, args.prompts, args.per_prompt, args.batch = 2, 1, 2, 2
     if args.one:
         common.set_threads()
         runners = {"train": lambda: run_train(args.variant, args), "flops": lambda: run_flops(args)}
         runners["generate"] = lambda: run_generate(args.variant, args)
         print(json.dumps(runners[args.one]()))
+        return
+    if args.replan:
+        record = json.loads((Path(__file__).resolve().parent / "results" / "gpu_table.json").read_text())
+        replan(record, Path(args.workdir))
+        args.device, args.model = "cuda", "sdxl"  # the saved run's labels
+        _write("gpu_table", record, args)
         return
     if args.device == "cuda":
         import torch
@@ -305,6 +399,13 @@ def main(argv: list[str] | None = None) -> None:
     model_folder(args.model)  # built once, outside every measurement
     name = "gpu_table" if args.device == "cuda" else "gpu_table_dryrun"  # a CPU check is not the GPU table
     saved = Path(__file__).resolve().parent / "results" / f"{name}.json"
+    if args.sdxl:  # beside the SD 1.x rows as the saved run measured them
+        record = json.loads(saved.read_text())
+        record["sdxl_machine"] = common.machine()
+        record["sdxl_args"] = {"warmup": args.warmup, "steps": args.steps}
+        record["sdxl"] = {v: _child("train", v, args) for v in SDXL_VARIANTS}
+        _write(name, record, args)
+        return
     if args.merge:  # the FLOPs, the generation rows and the other variants as the saved run measured them
         record = json.loads(saved.read_text())
     else:
@@ -317,20 +418,55 @@ def main(argv: list[str] | None = None) -> None:
         record["generate"] = {
             v: _child("generate", v, args) for v in ("batch-1 loop", f"sdcluster batch {args.batch}")
         }
+    _write(name, record, args)
+
+
+def replan(record: dict[str, Any], workdir: Path) -> None:
+    """The plan column of every saved row again, from the activation table sdcluster ships now: each row's
+    config composed as it ran, on a folder of its model's published configs (all a plan reads)."""
+    from benchmarks.published_configs import write_config_folder
+    from sdcluster.plan.fit import plan_config
+
+    for size, published, rows, variants in (
+        ("sd1", "sd15", record["train"], TRAIN_VARIANTS),
+        ("sdxl", "sdxl", record.get("sdxl", {}), SDXL_VARIANTS),
+    ):
+        folder = write_config_folder(published, workdir / published)
+        for variant, r in rows.items():
+            if "failed" in r:
+                continue
+            cfg = compose(size, workdir, 2, 2, r["precision"], variants[variant][1], model_path=folder)
+            planned = plan_config(cfg)
+            r["plan_gib"] = planned.plan.total / 1024**3
+            r["plan_parts_gib"] = {k: v / 1024**3 for k, v in planned.plan.parts.items()}
+
+
+def _write(name: str, record: dict[str, Any], args: argparse.Namespace) -> None:
+    """Print the tables of ``record`` and save it (JSON and Markdown) as ``name``."""
     shutil.rmtree(args.workdir, ignore_errors=True)
+    saved = record["args"]
     train_rows, gen_rows = _rows(record, args.peak_tflops)
-    shape = "512 px" if args.model == "sd1" else f"{args.model} model"
-    timed = f"{args.steps} steps after {args.warmup} warm-up"
+    shape = "512 px" if saved["model"] == "sd1" else f"{saved['model']} model"
+    timed = f"{saved['steps']} steps after {saved['warmup']} warm-up"
     memory = "GPU" if args.device == "cuda" else "RSS"  # max_memory_allocated, or on CPU the process's peak
     text = common.print_table(
         f"Training, the seed's recipe ({shape}, batch 1 x 4, EMA), {timed} ({record['machine']})",
         ["variant", "s/step", f"peak {memory} GiB", "plan GiB", "model TFLOP/s", "MFU", "with recompute"],
         train_rows,
     )
-    images = f"{args.prompts} prompts x {args.per_prompt} images, {args.gen_steps} steps"
+    images = f"{saved['prompts']} prompts x {saved['per_prompt']} images, {saved['gen_steps']} steps"
     text += "\n" + common.print_table(
         f"Generation, {images}", ["variant", "images/s", "x loop", f"peak {memory} GiB"], gen_rows
     )
+    if "sdxl" in record:
+        shape = "1024 px" if args.model == "sdxl" else f"{args.model} model"
+        steps = f"{record['sdxl_args']['steps']} steps after {record['sdxl_args']['warmup']} warm-up"
+        text += "\n" + common.print_table(
+            f"Training SDXL ({shape}, batch 1 x 4, bf16, gradient checkpointing), {steps} "
+            f"({record['sdxl_machine']})",
+            ["variant", "s/step", "images/s", f"peak {memory} GiB", "plan GiB", "until step 1 GiB"],
+            _sdxl_rows(record["sdxl"]),
+        )
     record["table"] = text
     common.save(name, record)
     (Path(__file__).resolve().parent / "results" / f"{name}.md").write_text(text)

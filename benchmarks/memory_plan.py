@@ -150,6 +150,107 @@ def true_size_entries(resolutions: tuple[int, ...]) -> list[dict[str, Any]]:
     return entries
 
 
+GPU_MODELS = {"sd1_true": 512, "sdxl_true": 1024}
+"""The bare true-size UNets measured on a GPU, each at its native resolution."""
+GPU_BATCHES = (1, 2, 8)
+
+
+def measure_pass_cuda(denoiser: Any, cond: dict[str, Any], channels: int, resolution: int) -> dict[str, int]:
+    """:func:`measure_pass` on a GPU under bf16 autocast, as the training loop runs it, from the allocator's
+    counters: above the float32 weights (and ``bytes`` above the gradients too). Both hold whatever bf16
+    copies of the weights autocast made that are still alive there (the plan then counts none with the
+    weights); ``autocast_copies`` is their size if all were."""
+    import torch
+    import torch.nn.functional as F
+
+    params = list(denoiser.parameters())
+    copies = sum(p.numel() for p in params) * 2
+    batch = cond["encoder_hidden_states"].shape[0]
+    gen = torch.Generator("cuda").manual_seed(0)
+    latents = torch.randn(batch, channels, resolution // 8, resolution // 8, generator=gen, device="cuda")
+    timesteps = torch.full((batch,), 500, device="cuda")
+    denoiser.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    weights = torch.cuda.memory_allocated()  # with the inputs, which the loop also holds before the pass
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = denoiser(latents, timesteps, **cond, return_dict=False)[0]
+    forward = torch.cuda.memory_allocated() - weights
+    F.mse_loss(out.float(), latents).backward()
+    del out
+    torch.cuda.synchronize()
+    grads = sum(p.grad.untyped_storage().nbytes() for p in params if p.grad is not None)
+    peak = torch.cuda.max_memory_allocated() - weights
+    denoiser.zero_grad(set_to_none=True)
+    return {"bytes": max(peak - grads, 0), "forward": forward, "autocast_copies": copies}
+
+
+def gpu_entries() -> list[dict[str, Any]]:
+    """The ``precision: bf16`` entries: SD 1.x's and SDXL's published UNets (random weights, made on the GPU)
+    at 512 and 1024 px, gradient checkpointing off and on, micro-batches 1, 2 and 8, with conditioning of
+    their text encoders' shapes (SDXL's pooled embedding and six size numbers too)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from benchmarks.published_configs import SDXL_TEXT_2, SDXL_UNET
+    from benchmarks.true_size_model import SD1_TEXT, SD1_UNET
+
+    entries = []
+    for model, resolution in GPU_MODELS.items():
+        config = SD1_UNET if model == "sd1_true" else SDXL_UNET
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            unet = UNet2DConditionModel.from_config(config).train()
+        params = sum(p.numel() for p in unet.parameters())
+        tokens = SD1_TEXT["max_position_embeddings"]
+        for checkpointing in (False, True):
+            if checkpointing:
+                unet.enable_gradient_checkpointing()
+            else:
+                unet.disable_gradient_checkpointing()
+            measured = {}
+            for batch in GPU_BATCHES:
+                with torch.device("cuda"):
+                    cond: dict[str, Any] = {
+                        "encoder_hidden_states": torch.randn(batch, tokens, config["cross_attention_dim"])
+                    }
+                    if model == "sdxl_true":
+                        cond["added_cond_kwargs"] = {
+                            "text_embeds": torch.randn(batch, SDXL_TEXT_2["projection_dim"]),
+                            "time_ids": torch.tensor(
+                                [[resolution, resolution, 0, 0, resolution, resolution]] * batch
+                            ),
+                        }
+                try:
+                    measured[batch] = measure_pass_cuda(unet, cond, config["in_channels"], resolution)
+                except torch.cuda.OutOfMemoryError:  # the line is then drawn through the batches that fit
+                    print(f"{model} {resolution} px batch {batch}: out of memory", flush=True)
+                    unet.zero_grad(set_to_none=True)
+                del cond
+                torch.cuda.empty_cache()
+            family = "sd1" if model == "sd1_true" else "sdxl"
+            entry = _entry(
+                model, family, params, config["block_out_channels"][0], resolution, checkpointing, measured
+            )
+            copies = next(iter(measured.values()))["autocast_copies"]
+            entries.append({**entry, "precision": "bf16", "autocast_copies": copies})
+            print(json.dumps(entries[-1]), flush=True)
+        del unet
+        torch.cuda.empty_cache()
+    return entries
+
+
+def gpu_activations(args: argparse.Namespace) -> None:
+    """Measure the GPU entries and put them in the table in place of earlier ones (the CPU entries stay)."""
+    record = json.loads(TABLE.read_text())
+    kept = [e for e in record["entries"] if e.get("precision", "fp32") == "fp32"]
+    record["entries"] = kept + gpu_entries()
+    record["gpu_machine"] = common.machine()
+    TABLE.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {TABLE}")
+
+
 def _entry(
     model: str, family: str, params: int, width: int | None, resolution: int, ckpt: bool, measured: dict
 ) -> dict[str, Any]:
@@ -294,6 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     act = sub.add_parser("activations", help="measure the activation table the plan ships")
     act.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    sub.add_parser("gpu-activations", help="measure the table's bf16 entries (on a GPU)")
     cmp_ = sub.add_parser("compare", help="predicted vs measured peak")
     cmp_.add_argument("--models", nargs="+", default=list(PIPELINES), choices=PIPELINES)
     cmp_.add_argument("--variants", nargs="+", default=["full", "full+ckpt", "lora"])
@@ -304,6 +406,8 @@ def main(argv: list[str] | None = None) -> None:
     common.set_threads()
     if args.command == "activations":
         activations(args)
+    elif args.command == "gpu-activations":
+        gpu_activations(args)
     elif args.command == "compare":
         compare(args)
     else:

@@ -63,10 +63,18 @@ def sample_subset(dest: Path, images: int) -> Path:
 
 
 def compose(
-    size: str, out: Path, steps: int, gen_steps: int, precision: str = "no", extra=(), images: int = 0
+    size: str,
+    out: Path,
+    steps: int,
+    gen_steps: int,
+    precision: str = "no",
+    extra=(),
+    images: int = 0,
+    model_path: Path | None = None,
 ) -> Any:
     """``experiment=jeans_sd14`` composed as ``python -m sdcluster.launch`` composes it; on CPU (``no``) by
-    default, in ``precision`` (fp16, bf16) for :mod:`benchmarks.gpu_table`; ``extra``: more overrides."""
+    default, in ``precision`` (fp16, bf16) for :mod:`benchmarks.gpu_table`; ``extra``: more overrides;
+    ``model_path``: another folder of the same model (its published configs alone, to plan it)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -78,7 +86,7 @@ def compose(
         f"train.mixed_precision={precision}",  # fp16 needs a GPU: benchmarks.gpu_table measures it
         f"generate.mixed_precision={precision}",
         f"model.name={size}",
-        f"model.path={model_folder(size)}",
+        f"model.path={model_path or model_folder(size)}",
         f"output_root={out}",
         f"jobs_root={out / 'jobs'}",
         f"cache_root={out / 'cache'}",

@@ -25,6 +25,10 @@ def model_folder(size: str) -> Path:
         from benchmarks.true_size_model import ensure_sd1_model
 
         return ensure_sd1_model(common.CACHE_ROOT)
+    if size == "sdxl":
+        from benchmarks.true_size_sdxl import ensure_sdxl_model
+
+        return ensure_sdxl_model(common.CACHE_ROOT)
     return common.model_path(size)
 
 

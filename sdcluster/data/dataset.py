@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 from sdcluster.data.buckets import Bucket, Size, assign, cover_size, upright_size_of
 from sdcluster.data.metadata import METADATA_FILE, MetadataError, natural_key
 from sdcluster.data.reader import scan
+from sdcluster.data.sources import column
 from sdcluster.models.family import TIME_IDS
 
 
@@ -206,7 +207,7 @@ class TrainImages(torch.utils.data.Dataset):
             raise ValueError(
                 f"caption column {caption_column!r} not in dataset columns {dataset.column_names}"
             )
-        captions = list(dataset[caption_column])
+        captions = column(dataset, caption_column)  # one Arrow slice, not a row-by-row lazy column
         bad = [i for i, c in enumerate(captions) if not isinstance(c, str)]
         if bad:
             raise ValueError(f"rows {bad} have no caption string; run `python -m sdcluster.data validate`")

@@ -24,7 +24,6 @@ finds the entry complete and starts without encoding anything.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ from pathlib import Path
 
 from sdcluster import atomic, sealed
 from sdcluster.config import Config
-from sdcluster.data.latent_build import encode_share, share_rows
+from sdcluster.data.latent_build import encode_share, entry_lock, share_rows
 from sdcluster.data.latent_cache import CACHE_VERSION, Plan, commit, entry_manifest, make_plan, verify
 from sdcluster.paths import latent_cache_dir
 from sdcluster.progress import ProgressLog
@@ -122,9 +121,7 @@ def _publish_entry(plan: Plan, entry: Path, pieces: Path, count: int) -> bool:
 
     The pieces' files are hard-linked into the new entry (copied where the file system has no links), so
     they stay intact until the entry is published, and only then removed."""
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    with open(entry.parent / f".{entry.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a training job of the same key holds it while it builds
+    with entry_lock(entry):  # a training job of the same key holds it while it builds
         if verify(entry, plan.key, CACHE_VERSION) is None:
             return False  # another process published it (or a training job built it) first
         folders = [pieces / f"piece-{k}" for k in range(count)]
@@ -150,11 +147,11 @@ def build_piece(
     import torch
 
     from sdcluster.data.loader import training_rows
-    from sdcluster.models.load import load_components, prepare_frozen
+    from sdcluster.models.load import half_dtype, load_components, prepare_frozen
 
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the task's GPU (setup bound it)
-    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision)
+    half = half_dtype(cfg.train.mixed_precision)
     comps = load_components(cfg.model, cfg.cache_root, denoiser=False)
     prepare_frozen(cfg.model, comps, device, half)  # as training casts them: the key holds their dtypes
     dataset = training_rows(cfg)

@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -47,7 +47,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sdcluster")
 
-ENCODE_BATCH = 8  # images per VAE call while building: batched, yet small enough for 512 px on any GPU
+ENCODE_BATCH = 8  # captions per text-encoder call while building
+ENCODE_PIXELS = 8 * 512 * 512
+"""Pixels per VAE call while building: 8 images of 512 px. A fixed 8 images at 1024 px held 24 GiB of the
+VAE's float32 activations on an H200, more than an SDXL LoRA step itself (docs/performance.md#gpu-table)."""
+
+
+def encode_batch(resolution: int) -> int:
+    """Images per VAE call at ``resolution``: :data:`ENCODE_PIXELS` worth, 1 to 8."""
+    return max(1, min(8, ENCODE_PIXELS // (resolution * resolution)))
 
 
 def _share(count: int, rank: int, world: int) -> tuple[int, int]:
@@ -116,9 +124,10 @@ def encode_share(
     def posterior_batches(lo: int, hi: int) -> Iterable[torch.Tensor]:
         nonlocal done
         current, resized = -1, None
-        for start in range(lo, hi, ENCODE_BATCH):
+        step = encode_batch(res)
+        for start in range(lo, hi, step):
             pixels = []
-            for image, left, top, flip in plan.variants[start : min(start + ENCODE_BATCH, hi)]:
+            for image, left, top, flip in plan.variants[start : min(start + step, hi)]:
                 if image != current:
                     target = plan.target(image, res)  # its bucket's size, or the square
                     current, resized = image, resize_for_crop(dataset[image]["image"], target)
@@ -178,15 +187,35 @@ def _build(
 LOCK_POLL_S = 5.0
 
 
-def _try_lock(handle: Any, entry: Path) -> bool:
-    """Take the lock without waiting; True also where the file system has no locks (then go on without)."""
+def lock_file(entry: Path) -> Path:
+    """``.<key>.lock`` beside ``entry``: the one lock file training jobs (:func:`build_lock`) and
+    ``task=cache`` tasks (:func:`entry_lock`) take, so neither builds or publishes while the other does."""
+    return entry.parent / f".{entry.name}.lock"
+
+
+def _try_lock(handle: IO[str], entry: Path, wait: bool = False) -> bool:
+    """Take ``entry``'s lock on ``handle`` (open on :func:`lock_file`), waiting for it only with ``wait``:
+    False while another process holds it. True also where the file system has no locks (ENOLCK,
+    EOPNOTSUPP, ...): then go on without, as two builders of one entry at worst do the work twice and
+    :func:`~sdcluster.data.latent_cache.commit` keeps one result."""
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
     except OSError as err:  # ENOLCK and friends
-        log.warning("latent cache: cannot lock %s (%s); building without a lock", entry, err)
+        log.warning("latent cache: cannot lock %s (%s); going on without a lock", entry, err)
     return True
+
+
+@contextlib.contextmanager
+def entry_lock(entry: Path) -> Iterator[None]:
+    """Hold ``entry``'s lock in this process alone, waiting for it: for a ``task=cache`` process publishing
+    the entry (no other ranks to keep informed, unlike :func:`build_lock`). Without a lock, with a warning,
+    where the file system has none, as a training job goes on."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file(entry), "a") as handle:
+        _try_lock(handle, entry, wait=True)
+        yield  # closing the handle releases the lock
 
 
 @contextlib.contextmanager
@@ -203,7 +232,7 @@ def build_lock(entry: Path, acc: Accelerator) -> Iterator[None]:
     handle = None
     if acc.is_main_process:
         entry.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(entry.parent / f".{entry.name}.lock", "a")  # noqa: SIM115 (held across the yield)
+        handle = open(lock_file(entry), "a")  # noqa: SIM115 (held across the yield)
     try:
         waited = False
         while not rank0_decides(acc, _try_lock(handle, entry) if handle else None):

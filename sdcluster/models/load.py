@@ -243,6 +243,16 @@ def load_components(
     )
 
 
+def half_dtype(mixed_precision: str) -> torch.dtype | None:
+    """The half type ``mixed_precision`` (``no``/``fp16``/``bf16``) computes in, or None in float32.
+
+    The one mapping that training (:func:`~sdcluster.train.method.weight_dtype`) and a ``task=cache`` build
+    both cast by: the latent cache's key holds the frozen parts' dtypes, so the two must agree."""
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision)
+
+
 def prepare_frozen(model: ModelConfig, comps: Components, device: Any, half: torch.dtype | None) -> None:
     """The frozen parts (VAE, text encoders) as training runs them: eval, no gradients, on ``device``, in
     the ``half`` type mixed precision computes in (the family may keep its VAE in float32). The latent-cache

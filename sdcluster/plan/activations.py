@@ -13,11 +13,12 @@ at micro-batch 1 and 2, two numbers (measured on CPU in float32 as the sum of ev
 
 The scaling rule for what was not measured, stated where it is applied:
 
-- **micro-batch**: linear through the two measured batches, ``fixed + batch x per_image`` (the fixed part
-  floored at 0). Exact where activations dominate the gradients (a real model at its resolution without
-  gradient checkpointing); where they are of the same size the peak moves from the end of the backward pass
-  to its start as the batch grows, and the excess grows faster than linearly from batch 1 to 2 (the tiny
-  model at 128 px: 0.65 MB, then 5.9 MB): beyond the measured batches the line is an estimate.
+- **micro-batch**: a measured batch as measured; another on the line through the measured batches around it
+  (beyond them, through the nearest two), never below 0. Where activations dominate the gradients (a real
+  model at its resolution without gradient checkpointing) they are linear in the batch; where they are of
+  the same size the peak moves from the end of the backward pass to its start as the batch grows, and the
+  excess grows faster than linearly (the tiny model at 128 px: 0.65 MB at batch 1, then 5.9 MB; SDXL at
+  1024 px on a GPU: 3.4, 11.6, then 60 GiB at batch 8): beyond the measured batches the line is an estimate.
 - **resolution**: between two measured resolutions of the same model, a power law through them
   (``bytes ~ resolution^k``, ``k`` fitted to the two, applied from the nearer one). Outside the measured
   range (above the largest, below the smallest, or with one resolution measured): ``k = 2``, linear in
@@ -37,12 +38,25 @@ The scaling rule for what was not measured, stated where it is applied:
   machine: 10 GiB of weights and 10 GiB of gradients) is estimated from SD 1.x's true-size entries (the
   same first block, 320 channels), not from the tiny SDXL model. A family with no entry at all gets 0
   and says so.
-- **mixed precision**: not scaled. The table is float32; autocast keeps some activations in half precision,
-  so under fp16/bf16 the figure is an upper bound.
+- **mixed precision**: entries measured on a GPU under bf16 autocast (``"precision": "bf16"``, written by
+  ``python -m benchmarks.memory_plan gpu-activations``: ``torch.cuda.max_memory_allocated`` less the float32
+  weights and the gradients) serve fp16 and bf16 runs of their family; the float32 CPU entries serve the
+  rest, and half-precision runs of a family with no GPU entry, for which they are an upper bound (autocast
+  keeps activations in half precision, and the GPU's attention kernels keep no attention maps). A GPU entry
+  holds the half-precision copies of the weights that autocast made and that are alive at its peak, so the
+  plan then counts no copies with the weights (:attr:`Activations.holds_autocast_copies`). Autocast keeps
+  every copy it made until its context ends, after the forward: without gradient checkpointing they are
+  saved for the backward anyway, and ``forward`` (read after the context) holds them; with it they are
+  not, and the forward's end inside the context holds them above ``forward``
+  (:attr:`Activations.unsaved_copies`). That is a full fine-tune's peak under gradient accumulation, whose
+  earlier micro-steps' gradients are alive in the forward (a 1024 px SDXL step: measured 55.8 GiB, 5 GiB of
+  it those copies). A LoRA step makes none (its frozen base already is in the half type): without
+  checkpointing they are taken off its figures.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -65,16 +79,24 @@ class Activations:
     """Where the number comes from: measured, scaled from a measurement, or not measured at all."""
     forward: int | None = None
     """What the forward leaves alive above the weights (the table's ``forward``); None: not in the table."""
+    holds_autocast_copies: bool = False
+    """The figures hold autocast's half-precision copies of the weights (a GPU entry, a full fine-tune)."""
+    unsaved_copies: int = 0
+    """Autocast's copies alive at the forward's end inside its context but not saved for the backward, so not
+    in ``forward`` (a GPU entry of a full fine-tune with gradient checkpointing)."""
 
     def above_gradients(self, gradients: int, held_in_forward: int) -> Activations:
         """What a micro-step needs above weights and ``gradients``: the backward pass's excess, or, when the
         forward's end is higher (LoRA: small gradients), what the forward saved less the gradients not yet
         made then (all but ``held_in_forward``: those of earlier micro-steps of an accumulation, and
         DDP's buckets, which live across steps)."""
-        if self.forward is None or self.forward + held_in_forward - gradients <= self.bytes:
+        if self.forward is None:
             return self
-        at_forward = self.forward + held_in_forward - gradients
-        return Activations(at_forward, f"at the forward's end; {self.basis}", self.forward)
+        at_forward = self.forward + self.unsaved_copies + held_in_forward - gradients
+        if at_forward <= self.bytes:
+            return self
+        basis = f"at the forward's end; {self.basis}"
+        return dataclasses.replace(self, bytes=at_forward, basis=basis)
 
 
 @cache
@@ -85,9 +107,16 @@ def _entries(path: Path = TABLE) -> tuple[dict[str, Any], ...]:
 
 
 def _at_batch(entry: dict[str, Any], batch: int, key: str = "bytes") -> float:
-    one, two = entry[key]["1"], entry[key]["2"]
-    per_image = max(two - one, 0)
-    return max(one - per_image, 0) + batch * per_image
+    """A measured micro-batch's bytes as measured; another's on the line through the two measured batches
+    around it (1 and 2 on CPU; 1, 2 and 8 on a GPU), or the nearest two beyond them (never decreasing)."""
+    measured = sorted((int(b), v) for b, v in entry[key].items())
+    exact = [v for b, v in measured if b == batch]
+    if exact:
+        return exact[0]
+    above = next((k for k, (b, _) in enumerate(measured) if b > batch), len(measured) - 1)
+    (b0, v0), (b1, v1) = measured[max(above - 1, 0)], measured[max(above, 1)]
+    per_image = max((v1 - v0) / (b1 - b0), 0)
+    return max(v0 + (batch - b0) * per_image, 0)
 
 
 def _at_resolution(points: list[tuple[int, float]], resolution: int) -> tuple[float, str]:
@@ -128,10 +157,16 @@ def activation_bytes(
     resolution: int,
     batch: int,
     checkpointing: bool,
+    half: bool = False,
+    adapters: bool = False,
     path: Path = TABLE,
 ) -> Activations:
-    """Activation bytes of one micro-step of ``batch`` images at ``resolution`` for this denoiser."""
+    """Activation bytes of one micro-step of ``batch`` images at ``resolution`` for this denoiser; ``half``:
+    under fp16/bf16 autocast, where its family's GPU entries apply; ``adapters``: a LoRA step, whose frozen
+    base makes no autocast copies (see the module)."""
     same = [e for e in _entries(path) if e["gradient_checkpointing"] == checkpointing]
+    on_gpu = [e for e in same if e.get("precision") == "bf16" and e["family"] == family]
+    same = on_gpu if half and on_gpu else [e for e in same if e.get("precision", "fp32") == "fp32"]
     if not any(e["family"] == family for e in same):
         return Activations(0, "not measured for this family: the plan is a lower bound")
     nearest = _nearest(same, family, denoiser_params, width)
@@ -146,7 +181,18 @@ def activation_bytes(
         points = [(e["resolution"], _at_batch(e, batch, key)) for e in model]
         found[key], basis_of_key = _at_resolution(points, resolution)
         basis = basis or basis_of_key
+    if same is on_gpu:
+        basis = f"{basis} on a GPU in bf16"
     if estimated:
         basis = f"estimated from the measured {nearest['model']} ({basis}, x{ratio:.2f} channels)"
     forward = round(found["forward"] * ratio) if "forward" in found else None
-    return Activations(round(found["bytes"] * ratio), basis, forward)
+    total = round(found["bytes"] * ratio)
+    if same is not on_gpu:
+        return Activations(total, basis, forward)
+    copies = nearest["autocast_copies"] * denoiser_params // nearest["denoiser_params"]
+    if not adapters:
+        unsaved = copies if checkpointing else 0
+        return Activations(total, basis, forward, holds_autocast_copies=True, unsaved_copies=unsaved)
+    if not checkpointing:  # the copies a full pass saved for its backward, which LoRA's half base never makes
+        total, forward = max(total - copies, 0), None if forward is None else max(forward - copies, 0)
+    return Activations(total, basis, forward)

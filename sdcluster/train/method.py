@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 
 from sdcluster.config import Config
 from sdcluster.models.family import Family
+from sdcluster.models.load import half_dtype
 from sdcluster.train.loss import model_inputs
 
 if TYPE_CHECKING:
@@ -41,8 +42,8 @@ log = logging.getLogger("sdcluster")
 
 
 def weight_dtype(accelerator: Accelerator) -> torch.dtype | None:
-    """The half type mixed precision computes in, or None in float32."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
+    """The half type mixed precision computes in, or None in float32 (:func:`half_dtype`'s mapping)."""
+    return half_dtype(accelerator.mixed_precision)
 
 
 @runtime_checkable

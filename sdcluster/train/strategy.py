@@ -116,7 +116,11 @@ class FSDP:
         if not dist.is_initialized():
             # One process: accelerate starts no process group, but a mesh needs one. A one-rank FSDP run
             # shards nothing and writes the same checkpoint format, so it resumes a run of N ranks and back.
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            # FSDP's collectives run on the mesh's device: NCCL for CUDA tensors (gloo has no reduce-scatter
+            # for them), gloo for CPU ones (the checkpoint's own collectives).
+            cuda = accelerator.device.type == "cuda"
+            backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
             log.info("train.strategy=fsdp on one process: nothing is sharded (checkpoints re-shard on load)")
         return init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
 

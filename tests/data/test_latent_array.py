@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +20,7 @@ from sdcluster.data.latent_cache import CachedExamples, verify
 from sdcluster.data.loader import training_rows
 from sdcluster.models.load import load_components
 from tests.conftest import REPO, copy_sample
-from tests.data.test_latent_cache import ONE_PROCESS
+from tests.data.test_latent_cache import ONE_PROCESS, _capture
 
 
 def _cfg(make_cfg, tmp_path: Path, cache: str = "cache", extra: list[str] | None = None):
@@ -91,6 +94,33 @@ def test_a_damaged_finished_piece_is_encoded_again(make_cfg, tmp_path, tiny_mode
     posterior.write_bytes(bytes(data))
     assert latent_array.build_piece(cfg, 0, 2).encoded
     assert latent_array.build_piece(cfg, 1, 2).published
+
+
+def test_a_cache_task_publishes_where_the_file_system_has_no_locks(
+    make_cfg, tmp_path, tiny_model, monkeypatch, caplog
+):
+    """``flock`` failing with ENOLCK (an NFS mount without a lock daemon): the cache task publishes without
+    the lock, with a warning, as a training job builds without it; and the two ask for the same lock file,
+    so where locks do work a cache task never publishes while a training job builds that entry."""
+    locked: list[Path] = []
+
+    def no_locks(handle, operation: int) -> None:
+        locked.append(Path(handle.name))
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    # Only the cache's own locks fail: datasets and the hub take theirs through filelock, which probes too.
+    fake = SimpleNamespace(flock=no_locks, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB)
+    monkeypatch.setattr(latent_build, "fcntl", fake)
+    _capture(caplog)
+    cfg = _cfg(make_cfg, tmp_path)
+    _link_model(cfg, tiny_model)
+    result = latent_array.build_piece(cfg, 0, 1)
+    assert result.published
+    assert verify(result.entry, result.entry.name, latent_array.CACHE_VERSION) is None
+    assert "going on without a lock" in caplog.text
+    with latent_build.build_lock(result.entry, ONE_PROCESS):  # the training job's lock on the same entry
+        pass
+    assert locked == [result.entry.parent / f".{result.entry.name}.lock"] * 2  # cache task, training job
 
 
 @pytest.mark.slow

@@ -304,3 +304,11 @@ def test_a_start_on_a_built_entry_reads_no_image_and_no_entry_byte(make_cfg, com
     changed = _open(cfg, comps)
     assert [Path(p).name for p in hashed if Path(p).parent == folder] == [first.name]
     assert changed.entry != built.entry
+
+
+def test_the_vae_encodes_as_many_pixels_per_call_as_8_images_of_512_px() -> None:
+    """8 images of 1024 px in one float32 VAE call held 24 GiB on a GPU: the build keeps the pixels per call
+    of 8 at 512 px, from 8 images at 512 px and below down to 1 at 1448 px and above."""
+    from sdcluster.data.latent_build import encode_batch
+
+    assert [encode_batch(r) for r in (64, 512, 768, 1024, 1448, 2048)] == [8, 8, 3, 2, 1, 1]
