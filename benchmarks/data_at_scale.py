@@ -8,7 +8,9 @@ a program of 100 prompts: the point is the bookkeeping, not the pictures) writes
 ``metadata.jsonl``; the smaller sizes are its first N images (hard links and the first N metadata lines).
 For each size, each step a fresh process, as a user runs it:
 
-1. ``python -m sdcluster.data validate DIR``: wall time (it decodes every image, over the CPUs it has).
+1. ``python -m sdcluster.data validate DIR``: wall time (it decodes every image, over the CPUs it has);
+   then, after the cache's build, ``python -m sdcluster.launch launch.dry_run=true`` twice: a launch's checks
+   before the queue, decoding every image the first time and only the new or changed ones the second.
 2. ``python -m sdcluster.launch task=cache data.cache_shards=S``: the latent cache as an array of S tasks
    (the local executor runs them one after another, so per-process throughput is what it measures):
    encoded rows per second of one process (from the pieces' own log lines), the entry's bytes per image.
@@ -99,6 +101,20 @@ def timed_validate(folder: Path) -> float:
     return time.perf_counter() - started
 
 
+def timed_launch_checks(folder: Path, root: Path) -> list[float]:
+    """``launch.dry_run=true`` of a training job twice, each a fresh process: every check a launch makes
+    before the queue; the data check decodes every image the first time (its memo removed) and only new or
+    changed ones the second (:class:`sdcluster.data.file_facts.DecodedMemo`)."""
+    for memo in (root / "cache" / "image_facts").glob("*.decoded.json"):
+        memo.unlink()
+    seconds = []
+    for _ in range(2):
+        started = time.perf_counter()
+        _launch(["task=train", f"data.path={folder}", "launch.dry_run=true"], root)
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
 def cache_build(folder: Path, root: Path) -> dict[str, Any]:
     """task=cache over SHARDS tasks; rows/s of each piece (its log's first and last progress line)."""
     started = time.perf_counter()
@@ -184,13 +200,16 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="validate and start again on what a full run left in --root, keeping its cache-build numbers",
     )
+    parser.add_argument(
+        "--launch-checks", action="store_true", help="with --remeasure: only the launch's checks again"
+    )
     args = parser.parse_args(argv)
     root = args.root
     if args.child:
         child(args.started, args.child, root, args.override)
         return
     if args.remeasure:
-        remeasure(args.sizes, root)
+        remeasure(args.sizes, root, only_launch=args.launch_checks)
         return
     root.mkdir(parents=True, exist_ok=True)
     made = root / "made.json"
@@ -208,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         size_root = root / f"run-{n}"
         entry: dict[str, Any] = {"validate_s": timed_validate(folder)}
         entry["cache"] = cache_build(folder, size_root)
+        entry["launch_check_s"] = timed_launch_checks(folder, size_root)
         entry["starts"] = [start(folder, size_root, n) for _ in range(2)]
         entry["mapped_starts"] = [start(folder, size_root, n, ["data.cache_memory_mb=0"]) for _ in range(2)]
         results["sizes"][n] = entry
@@ -216,15 +236,19 @@ def main(argv: list[str] | None = None) -> None:
     table(json.loads(json.dumps(results)))
 
 
-def remeasure(sizes: list[int], root: Path) -> None:
-    """Validate and the starts again on the datasets and caches a full run left in ``root`` (after a change
-    to the start path), keeping that run's generation and cache-build numbers; the table as :func:`main`."""
+def remeasure(sizes: list[int], root: Path, only_launch: bool = False) -> None:
+    """Validate, the launch's checks and the starts again on the datasets and caches a full run left in
+    ``root`` (after a change to the start path), keeping that run's generation and cache-build numbers;
+    ``only_launch``: the launch's checks alone. The table as :func:`main`."""
     path = Path(__file__).resolve().parent / "results" / "data_at_scale.json"
     results = json.loads(path.read_text())
     results["machine"] = common.machine()
     for n in sorted(sizes):
         entry = results["sizes"][str(n)]
         folder, size_root = root / f"data-{n}", root / f"run-{n}"
+        entry["launch_check_s"] = timed_launch_checks(folder, size_root)
+        if only_launch:
+            continue
         entry["validate_s"] = timed_validate(folder)
         entry["starts"] = [start(folder, size_root, n) for _ in range(2)]
         entry["mapped_starts"] = [start(folder, size_root, n, ["data.cache_memory_mb=0"]) for _ in range(2)]
@@ -243,6 +267,7 @@ def table(results: dict[str, Any]) -> None:
             [
                 f"{int(n):,}",
                 f"{entry['validate_s']:.1f}",
+                "{:.1f} / {:.1f}".format(*entry["launch_check_s"]) if "launch_check_s" in entry else "-",
                 f"{min(rates):.0f}-{max(rates):.0f}" if rates else "?",
                 f"{cache['wall_s']:.0f}",
                 f"{cache['bytes_per_image'] / 1024:.1f}",
@@ -255,6 +280,7 @@ def table(results: dict[str, Any]) -> None:
         [
             "images",
             "validate s",
+            "launch check s (first / again)",
             f"cache rows/s per process ({SHARDS} pieces)",
             "cache build wall s",
             "cache KiB per image",

@@ -29,7 +29,8 @@ def check_data(cfg: Config) -> None:
             f"data.path: {folder} is not a folder. Fix: data=imagefolder data.path=DIR (images + "
             "metadata.jsonl; make one with python -m sdcluster.data prepare DIR)"
         )
-    problems = validate(folder, max_pixels=cfg.data.max_pixels, caption_column=cfg.data.caption_column)
+    # an image that decoded cleanly at an earlier launch and has not changed is not decoded again
+    problems = validate(folder, cfg.data.max_pixels, cfg.data.caption_column, cfg.cache_root)
     if not problems:
         from sdcluster.data.metadata import read_metadata
         from sdcluster.data.split import holdout_split

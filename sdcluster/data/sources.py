@@ -162,7 +162,8 @@ def image_files(cfg: Config, rows: Any) -> list[Path]:
 
 def source_problems(cfg: Config) -> list[tuple[str, Problem]]:
     """Every problem of every source, as ``(the source's name, problem)``: its folder, captions and images
-    (:func:`~sdcluster.data.metadata.validate`, decoding every image) and a holdout that leaves it empty."""
+    (:func:`~sdcluster.data.metadata.validate`, decoding every image not decoded cleanly before, unchanged
+    since) and a holdout that leaves it empty."""
     from sdcluster.data.metadata import validate
 
     found = []
@@ -174,7 +175,7 @@ def source_problems(cfg: Config) -> list[tuple[str, Problem]]:
             msg = f"{source.path} is not a folder; fix its path (a folder of images + metadata.jsonl)"
             found.append((label, Problem("no_folder", msg)))
             continue
-        problems = validate(source.path, cfg.data.max_pixels, source.caption_column)
+        problems = validate(source.path, cfg.data.max_pixels, source.caption_column, cfg.cache_root)
         if not problems:
             count = len(scan(Path(source.path), source.caption_column)[0])
             holdout = holdout_of(cfg.data, source)

@@ -289,3 +289,43 @@ def test_hub_sources_are_staged_at_launch_like_data_hub(hub, make_cfg, two, tmp_
 
     assert identity.run_hash(with_source(moved)) == identity.run_hash(staged)
     assert identity.run_hash(with_source(newer)) != identity.run_hash(staged)
+
+
+def test_a_launch_decodes_only_the_images_new_or_changed_since_its_last_clean_check(make_cfg, tmp_path):
+    """The launch's check remembers which file versions decoded cleanly (size and modification time, the
+    test make and rsync use) and decodes only the others, for one folder and for sources; ``data validate
+    DIR`` decodes every image; another ``data.max_pixels`` decodes everything again."""
+    import os
+
+    from sdcluster.cluster.preflight import check_data
+    from sdcluster.data.metadata import validate
+    from sdcluster.data.sources import source_problems
+
+    folder = copy_sample(tmp_path / "data")
+    one = make_cfg(["data=imagefolder", f"data.path={folder}"])
+    sources = make_cfg(_sources(f"{{name: all, path: {folder}}}"))
+    check_data(one)
+    image = folder / "11 (12).png"
+    stamp = image.stat()
+    data = image.read_bytes()
+    half = len(data) // 2
+    image.write_bytes(data[:half] + bytes(len(data) - half))  # same size, its pixel data zeroed
+    os.utime(image, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+
+    check_data(one)  # the same size and time: the version that decoded cleanly
+    assert source_problems(sources) == []  # the same memo: the same folder, the same limit
+    assert [(p.kind, p.file_name) for p in validate(folder)] == [("unreadable", "11 (12).png")]
+    other_limit = make_cfg(["data=imagefolder", f"data.path={folder}", "data.max_pixels=12345678"])
+    with pytest.raises(ConfigError, match=r"11 \(12\)\.png.*cannot be decoded"):
+        check_data(other_limit)
+
+    os.utime(image, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 1))  # touched: decoded again, and refused
+    assert [(p.kind, p.file_name) for _, p in source_problems(sources)] == [("unreadable", "11 (12).png")]
+    with pytest.raises(ConfigError, match=r"11 \(12\)\.png.*cannot be decoded"):
+        check_data(one)
+    image.write_bytes(data)  # mended: decoded once more, and remembered
+    check_data(one)
+    image.write_bytes(data[:half] + bytes(len(data) - half))
+    os.utime(image, ns=(stamp.st_atime_ns, image.stat().st_mtime_ns - 1))  # not the mended version's time
+    with pytest.raises(ConfigError, match=r"cannot be decoded"):
+        check_data(one)
