@@ -27,11 +27,12 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 VERSION = "1"
-_MARKER = "sdcluster-true-size.json"
+MARKER = "sdcluster-true-size.json"
 
 # CompVis/stable-diffusion-v1-4, unet/config.json
 SD1_UNET: dict[str, Any] = {
@@ -147,17 +148,39 @@ def write_padded_tokenizer(dest: Path, vocab_size: int = SD1_TEXT["vocab_size"])
     return tokenizer
 
 
+def padded_tokenizer() -> Any:
+    """:func:`write_padded_tokenizer`'s tokenizer, its files written to a folder removed afterwards (the
+    pipeline's ``save_pretrained`` writes them where they belong)."""
+    work = Path(tempfile.mkdtemp(prefix="tok-"))
+    try:
+        return write_padded_tokenizer(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def ensure_built(root: Path, name: str, build: Callable[[Path], Path]) -> Path:
+    """``root/models/name``, made by ``build`` first if it is not there (under a temporary name, then
+    renamed: an interrupted build leaves no half folder behind). ``build`` writes the marker file last."""
+    dest = root / "models" / name
+    if (dest / MARKER).is_file():
+        return dest
+    root.joinpath("models").mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".building-", dir=root / "models"))
+    try:
+        build(work / "model")
+        os.replace(work / "model", dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return dest
+
+
 def build_sd1_pipeline(dest: Path) -> Path:
     """Write the random-weight SD 1.x pipeline folder (seeded before each component: reproducible)."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    work = Path(tempfile.mkdtemp(prefix="tok-"))
-    try:
-        tokenizer = write_padded_tokenizer(work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    tokenizer = padded_tokenizer()
     # SD 1.x's text config carries the original CLIP training's ids (bos 0, eos 2, pad 1); transformers'
     # CLIPTextModel pools at the highest id when eos_token_id == 2 (its legacy rule), which with CLIP's
     # vocabulary is <|endoftext|> = 49407: the same position our padded ids give, so the literal values stay.
@@ -178,23 +201,13 @@ def build_sd1_pipeline(dest: Path) -> Path:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(dest, safe_serialization=True)
-    (dest / _MARKER).write_text(json.dumps({"version": VERSION}))
+    (dest / MARKER).write_text(json.dumps({"version": VERSION}))
     return dest
 
 
 def ensure_sd1_model(root: Path) -> Path:
-    """The SD 1.x folder under ``root``, built first if needed (under a temporary name, then renamed)."""
-    dest = root / "models" / f"sd1-true-size-v{VERSION}"
-    if (dest / _MARKER).is_file():
-        return dest
-    root.joinpath("models").mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".building-", dir=root / "models"))
-    try:
-        build_sd1_pipeline(work / "model")
-        os.replace(work / "model", dest)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return dest
+    """The SD 1.x folder under ``root``, built first if needed."""
+    return ensure_built(root, f"sd1-true-size-v{VERSION}", build_sd1_pipeline)
 
 
 def parameter_counts(folder: Path) -> dict[str, int]:

@@ -15,16 +15,13 @@ one (seconds, where the CPU takes minutes), written as safetensors, loaded like 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from benchmarks import common
+from benchmarks.true_size_model import MARKER
 
 VERSION = "1"
-_MARKER = "sdcluster-true-size.json"
 
 
 def build_sdxl_pipeline(dest: Path) -> Path:
@@ -39,13 +36,9 @@ def build_sdxl_pipeline(dest: Path) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from benchmarks.published_configs import CLIP_L_TEXT, SDXL_EULER, SDXL_TEXT_2, SDXL_UNET, SDXL_VAE
-    from benchmarks.true_size_model import write_padded_tokenizer
+    from benchmarks.true_size_model import padded_tokenizer
 
-    work = Path(tempfile.mkdtemp(prefix="tok-"))
-    try:
-        tokenizer = write_padded_tokenizer(work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    tokenizer = padded_tokenizer()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with device:  # initialised where they are made: 3.5 billion random numbers
         torch.manual_seed(0)
@@ -66,23 +59,15 @@ def build_sdxl_pipeline(dest: Path) -> Path:
         scheduler=EulerDiscreteScheduler.from_config(SDXL_EULER),
     )
     pipe.save_pretrained(dest, safe_serialization=True)
-    (dest / _MARKER).write_text(json.dumps({"version": VERSION}))
+    (dest / MARKER).write_text(json.dumps({"version": VERSION}))
     return dest
 
 
 def ensure_sdxl_model(root: Path = common.CACHE_ROOT) -> Path:
-    """The SDXL folder under ``root``, built first if needed (under a temporary name, then renamed)."""
-    dest = root / "models" / f"sdxl-true-size-v{VERSION}"
-    if (dest / _MARKER).is_file():
-        return dest
-    root.joinpath("models").mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".building-", dir=root / "models"))
-    try:
-        build_sdxl_pipeline(work / "model")
-        os.replace(work / "model", dest)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return dest
+    """The SDXL folder under ``root``, built first if needed."""
+    from benchmarks.true_size_model import ensure_built
+
+    return ensure_built(root, f"sdxl-true-size-v{VERSION}", build_sdxl_pipeline)
 
 
 if __name__ == "__main__":
