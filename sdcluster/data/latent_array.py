@@ -36,7 +36,15 @@ from pathlib import Path
 from sdcluster import atomic, sealed
 from sdcluster.config import Config
 from sdcluster.data.latent_build import encode_share, entry_lock, share_rows
-from sdcluster.data.latent_cache import CACHE_VERSION, Plan, commit, entry_manifest, make_plan, verify
+from sdcluster.data.latent_cache import (
+    CACHE_VERSION,
+    Plan,
+    commit,
+    entry_manifest,
+    make_plan,
+    pieces_dir,
+    verify,
+)
 from sdcluster.paths import latent_cache_dir
 from sdcluster.progress import ProgressLog
 from sdcluster.runtime import step_events
@@ -64,11 +72,6 @@ class PieceResult:
     encoded: bool  # False when a previous attempt had finished the piece
     published: bool  # this process published the entry
     interrupted: bool = False
-
-
-def pieces_dir(entry: Path, count: int) -> Path:
-    """Where the ``count`` pieces of ``entry`` wait for the last one (beside the entry: one file system)."""
-    return entry.parent / f".{entry.name}.pieces-{count}"
 
 
 def _piece_ok(folder: Path, content: bool = False) -> bool:
@@ -120,7 +123,7 @@ def _publish_entry(plan: Plan, entry: Path, pieces: Path, count: int) -> bool:
     """Under the entry's lock: publish the entry from ``count`` complete pieces; True when this call did.
 
     The pieces' files are hard-linked into the new entry (copied where the file system has no links), so
-    they stay intact until the entry is published, and only then removed."""
+    they stay intact until the entry is published, and only then removed (by ``commit``)."""
     with entry_lock(entry):  # a training job of the same key holds it while it builds
         if verify(entry, plan.key, CACHE_VERSION) is None:
             return False  # another process published it (or a training job built it) first
@@ -134,8 +137,7 @@ def _publish_entry(plan: Plan, entry: Path, pieces: Path, count: int) -> bool:
                     os.link(path, tmp / path.name)
                 except OSError:
                     shutil.copy2(path, tmp / path.name)
-        commit(tmp, entry, entry_manifest(plan, count))
-    shutil.rmtree(pieces, ignore_errors=True)
+        commit(tmp, entry, entry_manifest(plan, count))  # which removes the pieces
     return True
 
 
@@ -180,11 +182,20 @@ def build_piece(
         encoding = time.perf_counter()
         try:
             _encode_piece(cfg, plan, dataset, comps, device, piece, count, tmp, should_stop)
+            atomic.publish_dir(tmp, mine)
         except Stopped as stop:
             log.info("latent cache: %s; it is encoded again when the task runs again", stop)
             shutil.rmtree(tmp, ignore_errors=True)
             return PieceResult(entry, stop.done, encoded=True, published=False, interrupted=True)
-        atomic.publish_dir(tmp, mine)
+        except FileNotFoundError:
+            # The entry was published meanwhile (a training job's own build, or an array of another
+            # data.cache_shards), and its commit removed this array's pieces folder, this piece's included.
+            if verify(entry, plan.key, CACHE_VERSION) is not None:
+                raise
+            log.info(
+                "latent cache: %s was published while piece %d was encoded: not needed", entry, piece + 1
+            )
+            return PieceResult(entry, 0, encoded=False, published=False)
         took = time.perf_counter() - encoding
         log.info(
             "latent cache: piece %d of %d encoded: %d rows in %.1f s (%.1f rows/s; task began %.1f s ago)",

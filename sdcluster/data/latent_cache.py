@@ -57,7 +57,9 @@ pickled copy of the data.
 from __future__ import annotations
 
 import bisect
+import glob
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -127,9 +129,18 @@ def verify(entry: Path, key: str, version: int, checksum_up_to: int | None = Non
     return sealed.files_problem(entry, files, content=checksum_up_to is None or size <= checksum_up_to)
 
 
+def pieces_dir(entry: Path, count: int) -> Path:
+    """Where the ``count`` pieces of a ``task=cache`` array build of ``entry`` wait for the last one
+    (:mod:`sdcluster.data.latent_array`; beside the entry: one file system)."""
+    return entry.parent / f".{entry.name}.pieces-{count}"
+
+
 def commit(tmp: Path, entry: Path, manifest: dict[str, Any]) -> None:
     """Rank 0, once every rank wrote its shard into ``tmp``: checksums and manifest last, then one rename
-    publishes the entry, so readers see a complete entry or none."""
+    publishes the entry, so readers see a complete entry or none. Then every pieces folder of the entry
+    goes, whatever its count: an array stopped half-way, or launched again with another
+    ``data.cache_shards``, left a partial copy of the entry there (at 512 px and 100,000 images, gigabytes)
+    that nothing reads once the entry exists."""
     files = sealed.file_entries(tmp, tmp.glob("*.npy"))
     with open(tmp / ENTRY_MANIFEST, "w") as fh:
         json.dump({**manifest, "files": files}, fh)
@@ -137,6 +148,8 @@ def commit(tmp: Path, entry: Path, manifest: dict[str, Any]) -> None:
     # latent_build.build_lock) is kept: its readers may already have it open. An unusable one is replaced.
     good = verify(entry, manifest["key"], manifest["version"]) is None
     atomic.publish_dir(tmp, entry, replace=not good)
+    for pieces in entry.parent.glob(glob.escape(f".{entry.name}.pieces-") + "*"):
+        shutil.rmtree(pieces, ignore_errors=True)
 
 
 class ShardedRows:

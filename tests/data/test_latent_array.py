@@ -96,6 +96,39 @@ def test_a_damaged_finished_piece_is_encoded_again(make_cfg, tmp_path, tiny_mode
     assert latent_array.build_piece(cfg, 1, 2).published
 
 
+def test_publishing_an_entry_removes_every_pieces_folder_of_it_even_one_being_encoded(
+    make_cfg, tmp_path, tiny_model, caplog
+):
+    """An array of 2 stopped after its first piece, then one of 3 launched instead (another
+    data.cache_shards): when the entry is published, the partial copies of both go. A task of the first
+    array still encoding then (here: while its piece is encoded, the one-piece array publishes) ends without
+    an error and without its piece."""
+    _capture(caplog)
+    cfg = _cfg(make_cfg, tmp_path)
+    _link_model(cfg, tiny_model)
+    first = latent_array.build_piece(cfg, 0, 2)
+    other = latent_array.build_piece(cfg, 0, 3)
+    assert (
+        latent_array.pieces_dir(first.entry, 2).is_dir() and latent_array.pieces_dir(first.entry, 3).is_dir()
+    )
+
+    published: list = []
+
+    def meanwhile() -> bool:  # at the piece's first batch: another array of one piece publishes the entry
+        if not published:
+            published.append(latent_array.build_piece(cfg, 0, 1))
+        return False
+
+    late = latent_array.build_piece(cfg, 1, 2, should_stop=meanwhile)
+    assert (
+        published[0].published and verify(first.entry, first.entry.name, latent_array.CACHE_VERSION) is None
+    )
+    assert not late.encoded and not late.published and late.rows == 0
+    assert "was published while piece 2 was encoded: not needed" in caplog.text
+    leftovers = [p.name for p in first.entry.parent.iterdir() if ".pieces-" in p.name]
+    assert leftovers == [] and other.rows > 0
+
+
 def test_a_cache_task_publishes_where_the_file_system_has_no_locks(
     make_cfg, tmp_path, tiny_model, monkeypatch, caplog
 ):
