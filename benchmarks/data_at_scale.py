@@ -10,7 +10,8 @@ For each size, each step a fresh process, as a user runs it:
 
 1. ``python -m sdcluster.data validate DIR``: wall time (it decodes every image, over the CPUs it has);
    then, after the cache's build, ``python -m sdcluster.launch launch.dry_run=true`` twice: a launch's checks
-   before the queue, decoding every image the first time and only the new or changed ones the second.
+   before the queue, decoding every image the first time (no memo) and only the new or changed ones the
+   second (with the memo the cache build's launch recorded).
 2. ``python -m sdcluster.launch task=cache data.cache_shards=S``: the latent cache as an array of S tasks
    (the local executor runs them one after another, so per-process throughput is what it measures):
    encoded rows per second of one process (from the pieces' own log lines), the entry's bytes per image.
@@ -103,16 +104,23 @@ def timed_validate(folder: Path) -> float:
 
 def timed_launch_checks(folder: Path, root: Path) -> list[float]:
     """``launch.dry_run=true`` of a training job twice, each a fresh process: every check a launch makes
-    before the queue; the data check decodes every image the first time (its memo removed) and only new or
-    changed ones the second (:class:`sdcluster.data.file_facts.DecodedMemo`)."""
-    for memo in (root / "cache" / "image_facts").glob("*.decoded.json"):
-        memo.unlink()
-    seconds = []
-    for _ in range(2):
+    before the queue. The first without the memo of the images that decoded cleanly (moved aside: every
+    image is decoded), the second with it (:class:`sdcluster.data.file_facts.DecodedMemo`, which the cache
+    build's launch recorded: a dry run only reads it), as every launch after the first finds it."""
+    memos = list((root / "cache" / "image_facts").glob("*.decoded.json"))
+    assert memos, "the cache build's launch records the memo"
+
+    def dry_run() -> float:
         started = time.perf_counter()
         _launch(["task=train", f"data.path={folder}", "launch.dry_run=true"], root)
-        seconds.append(time.perf_counter() - started)
-    return seconds
+        return time.perf_counter() - started
+
+    for memo in memos:
+        memo.rename(memo.with_suffix(".aside"))
+    first = dry_run()
+    for memo in memos:
+        memo.with_suffix(".aside").rename(memo)
+    return [first, dry_run()]
 
 
 def cache_build(folder: Path, root: Path) -> dict[str, Any]:

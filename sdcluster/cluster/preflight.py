@@ -20,7 +20,10 @@ from sdcluster.runtime import ownership
 from sdcluster.train.tracking import check_installed
 
 
-def check_data(cfg: Config) -> None:
+def check_data(cfg: Config, remember: bool = False) -> None:
+    """Refuse a training data folder with problems, before the queue; ``remember``: a launch that submits
+    records which images decoded cleanly, so that the next launch decodes only new or changed ones (a dry
+    run writes nothing)."""
     from sdcluster.data.metadata import validate
 
     folder = Path(cfg.data.path)
@@ -30,7 +33,7 @@ def check_data(cfg: Config) -> None:
             "metadata.jsonl; make one with python -m sdcluster.data prepare DIR)"
         )
     # an image that decoded cleanly at an earlier launch and has not changed is not decoded again
-    problems = validate(folder, cfg.data.max_pixels, cfg.data.caption_column, cfg.cache_root)
+    problems = validate(folder, cfg.data.max_pixels, cfg.data.caption_column, cfg.cache_root, remember)
     if not problems:
         from sdcluster.data.metadata import read_metadata
         from sdcluster.data.split import holdout_split
@@ -117,10 +120,10 @@ def preflight(cfg: Config, dry_run: bool = False) -> tuple[Config, list[str]]:
         cfg = stage_data_for_launch(cfg, dry_run=dry_run)
         cfg = sources.stage_sources_for_launch(cfg, dry_run=dry_run)  # each hub source, as data=hub
         if cfg.data.sources:
-            sources.check_sources(cfg)  # every source, each named in its problems
+            sources.check_sources(cfg, remember=not dry_run)  # every source, each named in its problems
             unchecked += [f"the images of {s} (a dry run downloads none)" for s in sources.unstaged(cfg)]
         elif Path(cfg.data.path).is_dir() or not cfg.data.hub:
-            check_data(cfg)
+            check_data(cfg, remember=not dry_run)
         else:
             unchecked.append(f"the images of {cfg.data.name} (a dry run does not download a hub dataset)")
         if cfg.train.resume not in ("auto", "never"):

@@ -94,7 +94,8 @@ class DecodedMemo:
     Decoding every image is the whole cost of the check a launch makes before anything is queued (30 s at
     100,000 images on 2 cores, at every launch of every sweep member). A file that decoded cleanly and has
     not changed since (same size and modification time in nanoseconds, as for the facts above) decodes
-    cleanly again, so only new or changed files are decoded. Kept in ``<cache_root>/image_facts/<folder
+    cleanly again, so only new or changed files are decoded. Recorded by each launch that submits (a dry
+    run only reads it: it writes nothing). Kept in ``<cache_root>/image_facts/<folder
     hash>.decoded.json``, keyed by the name in the folder, for one ``max_pixels`` (another limit starts
     afresh: a file under one limit can be over another). ``python -m sdcluster.data validate DIR`` keeps
     no memo and decodes every image, for a user who wants every byte checked.

@@ -156,15 +156,16 @@ def validate(
     max_pixels: int = 40_000_000,
     caption_column: str = "text",
     cache_root: Path | str | None = None,
+    remember: bool = False,
 ) -> list[Problem]:
     """Every problem of a dataset folder, in file order, then the images the metadata does not list.
 
     It decodes every image completely, because a truncated JPEG opens fine and only fails on its pixels;
-    with ``cache_root`` (the launch) not those that decoded cleanly before, unchanged since (see
-    :func:`~sdcluster.data.reader.scan`).
+    with ``cache_root`` (the launch) not those that decoded cleanly before, unchanged since, and with
+    ``remember`` (a launch that submits) recording those that do now (:func:`~sdcluster.data.reader.scan`).
     """
     folder = Path(folder)
-    rows, problems = scan(folder, caption_column, max_pixels, cache_root)
+    rows, problems = scan(folder, caption_column, max_pixels, cache_root, remember)
     if any(p.kind in ("no_folder", "no_metadata") for p in problems):
         return problems
     listed = {normalize_name(r.file_name) for r in rows} | {

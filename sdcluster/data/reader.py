@@ -204,12 +204,14 @@ def scan(
     caption_column: str = "text",
     max_pixels: int | None = None,
     cache_root: Path | str | None = None,
+    remember: bool = False,
 ) -> tuple[list[Row], list[Problem]]:
     """The one reader of a dataset folder's metadata, for :func:`validate` and the job alike: the rows whose
     image may be read, in file order, and every problem of every line. Images are decoded in full only with
     ``max_pixels`` (validate); the job checks names and file contents without decoding. With ``cache_root``
     (the launch's check), an image that decoded cleanly before and has not changed is not decoded again
-    (:class:`~sdcluster.data.file_facts.DecodedMemo`)."""
+    (:class:`~sdcluster.data.file_facts.DecodedMemo`); ``remember``: record the ones decoded cleanly now (a
+    launch that submits; a dry run writes nothing)."""
     folder = Path(folder)
     if not folder.is_dir():
         return [], [Problem("no_folder", f"{folder} is not a folder; check data.path")]
@@ -235,7 +237,8 @@ def scan(
             to_decode.append((len(checked), line, entry["file_name"], path))
         checked.append((row, found))
     if to_decode:  # every image that passed the checks above, decoded in full (validate)
-        decoded = decode_all([folder / path for *_, path in to_decode], max_pixels, folder, cache_root)
+        paths = [folder / path for *_, path in to_decode]
+        decoded = decode_all(paths, max_pixels, folder, cache_root, remember)
         for (i, line, name, _), bad in zip(to_decode, decoded, strict=True):
             if bad is not None:
                 checked[i] = (None, [*checked[i][1], Problem(bad[0], bad[1], name, line)])
@@ -247,11 +250,15 @@ PARALLEL_FROM = 2_000  # images; fewer are decoded in this process (starting wor
 
 
 def decode_all(
-    paths: list[Path], max_pixels: int, folder: Path, cache_root: Path | str | None = None
+    paths: list[Path],
+    max_pixels: int,
+    folder: Path,
+    cache_root: Path | str | None = None,
+    remember: bool = False,
 ) -> list[tuple[str, str] | None]:
     """:func:`check_image` of each path, in order; with ``cache_root``, only of those its
-    :class:`~sdcluster.data.file_facts.DecodedMemo` does not know (the others are None), remembering the
-    ones that decode cleanly."""
+    :class:`~sdcluster.data.file_facts.DecodedMemo` does not know (the others are None), with ``remember``
+    recording the ones that decode cleanly."""
     if cache_root is None:
         return _decode(paths, max_pixels, folder)
     from sdcluster.data.file_facts import DecodedMemo
@@ -261,8 +268,9 @@ def decode_all(
     found: list[tuple[str, str] | None] = [None] * len(paths)
     for k, bad in zip(todo, _decode([paths[k] for k in todo], max_pixels, folder), strict=True):
         found[k] = bad
-    memo.remember([paths[k] for k in todo if found[k] is None])
-    memo.save()
+    if remember:
+        memo.remember([paths[k] for k in todo if found[k] is None])
+        memo.save()
     return found
 
 

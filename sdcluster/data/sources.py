@@ -160,10 +160,11 @@ def image_files(cfg: Config, rows: Any) -> list[Path]:
     return [folders[s] / name for s, name in zip(column(rows, SOURCE_COLUMN), names, strict=True)]
 
 
-def source_problems(cfg: Config) -> list[tuple[str, Problem]]:
+def source_problems(cfg: Config, remember: bool = False) -> list[tuple[str, Problem]]:
     """Every problem of every source, as ``(the source's name, problem)``: its folder, captions and images
     (:func:`~sdcluster.data.metadata.validate`, decoding every image not decoded cleanly before, unchanged
-    since) and a holdout that leaves it empty."""
+    since; ``remember``: record those decoded cleanly now, for a launch that submits) and a holdout that
+    leaves it empty."""
     from sdcluster.data.metadata import validate
 
     found = []
@@ -175,7 +176,7 @@ def source_problems(cfg: Config) -> list[tuple[str, Problem]]:
             msg = f"{source.path} is not a folder; fix its path (a folder of images + metadata.jsonl)"
             found.append((label, Problem("no_folder", msg)))
             continue
-        problems = validate(source.path, cfg.data.max_pixels, source.caption_column, cfg.cache_root)
+        problems = validate(source.path, cfg.data.max_pixels, source.caption_column, cfg.cache_root, remember)
         if not problems:
             count = len(scan(Path(source.path), source.caption_column)[0])
             holdout = holdout_of(cfg.data, source)
@@ -187,9 +188,9 @@ def source_problems(cfg: Config) -> list[tuple[str, Problem]]:
     return found
 
 
-def check_sources(cfg: Config) -> None:
+def check_sources(cfg: Config, remember: bool = False) -> None:
     """Refuse, before anything is queued, the sources :func:`source_problems` finds fault with."""
-    problems = source_problems(cfg)
+    problems = source_problems(cfg, remember)
     if not problems:
         return
     listing = "\n  ".join(f"{label}: {problem}" for label, problem in problems[:20])

@@ -292,9 +292,10 @@ def test_hub_sources_are_staged_at_launch_like_data_hub(hub, make_cfg, two, tmp_
 
 
 def test_a_launch_decodes_only_the_images_new_or_changed_since_its_last_clean_check(make_cfg, tmp_path):
-    """The launch's check remembers which file versions decoded cleanly (size and modification time, the
-    test make and rsync use) and decodes only the others, for one folder and for sources; ``data validate
-    DIR`` decodes every image; another ``data.max_pixels`` decodes everything again."""
+    """A launch that submits remembers which file versions decoded cleanly (size and modification time, the
+    test make and rsync use) and the next launch decodes only the others, for one folder and for sources; a
+    dry run reads that memo but writes nothing; ``data validate DIR`` decodes every image; another
+    ``data.max_pixels`` decodes everything again."""
     import os
 
     from sdcluster.cluster.preflight import check_data
@@ -304,7 +305,11 @@ def test_a_launch_decodes_only_the_images_new_or_changed_since_its_last_clean_ch
     folder = copy_sample(tmp_path / "data")
     one = make_cfg(["data=imagefolder", f"data.path={folder}"])
     sources = make_cfg(_sources(f"{{name: all, path: {folder}}}"))
-    check_data(one)
+    memos = Path(one.cache_root) / "image_facts"
+    check_data(one)  # a dry run's check
+    assert not list(memos.glob("*.decoded.json"))  # none where the folder is missing too
+    check_data(one, remember=True)  # a launch that submits
+    assert len(list(memos.glob("*.decoded.json"))) == 1
     image = folder / "11 (12).png"
     stamp = image.stat()
     data = image.read_bytes()
@@ -317,14 +322,14 @@ def test_a_launch_decodes_only_the_images_new_or_changed_since_its_last_clean_ch
     assert [(p.kind, p.file_name) for p in validate(folder)] == [("unreadable", "11 (12).png")]
     other_limit = make_cfg(["data=imagefolder", f"data.path={folder}", "data.max_pixels=12345678"])
     with pytest.raises(ConfigError, match=r"11 \(12\)\.png.*cannot be decoded"):
-        check_data(other_limit)
+        check_data(other_limit, remember=True)
 
     os.utime(image, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 1))  # touched: decoded again, and refused
     assert [(p.kind, p.file_name) for _, p in source_problems(sources)] == [("unreadable", "11 (12).png")]
     with pytest.raises(ConfigError, match=r"11 \(12\)\.png.*cannot be decoded"):
-        check_data(one)
+        check_data(one, remember=True)
     image.write_bytes(data)  # mended: decoded once more, and remembered
-    check_data(one)
+    check_data(one, remember=True)
     image.write_bytes(data[:half] + bytes(len(data) - half))
     os.utime(image, ns=(stamp.st_atime_ns, image.stat().st_mtime_ns - 1))  # not the mended version's time
     with pytest.raises(ConfigError, match=r"cannot be decoded"):
