@@ -299,17 +299,18 @@ def test_a_launch_decodes_only_the_images_new_or_changed_since_its_last_clean_ch
     import os
 
     from sdcluster.cluster.preflight import check_data
+    from sdcluster.data.file_facts import DecodedMemo
     from sdcluster.data.metadata import validate
     from sdcluster.data.sources import source_problems
 
     folder = copy_sample(tmp_path / "data")
     one = make_cfg(["data=imagefolder", f"data.path={folder}"])
     sources = make_cfg(_sources(f"{{name: all, path: {folder}}}"))
-    memos = Path(one.cache_root) / "image_facts"
+    memo = DecodedMemo(one.cache_root, folder, one.data.max_pixels).path  # this folder's (the root is shared)
     check_data(one)  # a dry run's check
-    assert not list(memos.glob("*.decoded.json"))  # none where the folder is missing too
+    assert not memo.exists()
     check_data(one, remember=True)  # a launch that submits
-    assert len(list(memos.glob("*.decoded.json"))) == 1
+    assert memo.is_file()
     image = folder / "11 (12).png"
     stamp = image.stat()
     data = image.read_bytes()
