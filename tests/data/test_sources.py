@@ -307,9 +307,9 @@ def test_a_launch_decodes_only_the_images_new_or_changed_since_its_last_clean_ch
     one = make_cfg(["data=imagefolder", f"data.path={folder}"])
     sources = make_cfg(_sources(f"{{name: all, path: {folder}}}"))
     memo = DecodedMemo(one.cache_root, folder, one.data.max_pixels).path  # this folder's (the root is shared)
-    check_data(one)  # a dry run's check
+    preflight(one, dry_run=True)
     assert not memo.exists()
-    check_data(one, remember=True)  # a launch that submits
+    preflight(one, dry_run=False)  # what a launch that submits checks first
     assert memo.is_file()
     image = folder / "11 (12).png"
     stamp = image.stat()
