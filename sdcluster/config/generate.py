@@ -143,7 +143,9 @@ class GenerateConfig(Schema):
     steps: int = 20
     """Denoising steps per image: more is slower and usually cleaner."""
     guidance_scale: float = 7.5
-    """Classifier-free guidance: higher follows the prompt more closely; 1 or less turns it off."""
+    """Classifier-free guidance: higher follows the prompt more closely; 1 or less turns it off. The model
+    option sets its family's own (``model=flux_dev``: 3.5, FLUX.1-dev's embedded guidance; ``sd35_*``: the
+    model card's); 7.5 is SD 1.x/SDXL's."""
     height: int | None = None
     """Image height in pixels, a multiple of 8; null: the model's default size."""
     width: int | None = None

@@ -130,3 +130,27 @@ def test_launch_rejects_missing_local_model(tmp_path):
 def test_cluster_must_be_appended_with_plus():
     with pytest.raises(ConfigCompositionException, match=r"\+cluster=slurm"):
         compose(["cluster=slurm"])
+
+
+@pytest.mark.parametrize(
+    ("model", "guidance", "steps"),
+    [
+        ("tiny", 7.5, 20),  # SD 1.x/SDXL: the schema's defaults, so their image folders keep their names
+        ("sdxl", 7.5, 20),
+        ("flux_dev", 3.5, 28),  # FluxPipeline's own defaults: guidance is the embedded value, not CFG
+        ("flux_schnell", 0.0, 4),  # distilled: no guidance, a few steps
+        ("sd35_medium", 4.5, 40),  # the model cards' settings
+        ("sd35_large", 3.5, 28),
+        ("tiny_flux", 3.5, 20),  # the test-size ones sample like their families, at the quick step count
+        ("tiny_sd3", 7.0, 20),
+    ],
+)
+def test_each_family_is_sampled_with_its_own_guidance_unless_told_otherwise(model, guidance, steps):
+    """7.5 classifier-free guidance, right for SD 1.x, burns a FLUX.1-dev image (its guidance is an embedded
+    value, 3.5 by default); the model option sets the family's generation defaults, and what the command line
+    or an experiment says still wins."""
+    gen = compose([f"model={model}"]).generate
+    assert (gen.guidance_scale, gen.steps) == (guidance, steps)
+    told = compose([f"model={model}", "generate.guidance_scale=2", "generate.steps=9"]).generate
+    assert (told.guidance_scale, told.steps) == (2.0, 9)
+    assert compose(["experiment=jeans_sd35_lora"]).generate.guidance_scale == 7.0  # the recipe's own value
