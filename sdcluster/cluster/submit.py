@@ -2,12 +2,13 @@
 
 ``launch`` is N=1, a sweep is N points; both come here. Which jobs a config means is one table,
 :data:`TASK_JOBS`: training (one job array over the points whose cluster settings agree), then per point its
-generation (an array of ``generate.shards`` tasks) waiting on that point's training. Each kind is sized on
-its own (``ClusterConfig.for_job``: a generation shard is not the training's nodes x GPUs). How a job is
-submitted, and how it waits, is the backend's (:mod:`sdcluster.cluster.backends`): a scheduler holds the
-dependency (and drops the generation job if its training fails); a foreground backend has no scheduler,
-so there every job is waited for before the next starts. Cluster facts come only from ``cfg.cluster``;
-nothing site-specific is written here.
+generation (an array of ``generate.shards`` tasks) waiting on that point's training. With
+``data.cache_shards`` > 1, training waits on the latent-cache arrays queued before it (one per entry its
+points read). Each kind is sized on its own (``ClusterConfig.for_job``: a generation shard is not the
+training's nodes x GPUs). How a job is submitted, and how it waits, is the backend's
+(:mod:`sdcluster.cluster.backends`): a scheduler holds the dependency (and drops the generation job if its
+training fails); a foreground backend has no scheduler, so there every job is waited for before the next
+starts. Cluster facts come only from ``cfg.cluster``; nothing site-specific is written here.
 """
 
 from __future__ import annotations
@@ -38,12 +39,13 @@ Say = Callable[[str], None]
 class PlannedJob:
     """One submission: a plain job (one element) or a job array (several), each element a point's callable."""
 
-    kind: str  # "train" or "generate"
+    kind: str  # "cache", "train" or "generate"
     cfgs: list[Config]
     fns: list[Any]
     points: list[int]  # the point each element belongs to
     after: str | None = None  # the kind of the job of the same point this one waits on (afterok)
     job_ids: list[str] = field(default_factory=list)
+    serves: list[int] = field(default_factory=list)  # a cache array before training: the points it builds for
 
     @property
     def is_array(self) -> bool:
@@ -59,13 +61,9 @@ def plan_jobs(cfgs: list[Config]) -> list[PlannedJob]:
     planned: list[PlannedJob] = []
     if "cache" in kinds:  # one array per point: its data.cache_shards tasks build one entry together
         for i, point in enumerate(cfgs):
-            cfg = dataclasses.replace(point, cluster=point.cluster.for_job("cache"))
-            shards = range(cfg.data.cache_shards)
-            planned.append(
-                PlannedJob(
-                    "cache", [cfg] * len(shards), [CacheJob(cfg, k) for k in shards], [i] * len(shards)
-                )
-            )
+            planned.append(_cache_array(point, [i]))
+    elif "train" in kinds:  # data.cache_shards > 1: the array builds the cache first, training waits on it
+        planned += [_cache_array(cfgs[group[0]], group) for group in _cache_groups(cfgs)]
     if "train" in kinds:
         groups: list[list[int]] = []  # one array per group of points whose cluster settings agree
         for i, cfg in enumerate(cfgs):
@@ -74,9 +72,13 @@ def plan_jobs(cfgs: list[Config]) -> list[PlannedJob]:
                 groups.append([i])
             else:
                 group.append(i)
+        chained = {point for job in planned for point in job.serves}
         for group in groups:
+            after = "cache" if chained & set(group) else None
             planned.append(
-                PlannedJob("train", [cfgs[i] for i in group], [TrainJob(cfgs[i]) for i in group], group)
+                PlannedJob(
+                    "train", [cfgs[i] for i in group], [TrainJob(cfgs[i]) for i in group], group, after
+                )
             )
     if "generate" in kinds:
         after = "train" if "train" in kinds else None
@@ -95,6 +97,37 @@ def plan_jobs(cfgs: list[Config]) -> list[PlannedJob]:
                 )
             )
     return planned
+
+
+def _cache_array(point: Config, serves: list[int]) -> PlannedJob:
+    """The ``data.cache_shards`` tasks that build ``point``'s latent-cache entry together (``task=cache``,
+    or ahead of the training of the points ``serves`` lists)."""
+    cfg = dataclasses.replace(point, cluster=point.cluster.for_job("cache"))
+    shards = range(cfg.data.cache_shards)
+    fns = [CacheJob(cfg, k) for k in shards]
+    return PlannedJob("cache", [cfg] * len(shards), fns, [serves[0]] * len(shards), serves=serves)
+
+
+def _cache_groups(cfgs: list[Config]) -> list[list[int]]:
+    """The training points whose latent cache is built by an array first (``data.cache`` on, with
+    ``data.cache_shards`` > 1), grouped by what the entry's key reads of the config: a learning-rate sweep
+    over one dataset builds its one entry once, not once per point, each array racing the others."""
+    groups: dict[str, list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        if cfg.data.cache and cfg.data.cache_shards > 1:
+            groups.setdefault(_cache_identity(cfg), []).append(i)
+    return list(groups.values())
+
+
+def _cache_identity(cfg: Config) -> str:
+    """What of the config a latent-cache entry's key holds (:func:`sdcluster.identity.latent_cache_key`),
+    and where the array writes it: points equal here build the same entry."""
+    from sdcluster.identity import stable_hash
+
+    t = cfg.train
+    parts = [cfg.model, cfg.data, t.resolution, t.center_crop, t.random_flip, t.mixed_precision]
+    parts += [cfg.cache_root, cfg.cluster.for_job("cache")]
+    return stable_hash([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts], 16)
 
 
 def _train_size(cfg: Config) -> Any:
@@ -130,11 +163,17 @@ def record_submission(cfg: Config, job: submitit.Job, kind: str, extra: dict[str
     return folder
 
 
-def _dependency(job: PlannedJob, point: int, planned: list[PlannedJob]) -> str | None:
+def _dependency(job: PlannedJob, points: list[int], planned: list[PlannedJob]) -> str | None:
+    """The job ids the elements of ``job`` for ``points`` wait on (afterok), ``:``-separated: a generation
+    array its point's training (that array element), a training job every task of each cache array it
+    reads (the whole array, by its base id)."""
     if job.after is None:
         return None
-    earlier = next(p for p in planned if p.kind == job.after and point in p.points)
-    return earlier.job_ids[earlier.points.index(point)]
+    if job.after == "cache":
+        arrays = [p for p in planned if p.kind == "cache" and set(p.serves) & set(points)]
+        return ":".join(p.job_ids[0].split("_")[0] for p in arrays)
+    earlier = next(p for p in planned if p.kind == job.after and points[0] in p.points)
+    return earlier.job_ids[earlier.points.index(points[0])]
 
 
 def _submit_one(job: PlannedJob, after_id: str | None, extra: dict[str, Any]) -> list[submitit.Job]:
@@ -196,8 +235,8 @@ def submit_configs(
             part = dataclasses.replace(
                 job, cfgs=[job.cfgs[k] for k in group], fns=[job.fns[k] for k in group]
             )
-            point = job.points[group[0]]
-            submitted = _submit_one(part, _dependency(job, point, planned), extra or {})
+            points = [job.points[k] for k in group]
+            submitted = _submit_one(part, _dependency(job, points, planned), extra or {})
             for sjob in submitted:
                 job.job_ids.append(sjob.job_id)
                 say(
@@ -230,8 +269,8 @@ def describe_dry_run(cfgs: list[Config], say: Say) -> None:
     """What :func:`submit_configs` would submit: each job (or array) with its exact sbatch script."""
     planned = plan_jobs(cfgs)
     for n, job in enumerate(planned):
-        points = sorted(set(job.points))
-        after = f"train job of point {points[0]}" if job.after else None
+        points = sorted(set(job.serves or job.points))
+        after = f"{job.after} job of point {points[0]}" if job.after else None
         shape = f"array of {len(job.cfgs)} tasks" if job.is_array else f"{len(job.cfgs)} job(s)"
         if job.kind == "generate":  # counted, not listed (sdcluster.generate.plan_count)
             from sdcluster.generate.plan_count import count_plan
@@ -242,7 +281,7 @@ def describe_dry_run(cfgs: list[Config], say: Say) -> None:
             + (f", afterok on the {after}" if after else "")
         )
         say(f"# each {'task' if job.is_array else 'job'} asks for {_resources(job.cfgs[0])}")
-        placeholder = f"TRAIN-JOB-OF-POINT-{points[0]}"  # the real id exists once training is queued
+        placeholder = f"{job.after or ''}-JOB-OF-POINT-{points[0]}".upper()  # real once that one is queued
         say(job_script(job, placeholder if after else None))
 
 

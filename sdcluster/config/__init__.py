@@ -84,7 +84,8 @@ class Config(Schema):
 
     task: str = "train_generate"
     """train, generate (from generate.model or a finished run), train_generate: train, then generate; or
-    cache: build the latent cache of the training data as an array of data.cache_shards tasks."""
+    cache: build the latent cache of the training data as an array of data.cache_shards tasks (a training
+    task with data.cache_shards > 1 queues that array first and waits on it)."""
     run_name: str | None = None
     """Names the run folder instead of model.name (the hash stays); null: the model's name."""
     output_root: str = "outputs"

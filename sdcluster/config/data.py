@@ -106,8 +106,9 @@ class DataConfig(Schema):
     cache_memory_mb: int = 1024
     """A latent cache up to this size is held in RAM, a larger one is memory-mapped; 0 reads it from disk."""
     cache_shards: int = 1
-    """With task=cache: the array tasks that build the latent cache, each a share of the images (a killed
-    or preempted build keeps the shares it finished); training jobs then read the finished cache."""
+    """The array tasks that build the latent cache, each a share of the images (a killed or preempted build
+    keeps the shares it finished): with task=cache alone, or above 1 queued ahead of a training job, which
+    waits on the array and reads the finished cache; 1 with a training task: the training job builds it."""
     holdout: int = 0
     """Images kept out of training for the validation loss; 0 trains on all (validates on training ones)."""
     max_samples: int | None = None

@@ -43,6 +43,12 @@ def index_file(cache_root: Path | str, folder: Path) -> Path:
     return Path(cache_root) / "image_facts" / f"{stable_hash(str(folder.resolve()), 16)}.json"
 
 
+def stamp(stat: os.stat_result) -> list[int]:
+    """What says a file is the version an index entry was made from: its size and modification time in
+    nanoseconds (the facts index and the decoded-images memo both key their entries by it)."""
+    return [stat.st_size, stat.st_mtime_ns]
+
+
 def _read(index: Path) -> dict[str, list]:
     try:
         data = json.loads(index.read_text())
@@ -67,10 +73,10 @@ def facts_of(paths: Sequence[Path], cache_root: Path | str | None) -> list[Facts
         if folder not in by_folder:
             by_folder[folder] = _read(index_file(cache_root, folder)) if cache_root else {}
         known = by_folder[folder]
-        stat = os.stat(path)
+        now = stamp(os.stat(path))
         entry = known.get(path.name)
-        if entry is None or entry[0] != stat.st_size or entry[1] != stat.st_mtime_ns:
-            entry = [stat.st_size, stat.st_mtime_ns, atomic.file_sha256(path), *upright_size(path)]
+        if entry is None or entry[:2] != now:
+            entry = [*now, atomic.file_sha256(path), *upright_size(path)]
             known[path.name] = entry
             changed.add(folder)
         out.append(Facts(entry[2], (entry[3], entry[4])))
@@ -121,10 +127,9 @@ class DecodedMemo:
     @staticmethod
     def _stamp(path: Path) -> list[int] | None:
         try:
-            stat = os.stat(path)
+            return stamp(os.stat(path))
         except OSError:
             return None
-        return [stat.st_size, stat.st_mtime_ns]
 
     def known(self, path: Path) -> bool:
         """``path`` decoded cleanly before, and its stat says it is the same file."""

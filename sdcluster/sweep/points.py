@@ -62,9 +62,14 @@ def check_distinct_outputs(points: list[Point]) -> None:
 
 
 def _job_ids(planned: list[PlannedJob], count: int) -> list[list[str]]:
-    """Per point, its job ids in submission order (training first, then its generation shards)."""
+    """Per point, its job ids in submission order (training first, then its generation shards; the report
+    reads the first as the training job). A cache array queued ahead of training is shared by the points it
+    serves, and listed by none of them: their training jobs wait on it."""
     ids: list[list[str]] = [[] for _ in range(count)]
+    trains = any(job.kind == "train" for job in planned)
     for job in planned:
+        if job.kind == "cache" and trains:
+            continue
         for point, job_id in zip(job.points, job.job_ids, strict=True):
             ids[point].append(job_id)
     return ids

@@ -84,3 +84,26 @@ def test_single_dry_run_without_a_controller_still_refuses_bad_input(tmp_path):
     assert proc.returncode == 0 and "#SBATCH --job-name=sdcluster-train" in proc.stdout
     assert "--array" not in proc.stdout
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "jobs").exists(), "dry runs write nothing"
+
+
+def test_a_sharded_cache_is_built_by_one_array_that_the_training_waits_on(tmp_path):
+    """``data.cache_shards`` > 1 with a training task: the cache array is queued first and the training array
+    waits on all of it. An lr sweep over one dataset builds its one entry once; a point with other data
+    gets an array of its own."""
+    proc = _dry_run(tmp_path, "-m", "task=train", "data.cache_shards=3", "optim.lr=1e-4,5e-5")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scripts = _scripts(proc.stdout)
+    heads = [h.split(",")[0] for h in scripts]
+    assert heads == ["# job 0: cache", "# job 1: train"], list(scripts)
+    cache, train = scripts.values()
+    assert "array of 3 tasks, points [0, 1]" in next(iter(scripts))
+    assert "#SBATCH --array=0-2" in cache and "--dependency" not in cache
+    assert "#SBATCH --dependency=afterok:CACHE-JOB-OF-POINT-0\n" in train
+    assert "#SBATCH --kill-on-invalid-dep=yes" in train
+
+    other = _dry_run(tmp_path, "-m", "task=train", "data.cache_shards=2", "data.caption_dropout=0,0.1")
+    assert other.returncode == 0, other.stderr[-3000:]
+    heads = [h.split(",")[0] for h in _scripts(other.stdout)]
+    assert heads[:2] == ["# job 0: cache", "# job 1: cache"], heads  # other data: another entry
+    single = _dry_run(tmp_path, "task=train")  # one shard: the training job builds its own cache
+    assert [h.split(",")[0] for h in _scripts(single.stdout)] == ["# job 0: train"]

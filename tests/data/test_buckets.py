@@ -206,6 +206,16 @@ def test_cached_bucket_rows_are_the_encoded_bucket_crops(make_cfg, tmp_path, mod
         assert torch.equal(row["time_ids"], image["time_ids"])
         flips.add(cached.variant(index, seed)[3])
     assert flips == {False, True}
+    # the sampler's buckets come from the entry (the sizes its key was made with), not from the image-facts
+    # index a second time: with the index and the images' stats out of reach they are still the right ones
+    from sdcluster.data import loader
+
+    buckets = buckets_of(cfg)
+    expected = [[b.size for b in buckets].index(bucket) for _, _, bucket in IMAGES]
+    assert loader.bucket_ids(cfg, dataset) == expected  # from the images (the uncached path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sdcluster.data.file_facts.facts_of", lambda *a: pytest.fail("facts read again"))
+        assert loader.bucket_ids(cfg, dataset, cached) == expected
     no_buckets = make_cfg([f"model={model}", "data=imagefolder", f"data.path={folder}"])
     other = latent_build.make_plan(no_buckets, dataset, comps)
     assert other is None or other.key != latent_build.make_plan(cfg, dataset, comps).key

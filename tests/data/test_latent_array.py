@@ -156,12 +156,16 @@ def test_a_cache_task_publishes_where_the_file_system_has_no_locks(
     assert locked == [result.entry.parent / f".{result.entry.name}.lock"] * 2  # cache task, training job
 
 
+ONE_STEP = ["train.max_steps=1", "train.validate_every=0", "train.validation_prompts=[]"]
+
+
 @pytest.mark.slow
 def test_a_killed_cache_job_keeps_its_finished_pieces_and_launch_finishes_the_entry(
     make_cfg, tmp_path, tiny_model
 ):
-    """SIGKILL in the middle of piece 1 (held at its first batch), then ``launch task=cache``: piece 0 is
-    kept, piece 1 encoded again and the entry published (under the key training computes: the test above)."""
+    """SIGKILL in the middle of piece 1 (held at its first batch), then ``launch task=train`` with the same
+    ``data.cache_shards``: its cache array runs first (one task after another on the local executor), keeps
+    piece 0, encodes piece 1 again and publishes the entry, which the training job then reads as it is."""
     cfg = _cfg(make_cfg, tmp_path)
     _link_model(cfg, tiny_model)
     assert latent_array.build_piece(cfg, 0, 2).encoded
@@ -200,7 +204,15 @@ def test_a_killed_cache_job_keeps_its_finished_pieces_and_launch_finishes_the_en
     assert list(pieces.glob(".tmp-piece-1-*"))  # what the kill left: never published, never read
 
     done = subprocess.run(
-        [sys.executable, "-m", "sdcluster.launch", "task=cache", "data.cache_shards=2", *overrides],
+        [
+            sys.executable,
+            "-m",
+            "sdcluster.launch",
+            "task=train",
+            "data.cache_shards=2",
+            *overrides,
+            *ONE_STEP,
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -208,12 +220,15 @@ def test_a_killed_cache_job_keeps_its_finished_pieces_and_launch_finishes_the_en
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    logs = "".join(p.read_text() for p in Path(tmp_path / "jobs").rglob("*_0_log.out"))
-    assert "piece 1 of 2 was finished by an earlier attempt: kept" in logs  # piece-0 (logs count from 1)
-    assert "piece 2 of 2: " in logs  # piece-1, encoded again
-    assert "every piece done; published" in logs
+    logs = {p.read_text() for p in Path(tmp_path / "jobs").rglob("*_0_log.out")}
+    (trained,) = [text for text in logs if "step 1/1" in text]
+    built = "".join(logs - {trained})
+    assert "piece 1 of 2 was finished by an earlier attempt: kept" in built  # piece-0 (logs count from 1)
+    assert "piece 2 of 2: " in built  # piece-1, encoded again
+    assert "every piece done; published" in built
     entries = [p for p in Path(cfg.cache_root, "latents").iterdir() if not p.name.startswith(".")]
     assert len(entries) == 1 and verify(entries[0], entries[0].name, latent_array.CACHE_VERSION) is None
+    assert f"latent cache: {entries[0]} (" in trained and "encoding rows" not in trained
 
 
 def test_half_precision_training_reads_the_entry_a_cache_task_built(
