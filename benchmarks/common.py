@@ -11,6 +11,14 @@ Models (random weights, built offline like :mod:`sdcluster.models.tiny`, real di
   transformer layers per attention block (SDXL: 320/640/1280, 1/2/10), linear projections, the ``text_time``
   size/crop embedding; two 160-wide text encoders concatenated (320 cross-attention channels, the second one
   pooled), the ``small`` VAE, at 256 px (SDXL trains at twice SD 1.x's resolution).
+* ``small_sd3``: SD-3.5-shaped: an MMDiT (``SD3Transformer2DModel``, patch 2, 64-channel heads as SD 3.5's) of
+  6 joint blocks at width 256 (SD 3.5 Medium: 24 at 1536), two 160-wide CLIP encoders with projections, a
+  2-layer T5 of width 320 (T5-XXL: 24 layers of 4096) that the CLIP states are padded to, the ``small`` VAE
+  with 16 latent channels, at 256 px.
+* ``small_flux``: FLUX.1-dev-shaped: ``FluxTransformer2DModel`` with 2 double-stream and 4 single-stream
+  blocks (FLUX.1: 19 and 38) at width 256 in 64-channel heads, the guidance embedding, rotary axes (8, 28, 28)
+  (FLUX: (16, 56, 56)), packed latents of the 16-channel ``small`` VAE, one 160-wide CLIP (pooled) and the T5
+  at FLUX's 512 tokens, at 256 px.
 """
 
 from __future__ import annotations
@@ -27,9 +35,10 @@ from pathlib import Path
 from typing import Any
 
 CACHE_ROOT = Path(os.environ.get("SDCLUSTER_BENCH_CACHE", Path(tempfile.gettempdir()) / "sdcluster-bench"))
-RESOLUTION = {"tiny": 64, "small": 128, "small_sdxl": 256, "sdxl": 1024}
+RESOLUTION = {"tiny": 64, "small": 128, "small_sdxl": 256, "small_sd3": 256, "small_flux": 256, "sdxl": 1024}
 SMALL_VERSION = "1"
 SMALL_SDXL_VERSION = "1"
+SMALL_FLOW_VERSION = "1"  # small_sd3 and small_flux
 
 
 SMALL_UNET: dict[str, Any] = {
@@ -70,6 +79,40 @@ SMALL_SDXL_UNET: dict[str, Any] = {
 }
 SMALL_SDXL_TEXT: dict[str, Any] = {**SMALL_TEXT, "projection_dim": 160}
 
+SMALL_T5: dict[str, Any] = {  # T5 v1.1 (gated GELU) as SD 3.5 and FLUX ship it, 2 layers at width 320
+    "d_model": 320,
+    "d_kv": 64,
+    "d_ff": 640,
+    "num_layers": 2,
+    "num_heads": 5,
+    "relative_attention_num_buckets": 32,
+    "feed_forward_proj": "gated-gelu",
+}
+SMALL_SD3_TRANSFORMER: dict[str, Any] = {
+    "sample_size": 32,  # latents of 256 px images
+    "patch_size": 2,
+    "num_layers": 6,
+    "attention_head_dim": 64,
+    "num_attention_heads": 4,
+    "caption_projection_dim": 256,
+    "joint_attention_dim": SMALL_T5["d_model"],  # the T5 width: the CLIP states (160 + 160) are padded to it
+    "pooled_projection_dim": 2 * SMALL_SDXL_TEXT["projection_dim"],  # the two CLIP projections, concatenated
+    "out_channels": 16,
+    "pos_embed_max_size": 32,
+}
+SMALL_FLUX_TRANSFORMER: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 64,  # 2x2 patches of the VAE's 16 latent channels
+    "num_layers": 2,
+    "num_single_layers": 4,
+    "attention_head_dim": 64,
+    "num_attention_heads": 4,
+    "joint_attention_dim": SMALL_T5["d_model"],
+    "pooled_projection_dim": SMALL_TEXT["hidden_size"],  # CLIP's pooled output
+    "guidance_embeds": True,
+    "axes_dims_rope": (8, 28, 28),
+}
+
 
 def build_small_pipeline(dest: Path) -> Path:
     """Write the ``small`` pipeline folder (fixed seeds, so every machine builds the same weights)."""
@@ -91,6 +134,20 @@ def model_path(size: str) -> Path:
 
         def build(dest: Path) -> Path:
             return build_sdxl_pipeline(dest, SMALL_SDXL_UNET, SMALL_VAE, SMALL_SDXL_TEXT)
+    elif size == "small_sd3":
+        from sdcluster.models.tiny_sd3 import build_sd3_pipeline
+
+        version = SMALL_FLOW_VERSION
+
+        def build(dest: Path) -> Path:
+            return build_sd3_pipeline(dest, SMALL_SD3_TRANSFORMER, SMALL_VAE, SMALL_SDXL_TEXT, SMALL_T5)
+    elif size == "small_flux":
+        from sdcluster.models.tiny_flux import build_flux_pipeline
+
+        version = SMALL_FLOW_VERSION
+
+        def build(dest: Path) -> Path:
+            return build_flux_pipeline(dest, SMALL_FLUX_TRANSFORMER, SMALL_VAE, SMALL_TEXT, SMALL_T5)
     else:
         version, build = SMALL_VERSION, build_small_pipeline
     dest = CACHE_ROOT / "models" / f"{size.replace('_', '-')}-v{version}"

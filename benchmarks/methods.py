@@ -1,15 +1,16 @@
-"""Full fine-tuning against LoRA, on an SD-1.x-shaped and an SDXL-shaped model: step time, memory, checkpoint.
+"""Full fine-tuning against LoRA on SD-1.x-, SDXL-, SD-3.5- and FLUX-shaped models: step, memory, checkpoint.
 
     python -m benchmarks.methods                               # small + small_sdxl, 3 repeats of 10 steps
-    python -m benchmarks.methods --models small_sdxl --repeats 5
+    python -m benchmarks.methods --models small_sd3 small_flux --repeats 3
 
 Every row is :func:`sdcluster.train.loop.train` itself with the seed's settings (batch 4, EMA, lr 1e-5
 constant, clipping at 1, latent cache on, built beforehand), only ``train.method`` differing: ``full`` trains
-the whole UNet, ``lora`` rank-8 adapters on its attention projections
-(``to_q``/``to_k``/``to_v``/``to_out.0``). Each (model, method, repeat) runs in its own process, methods in
-rotating order. A repeat reports the mean time between its optimizer steps after ``--warmup`` steps, the
-process's peak RSS, the trainable parameters, and the size of the checkpoint it then writes (weights or
-adapters, optimizer moments, EMA, RNG and loader state: what a preemption leaves on disk).
+the whole denoiser (UNet or transformer), ``lora`` rank-8 adapters on its attention projections
+(``to_q``/``to_k``/``to_v``/``to_out.0``, as diffusers' LoRA examples of every family). Each (model, method,
+repeat) runs in its own process, methods in rotating order. A repeat reports the mean time between its
+optimizer steps after ``--warmup`` steps, the process's peak RSS, the trainable parameters, and the size of
+the checkpoint it then writes (weights or adapters, optimizer moments, EMA, RNG and loader state: what a
+preemption leaves on disk).
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def _rows(size: str, results: dict[str, list[dict[str, float]]]) -> list[list[st
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    choices = ["tiny", "small", "small_sdxl"]
+    choices = ["tiny", "small", "small_sdxl", "small_sd3", "small_flux"]
     parser.add_argument("--models", nargs="+", default=["small", "small_sdxl"], choices=choices)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)

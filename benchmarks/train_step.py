@@ -3,8 +3,9 @@
     python -m benchmarks.train_step                        # tiny + small, 3 repeats of 10 steps each
     python -m benchmarks.train_step --models small --repeats 5
 
-* **floor**: UNet forward + backward + fused AdamW + one ``torch._foreach_lerp_`` EMA update, on
-  precomputed latents and text embeddings: nothing a step cannot do without.
+* **floor**: denoiser forward + backward (the family's own objective: noise, timesteps and target; FLUX's
+  packed latents) + fused AdamW + one ``torch._foreach_lerp_`` EMA update, on precomputed latents and text
+  embeddings: nothing a step cannot do without.
 * **sdcluster**: :func:`sdcluster.train.loop.train` itself, timed between its optimizer steps
   (``step_events``), cache built beforehand: everything the real loop does (data loader, posterior sampling,
   grad clipping, LR scheduler, the EMA (one fused lerp, :mod:`sdcluster.train.ema`), the loss reduced for
@@ -31,6 +32,13 @@ from typing import Any
 from benchmarks import common
 
 VARIANTS = ("floor", "sdcluster", "reference")
+REFERENCE_SIZES = ("tiny", "small")
+"""The SD-1.x-shaped models, which ``train_text_to_image.py`` (the reference) trains; the flow-matching ones
+(``small_flux``, ``small_sd3``) are measured against the floor only."""
+
+
+def variants_of(size: str) -> tuple[str, ...]:
+    return VARIANTS if size in REFERENCE_SIZES else VARIANTS[:2]
 
 
 def _loader(cfg: Any, tokenizer: Any) -> Any:
@@ -49,27 +57,36 @@ def _loader(cfg: Any, tokenizer: Any) -> Any:
 
 
 def _floor_step(cfg: Any) -> Any:
-    """One closure = one floor step, on inputs encoded once from a real batch."""
+    """One closure = one floor step, on inputs encoded once from a real batch: the model family's own
+    conditioning and objective (noise, timesteps, target; FLUX's packing), so one floor serves every
+    family."""
     import torch
     import torch.nn.functional as F
 
+    from sdcluster.models.family import TIME_IDS
     from sdcluster.models.load import load_components
+    from sdcluster.train.loss import scale_latents
 
     comps = load_components(cfg.model, cfg.cache_root)
+    family = comps.family
+    objective = family.objective(comps.noise_scheduler, flow=cfg.model.flow_matching)
     with torch.no_grad():
-        batch = next(_loader(cfg, comps.tokenizers["tokenizer"]))
-        latents = comps.vae.encode(batch["pixel_values"]).latent_dist.mean * comps.vae.config.scaling_factor
-        hidden = comps.text_encoders["text_encoder"](batch["input_ids"], return_dict=False)[0]
-    unet, sched = comps.denoiser.train(), comps.noise_scheduler
-    params = list(unet.parameters())
+        batch = next(_loader(cfg, family.tokenizers(comps)))
+        vae = comps.vae
+        mean = vae.encode(batch["pixel_values"]).latent_dist.mean
+        latents = scale_latents(mean, vae.config.scaling_factor, vae.config.shift_factor)
+        cond = family.conditioning(family.encode(comps, batch, "cpu"), batch.get(TIME_IDS))
+    denoiser = comps.denoiser.train()
+    params = list(denoiser.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=True)
     shadow = [p.detach().clone() for p in params]
+    gen = torch.Generator().manual_seed(0)
 
     def step() -> None:
         noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],))
-        pred = unet(sched.add_noise(latents, noise, timesteps), timesteps, hidden, return_dict=False)[0]
-        F.mse_loss(pred, noise).backward()
+        timesteps = objective.sample_timesteps(latents.shape[0], gen)
+        noisy, target = objective.noised(latents, noise, timesteps)
+        F.mse_loss(objective.predict(denoiser, noisy, timesteps, cond), target).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
@@ -180,7 +197,7 @@ def _prepare(size: str) -> None:
 def _table(size: str, results: dict[str, list[dict[str, float]]]) -> list[list[str]]:
     floor = [r["s_per_step"] for r in results["floor"]]
     rows = []
-    for variant in VARIANTS:
+    for variant in variants_of(size):
         times = [r["s_per_step"] for r in results[variant]]
         ratios = [t / f for t, f in zip(times, floor, strict=True)]
         rss = [r["peak_rss_mb"] for r in results[variant]]
@@ -191,7 +208,8 @@ def _table(size: str, results: dict[str, list[dict[str, float]]]) -> list[list[s
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["tiny", "small"], choices=["tiny", "small"])
+    sizes = ["tiny", "small", "small_sd3", "small_flux"]
+    parser.add_argument("--models", nargs="+", default=["tiny", "small"], choices=sizes)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
@@ -208,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         def child(variant: str, extra: list[str] = extra) -> dict[str, float]:
             return common.child_json(["benchmarks.train_step", "--one", variant, *extra])
 
-        results = common.run_rotating(size, VARIANTS, args.repeats, child)
+        results = common.run_rotating(size, variants_of(size), args.repeats, child)
         rows += _table(size, results)
         raw[size] = results
     header = ["model", "variant", "s/step median", "min-max", "x floor median", "x floor min-max"]

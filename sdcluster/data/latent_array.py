@@ -131,12 +131,22 @@ def _publish_entry(plan: Plan, entry: Path, pieces: Path, count: int) -> bool:
         if not all(_piece_ok(folder) for folder in folders):
             return False  # not the last piece: the process that finishes the last one publishes
         tmp = atomic.staging_dir(entry)
-        for folder in folders:
-            for path in folder.glob("*.npy"):
-                try:
-                    os.link(path, tmp / path.name)
-                except OSError:
-                    shutil.copy2(path, tmp / path.name)
+        try:
+            for folder in folders:
+                for path in folder.glob("*.npy"):
+                    try:
+                        os.link(path, tmp / path.name)
+                    except FileNotFoundError:
+                        raise
+                    except OSError:
+                        shutil.copy2(path, tmp / path.name)
+        except FileNotFoundError:
+            # Two tasks finished at once on a file system without locks (entry_lock goes on without one):
+            # the other published first, and its commit removed the pieces this one was linking.
+            shutil.rmtree(tmp, ignore_errors=True)
+            if verify(entry, plan.key, CACHE_VERSION) is not None:
+                raise
+            return False
         commit(tmp, entry, entry_manifest(plan, count))  # which removes the pieces
     return True
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -157,6 +158,34 @@ def test_a_cache_task_publishes_where_the_file_system_has_no_locks(
 
 
 ONE_STEP = ["train.max_steps=1", "train.validate_every=0", "train.validation_prompts=[]"]
+
+
+def test_two_last_pieces_publishing_at_once_without_a_lock_leave_one_entry(
+    make_cfg, tmp_path, tiny_model, monkeypatch
+):
+    """Where the file system has no locks, the tasks of the two last pieces can both find every piece done:
+    the second publisher, its links pulled away by the first's commit, leaves the entry as it is."""
+    cfg = _cfg(make_cfg, tmp_path)
+    _link_model(cfg, tiny_model)
+    assert not latent_array.build_piece(cfg, 0, 2).published
+    monkeypatch.setattr(latent_array, "entry_lock", lambda entry: contextlib.nullcontext())  # no locks
+    real_link, real_publish, other = os.link, latent_array._publish_entry, []
+
+    def publish(*args):
+        def link(src, dst):  # the other task publishes (and removes the pieces) while this one links
+            if not other:
+                monkeypatch.setattr(os, "link", real_link)
+                other.append(real_publish(*args))
+            return real_link(src, dst)
+
+        monkeypatch.setattr(os, "link", link)
+        return real_publish(*args)
+
+    monkeypatch.setattr(latent_array, "_publish_entry", publish)
+    result = latent_array.build_piece(cfg, 1, 2)
+    assert other == [True] and not result.published  # the other one published it; this one left it be
+    assert verify(result.entry, result.entry.name, latent_array.CACHE_VERSION) is None
+    assert not list(result.entry.parent.glob(".*.pieces-*")) and not list(result.entry.parent.glob(".tmp*"))
 
 
 @pytest.mark.slow
