@@ -6,7 +6,6 @@ import fcntl
 import json
 import os
 import shutil
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -67,9 +66,9 @@ CONF = REPO / "conf"
 # Idle OpenMP threads sleep instead of spinning. The suite runs more processes than the machine has cores
 # (parallel workers, each job's ranks): libgomp's default spin-wait then burns the cores the others need
 # (one training test took 2.5x the CPU time under that load). The thread counts stay as they are, so float
-# reductions, and every bit-exact comparison, are unchanged. Set before torch loads libgomp, and inherited by
-# the workers, the local jobs and the SLURM jobs (sbatch passes the environment on).
-assert "torch" not in sys.modules, "tests/conftest.py must run before torch is imported"
+# reductions, and every bit-exact comparison, are unchanged. libgomp reads it when torch loads: pytest loads
+# this file first, and the workers, the local jobs and the SLURM jobs inherit it (sbatch passes the
+# environment on); a script that imports this module after torch only passes it on to its children.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
