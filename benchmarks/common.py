@@ -279,7 +279,20 @@ def machine() -> str:
 
 
 def save(name: str, record: dict[str, Any]) -> None:
-    """Keep the raw numbers next to the tables (``benchmarks/results/<name>.json``)."""
+    """Keep the raw numbers next to the tables (``benchmarks/results/<name>.json``). A record of results
+    per model (``{"results": {model: ...}}``) is merged into the saved one: a run of some models keeps the
+    others' numbers (each model's entry says what it was measured with: ``runs`` below)."""
     folder = Path(__file__).resolve().parent / "results"
     folder.mkdir(exist_ok=True)
-    (folder / f"{name}.json").write_text(json.dumps(record, indent=1))
+    path = folder / f"{name}.json"
+    if isinstance(record.get("results"), dict) and path.is_file():
+        saved = json.loads(path.read_text())
+        runs = saved.get("runs") or {
+            model: {"title": saved.get("title"), "args": saved.get("args")}
+            for model in saved.get("results", {})
+        }
+        runs.update(
+            {model: {"title": record.get("title"), "args": record.get("args")} for model in record["results"]}
+        )
+        record = {**record, "results": {**saved.get("results", {}), **record["results"]}, "runs": runs}
+    path.write_text(json.dumps(record, indent=1))
