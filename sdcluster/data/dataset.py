@@ -49,7 +49,10 @@ def _rows(images: list[str], captions: list[str], names: list[str], caption_colu
 
 
 def load_captioned_images(
-    path: Path | str, caption_column: str = "text", cache_dir: Path | str | None = None
+    path: Path | str,
+    caption_column: str = "text",
+    cache_dir: Path | str | None = None,
+    clean: tuple[Path | str, int] | None = None,
 ) -> datasets.Dataset:
     """A dataset with ``image``, the caption column and ``file_name``, rows sorted by file name.
 
@@ -60,14 +63,16 @@ def load_captioned_images(
     chained URL and dies. Here each image is an absolute local path in an ``Image`` feature, which
     ``datasets`` decodes with Pillow directly, so no URL syntax is ever parsed. Sorting by name makes the row
     index (which the sampler and checkpoints refer to) independent of how the file was edited; images the
-    metadata does not list are not read.
+    metadata does not list are not read. ``clean``: ``(cache_root, data.max_pixels)`` of a job, whose launch
+    decoded the images and remembered the clean ones: those unchanged since are not opened again.
     """
     folder = Path(path)
     if not (folder / METADATA_FILE).is_file():
         raise FileNotFoundError(
             f"{folder / METADATA_FILE} not found; run `python -m sdcluster.data prepare {folder}` and caption"
         )
-    rows, problems = scan(folder, caption_column)
+    memo = {} if clean is None else {"cache_root": clean[0], "clean_under": clean[1]}
+    rows, problems = scan(folder, caption_column, **memo)
     blocking = [p for p in problems if p.kind != "empty_caption"]  # "" is a caption the model can train on
     if blocking or not rows:
         first = blocking[0] if blocking else f"{METADATA_FILE} lists no images"

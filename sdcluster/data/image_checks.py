@@ -45,7 +45,7 @@ def sniff_format(path: Path) -> str | None:
     return None
 
 
-def _plainly_inside(path: Path, folder: Path) -> bool:
+def plainly_inside(path: Path, folder: Path) -> bool:
     """True for a file directly in ``folder`` that is not a symlink: its real path is the folder's real path
     and its name, inside by construction. One ``lstat``, where a realpath costs one per component of the path
     (at 100,000 images that walk was most of a job's start)."""
@@ -59,7 +59,7 @@ def file_problem(path: Path, folder: Path, root: Path | None = None) -> tuple[st
     ``validate`` and again when a job loads the folder, so what validate passes the job reads. ``root``:
     ``folder.resolve()``, when the caller checks many files of one folder."""
     try:
-        if _plainly_inside(path, folder):
+        if plainly_inside(path, folder):
             kind = sniff_format(path)
         else:
             real, root = path.resolve(), folder.resolve() if root is None else root

@@ -17,8 +17,12 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sdcluster.data.image_checks import check_image, file_problem
+from sdcluster.data.image_checks import check_image, file_problem, plainly_inside
+
+if TYPE_CHECKING:
+    from sdcluster.data.file_facts import DecodedMemo
 
 METADATA_FILE = "metadata.jsonl"
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
@@ -149,37 +153,58 @@ def probe(folder: Path, name: str) -> tuple[str, str] | tuple[None, None]:
     """``(kind, message)`` when the listed ``name`` is not a readable image file of the folder, judged by
     the name and the file system only (no pixels), else ``(None, None)``. Never raises: a name too long for
     the file system, a NUL character, a symlink loop or a permission are each a problem line, not a trace."""
+    kind, message, _ = _probe(folder, name)
+    return (kind, message) if kind is not None and message is not None else (None, None)
+
+
+def _probe(folder: Path, name: str) -> tuple[str | None, str | None, os.stat_result | None]:
+    """:func:`probe`, with the file's stat when it passed (what says whether it changed since a check)."""
     norm = normalize_name(name)
     if norm is None:
-        return "outside_folder", f"{_outside(name)}; use a path relative to the dataset folder, without '..'"
+        return (
+            "outside_folder",
+            f"{_outside(name)}; use a path relative to the dataset folder, without '..'",
+            None,
+        )
     path = folder / norm
     try:
-        mode = path.stat().st_mode
+        info = path.stat()
+        mode = info.st_mode
     except FileNotFoundError:
-        return "missing_file", "no such file in the folder; fix the name (case matters) or delete the line"
+        fix = "fix the name (case matters) or delete the line"
+        return "missing_file", f"no such file in the folder; {fix}", None
     except OSError as err:  # ENAMETOOLONG, ELOOP, EACCES, ...: the OS says what, we say the fix
         if err.errno == errno.ENAMETOOLONG:
             fix = "rename the file (at most 255 bytes a folder or file name) and fix the line"
-            return "bad_name", f"cannot be opened ({err.strerror}); {fix}"
+            return "bad_name", f"cannot be opened ({err.strerror}); {fix}", None
         fix = "fix the name, the symlink or the permissions, or delete the line"
-        return "unreadable", f"cannot be opened ({err.strerror or err}); {fix}"
+        return "unreadable", f"cannot be opened ({err.strerror or err}); {fix}", None
     except ValueError:  # a NUL character: no file can have that name
-        return "bad_name", "the name contains a NUL character; fix the name or delete the line"
+        return "bad_name", "the name contains a NUL character; fix the name or delete the line", None
     if stat.S_ISDIR(mode):
-        return "not_image", "is a folder, not an image file; name an image inside it or delete the line"
+        return "not_image", "is a folder, not an image file; name an image inside it or delete the line", None
     if not stat.S_ISREG(mode):
-        return "not_image", "is not a regular file (a pipe or a device); replace it with the image"
+        return "not_image", "is not a regular file (a pipe or a device); replace it with the image", None
     if not is_image_name(norm):
-        return "not_image", f"not an image extension; use one of {', '.join(sorted(IMAGE_EXTENSIONS))}"
-    return None, None
+        exts = ", ".join(sorted(IMAGE_EXTENSIONS))
+        return "not_image", f"not an image extension; use one of {exts}", None
+    return None, None, info
 
 
 def _check_entry(
-    folder: Path, root: Path, entry: dict, line: int, seen: dict[str, int], caption_column: str
+    folder: Path,
+    root: Path,
+    entry: dict,
+    line: int,
+    seen: dict[str, int],
+    caption_column: str,
+    clean: DecodedMemo | None = None,
 ) -> tuple[Row | None, list[Problem], str | None]:
     """The row of one metadata line (None if it cannot be read), every problem of it found without decoding,
     and the image's path in the folder when it passed those checks (what :func:`scan` may decode); ``seen``
-    maps normalized names to their first line."""
+    maps normalized names to their first line. ``clean``: files a launch decoded in full and found clean;
+    one of them unchanged since (its stat) and not a symlink has its content checked already, so it is not
+    opened again (the format sniff was half of a job's start at 100,000 images)."""
     problems = _check_caption(entry, line, caption_column)
     name = entry.get("file_name")
     if not isinstance(name, str) or not name:
@@ -189,10 +214,13 @@ def _check_entry(
     if norm is not None and norm in seen:
         msg = f"listed again (first on line {seen[norm]}); keep one of the lines"
         return None, [*problems, Problem("duplicate", msg, name, line)], None
-    kind, msg = probe(folder, name)
-    if kind is None:
+    kind, msg, info = _probe(folder, name)
+    if kind is None and info is not None:
         seen[norm] = line
-        kind, msg = file_problem(folder / norm, folder, root) or (None, None)
+        path = folder / norm
+        # what the launch found clean is opened again only when changed, or when it might resolve elsewhere
+        if clean is None or not clean.known_stat(path, info) or not plainly_inside(path, folder):
+            kind, msg = file_problem(path, folder, root) or (None, None)
     if kind is not None:
         return None, [*problems, Problem(kind, msg, name, line)], None
     caption = entry.get(caption_column)
@@ -205,13 +233,16 @@ def scan(
     max_pixels: int | None = None,
     cache_root: Path | str | None = None,
     remember: bool = False,
+    clean_under: int | None = None,
 ) -> tuple[list[Row], list[Problem]]:
     """The one reader of a dataset folder's metadata, for :func:`validate` and the job alike: the rows whose
     image may be read, in file order, and every problem of every line. Images are decoded in full only with
     ``max_pixels`` (validate); the job checks names and file contents without decoding. With ``cache_root``
     (the launch's check), an image that decoded cleanly before and has not changed is not decoded again
     (:class:`~sdcluster.data.file_facts.DecodedMemo`); ``remember``: record the ones decoded cleanly now (a
-    launch that submits; a dry run writes nothing)."""
+    launch that submits; a dry run writes nothing). ``clean_under`` (the job, with ``cache_root``): the
+    ``data.max_pixels`` its launch decoded the images under; those it found clean and that did not change
+    since are not opened again."""
     folder = Path(folder)
     if not folder.is_dir():
         return [], [Problem("no_folder", f"{folder} is not a folder; check data.path")]
@@ -224,6 +255,11 @@ def scan(
     except OSError as err:
         return [], [Problem("no_metadata", f"{meta} cannot be read ({err.strerror}); check its permissions")]
     root = folder.resolve()  # once: each image's real path must lie inside it
+    clean = None
+    if cache_root is not None and clean_under is not None and max_pixels is None:
+        from sdcluster.data.file_facts import DecodedMemo
+
+        clean = DecodedMemo(cache_root, folder, clean_under)
     checked: list[tuple[Row | None, list[Problem]]] = []  # per line, in file order
     to_decode: list[tuple[int, int, str, str]] = []  # (index in checked, line, name as written, path)
     seen: dict[str, int] = {}
@@ -232,7 +268,7 @@ def scan(
         if problem:
             checked.append((None, [problem]))
             continue
-        row, found, path = _check_entry(folder, root, entry, line, seen, caption_column)
+        row, found, path = _check_entry(folder, root, entry, line, seen, caption_column, clean)
         if path is not None and max_pixels is not None:
             to_decode.append((len(checked), line, entry["file_name"], path))
         checked.append((row, found))

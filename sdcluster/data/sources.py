@@ -109,11 +109,12 @@ def load_rows(cfg: Config, cache_dir: Path | str | None = None) -> Any:
 
     from sdcluster.data.dataset import load_captioned_images
 
+    clean = (cfg.cache_root, cfg.data.max_pixels)  # what the launch's check decoded and found clean
     if not cfg.data.sources:  # exactly the table one folder has always been read as
-        return load_captioned_images(cfg.data.path, cfg.data.caption_column, cache_dir=cache_dir)
+        return load_captioned_images(cfg.data.path, cfg.data.caption_column, cache_dir, clean)
     parts = []
     for index, source in enumerate(cfg.data.sources):
-        part = load_captioned_images(source.path, source.caption_column, cache_dir=cache_dir)
+        part = load_captioned_images(source.path, source.caption_column, cache_dir, clean)
         if source.caption_column != cfg.data.caption_column:  # one caption column for the whole table
             part = part.rename_column(source.caption_column, cfg.data.caption_column)
         parts.append(part.add_column(SOURCE_COLUMN, [index] * len(part)))

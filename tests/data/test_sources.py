@@ -335,3 +335,33 @@ def test_a_launch_decodes_only_the_images_new_or_changed_since_its_last_clean_ch
     os.utime(image, ns=(stamp.st_atime_ns, image.stat().st_mtime_ns - 1))  # not the mended version's time
     with pytest.raises(ConfigError, match=r"cannot be decoded"):
         check_data(one)
+
+
+def test_a_jobs_start_opens_only_the_images_its_launch_did_not_find_clean(make_cfg, tmp_path, monkeypatch):
+    """The job checks each listed file as validate does, but the content of one its launch decoded cleanly
+    and that has not changed since (same size and time) was checked then: it is not opened again. A file
+    the launch did not see, or changed since, is opened (and refused when it is no image)."""
+    import os
+
+    from sdcluster.cluster.preflight import check_data
+    from sdcluster.data import image_checks, loader
+    from sdcluster.data.metadata import MetadataError
+
+    folder = copy_sample(tmp_path / "data")
+    cfg = make_cfg(["data=imagefolder", f"data.path={folder}"])
+    check_data(cfg, remember=True)  # what a launch that submits checks first
+    opened: list[str] = []
+    sniff = image_checks.sniff_format
+    record = lambda path: opened.append(Path(path).name) or sniff(path)  # noqa: E731
+    monkeypatch.setattr(image_checks, "sniff_format", record)
+    rows = loader.training_rows(cfg)
+    assert opened == [] and len(rows) > 0
+
+    image = folder / "11 (12).png"
+    stamp = image.stat()
+    os.utime(image, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 1))  # changed since the launch
+    loader.training_rows(cfg)
+    assert opened == ["11 (12).png"]
+    image.write_bytes(b"GIF89a" + bytes(100))  # and now no image at all: refused by the job as by validate
+    with pytest.raises(MetadataError, match=r"11 \(12\)\.png.*not a JPEG, PNG, WEBP file by its content"):
+        loader.training_rows(cfg)
