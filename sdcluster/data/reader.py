@@ -219,7 +219,7 @@ def _check_entry(
         seen[norm] = line
         path = folder / norm
         # what the launch found clean is opened again only when changed, or when it might resolve elsewhere
-        if clean is None or not clean.known_stat(path, info) or not plainly_inside(path, folder):
+        if clean is None or not clean.known_stat(norm, info) or not plainly_inside(path, folder):
             kind, msg = file_problem(path, folder, root) or (None, None)
     if kind is not None:
         return None, [*problems, Problem(kind, msg, name, line)], None

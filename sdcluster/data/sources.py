@@ -156,7 +156,8 @@ def image_files(cfg: Config, rows: Any) -> list[Path]:
     column)."""
     names = column(rows, "file_name")
     if not _from_sources(rows):
-        return [Path(cfg.data.path) / name for name in names]
+        folder = Path(cfg.data.path)
+        return [folder / name for name in names]
     folders = [Path(source.path) for source in cfg.data.sources]
     return [folders[s] / name for s, name in zip(column(rows, SOURCE_COLUMN), names, strict=True)]
 
