@@ -34,6 +34,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from sdcluster.models.tiny_flux import TINY_FLUX_TRANSFORMER  # configs only: torch is imported by the builds
+from sdcluster.models.tiny_sd3 import TINY_SD3_TRANSFORMER
+
 CACHE_ROOT = Path(os.environ.get("SDCLUSTER_BENCH_CACHE", Path(tempfile.gettempdir()) / "sdcluster-bench"))
 RESOLUTION = {"tiny": 64, "small": 128, "small_sdxl": 256, "small_sd3": 256, "small_flux": 256, "sdxl": 1024}
 SMALL_VERSION = "1"
@@ -89,27 +92,23 @@ SMALL_T5: dict[str, Any] = {  # T5 v1.1 (gated GELU) as SD 3.5 and FLUX ship it,
     "feed_forward_proj": "gated-gelu",
 }
 SMALL_SD3_TRANSFORMER: dict[str, Any] = {
+    **TINY_SD3_TRANSFORMER,  # patch size 2, 16 output channels: SD 3.5's
     "sample_size": 32,  # latents of 256 px images
-    "patch_size": 2,
     "num_layers": 6,
     "attention_head_dim": 64,
-    "num_attention_heads": 4,
     "caption_projection_dim": 256,
     "joint_attention_dim": SMALL_T5["d_model"],  # the T5 width: the CLIP states (160 + 160) are padded to it
     "pooled_projection_dim": 2 * SMALL_SDXL_TEXT["projection_dim"],  # the two CLIP projections, concatenated
-    "out_channels": 16,
     "pos_embed_max_size": 32,
 }
 SMALL_FLUX_TRANSFORMER: dict[str, Any] = {
-    "patch_size": 1,
-    "in_channels": 64,  # 2x2 patches of the VAE's 16 latent channels
+    **TINY_FLUX_TRANSFORMER,  # packed latents (64 input channels), the guidance embedding: FLUX.1-dev's
     "num_layers": 2,
     "num_single_layers": 4,
     "attention_head_dim": 64,
     "num_attention_heads": 4,
     "joint_attention_dim": SMALL_T5["d_model"],
     "pooled_projection_dim": SMALL_TEXT["hidden_size"],  # CLIP's pooled output
-    "guidance_embeds": True,
     "axes_dims_rope": (8, 28, 28),
 }
 
