@@ -203,8 +203,9 @@ def _check_entry(
     """The row of one metadata line (None if it cannot be read), every problem of it found without decoding,
     and the image's path in the folder when it passed those checks (what :func:`scan` may decode); ``seen``
     maps normalized names to their first line. ``clean``: files a launch decoded in full and found clean;
-    one of them unchanged since (its stat) and not a symlink has its content checked already, so it is not
-    opened again (the format sniff was half of a job's start at 100,000 images)."""
+    one of them unchanged since (its stat) and lying plainly in the folder (no symlink on the way) had its
+    content checked then, so it is not opened again (the format sniff was half of a job's start at 100,000
+    images)."""
     problems = _check_caption(entry, line, caption_column)
     name = entry.get("file_name")
     if not isinstance(name, str) or not name:
