@@ -183,6 +183,11 @@ def check_config(cfg: Config) -> None:
             "task=cache builds the latent cache, but data.cache=false. Fix: data.cache=true (training jobs "
             "then read the cache), or task=train to train without one"
         )
+    if cfg.trains and cfg.data.cache_shards > 1 and not cfg.data.cache:
+        raise ConfigError(
+            f"data.cache_shards={cfg.data.cache_shards} builds the latent cache as an array before training, "
+            "but data.cache=false. Fix: data.cache=true, or drop data.cache_shards to train without a cache"
+        )
     if cfg.generates and not cfg.generate.prompts and not cfg.generate.prompts_file:
         raise ConfigError(
             "generate.prompts: no prompts for a generation task. Fix: set generate.prompts='[\"a photo\"]' "

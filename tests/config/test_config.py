@@ -154,3 +154,17 @@ def test_each_family_is_sampled_with_its_own_guidance_unless_told_otherwise(mode
     told = compose([f"model={model}", "generate.guidance_scale=2", "generate.steps=9"]).generate
     assert (told.guidance_scale, told.steps) == (2.0, 9)
     assert compose(["experiment=jeans_sd35_lora"]).generate.guidance_scale == 7.0  # the recipe's own value
+
+
+def test_cache_shards_without_a_cache_are_refused_not_ignored():
+    """``data.cache_shards`` > 1 queues a cache array ahead of training: with ``data.cache=false`` there is
+    nothing to build, and the setting would silently do nothing. Refused by the launch's checks (as
+    ``task=cache`` without a cache is), before anything is queued."""
+    from sdcluster.config import check_config
+
+    with pytest.raises(ConfigError, match=r"data.cache_shards=4 builds the latent cache.*Fix: data.cache="):
+        check_config(compose(["task=train", "data.cache_shards=4", "data.cache=false"]))
+    with pytest.raises(ConfigError, match=r"task=cache builds the latent cache, but data.cache=false"):
+        check_config(compose(["task=cache", "data.cache=false"]))
+    check_config(compose(["task=generate", "data.cache_shards=4", "data.cache=false"]))  # nothing to build
+    check_config(compose(["task=train", "data.cache=false"]))  # one shard (the default): no array
