@@ -38,7 +38,15 @@ from sdcluster.models.tiny_flux import TINY_FLUX_TRANSFORMER  # configs only: to
 from sdcluster.models.tiny_sd3 import TINY_SD3_TRANSFORMER
 
 CACHE_ROOT = Path(os.environ.get("SDCLUSTER_BENCH_CACHE", Path(tempfile.gettempdir()) / "sdcluster-bench"))
-RESOLUTION = {"tiny": 64, "small": 128, "small_sdxl": 256, "small_sd3": 256, "small_flux": 256, "sdxl": 1024}
+RESOLUTION = {
+    "tiny": 64,
+    "small": 128,
+    "small_sdxl": 256,
+    "small_sd3": 256,
+    "small_flux": 256,
+    "small_flux_t5_large": 256,
+    "sdxl": 1024,
+}
 SMALL_VERSION = "1"
 SMALL_SDXL_VERSION = "1"
 SMALL_FLOW_VERSION = "1"  # small_sd3 and small_flux
@@ -90,6 +98,13 @@ SMALL_T5: dict[str, Any] = {  # T5 v1.1 (gated GELU) as SD 3.5 and FLUX ship it,
     "num_heads": 5,
     "relative_attention_num_buckets": 32,
     "feed_forward_proj": "gated-gelu",
+}
+LARGE_T5: dict[str, Any] = {  # T5 v1.1-large's encoder shape (308M parameters in its 24 layers)
+    **SMALL_T5,
+    "d_model": 1024,
+    "d_ff": 2816,
+    "num_layers": 24,
+    "num_heads": 16,
 }
 SMALL_SD3_TRANSFORMER: dict[str, Any] = {
     **TINY_SD3_TRANSFORMER,  # patch size 2, 16 output channels: SD 3.5's
@@ -147,6 +162,14 @@ def model_path(size: str) -> Path:
 
         def build(dest: Path) -> Path:
             return build_flux_pipeline(dest, SMALL_FLUX_TRANSFORMER, SMALL_VAE, SMALL_TEXT, SMALL_T5)
+    elif size == "small_flux_t5_large":  # small_flux with a T5 of T5-large's shape: what loading T5 costs
+        from sdcluster.models.tiny_flux import build_flux_pipeline
+
+        version = SMALL_FLOW_VERSION
+        transformer = {**SMALL_FLUX_TRANSFORMER, "joint_attention_dim": LARGE_T5["d_model"]}
+
+        def build(dest: Path) -> Path:
+            return build_flux_pipeline(dest, transformer, SMALL_VAE, SMALL_TEXT, LARGE_T5)
     else:
         version, build = SMALL_VERSION, build_small_pipeline
     dest = CACHE_ROOT / "models" / f"{size.replace('_', '-')}-v{version}"

@@ -112,6 +112,8 @@ def run_train(variant: str, args: argparse.Namespace) -> dict[str, Any]:
             "overrides": [f"train.mixed_precision={precision}", *extra],
             "plan_gib": planned.plan.total / 1024**3 if planned else None,
             "plan_parts_gib": {k: v / 1024**3 for k, v in planned.plan.parts.items()} if planned else None,
+            # whether the steps ran with the text encoders loaded (what the plan of this row counts)
+            "text_encoders_held": not planned.plan.setup.text_cached if planned else None,
         }
 
     if sdxl:
@@ -425,7 +427,8 @@ def replan(record: dict[str, Any], workdir: Path) -> None:
     """The plan column of every saved row again, from the activation table sdcluster ships now: each row's
     config composed as it ran, on a folder of its model's published configs (all a plan reads)."""
     from benchmarks.published_configs import write_config_folder
-    from sdcluster.plan.fit import plan_config
+    from sdcluster.plan.budget import plan
+    from sdcluster.plan.fit import plan_config, setup_of
 
     for size, published, rows, variants in (
         ("sd1", "sd15", record["train"], TRAIN_VARIANTS),
@@ -437,8 +440,12 @@ def replan(record: dict[str, Any], workdir: Path) -> None:
                 continue
             cfg = compose(size, workdir, 2, 2, r["precision"], variants[variant][1], model_path=folder)
             planned = plan_config(cfg)
-            r["plan_gib"] = planned.plan.total / 1024**3
-            r["plan_parts_gib"] = {k: v / 1024**3 for k, v in planned.plan.parts.items()}
+            # A row measured while cached runs still held their text encoders (every row before the
+            # field existed) is planned as it ran: with them.
+            setup = setup_of(cfg, planned.sizes).but(text_cached=not r.get("text_encoders_held", True))
+            again = plan(setup)
+            r["plan_gib"] = again.total / 1024**3
+            r["plan_parts_gib"] = {k: v / 1024**3 for k, v in again.parts.items()}
 
 
 def _write(name: str, record: dict[str, Any], args: argparse.Namespace) -> None:

@@ -60,7 +60,7 @@ class Cell:
         if self.plan is None:
             return "does not fit"
         what = " + ".join(_short(o) for o in self.overrides) or self.base
-        return f"{what} ({self.plan.total / 1024**3:.1f} GiB)"
+        return f"{what} ({self.plan.peak / 1024**3:.1f} GiB)"
 
 
 def _short(override: str) -> str:
@@ -108,7 +108,7 @@ def cheapest_in_cell(planned: Planned, budget: int) -> Cell:
 
     cfg = planned.cfg
     base = f"{cfg.train.strategy} + {cfg.optim.name}"
-    if planned.plan.total <= budget:
+    if planned.plan.peak <= budget:
         return Cell(base, (), planned.plan)
     kept = []
     for label, change in candidates(cfg):
@@ -124,7 +124,7 @@ def cheapest_in_cell(planned: Planned, budget: int) -> Cell:
                 break
         else:
             fitted = _plan_if_valid(planned, changed)
-            if fitted is not None and fitted.total <= budget:
+            if fitted is not None and fitted.peak <= budget:
                 return Cell(base, _overrides([kept[i][0] for i in combo]), fitted)
     return Cell(base, (), None)
 

@@ -158,6 +158,7 @@ def build_piece(
     did, then publish the entry if every piece is done."""
     import torch
 
+    from sdcluster.data import text_store
     from sdcluster.data.loader import training_rows
     from sdcluster.models.load import half_dtype, load_components, prepare_frozen
 
@@ -170,6 +171,8 @@ def build_piece(
     plan = make_plan(cfg, dataset, comps)
     if plan is None:  # make_plan logged why and what to change
         return PieceResult(None, 0, encoded=False, published=False)
+    # what validation encodes, while the encoders are here: the training jobs then load none
+    text_store.fill(cfg, comps, device)
     entry = latent_cache_dir(cfg) / plan.key
     rows = share_rows(plan, piece, count)
     if verify(entry, plan.key, CACHE_VERSION, cfg.data.cache_memory_mb * 2**20) is None:  # as training checks

@@ -118,7 +118,6 @@ def make_plan(cfg: Config, dataset: Any, comps: Components) -> Plan | None:
         )
         return None
     family = comps.family
-    encoders = comps.text_encoders.values()
     key = latent_cache_key(
         cfg,
         version=CACHE_VERSION,
@@ -126,7 +125,8 @@ def make_plan(cfg: Config, dataset: Any, comps: Components) -> Plan | None:
         source=comps.source,
         files=model_files(comps.source, encoder_parts(family), cfg.model.revision),
         vae_files=vae_files(cfg.model.vae_path) if cfg.model.vae_path else None,
-        dtypes=[str(comps.vae.dtype), *(str(encoder.dtype) for encoder in encoders)],
+        # what each encoder computes in, known without loading it (models.text_encoders)
+        dtypes=[str(comps.vae.dtype), *map(str, comps.text_encoders.dtypes().values())],
         images=[[fact.sha256, c] for fact, c in zip(facts, captions, strict=True)],
         empty_caption=dropout,
         buckets=identity_of(cfg),

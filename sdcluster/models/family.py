@@ -95,10 +95,9 @@ class Family(Protocol):
     def objective(
         self, noise_scheduler: Any, prediction_type: str | None = None, flow: Any = None
     ) -> Objective: ...
-    def frozen_modules(self, comps: Components) -> list[Any]: ...
     def sampler(self, name: str, config: Any) -> Any: ...
     def vae_dtype(self, model: ModelConfig, half: torch.dtype | None) -> torch.dtype | None: ...
-    def pipeline(self, comps: Components, denoiser: Any, scheduler: Any) -> Any: ...
+    def pipeline(self, comps: Components, denoiser: Any, scheduler: Any, text: bool = True) -> Any: ...
 
 
 PROMPT_EMBEDS = (
@@ -205,9 +204,6 @@ class SD1:
 
         return NoisePrediction(noise_scheduler, prediction_type)
 
-    def frozen_modules(self, comps: Components) -> list[Any]:
-        return [comps.vae, *comps.text_encoders.values()]
-
     def sampler(self, name: str, config: Any) -> Any:
         """The noise scheduler that samples as ``generate.scheduler`` ``name``, configured like ``config``
         (the model's own scheduler config): any of :data:`sdcluster.models.samplers.SAMPLER_CLASSES`."""
@@ -219,10 +215,15 @@ class SD1:
         """The VAE's dtype when mixed precision computes in ``half`` (None: leave it as loaded)."""
         return half
 
-    def pipeline(self, comps: Components, denoiser: Any, scheduler: Any) -> Any:
-        """A pipeline around in-memory components (validation images: nothing reloaded from disk)."""
+    def pipeline(self, comps: Components, denoiser: Any, scheduler: Any, text: bool = True) -> Any:
+        """A pipeline around in-memory components (validation images: nothing reloaded from disk).
+
+        ``text=False``: only the text encoders loaded already, None for the others, for a caller that
+        passes prompt embeddings (from :mod:`sdcluster.data.text_store`) and must not load T5 for nothing;
+        every family's pipeline then takes its embeddings' dtype from the denoiser."""
         parts = {"vae": comps.vae, self.denoiser_name: denoiser, "scheduler": scheduler}
-        parts.update(comps.text_encoders)
+        encoders = comps.text_encoders
+        parts.update(encoders if text else {name: encoders.loaded().get(name) for name in encoders})
         parts.update(comps.tokenizers)
         return self.pipeline_class(**parts, **self.pipeline_kwargs())
 

@@ -5,6 +5,7 @@ Training and generation get the same objects for the tiny model and for SD 1.4: 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from sdcluster.models.family import Family, family_of, family_of_folder
 if TYPE_CHECKING:  # accelerate and torch are imported by the training job, not by the login node's checks
     import torch
     from accelerate import Accelerator
+
+    from sdcluster.models.text_encoders import TextEncoders
 
 log = logging.getLogger("sdcluster")
 
@@ -171,7 +174,7 @@ class Components:
 
     family: Family
     tokenizers: dict[str, Any]
-    text_encoders: dict[str, Any]
+    text_encoders: TextEncoders  # each loaded on first use (a cached run uses none)
     vae: Any
     denoiser: torch.nn.Module  # the family's denoiser_name component: a UNet (or a transformer); None
     # only where load_components was asked to leave it out
@@ -202,6 +205,7 @@ def load_components(
     another rank would have empty weight folders.
     """
     from sdcluster.models.hub import origin
+    from sdcluster.models.text_encoders import TextEncoders
 
     if is_embedded(model.path) and accelerator is not None and accelerator.num_processes > 1:
         if accelerator.is_main_process:
@@ -228,7 +232,13 @@ def load_components(
         return _load_class(module, cls).from_pretrained(source, subfolder=sub, **kw)
 
     tokenizers = {n: load("transformers", c, n, **common) for n, c in family.tokenizer_classes.items()}
-    encoders = {n: load("transformers", c, n, **weights) for n, c in family.text_encoder_classes.items()}
+    encoders = TextEncoders(
+        {
+            n: functools.partial(load, "transformers", c, n, **weights)
+            for n, c in family.text_encoder_classes.items()
+        },
+        {n: _encoder_dtype(source, c, n, common) for n, c in family.text_encoder_classes.items()},
+    )
     return Components(
         family=family,
         tokenizers=tokenizers,
@@ -241,6 +251,15 @@ def load_components(
         source=source,
         origin=origin(model) if is_hub_id(model.path) else None,
     )
+
+
+def _encoder_dtype(source: str, cls: str, sub: str, common: dict[str, Any]) -> torch.dtype | None:
+    """The dtype ``from_pretrained`` gives encoder ``sub`` (its config's; transformers 5 loads with
+    ``dtype="auto"``), read from its config alone; None when the config names none."""
+    from sdcluster.models.text_encoders import config_dtype
+
+    config_class = _load_class("transformers", cls).config_class
+    return config_dtype(config_class.from_pretrained(source, subfolder=sub, **common))
 
 
 def half_dtype(mixed_precision: str) -> torch.dtype | None:
@@ -257,12 +276,16 @@ def prepare_frozen(model: ModelConfig, comps: Components, device: Any, half: tor
     """The frozen parts (VAE, text encoders) as training runs them: eval, no gradients, on ``device``, in
     the ``half`` type mixed precision computes in (the family may keep its VAE in float32). The latent-cache
     build runs them exactly so too: the cache key holds their dtypes."""
-    for frozen in comps.family.frozen_modules(comps):
-        frozen.requires_grad_(False)
-        frozen.eval()
-        cast = comps.family.vae_dtype(model, half) if frozen is comps.vae else half
-        # Only cast when mixed precision asks for it: a no-op cast still trips diffusers' fp32-module warning.
-        frozen.to(device, dtype=cast) if cast else frozen.to(device)
+    _freeze(comps.vae, device, comps.family.vae_dtype(model, half))
+    # each text encoder as it loads (a cached run loads none: models.text_encoders)
+    comps.text_encoders.prepare(functools.partial(_freeze, device=device, cast=half), half)
+
+
+def _freeze(frozen: torch.nn.Module, device: Any, cast: torch.dtype | None) -> None:
+    frozen.requires_grad_(False)
+    frozen.eval()
+    # Only cast when mixed precision asks for it: a no-op cast still trips diffusers' fp32-module warning.
+    frozen.to(device, dtype=cast) if cast else frozen.to(device)
 
 
 def load_vae(model: ModelConfig, source: str, weights: dict[str, Any]) -> Any:

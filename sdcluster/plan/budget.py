@@ -13,9 +13,12 @@ by planning again with each change, not by a rule of thumb. Per part, as the tra
   communication buckets (torch's ``gradient_as_bucket_view`` is off, as accelerate leaves it);
 - **optimizer state**: what the optimizer keeps for each trained tensor (its schema counts it by shape);
 - **EMA**: one float32 copy of what is trained; none on the GPU with ``train.ema_offload``;
-- **frozen**: the VAE and text encoders, always on the GPU (validation images and an uncached step need
-  them, so the trainer loads them whether or not the latent cache is used), in the half type under mixed
-  precision except a VAE its family keeps in float32;
+- **frozen**: the VAE, and the text encoders unless the steps read their outputs from the latent cache
+  (``data.cache``, the text encoders not trained: the job then holds none while it trains,
+  :mod:`sdcluster.models.text_encoders`), in the half type under mixed precision except a VAE its family
+  keeps in float32. A cache build inside the training job holds them before the first step, beside the
+  weights: :attr:`Plan.before_steps`, part of :attr:`Plan.peak` unless ``data.cache_shards`` > 1 builds the
+  cache in an array job of its own;
 - **activations**: what a micro-step needs above the weights and gradients at its peak
   (:mod:`sdcluster.plan.activations`): the gradients grow while the activations are freed, so a full
   fine-tune's is the measured excess late in the backward pass, not the activations' own size (which partly
@@ -62,6 +65,10 @@ class Setup:
     accumulation: bool = False
     """Gradient accumulation (``train.grad_accum`` > 1): a micro-step's forward runs with the gradients of
     the earlier ones alive."""
+    text_cached: bool = False
+    """The steps read the text encoders' outputs from the latent cache: no encoder is held while training."""
+    builds_cache: bool = False
+    """The training job may build the cache itself (with its encoders and weights loaded) before its steps."""
 
     def but(self, **changes: object) -> Setup:
         return replace(self, **changes)
@@ -74,10 +81,19 @@ class Plan:
     parts: dict[str, int]
     activations: Activations
     setup: Setup
+    before_steps: int = 0
+    """What a cache build in the job holds before the first step (weights, VAE, text encoders); 0 when the
+    text encoders are held throughout (counted in the parts) or the build runs in a job of its own."""
 
     @property
     def total(self) -> int:
+        """What the training steps hold."""
         return sum(self.parts.values())
+
+    @property
+    def peak(self) -> int:
+        """The job's most: the steps', or a cache build's before them."""
+        return max(self.total, self.before_steps)
 
     def table(self, budget_gib: float | None = None) -> list[str]:
         """The plan as aligned lines: one per part, the total, and the budget when there is one (in MiB
@@ -86,8 +102,13 @@ class Plan:
         lines = [f"  {part:<18} {n / size:9.2f} {unit}" for part, n in self.parts.items()]
         lines[-1] += f"  ({self.activations.basis})"
         lines.append(f"  {'total':<18} {self.total / size:9.2f} {unit} per GPU")
+        if self.before_steps:
+            lines.append(
+                f"  {'cache build':<18} {self.before_steps / size:9.2f} {unit} before the first step "
+                "(weights, VAE, text encoders), if the job builds the latent cache itself"
+            )
         if budget_gib is not None:
-            verdict = "fits" if self.total <= budget_gib * GIB else "does NOT fit"
+            verdict = "fits" if self.peak <= budget_gib * GIB else "does NOT fit"
             lines.append(f"  {'cluster.gpu_mem_gb':<18} {budget_gib * GIB / size:9.2f} {unit}: {verdict}")
         return lines
 
@@ -106,10 +127,10 @@ def _weights(setup: Setup, copies_counted: bool = False) -> int:
     return sizes.denoiser * FP32 + autocast_copies
 
 
-def _frozen(setup: Setup) -> int:
+def _frozen(setup: Setup, encoders_held: bool) -> int:
     sizes, element = setup.sizes, HALF if setup.half else FP32
     vae = sizes.frozen.get("vae", 0) * (FP32 if sizes.vae_stays_fp32 else element)
-    encoders = sum(n for name, n in sizes.frozen.items() if name != "vae") * element
+    encoders = sum(n for name, n in sizes.frozen.items() if name != "vae") * element if encoders_held else 0
     return vae + encoders + (sizes.encoder_adapters * FP32 if setup.trains_adapters else 0)
 
 
@@ -141,7 +162,10 @@ def plan(setup: Setup) -> Plan:
         "gradients": gradients + buckets,
         "optimizer state": resident * setup.optimizer_state // share,
         "EMA": 0 if not setup.ema or setup.ema_offload else trained * FP32 // share,
-        "frozen parts": _frozen(setup),
+        "frozen parts": _frozen(setup, encoders_held=not setup.text_cached),
         "activations": acts.bytes,
     }
-    return Plan(parts, acts, setup)
+    # the optimizer state is made at the first step: a build before it holds the weights and frozen parts
+    building = setup.text_cached and setup.builds_cache
+    before = weights + _frozen(setup, encoders_held=True) if building else 0
+    return Plan(parts, acts, setup, before)

@@ -52,6 +52,9 @@ def setup_of(cfg: Config, sizes: ModelSizes) -> Setup:
         resolution=train.resolution,
         batch=train.batch_size,
         accumulation=train.grad_accum > 1,
+        # the text encoders trained (LoRA on them) run at every step: the cache's text arrays go unused
+        text_cached=cfg.data.cache and not (train.trains_adapters and train.lora.text_encoder_lr is not None),
+        builds_cache=cfg.data.cache_shards <= 1,
     )
 
 
@@ -177,7 +180,7 @@ def _fits(planned: Planned, cfg: Config, budget: int) -> Plan | None:
         new = planned.again(cfg)
     except ConfigError:  # a change the schema refuses with the rest of this config
         return None
-    return new if new.total <= budget else None
+    return new if new.peak <= budget else None
 
 
 def cheapest_fit(planned: Planned, budget: int) -> tuple[str, Plan] | None:
@@ -237,7 +240,7 @@ def refuse_above_budget(planned: Planned) -> None:
     if cfg.cluster.gpu_mem_gb is None:
         return
     budget = math.floor(cfg.cluster.gpu_mem_gb * GIB)
-    if planned.plan.total <= budget:
+    if planned.plan.peak <= budget:
         return
     lines = "\n".join(describe(planned))
     fit = cheapest_fit(planned, budget)
@@ -245,8 +248,8 @@ def refuse_above_budget(planned: Planned) -> None:
         fix = "no change sdcluster knows fits it: use GPUs with more memory (e.g. cluster.constraint)"
     else:
         label, fitted = fit
-        fix = f"{label} (planned at {fitted.total / GIB:.2f} GiB per GPU)"
+        fix = f"{label} (planned at {fitted.peak / GIB:.2f} GiB per GPU)"
     raise ConfigError(
-        f"cluster.gpu_mem_gb: the training job needs {planned.plan.total / GIB:.2f} GiB per GPU, above "
+        f"cluster.gpu_mem_gb: the training job needs {planned.plan.peak / GIB:.2f} GiB per GPU, above "
         f"the {cfg.cluster.gpu_mem_gb} GiB of cluster.gpu_mem_gb:\n{lines}\nFix: {fix}"
     )

@@ -4,12 +4,16 @@ other tools' formats ``train.export_formats`` asks for: kohya LoRA keys, a singl
 Every export is written to a temporary folder and published in one rename, so the destination is either
 the previous or the new export. Frozen components (VAE, text encoder, tokenizer, scheduler) are read again
 from the source as it was published, not taken from the training process, where mixed precision cast
-them to fp16/bf16. The safety checker is left out (a research export).
+them to fp16/bf16; the text encoders of a local source are copied as files, not loaded (a cached run never
+loads them). The safety checker is left out (a research export).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdcluster import atomic
 from sdcluster.config import ModelConfig
+from sdcluster.model_source import is_local
 from sdcluster.train import lora_formats, model_card, single_file
 from sdcluster.train.ema import ema_weights
 
@@ -49,6 +54,38 @@ def _base_pipeline(family: Family, source: str, model: ModelConfig, **parts: Any
         **family.pipeline_kwargs(),
         **parts,
     )
+
+
+# What an encoder's folder holds that loading it without a variant reads: its configs and its safetensors
+# weights (one file, or shards and their index); not another variant's files, never a pickle.
+_ENCODER_FILE = re.compile(
+    r"(generation_)?config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
+)
+
+
+def _copied_encoders(family: Family, source: str, model: ModelConfig) -> list[str]:
+    """The text encoders a full export copies as files instead of loading: every one of a local source
+    without a ``model.variant`` (a cached run has not loaded them, and T5-XXL is 9.4 GB to read just to
+    write it out again); a hub id (a caller that skipped staging) or a variant's files are loaded."""
+    if model.variant or not is_local(source):
+        return []
+    return [name for name in family.text_encoder_classes if (Path(source) / name / "config.json").is_file()]
+
+
+def _copy_encoders(names: list[str], source: str, tmp: Path) -> None:
+    """Copy each encoder's folder (the files :data:`_ENCODER_FILE` matches, links followed) into the export
+    and name it in ``model_index.json`` as the source does (the pipeline was saved without it)."""
+    if not names:
+        return
+    index = json.loads((Path(source) / "model_index.json").read_text())
+    written = json.loads((tmp / "model_index.json").read_text())
+    for name in names:
+        (tmp / name).mkdir()
+        for path in sorted((Path(source) / name).iterdir()):
+            if _ENCODER_FILE.fullmatch(path.name):
+                shutil.copyfile(path, tmp / name / path.name)
+        written[name] = index[name]
+    atomic.write_json(tmp / "model_index.json", written)
 
 
 def _save(pipe: Any, tmp: Path, objective: Objective) -> None:
@@ -85,9 +122,11 @@ def export_pipeline(
     ``params`` are the parameters the EMA averages; ``objective`` (the run's) configures the exported
     scheduler; ``model`` gives the source's revision, variant and ``vae_path``.
     """
+    copied = _copied_encoders(family, source, model)
     with _publishing(dest, origin) as tmp, ema_weights(ema, params):
-        parts = {family.denoiser_name: denoiser}
+        parts = {family.denoiser_name: denoiser, **dict.fromkeys(copied)}  # None: not loaded
         _save(_base_pipeline(family, source, model, **parts), tmp, objective)
+        _copy_encoders(copied, source, tmp)
         single_file.write_run_single_file(tmp, dest.parent)  # train.export_formats, made from that folder
         model_card.write_card(tmp, dest.parent, family)  # the run folder (dest's parent) describes it
     log.info("exported pipeline (%s weights): %s", "EMA" if ema is not None else "trained", dest)

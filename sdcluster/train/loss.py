@@ -93,8 +93,8 @@ def _cached_encodings(
 ) -> dict[str, torch.Tensor]:
     """The batch's cached caption encodings, the empty caption's cached rows where ``drop`` is set."""
     family = comps.family
-    # The first parameter's dtype: a model's ``.dtype`` walks all its modules, at every step.
-    dtype = next(next(iter(comps.text_encoders.values())).parameters()).dtype
+    # what the (first) encoder computes in, known without loading it: a cached run leaves them on disk
+    dtype = comps.text_encoders.dtype(next(iter(comps.text_encoders)))
     encoded = {kind: batch[kind].to(device, dtype, non_blocking=True) for kind in family.text_arrays}
     if drop is None or not drop.any():
         return encoded

@@ -32,12 +32,14 @@ import torch.nn.functional as F
 from sdcluster import paths
 from sdcluster.generate.images import full_size_grid, save_png_atomic
 from sdcluster.generate.plan import item_seed
+from sdcluster.generate.render import PromptEmbeddings
 from sdcluster.train import metrics
 from sdcluster.train.ema import ema_weights
 from sdcluster.train.loss import conditioning, scale_latents, step_generator
 
 if TYPE_CHECKING:
-    from sdcluster.config import Config
+    from sdcluster.config import Config, GenerateConfig
+    from sdcluster.data.text_store import TextStore
     from sdcluster.train.trainer import Trainer
 
 log = logging.getLogger("sdcluster")
@@ -57,11 +59,29 @@ class LossImages:
     held_out: bool  # False: data.holdout=0, the loss is on training images
     pixel_values: torch.Tensor
     text: dict[str, torch.Tensor]  # token ids by batch key, and SDXL's time ids
+    captions: list[str]  # what the text store holds their encodings by
 
     def describe(self) -> str:
         if self.held_out:
             return f"{len(self.indices)} held-out images"
         return f"first {len(self.indices)} training images, data.holdout=0"
+
+
+def _loss_rows(cfg: Config) -> tuple[Any, list[int], bool]:
+    """(the dataset, the rows the loss is measured on, whether they are held out)."""
+    from sdcluster.data.sources import counts_of, load_rows, split_rows
+
+    dataset = load_rows(cfg, paths.datasets_cache(cfg))  # data.path, or every source of data.sources
+    _, held = split_rows(cfg.data, counts_of(cfg, dataset))  # each source's own held-out images
+    return dataset, held or list(range(min(FALLBACK_IMAGES, len(dataset)))), bool(held)
+
+
+def loss_captions(cfg: Config) -> list[str]:
+    """The captions of the loss images, in their order (what a cache build encodes into the text store)."""
+    from sdcluster.data.sources import column
+
+    dataset, indices, _ = _loss_rows(cfg)
+    return list(column(dataset.select(indices), cfg.data.caption_column))
 
 
 def loss_images(cfg: Config, tokenizers: Any) -> LossImages:
@@ -71,17 +91,24 @@ def loss_images(cfg: Config, tokenizers: Any) -> LossImages:
     pixels do not depend on an augmentation seed.
     """
     from sdcluster.data.dataset import TrainImages, collate
-    from sdcluster.data.sources import counts_of, load_rows, split_rows
+    from sdcluster.data.sources import column
 
-    dataset = load_rows(cfg, paths.datasets_cache(cfg))  # data.path, or every source of data.sources
-    _, held = split_rows(cfg.data, counts_of(cfg, dataset))  # each source's own held-out images
-    indices = held or list(range(min(FALLBACK_IMAGES, len(dataset))))
+    dataset, indices, held = _loss_rows(cfg)
     subset = dataset.select(indices)
     images = TrainImages(subset, tokenizers, cfg.train.resolution, True, False, cfg.data.caption_column)
     batch = collate([images[(k, 0)] for k in range(len(indices))])
     names = list(subset["file_name"])
     pixels = batch.pop("pixel_values")
-    return LossImages(indices, names, bool(held), pixels, batch)
+    captions = list(column(subset, cfg.data.caption_column))
+    return LossImages(indices, names, held, pixels, batch, captions)
+
+
+def _store(t: Trainer) -> TextStore | None:
+    """Where validation reads its text encodings, or None where the text encoders are trained (then only
+    running them gives the adapted encodings)."""
+    from sdcluster.data.text_store import TextStore
+
+    return None if t.method.trains_text_encoder else TextStore.of(t.cfg, t.comps, t.accelerator.device)
 
 
 def fixed_timesteps(num_train_timesteps: int, count: int = NUM_TIMESTEPS) -> list[int]:
@@ -100,14 +127,21 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _encode(t: Trainer, images: LossImages, pos: int) -> tuple[torch.Tensor, dict[str, Any]]:
+def _encode(
+    t: Trainer, images: LossImages, pos: int, store: TextStore | None
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """Latents from the VAE posterior *mean* (a sample would add noise that no seed controls) and the
-    denoiser's conditioning (text, and SDXL's size and crop)."""
+    denoiser's conditioning (text, and SDXL's size and crop): the caption's encodings from the ``store``
+    (the very numbers its encoders give, so a cached run measures what an encoding one does), else by
+    running the (trained) text encoders."""
     vae, device = t.comps.vae, t.accelerator.device
     pixels = images.pixel_values[pos : pos + 1].to(device, vae.dtype)
     mean = vae.encode(pixels).latent_dist.mean
     latents = scale_latents(mean, vae.config.scaling_factor, vae.config.shift_factor)
-    return latents, conditioning(t.comps, {k: v[pos : pos + 1] for k, v in images.text.items()}, device)
+    text = {k: v[pos : pos + 1] for k, v in images.text.items()}
+    if store is not None:
+        text |= store.caption(images.captions[pos])
+    return latents, conditioning(t.comps, text, device)
 
 
 def _pair_loss(
@@ -144,32 +178,55 @@ def validation_loss(t: Trainer, images: LossImages | None = None, use_ema: bool 
     total = torch.zeros((), dtype=torch.float64, device=acc.device)
     encoded: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}
     ema = t.ema if use_ema else None
+    store = _store(t)
     with _eval_mode(denoiser), _text_eval(t), ema_weights(ema, t.params), torch.no_grad():
         for pos, step in pairs[acc.process_index :: acc.num_processes]:
             if pos not in encoded:
-                encoded[pos] = _encode(t, images, pos)
+                encoded[pos] = _encode(t, images, pos, store)
             total += _pair_loss(t, denoiser, *encoded[pos], images.indices[pos], step)
     return acc.reduce(total, reduction="sum").item() / len(pairs)
 
 
 @contextlib.contextmanager
 def _text_eval(t: Trainer) -> Iterator[None]:
-    """Every text encoder in eval mode (no adapter dropout) inside."""
+    """Every loaded text encoder in eval mode (no adapter dropout) inside."""
     with contextlib.ExitStack() as stack:
-        for encoder in t.comps.text_encoders.values():
+        for encoder in t.comps.text_encoders.loaded().values():
             stack.enter_context(_eval_mode(encoder))
         yield
 
 
-def _pipeline(t: Trainer, denoiser: torch.nn.Module) -> Any:
-    """A pipeline around the in-memory components: nothing reloaded from disk, no safety checker, no bars."""
+def _pipeline(t: Trainer, denoiser: torch.nn.Module, text: bool = True) -> Any:
+    """A pipeline around the in-memory components: nothing reloaded from disk, no safety checker, no bars;
+    ``text=False``: without the text encoders not loaded (its prompts come as embeddings)."""
     comps = t.comps
     with warnings.catch_warnings():  # it fixes old scheduler settings (clip_sample) itself, warning each time
         warnings.filterwarnings("ignore", "The configuration file of this scheduler", FutureWarning)
         sampler = comps.family.sampler(t.cfg.generate.scheduler, comps.noise_scheduler.config)
-        pipe = comps.family.pipeline(comps, denoiser, sampler)
+        pipe = comps.family.pipeline(comps, denoiser, sampler, text=text)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+class _StoredPrompts(PromptEmbeddings):
+    """Validation prompts' embeddings from the text store; a pipeline with the text encoders is made (and
+    they are loaded) only for a prompt the store lacks."""
+
+    def __init__(
+        self, t: Trainer, denoiser: torch.nn.Module, pipe: Any, store: TextStore, gen: GenerateConfig
+    ) -> None:
+        super().__init__(pipe, gen.negative_prompt, gen.guidance_scale)
+        self.store = store
+        self._encoding: Any = None
+        self._make = lambda: _pipeline(t, denoiser)
+
+    def _encoding_pipe(self) -> Any:
+        if self._encoding is None:
+            self._encoding = self._make()
+        return self._encoding
+
+    def encode(self, prompt: str, negative: str | None, guidance: bool) -> dict[str, Any]:
+        return self.store.prompt(prompt, negative, guidance, self._encoding_pipe)
 
 
 def image_folder(t: Trainer, step: int) -> Path:
@@ -194,12 +251,14 @@ def validation_images(t: Trainer, step: int) -> Path | None:
     size = cfg.train.resolution
     gen = dataclasses.replace(cfg.generate, steps=cfg.train.validation_steps, height=size, width=size)
     denoiser = acc.unwrap_model(t.denoiser)
+    store = _store(t)
     with _eval_mode(denoiser), _text_eval(t), ema_weights(t.ema, t.params):
-        pipe = _pipeline(t, denoiser)
+        pipe = _pipeline(t, denoiser, text=store is None)
+        embeddings = None if store is None else _StoredPrompts(t, denoiser, pipe, store, gen)
         for i in range(acc.process_index, len(prompts), acc.num_processes):
             seed = item_seed(IMAGE_SEED, i, 0)
             with acc.autocast():
-                image = render(pipe, [prompts[i]], [seed], gen)[0]
+                image = render(pipe, [prompts[i]], [seed], gen, embeddings)[0]
             record = {"step": step, "prompt": prompts[i], "seed": seed, "steps": gen.steps}
             save_png_atomic(image, folder / f"p{i:02d}.png", record)
     acc.wait_for_everyone()

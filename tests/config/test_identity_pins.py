@@ -14,10 +14,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from sdcluster import identity, paths
 from sdcluster.data import latent_cache
 from sdcluster.models.family import SD1, SDXL
+from sdcluster.models.text_encoders import TextEncoders
 from tests.conftest import compose, copy_sample
 
 DATA = "data.path=/datasets/sample"
@@ -130,9 +132,10 @@ def test_latent_cache_keys_keep_their_values(case, tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
     cfg = compose([f"data.path={data}", *overrides])
     cfg.model.vae_path = vae_path  # relative, as above
-    dtype = SimpleNamespace(dtype="torch.float32")
+    names = family.text_encoder_classes
+    encoders = TextEncoders(dict.fromkeys(names), dict.fromkeys(names, torch.float32))  # dtypes: no load
     comps = SimpleNamespace(
-        family=family, source=source, vae=dtype, text_encoders={n: dtype for n in family.text_encoder_classes}
+        family=family, source=source, vae=SimpleNamespace(dtype="torch.float32"), text_encoders=encoders
     )
     dataset = {"file_name": [r["file_name"] for r in rows], "text": [r["text"] for r in rows]}
     assert latent_cache.make_plan(cfg, dataset, comps).key == CACHE_KEYS[case]

@@ -50,7 +50,7 @@ def test_parameter_counts_are_the_loaded_models_and_the_methods_adapters(
 
 
 def test_bytes_per_part_follow_the_formula(make_cfg) -> None:
-    full = plan_config(make_cfg(["train.use_ema=true"]))
+    full = plan_config(make_cfg(["train.use_ema=true", "data.cache=false"]))
     d, frozen = full.sizes.denoiser, sum(full.sizes.frozen.values())
     acts = activation_bytes("sd1", d, full.sizes.denoiser_width, 64, 2, False).bytes
     adamw = 2 * FP32 * d + 4 * len(full.sizes.denoiser_shapes)  # two float32 moments, a step per tensor
@@ -62,7 +62,21 @@ def test_bytes_per_part_follow_the_formula(make_cfg) -> None:
         "frozen parts": FP32 * frozen,
         "activations": acts,
     }
-    assert full.plan.total == 3 * FP32 * d + adamw + FP32 * frozen + acts
+    assert full.plan.total == full.plan.peak == 3 * FP32 * d + adamw + FP32 * frozen + acts
+    assert full.plan.before_steps == 0  # every step runs the text encoder: held throughout, in the parts
+
+    # cached: the steps hold the VAE alone; a cache build in the job holds the weights and every frozen part
+    cached = full.again(make_cfg(["train.use_ema=true"]))
+    vae = FP32 * full.sizes.frozen["vae"]
+    assert cached.parts["frozen parts"] == vae < FP32 * frozen
+    assert cached.total == full.plan.total - FP32 * (frozen - full.sizes.frozen["vae"])
+    assert cached.before_steps == FP32 * d + FP32 * frozen and cached.peak == cached.total
+    in_array = full.again(make_cfg(["train.use_ema=true", "data.cache_shards=4"]))
+    assert in_array.before_steps == 0 and in_array.total == cached.total  # the array job builds it
+    trained = full.again(
+        make_cfg(["train.method=lora", "train.lora.text_encoder_lr=1e-4", "train.use_ema=true"])
+    )
+    assert trained.before_steps == 0 and trained.parts["frozen parts"] > FP32 * frozen  # held, adapted
 
     # four processes sharding it: a quarter of each trained part, plus two gathered blocks; the EMA offloaded
     sharded = full.again(
@@ -86,7 +100,9 @@ def test_bytes_per_part_follow_the_formula(make_cfg) -> None:
     assert replicated.parts["weights"] == full.plan.parts["weights"]
 
     # LoRA in bf16: the frozen base and encoders in half precision, the adapters and their state in float32
-    lora = plan_config(make_cfg(["train.method=lora", "train.mixed_precision=bf16", "optim=adamw8bit"]))
+    lora = plan_config(
+        make_cfg(["train.method=lora", "train.mixed_precision=bf16", "optim=adamw8bit", "data.cache=false"])
+    )
     a = lora.sizes.denoiser_adapters
     assert a == sum(math.prod(s) for s in lora.sizes.adapter_shapes)
     assert lora.plan.parts["weights"] == HALF * d + FP32 * a
