@@ -30,13 +30,15 @@ from pathlib import Path
 from benchmarks import common
 
 
-def child(started: float, out: Path, model: str = "tiny", eager_text: bool = False) -> None:
+def child(
+    started: float, out: Path, model: str = "tiny", eager_text: bool = False, precision: str = "no"
+) -> None:
     """The measured process: a training job that stops after its first optimizer step; ``eager_text``:
     every text encoder loaded with the model (what every run did before they were loaded on first use)."""
     from sdcluster.runtime import callables
 
     marks = {"interpreter up": time.time() - started}
-    cfg = common.seed_config(model, out, batch_size=2, use_ema=False, max_steps=40)
+    cfg = common.seed_config(model, out, batch_size=2, use_ema=False, max_steps=40, mixed_precision=precision)
     if eager_text:
         from sdcluster.train import trainer
 
@@ -67,10 +69,10 @@ def child(started: float, out: Path, model: str = "tiny", eager_text: bool = Fal
 
 
 def _spawn(
-    out: Path, importtime: bool = False, model: str = "tiny", eager_text: bool = False
+    out: Path, importtime: bool = False, model: str = "tiny", eager_text: bool = False, precision: str = "no"
 ) -> tuple[dict[str, float], str]:
     cmd = [sys.executable, *(["-X", "importtime"] if importtime else [])]
-    cmd += ["-m", "benchmarks.startup", "--child", str(out), "--model", model]
+    cmd += ["-m", "benchmarks.startup", "--child", str(out), "--model", model, "--precision", precision]
     cmd += ["--eager-text"] if eager_text else []
     started = time.time()
     proc = subprocess.run([*cmd, "--started", repr(started)], check=True, capture_output=True, text=True)
@@ -94,17 +96,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--importtime", action="store_true")
     parser.add_argument("--model", default="tiny", choices=sorted(common.RESOLUTION))
     parser.add_argument("--text-encoders", action="store_true", help="each start without and with them")
+    parser.add_argument(
+        "--precision", default="no", choices=["no", "bf16"], help="train.mixed_precision (bf16: a GPU's)"
+    )
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--started", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--eager-text", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        child(args.started, args.child, args.model, args.eager_text)
+        child(args.started, args.child, args.model, args.eager_text, args.precision)
         return
     with tempfile.TemporaryDirectory() as out:  # builds the model, the cache and the text store, untimed
         from sdcluster.train.loop import train
 
-        train(common.seed_config(args.model, Path(out), batch_size=2, use_ema=False, max_steps=1))
+        cfg = common.seed_config(
+            args.model, Path(out), batch_size=2, use_ema=False, max_steps=1, mixed_precision=args.precision
+        )
+        train(cfg)
     if args.text_encoders:
         _text_encoders(args)
         return
@@ -135,17 +143,19 @@ def _text_encoders(args: argparse.Namespace) -> None:
     for _ in range(args.repeats):
         for label, eager in zip(runs, (False, True), strict=True):
             with tempfile.TemporaryDirectory() as out:
-                runs[label].append(_spawn(Path(out), model=args.model, eager_text=eager)[0])
+                spawned = _spawn(Path(out), model=args.model, eager_text=eager, precision=args.precision)
+                runs[label].append(spawned[0])
     rows = []
     for label, measured in runs.items():
         first = common.spread([r["first optimizer step"] for r in measured], "{:.2f}")
         rss = common.spread([r["peak_rss_mb"] for r in measured], "{:.0f}")
         rows.append([label, *first, *rss])
     title = (
-        f"Start-up of a cached training job, {args.model}, text encoders loaded or not "
+        f"Start-up of a cached training job, {args.model}, mixed precision {args.precision}, text encoders "
+        "loaded or not "
         f"({common.machine()}; {args.repeats} fresh processes each)"
     )
-    common.save(f"startup_text_encoders_{args.model}", {"title": title, "runs": runs})
+    common.save(f"startup_text_encoders_{args.model}_{args.precision}", {"title": title, "runs": runs})
     common.print_table(
         title,
         ["text encoders", "s to step 1, median", "min-max", "peak RSS MiB, median", "min-max"],

@@ -121,6 +121,25 @@ def load_rows(cfg: Config, cache_dir: Path | str | None = None) -> Any:
     return datasets.concatenate_datasets(parts)
 
 
+FALLBACK_IMAGES = 4  # with data.holdout=0: the first images of the (training) set, said so in the log
+
+
+def loss_rows(cfg: Config) -> tuple[Any, list[int], bool]:
+    """(the rows, which of them the validation loss is measured on, whether those are held out): each
+    source's held-out images, or the first ``FALLBACK_IMAGES`` when nothing is held out."""
+    from sdcluster.paths import datasets_cache
+
+    dataset = load_rows(cfg, datasets_cache(cfg))  # data.path, or every source of data.sources
+    _, held = split_rows(cfg.data, counts_of(cfg, dataset))
+    return dataset, held or list(range(min(FALLBACK_IMAGES, len(dataset)))), bool(held)
+
+
+def loss_captions(cfg: Config) -> list[str]:
+    """The captions of the validation loss's images, in their order (what the text store holds for it)."""
+    dataset, indices, _ = loss_rows(cfg)
+    return list(column(dataset.select(indices), cfg.data.caption_column))
+
+
 def column(rows: Any, name: str) -> list[Any]:
     """Column ``name`` of ``rows`` (a ``datasets.Dataset``, or a mapping of columns) as a list, read in one
     Arrow slice: ``rows[name]`` is a lazy column in datasets 4+, read row by row (2 s at 100,000 rows, at

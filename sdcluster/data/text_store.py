@@ -118,7 +118,7 @@ class TextStore:
 def validation_texts(cfg: Config) -> tuple[list[str], list[tuple[str, str | None, bool]]]:
     """What validation encodes: the held-out captions (or the fallback images') and each validation
     prompt with the negative prompt and guidance switch it is rendered with."""
-    from sdcluster.train.validation import loss_captions
+    from sdcluster.data.sources import loss_captions
 
     guidance = cfg.generate.guidance_scale > 1.0  # the pipelines' own test for classifier-free guidance
     prompts = [(p, cfg.generate.negative_prompt, guidance) for p in cfg.train.validation_prompts]

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from sdcluster import paths
 from sdcluster.generate.images import full_size_grid, save_png_atomic
 from sdcluster.generate.plan import item_seed
 from sdcluster.generate.render import PromptEmbeddings
@@ -45,7 +44,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("sdcluster")
 
 NUM_TIMESTEPS = 4  # loss timesteps, spread over the whole noise range: low, mid and high noise all count
-FALLBACK_IMAGES = 4  # with data.holdout=0: the first images of the (training) set, said so in the log
 NOISE_SEED = 0x5EED_0FF  # not train.seed: two runs with different seeds must see the same noise
 IMAGE_SEED = 0  # prompt i always starts from item_seed(IMAGE_SEED, i, 0), at every step of every run
 
@@ -67,33 +65,17 @@ class LossImages:
         return f"first {len(self.indices)} training images, data.holdout=0"
 
 
-def _loss_rows(cfg: Config) -> tuple[Any, list[int], bool]:
-    """(the dataset, the rows the loss is measured on, whether they are held out)."""
-    from sdcluster.data.sources import counts_of, load_rows, split_rows
-
-    dataset = load_rows(cfg, paths.datasets_cache(cfg))  # data.path, or every source of data.sources
-    _, held = split_rows(cfg.data, counts_of(cfg, dataset))  # each source's own held-out images
-    return dataset, held or list(range(min(FALLBACK_IMAGES, len(dataset)))), bool(held)
-
-
-def loss_captions(cfg: Config) -> list[str]:
-    """The captions of the loss images, in their order (what a cache build encodes into the text store)."""
-    from sdcluster.data.sources import column
-
-    dataset, indices, _ = _loss_rows(cfg)
-    return list(column(dataset.select(indices), cfg.data.caption_column))
-
-
 def loss_images(cfg: Config, tokenizers: Any) -> LossImages:
-    """The held-out images, or the first ``FALLBACK_IMAGES`` when nothing is held out.
+    """The held-out images, or the first ``FALLBACK_IMAGES`` (:func:`~sdcluster.data.sources.loss_rows`)
+    when nothing is held out.
 
     The crop is the center one and there is no flip whatever ``train.center_crop/random_flip`` say, so the
     pixels do not depend on an augmentation seed.
     """
     from sdcluster.data.dataset import TrainImages, collate
-    from sdcluster.data.sources import column
+    from sdcluster.data.sources import column, loss_rows
 
-    dataset, indices, held = _loss_rows(cfg)
+    dataset, indices, held = loss_rows(cfg)
     subset = dataset.select(indices)
     images = TrainImages(subset, tokenizers, cfg.train.resolution, True, False, cfg.data.caption_column)
     batch = collate([images[(k, 0)] for k in range(len(indices))])
