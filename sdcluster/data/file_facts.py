@@ -133,8 +133,11 @@ class DecodedMemo:
 
     def known(self, path: Path) -> bool:
         """``path`` decoded cleanly before, and its stat says it is the same file."""
-        name = path.relative_to(self.folder).as_posix()
-        return name in self.files and self.files[name] == self._stamp(path)
+        try:
+            info = os.stat(path)
+        except OSError:
+            return False
+        return self.known_stat(path.relative_to(self.folder).as_posix(), info)
 
     def known_stat(self, name: str, info: os.stat_result) -> bool:
         """:meth:`known` of the file ``name`` (its normalized path in the folder), with its stat already at

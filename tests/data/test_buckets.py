@@ -294,6 +294,12 @@ def test_a_bucketed_entry_built_by_two_ranks_reads_as_one_built_alone(make_cfg, 
         entries[world] = latent_cache.CachedExamples(entry, 0, 64, True, False)  # budget 0: memory-mapped
     assert np.load(tmp_path / "entry2" / "posterior.64x64.0.npy").shape[0] == 0
     assert np.load(tmp_path / "entry2" / "posterior.64x64.1.npy").shape[0] == 1
+    arrays = plan.posterior_arrays()
+    for row, variant in enumerate(plan.variants):  # each variant read where the plan put it, bucket by bucket
+        name, first, _ = next(a for a in arrays if a[1] <= row < a[2])
+        assert entries[2].row_of(variant) == (name, row - first)
+    with pytest.raises(KeyError):
+        entries[2].row_of((0, 1, 1, True))  # a crop and flip this entry does not hold
     for index, seed in itertools.product(range(len(IMAGES)), range(2)):
         one, two = entries[1][(index, seed)], entries[2][(index, seed)]
         assert torch.allclose(one["posterior"], two["posterior"], atol=1e-5), (index, seed)
