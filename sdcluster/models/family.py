@@ -297,9 +297,9 @@ class SD3(SD1):
     encoders and T5. As ``StableDiffusion3Pipeline.encode_prompt`` builds it: the CLIP encoders'
     penultimate hidden states, concatenated and zero-padded to the T5 width, followed (along the sequence)
     by T5's last hidden states; the two CLIP pooled projections concatenated. Both are cached text arrays,
-    so a cached run's steps never run T5 (it is still loaded, for the cache's key, validation and
-    generation). Written here on token ids rather than called: the pipeline's encoders take prompts and
-    tokenize them themselves (tests/train/test_sd3.py compares the two)."""
+    so a cached run never runs T5, nor loads it (:mod:`sdcluster.models.text_encoders`). Written here on
+    token ids rather than called: the pipeline's encoders take prompts and tokenize them themselves
+    (tests/train/test_sd3.py compares the two)."""
 
     name: ClassVar[str] = "sd3"
     pipeline_name: ClassVar[str] = "StableDiffusion3Pipeline"
