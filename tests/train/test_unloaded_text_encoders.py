@@ -165,3 +165,43 @@ def test_a_run_that_builds_the_cache_leaves_what_the_next_run_needs(
         _forbid_text_encoders(forbidden, FLUX)
         second = train(cfg)
     assert second.step == 2 and _val_loss(second.run_dir) != _val_loss(first.run_dir)
+
+
+def test_a_full_export_copies_the_encoders_files_a_plain_load_reads(tmp_path):
+    """Copied, not loaded: the config and the safetensors weights an unvariant load reads (one file, or
+    shards and their index), not another variant's files nor a pickle; ``model_index.json`` names each
+    encoder as the source does. A variant or a hub id is loaded as before."""
+    from sdcluster.config import ModelConfig
+    from sdcluster.train import export
+
+    source = tmp_path / "source"
+    encoder = source / "text_encoder_2"
+    encoder.mkdir(parents=True)
+    kept = ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    kept.append("model.safetensors.index.json")
+    others = [
+        "model.fp16-00001-of-00002.safetensors",
+        "model.safetensors.index.fp16.json",
+        "pytorch_model.bin",
+    ]
+    for name in kept + others:
+        (encoder / name).write_text(name)
+    (source / "text_encoder").mkdir()
+    (source / "text_encoder" / "config.json").write_text("{}")
+    index = {
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "T5EncoderModel"],
+    }
+    (source / "model_index.json").write_text(json.dumps(index))
+    assert export._copied_encoders(FLUX(), str(source), ModelConfig()) == ["text_encoder", "text_encoder_2"]
+    assert export._copied_encoders(FLUX(), str(source), ModelConfig(variant="fp16")) == []
+    assert export._copied_encoders(FLUX(), "black-forest-labs/FLUX.1-dev", ModelConfig()) == []
+
+    dest = tmp_path / "export"
+    dest.mkdir()
+    saved = {"_class_name": "FluxPipeline", "text_encoder": [None, None], "text_encoder_2": [None, None]}
+    (dest / "model_index.json").write_text(json.dumps(saved))  # what save_pretrained writes for a None part
+    export._copy_encoders(["text_encoder", "text_encoder_2"], str(source), dest)
+    assert sorted(p.name for p in (dest / "text_encoder_2").iterdir()) == sorted(kept)
+    assert (dest / "text_encoder_2" / kept[1]).read_text() == kept[1]
+    assert json.loads((dest / "model_index.json").read_text()) == {"_class_name": "FluxPipeline", **index}
