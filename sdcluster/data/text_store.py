@@ -125,7 +125,7 @@ def validation_texts(cfg: Config) -> tuple[list[str], list[tuple[str, str | None
     return loss_captions(cfg), prompts
 
 
-def fill(cfg: Config, comps: Components, device: Any, denoiser: Any = None) -> int:
+def fill(cfg: Config, comps: Components, device: Any) -> int:
     """Write what validation will read and the store lacks; the count written. Run where the encoders are
     loaded anyway (a cache build), so that the training jobs after it load none."""
     store = TextStore.of(cfg, comps, device)
@@ -138,10 +138,10 @@ def fill(cfg: Config, comps: Components, device: Any, denoiser: Any = None) -> i
 
     def pipeline() -> Any:
         nonlocal pipe
-        if pipe is None:  # the scheduler and the denoiser play no part in encoding a prompt
+        if pipe is None:  # the denoiser and the scheduler play no part in encoding a prompt: none loaded
             with warnings.catch_warnings():  # the pipeline fixes old scheduler settings itself, warning
                 warnings.filterwarnings("ignore", "The configuration file of this scheduler", FutureWarning)
-                pipe = comps.family.pipeline(comps, denoiser, comps.noise_scheduler)
+                pipe = comps.family.pipeline(comps, None, comps.noise_scheduler)
         return pipe
 
     for caption in missing:

@@ -43,6 +43,9 @@ class TextEncoders(Mapping[str, Any]):
         self._dtypes = dict(dtypes)  # as loaded; None: the config names none (found by loading)
         self._loaded: dict[str, Any] = {}
         self.ever_loaded: list[str] = []  # every load, in order (a cached run's stays empty)
+        # False once the steps read their outputs from the latent cache: then what loads them (a prompt the
+        # text store lacked) lets go of them after (sdcluster.train.validation.run_validation)
+        self.steps_run_them = True
         self._prepare: Callable[[Any], None] | None = None
         self._half: torch.dtype | None = None
 

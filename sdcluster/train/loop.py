@@ -71,6 +71,7 @@ def _leave_text_encoders(t: Trainer) -> None:
     if acc.is_main_process and t.comps.text_encoders.loaded():
         text_store.fill(t.cfg, t.comps, acc.device)
     acc.wait_for_everyone()
+    t.comps.text_encoders.steps_run_them = False
     if not t.comps.text_encoders.release() and not t.comps.text_encoders.ever_loaded:
         log.info("text encoders: none loaded (the latent cache and the text store hold their outputs)")
 

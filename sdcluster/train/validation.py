@@ -259,6 +259,8 @@ def run_validation(t: Trainer, step: int) -> dict[str, Any]:
     images = loss_images(t.cfg, t.comps.family.tokenizers(t.comps))
     val_loss = validation_loss(t, images)
     folder = validation_images(t, step)
+    if not t.comps.text_encoders.steps_run_them:  # loaded for a text the store lacked: not kept for steps
+        t.comps.text_encoders.release()
     seconds = time.monotonic() - start
     log.info(
         "validation step %d | val_loss %.4f (%s) | images %s | %.1f s",

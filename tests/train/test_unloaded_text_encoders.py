@@ -5,6 +5,7 @@ encodes, and the store gives the very numbers the encoders give."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -205,3 +206,45 @@ def test_a_full_export_copies_the_encoders_files_a_plain_load_reads(tmp_path):
     assert sorted(p.name for p in (dest / "text_encoder_2").iterdir()) == sorted(kept)
     assert (dest / "text_encoder_2" / kept[1]).read_text() == kept[1]
     assert json.loads((dest / "model_index.json").read_text()) == {"_class_name": "FluxPipeline", **index}
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_encoders_loaded_for_a_prompt_the_store_lacks_are_let_go_of_after_validation(
+    make_cfg, tmp_path, cache_root, monkeypatch
+):
+    """A cached run validating a prompt its store lacks loads the encoders once, for that validation, and
+    lets go of them after it (the steps never need them); the next validation reads the stored prompt."""
+    import transformers
+
+    base = _flux_run(tmp_path, cache_root)
+    train(make_cfg([*base, f"output_root={tmp_path / 'first'}"]))  # builds the cache and fills the store
+    loads: list[str] = []
+    real = transformers.T5EncoderModel.from_pretrained
+
+    def counted(*args, **kwargs):
+        loads.append(kwargs.get("subfolder", ""))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.T5EncoderModel, "from_pretrained", counted)
+    lines, logger = _Lines(), logging.getLogger("sdcluster")
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    logger.addHandler(lines)
+    try:
+        overrides = ["train.validation_prompts=[a faded pair]", "train.validate_every=1"]
+        cfg = make_cfg([*base, *overrides, f"output_root={tmp_path / 'new prompt'}"])
+        assert train(cfg).step == 2
+    finally:
+        logger.removeHandler(lines)
+    assert loads == ["text_encoder_2"], "T5 loaded once, for the first validation's new prompt"
+    released = [line for line in lines.lines if line.startswith("text encoders released")]
+    assert len(released) == 1 and "text_encoder_2" in released[0]
+    validated = [line for line in lines.lines if line.startswith("validation step")]
+    assert len(validated) == 2 and lines.lines.index(released[0]) < lines.lines.index(validated[0])
