@@ -85,8 +85,8 @@ class TrainConfig(Schema):
     """Optimizer steps to train for (the seed trained 15,000); null: what train.epochs makes, else 40."""
     epochs: int | None = None
     """Train for this many passes over the training split instead of train.max_steps (then null): counted
-    in optimizer steps at submission, from the images after data.holdout and data.max_samples, the batch
-    size, grad_accum and the world size; null: train.max_steps decides."""
+    in optimizer steps at submission from the images after data.holdout and data.max_samples, the batch size,
+    grad_accum and world size (with data.buckets: each bucket's whole batches); null: max_steps decides."""
     batch_size: int = 2
     """Images per device per micro-step; the effective batch is batch_size x grad_accum x world size."""
     grad_accum: int = 1

@@ -32,6 +32,27 @@ def steps_for_epochs(epochs: int, images: int, effective_batch: int) -> int:
     return max(1, math.ceil(epochs * images / effective_batch))
 
 
+def bucket_micro_steps(cfg: Config, global_batch: int) -> int | None:
+    """With ``data.buckets``, the micro-steps of one epoch as :class:`~sdcluster.data.sampler.BucketSampler`
+    deals them: each bucket's images (with their repeats) in global batches of ``global_batch``, its last
+    batch topped up from the same bucket, so an epoch is longer than images / batch. From each training
+    image's upright size (the image-facts index, which this fills for the job's start); None without
+    buckets."""
+    from collections import Counter
+
+    from sdcluster.data.buckets import assign, buckets_of
+    from sdcluster.data.file_facts import facts_of
+
+    buckets = buckets_of(cfg)
+    if buckets is None:
+        return None
+    files, repeats = sources.training_files(cfg)
+    images: Counter[int] = Counter()
+    for fact, times in zip(facts_of(files, cfg.cache_root), repeats, strict=True):
+        images[assign(fact.upright, buckets)] += times
+    return sum(math.ceil(count / global_batch) for count in images.values())
+
+
 def resolve_length(cfg: Config) -> Config:
     """``cfg`` with ``train.max_steps`` counted from ``train.epochs`` (``cfg`` itself is left as it is);
     ``cfg`` when no epochs are set. A ``train.max_steps`` set to another number is refused: exactly one of
@@ -43,6 +64,9 @@ def resolve_length(cfg: Config) -> Config:
     world = cfg.cluster.world_size
     effective = train.batch_size * train.grad_accum * world
     steps = steps_for_epochs(train.epochs, images, effective)
+    micro = bucket_micro_steps(cfg, train.batch_size * world)
+    if micro is not None:  # each bucket's last batch topped up: epochs of whole batches, not straddled
+        steps = max(1, math.ceil(train.epochs * micro / train.grad_accum))
     if train.max_steps is not None and train.max_steps != steps:
         raise ConfigError(
             f"train.max_steps={train.max_steps} and train.epochs={train.epochs} both set the length, and "
@@ -50,16 +74,31 @@ def resolve_length(cfg: Config) -> Config:
             "steps. Fix: add train.max_steps=null to train by epochs (an experiment may set max_steps), "
             "or drop train.epochs"
         )
-    log.info(
-        "train.epochs=%d: %d images x %d epochs / effective batch %d (%d x %d x %d processes) = "
-        "train.max_steps=%d",
-        train.epochs,
-        images,
-        train.epochs,
-        effective,
-        train.batch_size,
-        train.grad_accum,
-        world,
-        steps,
-    )
+    if micro is None:
+        log.info(
+            "train.epochs=%d: %d images x %d epochs / effective batch %d (%d x %d x %d processes) = "
+            "train.max_steps=%d",
+            train.epochs,
+            images,
+            train.epochs,
+            effective,
+            train.batch_size,
+            train.grad_accum,
+            world,
+            steps,
+        )
+    else:
+        log.info(
+            "train.epochs=%d with data.buckets: %d micro-steps an epoch (%d images in batches of %d x %d "
+            "processes, each bucket's last batch topped up) x %d epochs / train.grad_accum %d = "
+            "train.max_steps=%d",
+            train.epochs,
+            micro,
+            images,
+            train.batch_size,
+            world,
+            train.epochs,
+            train.grad_accum,
+            steps,
+        )
     return dataclasses.replace(cfg, train=dataclasses.replace(train, max_steps=steps))

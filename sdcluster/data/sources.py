@@ -91,15 +91,29 @@ def row_counts(cfg: Config) -> list[int]:
     return [len(scan(Path(s.path), s.caption_column)[0]) for s in sources_of(cfg.data)]
 
 
-def training_size(cfg: Config) -> int:
-    """Examples in one epoch: the training rows (after each source's holdout and ``data.max_samples``),
-    each counted ``repeats`` times; what ``train.epochs`` counts."""
-    counts = row_counts(cfg)
+def _training_split(cfg: Config, counts: list[int]) -> list[int]:
     try:
         train, _ = split_rows(cfg.data, counts)
     except ValueError as err:  # the holdout leaves nothing: its message names the source and the fix
         raise ConfigError(str(err)) from None
-    return sum(row_repeats(cfg.data, counts, train))
+    return train
+
+
+def training_size(cfg: Config) -> int:
+    """Examples in one epoch: the training rows (after each source's holdout and ``data.max_samples``),
+    each counted ``repeats`` times; what ``train.epochs`` counts."""
+    counts = row_counts(cfg)
+    return sum(row_repeats(cfg.data, counts, _training_split(cfg, counts)))
+
+
+def training_files(cfg: Config) -> tuple[list[Path], list[int]]:
+    """Each training row's image file and its ``repeats``, in table order, from the sources' metadata alone
+    (:func:`~sdcluster.data.reader.scan`, as :func:`training_size` counts them): the login node's view."""
+    scanned = [(Path(s.path), scan(Path(s.path), s.caption_column)[0]) for s in sources_of(cfg.data)]
+    counts = [len(rows) for _, rows in scanned]
+    train = _training_split(cfg, counts)
+    files = [folder / row.file_name for folder, rows in scanned for row in rows]
+    return [files[row] for row in train], row_repeats(cfg.data, counts, train)
 
 
 def load_rows(cfg: Config, cache_dir: Path | str | None = None) -> Any:

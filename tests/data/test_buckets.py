@@ -304,3 +304,21 @@ def test_a_bucketed_entry_built_by_two_ranks_reads_as_one_built_alone(make_cfg, 
         one, two = entries[1][(index, seed)], entries[2][(index, seed)]
         assert torch.allclose(one["posterior"], two["posterior"], atol=1e-5), (index, seed)
         assert torch.equal(one["time_ids"], two["time_ids"])
+
+
+@pytest.mark.parametrize(("accumulate", "steps"), [(1, 6), (2, 3), (4, 2)])
+def test_epochs_with_buckets_count_the_samplers_topped_up_batches(make_cfg, tmp_path, accumulate, steps):
+    """``train.epochs`` with buckets: an epoch is the sampler's, every bucket's last batch topped up (the
+    tall, the wide and the square bucket a batch each of 4: 3 micro-steps, where 5 images / 4 gives 2), so
+    the run by epochs reads every image each epoch."""
+    from sdcluster.data.epochs import resolve_length
+    from sdcluster.data.loader import bucket_ids, training_rows
+    from sdcluster.data.sampler import BucketSampler
+
+    folder = make_bucket_folder(tmp_path / "data")
+    overrides = ["data=imagefolder", f"data.path={folder}", "data.holdout=0", "train.batch_size=4"]
+    cfg = make_cfg([*TINY, *overrides, "train.epochs=2", f"train.grad_accum={accumulate}"])
+    sampler = BucketSampler(bucket_ids(cfg, training_rows(cfg)), 4, 1, 0, cfg.train.seed)
+    assert sampler.steps_per_epoch == 3
+    assert {i for _, batch in sampler.epoch_batches(0) for i in batch} == set(range(len(IMAGES)))
+    assert resolve_length(cfg).train.max_steps == steps  # ceil(2 epochs x 3 micro-steps / accumulation)
