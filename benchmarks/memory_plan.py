@@ -2,6 +2,7 @@
 
     python -m benchmarks.memory_plan activations   # measure, write sdcluster/assets/memory/activations.json
     python -m benchmarks.memory_plan compare       # predicted vs measured peak, a Markdown table
+    python -m benchmarks.memory_plan transformer-scaling   # what the transformer scaling is checked on
 
 What is measured, on CPU: the **sum of the bytes of every live tensor**
 (:class:`benchmarks.live_bytes.LiveBytes`, a ``TorchDispatchMode`` that sees each tensor created and freed;
@@ -9,8 +10,9 @@ it gives torch's ``MemTracker``'s total, which cannot follow frozen weights), no
 the Python heap, the libraries and the allocator's free lists. On CPU torch has no allocator counters (no
 ``torch.cuda.max_memory_allocated``), so this is the closest to what a GPU's allocator would report.
 
-``activations``: for each model (``tiny``, ``tiny_sdxl``, ``small``, ``small_sdxl``, see
-:mod:`benchmarks.common`) at two resolutions, with gradient checkpointing off and on, at micro-batch 1 and 2:
+``activations``: for each model (``tiny``, ``tiny_sdxl``, ``small``, ``small_sdxl``, ``small_sd3``,
+``small_flux``, see :mod:`benchmarks.common`) at two resolutions, with gradient checkpointing off and on, at
+micro-batch 1 and 2:
 one forward and backward of the denoiser with its family's real conditioning (the text encoders' outputs
 for a caption, SDXL's pooled embedding and size/crop numbers), float32. ``sd1_true`` is SD 1.x's published
 UNet at its true size (:data:`benchmarks.true_size_model.SD1_UNET`, random weights) at 256 px, the largest
@@ -39,12 +41,14 @@ from typing import Any
 
 from benchmarks import common
 
-MODELS = ("tiny", "tiny_sdxl", "small", "small_sdxl", "sd1_true")
+MODELS = ("tiny", "tiny_sdxl", "small", "small_sdxl", "small_sd3", "small_flux", "sd1_true")
 RESOLUTIONS = {
     "tiny": (64, 128),
     "tiny_sdxl": (64, 128),
     "small": (128, 256),
     "small_sdxl": (128, 256),
+    "small_sd3": (128, 256),
+    "small_flux": (128, 256),
     "sd1_true": (256,),  # 512 px without checkpointing is beyond this CPU's memory
 }
 PIPELINES = MODELS[:-1]  # what `compare` trains: sd1_true is a bare UNet
@@ -77,19 +81,35 @@ def _conditioning(comps: Any, batch: int, resolution: int) -> dict[str, Any]:
 
 
 def measure_activations(comps: Any, resolution: int, batch: int, checkpointing: bool) -> dict[str, int]:
-    """:func:`measure_pass` of the components' denoiser with its family's real conditioning."""
+    """:func:`measure_pass` of the components' denoiser with its family's real conditioning, called as its
+    objective calls it in training (FLUX's packs the latents and adds the image ids and the guidance)."""
+    from sdcluster.config import ModelConfig
+
     cond = _conditioning(comps, batch, resolution)
-    return measure_pass(comps.denoiser, cond, comps.vae.config.latent_channels, resolution, checkpointing)
+    flow = ModelConfig().flow_matching  # the schema's defaults: what the tiny and small models train with
+    objective = comps.family.objective(comps.noise_scheduler, None, flow=flow)
+
+    def call(latents: Any, timesteps: Any) -> Any:
+        return objective.predict(comps.denoiser, latents, timesteps, cond)
+
+    channels = comps.vae.config.latent_channels
+    return measure_pass(comps.denoiser, cond, channels, resolution, checkpointing, call)
 
 
 def measure_pass(
-    denoiser: Any, cond: dict[str, Any], channels: int, resolution: int, checkpointing: bool
+    denoiser: Any,
+    cond: dict[str, Any],
+    channels: int,
+    resolution: int,
+    checkpointing: bool,
+    call: Any = None,
 ) -> dict[str, int]:
     """One forward and backward of a bare denoiser with its keyword arguments (whose batch it takes):
     ``bytes``, the pass's peak above the weights and the gradients it ends with, and ``forward``, the
     bytes the forward leaves alive above the weights (what autograd saved, and the output). A full
     fine-tune peaks in the backward pass with its gradients (``bytes``); a LoRA step, whose gradients are
-    small, at the forward's end (``forward``)."""
+    small, at the forward's end (``forward``). ``call(latents, timesteps)`` is the denoiser's call
+    (default: a UNet's, with ``cond`` as its keywords)."""
     import torch
     import torch.nn.functional as F
 
@@ -107,7 +127,10 @@ def measure_pass(
     timesteps = torch.full((batch,), 500)
     with LiveBytes(*denoiser.parameters(), *denoiser.buffers()) as counter:
         weights = counter.current
-        out = denoiser(latents, timesteps, **cond, return_dict=False)[0]
+        if call is None:
+            out = denoiser(latents, timesteps, **cond, return_dict=False)[0]
+        else:
+            out = call(latents, timesteps)
         forward = counter.current - weights
         F.mse_loss(out, latents).backward()
         del out
@@ -390,6 +413,65 @@ def compare(args: argparse.Namespace) -> None:
     common.save("memory_plan", {"machine": common.machine(), "results": results, "table": table})
 
 
+SCALING = Path(__file__).resolve().parent / "results" / "transformer_scaling.json"
+# Twice the measured small models' width and depth: what the plan's transformer scaling is checked on
+MEDIUM = {
+    "medium_flux": {
+        **common.SMALL_FLUX_TRANSFORMER,
+        "num_layers": 4,
+        "num_single_layers": 8,
+        "num_attention_heads": 8,
+    },
+    "medium_sd3": {
+        **common.SMALL_SD3_TRANSFORMER,
+        "num_layers": 12,
+        "num_attention_heads": 8,
+        "caption_projection_dim": 512,
+    },
+}
+
+
+def transformer_scaling(args: argparse.Namespace) -> None:
+    """Measure FLUX- and SD3-shaped models twice as wide and deep as ``small_flux`` and ``small_sd3`` (not in
+    the table), for the test that holds the plan's estimate of them against what they measure."""
+    from sdcluster.config import ModelConfig
+    from sdcluster.models.load import load_components
+    from sdcluster.models.tiny_flux import build_flux_pipeline
+    from sdcluster.models.tiny_sd3 import build_sd3_pipeline
+
+    models = []
+    for name, transformer in MEDIUM.items():
+        folder = common.CACHE_ROOT / "models" / name
+        if not (folder / "model_index.json").is_file():
+            if name == "medium_flux":
+                build_flux_pipeline(folder, transformer, common.SMALL_VAE, common.SMALL_TEXT, common.SMALL_T5)
+            else:
+                build_sd3_pipeline(
+                    folder, transformer, common.SMALL_VAE, common.SMALL_SDXL_TEXT, common.SMALL_T5
+                )
+        comps = load_components(ModelConfig(name=name, path=str(folder)), common.CACHE_ROOT)
+        family = comps.family
+        entry = {
+            "model": name,
+            "family": family.name,
+            "denoiser_params": sum(p.numel() for p in comps.denoiser.parameters()),
+            "width": family.denoiser_width(comps.denoiser.config),
+            "sequence": family.token_sequence(),
+            "measured": [],
+        }
+        for resolution in (128, 256):
+            for checkpointing in (False, True):
+                for batch in (1, 2):
+                    got = measure_activations(comps, resolution, batch, checkpointing)
+                    entry["measured"].append(
+                        {"resolution": resolution, "checkpointing": checkpointing, "batch": batch, **got}
+                    )
+        print(json.dumps(entry), flush=True)
+        models.append(entry)
+    SCALING.write_text(json.dumps({"machine": common.machine(), "models": models}, indent=1) + "\n")
+    print(f"wrote {SCALING}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.memory_plan", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -399,6 +481,7 @@ def main(argv: list[str] | None = None) -> None:
     cmp_ = sub.add_parser("compare", help="predicted vs measured peak")
     cmp_.add_argument("--models", nargs="+", default=list(PIPELINES), choices=PIPELINES)
     cmp_.add_argument("--variants", nargs="+", default=["full", "full+ckpt", "lora"])
+    sub.add_parser("transformer-scaling", help="measure the models the transformer scaling is checked on")
     one = sub.add_parser("one", help="one row of compare, in this process (JSON on the last line)")
     one.add_argument("size", choices=PIPELINES)
     one.add_argument("variant")
@@ -410,6 +493,8 @@ def main(argv: list[str] | None = None) -> None:
         gpu_activations(args)
     elif args.command == "compare":
         compare(args)
+    elif args.command == "transformer-scaling":
+        transformer_scaling(args)
     else:
         print(json.dumps(compare_one(args.size, args.variant)))
 

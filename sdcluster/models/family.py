@@ -71,6 +71,15 @@ class Family(Protocol):
     text_encoder_targets: ClassVar[tuple[str, ...]]
     text_arrays: ClassVar[tuple[str, ...]]
 
+    def denoiser_width(self, config: Any) -> int | None:
+        """The denoiser's width its activations scale with, from its config (None: unknown)."""
+        ...
+
+    def token_sequence(self) -> tuple[int, int] | None:
+        """A transformer denoiser's sequence per image: (pixels per token side, text tokens); None for a
+        UNet. Its activations grow with its depth and its tokens (:mod:`sdcluster.plan.activations`)."""
+        ...
+
     @property
     def pipeline_class(self) -> Any: ...
     def refuse_settings(self, train: Any) -> None:
@@ -130,6 +139,15 @@ class SD1:
     """The CLIP attention projections diffusers' LoRA examples adapt in the text encoders."""
     text_arrays: ClassVar[tuple[str, ...]] = ("text",)
     """The caption encodings: the latent cache's arrays (one row per distinct caption) and batch keys."""
+
+    def denoiser_width(self, config: Any) -> int | None:
+        """The channels of the UNet's first (full-resolution) block, which dominates its activations."""
+        channels = getattr(config, "block_out_channels", None)
+        return int(channels[0]) if channels else None
+
+    def token_sequence(self) -> tuple[int, int] | None:
+        """A UNet has no token sequence: its activations are its full-resolution blocks' (their width)."""
+        return None
 
     @property
     def pipeline_class(self) -> Any:
@@ -322,6 +340,18 @@ class SD3(SD1):
     t5_tokenizer: ClassVar[str] = "tokenizer_3"
     """The pipeline component name of the T5 tokenizer."""
 
+    def denoiser_width(self, config: Any) -> int | None:
+        """The transformer's hidden size (heads x head dim), the same in every block (SD3's and FLUX's)."""
+        return int(config.num_attention_heads * config.attention_head_dim)
+
+    def token_sequence(self) -> tuple[int, int] | None:
+        """2x2 patches of the 8x-downsampled latents (16 pixels a side), after the text: CLIP's 77 states
+        and T5's :attr:`t5_tokens` in SD3's joint sequence, T5's alone in FLUX's (:meth:`text_tokens`)."""
+        return 16, self.text_tokens()
+
+    def text_tokens(self) -> int:
+        return 77 + self.t5_tokens
+
     # The VAE stays in fp32 under mixed precision, as diffusers' SD3 examples keep it (its published config
     # says force_upcast), unless model.vae_path names one made for half precision: SDXL's rule.
     vae_dtype = SDXL.vae_dtype
@@ -447,6 +477,10 @@ class FLUX(SD3):
     """T5's sequence length in training: ``train_dreambooth_lora_flux.py``'s ``--max_sequence_length``
     and ``FluxPipeline``'s default (so training and generation see the same length)."""
     t5_tokenizer: ClassVar[str] = "tokenizer_2"
+
+    def text_tokens(self) -> int:
+        """T5's states alone: FLUX's CLIP gives only its pooled output."""
+        return self.t5_tokens
 
     def prompt_kwargs(self) -> dict[str, Any]:
         """The T5 prompt: None, the prompt itself, as the pipeline's own call does."""

@@ -38,6 +38,15 @@ The scaling rule for what was not measured, stated where it is applied:
   machine: 10 GiB of weights and 10 GiB of gradients) is estimated from SD 1.x's true-size entries (the
   same first block, 320 channels), not from the tiny SDXL model. A family with no entry at all gets 0
   and says so.
+- **a transformer** (SD 3.x, FLUX.1: ``Family.token_sequence``) is a stack of blocks that each run on every
+  token of the image's patches and the text, so its activations are linear in its tokens, its depth and its
+  width: another resolution is scaled from the nearest measured one by the tokens (FLUX at 1024 px: 4096
+  patches + 512 text tokens, against 256 + 512 at 256 px; scaling by pixels would triple it), another model
+  of the family (its own family's measured model first: a UNet of its width is no guide) by blocks x width,
+  which is its parameter count over its width (parameters ~ blocks x width^2). Checked on CPU against a FLUX- and an SD3-shaped model twice as wide and deep as the measured
+  ``small_flux`` and ``small_sd3`` (``benchmarks/results/transformer_scaling.json``): the forward's bytes
+  within 4% (22% above with gradient checkpointing, where part of the forward is one block's and does not
+  grow with depth), 128 -> 256 px within 2% of the tokens' ratio.
 - **mixed precision**: entries measured on a GPU under bf16 autocast (``"precision": "bf16"``, written by
   ``python -m benchmarks.memory_plan gpu-activations``: ``torch.cuda.max_memory_allocated`` less the float32
   weights and the gradients) serve fp16 and bf16 runs of their family; the float32 CPU entries serve the
@@ -138,16 +147,37 @@ def _at_resolution(points: list[tuple[int, float]], resolution: int) -> tuple[fl
     return b0 * (resolution / r0) ** k, f"scaled from {r0} px (bytes ~ resolution^{k:.2f}{fitted})"
 
 
-def _nearest(entries: list[dict[str, Any]], family: str, params: int, width: int | None) -> dict[str, Any]:
-    """The measured model to scale from: same first-block width, then same family, then size (the module)."""
-    return min(
-        entries,
-        key=lambda e: (
-            width is None or e.get("width") != width,
-            e["family"] != family,
-            abs(math.log(e["denoiser_params"] / max(params, 1))),
-        ),
-    )
+def tokens_at(sequence: tuple[int, int], resolution: int) -> int:
+    """A transformer's tokens per image at ``resolution``: its patches, then the text's."""
+    side, text = sequence
+    return (resolution // side) ** 2 + text
+
+
+def _at_tokens(
+    points: list[tuple[int, float]], resolution: int, sequence: tuple[int, int]
+) -> tuple[float, str]:
+    """A transformer's bytes at ``resolution``: a measured one as measured, else linear in its tokens from
+    the nearest measured resolution (see the module)."""
+    exact = [b for r, b in points if r == resolution]
+    if exact:
+        return exact[0], "measured"
+    r0, b0 = min(points, key=lambda p: (abs(p[0] - resolution), p[0]))
+    tokens, measured = tokens_at(sequence, resolution), tokens_at(sequence, r0)
+    return b0 * tokens / measured, f"scaled from {r0} px by its tokens, {measured} -> {tokens}"
+
+
+def _nearest(
+    entries: list[dict[str, Any]], family: str, params: int, width: int | None, transformer: bool = False
+) -> dict[str, Any]:
+    """The measured model to scale from: same first-block width, then same family, then size; a
+    transformer's from its own family first (a UNet of its width is no guide to it; see the module)."""
+
+    def key(e: dict[str, Any]) -> tuple[bool, bool, float]:
+        other_width, other_family = width is None or e.get("width") != width, e["family"] != family
+        size = abs(math.log(e["denoiser_params"] / max(params, 1)))
+        return (other_family, other_width, size) if transformer else (other_width, other_family, size)
+
+    return min(entries, key=key)
 
 
 def activation_bytes(
@@ -160,31 +190,40 @@ def activation_bytes(
     half: bool = False,
     adapters: bool = False,
     path: Path = TABLE,
+    sequence: tuple[int, int] | None = None,
 ) -> Activations:
     """Activation bytes of one micro-step of ``batch`` images at ``resolution`` for this denoiser; ``half``:
     under fp16/bf16 autocast, where its family's GPU entries apply; ``adapters``: a LoRA step, whose frozen
-    base makes no autocast copies (see the module)."""
+    base makes no autocast copies; ``sequence``: a transformer's (pixels per token side, text tokens),
+    scaled by tokens and blocks x width (see the module)."""
     same = [e for e in _entries(path) if e["gradient_checkpointing"] == checkpointing]
     on_gpu = [e for e in same if e.get("precision") == "bf16" and e["family"] == family]
     same = on_gpu if half and on_gpu else [e for e in same if e.get("precision", "fp32") == "fp32"]
     if not any(e["family"] == family for e in same):
         return Activations(0, "not measured for this family: the plan is a lower bound")
-    nearest = _nearest(same, family, denoiser_params, width)
+    nearest = _nearest(same, family, denoiser_params, width, transformer=sequence is not None)
     model = [e for e in same if e["model"] == nearest["model"]]
     estimated = nearest["denoiser_params"] != denoiser_params or nearest["family"] != family
     ratio = width / nearest["width"] if estimated and width and nearest.get("width") else 1.0
+    scaled = "channels"
+    if sequence is not None and estimated and nearest["family"] == family:  # blocks x width: params / width
+        ratio = denoiser_params / nearest["denoiser_params"] / ratio
+        scaled = "blocks x width"
     found: dict[str, float] = {}
     basis = ""
     for key in ("bytes", "forward"):
         if not all(key in e for e in model):  # a table from before ``forward`` was measured
             continue
         points = [(e["resolution"], _at_batch(e, batch, key)) for e in model]
-        found[key], basis_of_key = _at_resolution(points, resolution)
+        if sequence is None:
+            found[key], basis_of_key = _at_resolution(points, resolution)
+        else:
+            found[key], basis_of_key = _at_tokens(points, resolution, sequence)
         basis = basis or basis_of_key
     if same is on_gpu:
         basis = f"{basis} on a GPU in bf16"
     if estimated:
-        basis = f"estimated from the measured {nearest['model']} ({basis}, x{ratio:.2f} channels)"
+        basis = f"estimated from the measured {nearest['model']} ({basis}, x{ratio:.2f} {scaled})"
     forward = round(found["forward"] * ratio) if "forward" in found else None
     total = round(found["bytes"] * ratio)
     if same is not on_gpu:

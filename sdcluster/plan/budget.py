@@ -149,6 +149,7 @@ def plan(setup: Setup) -> Plan:
         setup.checkpointing,
         half=setup.half,
         adapters=setup.trains_adapters,
+        sequence=setup.sizes.token_sequence,
     )
     weights = resident * _weights(setup, acts.holds_autocast_copies) // share + gathered
     # Sharded, each rank casts the blocks it gathers: its share of the copies (an estimate: measured on one

@@ -33,7 +33,8 @@ class ModelSizes:
     largest_block: int
     """Parameters of the denoiser's largest block: what a sharded strategy gathers at once."""
     denoiser_width: int | None
-    """Channels of the denoiser's first (full-resolution) block, which activations scale with."""
+    """The denoiser's width its activations scale with (``Family.denoiser_width``: a UNet's first block's
+    channels, a transformer's hidden size)."""
     denoiser_shapes: tuple[tuple[int, ...], ...] = ()
     """The shape of each denoiser parameter: what a full fine-tune's optimizer keeps state for."""
     adapter_shapes: tuple[tuple[int, ...], ...] = ()
@@ -42,6 +43,8 @@ class ModelSizes:
     """LoRA parameters in the denoiser (0 for a full fine-tune)."""
     encoder_adapters: int = 0
     """LoRA parameters in the text encoders (only when they are trained: ``train.lora.text_encoder_lr``)."""
+    token_sequence: tuple[int, int] | None = None
+    """A transformer's (pixels per token side, text tokens) (``Family.token_sequence``); None: a UNet."""
 
 
 def model_folder(cfg: Config) -> Path | None:
@@ -137,15 +140,15 @@ def model_sizes(cfg: Config, folder: Path) -> ModelSizes:
     frozen = {"vae": _vae_params(cfg, folder)}
     encoders = {name: _on_meta(folder, name) for name in family.text_encoder_classes}
     frozen.update({name: _count(encoder) for name, encoder in encoders.items()})
-    width = getattr(denoiser.config, "block_out_channels", None)
     sizes = ModelSizes(
         family=family.name,
         denoiser=_count(denoiser),
         frozen=frozen,
         vae_stays_fp32=_vae_stays_fp32(family, cfg),
         largest_block=_largest_block(denoiser),
-        denoiser_width=int(width[0]) if width else None,
+        denoiser_width=family.denoiser_width(denoiser.config),
         denoiser_shapes=_shapes(denoiser),
+        token_sequence=family.token_sequence(),
     )
     return with_adapters(sizes, cfg, folder) if cfg.train.trains_adapters else sizes
 
