@@ -43,10 +43,12 @@ The scaling rule for what was not measured, stated where it is applied:
   width: another resolution is scaled from the nearest measured one by the tokens (FLUX at 1024 px: 4096
   patches + 512 text tokens, against 256 + 512 at 256 px; scaling by pixels would triple it), another model
   of the family (its own family's measured model first: a UNet of its width is no guide) by blocks x width,
-  which is its parameter count over its width (parameters ~ blocks x width^2). Checked on CPU against a FLUX- and an SD3-shaped model twice as wide and deep as the measured
-  ``small_flux`` and ``small_sd3`` (``benchmarks/results/transformer_scaling.json``): the forward's bytes
-  within 4% (22% above with gradient checkpointing, where part of the forward is one block's and does not
-  grow with depth), 128 -> 256 px within 2% of the tokens' ratio.
+  which is its parameter count over its width (parameters ~ blocks x width^2). Checked on CPU against a
+  FLUX- and an SD3-shaped model twice as wide and deep as the measured ``small_flux`` and ``small_sd3``
+  (``benchmarks/results/transformer_scaling.json``): the forward's bytes within 3% (18-23% above with
+  gradient checkpointing, where part of the forward is one block's, which does not grow with depth), and
+  256 px from 128 px alone within 5%. The backward's excess over the gradients, scaled alike, comes out
+  above what those models measure.
 - **mixed precision**: entries measured on a GPU under bf16 autocast (``"precision": "bf16"``, written by
   ``python -m benchmarks.memory_plan gpu-activations``: ``torch.cuda.max_memory_allocated`` less the float32
   weights and the gradients) serve fp16 and bf16 runs of their family; the float32 CPU entries serve the
