@@ -32,12 +32,12 @@ def steps_for_epochs(epochs: int, images: int, effective_batch: int) -> int:
     return max(1, math.ceil(epochs * images / effective_batch))
 
 
-def bucket_micro_steps(cfg: Config, global_batch: int) -> int | None:
-    """With ``data.buckets``, the micro-steps of one epoch as :class:`~sdcluster.data.sampler.BucketSampler`
-    deals them: each bucket's images (with their repeats) in global batches of ``global_batch``, its last
-    batch topped up from the same bucket, so an epoch is longer than images / batch. From each training
-    image's upright size (the image-facts index, which this fills for the job's start); None without
-    buckets."""
+def bucket_epoch(cfg: Config, global_batch: int) -> tuple[int, int] | None:
+    """With ``data.buckets``, (examples, micro-steps) of one epoch as
+    :class:`~sdcluster.data.sampler.BucketSampler` deals them: each bucket's images (with their repeats) in
+    global batches of ``global_batch``, its last batch topped up from the same bucket, so an epoch is longer
+    than images / batch. From each training image's upright size (the image-facts index, which this fills
+    for the job's start), the sources' metadata scanned once; None without buckets."""
     from collections import Counter
 
     from sdcluster.data.buckets import assign, buckets_of
@@ -50,7 +50,7 @@ def bucket_micro_steps(cfg: Config, global_batch: int) -> int | None:
     images: Counter[int] = Counter()
     for fact, times in zip(facts_of(files, cfg.cache_root), repeats, strict=True):
         images[assign(fact.upright, buckets)] += times
-    return sum(math.ceil(count / global_batch) for count in images.values())
+    return sum(repeats), sum(math.ceil(count / global_batch) for count in images.values())
 
 
 def resolve_length(cfg: Config) -> Config:
@@ -60,12 +60,14 @@ def resolve_length(cfg: Config) -> Config:
     train = cfg.train
     if train.epochs is None:
         return cfg
-    images = training_size(cfg)
     world = cfg.cluster.world_size
     effective = train.batch_size * train.grad_accum * world
-    steps = steps_for_epochs(train.epochs, images, effective)
-    micro = bucket_micro_steps(cfg, train.batch_size * world)
-    if micro is not None:  # each bucket's last batch topped up: epochs of whole batches, not straddled
+    bucketed = bucket_epoch(cfg, train.batch_size * world)
+    if bucketed is None:
+        images, micro = training_size(cfg), None
+        steps = steps_for_epochs(train.epochs, images, effective)
+    else:  # each bucket's last batch topped up: epochs of whole batches, not straddled
+        images, micro = bucketed
         steps = max(1, math.ceil(train.epochs * micro / train.grad_accum))
     if train.max_steps is not None and train.max_steps != steps:
         raise ConfigError(
