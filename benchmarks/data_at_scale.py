@@ -15,9 +15,12 @@ For each size, each step a fresh process, as a user runs it:
 2. ``python -m sdcluster.launch task=cache data.cache_shards=S``: the latent cache as an array of S tasks
    (the local executor runs them one after another, so per-process throughput is what it measures):
    encoded rows per second of one process (from the pieces' own log lines), the entry's bytes per image.
-3. A training job's start on the built cache, twice with the entry in RAM (the default budget) and twice
-   memory-mapped (``data.cache_memory_mb=0``, the setting for entries beyond the budget): seconds from
-   process start to its first optimizer step, and the peak RSS at that step (the second of each pair).
+3. The data pinned as a launch that submits pins it (``data.snapshot``, sdcluster/data/snapshot.py):
+   seconds, in a fresh process, after the cache build's launch recorded the decoded-images memo.
+4. A training job's start on the built cache with that pin in its config (as a launched job has it),
+   twice with the entry in RAM (the default budget) and twice memory-mapped (``data.cache_memory_mb=0``,
+   the setting for entries beyond the budget): seconds from process start to its first optimizer step,
+   and the peak RSS at that step (the second of each pair).
 
 Results: ``benchmarks/results/data_at_scale.json`` and a Markdown table on stdout (docs/performance.md).
 """
@@ -187,6 +190,26 @@ def child(started: float, folder: Path, root: Path, extra: list[str]) -> None:
     print(json.dumps({**marks, "peak_rss_mb": common.peak_rss_mb()}))
 
 
+def pin_child(folder: Path, root: Path) -> None:
+    """The measured process of :func:`pin`: what a launch adds to its checks (``data.snapshot``)."""
+    from sdcluster.compose import compose
+    from sdcluster.data import snapshot
+
+    cfg = compose(["task=train", f"data.path={folder}", f"cache_root={root / 'cache'}"])
+    started = time.perf_counter()
+    pinned = snapshot.pin(cfg, say=lambda line: None)
+    print(json.dumps({"digest": pinned.data.snapshot, "pin_s": time.perf_counter() - started}))
+
+
+def pin(folder: Path, root: Path) -> dict[str, Any]:
+    """Pin ``folder`` as a launch that submits does, in a fresh process (after the launch that queued the
+    cache build recorded its decoded-images memo, and the build filled the facts index): its seconds and
+    the digest the measured starts carry, as a launched job's config does."""
+    cmd = [sys.executable, "-m", "benchmarks.data_at_scale", "--pin", str(folder), "--root", str(root)]
+    proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def start(folder: Path, root: Path, n: int, extra: list[str] | None = None) -> dict[str, float]:
     started = time.time()
     cmd = [sys.executable, "-m", "benchmarks.data_at_scale", "--child", str(folder), "--root", str(root)]
@@ -201,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000])
     parser.add_argument("--root", type=Path, default=Path("/tmp/sdcluster-data-at-scale"))
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--pin", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--started", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--override", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument(
@@ -215,6 +239,9 @@ def main(argv: list[str] | None = None) -> None:
     root = args.root
     if args.child:
         child(args.started, args.child, root, args.override)
+        return
+    if args.pin:
+        pin_child(args.pin, root)
         return
     if args.remeasure:
         remeasure(args.sizes, root, only_launch=args.launch_checks)
@@ -236,12 +263,21 @@ def main(argv: list[str] | None = None) -> None:
         entry: dict[str, Any] = {"validate_s": timed_validate(folder)}
         entry["cache"] = cache_build(folder, size_root)
         entry["launch_check_s"] = timed_launch_checks(folder, size_root)
-        entry["starts"] = [start(folder, size_root, n) for _ in range(2)]
-        entry["mapped_starts"] = [start(folder, size_root, n, ["data.cache_memory_mb=0"]) for _ in range(2)]
+        starts(entry, folder, size_root, n)
         results["sizes"][n] = entry
         print(json.dumps({n: entry}), file=sys.stderr, flush=True)
     common.save("data_at_scale", results)
     table(json.loads(json.dumps(results)))
+
+
+def starts(entry: dict[str, Any], folder: Path, root: Path, n: int) -> None:
+    """Two starts with the entry in RAM and two memory-mapped, each of a job launched on the pinned data
+    (``data.snapshot``, as a launch that submits sets it), into ``entry``; and the pin's seconds."""
+    pinned = pin(folder, root)
+    entry["pin_s"] = pinned["pin_s"]
+    snap = f"data.snapshot={pinned['digest']}"
+    entry["starts"] = [start(folder, root, n, [snap]) for _ in range(2)]
+    entry["mapped_starts"] = [start(folder, root, n, [snap, "data.cache_memory_mb=0"]) for _ in range(2)]
 
 
 def remeasure(sizes: list[int], root: Path, only_launch: bool = False) -> None:
@@ -258,8 +294,7 @@ def remeasure(sizes: list[int], root: Path, only_launch: bool = False) -> None:
         if only_launch:
             continue
         entry["validate_s"] = timed_validate(folder)
-        entry["starts"] = [start(folder, size_root, n) for _ in range(2)]
-        entry["mapped_starts"] = [start(folder, size_root, n, ["data.cache_memory_mb=0"]) for _ in range(2)]
+        starts(entry, folder, size_root, n)
         print(json.dumps({n: entry}), file=sys.stderr, flush=True)
     common.save("data_at_scale", results)
     table(results)
@@ -276,6 +311,7 @@ def table(results: dict[str, Any]) -> None:
                 f"{int(n):,}",
                 f"{entry['validate_s']:.1f}",
                 "{:.1f} / {:.1f}".format(*entry["launch_check_s"]) if "launch_check_s" in entry else "-",
+                f"{entry['pin_s']:.1f}" if "pin_s" in entry else "-",
                 f"{min(rates):.0f}-{max(rates):.0f}" if rates else "?",
                 f"{cache['wall_s']:.0f}",
                 f"{cache['bytes_per_image'] / 1024:.1f}",
@@ -289,6 +325,7 @@ def table(results: dict[str, Any]) -> None:
             "images",
             "validate s",
             "launch check s (first / again)",
+            "pin s",
             f"cache rows/s per process ({SHARDS} pieces)",
             "cache build wall s",
             "cache KiB per image",

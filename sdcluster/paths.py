@@ -168,6 +168,12 @@ def datasets_cache(cfg: Config) -> Path:
     return Path(cfg.cache_root) / "datasets"
 
 
+def data_snapshot_file(cache_root: Path | str, digest: str) -> Path:
+    """``<cache_root>/data_snapshots/<digest>.json``: what a launch checked of the training data
+    (``data/snapshot.py``), named by the sha256 of its bytes."""
+    return Path(cache_root) / "data_snapshots" / f"{digest}.json"
+
+
 def latent_cache_dir(cfg: Config) -> Path:
     """``<cache_root>/latents/<key>``: one folder per latent-cache entry (see ``data/latent_cache.py``)."""
     return Path(cfg.cache_root) / "latents"

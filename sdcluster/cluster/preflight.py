@@ -102,11 +102,12 @@ def check_family_settings(cfg: Config) -> list[str]:
 def preflight(cfg: Config, dry_run: bool = False) -> tuple[Config, list[str]]:
     """Everything that can be checked before submission, in the order a user would fix it.
 
-    Returns the config to submit (``cfg`` pinned to the staged hub commits and with ``train.epochs``
-    counted as ``train.max_steps``, which name the run folders; ``cfg`` itself is left unchanged) and the
-    checks that could not run. Without a reachable scheduler only a dry run goes on (it prints what would
-    be submitted and says what it could not check); a real submission stops there. Where the scheduler
-    answers but cannot say a partition's limits, both go on and print what was not checked.
+    Returns the config to submit (``cfg`` pinned to the staged hub commits and to the data it checked,
+    ``data.snapshot``, and with ``train.epochs`` counted as ``train.max_steps``, which name the run
+    folders; ``cfg`` itself is left unchanged) and the checks that could not run. Without a reachable
+    scheduler only a dry run goes on (it prints what would be submitted and says what it could not
+    check); a real submission stops there. Where the scheduler answers but cannot say a partition's
+    limits, both go on and print what was not checked.
     """
     backend = backends.of(cfg)
     check_config(cfg)
@@ -126,6 +127,10 @@ def preflight(cfg: Config, dry_run: bool = False) -> tuple[Config, list[str]]:
             check_data(cfg, remember=not dry_run)
         else:
             unchecked.append(f"the images of {cfg.data.name} (a dry run does not download a hub dataset)")
+        if not dry_run and not sources.unstaged(cfg):  # what was checked, pinned: a job then reads it, not
+            from sdcluster.data import snapshot  # the folder (a dry run writes nothing)
+
+            cfg = snapshot.pin(cfg)
         if cfg.train.resume not in ("auto", "never"):
             from sdcluster.train.step_folders import resume_folder
 

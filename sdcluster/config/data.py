@@ -135,6 +135,10 @@ class DataConfig(Schema):
     sources: list[SourceConfig] = field(default_factory=list)
     """Several sources, each a folder or a hub dataset with its own repeats and caption column
     (``data=sources``, docs/reference/data.md); empty: the one folder data.path (or hub dataset)."""
+    snapshot: str | None = None
+    """Set by launch: the digest of what it checked (each image's name, caption, sha256 and size), kept under
+    ``<cache_root>/data_snapshots/``. A job whose latent cache is complete reads that and the cache, not the
+    folder; one that reads images checks them against it. Null: the job reads the folder at its start."""
 
     NOT_IDENTITY: ClassVar[tuple[str, ...]] = (
         "num_workers",
@@ -143,6 +147,7 @@ class DataConfig(Schema):
         "cache_shards",
         "max_pixels",
         "cache_dir",
+        "snapshot",
     )
     """Keys that do not change what a run learns: changing one keeps the run folder (and so resumes it)."""
     IDENTITY_WHEN_SET: ClassVar[tuple[str, ...]] = ("max_samples", "caption_dropout")

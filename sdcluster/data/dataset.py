@@ -21,8 +21,7 @@ import torch
 from PIL import Image, ImageOps
 
 from sdcluster.data.buckets import Bucket, Size, assign, cover_size, upright_size_of
-from sdcluster.data.metadata import METADATA_FILE, MetadataError, natural_key
-from sdcluster.data.reader import scan
+from sdcluster.data.metadata import listed_rows
 from sdcluster.data.sources import column
 from sdcluster.models.family import TIME_IDS
 
@@ -67,27 +66,29 @@ def load_captioned_images(
     decoded the images and remembered the clean ones: those unchanged since are not opened again.
     """
     folder = Path(path)
-    if not (folder / METADATA_FILE).is_file():
-        raise FileNotFoundError(
-            f"{folder / METADATA_FILE} not found; run `python -m sdcluster.data prepare {folder}` and caption"
-        )
-    memo = {} if clean is None else {"cache_root": clean[0], "clean_under": clean[1]}
-    rows, problems = scan(folder, caption_column, **memo)
-    blocking = [p for p in problems if p.kind != "empty_caption"]  # "" is a caption the model can train on
-    if blocking or not rows:
-        first = blocking[0] if blocking else f"{METADATA_FILE} lists no images"
-        raise MetadataError(
-            f"{folder}: {len(blocking) or 1} problem(s), the first: {first}. "
-            f"Run `python -m sdcluster.data validate {folder}` for all of them"
-        )
-    rows.sort(key=lambda row: natural_key(row.file_name))
+    rows = listed_rows(folder, caption_column, clean)  # the reader's rows, sorted by name
     root = os.path.abspath(folder)  # absolute: a relative "a::b.png" would parse as scheme "a"
+    names = [row.file_name for row in rows]
+    images = [os.path.join(root, name) for name in names]
+    return rows_table(images, names, [row.caption for row in rows], caption_column, cache_dir)
+
+
+def rows_table(
+    images: list[str],
+    names: list[str],
+    captions: list[str],
+    caption_column: str = "text",
+    cache_dir: Path | str | None = None,
+) -> datasets.Dataset:
+    """The ``datasets`` table of checked image files ``images`` (absolute paths) named ``names`` in their
+    folders, with ``captions``: ``image``, the caption column and ``file_name`` (:func:`load_captioned_images`
+    says why so)."""
     text = datasets.Value("string")
     features = datasets.Features({"image": datasets.Image(), caption_column: text, "file_name": text})
     columns = {
-        "images": [os.path.join(root, row.file_name) for row in rows],
-        "captions": [row.caption for row in rows],
-        "names": [row.file_name for row in rows],
+        "images": images,
+        "captions": captions,
+        "names": names,
         "caption_column": caption_column,
     }
     with _quiet_datasets():

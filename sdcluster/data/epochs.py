@@ -36,20 +36,19 @@ def bucket_epoch(cfg: Config, global_batch: int) -> tuple[int, int] | None:
     """With ``data.buckets``, (examples, micro-steps) of one epoch as
     :class:`~sdcluster.data.sampler.BucketSampler` deals them: each bucket's images (with their repeats) in
     global batches of ``global_batch``, its last batch topped up from the same bucket, so an epoch is longer
-    than images / batch. From each training image's upright size (the image-facts index, which this fills
-    for the job's start), the sources' metadata scanned once; None without buckets."""
+    than images / batch. From each training image's upright size
+    (:func:`~sdcluster.data.sources.training_sizes`); None without buckets."""
     from collections import Counter
 
     from sdcluster.data.buckets import assign, buckets_of
-    from sdcluster.data.file_facts import facts_of
 
     buckets = buckets_of(cfg)
     if buckets is None:
         return None
-    files, repeats = sources.training_files(cfg)
+    sizes, repeats = sources.training_sizes(cfg)
     images: Counter[int] = Counter()
-    for fact, times in zip(facts_of(files, cfg.cache_root), repeats, strict=True):
-        images[assign(fact.upright, buckets)] += times
+    for size, times in zip(sizes, repeats, strict=True):
+        images[assign(size, buckets)] += times
     return sum(repeats), sum(math.ceil(count / global_batch) for count in images.values())
 
 

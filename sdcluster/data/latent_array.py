@@ -160,6 +160,7 @@ def build_piece(
 
     from sdcluster.data import text_store
     from sdcluster.data.loader import training_rows
+    from sdcluster.data.snapshot import readable
     from sdcluster.models.load import half_dtype, load_components, prepare_frozen
 
     started = time.perf_counter()
@@ -194,7 +195,8 @@ def build_piece(
         tmp = atomic.staging_dir(mine)
         encoding = time.perf_counter()
         try:
-            _encode_piece(cfg, plan, dataset, comps, device, piece, count, tmp, should_stop)
+            images = readable(cfg, dataset)  # a snapshot's checked against it first
+            _encode_piece(cfg, plan, images, comps, device, piece, count, tmp, should_stop)
             atomic.publish_dir(tmp, mine)
         except Stopped as stop:
             log.info("latent cache: %s; it is encoded again when the task runs again", stop)

@@ -34,9 +34,10 @@ from sdcluster.data.latent_cache import (
     Plan,
     commit,
     entry_manifest,
+    inspect_entry,
     make_plan,
-    verify,
 )
+from sdcluster.data.snapshot import readable
 from sdcluster.paths import latent_cache_dir
 from sdcluster.runtime.distributed import rank0_decides
 
@@ -254,19 +255,22 @@ def open_or_build(cfg: Config, dataset: Any, comps: Components, acc: Accelerator
     entry = latent_cache_dir(cfg) / plan.key
 
     budget = cfg.data.cache_memory_mb * 2**20
+    manifest = None  # rank 0's parse of a complete entry's manifest, for opening it below
 
     def check() -> str | None:
-        problem = verify(entry, plan.key, CACHE_VERSION, budget) if acc.is_main_process else None
+        nonlocal manifest
+        problem = None
+        if acc.is_main_process:
+            problem, manifest = inspect_entry(entry, plan.key, CACHE_VERSION, budget)
         return rank0_decides(acc, problem)
 
     if check() is not None:  # checked without the lock first: jobs that find it complete never queue up
         with build_lock(entry, acc):
             problem = check()  # again: the job we waited for may have built it
-            if problem is not None:
-                _build(cfg, plan, dataset, comps, acc, entry, problem)
-    examples = CachedExamples(
-        entry, budget, cfg.train.resolution, cfg.train.center_crop, cfg.train.random_flip
-    )
+            if problem is not None:  # the images now: a snapshot's are checked against it first
+                _build(cfg, plan, readable(cfg, dataset), comps, acc, entry, problem)
+    train = cfg.train
+    examples = CachedExamples(entry, budget, train.resolution, train.center_crop, train.random_flip, manifest)
     log.info(
         "latent cache: %s (%d crop/flip variants of %d images, %.1f MB, %s; data.cache_memory_mb=%d)",
         entry,

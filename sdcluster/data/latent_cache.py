@@ -90,6 +90,7 @@ __all__ = [  # the plan's names too: what an entry holds is planned in latent_pl
     "Variant",
     "commit",
     "entry_manifest",
+    "inspect_entry",
     "make_plan",
     "plan_variants",
     "verify",
@@ -111,8 +112,16 @@ def verify(entry: Path, key: str, version: int, checksum_up_to: int | None = Non
     images, gigabytes) at every start would read the whole dataset before step 1; that one's sizes are
     checked, and its checksums were computed from the files when it was published.
     """
+    return inspect_entry(entry, key, version, checksum_up_to)[0]
+
+
+def inspect_entry(
+    entry: Path, key: str, version: int, checksum_up_to: int | None = None
+) -> tuple[str | None, dict[str, Any] | None]:
+    """:func:`verify`'s answer, and the entry's manifest when it is complete: a start that checks the entry
+    and then opens it parses the manifest once (6.7 MB of JSON at 100,000 images: 0.4 s a parse)."""
     if not entry.exists():
-        return MISSING
+        return MISSING, None
     try:
         manifest = json.loads((entry / ENTRY_MANIFEST).read_text())
         files = manifest["files"]
@@ -120,13 +129,14 @@ def verify(entry: Path, key: str, version: int, checksum_up_to: int | None = Non
         kinds = (*posteriors, *manifest["text_arrays"])
         expected = {f"{kind}.{r}.npy" for kind in kinds for r in range(manifest["world_size"])}
     except (OSError, ValueError, KeyError, TypeError) as err:
-        return f"no readable manifest ({type(err).__name__})"
+        return f"no readable manifest ({type(err).__name__})", None
     if manifest.get("version") != version or manifest.get("key") != key:
-        return "manifest of another key or version"
+        return "manifest of another key or version", None
     if set(files) != expected:
-        return f"manifest lists {sorted(files)}, expected {sorted(expected)}"
+        return f"manifest lists {sorted(files)}, expected {sorted(expected)}", None
     size = sum(f.get("bytes", 0) for f in files.values())
-    return sealed.files_problem(entry, files, content=checksum_up_to is None or size <= checksum_up_to)
+    problem = sealed.files_problem(entry, files, content=checksum_up_to is None or size <= checksum_up_to)
+    return problem, manifest if problem is None else None
 
 
 def pieces_dir(entry: Path, count: int) -> Path:
@@ -200,9 +210,17 @@ class CachedExamples(torch.utils.data.Dataset):
     """
 
     def __init__(
-        self, entry: Path, budget_bytes: int, resolution: int, center_crop: bool, flip: bool
+        self,
+        entry: Path,
+        budget_bytes: int,
+        resolution: int,
+        center_crop: bool,
+        flip: bool,
+        manifest: dict[str, Any] | None = None,
     ) -> None:
-        manifest = json.loads((entry / ENTRY_MANIFEST).read_text())
+        """``manifest``: the entry's, parsed by :func:`inspect_entry` just before (else read here)."""
+        if manifest is None:
+            manifest = json.loads((entry / ENTRY_MANIFEST).read_text())
         self.entry = entry
         self.nbytes = sum(f["bytes"] for f in manifest["files"].values())
         self.in_memory = self.nbytes <= budget_bytes

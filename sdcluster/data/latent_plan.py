@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 from sdcluster.config import Config
 from sdcluster.data.buckets import Size, assign, buckets_of, identity_of
 from sdcluster.data.dataset import Target, crop_and_flip, resized_size, target_size
-from sdcluster.data.file_facts import facts_of
-from sdcluster.data.sources import column, image_files
+from sdcluster.data.snapshot import row_facts
+from sdcluster.data.sources import column
 from sdcluster.identity import latent_cache_key
 from sdcluster.models.load import encoder_parts, model_files, vae_files
 
@@ -96,12 +96,11 @@ def make_plan(cfg: Config, dataset: Any, comps: Components) -> Plan | None:
     """The entry this run needs, or None (with one log line) when its crop policy is not worth caching."""
     res, center, flip = cfg.train.resolution, cfg.train.center_crop, cfg.train.random_flip
     dropout = cfg.data.caption_dropout > 0
-    files = image_files(cfg, dataset)  # each row's file in its source's folder
     captions = column(dataset, cfg.data.caption_column)
     if not all(isinstance(c, str) for c in captions):
         raise ValueError("some rows have no caption string; run `python -m sdcluster.data validate`")
-    facts = facts_of(files, cfg.cache_root)  # read once per version of each file, then from the index
-    originals = [fact.upright for fact in facts]
+    # as the launch pinned them (data.snapshot), else from the index (read once per version of each file)
+    shas, originals = row_facts(cfg, dataset)
     buckets = buckets_of(cfg)
     targets = None if buckets is None else [buckets[assign(size, buckets)].size for size in originals]
     crop_sizes = [(res, res)] * len(originals) if targets is None else targets
@@ -127,7 +126,7 @@ def make_plan(cfg: Config, dataset: Any, comps: Components) -> Plan | None:
         vae_files=vae_files(cfg.model.vae_path) if cfg.model.vae_path else None,
         # what each encoder computes in, known without loading it (models.text_encoders)
         dtypes=[str(comps.vae.dtype), *map(str, comps.text_encoders.dtypes().values())],
-        images=[[fact.sha256, c] for fact, c in zip(facts, captions, strict=True)],
+        images=list(zip(shas, captions, strict=True)),  # pairs: hashed as the lists they always were
         empty_caption=dropout,
         buckets=identity_of(cfg),
     )

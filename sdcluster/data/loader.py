@@ -20,10 +20,14 @@ log = logging.getLogger("sdcluster")
 
 def training_rows(cfg: Config) -> Any:
     """The training split of the image folder (or of every source of ``data.sources``, source after
-    source): every row but the held-out ones, the first ``data.max_samples`` of them when set."""
+    source): every row but the held-out ones, the first ``data.max_samples`` of them when set. With
+    ``data.snapshot``, the rows the launch pinned (:mod:`~sdcluster.data.snapshot`): no file is read here."""
+    from sdcluster.data import snapshot
     from sdcluster.data.sources import counts_of, load_rows, split_rows
 
-    table = load_rows(cfg, paths.datasets_cache(cfg))
+    table = snapshot.rows(cfg)
+    if table is None:
+        table = load_rows(cfg, paths.datasets_cache(cfg))
     train, _ = split_rows(cfg.data, counts_of(cfg, table))
     return table.select(train)
 
@@ -34,17 +38,14 @@ def bucket_ids(cfg: Config, dataset: Any, examples: Any = None) -> list[int] | N
     entry's manifest, in row order), so a start reads the image-facts index once, for the cache's key, not
     again here (a stat of every image: 2 s at 100,000)."""
     from sdcluster.data.buckets import assign, buckets_of
-    from sdcluster.data.file_facts import facts_of
     from sdcluster.data.latent_cache import CachedExamples
-    from sdcluster.data.sources import image_files
+    from sdcluster.data.snapshot import row_facts
 
     buckets = buckets_of(cfg)
     if buckets is None:
         return None
-    if isinstance(examples, CachedExamples):
-        sizes = examples.originals
-    else:
-        sizes = [fact.upright for fact in facts_of(image_files(cfg, dataset), cfg.cache_root)]
+    cached = isinstance(examples, CachedExamples)
+    sizes = examples.originals if cached else row_facts(cfg, dataset)[1]
     return [assign(size, buckets) for size in sizes]
 
 
@@ -56,6 +57,7 @@ def training_examples(
     here when not given."""
     from sdcluster.data.buckets import buckets_of
     from sdcluster.data.dataset import TrainImages
+    from sdcluster.data.snapshot import readable
 
     dataset = training_rows(cfg) if dataset is None else dataset
     if cfg.data.cache:
@@ -66,7 +68,7 @@ def training_examples(
             return cached
     train = cfg.train
     return TrainImages(
-        dataset,
+        readable(cfg, dataset),  # the images, every step: a snapshot's checked against it first
         comps.family.tokenizers(comps),
         train.resolution,
         train.center_crop,

@@ -20,6 +20,7 @@ from sdcluster import atomic
 from sdcluster.data.reader import (
     METADATA_FILE,
     Problem,
+    Row,
     is_image_name,
     is_utf8,
     normalize_name,
@@ -181,3 +182,25 @@ def validate(
             msg = f"not listed in {METADATA_FILE}, so training ignores it; run prepare and write its caption"
             problems.append(Problem("unlisted", msg, name))
     return problems
+
+
+def listed_rows(
+    folder: Path, caption_column: str = "text", clean: tuple[Path | str, int] | None = None
+) -> list[Row]:
+    """The rows of ``folder`` a job trains on, sorted by file name (:func:`load_captioned_images`, whose
+    ``clean`` this is); raises naming the first problem that stops them."""
+    if not (folder / METADATA_FILE).is_file():
+        raise FileNotFoundError(
+            f"{folder / METADATA_FILE} not found; run `python -m sdcluster.data prepare {folder}` and caption"
+        )
+    memo = {} if clean is None else {"cache_root": clean[0], "clean_under": clean[1]}
+    rows, problems = scan(folder, caption_column, **memo)
+    blocking = [p for p in problems if p.kind != "empty_caption"]  # "" is a caption the model can train on
+    if blocking or not rows:
+        first = blocking[0] if blocking else f"{METADATA_FILE} lists no images"
+        raise MetadataError(
+            f"{folder}: {len(blocking) or 1} problem(s), the first: {first}. "
+            f"Run `python -m sdcluster.data validate {folder}` for all of them"
+        )
+    rows.sort(key=lambda row: natural_key(row.file_name))
+    return rows

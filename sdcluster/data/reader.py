@@ -191,6 +191,32 @@ def _probe(folder: Path, name: str) -> tuple[str | None, str | None, os.stat_res
     return None, None, info
 
 
+def _content_problem(
+    folder: Path, root: Path, norm: str, info: os.stat_result, clean: DecodedMemo | None
+) -> tuple[str, str] | None:
+    """What :func:`~sdcluster.data.image_checks.file_problem` finds in the file ``norm`` that passed
+    :func:`_probe` (with its stat ``info``): what the launch found clean is opened again only when it
+    changed, or when it might resolve elsewhere (a symlink on the way)."""
+    path = folder / norm
+    if clean is None or not clean.known_stat(norm, info) or not plainly_inside(path, folder):
+        return file_problem(path, folder, root)
+    return None
+
+
+def listed_file_problem(
+    folder: Path, root: Path, name: str, clean: DecodedMemo | None = None
+) -> tuple[str, str] | None:
+    """``(kind, message)`` of the image a metadata line names as ``name``, judged as :func:`scan` judges it
+    for the job (by name, stat and format, no pixel decoded), else None: for a job that reads a few files a
+    snapshot lists (:mod:`~sdcluster.data.snapshot`) without scanning the whole metadata again."""
+    kind, msg, info = _probe(folder, name)
+    if kind is not None and msg is not None:
+        return kind, msg
+    norm = normalize_name(name)
+    assert norm is not None and info is not None  # _probe passed it
+    return _content_problem(folder, root, norm, info, clean)
+
+
 def _check_entry(
     folder: Path,
     root: Path,
@@ -218,10 +244,7 @@ def _check_entry(
     kind, msg, info = _probe(folder, name)
     if kind is None and info is not None:
         seen[norm] = line
-        path = folder / norm
-        # what the launch found clean is opened again only when changed, or when it might resolve elsewhere
-        if clean is None or not clean.known_stat(norm, info) or not plainly_inside(path, folder):
-            kind, msg = file_problem(path, folder, root) or (None, None)
+        kind, msg = _content_problem(folder, root, norm, info, clean) or (None, None)
     if kind is not None:
         return None, [*problems, Problem(kind, msg, name, line)], None
     caption = entry.get(caption_column)

@@ -87,7 +87,12 @@ def stream_rows(repeats: Sequence[int]) -> list[int] | None:
 
 def row_counts(cfg: Config) -> list[int]:
     """Rows each source contributes: those the job's reader accepts (:func:`~sdcluster.data.reader.scan`,
-    no pixel decoded)."""
+    no pixel decoded), or those the launch pinned (``data.snapshot``)."""
+    from sdcluster.data import snapshot
+
+    pinned = snapshot.rows(cfg)
+    if pinned is not None:
+        return list(pinned.snapshot.counts)
     return [len(scan(Path(s.path), s.caption_column)[0]) for s in sources_of(cfg.data)]
 
 
@@ -106,14 +111,24 @@ def training_size(cfg: Config) -> int:
     return sum(row_repeats(cfg.data, counts, _training_split(cfg, counts)))
 
 
-def training_files(cfg: Config) -> tuple[list[Path], list[int]]:
-    """Each training row's image file and its ``repeats``, in table order, from the sources' metadata alone
-    (:func:`~sdcluster.data.reader.scan`, as :func:`training_size` counts them): the login node's view."""
+def training_sizes(cfg: Config) -> tuple[list[tuple[int, int]], list[int]]:
+    """Each training row's upright image size and its ``repeats``, in table order: as the launch pinned them
+    (``data.snapshot``), else from the sources' metadata (:func:`~sdcluster.data.reader.scan`, as
+    :func:`training_size` counts them) and the image-facts index (which this fills for the job's start)."""
+    from sdcluster.data import snapshot
+    from sdcluster.data.file_facts import facts_of
+
+    pinned = snapshot.rows(cfg)
+    if pinned is not None:
+        counts = pinned.snapshot.counts
+        train = _training_split(cfg, counts)
+        return pinned.select(train).facts()[1], row_repeats(cfg.data, counts, train)
     scanned = [(Path(s.path), scan(Path(s.path), s.caption_column)[0]) for s in sources_of(cfg.data)]
     counts = [len(rows) for _, rows in scanned]
     train = _training_split(cfg, counts)
     files = [folder / row.file_name for folder, rows in scanned for row in rows]
-    return [files[row] for row in train], row_repeats(cfg.data, counts, train)
+    facts = facts_of([files[row] for row in train], cfg.cache_root)
+    return [fact.upright for fact in facts], row_repeats(cfg.data, counts, train)
 
 
 def load_rows(cfg: Config, cache_dir: Path | str | None = None) -> Any:
@@ -140,10 +155,15 @@ FALLBACK_IMAGES = 4  # with data.holdout=0: the first images of the (training) s
 
 def loss_rows(cfg: Config) -> tuple[Any, list[int], bool]:
     """(the rows, which of them the validation loss is measured on, whether those are held out): each
-    source's held-out images, or the first ``FALLBACK_IMAGES`` when nothing is held out."""
+    source's held-out images, or the first ``FALLBACK_IMAGES`` when nothing is held out. With
+    ``data.snapshot`` the rows are the pinned ones (:func:`~sdcluster.data.snapshot.readable` reads their
+    images)."""
+    from sdcluster.data import snapshot
     from sdcluster.paths import datasets_cache
 
-    dataset = load_rows(cfg, datasets_cache(cfg))  # data.path, or every source of data.sources
+    dataset = snapshot.rows(cfg)
+    if dataset is None:
+        dataset = load_rows(cfg, datasets_cache(cfg))  # data.path, or every source of data.sources
     _, held = split_rows(cfg.data, counts_of(cfg, dataset))
     return dataset, held or list(range(min(FALLBACK_IMAGES, len(dataset)))), bool(held)
 

@@ -73,10 +73,11 @@ def loss_images(cfg: Config, tokenizers: Any) -> LossImages:
     pixels do not depend on an augmentation seed.
     """
     from sdcluster.data.dataset import TrainImages, collate
+    from sdcluster.data.snapshot import readable
     from sdcluster.data.sources import column, loss_rows
 
     dataset, indices, held = loss_rows(cfg)
-    subset = dataset.select(indices)
+    subset = readable(cfg, dataset.select(indices))  # only these images are read (and checked)
     images = TrainImages(subset, tokenizers, cfg.train.resolution, True, False, cfg.data.caption_column)
     batch = collate([images[(k, 0)] for k in range(len(indices))])
     names = list(subset["file_name"])
