@@ -15,8 +15,8 @@ For each size, each step a fresh process, as a user runs it:
 2. ``python -m sdcluster.launch task=cache data.cache_shards=S``: the latent cache as an array of S tasks
    (the local executor runs them one after another, so per-process throughput is what it measures):
    encoded rows per second of one process (from the pieces' own log lines), the entry's bytes per image.
-3. The data pinned as a launch that submits pins it (``data.snapshot``, sdcluster/data/snapshot.py):
-   seconds, in a fresh process, after the cache build's launch recorded the decoded-images memo.
+3. The data pinned as a launch that submits pins it after its check (``data.snapshot``,
+   sdcluster/data/snapshot.py): the seconds it adds to the check.
 4. A training job's start on the built cache with that pin in its config (as a launched job has it),
    twice with the entry in RAM (the default budget) and twice memory-mapped (``data.cache_memory_mb=0``,
    the setting for entries beyond the budget): seconds from process start to its first optimizer step,
@@ -191,13 +191,16 @@ def child(started: float, folder: Path, root: Path, extra: list[str]) -> None:
 
 
 def pin_child(folder: Path, root: Path) -> None:
-    """The measured process of :func:`pin`: what a launch adds to its checks (``data.snapshot``)."""
+    """The measured process of :func:`pin`: what a launch that submits adds to its data check (the pin,
+    ``data.snapshot``, from the rows the check read)."""
+    from sdcluster.cluster.preflight import check_data
     from sdcluster.compose import compose
     from sdcluster.data import snapshot
 
     cfg = compose(["task=train", f"data.path={folder}", f"cache_root={root / 'cache'}"])
+    rows = check_data(cfg)  # as the launch checks first
     started = time.perf_counter()
-    pinned = snapshot.pin(cfg, say=lambda line: None)
+    pinned = snapshot.pin(cfg, [rows], say=lambda line: None)
     print(json.dumps({"digest": pinned.data.snapshot, "pin_s": time.perf_counter() - started}))
 
 

@@ -5,7 +5,9 @@ A job that waits six hours in a queue to die on a typo wastes a day; every check
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 
 from sdcluster import paths
@@ -13,6 +15,7 @@ from sdcluster.cluster import backends
 from sdcluster.config import Config, ConfigError, check_config
 from sdcluster.data import sources
 from sdcluster.data.hub import stage_data_for_launch
+from sdcluster.data.reader import Row
 from sdcluster.models.hub import stage_for_launch
 from sdcluster.models.load import check_model_source
 from sdcluster.redaction import reject_secrets
@@ -20,11 +23,11 @@ from sdcluster.runtime import ownership
 from sdcluster.train.tracking import check_installed
 
 
-def check_data(cfg: Config, remember: bool = False) -> None:
+def check_data(cfg: Config, remember: bool = False) -> list[Row]:
     """Refuse a training data folder with problems, before the queue; ``remember``: a launch that submits
     records which images decoded cleanly, so that the next launch decodes only new or changed ones (a dry
-    run writes nothing)."""
-    from sdcluster.data.metadata import validate
+    run writes nothing). Returns the rows it read, for the pin (:mod:`sdcluster.data.snapshot`)."""
+    from sdcluster.data.metadata import checked_rows
 
     folder = Path(cfg.data.path)
     if not folder.is_dir():
@@ -33,22 +36,32 @@ def check_data(cfg: Config, remember: bool = False) -> None:
             "metadata.jsonl; make one with python -m sdcluster.data prepare DIR)"
         )
     # an image that decoded cleanly at an earlier launch and has not changed is not decoded again
-    problems = validate(folder, cfg.data.max_pixels, cfg.data.caption_column, cfg.cache_root, remember)
+    data = cfg.data
+    rows, problems = checked_rows(folder, data.max_pixels, data.caption_column, cfg.cache_root, remember)
     if not problems:
-        from sdcluster.data.metadata import read_metadata
         from sdcluster.data.split import holdout_split
 
         try:
-            holdout_split(len(read_metadata(folder)), cfg.data.holdout)
+            holdout_split(len(rows), cfg.data.holdout)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-    if problems:
-        listing = "\n  ".join(str(p) for p in problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise ConfigError(
-            f"data.path: {folder} has {len(problems)} problem(s):\n  {listing}{more}\n"
-            f"Fix them, then check with: python -m sdcluster.data validate {folder}"
-        )
+        return rows
+    listing = "\n  ".join(str(p) for p in problems[:20])
+    more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+    raise ConfigError(
+        f"data.path: {folder} has {len(problems)} problem(s):\n  {listing}{more}\n"
+        f"Fix them, then check with: python -m sdcluster.data validate {folder}"
+    )
+
+
+@contextlib.contextmanager
+def checks_together() -> Iterator[None]:
+    """Around the preflights of a sweep's points: a data folder they share is checked and pinned once for
+    all of them (:func:`sdcluster.data.metadata.read_once`)."""
+    from sdcluster.data.metadata import read_once
+
+    with read_once():
+        yield
 
 
 def check_generation_inputs(cfg: Config) -> None:
@@ -120,17 +133,18 @@ def preflight(cfg: Config, dry_run: bool = False) -> tuple[Config, list[str]]:
         # data=hub: pinned to its commit, data.path its staged folder, checked below as any folder is
         cfg = stage_data_for_launch(cfg, dry_run=dry_run)
         cfg = sources.stage_sources_for_launch(cfg, dry_run=dry_run)  # each hub source, as data=hub
+        scanned = None  # each source's rows, as the check read them
         if cfg.data.sources:
-            sources.check_sources(cfg, remember=not dry_run)  # every source, each named in its problems
+            scanned = sources.check_sources(cfg, remember=not dry_run)  # each named in its problems
             unchecked += [f"the images of {s} (a dry run downloads none)" for s in sources.unstaged(cfg)]
         elif Path(cfg.data.path).is_dir() or not cfg.data.hub:
-            check_data(cfg, remember=not dry_run)
+            scanned = [check_data(cfg, remember=not dry_run)]
         else:
             unchecked.append(f"the images of {cfg.data.name} (a dry run does not download a hub dataset)")
-        if not dry_run and not sources.unstaged(cfg):  # what was checked, pinned: a job then reads it, not
-            from sdcluster.data import snapshot  # the folder (a dry run writes nothing)
+        if not dry_run and scanned is not None and None not in scanned:
+            from sdcluster.data import snapshot
 
-            cfg = snapshot.pin(cfg)
+            cfg = snapshot.pin(cfg, scanned)  # what was checked: a job then reads it, not the folder
         if cfg.train.resume not in ("auto", "never"):
             from sdcluster.train.step_folders import resume_folder
 

@@ -1,14 +1,15 @@
 """The data wing (``conf/data/``): captioned image folders, from ``metadata.jsonl`` to training batches.
 
 ``reader`` is the one reader of ``metadata.jsonl`` (for validate, prepare and the job alike), ``metadata``
-prepares and validates a folder (Pillow only, so the login node checks it without torch; also
-``python -m sdcluster.data``), ``image_checks`` says which files may be read at all (the same rule in the
-job), ``dataset`` loads a folder with ``datasets`` and augments, ``split`` holds images out for validation
-(and cuts the training split to ``data.max_samples``), ``epochs`` counts ``train.epochs`` into optimizer steps
-before submission, ``hub`` stages a hub dataset at launch and ``hub_folder`` writes it out as a folder (so
-everything below reads a folder), ``sources`` reads several folders and hub datasets as one table
-(``data.sources``: repeats, per-source holdout and checks), ``buckets`` makes the aspect-ratio buckets and
-assigns each image one (Pillow only), ``sampler`` fixes which example each micro-step reads (so resume is
+prepares and validates a folder (Pillow only, so the login node checks it without torch; also ``python -m
+sdcluster.data``), ``image_checks`` says which files may be read at all (the same rule in the job),
+``dataset`` loads a folder with ``datasets`` and augments, ``split`` holds images out for validation (and cuts
+the training split to ``data.max_samples``), ``epochs`` counts ``train.epochs`` into optimizer steps before
+submission, ``snapshot`` pins what the launch checked (each image's name, caption, sha256 and size) so that a
+job reads that instead of the folder, ``hub`` stages a hub dataset at launch and ``hub_folder`` writes it out
+as a folder (so everything below reads a folder), ``sources`` reads several folders and hub datasets as one
+table (``data.sources``: repeats, per-source holdout and checks), ``buckets`` makes the aspect-ratio buckets
+and assigns each image one (Pillow only), ``sampler`` fixes which example each micro-step reads (so resume is
 exact), ``latent_cache`` owns the cached encoder outputs and their on-disk format (``latent_plan`` plans an
 entry, ``latent_build`` fills it), ``loader`` gives the training loop its batches, and ``sample`` draws the
 shipped sample set. The models that encode live in :mod:`sdcluster.models`; the loss in

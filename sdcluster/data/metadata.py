@@ -9,12 +9,16 @@ problem at once, on the login node, each with the line and what to do about it.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
+import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
+from typing import Any, TypeVar
 
 from sdcluster import atomic
 from sdcluster.data.reader import (
@@ -29,6 +33,8 @@ from sdcluster.data.reader import (
     scan,
     split_lines,
 )
+
+T = TypeVar("T")
 
 NOT_DATA_FILE = ".sdcluster-not-data"
 """Paths of a folder that are not training data (one ``fnmatch`` pattern a line, ``dir/`` a whole folder),
@@ -165,10 +171,59 @@ def validate(
     with ``cache_root`` (the launch) not those that decoded cleanly before, unchanged since, and with
     ``remember`` (a launch that submits) recording those that do now (:func:`~sdcluster.data.reader.scan`).
     """
-    folder = Path(folder)
+    return checked_rows(folder, max_pixels, caption_column, cache_root, remember)[1]
+
+
+_Memo = dict[tuple, Any]
+_read_once: contextvars.ContextVar[_Memo | None] = contextvars.ContextVar("_read_once", default=None)
+
+
+@contextlib.contextmanager
+def read_once() -> Iterator[None]:
+    """Within it, a data folder is checked and pinned once for every config that reads it the same way: the
+    points of a sweep share their data, and at 100,000 images a check costs about 10 s of the login node's
+    time per point. Only around the checks one launch makes one after another; every launch reads afresh."""
+    token = _read_once.set({})
+    try:
+        yield
+    finally:
+        _read_once.reset(token)
+
+
+def once(key: tuple, compute: Callable[[], T]) -> T:
+    """``compute()``, or within :func:`read_once` what it gave for ``key`` before (not to be mutated)."""
+    memo = _read_once.get()
+    if memo is None:
+        return compute()
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]
+
+
+def checked_rows(
+    folder: Path | str,
+    max_pixels: int = 40_000_000,
+    caption_column: str = "text",
+    cache_root: Path | str | None = None,
+    remember: bool = False,
+) -> tuple[list[Row], list[Problem]]:
+    """:func:`validate`'s problems, and the rows it read (in file order): a launch whose check passes pins
+    those rows (:mod:`~sdcluster.data.snapshot`) without reading the metadata again. Within
+    :func:`read_once`, read once per folder and settings."""
+    key = ("checked", os.path.abspath(folder), max_pixels, caption_column, str(cache_root), remember)
+    return once(key, lambda: _checked_rows(Path(folder), max_pixels, caption_column, cache_root, remember))
+
+
+def _checked_rows(
+    folder: Path,
+    max_pixels: int,
+    caption_column: str,
+    cache_root: Path | str | None,
+    remember: bool,
+) -> tuple[list[Row], list[Problem]]:
     rows, problems = scan(folder, caption_column, max_pixels, cache_root, remember)
     if any(p.kind in ("no_folder", "no_metadata") for p in problems):
-        return problems
+        return rows, problems
     listed = {normalize_name(r.file_name) for r in rows} | {
         normalize_name(p.file_name) for p in problems if p.file_name is not None
     }
@@ -181,7 +236,7 @@ def validate(
         elif name not in listed:
             msg = f"not listed in {METADATA_FILE}, so training ignores it; run prepare and write its caption"
             problems.append(Problem("unlisted", msg, name))
-    return problems
+    return rows, problems
 
 
 def listed_rows(

@@ -37,8 +37,8 @@ from typing import Any
 from sdcluster import atomic
 from sdcluster.config import Config
 from sdcluster.data.file_facts import DecodedMemo, Facts, facts_of
-from sdcluster.data.metadata import MetadataError, listed_rows
-from sdcluster.data.reader import listed_file_problem
+from sdcluster.data.metadata import MetadataError, listed_rows, natural_key, once
+from sdcluster.data.reader import Row, listed_file_problem
 from sdcluster.data.sources import SOURCE_COLUMN, column, counts_of, image_files, sources_of
 from sdcluster.paths import data_snapshot_file
 
@@ -107,15 +107,20 @@ def _digest_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:DIGEST_LENGTH]
 
 
-def take(cfg: Config) -> Snapshot:
-    """The snapshot of ``cfg``'s sources as they are now: the rows a job reads (the images that decoded
-    cleanly at this launch are not opened again) and each image's facts (from the facts index, where a
-    file's stat still matches it)."""
+def take(cfg: Config, scanned: Sequence[Sequence[Row] | None] | None = None) -> Snapshot:
+    """The snapshot of ``cfg``'s sources as they are now: the rows a job reads and each image's facts (from
+    the facts index, where a file's stat still matches it). ``scanned``: each source's rows as the launch's
+    check just read them, without a problem (else read here, the images that decoded cleanly at this launch
+    not opened again)."""
     clean = (cfg.cache_root, cfg.data.max_pixels)
     folders, counts, names, captions, files = [], [], [], [], []
-    for source in sources_of(cfg.data):
+    for index, source in enumerate(sources_of(cfg.data)):
         folder = Path(source.path)
-        rows = listed_rows(folder, source.caption_column, clean)
+        read = scanned[index] if scanned is not None else None
+        if read is None:
+            rows = listed_rows(folder, source.caption_column, clean)
+        else:  # as listed_rows orders them
+            rows = sorted(read, key=lambda row: natural_key(row.file_name))
         folders.append(os.path.abspath(folder))
         counts.append(len(rows))
         names += [row.file_name for row in rows]
@@ -145,11 +150,17 @@ _loaded: dict[Path, Snapshot] = {}  # per process: the loader and validation bot
 _said: set[str] = set()  # the digests this process's launch has said
 
 
-def pin(cfg: Config, say: Callable[[str], None] = print) -> Config:
-    """``cfg`` with ``data.snapshot`` set to the digest of its data as the launch checked it, the snapshot
-    written (``cfg`` itself is left as it is). A cache root this user cannot write leaves it unpinned, said
-    in one line: the jobs then read the folder at their start."""
-    snapshot = take(cfg)
+def pin(
+    cfg: Config,
+    scanned: Sequence[Sequence[Row] | None] | None = None,
+    say: Callable[[str], None] = print,
+) -> Config:
+    """``cfg`` with ``data.snapshot`` set to the digest of its data as the launch checked it (``scanned``:
+    :func:`take`'s), the snapshot written (``cfg`` itself is left as it is). A cache root this user cannot
+    write leaves it unpinned, said in one line: the jobs then read the folder at their start."""
+    sources = tuple((os.path.abspath(s.path), s.caption_column) for s in sources_of(cfg.data))
+    key = ("snapshot", sources, str(cfg.cache_root), cfg.data.max_pixels)
+    snapshot = once(key, lambda: take(cfg, scanned))  # a sweep's points: taken once (read_once)
     data = snapshot.to_bytes()
     path = data_snapshot_file(cfg.cache_root, snapshot.digest)
     try:

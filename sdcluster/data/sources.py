@@ -26,7 +26,7 @@ from typing import Any
 
 from sdcluster.config import Config, ConfigError, DataConfig
 from sdcluster.config.data import SourceConfig
-from sdcluster.data.reader import Problem, scan
+from sdcluster.data.reader import Problem, Row, scan
 from sdcluster.data.split import holdout_split
 
 SOURCE_COLUMN = "source"
@@ -215,15 +215,19 @@ def image_files(cfg: Config, rows: Any) -> list[Path]:
     return [folders[s] / name for s, name in zip(column(rows, SOURCE_COLUMN), names, strict=True)]
 
 
-def source_problems(cfg: Config, remember: bool = False) -> list[tuple[str, Problem]]:
+def source_problems(
+    cfg: Config, remember: bool = False, scanned: list[list[Row] | None] | None = None
+) -> list[tuple[str, Problem]]:
     """Every problem of every source, as ``(the source's name, problem)``: its folder, captions and images
     (:func:`~sdcluster.data.metadata.validate`, decoding every image not decoded cleanly before, unchanged
     since; ``remember``: record those decoded cleanly now, for a launch that submits) and a holdout that
-    leaves it empty."""
-    from sdcluster.data.metadata import validate
+    leaves it empty. ``scanned``: filled with each source's rows as read (None for one not checked)."""
+    from sdcluster.data.metadata import checked_rows
 
     found = []
     for index, source in enumerate(cfg.data.sources):
+        if scanned is not None:
+            scanned.append(None)
         if source.hub and not _here(source):
             continue  # not staged (a dry run): :func:`unstaged` names it among what was not checked
         label = source.label(index)
@@ -231,9 +235,13 @@ def source_problems(cfg: Config, remember: bool = False) -> list[tuple[str, Prob
             msg = f"{source.path} is not a folder; fix its path (a folder of images + metadata.jsonl)"
             found.append((label, Problem("no_folder", msg)))
             continue
-        problems = validate(source.path, cfg.data.max_pixels, source.caption_column, cfg.cache_root, remember)
+        rows, problems = checked_rows(
+            source.path, cfg.data.max_pixels, source.caption_column, cfg.cache_root, remember
+        )
         if not problems:
-            count = len(scan(Path(source.path), source.caption_column)[0])
+            if scanned is not None:
+                scanned[-1] = rows
+            count = len(rows)
             holdout = holdout_of(cfg.data, source)
             if holdout >= count:
                 fix = f"give the source holdout: N with N < {count} (or 0), or lower data.holdout"
@@ -243,11 +251,13 @@ def source_problems(cfg: Config, remember: bool = False) -> list[tuple[str, Prob
     return found
 
 
-def check_sources(cfg: Config, remember: bool = False) -> None:
-    """Refuse, before anything is queued, the sources :func:`source_problems` finds fault with."""
-    problems = source_problems(cfg, remember)
+def check_sources(cfg: Config, remember: bool = False) -> list[list[Row] | None]:
+    """Refuse, before anything is queued, the sources :func:`source_problems` finds fault with; each
+    source's rows as read (None for a hub source a dry run did not stage)."""
+    scanned: list[list[Row] | None] = []
+    problems = source_problems(cfg, remember, scanned)
     if not problems:
-        return
+        return scanned
     listing = "\n  ".join(f"{label}: {problem}" for label, problem in problems[:20])
     more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
     first = problems[0][0]

@@ -19,7 +19,7 @@ from pathlib import Path
 from sdcluster import identity, paths
 from sdcluster.cluster import backends, records
 from sdcluster.cluster.dry_run import dry_run
-from sdcluster.cluster.preflight import preflight
+from sdcluster.cluster.preflight import checks_together, preflight
 from sdcluster.cluster.submit import PlannedJob, submit_configs
 from sdcluster.config import Config, ConfigError
 from sdcluster.sweep.ledger import FAILED, job_state, load, point_config, write
@@ -79,9 +79,10 @@ def submit_sweep(points: list[Point], say: Say = print) -> int:
     """Validate every point, then submit them all; write the ledger; return at once."""
     unchecked: list[str] = []
     pinned = []
-    for point in points:  # each point as it is submitted: pinned to the staged commits, which name its run
-        cfg, unchecked = preflight(point.cfg, dry_run=point.cfg.launch.dry_run)
-        pinned.append(dataclasses.replace(point, cfg=cfg))
+    with checks_together():  # points that read the same data: it is checked and pinned once for all of them
+        for point in points:  # each as it is submitted: pinned to the staged commits, which name its run
+            cfg, unchecked = preflight(point.cfg, dry_run=point.cfg.launch.dry_run)
+            pinned.append(dataclasses.replace(point, cfg=cfg))
     points = pinned
     cfgs = [p.cfg for p in points]
     check_distinct_outputs(points)  # after each point's own checks, which name the more specific problem
@@ -132,7 +133,8 @@ def resubmit_failed(folder: Path, say: Say = print) -> int:
     if not failed:
         say(f"sweep {record['sweep_id']}: no failed points")
         return 0
-    failed = [(point, preflight(cfg)[0]) for point, cfg in failed]  # the configs as submitted
+    with checks_together():
+        failed = [(point, preflight(cfg)[0]) for point, cfg in failed]  # the configs as submitted
     planned = submit_configs([cfg for _, cfg in failed], say, extra={"sweep": str(folder)})
     ids = _job_ids(planned or [], len(failed))
     for (point, _), new in zip(failed, ids, strict=True):

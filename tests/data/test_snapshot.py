@@ -71,14 +71,15 @@ def test_the_launch_pins_what_it_checked_and_a_dry_run_pins_nothing(make_cfg, tm
 
 def test_several_sources_are_pinned_as_the_table_reads_them(make_cfg, tmp_path):
     """Rows source after source, each source's caption column, the source column; the snapshot of the table
-    the job would read is the launch's, to the digest."""
+    the job would read is the launch's, to the digest, and so is one read afresh from the folders."""
     product = copy_sample(tmp_path / "product", 3, lambda r: {**r, "text": r["text"] + " sks"})
     reg = copy_sample(tmp_path / "reg", 4, lambda r: {"file_name": r["file_name"], "caption": r["text"]})
     sources = f"[{{path: {product}, repeats: 2}}, {{path: {reg}, caption_column: caption, holdout: 1}}]"
-    cfg = make_cfg(["data=sources", f"data.sources={sources}"])
-    pinned = snapshot.pin(cfg, say=lambda line: None)
+    cfg = make_cfg(["task=train", "data=sources", f"data.sources={sources}"])
+    pinned, _ = preflight(cfg)  # the rows the check read, pinned
     table = load_rows(cfg, datasets_cache(cfg))
     assert snapshot.of_table(cfg, table).digest == pinned.data.snapshot
+    assert snapshot.take(cfg).digest == pinned.data.snapshot
     rows = snapshot.rows(pinned)
     for name in ("file_name", "text", "source"):
         assert rows[name] == column(table, name)
@@ -179,3 +180,27 @@ def test_epochs_are_counted_from_the_pin(make_cfg, tmp_path, buckets):
     (Path(cfg.data.path) / "metadata.jsonl").write_text("this is not json\n")
     assert resolve_length(pinned).train.max_steps == counted
     assert counted == 6 if not buckets else counted >= 6  # 4 training images x 3 epochs / 2 (topped up)
+
+
+def test_a_sweeps_points_check_and_pin_their_shared_data_once(make_cfg, tmp_path, monkeypatch):
+    """Points that read the same folder are checked and pinned once for all (at 100,000 images a check is
+    about 10 s per point); outside a sweep's checks, every launch reads the folder afresh."""
+    from sdcluster.cluster.preflight import checks_together
+    from sdcluster.data import metadata
+
+    reads: list[str] = []
+    real = metadata.scan
+
+    def counted(folder, *args, **kwargs):
+        reads.append(str(folder))
+        return real(folder, *args, **kwargs)
+
+    monkeypatch.setattr(metadata, "scan", counted)
+    base = ["task=train", *_run(tmp_path)]
+    with checks_together():
+        pinned = [preflight(make_cfg([*base, f"optim.lr={lr}"]))[0] for lr in (1e-4, 5e-5, 2e-5)]
+    assert len(reads) == 1 and len({cfg.data.snapshot for cfg in pinned}) == 1
+    assert [cfg.optim.lr for cfg in pinned] == [1e-4, 5e-5, 2e-5]
+    preflight(make_cfg(base))
+    preflight(make_cfg(base))
+    assert len(reads) == 3
