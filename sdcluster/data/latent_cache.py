@@ -203,6 +203,11 @@ class ShardedRows:
         return {**self.__dict__, "_arrays": None, "_starts": []}
 
 
+def _int_rows(rows: list[list[int]], width: int) -> np.ndarray:
+    """A manifest's list of equal-length int lists as one ``(N, width)`` int32 array (also when empty)."""
+    return np.asarray(rows, dtype=np.int32).reshape(-1, width)
+
+
 class CachedExamples(torch.utils.data.Dataset):
     """Training examples from the cache, addressed by the same ``(index, aug_seed)`` keys as
     :class:`~sdcluster.data.dataset.TrainImages`: the key picks the cached crop and flip that the image
@@ -234,18 +239,19 @@ class CachedExamples(torch.utils.data.Dataset):
             kind: ShardedRows([entry / f"{kind}.{r}.npy" for r in shards], self.in_memory)
             for kind in manifest["text_arrays"]
         }
-        self.sizes = [tuple(size) for size in manifest["sizes"]]
-        self.originals = [tuple(size) for size in manifest["originals"]]
-        self.caption_rows = manifest["caption_rows"]
+        # Each image's sizes, caption row and bucket as int32 arrays, each row's (image, left, top, flip) as
+        # one, and each image's rows through a stable sort: a few bytes where Python's lists of tuples took
+        # about 60 an image and 400 a row (at 100,000 images, 0.1 GiB held for the whole job and pickled to
+        # every loader worker), and the parsed manifest can be let go of whole.
+        self._sizes = _int_rows(manifest["sizes"], 2)
+        self._originals = _int_rows(manifest["originals"], 2)
+        self._caption_rows = np.asarray(manifest["caption_rows"], dtype=np.int32)
         self.empty_row: int | None = manifest.get("empty_row")
-        self.targets = [tuple(t) for t in manifest["targets"]] if "targets" in manifest else None
-        # Each row's (image, left, top, flip) as one int32 array, and each image's rows through a stable sort:
-        # 20 bytes a row where a dict of tuples took about 400 (40 MB and a second at 100,000 images, at
-        # every job's start and in every loader worker it is pickled to).
-        self._variants = np.asarray(manifest["variants"], dtype=np.int32).reshape(-1, 4)
+        self._targets = _int_rows(manifest["targets"], 2) if "targets" in manifest else None
+        self._variants = _int_rows(manifest["variants"], 4)
         images = self._variants[:, 0]
         self._by_image = np.argsort(images, kind="stable").astype(np.int32)
-        self._image_start = np.searchsorted(images[self._by_image], np.arange(len(self.sizes) + 1))
+        self._image_start = np.searchsorted(images[self._by_image], np.arange(len(self._sizes) + 1))
         self._arrays = [name for name, _, _ in arrays]
         self._array_starts = [start for _, start, _ in arrays]
         self.resolution = resolution
@@ -253,15 +259,28 @@ class CachedExamples(torch.utils.data.Dataset):
         self.random_flip = flip
 
     def __len__(self) -> int:
-        return len(self.sizes)
+        return len(self._sizes)
+
+    @property
+    def originals(self) -> list[tuple[int, int]]:
+        """Each image's upright size before resizing (what its bucket was chosen by)."""
+        return [(w, h) for w, h in self._originals.tolist()]
+
+    def size(self, index: int) -> tuple[int, int]:
+        """Image ``index``'s resized size, what its crops are taken from."""
+        width, height = self._sizes[index].tolist()
+        return width, height
 
     def target(self, index: int) -> Target:
         """What image ``index`` is cropped to: its bucket's size, or the square."""
-        return self.resolution if self.targets is None else self.targets[index]
+        if self._targets is None:
+            return self.resolution
+        width, height = self._targets[index].tolist()
+        return width, height
 
     def variant(self, index: int, aug_seed: int) -> tuple[int, int, int, bool]:
         """The ``(image, left, top, flip)`` that ``augment`` would apply for this key."""
-        size, target = self.sizes[index], self.target(index)
+        size, target = self.size(index), self.target(index)
         left, top, flip = crop_and_flip(size, target, self.center_crop, self.random_flip, aug_seed)
         return index, left, top, flip
 
@@ -278,12 +297,12 @@ class CachedExamples(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         index, aug_seed = key
         variant = self.variant(int(index), aug_seed)
-        (array, row), caption = self.row_of(variant), self.caption_rows[index]
+        (array, row), caption = self.row_of(variant), int(self._caption_rows[index])
         _, left, top, flip = variant
-        target = self.target(index)
+        target, (width, height) = self.target(index), self._originals[index].tolist()
         example = {
             "posterior": self.posterior[array][row],
-            TIME_IDS: time_ids(self.originals[index], self.sizes[index], target, left, top, flip),
+            TIME_IDS: time_ids((width, height), self.size(index), target, left, top, flip),
         }
         # each caption array under its own name: the batch keys the family's conditioning reads
         example.update({kind: rows[caption] for kind, rows in self.text.items()})

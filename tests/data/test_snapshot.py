@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import weakref
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ from tests.conftest import copy_sample
 @pytest.fixture(autouse=True)
 def _fresh_process(monkeypatch):
     """Each job is a fresh process: nothing loaded by an earlier call of this test stands in for a file."""
-    monkeypatch.setattr(snapshot, "_loaded", {})
+    monkeypatch.setattr(snapshot, "_loaded", weakref.WeakValueDictionary())
 
 
 def _metrics(run_dir: Path) -> list[dict]:
