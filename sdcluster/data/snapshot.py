@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import weakref
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,10 +334,20 @@ class SnapshotRows:
                 + f"{more}. Put them back, or launch again: it checks the data as it is now and pins that"
             )
         images, captions = [str(path) for path in paths], self[self.caption_column]
-        table = rows_table(images, self["file_name"], captions, self.caption_column, datasets_cache(cfg))
+        cache = datasets_cache(cfg)
+        table = rows_table(
+            images, self["file_name"], captions, self.caption_column, cache, self._fingerprint()
+        )
         if self.with_sources:
             table = table.add_column(SOURCE_COLUMN, self[SOURCE_COLUMN])
         return table
+
+    def _fingerprint(self) -> str:
+        """What names the table of these rows in ``datasets``' cache: the snapshot (folders, names and
+        captions), the caption column and the selection."""
+        selection = hashlib.sha256(array("q", self.indices).tobytes()).hexdigest()
+        rows = _digest_of(f"{self.caption_column}/{selection}".encode())
+        return f"sdcluster-snapshot-{self.snapshot.digest}-{rows}"
 
 
 def readable(cfg: Config, rows: Any) -> Any:
