@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from sdcluster import paths
 from sdcluster.config import Config
 
 log = logging.getLogger("sdcluster")
@@ -22,12 +21,9 @@ def training_rows(cfg: Config) -> Any:
     """The training split of the image folder (or of every source of ``data.sources``, source after
     source): every row but the held-out ones, the first ``data.max_samples`` of them when set. With
     ``data.snapshot``, the rows the launch pinned (:mod:`~sdcluster.data.snapshot`): no file is read here."""
-    from sdcluster.data import snapshot
-    from sdcluster.data.sources import counts_of, load_rows, split_rows
+    from sdcluster.data.sources import counts_of, every_row, split_rows
 
-    table = snapshot.rows(cfg)
-    if table is None:
-        table = load_rows(cfg, paths.datasets_cache(cfg))
+    table = every_row(cfg)
     train, _ = split_rows(cfg.data, counts_of(cfg, table))
     return table.select(train)
 

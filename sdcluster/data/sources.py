@@ -150,6 +150,16 @@ def load_rows(cfg: Config, cache_dir: Path | str | None = None) -> Any:
     return datasets.concatenate_datasets(parts)
 
 
+def every_row(cfg: Config) -> Any:
+    """Every row of the run's data (held-out ones included): as the launch pinned them (``data.snapshot``,
+    no file read), else the folders read now (:func:`load_rows`)."""
+    from sdcluster.data import snapshot
+    from sdcluster.paths import datasets_cache
+
+    pinned = snapshot.rows(cfg)
+    return pinned if pinned is not None else load_rows(cfg, datasets_cache(cfg))
+
+
 FALLBACK_IMAGES = 4  # with data.holdout=0: the first images of the (training) set, said so in the log
 
 
@@ -158,12 +168,7 @@ def loss_rows(cfg: Config) -> tuple[Any, list[int], bool]:
     source's held-out images, or the first ``FALLBACK_IMAGES`` when nothing is held out. With
     ``data.snapshot`` the rows are the pinned ones (:func:`~sdcluster.data.snapshot.readable` reads their
     images)."""
-    from sdcluster.data import snapshot
-    from sdcluster.paths import datasets_cache
-
-    dataset = snapshot.rows(cfg)
-    if dataset is None:
-        dataset = load_rows(cfg, datasets_cache(cfg))  # data.path, or every source of data.sources
+    dataset = every_row(cfg)
     _, held = split_rows(cfg.data, counts_of(cfg, dataset))
     return dataset, held or list(range(min(FALLBACK_IMAGES, len(dataset)))), bool(held)
 
